@@ -1,0 +1,133 @@
+"""``stadi-plan``: print the STADI plan (or its JSON) for given speeds or GPU models.
+
+Example::
+
+    stadi-plan --speeds 1,0.5 --height 1024 --patch-size 2 --vae-scale 8 --steps 20 --warmup 2 --mode full
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+
+from .gpus import parse_gpu_list, relative_speeds
+from .plan_types import MODES
+from .planning import plan
+
+# Planner arguments named in a ValueError -> the flag the user typed ("speeds" is set per call).
+_FLAG_FOR_ARGUMENT = {
+    "rows": "--height",
+    "align": "--align",
+    "num_steps": "--steps",
+    "warmup_steps": "--warmup",
+    "max_stride": "--max-stride",
+    "tolerance": "--tolerance",
+    "sync_seconds": "--sync-seconds",
+    "exchange_seconds": "--exchange-seconds",
+    "step_overhead_seconds": "--step-overhead-seconds",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    speeds = args.speeds if args.speeds is not None else relative_speeds(args.gpus)
+    rows = _latent_rows(parser, args)
+    try:
+        result = plan(
+            speeds,
+            rows=rows,
+            align=args.align,
+            num_steps=args.steps,
+            warmup_steps=args.warmup,
+            mode=args.mode,
+            max_stride=args.max_stride,
+            tolerance=args.tolerance,
+            sync_seconds=args.sync_seconds,
+            exchange_seconds=args.exchange_seconds,
+            step_overhead_seconds=args.step_overhead_seconds,
+            warmup_speeds_known=args.warmup_speeds_known,
+        )
+    except ValueError as error:
+        parser.error(_blame_flag(str(error), speeds_flag="--speeds" if args.speeds is not None else "--gpus"))
+    if args.json:
+        print(result.to_json())
+        return 0
+    print(result.explain())
+    if args.gpus is not None:
+        print("note: --gpus speeds are datasheet ratios (fastest = 1), so times are in relative units")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stadi-plan", description="Plan STADI bands and strides.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--speeds", type=_speed_list, help="per-rank throughput, e.g. 1,0.5 (rows/s)")
+    source.add_argument("--gpus", type=_gpu_list, help="GPU models, e.g. A100x2,RTX3090x2 (datasheet ratios)")
+    parser.add_argument("--height", type=int, required=True, help="image height in pixels")
+    parser.add_argument("--width", type=int, help="image width in pixels (does not affect rows)")
+    parser.add_argument("--patch-size", type=int, default=2, help="DiT patch size (default 2)")
+    parser.add_argument("--vae-scale", type=int, default=8, help="VAE downsampling factor (default 8)")
+    parser.add_argument("--align", type=int, default=1, help="band granularity in token rows (default 1)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps T (default 20)")
+    parser.add_argument("--warmup", type=int, default=2, help="synchronous warmup steps W (default 2)")
+    parser.add_argument("--mode", choices=MODES, default="full", help="planner mode (default full)")
+    parser.add_argument("--max-stride", type=int, default=2, help="largest stride (default 2)")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="relative latency slack (default 0.02)")
+    parser.add_argument("--sync-seconds", type=float, default=0.0, help="cost of one sync point")
+    parser.add_argument("--exchange-seconds", type=float, default=0.0, help="K/V exchange cost per period")
+    parser.add_argument("--step-overhead-seconds", type=float, default=0.0, help="fixed cost per step")
+    parser.add_argument(
+        "--warmup-speeds-known",
+        action="store_true",
+        help="speeds were known before the run, so warmup used elastic bands",
+    )
+    parser.add_argument("--json", action="store_true", help="print Plan.to_json() instead of the table")
+    return parser
+
+
+def _speed_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers like 1,0.5, got {text!r}"
+        ) from None
+
+
+def _gpu_list(text: str) -> tuple[str, ...]:
+    try:
+        return parse_gpu_list(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("gpus: ")) from None
+
+
+def _latent_rows(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    for flag, value in (
+        ("--height", args.height),
+        ("--patch-size", args.patch_size),
+        ("--vae-scale", args.vae_scale),
+    ):
+        if value < 1:
+            parser.error(f"argument {flag}: must be >= 1, got {value}")
+    pixels_per_row = args.vae_scale * args.patch_size
+    if args.height % pixels_per_row:
+        parser.error(
+            f"argument --height: must be a multiple of vae-scale*patch-size = {pixels_per_row}, "
+            f"got {args.height}"
+        )
+    return args.height // pixels_per_row
+
+
+def _blame_flag(message: str, *, speeds_flag: str) -> str:
+    """Prefix a planner error with the flag behind the argument it names (``speeds[1] ...`` -> --speeds)."""
+    argument = re.match(r"[a-z_]*", message).group()
+    flag = {**_FLAG_FOR_ARGUMENT, "speeds": speeds_flag}.get(argument)
+    if flag == "--height":
+        message += " (rows = height / vae-scale / patch-size)"
+    return f"argument {flag}: {message}" if flag else message
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

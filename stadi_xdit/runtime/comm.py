@@ -1,0 +1,81 @@
+"""Variable-size collectives over one STADI process group (gloo on CPU, NCCL on CUDA).
+
+Bands differ in size, and neither gloo's all_gather nor NCCL's all_gather_into_tensor accept
+uneven inputs, so every gather pads to the largest band and trims afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class PendingGather:
+    """An all-gather in flight; `wait()` returns the concatenation of every rank's part."""
+
+    work: dist.Work | None
+    padded_parts: list[torch.Tensor]
+    sizes: tuple[int, ...]
+    dim: int
+    waited_seconds: float = 0.0
+
+    def wait(self) -> torch.Tensor:
+        start = time.perf_counter()
+        if self.work is not None:
+            self.work.wait()
+        self.waited_seconds = time.perf_counter() - start
+        parts = [part.narrow(self.dim, 0, size) for part, size in zip(self.padded_parts, self.sizes)]
+        return torch.cat(parts, dim=self.dim)
+
+
+@dataclass
+class BandComm:
+    """Collectives of one STADI group; `rank` and `world_size` are positions inside the group."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    world_size: int
+    # Seconds this rank spent blocked in collectives; the profiler subtracts it from compute time.
+    wait_seconds: float = field(default=0.0)
+
+    def all_gather_async(self, part: torch.Tensor, sizes: Sequence[int], dim: int) -> PendingGather:
+        """Start gathering `part` (this rank's `sizes[rank]` slices along `dim`) from every rank."""
+        if part.shape[dim] != sizes[self.rank]:
+            raise ValueError(f"part has {part.shape[dim]} entries along dim {dim}, layout says {sizes[self.rank]}")
+        if self.world_size == 1:
+            return PendingGather(None, [part], tuple(sizes), dim)
+        longest = max(sizes)
+        padded = part
+        if part.shape[dim] < longest:
+            pad_shape = list(part.shape)
+            pad_shape[dim] = longest - part.shape[dim]
+            padded = torch.cat([part, part.new_zeros(pad_shape)], dim=dim)
+        padded = padded.contiguous()
+        outputs = [torch.empty_like(padded) for _ in range(self.world_size)]
+        work = dist.all_gather(outputs, padded, group=self.group, async_op=True)
+        return PendingGather(work, outputs, tuple(sizes), dim)
+
+    def all_gather(self, part: torch.Tensor, sizes: Sequence[int], dim: int) -> torch.Tensor:
+        pending = self.all_gather_async(part, sizes, dim)
+        gathered = pending.wait()
+        self.wait_seconds += pending.waited_seconds
+        return gathered
+
+    def wait(self, pending: PendingGather) -> torch.Tensor:
+        gathered = pending.wait()
+        self.wait_seconds += pending.waited_seconds
+        return gathered
+
+    def all_gather_floats(self, value: float, device: torch.device) -> list[float]:
+        """One float per rank, e.g. the measured step time; every rank gets the same list."""
+        if self.world_size == 1:
+            return [float(value)]
+        mine = torch.tensor([value], dtype=torch.float64, device=device)
+        outputs = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(outputs, mine, group=self.group)
+        return [float(t.item()) for t in outputs]

@@ -1,0 +1,49 @@
+"""From a planner `Plan` (token rows) to tensor coordinates (latent rows and token indices)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stadi_xdit.planner import Plan
+
+
+@dataclass(frozen=True)
+class BandLayout:
+    """Contiguous bands of token rows, one per rank, in rank order.
+
+    A token row is `patch_rows` latent rows high (the backbone's patch size; Flux packs 2x2 latents,
+    so it is 2 there as well) and `tokens_per_row` tokens wide.
+    """
+
+    token_rows: tuple[tuple[int, int], ...]
+    patch_rows: int
+    tokens_per_row: int
+
+    @classmethod
+    def from_plan(cls, plan: Plan, patch_rows: int, tokens_per_row: int) -> "BandLayout":
+        return cls(tuple(plan.row_bounds()), patch_rows, tokens_per_row)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.token_rows)
+
+    def latent_rows(self, rank: int) -> tuple[int, int]:
+        start, end = self.token_rows[rank]
+        return start * self.patch_rows, end * self.patch_rows
+
+    def latent_row_counts(self) -> list[int]:
+        return [(end - start) * self.patch_rows for start, end in self.token_rows]
+
+    def token_range(self, rank: int) -> tuple[int, int]:
+        start, end = self.token_rows[rank]
+        return start * self.tokens_per_row, end * self.tokens_per_row
+
+    def token_counts(self) -> list[int]:
+        return [(end - start) * self.tokens_per_row for start, end in self.token_rows]
+
+    def slice_latents(self, latents: torch.Tensor, rank: int) -> torch.Tensor:
+        """This rank's band of a full (..., H, W) latent."""
+        start, end = self.latent_rows(rank)
+        return latents[..., start:end, :].contiguous()

@@ -1,0 +1,161 @@
+"""The STADI denoising loop: warmup -> profile -> plan -> layout -> periods -> gather.
+
+Model-specific work (CFG, learned sigma, packing, RoPE ids) lives behind `BandModel`; this file
+only decides which band each rank holds, which timesteps it visits and when K/V are exchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from stadi_xdit.config import StadiConfig
+from stadi_xdit.planner import Plan, plan, plan_warmup
+from stadi_xdit.runtime.comm import BandComm
+from stadi_xdit.runtime.kv import DisplacedKVStore
+from stadi_xdit.runtime.layout import BandLayout
+from stadi_xdit.runtime.profile import (
+    RankTimeline,
+    StepRecord,
+    emulate_slowdown,
+    measured_step_seconds,
+)
+from stadi_xdit.runtime.schedule import map_history, rank_schedule_indices, restrict_to_indices
+
+
+class BandModel(Protocol):
+    """What the loop needs from a model family."""
+
+    band_dim: int  # dimension of the latent tensor along which bands lie
+
+    def band_sizes(self, layout: BandLayout) -> list[int]:
+        """Extent of each rank's band along `band_dim`."""
+
+    def predict(self, band_latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """Model output for this rank's band (guidance applied), ready for `scheduler.step`."""
+
+
+@dataclass
+class DenoiseResult:
+    latents: torch.Tensor  # full latent, on every rank
+    warmup_plan: Plan
+    plan: Plan
+    measured_speeds: list[float] | None  # rows/s per rank, None when speeds were given
+    num_evals: int  # model evaluations by this rank
+    timeline: RankTimeline = field(repr=False)
+
+
+@dataclass
+class _Band:
+    """This rank's band under one layout."""
+
+    layout: BandLayout
+    sizes: list[int]
+    latents: torch.Tensor
+
+
+def _slice_band(model: BandModel, full: torch.Tensor, layout: BandLayout, rank: int) -> torch.Tensor:
+    sizes = model.band_sizes(layout)
+    start = sum(sizes[:rank])
+    return full.narrow(model.band_dim, start, sizes[rank]).contiguous()
+
+
+def denoise(
+    latents: torch.Tensor,
+    scheduler,
+    model: BandModel,
+    *,
+    comm: BandComm,
+    store: DisplacedKVStore,
+    config: StadiConfig,
+    rows: int,
+    align: int,
+    warmup_steps: int,
+    on_layout: Callable[[BandLayout], None],
+    layout_for: Callable[[Plan], BandLayout],
+    known_speeds: Sequence[float] | None = None,
+    combine_speeds: Callable[[list[float]], list[float]] = lambda speeds: speeds,
+) -> DenoiseResult:
+    """Run every denoising step of `scheduler` (already set up for the full run) on this rank's bands.
+
+    `on_layout` is told every new layout (runtime state, K/V ranges); `layout_for` turns a plan
+    into tensor coordinates. `known_speeds` (user-given or cached) make warmup already elastic.
+    `combine_speeds` merges speeds across groups that must share one plan (CFG-parallel pairs).
+    """
+    rank, world = comm.rank, comm.world_size
+    num_steps = len(scheduler.timesteps)
+    timeline = RankTimeline()
+    slowdown = config.emulate_slowdown[rank] if config.emulate_slowdown else 1.0
+
+    def forward_and_step(band: torch.Tensor, schedule_index: int, phase: str, base_step: int) -> torch.Tensor:
+        t = scheduler.timesteps[schedule_index]
+        waited_before = comm.wait_seconds
+        start = timeline.now()
+        output = model.predict(band, t)
+        wait = comm.wait_seconds - waited_before
+        emulated = emulate_slowdown(slowdown, timeline.now() - start - wait)
+        timeline.steps.append(StepRecord(phase, base_step, start, timeline.now(), wait, emulated))
+        return scheduler.step(output, t, band, return_dict=False)[0]
+
+    def install(layout: BandLayout) -> None:
+        store.set_layout(layout.token_counts(), layout.token_range(rank))
+        on_layout(layout)
+
+    # 1. Warmup: synchronous, exact steps that also time each rank.
+    warm = plan_warmup(world, rows=rows, align=align, num_steps=num_steps, warmup_steps=warmup_steps,
+                       speeds=known_speeds)
+    layout = layout_for(warm)
+    install(layout)
+    band = _slice_band(model, latents, layout, rank)
+    store.set_phase(synchronous=True)
+    for i in range(warmup_steps):
+        band = forward_and_step(band, i, "warmup", i)
+
+    # 2. Profile: every rank derives the same speeds, hence the same plan, with no broadcast.
+    measured = None
+    speeds = list(config.speeds) if config.speeds else None
+    if speeds is None:
+        seconds = comm.all_gather_floats(measured_step_seconds(timeline.steps), band.device)
+        counts = [r.num_rows for r in warm.ranks]
+        measured = [count / s for count, s in zip(counts, seconds)]
+        speeds = combine_speeds(measured)
+    final = plan(speeds, rows=rows, align=align, num_steps=num_steps, warmup_steps=warmup_steps,
+                 mode=config.mode, max_stride=config.effective_max_stride, tolerance=config.tolerance)
+
+    # 3. Transition: gather the full latent and scheduler history once, re-slice for the new bands.
+    t0 = timeline.now()
+    old_sizes = model.band_sizes(layout)
+    full = comm.all_gather(band, old_sizes, model.band_dim)
+    new_layout = layout_for(final)
+    new_sizes = model.band_sizes(new_layout)
+    new_start = sum(new_sizes[:rank])
+
+    def reband(history: torch.Tensor) -> torch.Tensor:
+        gathered = comm.all_gather(history.contiguous(), old_sizes, model.band_dim)
+        return gathered.narrow(model.band_dim, new_start, new_sizes[rank]).contiguous()
+
+    map_history(scheduler, reband)
+    band = full.narrow(model.band_dim, new_start, new_sizes[rank]).contiguous()
+    layout = new_layout
+    install(layout)
+    me = final.ranks[rank]
+    restrict_to_indices(scheduler, rank_schedule_indices(warmup_steps, me.steps))
+    timeline.phases.append(("transition", t0, timeline.now()))
+
+    # 4. Sync periods: own steps with displaced K/V; the last step of each period publishes K/V.
+    for period in range(final.num_periods):
+        steps = final.steps_in_period(rank, period)
+        is_last_period = period == final.num_periods - 1
+        for j, k in enumerate(steps):
+            publish = j == len(steps) - 1 and not is_last_period
+            store.set_phase(synchronous=config.exact, publish=publish)
+            band = forward_and_step(band, warmup_steps + me.steps.index(k), "stadi", k)
+    store.drain()
+
+    # 5. Gather the bands into the full latent.
+    t0 = timeline.now()
+    full = comm.all_gather(band, model.band_sizes(layout), model.band_dim)
+    timeline.phases.append(("gather", t0, timeline.now()))
+    return DenoiseResult(full, warm, final, measured, warmup_steps + len(me.steps), timeline)

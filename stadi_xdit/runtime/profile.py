@@ -1,0 +1,92 @@
+"""Measuring each rank's speed during warmup, emulating slow ranks, and caching speeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass
+class StepRecord:
+    """One model evaluation of one rank, in seconds since the run started."""
+
+    phase: str  # "warmup" or "stadi"
+    base_step: int  # scheduler index for warmup, base step k after it
+    start: float
+    end: float
+    wait: float  # blocked in collectives inside the forward
+    emulated: float  # sleep added by --stadi_emulate_slowdown
+
+    @property
+    def compute(self) -> float:
+        """Time the device was busy: the forward minus its communication waits."""
+        return self.end - self.start - self.wait
+
+
+@dataclass
+class RankTimeline:
+    """Everything a rank did, for busy/idle accounting and Gantt plots."""
+
+    origin: float = field(default_factory=time.perf_counter)
+    steps: list[StepRecord] = field(default_factory=list)
+    # (label, start, end) for communication outside forwards: transition and final gather.
+    phases: list[tuple[str, float, float]] = field(default_factory=list)
+
+    def now(self) -> float:
+        return time.perf_counter() - self.origin
+
+    def busy_seconds(self) -> float:
+        return sum(record.compute for record in self.steps)
+
+
+def measured_step_seconds(records: Sequence[StepRecord]) -> float:
+    """Median compute time of warmup forwards; the first carries one-time costs and is skipped."""
+    warmup = [r.compute for r in records if r.phase == "warmup"]
+    if not warmup:
+        raise ValueError("no warmup step was timed; speeds need --warmup_steps >= 1 or --stadi_speeds")
+    usable = warmup[1:] if len(warmup) > 1 else warmup
+    return statistics.median(usable)
+
+
+def emulate_slowdown(factor: float, compute_seconds: float) -> float:
+    """Duty-cycle a rank: after a forward of `c` seconds, sleep `(factor - 1) * c`. Returns the sleep."""
+    extra = max(0.0, (factor - 1.0) * compute_seconds)
+    if extra > 0:
+        time.sleep(extra)
+    return extra
+
+
+class ProfileCache:
+    """Speeds per key (model, resolution, hardware of every rank) in one JSON file.
+
+    Written atomically (temp file + rename), so concurrent ranks never leave a torn file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def load(self, key: str) -> list[float] | None:
+        try:
+            entries = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        speeds = entries.get(key)
+        return [float(s) for s in speeds] if speeds else None
+
+    def store(self, key: str, speeds: Sequence[float]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            entries = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            entries = {}
+        entries[key] = [float(s) for s in speeds]
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(entries, handle, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)

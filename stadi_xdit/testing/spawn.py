@@ -1,0 +1,187 @@
+"""The one multi-process harness: run a function on N CPU ranks (spawn + gloo) and collect results.
+
+    results = run_distributed(fn, 2, arg, timeout=60)   # fn(rank, world_size, arg) on ranks 0, 1
+
+``fn`` must be a module-level function.  Test modules collected by pytest's importlib mode are
+not importable by name in a fresh process, so such a module is re-loaded there from its file.
+Each rank sees MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE (so xfuser's
+``init_distributed_environment()`` works with env://), runs single-threaded, and imports
+``stadi_xdit`` first, so the CPU compat layer is in place before xfuser is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import queue as queue_mod
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["DistributedTestError", "free_port", "run_distributed"]
+
+
+class DistributedTestError(RuntimeError):
+    """A rank failed, died or did not finish in time."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _fn_ref(fn) -> tuple[str, str | None, str]:
+    """(module, file to load it from when it is not importable by name, qualname)."""
+    if "<locals>" in fn.__qualname__ or fn.__name__ == "<lambda>":
+        raise ValueError(f"run_distributed needs a module-level function, got {fn.__qualname__}")
+    module = sys.modules[fn.__module__]
+    path = getattr(module, "__file__", None)
+    try:
+        spec = importlib.util.find_spec(fn.__module__)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and path and spec.origin and os.path.samefile(spec.origin, path):
+        path = None  # importable by name
+    return fn.__module__, path, fn.__qualname__
+
+
+def _resolve_fn(module_name: str, path: str | None, qualname: str):
+    if path is not None and module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _worker(rank, world_size, port, fn_ref, payload, init_process_group, env, results):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    try:
+        fn = _resolve_fn(*fn_ref)
+        args, kwargs = pickle.loads(payload)
+        if init_process_group:
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=600),
+            )
+        result = fn(rank, world_size, *args, **kwargs)
+        # plain pickle: torch's queue reductions would share tensors through this process's
+        # file descriptors, which vanish when it exits
+        results.put((rank, True, pickle.dumps(result)))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 5
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def run_distributed(
+    fn,
+    world_size: int,
+    *args,
+    timeout: float = 300.0,
+    init_process_group: bool = False,
+    env: dict | None = None,
+    **kwargs,
+) -> list:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned ranks.
+
+    Returns the ranks' results in rank order.  Raises :class:`DistributedTestError` naming
+    the failing rank (with its traceback), the rank that died, or the ranks still running at
+    ``timeout`` seconds; all ranks are stopped in every case.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    payload = pickle.dumps((args, kwargs))
+    fn_ref = _fn_ref(fn)
+    env = {str(k): str(v) for k, v in (env or {}).items()}
+
+    procs = []
+    saved_omp = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited at spawn, before the child imports torch
+    try:
+        for rank in range(world_size):
+            p = ctx.Process(
+                target=_worker,
+                args=(rank, world_size, port, fn_ref, payload, init_process_group, env, results),
+                name=f"rank{rank}",
+                daemon=True,
+            )
+            p.start()
+            procs.append(p)
+    finally:
+        if saved_omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_omp
+
+    outputs: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outputs) < world_size:
+            try:
+                rank, ok, data = results.get(timeout=0.1)
+            except queue_mod.Empty:
+                if time.monotonic() > deadline:
+                    pending = [r for r in range(world_size) if r not in outputs]
+                    raise DistributedTestError(
+                        f"timeout after {timeout:g}s: rank(s) {pending} had not finished"
+                    ) from None
+                dead = [r for r, p in enumerate(procs) if r not in outputs and p.exitcode is not None]
+                if dead:
+                    try:  # a result written just before exiting may still be in the pipe
+                        rank, ok, data = results.get(timeout=1.0)
+                    except queue_mod.Empty:
+                        r = dead[0]
+                        raise DistributedTestError(
+                            f"rank {r} exited with code {procs[r].exitcode} without a result"
+                        ) from None
+                else:
+                    continue
+            if not ok:
+                raise DistributedTestError(f"rank {rank} failed:\n{data}")
+            outputs[rank] = pickle.loads(data)
+        for p in procs:
+            p.join(timeout=30)
+    finally:
+        _stop(procs)
+        results.close()
+        results.join_thread()
+    return [outputs[r] for r in range(world_size)]

@@ -1,0 +1,70 @@
+"""Classifier-free guidance under STADI: both branches batched per rank, or one branch per rank.
+
+With `--use_cfg_parallel`, xDiT's CFG group pairs rank r of the unconditional STADI group with
+rank r of the conditional one. Both halves of a band must be denoised in lockstep (guidance mixes
+them every step), so the pair plans on the slower of the two speeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from xfuser.core.distributed import get_cfg_group
+
+
+@dataclass(frozen=True)
+class CfgExchange:
+    enabled: bool  # guidance_scale > 1
+    parallel: bool  # one branch per rank (cfg degree 2)
+    branch: int  # 0: unconditional (negative prompt), 1: conditional; xDiT's convention
+    group: object = None  # the CFG GroupCoordinator when parallel
+
+    @classmethod
+    def create(cls, do_cfg: bool) -> "CfgExchange":
+        group = get_cfg_group()
+        parallel = group.world_size == 2
+        if parallel and not do_cfg:
+            raise ValueError("--use_cfg_parallel needs guidance_scale > 1")
+        return cls(enabled=do_cfg, parallel=parallel, branch=group.rank_in_group if parallel else 0,
+                   group=group if parallel else None)
+
+    @property
+    def batched(self) -> bool:
+        """Both branches run on this rank, as a batch of two."""
+        return self.enabled and not self.parallel
+
+    def text_batch(self, negative: torch.Tensor, positive: torch.Tensor, negative_mask: torch.Tensor,
+                   positive_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.enabled:
+            return positive, positive_mask
+        if self.parallel:
+            return (negative, negative_mask) if self.branch == 0 else (positive, positive_mask)
+        return torch.cat([negative, positive]), torch.cat([negative_mask, positive_mask])
+
+    def condition_batch(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor, tensor]) if self.batched else tensor
+
+    def model_input(self, band_latents: torch.Tensor) -> torch.Tensor:
+        return self.condition_batch(band_latents)
+
+    def guide(self, output: torch.Tensor, scale: float) -> torch.Tensor:
+        if not self.enabled:
+            return output
+        if self.parallel:
+            parts = [torch.empty_like(output) for _ in range(2)]
+            dist.all_gather(parts, output.contiguous(), group=self.group.device_group)
+            uncond, cond = parts
+        else:
+            uncond, cond = output.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    def pairwise_min(self, speeds: list[float], device: torch.device) -> list[float]:
+        """Plan on the slower of the two ranks holding the same band in the two branches."""
+        if not self.parallel:
+            return speeds
+        mine = torch.tensor(speeds, dtype=torch.float64, device=device)
+        parts = [torch.empty_like(mine) for _ in range(2)]
+        dist.all_gather(parts, mine, group=self.group.device_group)
+        return torch.minimum(parts[0], parts[1]).tolist()
