@@ -149,7 +149,8 @@ def test_prediction_matches_a_period_by_period_walk_of_the_plan(inputs, mode):
     total = inputs["warmup_steps"] * (warmup_step + inputs["sync_seconds"])
     for period_index in range(result.num_periods):
         slowest = max(
-            len(result.steps_in_period(rank, period_index)) * step_seconds[rank] for rank in range(len(speeds))
+            len(result.steps_in_period(rank, period_index)) * step_seconds[rank]
+            for rank in range(len(speeds))
         )
         total += slowest + inputs["sync_seconds"] + inputs["exchange_seconds"]
     assert math.isclose(result.predicted.total_seconds, total, rel_tol=1e-9)

@@ -48,27 +48,29 @@ def patch_shm_broadcaster(gc: ModuleType) -> None:
 
 
 def _keep_send_alive(self, work, tensor) -> None:
-    """Hold an isend's Work handle (and its buffer) until the send has completed."""
+    """Hold an isend's Work handle (and its buffer) until the send is known to be complete."""
     pending = self.__dict__.setdefault("_pending_sends", [])
+    # gloo reports completion only after wait(); NCCL's is_completed() polls its event
     pending[:] = [(w, t) for w, t in pending if not w.is_completed()]
     pending.append((work, tensor))
 
 
 def _drain_sends(self) -> None:
+    """Wait for all kept sends; only call where every peer receives them without our help."""
     for work, _ in self.__dict__.pop("_pending_sends", []):
         work.wait()
 
 
 def patch_pipeline_isend(gc: ModuleType) -> None:
     """``pipeline_isend``/``pipeline_isend_skip`` drop the isend Work handle; gloo cancels a send
-    whose handle is freed, so the peer never gets the data.  Keep the handles until completed,
-    and wait for the leftovers when the pipeline buffers are reset or the group is destroyed
-    (every PipeFusion send is received within the same call, so that wait cannot block)."""
+    whose handle is freed, so the peer never gets the data.  Keep the handles and wait for them
+    when the next PipeFusion run queues its receives (every send of a run is received within
+    that run, so the wait cannot block) or the buffers are reset; drop them on destroy."""
     cls = gc.PipelineGroupCoordinator
     if _is_patched(cls._pipeline_isend):
         return
 
-    def _wrap_isend(orig):
+    def keeping(orig):
         @functools.wraps(orig)
         def wrapper(self, tensor):
             work = orig(self, tensor)
@@ -77,18 +79,27 @@ def patch_pipeline_isend(gc: ModuleType) -> None:
 
         return _mark(wrapper)
 
-    def _wrap_drain(orig):
+    def draining_first(orig, run_start_only=False):
         @functools.wraps(orig)
         def wrapper(self, *args, **kwargs):
-            _drain_sends(self)
+            if not run_start_only or not (self.recv_tasks_queue or self.receiving_tasks):
+                _drain_sends(self)
             return orig(self, *args, **kwargs)
 
         return _mark(wrapper)
 
-    cls._pipeline_isend = _wrap_isend(cls._pipeline_isend)
-    cls._pipeline_isend_skip = _wrap_isend(cls._pipeline_isend_skip)
-    cls.reset_buffer = _wrap_drain(cls.reset_buffer)
-    cls.destroy = _wrap_drain(cls.destroy)
+    orig_destroy = cls.destroy
+
+    @functools.wraps(orig_destroy)
+    def destroy(self):
+        self.__dict__.pop("_pending_sends", None)
+        return orig_destroy(self)
+
+    cls._pipeline_isend = keeping(cls._pipeline_isend)
+    cls._pipeline_isend_skip = keeping(cls._pipeline_isend_skip)
+    cls.add_pipeline_recv_task = draining_first(cls.add_pipeline_recv_task, run_start_only=True)
+    cls.reset_buffer = draining_first(cls.reset_buffer)
+    cls.destroy = _mark(destroy)
 
 
 def _exchange(self, ops) -> None:

@@ -100,7 +100,7 @@ def predict_latency_unchecked(
         warmup_steps * warm + _ceil_div(num_base_steps, s) * step
         for warm, s, step in zip(warmup_step_seconds, strides, step_seconds)
     )
-    # max(0, .): the busiest rank's idle time is 0 up to float rounding, never negative.
+    # max(0, .): with no sync costs the bottleneck rank's idle is 0, and rounding must not make it < 0.
     idle_seconds = tuple(max(0.0, total_seconds - busy) for busy in busy_seconds)
     return LatencyBreakdown(total_seconds, warmup_seconds, busy_seconds, idle_seconds)
 

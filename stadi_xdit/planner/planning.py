@@ -95,14 +95,14 @@ def plan(
     max_stride = require_int("max_stride", max_stride, minimum=1, maximum=MAX_STRIDE_LIMIT)
     tolerance = require_seconds("tolerance", tolerance)
     problem = _Problem(
-        speeds,
-        rows,
-        align,
-        num_steps,
-        warmup_steps,
-        require_seconds("sync_seconds", sync_seconds),
-        require_seconds("exchange_seconds", exchange_seconds),
-        require_seconds("step_overhead_seconds", step_overhead_seconds),
+        speeds=speeds,
+        rows=rows,
+        align=align,
+        num_steps=num_steps,
+        warmup_steps=warmup_steps,
+        sync_seconds=require_seconds("sync_seconds", sync_seconds),
+        exchange_seconds=require_seconds("exchange_seconds", exchange_seconds),
+        step_overhead_seconds=require_seconds("step_overhead_seconds", step_overhead_seconds),
     )
 
     ones = (1,) * problem.num_ranks

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Sequence
 
 import torch
@@ -22,12 +23,14 @@ class PendingGather:
     padded_parts: list[torch.Tensor]
     sizes: tuple[int, ...]
     dim: int
+    timeout: timedelta | None = None
     waited_seconds: float = 0.0
 
     def wait(self) -> torch.Tensor:
         start = time.perf_counter()
         if self.work is not None:
-            self.work.wait()
+            # A bounded wait: a stalled or dead peer turns into an error here, not a hang.
+            self.work.wait(self.timeout) if self.timeout is not None else self.work.wait()
         self.waited_seconds = time.perf_counter() - start
         parts = [part.narrow(self.dim, 0, size) for part, size in zip(self.padded_parts, self.sizes)]
         return torch.cat(parts, dim=self.dim)
@@ -40,6 +43,7 @@ class BandComm:
     group: dist.ProcessGroup | None
     rank: int
     world_size: int
+    timeout: timedelta | None = None
     # Seconds this rank spent blocked in collectives; the profiler subtracts it from compute time.
     wait_seconds: float = field(default=0.0)
 
@@ -58,7 +62,7 @@ class BandComm:
         padded = padded.contiguous()
         outputs = [torch.empty_like(padded) for _ in range(self.world_size)]
         work = dist.all_gather(outputs, padded, group=self.group, async_op=True)
-        return PendingGather(work, outputs, tuple(sizes), dim)
+        return PendingGather(work, outputs, tuple(sizes), dim, self.timeout)
 
     def all_gather(self, part: torch.Tensor, sizes: Sequence[int], dim: int) -> torch.Tensor:
         pending = self.all_gather_async(part, sizes, dim)
@@ -76,6 +80,5 @@ class BandComm:
         if self.world_size == 1:
             return [float(value)]
         mine = torch.tensor([value], dtype=torch.float64, device=device)
-        outputs = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(outputs, mine, group=self.group)
-        return [float(t.item()) for t in outputs]
+        gathered = self.all_gather(mine, [1] * self.world_size, dim=0)
+        return [float(v) for v in gathered.tolist()]

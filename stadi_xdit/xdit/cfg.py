@@ -8,6 +8,7 @@ them every step), so the pair plans on the slower of the two speeds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -20,15 +21,23 @@ class CfgExchange:
     parallel: bool  # one branch per rank (cfg degree 2)
     branch: int  # 0: unconditional (negative prompt), 1: conditional; xDiT's convention
     group: object = None  # the CFG GroupCoordinator when parallel
+    timeout: timedelta | None = None
 
     @classmethod
-    def create(cls, do_cfg: bool) -> "CfgExchange":
+    def create(cls, do_cfg: bool, timeout: timedelta | None = None) -> "CfgExchange":
         group = get_cfg_group()
         parallel = group.world_size == 2
         if parallel and not do_cfg:
             raise ValueError("--use_cfg_parallel needs guidance_scale > 1")
         return cls(enabled=do_cfg, parallel=parallel, branch=group.rank_in_group if parallel else 0,
-                   group=group if parallel else None)
+                   group=group if parallel else None, timeout=timeout)
+
+    def _pair(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Both branches' copies of `tensor`, uncond first; bounded wait like every STADI collective."""
+        parts = [torch.empty_like(tensor) for _ in range(2)]
+        work = dist.all_gather(parts, tensor.contiguous(), group=self.group.device_group, async_op=True)
+        work.wait(self.timeout) if self.timeout is not None else work.wait()
+        return parts
 
     @property
     def batched(self) -> bool:
@@ -53,9 +62,7 @@ class CfgExchange:
         if not self.enabled:
             return output
         if self.parallel:
-            parts = [torch.empty_like(output) for _ in range(2)]
-            dist.all_gather(parts, output.contiguous(), group=self.group.device_group)
-            uncond, cond = parts
+            uncond, cond = self._pair(output)
         else:
             uncond, cond = output.chunk(2)
         return uncond + scale * (cond - uncond)
@@ -64,7 +71,5 @@ class CfgExchange:
         """Plan on the slower of the two ranks holding the same band in the two branches."""
         if not self.parallel:
             return speeds
-        mine = torch.tensor(speeds, dtype=torch.float64, device=device)
-        parts = [torch.empty_like(mine) for _ in range(2)]
-        dist.all_gather(parts, mine, group=self.group.device_group)
-        return torch.minimum(parts[0], parts[1]).tolist()
+        uncond, cond = self._pair(torch.tensor(speeds, dtype=torch.float64, device=device))
+        return torch.minimum(uncond, cond).tolist()

@@ -7,6 +7,7 @@ injection instead of xDiT's wrappers) and `__call__` (warmup, profile, plan, per
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -104,7 +105,8 @@ class StadiPipelineMixin:
         install_runtime_state(state)
         dp = get_dp_group()
         self.stadi_config.check_world(dp.world_size)
-        self.stadi_comm = BandComm(dp.device_group, dp.rank_in_group, dp.world_size)
+        self.stadi_comm = BandComm(dp.device_group, dp.rank_in_group, dp.world_size,
+                                   timedelta(seconds=self.stadi_config.timeout_seconds))
         self.kv_store = DisplacedKVStore(self.stadi_comm)
 
     def _convert_transformer_backbone(self, transformer, **kwargs):
@@ -201,7 +203,7 @@ class StadiPixArtMixin(StadiPipelineMixin):
             device=device, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             prompt_attention_mask=prompt_attention_mask, negative_prompt_attention_mask=negative_prompt_attention_mask,
             clean_caption=clean_caption, max_sequence_length=max_sequence_length)
-        cfg = CfgExchange.create(do_cfg)
+        cfg = CfgExchange.create(do_cfg, self.stadi_comm.timeout)
         embeds, mask = cfg.text_batch(neg_embeds, embeds, neg_mask, mask)
 
         scheduler = pipe.scheduler

@@ -1,0 +1,28 @@
+# Two commands do all set-up: `make demo` and `make test` (each creates .venv on first use).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test example lint
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel first; the constraint keeps every later install on it (no CUDA build pulled in).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/stadi-bench
+
+example: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29531 \
+		scripts/pixart_stadi_example.py --model tiny --use_stadi --height 256 --width 256 \
+		--num_inference_steps 8 --warmup_steps 2 --stadi_emulate_slowdown 1,2
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check stadi_xdit tests scripts

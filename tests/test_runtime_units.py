@@ -1,0 +1,131 @@
+"""Single-process checks of the runtime's parts: layouts, schedules, displaced K/V, injection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stadi_xdit  # noqa: F401  (compat layer first)
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+)
+
+from stadi_xdit.planner import plan
+from stadi_xdit.runtime.comm import BandComm
+from stadi_xdit.runtime.kv import DisplacedKVStore
+from stadi_xdit.runtime.layout import BandLayout
+from stadi_xdit.runtime.schedule import (
+    check_scheduler_supported,
+    rank_schedule_indices,
+    restrict_to_indices,
+    to_subsequence_capable,
+)
+
+
+def test_layout_follows_plan_rows():
+    p = plan([1.0, 0.4], rows=90, align=1, num_steps=10, warmup_steps=2, mode="spatial")
+    layout = BandLayout.from_plan(p, patch_rows=2, tokens_per_row=5)
+    assert layout.token_rows == ((0, 65), (65, 90))  # max(65/1, 25/0.4) = 65 is optimal
+    assert layout.latent_rows(1) == (130, 180)
+    assert layout.token_range(1) == (325, 450)
+    assert sum(layout.token_counts()) == 90 * 5
+    latents = torch.arange(180.0).view(1, 1, 180, 1)
+    assert layout.slice_latents(latents, 1).flatten()[0].item() == 130
+
+
+def _denoise(scheduler, steps: int, indices_after: list[int] | None = None, warmup: int = 2) -> torch.Tensor:
+    """Run a fake model through `scheduler`; optionally restrict it after `warmup` steps."""
+    scheduler.set_timesteps(steps)
+    sample = torch.ones(1, 2, 4, 4)
+    position = 0
+    while position < len(scheduler.timesteps):
+        if indices_after is not None and position == warmup:
+            restrict_to_indices(scheduler, indices_after)
+        t = scheduler.timesteps[position]
+        model_output = 0.1 * sample + 0.01 * float(t) / 1000
+        sample = scheduler.step(model_output, t, sample, return_dict=False)[0]
+        position += 1
+    return sample
+
+
+@pytest.mark.parametrize("make", [
+    lambda: DPMSolverMultistepScheduler(),
+    lambda: EulerDiscreteScheduler(),
+    lambda: FlowMatchEulerDiscreteScheduler(shift=3.0),
+    lambda: to_subsequence_capable(DDIMScheduler()),
+])
+def test_stride_one_subsequence_is_the_full_schedule(make):
+    steps = 8
+    full = _denoise(make(), steps)
+    restricted = _denoise(make(), steps, rank_schedule_indices(2, list(range(6))))
+    assert torch.equal(full, restricted)
+
+
+@pytest.mark.parametrize("make", [lambda: DPMSolverMultistepScheduler(), lambda: EulerDiscreteScheduler(),
+                                  lambda: FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                  lambda: to_subsequence_capable(DDIMScheduler())])
+def test_stride_two_visits_every_other_timestep_and_ends_at_the_end(make):
+    scheduler = make()
+    scheduler.set_timesteps(8)
+    full_timesteps = scheduler.timesteps.clone()
+    restrict_to_indices(scheduler, rank_schedule_indices(2, [0, 2, 4]))
+    assert scheduler.timesteps.tolist() == full_timesteps[[0, 1, 2, 4, 6]].tolist()
+    if not isinstance(scheduler, DDIMScheduler):
+        assert scheduler.sigmas[-1].item() == pytest.approx(0.0)  # still ends at the final noise level
+
+
+def test_subsequence_ddim_matches_stock_ddim_for_its_own_grid():
+    stock = DDIMScheduler()
+    ours = to_subsequence_capable(DDIMScheduler())
+    assert _denoise(stock, 10).allclose(_denoise(ours, 10), atol=1e-6)
+
+
+def test_unsupported_scheduler_is_a_one_line_error():
+    with pytest.raises(ValueError, match="does not support scheduler PNDMScheduler") as info:
+        check_scheduler_supported(PNDMScheduler())
+    assert "\n" not in str(info.value)
+
+
+def test_sde_dpm_solver_is_refused():
+    with pytest.raises(ValueError, match="deterministic"):
+        check_scheduler_supported(DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"))
+
+
+def test_displaced_store_single_rank_keeps_own_rows_fresh():
+    store = DisplacedKVStore(BandComm(None, 0, 1))
+    store.set_layout([6], (0, 6))
+    key, value = torch.randn(2, 1, 6, 4), torch.randn(2, 1, 6, 4)
+    full_key, full_value = store.full_kv(0, key, value)
+    assert torch.equal(full_key, key) and torch.equal(full_value, value)
+    store.set_phase(synchronous=False, publish=True)
+    new_key = torch.randn(2, 1, 6, 4)
+    full_key, _ = store.full_kv(0, new_key, value)
+    assert torch.equal(full_key, new_key)
+    store.reset()
+
+
+def test_displaced_store_needs_a_synchronous_step_first():
+    store = DisplacedKVStore(BandComm(None, 0, 1))
+    store.set_layout([4], (0, 4))
+    store.set_phase(synchronous=False)
+    with pytest.raises(RuntimeError, match="synchronous"):
+        store.full_kv(0, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))
+
+
+def test_injection_is_removable():
+    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.xdit.injection import PIXART_INJECTION, apply_injection
+
+    transformer = tiny_pixart_pipeline().transformer
+    before = [block.attn1.processor for block in transformer.transformer_blocks]
+    patch_embed = transformer.pos_embed
+    injection = apply_injection(transformer, PIXART_INJECTION, DisplacedKVStore(BandComm(None, 0, 1)))
+    assert transformer.pos_embed is not patch_embed
+    assert all(type(b.attn1.processor).__name__ == "StadiSelfAttnProcessor" for b in transformer.transformer_blocks)
+    injection.remove()
+    assert transformer.pos_embed is patch_embed
+    assert [block.attn1.processor for block in transformer.transformer_blocks] == before
