@@ -41,9 +41,12 @@ def main() -> None:
     StadiArgs.add_cli_args(parser)
     parser.add_argument("--variant", choices=("alpha", "sigma"), default="alpha")
     args = parser.parse_args()
-    engine_args = StadiArgs.from_cli_args(args)
-    if engine_args.use_stadi:
-        engine_args.validate()  # one-line errors before any process group exists
+    try:  # one-line errors naming the flag, before any process group exists
+        engine_args = StadiArgs.from_cli_args(args)
+        if engine_args.use_stadi:
+            engine_args.validate()
+    except ValueError as error:
+        parser.error(str(error))
     device = init_distributed(engine_args.stadi_timeout)
     engine_config, input_config = engine_args.create_config()
     dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -69,6 +69,19 @@ def _run_stadi(rank: int, world: int, variant: str, size: int, steps: int, runs:
     return results
 
 
+@pytest.fixture
+def report(request):
+    """Write a line into the test log even when output is captured (PSNR figures belong there)."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def write(line: str) -> None:
+        print(line)
+        if reporter is not None:
+            reporter.write_line(line)
+
+    return write
+
+
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -107,14 +120,14 @@ EXCHANGE_MARGIN_DB = 6.0
 MODES = ("uniform", "spatial", "full")
 
 
-def test_stale_modes_follow_the_plan():
+def test_stale_modes_follow_the_plan(report):
     steps, size = 8, 128
     reference = _reference("alpha", size, steps)
     runs = [dict(stadi_mode=mode, stadi_speeds="1,0.5", warmup_steps=2) for mode in MODES]
     runs.append(dict(stadi_mode="uniform", stadi_speeds="1,0.5", warmup_steps=2, ignore_foreign_bands=True))
     results = run_distributed(_run_stadi, 2, "alpha", size, steps, runs, timeout=300)
     without_exchange = psnr(results[0][len(MODES)]["latents"], reference)
-    print(f"[stadi] foreign K/V ignored (fault injection): PSNR vs 1 process = {without_exchange:.1f} dB")
+    report(f"[stadi] foreign K/V ignored (fault injection): PSNR vs 1 process = {without_exchange:.1f} dB")
     for index, mode in enumerate(MODES):
         per_rank = [results[rank][index] for rank in range(2)]
         plan = per_rank[0]["plan"]
@@ -124,7 +137,7 @@ def test_stale_modes_follow_the_plan():
             assert torch.isfinite(result["latents"]).all()
             assert torch.equal(result["latents"], per_rank[0]["latents"]), "ranks disagree on the final latent"
         quality = psnr(per_rank[0]["latents"], reference)
-        print(f"[stadi] mode={mode} evals={[r['forwards'] for r in per_rank]} PSNR vs 1 process = {quality:.1f} dB")
+        report(f"[stadi] mode={mode} evals={[r['forwards'] for r in per_rank]} PSNR vs 1 process = {quality:.1f} dB")
         assert quality >= PSNR_FLOOR_DB, (mode, quality)
         if mode != "full":  # full also skips steps, a different error source
             assert quality >= without_exchange + EXCHANGE_MARGIN_DB, (mode, quality, without_exchange)
@@ -153,3 +166,38 @@ def test_same_seed_and_plan_are_bit_identical():
     results = run_distributed(_run_stadi, 2, "alpha", 128, 6, runs, timeout=300)
     for rank in range(2):
         assert torch.equal(results[rank][0]["latents"], results[rank][1]["latents"])
+
+
+def _run_with_stalled_rank(rank: int, world: int) -> None:
+    import time
+
+    import stadi_xdit  # noqa: F401
+    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.xdit.args import StadiArgs
+    from stadi_xdit.xdit.pipelines import StadiPixArtAlphaPipeline
+
+    args = StadiArgs(model="tiny", use_stadi=True, height=128, width=128, num_inference_steps=6, warmup_steps=2,
+                     stadi_mode="full", stadi_speeds="1,0.5", stadi_timeout=5)
+    engine_config, _ = args.create_config()
+    engine_config.runtime_config.dtype = torch.float32
+    pipe = StadiPixArtAlphaPipeline(tiny_pixart_pipeline(), engine_config)
+    calls = []
+
+    def stall_on_third_forward(*_):
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:
+            time.sleep(120)  # a hung device: never reaches the next exchange
+
+    pipe.module.transformer.register_forward_pre_hook(stall_on_third_forward)
+    pipe(prompt=PROMPT, height=128, width=128, num_inference_steps=6, output_type="latent",
+         generator=torch.Generator().manual_seed(SEED), use_resolution_binning=False)
+
+
+def test_a_stalled_rank_makes_the_others_fail_instead_of_hanging():
+    from stadi_xdit.testing.spawn import DistributedTestError
+
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_run_with_stalled_rank, 2, timeout=90)
+    message = str(info.value)
+    assert "rank 0 failed" in message, message[-2000:]
+    assert "timed out" in message.lower() or "timeout" in message.lower(), message[-2000:]
