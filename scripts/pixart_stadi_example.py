@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
+# isort: off
+import stadi_xdit  # noqa: F401  (first: the CPU compat layer must be in place before xfuser loads)
+# isort: on
 import os
 import time
 
 import torch
 import torch.distributed as dist
-
-import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
 from xfuser.config import FlexibleArgumentParser
 from xfuser.core.distributed import get_world_group
 

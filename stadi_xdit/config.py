@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from typing import Any
 
 MODES = ("uniform", "spatial", "full")
 
@@ -67,16 +68,73 @@ class StadiConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StadiConfig":
+    def from_dict(cls, data: dict[str, Any]) -> StadiConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown STADI config keys: {', '.join(unknown)}")
+        _check_types(data)  # a file's `exact: "yes"` must not silently switch exact mode on
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "StadiConfig":
+    def from_json(cls, text: str) -> StadiConfig:
         return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        """The config as a YAML mapping (same keys as `to_dict`); `from_yaml` reads it back."""
+        import yaml  # pyyaml is a dependency; imported here to keep `import stadi_xdit.config` light
+
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in self.to_dict().items()}
+        return yaml.safe_dump(data, sort_keys=True)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> StadiConfig:
+        """Parse and validate a YAML mapping; wrong types fail like bad values, naming the flag."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"STADI config is not valid YAML: {' '.join(str(error).split())}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise ValueError(f"STADI config must be a YAML mapping of settings, got {kind}")  # noqa: TRY004
+        _check_types(data)
+        return cls.from_dict(data)
+
+
+# Field -> the CLI flag that sets it, for error messages about config files.
+FLAGS = {"use_stadi": "--use_stadi", "mode": "--stadi_mode", "exact": "--stadi_exact",
+         "max_stride": "--stadi_max_stride", "tolerance": "--stadi_tolerance", "speeds": "--stadi_speeds",
+         "emulate_slowdown": "--stadi_emulate_slowdown", "profile_cache": "--stadi_profile_cache",
+         "timeout_seconds": "--stadi_timeout"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    """Types a config file can get wrong that the value checks would not name (or would accept)."""
+    for key, value in data.items():
+        flag = FLAGS.get(key)
+        if flag is None:
+            continue  # from_dict reports unknown keys
+        if key in ("use_stadi", "exact"):
+            ok = isinstance(value, bool)
+        elif key in ("mode", "profile_cache"):
+            ok = isinstance(value, str) or (key == "profile_cache" and value is None)
+        elif key == "max_stride":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif key in ("tolerance", "timeout_seconds"):
+            ok = _is_number(value)
+        else:  # per-rank lists
+            ok = value is None or isinstance(value, str) or (
+                isinstance(value, (list, tuple)) and all(_is_number(v) for v in value))
+        if not ok:
+            raise ValueError(f"{flag} has the wrong type in the config: {value!r} ({type(value).__name__})")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import stadi_xdit  # noqa: F401  (compat layer first)
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -14,6 +12,7 @@ from diffusers import (
     PNDMScheduler,
 )
 
+import stadi_xdit  # noqa: F401  (compat layer first)
 from stadi_xdit.planner import plan
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.kv import DisplacedKVStore

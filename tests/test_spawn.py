@@ -18,7 +18,8 @@ def _identity(rank, world_size, base, *, scale=1):
     return {
         "rank": rank,
         "value": base * scale + rank,
-        "env": (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]),
+        "env": (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"],
+                os.environ["STADI_TEST_FLAG"]),
         "threads": torch.get_num_threads(),
         "tensor": torch.full((2,), float(rank)),
     }
@@ -46,10 +47,10 @@ def _recv_never_sent(rank, world_size):
 
 
 def test_results_come_back_in_rank_order():
-    out = run_distributed(_identity, 3, 10, scale=2, timeout=120)
+    out = run_distributed(_identity, 3, 10, scale=2, timeout=120, env={"STADI_TEST_FLAG": 7})
     assert [o["rank"] for o in out] == [0, 1, 2]
     assert [o["value"] for o in out] == [20, 21, 22]
-    assert [o["env"] for o in out] == [(str(r), "3", str(r)) for r in range(3)]
+    assert [o["env"] for o in out] == [(str(r), "3", str(r), "7") for r in range(3)]
     assert all(o["threads"] == 1 for o in out)
     assert [o["tensor"].tolist() for o in out] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
 

@@ -59,7 +59,7 @@ def _run_stadi(rank: int, world: int, variant: str, size: int, steps: int, runs:
         if corrupt:
             _ignore_foreign_bands(pipe.kv_store)
         forwards = []
-        handle = pipe.module.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
+        handle = pipe.module.transformer.register_forward_pre_hook(lambda *_, calls=forwards: calls.append(1))
         out = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
                    generator=torch.Generator().manual_seed(SEED), use_resolution_binning=False)
         handle.remove()
@@ -102,7 +102,7 @@ def psnr(test: torch.Tensor, reference: torch.Tensor) -> float:
 def test_exact_mode_equals_one_process(variant, world, speeds, size, bands):
     steps = 5
     reference = _reference(variant, size, steps)
-    runs = [dict(stadi_exact=True, stadi_mode="spatial", stadi_speeds=speeds, warmup_steps=2)]
+    runs = [{"stadi_exact": True, "stadi_mode": "spatial", "stadi_speeds": speeds, "warmup_steps": 2}]
     results = run_distributed(_run_stadi, world, variant, size, steps, runs, timeout=300)
     for rank, (result,) in enumerate(results):
         assert result["plan"].row_bounds() == bands
@@ -123,8 +123,8 @@ MODES = ("uniform", "spatial", "full")
 def test_stale_modes_follow_the_plan(report):
     steps, size = 8, 128
     reference = _reference("alpha", size, steps)
-    runs = [dict(stadi_mode=mode, stadi_speeds="1,0.5", warmup_steps=2) for mode in MODES]
-    runs.append(dict(stadi_mode="uniform", stadi_speeds="1,0.5", warmup_steps=2, ignore_foreign_bands=True))
+    runs = [{"stadi_mode": mode, "stadi_speeds": "1,0.5", "warmup_steps": 2} for mode in MODES]
+    runs.append({"stadi_mode": "uniform", "stadi_speeds": "1,0.5", "warmup_steps": 2, "ignore_foreign_bands": True})
     results = run_distributed(_run_stadi, 2, "alpha", size, steps, runs, timeout=300)
     without_exchange = psnr(results[0][len(MODES)]["latents"], reference)
     report(f"[stadi] foreign K/V ignored (fault injection): PSNR vs 1 process = {without_exchange:.1f} dB")
@@ -148,7 +148,7 @@ def test_stale_modes_follow_the_plan(report):
 
 def test_profiling_discovers_the_slowed_rank():
     # The planner is never told the 1:3 factors; it must find them from warmup timings.
-    runs = [dict(stadi_mode="full", stadi_emulate_slowdown="1,3", warmup_steps=3)]
+    runs = [{"stadi_mode": "full", "stadi_emulate_slowdown": "1,3", "warmup_steps": 3}]
     results = run_distributed(_run_stadi, 2, "alpha", 128, 6, runs, timeout=300)
     plan = results[0][0]["plan"]
     measured = results[0][0]["measured_speeds"]
@@ -162,7 +162,7 @@ def test_profiling_discovers_the_slowed_rank():
 
 
 def test_same_seed_and_plan_are_bit_identical():
-    runs = [dict(stadi_mode="full", stadi_speeds="1,0.5", warmup_steps=2)] * 2
+    runs = [{"stadi_mode": "full", "stadi_speeds": "1,0.5", "warmup_steps": 2}] * 2
     results = run_distributed(_run_stadi, 2, "alpha", 128, 6, runs, timeout=300)
     for rank in range(2):
         assert torch.equal(results[rank][0]["latents"], results[rank][1]["latents"])

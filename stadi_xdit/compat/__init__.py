@@ -42,6 +42,7 @@ def apply_cpu_compat() -> None:
     check_xfuser_version()
     imports.stub_sparge_block_mask()
     when_imported("xfuser.envs", imports.patch_envs_without_accelerator)
+    when_imported("xfuser.envs", imports.allow_sequence_parallel_on_cpu)
     for module_name, patches in runtime.RUNTIME_PATCHES.items():
         for patch in patches:
             when_imported(module_name, patch)

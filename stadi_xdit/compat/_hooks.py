@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib.abc
 import sys
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 Hook = Callable[[ModuleType], None]
 
@@ -20,12 +20,16 @@ _HOOKS: dict[str, list[Hook]] = {}
 _MARK = "__stadi_compat_hooks__"
 
 
+def _key(hook: Hook) -> str:
+    return f"{hook.__module__}.{hook.__qualname__}"
+
+
 def _run_hooks(module: ModuleType) -> None:
     done = module.__dict__.setdefault(_MARK, set())
     for hook in _HOOKS.get(module.__name__, ()):
-        if hook.__name__ not in done:
+        if _key(hook) not in done:
             hook(module)
-            done.add(hook.__name__)
+            done.add(_key(hook))
 
 
 class _HookingLoader(importlib.abc.Loader):
@@ -62,9 +66,12 @@ _FINDER = _HookFinder()
 
 
 def when_imported(name: str, hook: Hook) -> None:
-    """Run ``hook(module)`` once per module object, right after module ``name`` is executed."""
+    """Run ``hook(module)`` once per module object, right after module ``name`` is executed.
+
+    Hooks are identified by ``module.qualname``; registering the same one again is a no-op.
+    """
     hooks = _HOOKS.setdefault(name, [])
-    if all(h.__name__ != hook.__name__ for h in hooks):
+    if all(_key(h) != _key(hook) for h in hooks):
         hooks.append(hook)
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)

@@ -17,9 +17,8 @@ def _block_mask_unavailable(*args, **kwargs):
 
 
 def stub_sparge_block_mask() -> None:
-    """block_mask.py hard-imports triton (absent on CPU); a fake top-level triton breaks torch,
-    so only this module is replaced, exposing the one name xfuser imports from it
-    (``sparge.py``: ``get_block_map_meansim``)."""
+    """block_mask.py hard-imports triton, and a global fake triton breaks torch: stub just this module."""
+    # it exposes the one name xfuser imports from it (sparge.py: get_block_map_meansim)
     if BLOCK_MASK_MODULE in sys.modules:
         return
     stub = ModuleType(BLOCK_MASK_MODULE, "CPU stand-in for xfuser's triton-only SpargeAttn block mask")
@@ -30,10 +29,10 @@ def stub_sparge_block_mask() -> None:
 
 
 def patch_envs_without_accelerator(envs: ModuleType) -> None:
-    """xfuser.envs raises NotImplementedError for the device version and the distributed
-    backend when no accelerator is present (read by ``from xfuser.envs import CUDA_VERSION``
-    and ``init_distributed_environment``): report no device version and gloo instead, and
-    declare yunchang usable so sequence parallelism (Ulysses/Ring) is allowed on CPU."""
+    """Without an accelerator envs raises NotImplementedError for the device version and backend."""
+    # read by `from xfuser.envs import CUDA_VERSION` (config.py) and init_distributed_environment()
+    if getattr(envs.get_torch_distributed_backend, "_stadi_cpu_compat", False):
+        return
     get_device_version = envs.get_device_version
     get_backend = envs.get_torch_distributed_backend
 
@@ -49,16 +48,21 @@ def patch_envs_without_accelerator(envs: ModuleType) -> None:
         except NotImplementedError:
             return "gloo"
 
+    cpu_get_device_version._stadi_cpu_compat = True
+    cpu_get_torch_distributed_backend._stadi_cpu_compat = True
     envs.get_device_version = cpu_get_device_version
     envs.get_torch_distributed_backend = cpu_get_torch_distributed_backend
 
-    # check_long_ctx_attn() returns False whenever CUDA is absent, although yunchang's
-    # process-group bookkeeping and torch's ring attention run fine on gloo.
+
+def allow_sequence_parallel_on_cpu(envs: ModuleType) -> None:
+    """check_long_ctx_attn() is False without CUDA, which forbids Ulysses/Ring, yet yunchang works on gloo."""
+    # must run before any xfuser module copies packages_info["has_long_ctx_attn"] at import time
     info = envs.PACKAGES_CHECKER.packages_info
     if not info.get("has_long_ctx_attn"):
-        try:
-            import yunchang  # noqa: F401
+        try:  # what xfuser imports from yunchang on its sequence-parallel paths
+            from yunchang import set_seq_parallel_pg  # noqa: F401
             from yunchang.globals import PROCESS_GROUP  # noqa: F401
+            from yunchang.kernels import AttnType  # noqa: F401
         except ImportError:
             return
         info["has_long_ctx_attn"] = True

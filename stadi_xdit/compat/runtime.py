@@ -34,15 +34,14 @@ def _host_synchronize(device=None) -> None:
 
 
 def patch_synchronize(gc: ModuleType) -> None:
-    """``_communicate_shapes`` calls the module-level ``torch.cuda.synchronize``, which raises
-    without CUDA; on CPU there is no device stream to flush, so it becomes a no-op."""
+    """The module-level torch.cuda.synchronize raises without CUDA; gloo waits are host-synchronous."""
+    # (only the original _communicate_shapes calls it; kept for any other caller)
     if not torch.cuda.is_available():
         gc.synchronize = _host_synchronize
 
 
 def patch_shm_broadcaster(gc: ModuleType) -> None:
-    """``broadcast_object`` reads ``self.shm_broadcaster``, which no constructor sets; defaulting
-    it to None makes it take its own broadcast_object_list path on the group's cpu_group."""
+    """broadcast_object reads self.shm_broadcaster, which nothing sets; None selects its cpu_group path."""
     if not hasattr(gc.GroupCoordinator, "shm_broadcaster"):
         gc.GroupCoordinator.shm_broadcaster = None
 
@@ -58,14 +57,15 @@ def _keep_send_alive(self, work, tensor) -> None:
 def _drain_sends(self) -> None:
     """Wait for all kept sends; only call where every peer receives them without our help."""
     for work, _ in self.__dict__.pop("_pending_sends", []):
-        work.wait()
+        if not work.is_completed():  # a second wait() on a gloo send blocks forever
+            work.wait()
 
 
 def patch_pipeline_isend(gc: ModuleType) -> None:
-    """``pipeline_isend``/``pipeline_isend_skip`` drop the isend Work handle; gloo cancels a send
-    whose handle is freed, so the peer never gets the data.  Keep the handles and wait for them
-    when the next PipeFusion run queues its receives (every send of a run is received within
-    that run, so the wait cannot block) or the buffers are reset; drop them on destroy."""
+    """pipeline_isend drops the isend Work handle, and gloo cancels a send whose handle is freed."""
+    # The handles are waited for when the next PipeFusion run queues its receives (every send
+    # of a run is received within that run, so this cannot block) or the buffers are reset,
+    # and dropped on destroy.
     cls = gc.PipelineGroupCoordinator
     if _is_patched(cls._pipeline_isend):
         return
@@ -144,9 +144,8 @@ def _communicate_shapes(self, tensor_send_to_next=None, recv_prev=False):
 
 
 def patch_communicate_shapes(gc: ModuleType) -> None:
-    """``_communicate_shapes`` waits on its sends before any rank posts its receive; with pp=2
-    both stages send to each other first, and a gloo send only completes once the peer's
-    receive is posted, so both block forever.  Wait on the receives only."""
+    """Both pipeline ends send shapes first and a gloo send waits for the peer's receive: deadlock."""
+    # the replacement waits on its receives only and keeps the sends alive
     cls = gc.PipelineGroupCoordinator
     if not _is_patched(cls._communicate_shapes):
         cls._communicate_shapes = _communicate_shapes
@@ -156,8 +155,7 @@ def patch_communicate_shapes(gc: ModuleType) -> None:
 
 
 def bind_yunchang_process_group(mod: ModuleType) -> None:
-    """usp.py, usp_legacy.py, head_balance.py and fp8_comms.py import yunchang's PROCESS_GROUP
-    only under CUDA and otherwise bind None, so Ulysses/Ring crash on CPU; bind the real one."""
+    """usp/usp_legacy/head_balance/fp8_comms bind yunchang's PROCESS_GROUP only under CUDA (else None)."""
     if getattr(mod, "PROCESS_GROUP", None) is None:
         from yunchang.globals import PROCESS_GROUP
 
@@ -165,9 +163,8 @@ def bind_yunchang_process_group(mod: ModuleType) -> None:
 
 
 def route_sdpa_flash_to_cpu(ab: ModuleType) -> None:
-    """SDPA_FLASH calls ``aten._scaled_dot_product_flash_attention``, which has no CPU kernel;
-    CPU tensors go to its CPU twin, which also returns the log-sum-exp that ring attention
-    needs to merge partial results (SDPA_MATH returns attention probabilities instead)."""
+    """SDPA_FLASH's aten kernel has no CPU version; its CPU twin also returns the LSE ring attention needs."""
+    # (SDPA_MATH returns attention probabilities in place of the LSE, so it cannot stand in)
     registry = ab.ATTENTION_FUNCTION_REGISTRY
     key = ab.AttentionBackendType.SDPA_FLASH
     orig = registry[key]
@@ -190,8 +187,7 @@ def route_sdpa_flash_to_cpu(ab: ModuleType) -> None:
 
 
 def patch_flux_prepare_run(flux: ModuleType) -> None:
-    """``xFuserFluxPipeline.prepare_run`` seeds a ``torch.Generator(device="cuda")``; use the
-    device xfuser itself runs on (``envs.get_device_name()``, "cpu" here), like the base class."""
+    """prepare_run seeds a torch.Generator(device="cuda"); use xfuser's own device like the base class."""
     cls = flux.xFuserFluxPipeline
     if _is_patched(cls.prepare_run):
         return

@@ -7,12 +7,19 @@ uneven inputs, so every gather pads to the largest band and trims afterwards.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
+
+
+def synchronize(tensor: torch.Tensor) -> None:
+    """Finish queued device work. NCCL waits are stream-ordered, so on CUDA a host-side timer only
+    measures a wait once the device has caught up; gloo waits block the host and need nothing."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
 
 
 @dataclass
@@ -27,11 +34,12 @@ class PendingGather:
     waited_seconds: float = 0.0
 
     def wait(self) -> torch.Tensor:
-        start = time.perf_counter()
+        """Host-side wait. On NCCL it only orders the streams, so its seconds stay near zero."""
         if self.work is not None:
+            start = time.perf_counter()
             # A bounded wait: a stalled or dead peer turns into an error here, not a hang.
             self.work.wait(self.timeout) if self.timeout is not None else self.work.wait()
-        self.waited_seconds = time.perf_counter() - start
+            self.waited_seconds = time.perf_counter() - start
         parts = [part.narrow(self.dim, 0, size) for part, size in zip(self.padded_parts, self.sizes)]
         return torch.cat(parts, dim=self.dim)
 
@@ -65,9 +73,13 @@ class BandComm:
         return PendingGather(work, outputs, tuple(sizes), dim, self.timeout)
 
     def all_gather(self, part: torch.Tensor, sizes: Sequence[int], dim: int) -> torch.Tensor:
-        pending = self.all_gather_async(part, sizes, dim)
-        gathered = pending.wait()
-        self.wait_seconds += pending.waited_seconds
+        """Blocking gather whose whole duration counts as waiting, on CUDA too: profiling
+        subtracts it from compute, so the device is synchronised on both sides of it."""
+        synchronize(part)
+        start = time.perf_counter()
+        gathered = self.all_gather_async(part, sizes, dim).wait()
+        synchronize(gathered)
+        self.wait_seconds += time.perf_counter() - start
         return gathered
 
     def wait(self, pending: PendingGather) -> torch.Tensor:

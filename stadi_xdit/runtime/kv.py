@@ -14,7 +14,7 @@ Two ways a layer's foreign K/V are refreshed:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -13,8 +13,9 @@ from stadi_xdit.planner import Plan
 class BandLayout:
     """Contiguous bands of token rows, one per rank, in rank order.
 
-    A token row is `patch_rows` latent rows high (the backbone's patch size; Flux packs 2x2 latents,
-    so it is 2 there as well) and `tokens_per_row` tokens wide.
+    A token row is `patch_rows` latent rows high (the backbone's patch size: 2 for PixArt; 1 for
+    Flux, whose runtime state counts its 2x2-packed latents with a VAE scale of 16) and
+    `tokens_per_row` tokens wide.
     """
 
     token_rows: tuple[tuple[int, int], ...]
@@ -22,7 +23,7 @@ class BandLayout:
     tokens_per_row: int
 
     @classmethod
-    def from_plan(cls, plan: Plan, patch_rows: int, tokens_per_row: int) -> "BandLayout":
+    def from_plan(cls, plan: Plan, patch_rows: int, tokens_per_row: int) -> BandLayout:
         return cls(tuple(plan.row_bounds()), patch_rows, tokens_per_row)
 
     @property

@@ -6,14 +6,15 @@ only decides which band each rank holds, which timesteps it visits and when K/V 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
 from stadi_xdit.config import StadiConfig
 from stadi_xdit.planner import Plan, plan, plan_warmup
-from stadi_xdit.runtime.comm import BandComm
+from stadi_xdit.runtime.comm import BandComm, synchronize
 from stadi_xdit.runtime.kv import DisplacedKVStore
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.runtime.profile import (
@@ -94,6 +95,7 @@ def denoise(
         waited_before = comm.wait_seconds
         start = timeline.now()
         output = model.predict(band, t)
+        synchronize(output)  # on CUDA, time the kernels rather than their launch
         wait = comm.wait_seconds - waited_before
         emulated = emulate_slowdown(slowdown, timeline.now() - start - wait)
         timeline.steps.append(StepRecord(phase, base_step, start, timeline.now(), wait, emulated))

@@ -10,7 +10,7 @@ selection is then the identity and cannot perturb the numerics. Multistep histor
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import (
@@ -31,7 +31,8 @@ def check_scheduler_supported(scheduler: object) -> None:
     """One-line error, before any run, for a scheduler we cannot re-time per rank."""
     if not isinstance(scheduler, SUPPORTED_SCHEDULERS):
         names = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
-        raise ValueError(f"--use_stadi does not support scheduler {type(scheduler).__name__}; use one of {names}")
+        # ValueError like every other bad-configuration error, although the test is on a type.
+        raise ValueError(f"--use_stadi does not support scheduler {type(scheduler).__name__}; use one of {names}")  # noqa: TRY004
     if isinstance(scheduler, DDIMScheduler) and not isinstance(scheduler, SubsequenceDDIMScheduler):
         return  # converted by `to_subsequence_capable`
     if isinstance(scheduler, DPMSolverMultistepScheduler) and scheduler.config.algorithm_type in ("sde-dpmsolver",

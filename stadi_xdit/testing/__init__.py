@@ -1,0 +1,1 @@
+"""Test helpers: the multi-process harness (``spawn``) and offline tiny pipelines (``tiny``)."""

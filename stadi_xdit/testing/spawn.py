@@ -92,7 +92,7 @@ def _worker(rank, world_size, port, fn_ref, payload, init_process_group, env, re
         # plain pickle: torch's queue reductions would share tensors through this process's
         # file descriptors, which vanish when it exits
         results.put((rank, True, pickle.dumps(result)))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - everything, SystemExit included, goes to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():

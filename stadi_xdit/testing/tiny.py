@@ -32,15 +32,15 @@ from transformers import (
 )
 
 __all__ = [
-    "PixArtPreset",
-    "FluxPreset",
-    "PIXART_PRESETS",
     "FLUX_PRESETS",
-    "build_pixart_pipeline",
+    "PIXART_PRESETS",
+    "FluxPreset",
+    "PixArtPreset",
     "build_flux_pipeline",
-    "tiny_pixart_pipeline",
-    "tiny_flux_pipeline",
+    "build_pixart_pipeline",
     "random_prompt_embeds",
+    "tiny_flux_pipeline",
+    "tiny_pixart_pipeline",
 ]
 
 

@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from xfuser.config import EngineConfig, xFuserArgs
 
@@ -28,7 +27,13 @@ class StadiEngineConfig(EngineConfig):
 
 
 def add_stadi_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add `--use_stadi` and `--stadi_*` to an xDiT parser (underscore style, like xDiT's own)."""
+    """Add `--use_stadi` and `--stadi_*` to an xDiT parser (underscore style, like xDiT's own).
+
+    Idempotent: xDiT's own `add_cli_args` may already have added them (the CLI hook, or the
+    upstream plugin loop), and argparse refuses a second definition.
+    """
+    if "--use_stadi" in parser._option_string_actions:
+        return parser
     group = parser.add_argument_group("STADI (heterogeneity-aware patch parallelism)")
     group.add_argument("--use_stadi", action="store_true",
                        help="Run STADI on the ranks of each CFG branch (replaces data parallelism).")
@@ -51,7 +56,7 @@ def add_stadi_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def _stadi_config_from(args: "StadiArgs") -> StadiConfig:
+def _stadi_config_from(args: StadiArgs) -> StadiConfig:
     return StadiConfig(
         use_stadi=args.use_stadi, mode=args.stadi_mode, exact=args.stadi_exact,
         max_stride=args.stadi_max_stride, tolerance=args.stadi_tolerance, speeds=args.stadi_speeds,
@@ -86,9 +91,9 @@ class StadiArgs(xFuserArgs):
     stadi_exact: bool = False
     stadi_max_stride: int = 2
     stadi_tolerance: float = 0.02
-    stadi_speeds: Optional[str] = None
-    stadi_emulate_slowdown: Optional[str] = None
-    stadi_profile_cache: Optional[str] = None
+    stadi_speeds: str | None = None
+    stadi_emulate_slowdown: str | None = None
+    stadi_profile_cache: str | None = None
     stadi_timeout: float = 600.0
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ class CfgExchange:
     timeout: timedelta | None = None
 
     @classmethod
-    def create(cls, do_cfg: bool, timeout: timedelta | None = None) -> "CfgExchange":
+    def create(cls, do_cfg: bool, timeout: timedelta | None = None) -> CfgExchange:
         group = get_cfg_group()
         parallel = group.world_size == 2
         if parallel and not do_cfg:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-import torch.nn as nn
+from torch import nn
 from xfuser.model_executor.layers.embeddings import xFuserPatchEmbedWrapper
 
 from stadi_xdit.runtime.attention import StadiSelfAttnProcessor

@@ -7,10 +7,16 @@ injection instead of xDiT's wrappers) and `__call__` (warmup, profile, plan, per
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
     ASPECT_RATIO_256_BIN,
@@ -20,6 +26,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 )
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 from xfuser.core.distributed import (
+    get_cfg_group,
     get_classifier_free_guidance_rank,
     get_classifier_free_guidance_world_size,
     get_dp_group,
@@ -35,12 +42,26 @@ from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.runtime.loop import DenoiseResult, denoise
 from stadi_xdit.runtime.profile import ProfileCache
 from stadi_xdit.runtime.schedule import to_subsequence_capable
+from stadi_xdit.xdit.cfg import CfgExchange
 from stadi_xdit.xdit.injection import PIXART_INJECTION, InjectionPlan, apply_injection
 from stadi_xdit.xdit.runtime_state import StadiRuntimeState, install_runtime_state
-from stadi_xdit.xdit.cfg import CfgExchange
 
 _PIXART_BINS = {256: ASPECT_RATIO_2048_BIN, 128: ASPECT_RATIO_1024_BIN, 64: ASPECT_RATIO_512_BIN,
                 32: ASPECT_RATIO_256_BIN}
+
+
+def hardware_identity() -> str:
+    """What this rank runs on: the GPU's name, or on CPU the host and the cores it may use."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    spans, start = [], None
+    for i, core in enumerate(cores):
+        start = core if start is None else start
+        if i + 1 == len(cores) or cores[i + 1] != core + 1:
+            spans.append(str(start) if start == core else f"{start}-{core}")
+            start = None
+    return f"{socket.gethostname()}/cpu{'+'.join(spans) or '?'}"
 
 
 def stadi_config_of(engine_config: Any) -> StadiConfig:
@@ -145,22 +166,122 @@ class StadiPipelineMixin:
         return BandLayout.from_plan(plan, state.backbone_patch_size, tokens_per_row)
 
     def _profile_key(self, height: int, width: int) -> str:
-        hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        name = type(self.module.transformer).__name__
-        config = self.module.transformer.config
-        depth = getattr(config, "num_layers", 0)
-        return f"{name}-L{depth}-{height}x{width}-{hardware}-world{self.stadi_comm.world_size}"
+        """Model, resolution and every rank's hardware; the same string on every rank of the run.
 
-    def _known_speeds(self, key: str) -> list[float] | None:
+        The hardware part lists each STADI group (one per CFG branch) in rank order, so a cached
+        entry is only reused on the same devices in the same rank positions.
+        """
+        transformer = self.module.transformer
+        config = json.dumps(dict(transformer.config), sort_keys=True, default=str)
+        digest = hashlib.sha1(config.encode()).hexdigest()[:12]
+        groups = self._gather_over_stadi_ranks(hardware_identity())
+        hardware = "|".join(",".join(group) for group in groups)
+        return f"{type(transformer).__name__}-{digest}-{height}x{width}-[{hardware}]"
+
+    def _known_speeds(self, key: str | None) -> list[float] | None:
         if self.stadi_config.speeds:
             return list(self.stadi_config.speeds)
-        if self.stadi_config.profile_cache:
-            return ProfileCache(self.stadi_config.profile_cache).load(key)
+        if self.stadi_config.profile_cache and key is not None:
+            # One rank reads, everyone uses its answer: ranks must agree on the warmup bands even
+            # when the file is not on a shared filesystem or is being replaced.
+            speeds = ProfileCache(self.stadi_config.profile_cache).load(key) if self._is_stadi_leader() else None
+            speeds = self._from_stadi_leader(speeds)
+            if speeds is not None and len(speeds) == self.stadi_comm.world_size:
+                return speeds
         return None
 
-    def _remember_speeds(self, key: str, result: DenoiseResult) -> None:
-        if self.stadi_config.profile_cache and result.measured_speeds and self.stadi_comm.rank == 0:
-            ProfileCache(self.stadi_config.profile_cache).store(key, result.measured_speeds)
+    def _remember_speeds(self, key: str | None, result: DenoiseResult) -> None:
+        # The plan's speeds: the measured ones, combined over CFG pairs; the newest measurement wins.
+        if (self.stadi_config.profile_cache and key is not None and result.measured_speeds
+                and self._is_stadi_leader()):
+            ProfileCache(self.stadi_config.profile_cache).store(key, list(result.plan.speeds))
+
+    @staticmethod
+    def _is_stadi_leader() -> bool:
+        return get_dp_group().rank_in_group == 0 and get_cfg_group().rank_in_group == 0
+
+    @staticmethod
+    def _gather_over_stadi_ranks(value: Any) -> list[list[Any]]:
+        """`value` of every rank: one list per CFG branch, each in STADI-rank order."""
+        def gather(obj, group):
+            if group.world_size == 1:
+                return [obj]
+            out = [None] * group.world_size
+            dist.all_gather_object(out, obj, group=group.cpu_group)
+            return out
+
+        return gather(gather(value, get_dp_group()), get_cfg_group())
+
+    @staticmethod
+    def _from_stadi_leader(value: Any) -> Any:
+        """The leader's `value` (STADI rank 0 of CFG branch 0) on every rank."""
+        for group in (get_dp_group(), get_cfg_group()):
+            if group.world_size > 1:
+                box = [value]
+                dist.broadcast_object_list(box, src=group.ranks[0], group=group.cpu_group)
+                value = box[0]
+        return value
+
+    def _rows_and_align(self, height: int, width: int) -> tuple[int, int]:
+        state = self.stadi_state
+        scale, patch = state.vae_scale_factor, state.backbone_patch_size
+        if height % (scale * patch) or width % (scale * patch):
+            raise ValueError(f"--height/--width must be multiples of {scale * patch} px "
+                             f"(VAE scale {scale} x patch {patch}), got {height}x{width}")
+        return height // scale // patch, 1
+
+    def _warmup_steps(self, num_steps: int) -> int:
+        warmup = self.engine_config.runtime_config.warmup_steps
+        if self.stadi_config.exact:
+            return min(warmup, num_steps - 1) if num_steps > 1 else 0
+        if warmup < 1 or warmup >= num_steps:
+            raise ValueError(f"--warmup_steps must be in [1, num_inference_steps - 1] with --use_stadi, "
+                             f"got {warmup} for {num_steps} steps")
+        return warmup
+
+    def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool,
+                orig_size: tuple[int, int] | None):
+        pipe = self.module
+        if output_type == "latent":
+            image = latents
+        elif self.engine_config.runtime_config.use_parallel_vae:
+            # distvae's decoder is collective: every rank decodes its part.
+            image = pipe.vae.decode(self._latents_for_vae(latents), return_dict=False)[0]
+        elif self.is_dp_last_group():
+            image = pipe.vae.decode(self._latents_for_vae(latents), return_dict=False)[0]
+        else:
+            image = None
+        if output_type != "latent":
+            if not self.is_dp_last_group():
+                return None
+            if orig_size is not None:
+                image = pipe.image_processor.resize_and_crop_tensor(image, *orig_size)
+            image = pipe.image_processor.postprocess(image, output_type=output_type)
+        pipe.maybe_free_model_hooks()
+        return self._pipeline_output(image) if return_dict else (image,)
+
+    def _latents_for_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        """The full latent as the VAE decoder takes it (PixArt: unscaled; Flux overrides: unpacked)."""
+        return latents / self.module.vae.config.scaling_factor
+
+    def _pipeline_output(self, images):
+        return ImagePipelineOutput(images=images)
+
+    def _stadi_denoise(self, latents: torch.Tensor, scheduler, model, *, height: int, width: int,
+                       num_steps: int, combine_speeds: Callable[[list[float]], list[float]] | None = None
+                       ) -> DenoiseResult:
+        """`denoise()` with this pipeline's state, plan inputs and profile cache; sets `last_result`."""
+        rows, align = self._rows_and_align(height, width)
+        key = self._profile_key(height, width) if self.stadi_config.profile_cache else None
+        result = denoise(
+            latents, scheduler, model, comm=self.stadi_comm, store=self.kv_store, config=self.stadi_config,
+            rows=rows, align=align, warmup_steps=self._warmup_steps(num_steps),
+            on_layout=self.stadi_state.apply_layout, layout_for=self._layout_for,
+            known_speeds=self._known_speeds(key), combine_speeds=combine_speeds or (lambda speeds: speeds))
+        self.kv_store.reset()
+        self._remember_speeds(key, result)
+        self.last_result = result
+        return result
 
 
 class StadiPixArtMixin(StadiPipelineMixin):
@@ -196,7 +317,7 @@ class StadiPixArtMixin(StadiPipelineMixin):
         state = self.stadi_state
         state.set_input_parameters(height=height, width=width, batch_size=batch_size,
                                    num_inference_steps=num_inference_steps)
-        rows, align = self._rows_and_align(height, width)
+        self._rows_and_align(height, width)  # size errors before any text encoding
 
         embeds, mask, neg_embeds, neg_mask = pipe.encode_prompt(
             prompt, do_cfg, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
@@ -221,55 +342,10 @@ class StadiPixArtMixin(StadiPipelineMixin):
                                  "aspect_ratio": cfg.condition_batch(aspect)}
 
         model = PixArtBandModel(pipe, scheduler, embeds, mask, added_cond_kwargs, guidance_scale, cfg)
-        key = self._profile_key(height, width)
-        result = denoise(
-            latents, scheduler, model, comm=self.stadi_comm, store=self.kv_store, config=self.stadi_config,
-            rows=rows, align=align, warmup_steps=self._warmup_steps(num_inference_steps),
-            on_layout=state.apply_layout, layout_for=self._layout_for, known_speeds=self._known_speeds(key),
-            combine_speeds=lambda speeds: cfg.pairwise_min(speeds, latents.device))
-        self.kv_store.reset()
-        self._remember_speeds(key, result)
-        self.last_result = result
+        result = self._stadi_denoise(latents, scheduler, model, height=height, width=width,
+                                     num_steps=num_inference_steps,
+                                     combine_speeds=lambda speeds: cfg.pairwise_min(speeds, latents.device))
         return self._finish(result.latents, output_type, return_dict, orig_size if use_resolution_binning else None)
-
-    # --- pieces shared with other model families ---------------------------------------------
-    def _rows_and_align(self, height: int, width: int) -> tuple[int, int]:
-        state = self.stadi_state
-        scale, patch = state.vae_scale_factor, state.backbone_patch_size
-        if height % (scale * patch) or width % (scale * patch):
-            raise ValueError(f"--height/--width must be multiples of {scale * patch} px "
-                             f"(VAE scale {scale} x patch {patch}), got {height}x{width}")
-        return height // scale // patch, 1
-
-    def _warmup_steps(self, num_steps: int) -> int:
-        warmup = self.engine_config.runtime_config.warmup_steps
-        if self.stadi_config.exact:
-            return min(warmup, num_steps - 1) if num_steps > 1 else 0
-        if warmup < 1 or warmup >= num_steps:
-            raise ValueError(f"--warmup_steps must be in [1, num_inference_steps - 1] with --use_stadi, "
-                             f"got {warmup} for {num_steps} steps")
-        return warmup
-
-    def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool,
-                orig_size: tuple[int, int] | None):
-        pipe = self.module
-        if output_type == "latent":
-            image = latents
-        elif self.engine_config.runtime_config.use_parallel_vae:
-            # distvae's decoder is collective: every rank decodes its part.
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        elif self.is_dp_last_group():
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        else:
-            image = None
-        if output_type != "latent":
-            if not self.is_dp_last_group():
-                return None
-            if orig_size is not None:
-                image = pipe.image_processor.resize_and_crop_tensor(image, *orig_size)
-            image = pipe.image_processor.postprocess(image, output_type=output_type)
-        pipe.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 
 class StadiPixArtAlphaPipeline(StadiPixArtMixin, xFuserPixArtAlphaPipeline):

@@ -1,0 +1,1 @@
+"""``stadi-bench``: end-to-end latency of STADI against xDiT\x27s strategies on heterogeneous ranks."""

@@ -1,0 +1,376 @@
+"""The arms of ``stadi-bench`` and the job that runs one arm on its own ranks.
+
+One *job* per arm: ``run_distributed`` spawns the arm's ranks (1 for ``single``, N otherwise), each
+pinned to its core; they build the pipeline once, connect back to the controller and then run one
+pipeline call per ``run`` command. Jobs stay alive (blocked on a socket, using no CPU) while the
+other arms run, so the controller can interleave arms (A B C A B C ...) with one build and one
+warm-up per arm. Separate processes per arm are required: xDiT's process groups are global per
+process (``initialize_model_parallel`` runs once), and each arm needs another degree tuple.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Listener
+
+import torch
+
+from stadi_xdit.bench.presets import PATCH_SIZE, VAE_SCALE, BenchPreset, get_preset
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    kind: str  # "single" | "stadi" | "xdit"
+    title: str  # for tables and plots; "{n}" becomes the world size
+
+    def label(self, world: int) -> str:
+        return self.title.format(n=world)
+
+
+ARMS: dict[str, Arm] = {
+    arm.name: arm
+    for arm in (
+        Arm("single", "single", "single rank"),
+        Arm("uniform", "stadi", "STADI uniform"),
+        Arm("ulysses", "xdit", "xDiT Ulysses-{n}"),
+        Arm("ring", "xdit", "xDiT Ring-{n}"),
+        Arm("pipefusion", "xdit", "xDiT PipeFusion-{n}"),
+        Arm("spatial", "stadi", "STADI spatial"),
+        Arm("full", "stadi", "STADI full"),
+    )
+}
+ARM_ORDER = tuple(ARMS)
+XDIT_ARMS = ("ulysses", "ring", "pipefusion")
+
+
+def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: int, warmup: int,
+                pipefusion_patches: int | None = None) -> str | None:
+    """Why ``arm`` cannot run this shape (None when it can)."""
+    latent_rows = height // VAE_SCALE
+    token_rows = latent_rows // PATCH_SIZE
+    if height % (VAE_SCALE * PATCH_SIZE):
+        return f"height {height} is not a multiple of {VAE_SCALE * PATCH_SIZE} px"
+    if arm.kind == "single":
+        return None
+    if world < 2:
+        return "needs at least 2 ranks"
+    if arm.kind == "stadi":
+        if _stadi_pipeline_class(preset.variant) is None:
+            return f"no STADI pipeline for {preset.family} ({preset.variant}) in stadi_xdit.xdit"
+        if token_rows < world:
+            return f"{token_rows} token rows < {world} ranks"
+        if not 1 <= warmup < steps:
+            return f"STADI needs 1 <= warmup ({warmup}) < steps ({steps})"
+        return None
+    if arm.name in ("ulysses", "ring") and latent_rows % (PATCH_SIZE * world):
+        return f"latent height {latent_rows} is not a multiple of patch {PATCH_SIZE} x {world} ranks"
+    if arm.name == "ulysses" and preset.heads % world:
+        return f"{preset.heads} attention heads are not divisible by {world} ranks"
+    if arm.name == "pipefusion":
+        patches = pipefusion_patches or world
+        if preset.layers < world:
+            return f"{preset.layers} transformer blocks < {world} pipeline stages"
+        if token_rows < patches:
+            return f"{token_rows} token rows < {patches} pipeline patches"
+    return None
+
+
+def _stadi_pipeline_class(variant: str):
+    """STADI's pipeline class for a preset variant, or None where the plugin has none."""
+    import importlib
+
+    name = {"alpha": "StadiPixArtAlphaPipeline", "sigma": "StadiPixArtSigmaPipeline",
+            "dev": "StadiFluxPipeline"}[variant]
+    for module in ("stadi_xdit.xdit.pipelines", "stadi_xdit.xdit.flux"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if cls is not None:
+            return cls
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# inside a rank
+
+
+class ForwardTimer:
+    """Forward hooks on the transformer: time every forward and, with ``factor`` > 1, slow it down.
+
+    Compute time ``c`` of a forward is the calling thread's CPU time on CPU (ranks run single-threaded,
+    and collectives block without burning that thread's CPU, so communication waits drop out), or the
+    wall time after a device synchronize on CUDA (there it includes waits inside the forward). The
+    slowdown rule is STADI's ``--stadi_emulate_slowdown`` rule: after the forward, sleep ``(k-1)*c``.
+    """
+
+    def __init__(self, module: torch.nn.Module, factor: float = 1.0, cuda: bool = False):
+        self.factor = factor
+        self.cuda = cuda
+        self.records: list[tuple[float, float, float, float]] = []  # wall start, wall end, compute, slept
+        self._start = (0.0, 0.0)
+        self._handles = [module.register_forward_pre_hook(self._pre),
+                         module.register_forward_hook(self._post)]
+
+    def _clock(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return time.thread_time()
+
+    def _pre(self, module, args) -> None:
+        self._start = (time.perf_counter(), self._clock())
+
+    def _post(self, module, args, output) -> None:
+        compute = self._clock() - self._start[1]
+        slept = max(0.0, (self.factor - 1.0) * compute)
+        if slept > 0:
+            time.sleep(slept)
+        self.records.append((self._start[0], time.perf_counter(), compute, slept))
+
+    def reset(self) -> None:
+        self.records = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _build(spec: dict, rank: int, world: int):
+    """(callable pipeline, transformer module, is_stadi) for this rank of the arm."""
+    from stadi_xdit.bench.presets import build_pipeline
+
+    preset = get_preset(spec["preset"])
+    arm = ARMS[spec["arm"]]
+    dtype = getattr(torch, spec["dtype"])
+    base = build_pipeline(preset, seed=spec["seed"])
+    base.set_progress_bar_config(disable=True)
+    if spec["device"] == "cuda":
+        base = base.to(f"cuda:{rank}", dtype)
+    if arm.kind == "single":
+        return base, base.transformer
+    common = {"model": preset.name, "height": spec["height"], "width": spec["height"],
+                  "num_inference_steps": spec["steps"], "warmup_steps": spec["warmup"]}
+    if arm.kind == "stadi":
+        from stadi_xdit.xdit.args import StadiArgs
+
+        args = StadiArgs(use_stadi=True, stadi_mode=arm.name, stadi_emulate_slowdown=spec["emulate"],
+                         stadi_max_stride=spec["max_stride"], stadi_profile_cache=spec["profile_cache"],
+                         **common)
+        cls = _stadi_pipeline_class(preset.variant)
+    else:
+        from xfuser import (
+            xFuserArgs,
+            xFuserFluxPipeline,
+            xFuserPixArtAlphaPipeline,
+            xFuserPixArtSigmaPipeline,
+        )
+
+        degrees = {"ulysses": {"ulysses_degree": world},
+                   "ring": {"ring_degree": world, "attention_backend": "SDPA_FLASH"},
+                   "pipefusion": {"pipefusion_parallel_degree": world,
+                                      "num_pipeline_patch": spec["pipefusion_patches"] or world}}[arm.name]
+        args = xFuserArgs(**common, **degrees)
+        cls = {"alpha": xFuserPixArtAlphaPipeline, "sigma": xFuserPixArtSigmaPipeline,
+               "dev": xFuserFluxPipeline}[preset.variant]
+    engine_config, _ = args.create_config()
+    engine_config.runtime_config.dtype = dtype
+    pipe = cls(base, engine_config)
+    return pipe, pipe.module.transformer
+
+
+def _timeline_dict(result, run_start: float) -> dict:
+    """A STADI ``DenoiseResult`` reduced to plain data, times relative to the barrier release."""
+    timeline = result.timeline
+    offset = timeline.origin - run_start
+    return {
+        "plan": result.plan.to_json(),
+        "warmup_plan": result.warmup_plan.to_json(),
+        "explain": result.plan.explain(),
+        "measured_speeds": result.measured_speeds,
+        "num_evals": result.num_evals,
+        "busy_seconds": timeline.busy_seconds(),
+        "steps": [{"phase": s.phase, "base_step": s.base_step, "start": s.start + offset, "end": s.end + offset,
+                       "wait": s.wait, "emulated": s.emulated} for s in timeline.steps],
+        "phases": [{"label": label, "start": start + offset, "end": end + offset}
+                   for label, start, end in timeline.phases],
+    }
+
+
+def _run_once(spec: dict, pipe, timer: ForwardTimer, world: int, is_stadi: bool, rank: int) -> dict:
+    import torch.distributed as dist
+
+    from stadi_xdit.bench.presets import call_kwargs
+
+    preset = get_preset(spec["preset"])
+    device = f"cuda:{rank}" if spec["device"] == "cuda" else "cpu"
+    kwargs = call_kwargs(preset, spec["height"], spec["steps"], spec["seed"], device, getattr(torch, spec["dtype"]))
+    timer.reset()
+    if world > 1:
+        dist.barrier()
+    start = time.perf_counter()
+    output = pipe(**kwargs)
+    if spec["device"] == "cuda":
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    images = None if output is None else output.images
+    latent = images.detach().float().cpu() if isinstance(images, torch.Tensor) else None
+    if is_stadi and rank != 0:
+        latent = None  # every STADI rank holds the full latent; rank 0 sends it
+    result = {
+        "rank": rank,
+        "seconds": end - start,
+        "start": start,
+        "latent": latent,
+        "forwards": [(s - start, e - start, c, slept) for s, e, c, slept in timer.records],
+    }
+    if is_stadi:
+        result["stadi"] = _timeline_dict(pipe.last_result, start)
+    return result
+
+
+def arm_worker(rank: int, world: int, spec: dict, address, authkey: bytes) -> None:
+    """Body of one rank of an arm's job (module-level: ``run_distributed`` spawns it)."""
+    core = spec["cores"][rank]
+    if spec.get("quiet", True):
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    conn = None
+    try:
+        arm = ARMS[spec["arm"]]
+        pipe, transformer = _build(spec, rank, world)
+        factor = spec["factors"][rank] if arm.kind != "stadi" else 1.0  # STADI emulates by itself
+        timer = ForwardTimer(transformer, factor, cuda=spec["device"] == "cuda")
+        conn = Client(address, authkey=authkey)
+        conn.send(("ready", rank, {"pid": os.getpid(), "core": core}))
+        while True:
+            command = conn.recv()
+            if command == "stop":
+                break
+            conn.send(("result", rank, _run_once(spec, pipe, timer, world, arm.kind == "stadi", rank)))
+    except BaseException:
+        if conn is not None:
+            try:
+                conn.send(("error", rank, traceback.format_exc()))
+            except OSError:
+                pass
+        raise
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# in the controller
+
+
+class JobError(RuntimeError):
+    pass
+
+
+class ArmJob:
+    """One arm's ranks, alive between runs; ``run()`` performs one timed pipeline call on all of them."""
+
+    def __init__(self, spec: dict, num_procs: int, env: dict | None = None, timeout: float = 6 * 3600):
+        self.spec = spec
+        self.num_procs = num_procs
+        self.authkey = secrets.token_bytes(16)
+        self.listener = Listener(("127.0.0.1", 0), authkey=self.authkey)
+        self.conns: dict[int, object] = {}
+        self.rank_info: dict[int, dict] = {}  # pid and core of each rank, from its "ready" message
+        self.error: str | None = None
+        self._env = env or {}
+        self._timeout = timeout
+        self._thread = threading.Thread(target=self._launch, daemon=True)
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+
+    def _launch(self) -> None:
+        from stadi_xdit.testing.spawn import run_distributed
+
+        try:
+            run_distributed(arm_worker, self.num_procs, self.spec, self.listener.address, self.authkey,
+                            timeout=self._timeout, env=self._env)
+        except BaseException as error:  # noqa: BLE001 - reported to the controller
+            self.error = self.error or str(error)
+
+    def _accept(self) -> None:
+        pending = []
+        try:
+            for _ in range(self.num_procs):
+                pending.append(self.listener.accept())
+        except OSError:
+            return
+        for conn in pending:
+            message = conn.recv()
+            if message[0] != "ready":
+                self.error = self.error or f"rank {message[1]} failed:\n{message[2]}"
+                return
+            self.rank_info[message[1]] = message[2]
+            self.conns[message[1]] = conn
+
+    def start(self) -> ArmJob:
+        self._acceptor.start()
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.conns) < self.num_procs:
+            self._check(deadline, "starting")
+            time.sleep(0.05)
+
+    def _check(self, deadline: float, what: str) -> None:
+        if self.error:
+            raise JobError(self.error)
+        if not self._thread.is_alive() and len(self.conns) < self.num_procs:
+            raise JobError(self.error or f"job exited while {what}")
+        if time.monotonic() > deadline:
+            raise JobError(f"timeout while {what}")
+
+    def run(self, timeout: float) -> list[dict]:
+        for conn in self.conns.values():
+            conn.send("run")
+        results: dict[int, dict] = {}
+        deadline = time.monotonic() + timeout
+        while len(results) < self.num_procs:
+            for rank, conn in self.conns.items():
+                if rank in results:
+                    continue
+                try:
+                    ready = conn.poll(0.05)
+                except (OSError, EOFError):
+                    ready = False
+                if ready:
+                    try:
+                        kind, _, payload = conn.recv()
+                    except (OSError, EOFError):
+                        time.sleep(0.5)  # give the launcher thread a moment to record why
+                        raise JobError(self.error or f"rank {rank} closed its connection") from None
+                    if kind == "error":
+                        raise JobError(f"rank {rank} failed:\n{payload}")
+                    results[rank] = payload
+            if self.error:
+                raise JobError(self.error)
+            if time.monotonic() > deadline:
+                raise JobError("timeout while running")
+        return [results[r] for r in range(self.num_procs)]
+
+    def stop(self) -> None:
+        for conn in self.conns.values():
+            try:
+                conn.send("stop")
+            except OSError:
+                pass
+        self._thread.join(60)
+        for conn in self.conns.values():
+            conn.close()
+        self.listener.close()

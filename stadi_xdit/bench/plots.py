@@ -1,0 +1,103 @@
+"""PNG plots (matplotlib, Agg): latency per arm, and per-rank Gantt timelines of STADI arms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+
+COLORS = {"single": "#7f7f7f", "uniform": "#ff7f0e", "ulysses": "#8c564b", "ring": "#bcbd22",
+          "pipefusion": "#e377c2", "spatial": "#17becf", "full": "#1f77b4"}
+SEGMENTS = {"compute": "#1f77b4", "emulated slowdown": "#9ecae1", "wait in collective": "#d62728",
+            "exchange (transition / final gather, incl. waiting)": "#2ca02c",
+            "other (profiling sync, scheduler, prompt prep)": "#dddddd"}
+
+
+def latency_bars(summaries: list[dict], path: Path, title: str) -> Path:
+    """One panel per scenario: median latency per arm (whiskers: min-max), speedup vs uniform on top."""
+    fig, axes = plt.subplots(1, len(summaries), figsize=(5.2 * len(summaries), 4.2), squeeze=False)
+    for ax, summary in zip(axes[0], summaries):
+        names = [n for n, a in summary["arms"].items() if a["status"] == "ok"]
+        medians = [summary["arms"][n]["median_seconds"] for n in names]
+        lows = [m - summary["arms"][n]["min_seconds"] for n, m in zip(names, medians)]
+        highs = [summary["arms"][n]["max_seconds"] - m for n, m in zip(names, medians)]
+        bars = ax.bar(range(len(names)), medians, yerr=[lows, highs], capsize=3,
+                      color=[COLORS.get(n, "#333333") for n in names])
+        for bar, name in zip(bars, names):
+            speedup = summary["arms"][name]["speedup_vs_uniform"]
+            if speedup:
+                ax.annotate(f"{speedup:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([summary["arms"][n]["label"] for n in names], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("end-to-end latency [s] (median)")
+        ax.set_title(f"scenario {summary['scenario']}", fontsize=10)
+        skipped = [a["label"] for a in summary["arms"].values() if a["status"] != "ok"]
+        if skipped:
+            ax.text(0.01, 0.98, "not run: " + ", ".join(skipped), transform=ax.transAxes, fontsize=7,
+                    va="top", color="#555555")
+        ax.margins(y=0.12)
+    fig.suptitle(title + "  (labels: speedup vs STADI uniform)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _median_run(arm: dict) -> dict:
+    runs = sorted(arm["runs"], key=lambda run: run["latency"])
+    return runs[len(runs) // 2]
+
+
+def timeline_gantt(summary: dict, path: Path, arms: tuple[str, ...] = ("uniform", "full")) -> Path | None:
+    """Per-rank Gantt of the median-latency run of each STADI arm in ``arms``, on one time axis.
+
+    Each model evaluation is drawn as its collective waits (first: the displaced K/V exchange is
+    waited for at the first attention layer), its compute, then the emulated slowdown sleep; the
+    gaps are scheduler steps and Python; after a rank's last bar it is idle until the run ends.
+    """
+    shown = [n for n in arms if summary["arms"].get(n, {}).get("status") == "ok" and summary["arms"][n]["runs"]
+             and "stadi" in summary["arms"][n]["runs"][0]["ranks"][0]]
+    if not shown:
+        return None
+    horizon = max(_median_run(summary["arms"][n])["latency"] for n in shown)
+    fig, axes = plt.subplots(len(shown), 1, figsize=(10, 1.2 + 1.1 * len(shown) * 2), squeeze=False, sharex=True)
+    for ax, name in zip(axes[:, 0], shown):
+        arm = summary["arms"][name]
+        run = _median_run(arm)
+        for rank, entry in enumerate(run["ranks"]):
+            y = len(run["ranks"]) - 1 - rank
+            ends = [s["end"] for s in entry["stadi"]["steps"]] + [ph["end"] for ph in entry["stadi"]["phases"]]
+            ax.broken_barh([(0, max(ends))], (y - 0.35, 0.7),
+                           color=SEGMENTS["other (profiling sync, scheduler, prompt prep)"], linewidth=0)
+            for step in entry["stadi"]["steps"]:
+                compute = step["end"] - step["start"] - step["wait"] - step["emulated"]
+                t = step["start"]
+                for label, width in (("wait in collective", step["wait"]), ("compute", compute),
+                                     ("emulated slowdown", step["emulated"])):
+                    if width > 0:
+                        ax.broken_barh([(t, width)], (y - 0.35, 0.7), facecolor=SEGMENTS[label],
+                                       edgecolor="white", linewidth=0.3)
+                    t += max(width, 0.0)
+            for phase in entry["stadi"]["phases"]:
+                ax.broken_barh([(phase["start"], phase["end"] - phase["start"])], (y - 0.35, 0.7),
+                               color=SEGMENTS["exchange (transition / final gather, incl. waiting)"], linewidth=0)
+            busy = entry["busy_fraction"]
+            ax.text(horizon * 1.01, y, f"busy {100 * busy:.0f}%", va="center", fontsize=8)
+        ax.axvline(run["latency"], color="black", linewidth=0.8, linestyle="--")
+        ax.set_yticks(range(len(run["ranks"])))
+        ax.set_yticklabels([f"rank {r}" for r in reversed(range(len(run["ranks"])))])
+        ax.set_title(f"{arm['label']}: {run['latency']:.3f} s (dashed: end of run)", fontsize=10)
+        ax.set_xlim(0, horizon * 1.12)
+    axes[-1, 0].set_xlabel(f"seconds since the barrier release (scenario {summary['scenario']}; white space "
+                           "after a rank's bars: idle until the run ends)")
+    handles = [Patch(color=c, label=label) for label, c in SEGMENTS.items()]
+    fig.legend(handles=handles, loc="upper center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

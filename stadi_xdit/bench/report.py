@@ -1,0 +1,238 @@
+"""Turn raw arm outcomes into the summary, the printed table and the PASS/MISS target checks."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+
+from stadi_xdit.bench.arms import ARMS, XDIT_ARMS
+from stadi_xdit.bench.metrics import psnr, ssim
+from stadi_xdit.bench.runner import ArmOutcome, BenchSettings
+from stadi_xdit.bench.scenarios import Scenario
+from stadi_xdit.planner import Plan, predict_latency
+
+
+def _median(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+def _ratio(num, den):
+    return num / den if num is not None and den else None
+
+
+def _noise_rate(outcome: ArmOutcome | None) -> float:
+    """Wall seconds per CPU second lost inside the single-rank arm's forwards (other tenants, preemption)."""
+    if outcome is None or not outcome.runs:
+        return 0.0
+    rates = []
+    for run in outcome.runs:
+        spans = run["ranks"][0]["forward_spans"]
+        cpu = sum(c for _, _, c, _ in spans)
+        if cpu > 0:
+            rates.append(max(0.0, sum(e - s for s, e, _, _ in spans) / cpu - 1.0))
+    return _median(rates) or 0.0
+
+
+def _in_step_overhead(rank: dict, noise_rate: float) -> float:
+    """Seconds a rank lost inside its displaced-phase forwards to neither compute nor waiting.
+
+    Per forward: wall span - collective wait - CPU time of the compute thread. On CPU this is the
+    gloo threads sending/receiving K/V on the rank's own core (and other tenants); the tenants'
+    share is removed with the single-rank arm's rate of wall time lost per CPU second.
+    """
+    spans, steps = rank["forward_spans"], rank["stadi"]["steps"]
+    total = 0.0
+    for (start, end, cpu, _), step in zip(spans, steps):
+        if step["phase"] != "warmup":
+            total += max(0.0, (end - start) - step["wait"] - cpu * (1.0 + noise_rate))
+    return total
+
+
+def _stadi_details(outcome: ArmOutcome, fast_rank: int, noise_rate: float) -> dict | None:
+    """Plan, planner prediction and measured STADI phases (rank 0's plan; all ranks plan alike)."""
+    runs = [run for run in outcome.runs if "stadi" in run["ranks"][0]]
+    if not runs:
+        return None
+    last = runs[-1]["ranks"][0]["stadi"]
+    plan = Plan.from_json(last["plan"])
+    warm = Plan.from_json(last["warmup_plan"])
+    predictions, exchanges, overheads, denoise = [], [], [], []
+    for run in runs:
+        rank0 = run["ranks"][0]["stadi"]
+        p, w = Plan.from_json(rank0["plan"]), Plan.from_json(rank0["warmup_plan"])
+        # The planner's own cost model on the layout that ran (warm-up bands included).
+        predictions.append(predict_latency(
+            [r.num_rows for r in p.ranks], [r.stride for r in p.ranks], p.speeds, num_steps=p.num_steps,
+            warmup_steps=p.warmup_steps, warmup_band_rows=[e - s for s, e in w.row_bounds()]).total_seconds)
+        # Transition and final gather: the rank arriving last sees the pure exchange (the others wait in it).
+        labels = {ph["label"] for ph in rank0["phases"]}
+        exchanges.append(sum(min(sum(ph["end"] - ph["start"] for ph in r["stadi"]["phases"] if ph["label"] == label)
+                                 for r in run["ranks"]) for label in labels))
+        overheads.append(_in_step_overhead(run["ranks"][fast_rank], noise_rate))
+        denoise.append(max(max(ph["end"] for ph in r["stadi"]["phases"]) for r in run["ranks"]))
+    return {
+        "mode": plan.mode,
+        "speeds": list(plan.speeds),
+        "measured_speeds": last["measured_speeds"],
+        "rows": [r.num_rows for r in plan.ranks],
+        "warmup_rows": [e - s for s, e in warm.row_bounds()],
+        "strides": [r.stride for r in plan.ranks],
+        "evals": [r.num_evals for r in plan.ranks],
+        "predicted_seconds": _median(predictions),
+        "planner_predicted_seconds": plan.predicted.total_seconds,
+        "denoise_seconds": _median(denoise),
+        "exchange_seconds": _median(exchanges),
+        "in_step_exchange_seconds": _median(overheads),
+        "explain": last["explain"],
+    }
+
+
+def _quality(reference: torch.Tensor | None, latent: torch.Tensor | None, decoder) -> dict:
+    if reference is None or latent is None or reference.shape != latent.shape:
+        return {}
+    out = {"latent_psnr": psnr(reference, latent), "latent_ssim": ssim(reference, latent)}
+    if decoder is not None:
+        ref_img, img = decoder(reference), decoder(latent)
+        out.update(image_psnr=psnr(ref_img, img, data_range=1.0), image_ssim=ssim(ref_img, img, data_range=1.0))
+    return out
+
+
+def summarize(settings: BenchSettings, scenario: Scenario, outcomes: dict[str, ArmOutcome],
+              decoder=None) -> dict:
+    medians = {name: o.median for name, o in outcomes.items() if o.median is not None}
+    xdit = {name: medians[name] for name in XDIT_ARMS if name in medians}
+    best_xdit = min(xdit, key=xdit.get) if xdit else None
+    reference = outcomes["single"].latent if "single" in outcomes else None
+    fast_rank = scenario.fast_rank(settings.world)
+    noise_rate = _noise_rate(outcomes.get("single"))
+    arms = {}
+    for name, outcome in outcomes.items():
+        median = outcome.median
+        busy = None
+        if outcome.runs:
+            world = len(outcome.runs[0]["ranks"])
+            busy = [_median([run["ranks"][r]["busy_fraction"] for run in outcome.runs]) for r in range(world)]
+        arms[name] = {
+            "label": outcome.label,
+            "status": outcome.status,
+            "reason": outcome.reason,
+            "median_seconds": median,
+            "min_seconds": min(outcome.latencies) if outcome.runs else None,
+            "max_seconds": max(outcome.latencies) if outcome.runs else None,
+            "latencies": outcome.latencies,
+            "warmup_call_seconds": outcome.warmup_latency,
+            "speedup_vs_uniform": _ratio(medians.get("uniform"), median),
+            "speedup_vs_best_xdit": _ratio(medians.get(best_xdit), median) if best_xdit else None,
+            "speedup_vs_single": _ratio(medians.get("single"), median),
+            "busy_fraction": busy,
+            "emulated_seconds": ([_median([run["ranks"][r]["emulated"] for run in outcome.runs])
+                                  for r in range(len(outcome.runs[0]["ranks"]))] if outcome.runs else None),
+            "quality": _quality(reference, outcome.latent, decoder) if name != "single" else {},
+            "stadi": _stadi_details(outcome, fast_rank, noise_rate) if ARMS[name].kind == "stadi" else None,
+            "runs": outcome.runs,
+        }
+    return {"scenario": scenario.text, "kind": scenario.kind, "factors": list(scenario.factors),
+            "loads": {str(k): v for k, v in scenario.loads.items()}, "fast_rank": fast_rank,
+            "single_noise_rate": noise_rate, "best_xdit": best_xdit, "arms": arms}
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def checks(summary: dict, settings: BenchSettings) -> list[dict]:
+    """The issue's targets, evaluated on this scenario's numbers (PASS/MISS/N/A)."""
+    arms = summary["arms"]
+
+    def med(name):
+        return arms.get(name, {}).get("median_seconds")
+
+    out = []
+
+    def add(name, value, bound, ok, detail):
+        status = "N/A" if value is None else ("PASS" if ok(value) else "MISS")
+        out.append({"target": name, "status": status, "value": value, "bound": bound, "detail": detail})
+
+    if summary["kind"] == "none":
+        for mode in ("spatial", "full"):
+            value = _ratio(med(mode), med("uniform"))
+            add(f"{mode} no slower than uniform (none)", value, 1.03, lambda v: v <= 1.03,
+                f"{mode}/uniform = {_fmt(value, 3)} (<= 1.03)")
+        return out
+    full, uniform = med("full"), med("uniform")
+    value = _ratio(uniform, full)
+    add("full >= 1.8x uniform", value, 1.8, lambda v: v >= 1.8,
+        f"uniform {_fmt(uniform)} s / full {_fmt(full)} s = {_fmt(value, 2)}x (>= 1.8x)")
+    best = summary["best_xdit"]
+    value = _ratio(med(best), full) if best else None
+    add("full >= 1.5x best xDiT", value, 1.5, lambda v: v >= 1.5,
+        f"{arms[best]['label'] if best else 'no xDiT arm'} {_fmt(med(best))} s / full {_fmt(full)} s = "
+        f"{_fmt(value, 2)}x (>= 1.5x)")
+    spatial, single = arms.get("spatial", {}), med("single")
+    details = spatial.get("stadi") or {}
+    speeds = details.get("speeds")
+    bound = share = None
+    exchange, in_step = details.get("exchange_seconds") or 0.0, details.get("in_step_exchange_seconds") or 0.0
+    if speeds and single:
+        share = speeds[summary["fast_rank"]] / sum(speeds)
+        bound = single * share + exchange + in_step
+    value = _ratio(spatial.get("median_seconds"), bound)
+    add("spatial within 10% of ideal balance", value, 1.10, lambda v: v <= 1.10,
+        f"spatial {_fmt(spatial.get('median_seconds'))} s vs bound {_fmt(bound)} s = single {_fmt(single)} s "
+        f"x v_fast/sum(v) {_fmt(share, 3)} + exchange {_fmt(exchange)} s (transition+gather) + "
+        f"{_fmt(in_step)} s (K/V exchange inside steps, fast rank) -> ratio {_fmt(value, 3)} (<= 1.10)")
+    return out
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf"
+    return f"{value:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def format_table(summary: dict, settings: BenchSettings) -> str:
+    p = settings.preset
+    head = (f"scenario {summary['scenario']}: preset {p.name} {settings.height}px, {settings.steps} steps "
+            f"(warmup {settings.warmup}), {settings.world} ranks, median of {settings.repeats} run(s)")
+    cols = (f"{'arm':<22}{'median s':>10}{'min-max s':>17}{'vs unif':>9}{'vs xDiT':>9}{'vs single':>10}"
+            f"  {'busy % per rank':<16}{'PSNR dB':>8}{'SSIM':>7}{'pred s':>8}")
+    lines = [head, cols, "-" * len(cols)]
+    for name, arm in summary["arms"].items():
+        if arm["status"] != "ok":
+            lines.append(f"{arm['label']:<22}{arm['status'].upper() + ': ' + str(arm['reason'])}")
+            continue
+        busy = "/".join(f"{100 * b:.0f}" for b in arm["busy_fraction"] or [])
+        quality = arm["quality"]
+        stadi = arm["stadi"] or {}
+        rng = f"{arm['min_seconds']:.3f}-{arm['max_seconds']:.3f}"
+        lines.append(
+            f"{arm['label']:<22}{arm['median_seconds']:>10.3f}{rng:>17}"
+            f"{_fmt(arm['speedup_vs_uniform'], 2) + 'x':>9}{_fmt(arm['speedup_vs_best_xdit'], 2) + 'x':>9}"
+            f"{_fmt(arm['speedup_vs_single'], 2) + 'x':>10}  {busy:<16}"
+            f"{_fmt(quality.get('latent_psnr'), 1) if name != 'single' else 'ref':>8}"
+            f"{_fmt(quality.get('latent_ssim'), 3) if name != 'single' else 'ref':>7}"
+            f"{_fmt(stadi.get('predicted_seconds'), 2):>8}")
+    for name, arm in summary["arms"].items():
+        stadi = arm.get("stadi")
+        if stadi:
+            lines.append(f"  {arm['label']}: speeds {', '.join(f'{v:.4g}' for v in stadi['speeds'])} rows/s, "
+                         f"rows {stadi['rows']} (warm-up {stadi['warmup_rows']}), strides {stadi['strides']}, "
+                         f"evals {stadi['evals']}, exchange {_fmt(stadi['exchange_seconds'])} s "
+                         f"+ {_fmt(stadi['in_step_exchange_seconds'])} s in steps, planner predicted "
+                         f"{_fmt(stadi['predicted_seconds'])} s")
+    if any(a.get("quality", {}).get("image_psnr") is not None for a in summary["arms"].values()):
+        lines.append("  decoded image PSNR/SSIM vs single rank: " + ", ".join(
+            f"{a['label']} {_fmt(a['quality']['image_psnr'], 1)} dB/{_fmt(a['quality']['image_ssim'], 3)}"
+            for a in summary["arms"].values() if a.get("quality", {}).get("image_psnr") is not None))
+    return "\n".join(lines)
+
+
+def format_checks(results: list[dict]) -> str:
+    return "\n".join(f"{c['status']:<5} {c['target']}: {c['detail']}" for c in results)

@@ -1,0 +1,174 @@
+"""Cluster what-if: predicted ``uniform`` / ``spatial`` / ``full`` latency from the planner's cost model.
+
+Model (the planner's, ``stadi_xdit.planner.predict_latency``): a step of rank i costs
+``rows_i * row_seconds / speed_i``; warm-up steps run in lock-step; after warm-up each sync
+period lasts as long as its slowest rank (plus ``exchange_seconds`` when K/V exchange is exposed).
+
+Calibration of ``row_seconds`` (seconds per token row per denoising step on the fastest rank):
+
+* ``--row-seconds``: measured by you, e.g. a single-GPU step time / token rows;
+* otherwise from FLOPs: ``BenchPreset.forward_flops`` per row at the target size, divided by the
+  fastest card's datasheet dense TFLOPS (``planner.gpus``) x an assumed model FLOPs utilisation
+  (``--mfu``). One forward of the preset is measured on this machine at a small size and scaled to
+  the target size by the same FLOP count, which reports this machine's achieved FLOP rate and
+  checks the FLOP model's size scaling (two sizes measured) before it is trusted for GPUs.
+"""
+
+from __future__ import annotations
+
+import time
+
+from stadi_xdit.bench.presets import BenchPreset
+from stadi_xdit.planner import plan
+from stadi_xdit.planner.gpus import DENSE_TENSOR_TFLOPS, parse_gpu_list, relative_speeds
+
+MODES = ("uniform", "spatial", "full")
+
+
+def predict_modes(relative: tuple[float, ...], *, rows: int, steps: int, warmup: int, row_seconds: float,
+                  max_stride: int = 2, exchange_seconds: float = 0.0,
+                  warmup_speeds_known: bool = False) -> dict:
+    """Seconds per image of each mode and of the fastest rank alone, for speeds relative to the fastest."""
+    speeds = [v / row_seconds for v in relative]  # token rows per second
+    out = {"single": steps * rows / max(speeds)}
+    plans = {}
+    for mode in MODES:
+        plans[mode] = plan(speeds, rows=rows, align=1, num_steps=steps, warmup_steps=warmup, mode=mode,
+                           max_stride=max_stride, exchange_seconds=exchange_seconds,
+                           warmup_speeds_known=warmup_speeds_known and mode != "uniform")
+        out[mode] = plans[mode].predicted.total_seconds
+    return {"seconds": out, "plans": plans}
+
+
+def measure_forwards(preset: BenchPreset, heights: list[int], seed: int = 0, repeats: int = 2) -> list[float]:
+    """Best-of seconds of one transformer forward (CFG batch of 2) of ``preset`` at each height, here."""
+    import torch
+
+    from stadi_xdit.bench.presets import build_pipeline
+    from stadi_xdit.testing.tiny import random_prompt_embeds
+
+    if preset.family != "pixart":
+        raise ValueError("forward calibration is implemented for PixArt presets; pass --row-seconds")
+    transformer = build_pipeline(preset, seed=seed).transformer
+    embeds = random_prompt_embeds(preset.text_channels, seq_len=preset.text_tokens, batch=2, seed=seed)
+    out = []
+    for height in heights:
+        latent = torch.randn(2, transformer.config.in_channels, height // 8, height // 8)
+        cond = {"resolution": None, "aspect_ratio": None}
+        if transformer.config.use_additional_conditions:
+            cond = {"resolution": torch.tensor([[float(height), float(height)]] * 2),
+                    "aspect_ratio": torch.tensor([[1.0]] * 2)}
+        best = float("inf")
+        with torch.no_grad():
+            for _ in range(repeats + 1):  # the first call pays one-time costs
+                start = time.perf_counter()
+                transformer(latent, encoder_hidden_states=embeds, timestep=torch.tensor([500, 500]),
+                            added_cond_kwargs=cond, return_dict=False)
+                best = min(best, time.perf_counter() - start)
+        out.append(best)
+    return out
+
+
+def calibrate_cpu(preset: BenchPreset, target_height: int, small_height: int) -> dict:
+    """This machine's seconds per token row at ``target_height``, scaled from a measured small forward."""
+    half = max(32, (small_height // 2) // 16 * 16)
+    t_half, t_small = measure_forwards(preset, [half, small_height])
+    f_small, f_half = preset.forward_flops(small_height), preset.forward_flops(half)
+    target_rows = preset.token_rows(target_height)
+    seconds_target = t_small * preset.forward_flops(target_height) / f_small
+    return {
+        "small_height": small_height,
+        "small_forward_seconds": t_small,
+        "achieved_gflops": f_small / t_small / 1e9,
+        "scaling_check": {"heights": [half, small_height], "measured_ratio": t_small / t_half,
+                          "flop_ratio": f_small / f_half},
+        "cpu_step_seconds_at_target": seconds_target,
+        "cpu_row_seconds_at_target": seconds_target / target_rows,
+    }
+
+
+def what_if(gpus: str | None, speeds: tuple[float, ...] | None, preset: BenchPreset, *, height: int, steps: int,
+            warmup: int, row_seconds: float | None, mfu: float, link_gbps: float | None, max_stride: int,
+            calibrate_height: int, measure: bool = True) -> dict:
+    """Everything ``stadi-bench --simulate`` prints, as data."""
+    rows = preset.token_rows(height)
+    if gpus:
+        names = parse_gpu_list(gpus)
+        relative = relative_speeds(names)
+    else:
+        names = tuple(f"rank{i}" for i in range(len(speeds)))
+        fastest = max(speeds)
+        relative = tuple(v / fastest for v in speeds)
+    calibration = calibrate_cpu(preset, height, calibrate_height) if measure and row_seconds is None else None
+    flops_per_row = preset.forward_flops(height) / rows
+    if row_seconds is not None:
+        source = "given (--row-seconds)"
+    elif gpus:
+        fastest = max(DENSE_TENSOR_TFLOPS[n] for n in names)
+        row_seconds = flops_per_row / (fastest * 1e12 * mfu)
+        source = f"FLOPs {flops_per_row / 1e9:.1f} GFLOP/row / ({fastest:g} TFLOPS x MFU {mfu:g})"
+    elif calibration is not None:
+        row_seconds = calibration["cpu_row_seconds_at_target"]
+        source = "this machine's measured forward, scaled by FLOPs"
+    else:
+        raise ValueError("--simulate needs --row-seconds, --gpus or a measurement")
+    exchange = 0.0
+    if link_gbps:
+        bytes_per_value = 2 if gpus else 4
+        exchange = preset.kv_bytes(height, bytes_per_value) * (len(relative) - 1) / len(relative) / (link_gbps * 1e9)
+    predicted = predict_modes(relative, rows=rows, steps=steps, warmup=warmup, row_seconds=row_seconds,
+                              max_stride=max_stride, exchange_seconds=exchange)
+    return {"ranks": list(names), "relative_speeds": list(relative), "rows": rows, "steps": steps, "warmup": warmup,
+            "row_seconds": row_seconds, "row_seconds_source": source, "exchange_seconds": exchange,
+            "calibration": calibration, "seconds": predicted["seconds"],
+            "plans": {m: p.to_json() for m, p in predicted["plans"].items()},
+            "explain": {m: p.explain() for m, p in predicted["plans"].items()}}
+
+
+def format_what_if(result: dict, preset: BenchPreset, height: int) -> str:
+    seconds = result["seconds"]
+    lines = [(f"what-if: {', '.join(result['ranks'])} | preset {preset.name} {height}px, {result['rows']} token rows, "
+             f"{result['steps']} steps (warmup {result['warmup']})"),
+             f"row cost on the fastest rank: {result['row_seconds'] * 1e3:.4g} ms/row/step ({result['row_seconds_source']})",
+             (f"K/V exchange per sync: {result['exchange_seconds'] * 1e3:.3g} ms "
+             f"({'exposed' if result['exchange_seconds'] else 'assumed hidden behind compute; --link-gbps to expose'})")]
+    cal = result.get("calibration")
+    if cal:
+        check = cal["scaling_check"]
+        lines.append(f"this machine: one forward at {cal['small_height']}px = {cal['small_forward_seconds']:.3f} s "
+                     f"({cal['achieved_gflops']:.1f} GFLOP/s); {check['heights'][0]}->{check['heights'][1]}px "
+                     f"time ratio {check['measured_ratio']:.2f} vs FLOP ratio {check['flop_ratio']:.2f}; "
+                     f"scaled to {height}px: {cal['cpu_step_seconds_at_target']:.2f} s/step on one core")
+    lines.append(f"{'mode':<10}{'predicted s':>12}{'vs uniform':>12}{'vs fastest alone':>18}")
+    for mode in ("single", *MODES):
+        lines.append(f"{mode:<10}{seconds[mode]:>12.3f}{seconds['uniform'] / seconds[mode]:>11.2f}x"
+                     f"{seconds['single'] / seconds[mode]:>17.2f}x")
+    lines.append(result["explain"]["full"])
+    return "\n".join(lines)
+
+
+def compare_with_measured(summary: dict, settings, relative: tuple[float, ...]) -> dict | None:
+    """Simulator prediction for a measured scenario: row cost from the single-rank arm, nominal speeds."""
+    single = summary["arms"].get("single", {}).get("median_seconds")
+    if not single:
+        return None
+    rows = settings.preset.token_rows(settings.height)
+    row_seconds = single / (settings.steps * rows)
+    predicted = predict_modes(relative, rows=rows, steps=settings.steps, warmup=settings.warmup,
+                              row_seconds=row_seconds, max_stride=settings.max_stride,
+                              warmup_speeds_known=settings.profile_cache)["seconds"]
+    measured = {m: summary["arms"].get(m, {}).get("median_seconds") for m in MODES}
+    return {"row_seconds": row_seconds, "relative_speeds": list(relative),
+            "predicted": {m: predicted[m] for m in MODES}, "measured": measured}
+
+
+def format_comparison(comparison: dict) -> str:
+    parts = []
+    for mode in MODES:
+        measured = comparison["measured"][mode]
+        predicted = comparison["predicted"][mode]
+        if measured:
+            parts.append(f"{mode} {predicted:.3f}/{measured:.3f} s ({measured / predicted - 1:+.0%})")
+    speeds = ", ".join(f"{v:.3g}" for v in comparison["relative_speeds"])
+    return (f"  simulator (row cost from single rank, nominal speeds {speeds}) predicted/measured: "
+            + "; ".join(parts))

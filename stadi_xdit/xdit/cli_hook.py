@@ -1,0 +1,325 @@
+"""The one hook that makes xDiT's own entry points speak STADI (`import stadi_xdit` installs it).
+
+An unmodified xDiT example script does
+
+    parser = FlexibleArgumentParser(...)
+    args = xFuserArgs.add_cli_args(parser).parse_args()
+    engine_config, input_config = xFuserArgs.from_cli_args(args).create_config()
+    pipe = xFuserPixArtAlphaPipeline.from_pretrained(model, engine_config=engine_config)
+
+With the hook installed, and only when `--use_stadi` is given, that same script runs STADI:
+
+1. `xFuserArgs.add_cli_args` also adds `--use_stadi`/`--stadi_*` (idempotent per parser);
+2. `xFuserArgs.from_cli_args` returns a `StadiArgs` when `args.use_stadi` is set, so
+   `create_config()` yields a `StadiEngineConfig` (STADI on xDiT's data-parallel slot);
+3. constructing any xFuser pipeline wrapper with such a config builds its STADI twin
+   (`xFuserPixArtAlphaPipeline` -> `StadiPixArtAlphaPipeline`, ... `xFuserFluxPipeline` ->
+   `StadiFluxPipeline`) through one `__new__` on `xFuserPipelineBaseWrapper`; `from_pretrained`,
+   direct construction and `xDiTParallel` all go through it. A model without a STADI twin is
+   refused instead of silently running plain data parallelism;
+4. `xfuser.cli.get_nproc_from_args` (the `xdit` launcher's rank count) counts STADI ranks
+   (`stadi_nproc_from_args`).
+
+Every patch is applied right after its xfuser module is imported (so `import stadi_xdit` stays
+light), is idempotent, and `uninstall()` restores the originals. Set `STADI_XDIT_NO_CLI_HOOK=1`
+to import `stadi_xdit` without it. `add_stadi_cli_args` itself skips a parser that already has the
+STADI flags, so `StadiArgs.add_cli_args` composes with a hooked `xFuserArgs.add_cli_args`. `patches/xfuser-0.7.0-stadi-cli-hook.patch` is the upstream
+form: a plugin entry-point group `xfuser.plugins` consulted at the same four places.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+from stadi_xdit.compat._hooks import when_imported
+
+# xFuser wrapper class -> (module, class) of its STADI twin; imported lazily, on first use.
+STADI_TWINS = {
+    "xFuserPixArtAlphaPipeline": ("stadi_xdit.xdit.pipelines", "StadiPixArtAlphaPipeline"),
+    "xFuserPixArtSigmaPipeline": ("stadi_xdit.xdit.pipelines", "StadiPixArtSigmaPipeline"),
+    "xFuserFluxPipeline": ("stadi_xdit.xdit.flux", "StadiFluxPipeline"),
+}
+
+# Degree flags STADI replaces (it uses every rank of a CFG branch).
+EXCLUSIVE_DEGREES = ("--ulysses_degree", "--ring_degree", "--pipefusion_parallel_degree",
+                     "--tensor_parallel_degree", "--data_parallel_degree")
+
+_ENABLED = False
+# (owner, attribute) -> original value (or _ABSENT), for uninstall()
+_SAVED: dict[tuple[Any, str], Any] = {}
+_ABSENT = object()
+_MARK = "__stadi_cli_hook__"
+
+
+def _replace(owner: Any, name: str, value: Any) -> None:
+    key = (owner, name)
+    if key not in _SAVED:
+        _SAVED[key] = owner.__dict__.get(name, _ABSENT) if isinstance(owner, type) else getattr(owner, name)
+    setattr(owner, name, value)
+
+
+def _marked(fn: Callable) -> Callable:
+    setattr(fn, _MARK, True)
+    return fn
+
+
+# --- 1 + 2: flags and args class ----------------------------------------------------------------
+
+def stadi_args_class(base: type, klass: type, args: Any) -> type | None:
+    """The args class `from_cli_args` should build: StadiArgs when `--use_stadi` was given."""
+    if not getattr(args, "use_stadi", False):
+        return None
+    from stadi_xdit.xdit.args import StadiArgs
+
+    if issubclass(klass, StadiArgs):
+        return klass
+    if klass is base:
+        return StadiArgs
+    raise ValueError(f"--use_stadi needs StadiArgs, but {klass.__name__}.from_cli_args cannot carry the STADI flags")
+
+
+def add_flags(parser):
+    """Add `--use_stadi`/`--stadi_*` (idempotent)."""
+    from stadi_xdit.xdit.args import add_stadi_cli_args
+
+    return add_stadi_cli_args(parser)
+
+
+def _upstream_hook(module: ModuleType) -> bool:
+    """xfuser carries the plugin hook (patches/xfuser-0.7.0-stadi-cli-hook.patch): no monkeypatch."""
+    return hasattr(module, "xfuser_plugins")
+
+
+def patch_xfuser_args(module: ModuleType) -> None:
+    if not _ENABLED or _upstream_hook(module):
+        return
+    cls = module.xFuserArgs
+    if getattr(cls.__dict__["add_cli_args"].__func__, _MARK, False):
+        return
+    original_add = cls.__dict__["add_cli_args"].__func__
+    original_from = cls.__dict__["from_cli_args"].__func__
+
+    @_marked
+    def add_cli_args(parser):
+        parser = original_add(parser)
+        return add_flags(parser) if _ENABLED else parser
+
+    @_marked
+    def from_cli_args(klass, args):
+        if _ENABLED:
+            klass = stadi_args_class(cls, klass, args) or klass
+        return original_from(klass, args)
+
+    add_cli_args.__doc__ = original_add.__doc__
+    _replace(cls, "add_cli_args", staticmethod(add_cli_args))
+    _replace(cls, "from_cli_args", classmethod(from_cli_args))
+
+
+# --- 3: pipeline choice -------------------------------------------------------------------------
+
+def stadi_requested(engine_config: Any) -> bool:
+    stadi = getattr(engine_config, "stadi_config", None)
+    return bool(stadi is not None and stadi.use_stadi)
+
+
+def stadi_twin(cls: type) -> type | None:
+    """The STADI pipeline class for xFuser wrapper `cls`, or None when there is none."""
+    target = STADI_TWINS.get(cls.__name__)
+    if target is None:
+        return None
+    import importlib
+
+    twin = getattr(importlib.import_module(target[0]), target[1])
+    return twin if issubclass(twin, cls) else None
+
+
+def stadi_pipeline_class(cls: type, engine_config: Any) -> type | None:
+    """The class to construct instead of xFuser wrapper `cls` for `engine_config` (None: `cls`)."""
+    if not stadi_requested(engine_config):
+        return None
+    from stadi_xdit.xdit.pipelines import StadiPipelineMixin
+
+    if issubclass(cls, StadiPipelineMixin):
+        return cls
+    twin = stadi_twin(cls)
+    if twin is None:
+        supported = ", ".join(sorted(STADI_TWINS))
+        raise ValueError(f"--use_stadi does not support {cls.__name__}; STADI runs {supported}")
+    return twin
+
+
+def patch_pipeline_choice(base_module: ModuleType) -> None:
+    if not _ENABLED or _upstream_hook(base_module):
+        return
+    base = base_module.xFuserPipelineBaseWrapper
+    if getattr(base.__dict__.get("__new__"), _MARK, False):
+        return
+
+    @_marked
+    def __new__(cls, *args, **kwargs):
+        engine_config = kwargs.get("engine_config", args[1] if len(args) > 1 else None)
+        if _ENABLED:
+            cls = stadi_pipeline_class(cls, engine_config) or cls
+        # Python then runs cls.__init__(*args, **kwargs) on the returned instance (a subclass of
+        # the requested class), so construction arguments reach the STADI pipeline unchanged.
+        return object.__new__(cls)
+
+    _replace(base, "__new__", __new__)
+
+
+# --- 4: the `xdit` launcher's rank count --------------------------------------------------------
+
+def _flag_values(args: Sequence[str]) -> dict[str, str | None]:
+    """`--flag value` / `--flag=value` / bare `--flag` -> {'--flag': value or None}, dashes as underscores."""
+    values: dict[str, str | None] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            name = "--" + name[2:].replace("-", "_")
+            if eq:
+                values[name] = value
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                values[name] = args[i + 1]
+                i += 1
+            else:
+                values[name] = None
+        i += 1
+    return values
+
+
+def _count(text: str | None) -> int | None:
+    return None if not text else len(text.split(","))
+
+
+def stadi_degree_from_args(args: Sequence[str]) -> int | None:
+    """Ranks per CFG branch: `--stadi_degree`, else the length of a per-rank list flag."""
+    flags = _flag_values(args)
+    counts = {}
+    if flags.get("--stadi_degree"):
+        counts["--stadi_degree"] = int(flags["--stadi_degree"])
+    for flag in ("--stadi_speeds", "--stadi_emulate_slowdown"):
+        if flags.get(flag):
+            counts[flag] = _count(flags[flag])
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"STADI rank counts disagree: {', '.join(f'{k} -> {v}' for k, v in counts.items())}")
+    return next(iter(counts.values()), None)
+
+
+def stadi_nproc_from_args(args: Sequence[str], fallback: Callable[[list[str]], int] | None = None,
+                          nnodes: int = 1) -> int:
+    """Processes per node for a launch: xDiT's degree product, or with `--use_stadi` the STADI rule
+
+        world = stadi_degree x (2 if --use_cfg_parallel else 1) [+ --vae_parallel_size]
+
+    where stadi_degree is `--stadi_degree N` (a launcher flag), else the number of values of
+    `--stadi_speeds` / `--stadi_emulate_slowdown`. xDiT's own rule would count 1 (or 2) here,
+    since STADI's degree is not one of its degree flags.
+    """
+    flags = _flag_values(args)
+    if "--use_stadi" not in flags or flags["--use_stadi"] in ("False", "false", "0"):
+        if fallback is None:
+            raise ValueError("no --use_stadi and no fallback rule")
+        return fallback(list(args))
+    for flag in EXCLUSIVE_DEGREES:
+        if flags.get(flag) not in (None, "1"):
+            raise ValueError(f"{flag} {flags[flag]} cannot be combined with --use_stadi")
+    degree = stadi_degree_from_args(args)
+    if degree is None:
+        raise ValueError("with --use_stadi the launcher cannot infer the number of ranks: pass "
+                         "--nproc_per_node, or --stadi_degree N (ranks per CFG branch), or per-rank --stadi_speeds")
+    cfg = 2 if "--use_cfg_parallel" in flags and flags["--use_cfg_parallel"] not in ("False", "false") else 1
+    world = degree * cfg + int(flags.get("--vae_parallel_size") or 0)
+    if world % nnodes:
+        raise ValueError(f"{world} STADI ranks cannot be spread evenly over --nnodes {nnodes}")
+    return world // nnodes
+
+
+def patch_launcher(cli: ModuleType) -> None:
+    if not _ENABLED or _upstream_hook(cli):
+        return
+    original = cli.get_nproc_from_args
+    if getattr(original, _MARK, False):
+        return
+
+    @_marked
+    def get_nproc_from_args(args):
+        return stadi_nproc_from_args(args, original) if _ENABLED else original(args)
+
+    get_nproc_from_args.__doc__ = original.__doc__
+    _replace(cli, "get_nproc_from_args", get_nproc_from_args)
+
+
+# --- the upstream form: an `xfuser.plugins` entry point -------------------------------------------
+
+class XfuserPlugin:
+    """STADI as an xDiT plugin, for xfuser with `patches/xfuser-0.7.0-stadi-cli-hook.patch`.
+
+    Register as `[project.entry-points."xfuser.plugins"] stadi = "stadi_xdit.xdit.cli_hook:XfuserPlugin"`.
+    """
+
+    add_cli_args = staticmethod(add_flags)
+
+    @staticmethod
+    def args_class(klass: type, args: Any) -> type | None:
+        from xfuser.config import xFuserArgs
+
+        return stadi_args_class(xFuserArgs, klass, args)
+
+    pipeline_class = staticmethod(stadi_pipeline_class)
+
+    @staticmethod
+    def nproc(args: Sequence[str]) -> int | None:
+        flags = _flag_values(args)
+        if "--use_stadi" not in flags:
+            return None
+        return stadi_nproc_from_args(args)
+
+
+# --- install / uninstall ------------------------------------------------------------------------
+
+_PATCHES = {
+    "xfuser.config.args": patch_xfuser_args,
+    "xfuser.model_executor.pipelines.base_pipeline": patch_pipeline_choice,
+    "xfuser.cli": patch_launcher,
+}
+
+
+def install() -> None:
+    """Register the hook (idempotent); modules already imported are patched now."""
+    global _ENABLED
+    _ENABLED = True
+    for module_name, patch in _PATCHES.items():
+        when_imported(module_name, patch)  # runs once per module object
+        module = sys.modules.get(module_name)
+        if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+            patch(module)  # again after an uninstall(): the post-import hook has already run
+
+
+def uninstall() -> None:
+    """Restore every patched attribute; xDiT behaves as if `stadi_xdit` had never been imported."""
+    global _ENABLED
+    _ENABLED = False
+    for (owner, name), original in reversed(list(_SAVED.items())):
+        if original is _ABSENT:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+    _SAVED.clear()
+
+
+def is_installed() -> bool:
+    return _ENABLED
+
+
+if os.environ.get("STADI_XDIT_NO_CLI_HOOK", "") in ("", "0"):
+    install()
+
+__all__ = ["STADI_TWINS", "XfuserPlugin", "add_flags", "install", "is_installed", "stadi_args_class",
+           "stadi_degree_from_args", "stadi_nproc_from_args", "stadi_pipeline_class", "stadi_requested",
+           "stadi_twin", "uninstall"]

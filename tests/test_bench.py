@@ -1,0 +1,93 @@
+"""CI smoke of ``stadi-bench``: the tiny preset end to end (JSON, table, plots), plus its pure parts.
+
+Timings are never asserted: only that every arm ran or says why not, and that outputs are sane.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from stadi_xdit.bench.arms import ARM_ORDER, ARMS, skip_reason
+from stadi_xdit.bench.cli import main
+from stadi_xdit.bench.metrics import psnr, ssim
+from stadi_xdit.bench.presets import BENCH_PRESETS, get_preset
+from stadi_xdit.bench.scenarios import parse_scenario
+
+
+def test_bench_tiny_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["--preset", "tiny", "--steps", "4", "--warmup", "1", "--repeats", "1",
+                 "--scenario", "slowdown:1,2", "--out", str(out), "--no-progress", "--run-timeout", "90"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "STADI full" in printed and "vs unif" in printed and "full >= 1.8x uniform" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    (scenario,) = results["scenarios"]
+    assert scenario["scenario"] == "slowdown:1,2"
+    assert list(scenario["arms"]) == list(ARM_ORDER)
+    for name, arm in scenario["arms"].items():
+        if arm["status"] == "ok":
+            assert len(arm["latencies"]) == 1
+            assert all(math.isfinite(t) and t > 0 for t in arm["latencies"]), name
+            assert all(0 <= b <= 1.5 for b in arm["busy_fraction"]), name
+        else:
+            assert arm["reason"], f"{name} is {arm['status']} without a reason"
+    for name in ("single", "uniform", "spatial", "full"):  # ours must run
+        assert scenario["arms"][name]["status"] == "ok", scenario["arms"][name]["reason"]
+    full = scenario["arms"]["full"]
+    assert full["stadi"]["predicted_seconds"] > 0
+    assert full["quality"]["latent_psnr"] > 0 and -1 <= full["quality"]["latent_ssim"] <= 1
+    assert {c["status"] for c in scenario["checks"]} <= {"PASS", "MISS", "N/A"}
+    assert len(scenario["checks"]) == 3
+
+    pngs = [out / "latency.png", out / "timeline_slowdown_1_2.png"]
+    for png in pngs:
+        assert png.stat().st_size > 1000
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_skip_reasons_name_the_shape():
+    tiny = get_preset("tiny")  # 2 heads, 2 blocks, 128 px = 8 token rows
+    assert skip_reason(ARMS["ulysses"], tiny, 192, 3, 4, 1) == "2 attention heads are not divisible by 3 ranks"
+    assert "pipeline stages" in skip_reason(ARMS["pipefusion"], tiny, 128, 3, 4, 1)
+    assert "multiple of patch" in skip_reason(ARMS["ring"], tiny, 128, 3, 4, 1)
+    assert skip_reason(ARMS["full"], tiny, 128, 2, 4, 4).startswith("STADI needs")
+    assert skip_reason(ARMS["single"], tiny, 128, 1, 4, 1) is None
+
+
+def test_scenarios_parse_and_reject():
+    s = parse_scenario("slowdown:1,2")
+    assert s.emulate_arg() == "1,2" and s.fast_rank(2) == 0 and s.nominal_speeds(2) == (1.0, 0.5)
+    b = parse_scenario("background:1=1")
+    assert b.loads == {1: 1.0} and b.fast_rank(2) == 0 and b.emulate_arg() is None
+    assert parse_scenario("background:0=0.5").fast_rank(2) == 1
+    assert parse_scenario("none").kind == "none"
+    for bad in ("slowdown:0.5,1", "background:1", "background:1=1.5", "fast"):
+        with pytest.raises(ValueError):
+            parse_scenario(bad)
+
+
+def test_psnr_ssim():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    assert psnr(x, x) == math.inf and ssim(x, x) == pytest.approx(1.0)
+    noisy = x + 0.1 * torch.randn(x.shape, generator=g)
+    assert 10 < psnr(x, noisy) < 60 and 0 < ssim(x, noisy) < 1
+    worse = x + 0.5 * torch.randn(x.shape, generator=g)
+    assert psnr(x, worse) < psnr(x, noisy) and ssim(x, worse) < ssim(x, noisy)
+    assert abs(ssim(x, torch.randn(x.shape, generator=g))) < 0.2  # unrelated noise
+
+
+def test_simulate_and_construct_only(tmp_path, capsys):
+    assert main(["--simulate", "--gpus", "A100x2,RTX3090x2", "--preset", "pixart-alpha-1024",
+                 "--no-measure", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "full" in text and "FLOPs" in text
+    assert main(["--construct-only", "--preset", "flux-dev-1024"]) == 0
+    assert "M parameters" in capsys.readouterr().out
+    assert set(BENCH_PRESETS) >= {"tiny", "small", "pixart-alpha-1024", "pixart-sigma-1024", "flux-dev-1024"}

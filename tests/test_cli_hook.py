@@ -1,0 +1,247 @@
+"""xDiT's own entry points with STADI: flags, args class, pipeline choice, launcher, upstream patch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import stadi_xdit  # noqa: F401  (CPU compat and the CLI hook, before xfuser)
+from stadi_xdit.config import StadiConfig
+from stadi_xdit.testing.spawn import free_port
+from stadi_xdit.xdit import cli_hook
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = Path(__file__).with_name("xdit_style_example.py")
+PATCH = REPO / "patches" / "xfuser-0.7.0-stadi-cli-hook.patch"
+
+
+def _parser():
+    from xfuser.config import FlexibleArgumentParser
+
+    return FlexibleArgumentParser(description="xFuser Arguments")
+
+
+def _parse(argv):
+    from xfuser import xFuserArgs
+
+    return xFuserArgs.add_cli_args(_parser()).parse_args(argv)
+
+
+@pytest.fixture
+def hook_restored():
+    yield
+    cli_hook.install()
+
+
+def test_xfuser_parser_gets_the_stadi_flags_once():
+    from xfuser import xFuserArgs
+
+    from stadi_xdit.xdit.args import StadiArgs, add_stadi_cli_args
+
+    args = _parse(["--model", "m", "--use_stadi", "--stadi-mode", "spatial", "--stadi_speeds", "1,0.5"])
+    assert args.use_stadi and args.stadi_mode == "spatial" and args.stadi_speeds == "1,0.5"
+    # The plugin's own entry points stay usable on top of the hooked parser (no argparse conflict).
+    parser = xFuserArgs.add_cli_args(_parser())
+    add_stadi_cli_args(parser)
+    StadiArgs.add_cli_args(_parser())
+    assert not _parse(["--model", "m"]).use_stadi
+
+
+def test_from_cli_args_returns_stadi_args_only_with_the_flag():
+    from xfuser import xFuserArgs
+
+    from stadi_xdit.xdit.args import StadiArgs
+
+    stadi = xFuserArgs.from_cli_args(_parse(["--model", "m", "--use_stadi", "--stadi_exact"]))
+    assert type(stadi) is StadiArgs and stadi.stadi.exact
+    plain = xFuserArgs.from_cli_args(_parse(["--model", "m"]))
+    assert type(plain) is xFuserArgs
+    assert type(StadiArgs.from_cli_args(_parse(["--model", "m", "--use_stadi"]))) is StadiArgs
+
+
+def test_uninstall_restores_xdit(hook_restored):
+    import xfuser.cli
+    from xfuser import xFuserArgs
+    from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrapper
+
+    assert "__new__" in xFuserPipelineBaseWrapper.__dict__
+    cli_hook.uninstall()
+    assert not cli_hook.is_installed()
+    assert "__new__" not in xFuserPipelineBaseWrapper.__dict__
+    assert "--use_stadi" not in xFuserArgs.add_cli_args(_parser())._option_string_actions
+    assert xfuser.cli.get_nproc_from_args(["--use_stadi", "--stadi_speeds", "1,2,3"]) == 1  # xDiT's rule
+    cli_hook.install()
+    assert "--use_stadi" in xFuserArgs.add_cli_args(_parser())._option_string_actions
+    assert xfuser.cli.get_nproc_from_args(["--use_stadi", "--stadi_speeds", "1,2,3"]) == 3
+
+
+def _stadi_engine_config(use_stadi=True):
+    return types.SimpleNamespace(stadi_config=StadiConfig(use_stadi=use_stadi))
+
+
+def test_pipeline_construction_picks_the_stadi_twin():
+    # __new__ alone decides the class; no process group is needed for that.
+    from xfuser.model_executor.pipelines import (
+        xFuserFluxPipeline,
+        xFuserPixArtAlphaPipeline,
+        xFuserPixArtSigmaPipeline,
+        xFuserStableDiffusion3Pipeline,
+    )
+
+    from stadi_xdit.xdit.flux import StadiFluxPipeline
+    from stadi_xdit.xdit.pipelines import StadiPixArtAlphaPipeline, StadiPixArtSigmaPipeline
+
+    for xdit_cls, stadi_cls in ((xFuserPixArtAlphaPipeline, StadiPixArtAlphaPipeline),
+                                (xFuserPixArtSigmaPipeline, StadiPixArtSigmaPipeline),
+                                (xFuserFluxPipeline, StadiFluxPipeline)):
+        assert type(xdit_cls.__new__(xdit_cls, None, _stadi_engine_config())) is stadi_cls
+        assert type(xdit_cls.__new__(xdit_cls, None, engine_config=_stadi_engine_config())) is stadi_cls
+        assert type(xdit_cls.__new__(xdit_cls, None, _stadi_engine_config(False))) is xdit_cls
+        assert type(xdit_cls.__new__(xdit_cls, None, object())) is xdit_cls  # a plain EngineConfig
+        assert type(stadi_cls.__new__(stadi_cls, None, object())) is stadi_cls
+    with pytest.raises(ValueError, match="--use_stadi does not support xFuserStableDiffusion3Pipeline"):
+        xFuserStableDiffusion3Pipeline(None, _stadi_engine_config())
+
+
+@pytest.mark.parametrize("argv,nproc", [
+    (["--use_stadi", "--stadi_speeds", "1,0.5"], 2),
+    (["--use_stadi", "--stadi_speeds=1,0.5,2", "--use_cfg_parallel"], 6),
+    (["--use-stadi", "--stadi-emulate-slowdown", "1,3"], 2),
+    (["--use_stadi", "--stadi_degree", "4"], 4),
+    (["--use_stadi", "--stadi_degree=2", "--use_cfg_parallel", "--model", "m"], 4),
+    (["--ulysses_degree", "2", "--ring_degree", "2"], 4),  # no --use_stadi: xDiT's own rule
+    (["--data_parallel_degree", "2", "--use_cfg_parallel"], 4),
+])
+def test_launcher_counts_stadi_ranks(argv, nproc):
+    import xfuser.cli
+
+    assert xfuser.cli.get_nproc_from_args(argv) == nproc
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--use_stadi"], "cannot infer the number of ranks"),
+    (["--use_stadi", "--stadi_speeds", "1,2", "--stadi_degree", "3"], "disagree"),
+    (["--use_stadi", "--stadi_degree", "2", "--ulysses_degree", "2"], "--ulysses_degree 2 cannot be combined"),
+])
+def test_launcher_rule_errors(argv, message):
+    import xfuser.cli
+
+    with pytest.raises(ValueError, match=message):
+        xfuser.cli.get_nproc_from_args(argv)
+
+
+def test_launch_command():
+    from stadi_xdit.run import build_launch_command
+
+    command = build_launch_command(["--master_port", "29999", "--stadi_degree", "3", "ex.py", "--model", "m",
+                                    "--use_stadi", "--use_cfg_parallel"])
+    assert command[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node=6"]
+    assert "--master_port=29999" in command
+    assert command[-7:] == ["-m", "stadi_xdit.run", "ex.py", "--model", "m", "--use_stadi", "--use_cfg_parallel"]
+    assert "--stadi_degree" not in " ".join(command)  # a launcher flag only
+    explicit = build_launch_command(["--nproc_per_node", "2", "ex.py", "--use_stadi"])
+    assert "--nproc_per_node=2" in explicit
+    with pytest.raises(SystemExit, match="disagrees"):
+        build_launch_command(["--nproc_per_node", "3", "ex.py", "--use_stadi", "--stadi_speeds", "1,2"])
+    with pytest.raises(SystemExit, match="cannot infer"):
+        build_launch_command(["ex.py", "--use_stadi"])
+    plain = build_launch_command(["-m", "pkg.mod", "--ulysses_degree", "2"])
+    assert "--nproc_per_node=2" in plain and plain[-4:] == ["-m", "pkg.mod", "--ulysses_degree", "2"]
+
+
+def test_run_module_form():
+    out = subprocess.run([sys.executable, "-m", "stadi_xdit.run", "-m", "json.tool", "--compact"],
+                         input='{"a": [1, 2]}', capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+    assert out.stdout.strip() == '{"a":[1,2]}'
+
+
+# --- an unmodified xDiT-style script under torchrun ---------------------------------------------
+
+def _torchrun_example(model_dir: Path, out_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    out_dir.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), "-m", "stadi_xdit.run", str(EXAMPLE),
+               "--model", str(model_dir), "--height", "128", "--width", "128", "--num_inference_steps", "4",
+               "--warmup_steps", "2", "--prompt", "a red cat", "--output_type", "latent",
+               "--no_use_resolution_binning", "--seed", "1", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDIT_EXAMPLE_OUT": str(out_dir)}
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def test_xdit_style_script_picks_stadi_up_only_with_the_flag(tmp_path):
+    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+
+    model_dir = tmp_path / "tiny-pixart"
+    tiny_pixart_pipeline().save_pretrained(model_dir)  # from_pretrained works offline from a folder
+
+    stadi = _torchrun_example(model_dir, tmp_path / "stadi", "--use_stadi", "--stadi_exact", "--stadi_mode",
+                              "spatial", "--stadi_speeds", "3,5")
+    plain = _torchrun_example(model_dir, tmp_path / "plain", "--data_parallel_degree", "2")
+    for rank in range(2):
+        assert stadi[rank]["pipeline"] == "StadiPixArtAlphaPipeline"
+        assert stadi[rank]["engine_config"] == "StadiEngineConfig" and stadi[rank]["args"] == "StadiArgs"
+        assert stadi[rank]["num_evals"] == 4
+        assert '"row_start": 3' in stadi[rank]["plan"]  # bands 3/5 of 8 token rows
+        assert plain[rank]["pipeline"] == "xFuserPixArtAlphaPipeline"
+        assert plain[rank]["engine_config"] == "EngineConfig" and plain[rank]["args"] == "xFuserArgs"
+        # Exact STADI on 2 ranks equals xDiT's own (replicated) run of the same script.
+        reference = plain[rank]["latents"]
+        error = ((stadi[rank]["latents"] - reference).norm() / reference.norm()).item()
+        assert error <= 1e-4, (rank, error)
+
+
+# --- the upstream form of the hook --------------------------------------------------------------
+
+def test_upstream_patch_applies_and_drives_stadi_through_the_plugin(tmp_path):
+    import xfuser
+
+    if shutil.which("patch") is None:
+        pytest.skip("no `patch` program")
+    site = tmp_path / "site"
+    shutil.copytree(Path(xfuser.__file__).parent, site / "xfuser", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["patch", "-p1", "-s", "-i", str(PATCH)], cwd=site, check=True, timeout=60)
+    dist_info = site / "stadi_plugin_probe-0.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: stadi-plugin-probe\nVersion: 0.0\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[xfuser.plugins]\nstadi = stadi_xdit.xdit.cli_hook:XfuserPlugin\n")
+    probe = textwrap.dedent("""
+        import sys, types
+        import stadi_xdit
+        import xfuser, xfuser.cli
+        from xfuser import xFuserArgs
+        from xfuser.config import FlexibleArgumentParser
+        from xfuser.model_executor.pipelines import xFuserFluxPipeline
+        from stadi_xdit.config import StadiConfig
+        from stadi_xdit.xdit import cli_hook
+        from stadi_xdit.xdit.args import StadiArgs
+        assert xfuser.__file__.startswith(sys.argv[1]), xfuser.__file__
+        marked = getattr(xFuserArgs.__dict__["add_cli_args"].__func__, "__stadi_cli_hook__", False)
+        assert not marked, "monkeypatch must stand down when xfuser has the plugin hook"
+        args = xFuserArgs.add_cli_args(FlexibleArgumentParser()).parse_args(["--model", "m", "--use_stadi"])
+        StadiArgs.add_cli_args(FlexibleArgumentParser())
+        assert type(xFuserArgs.from_cli_args(args)) is StadiArgs
+        config = types.SimpleNamespace(stadi_config=StadiConfig(use_stadi=True))
+        assert type(xFuserFluxPipeline.__new__(xFuserFluxPipeline, None, config)).__name__ == "StadiFluxPipeline"
+        assert xfuser.plugins.nproc(["--use_stadi", "--stadi_degree", "3", "--use_cfg_parallel"]) == 6
+        assert xfuser.plugins.nproc(["--ulysses_degree", "2"]) is None
+        print("hook installed:", cli_hook.is_installed())
+    """)
+    for no_monkeypatch in ("1", "0"):
+        env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1",
+               "STADI_XDIT_NO_CLI_HOOK": no_monkeypatch}
+        result = subprocess.run([sys.executable, "-c", probe, str(site)], check=False, capture_output=True,
+                                text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert f"hook installed: {no_monkeypatch == '0'}" in result.stdout

@@ -1,0 +1,96 @@
+"""`--use_cfg_parallel --use_stadi` on 4 ranks: two STADI groups of 2, one per CFG branch (tiny PixArt-α)."""
+
+from __future__ import annotations
+
+import torch
+
+from stadi_xdit.testing.spawn import run_distributed
+
+PROMPT = "a red cat"
+SEED = 1
+
+
+def _reference(size: int, steps: int) -> torch.Tensor:
+    import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+
+    pipe = tiny_pixart_pipeline("alpha")
+    return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
+                generator=torch.Generator().manual_seed(SEED), use_resolution_binning=False).images
+
+
+def _run_cfg_parallel(rank: int, world: int, size: int, steps: int, runs: list[dict]) -> list[dict]:
+    from xfuser.core.distributed import get_cfg_group, get_dp_group
+
+    import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.xdit.args import StadiArgs
+    from stadi_xdit.xdit.pipelines import StadiPixArtAlphaPipeline
+
+    results = []
+    for kwargs in runs:
+        args = StadiArgs(model="tiny", use_stadi=True, use_cfg_parallel=True, height=size, width=size,
+                         num_inference_steps=steps, **kwargs)
+        engine_config, _ = args.create_config()
+        engine_config.runtime_config.dtype = torch.float32
+        pipe = StadiPixArtAlphaPipeline(tiny_pixart_pipeline("alpha"), engine_config)
+        forwards = []
+        handle = pipe.module.transformer.register_forward_pre_hook(
+            lambda _module, inputs, seen=forwards: seen.append(inputs[0].shape[0]))
+        out = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
+                   generator=torch.Generator().manual_seed(SEED), use_resolution_binning=False)
+        handle.remove()
+        result = pipe.last_result
+        results.append({
+            "latents": out.images, "plan": result.plan, "measured": result.measured_speeds,
+            "forwards": len(forwards), "batch_sizes": sorted(set(forwards)),
+            "dp": (get_dp_group().rank_in_group, get_dp_group().world_size, tuple(get_dp_group().ranks)),
+            "cfg": (get_cfg_group().rank_in_group, get_cfg_group().world_size, tuple(get_cfg_group().ranks)),
+            "cfg_degree": engine_config.parallel_config.cfg_degree,
+            "dp_degree": engine_config.parallel_config.dp_degree,
+        })
+    return results
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_cfg_parallel_exact_and_stale():
+    steps, size = 5, 128
+    reference = _reference(size, steps)
+    runs = [
+        {"stadi_exact": True, "stadi_mode": "spatial", "stadi_speeds": "3,5", "warmup_steps": 2},
+        # Measured speeds (emulated 1:2 slowdown inside each branch) must become one plan on all 4 ranks.
+        {"stadi_mode": "full", "stadi_emulate_slowdown": "1,2", "warmup_steps": 2},
+    ]
+    results = run_distributed(_run_cfg_parallel, 4, size, steps, runs, timeout=400)
+
+    groups = {r[0]["dp"][2] for r in results}
+    pairs = {r[0]["cfg"][2] for r in results}
+    assert len(groups) == 2 and all(len(g) == 2 for g in groups), groups  # two STADI groups of 2
+    assert len(pairs) == 2 and all(len(p) == 2 for p in pairs), pairs  # CFG pairs across groups
+    for rank, per_run in enumerate(results):
+        assert per_run[0]["cfg_degree"] == 2 and per_run[0]["dp_degree"] == 2
+        # one branch per rank: the transformer runs on batch 1, never the batched pair
+        assert per_run[0]["batch_sizes"] == [1]
+        exact = per_run[0]
+        assert exact["plan"].row_bounds() == [(0, 3), (3, 8)]
+        assert _relative_error(exact["latents"], reference) <= 1e-4, f"rank {rank}"
+
+    stale = [per_run[1] for per_run in results]
+    plan = stale[0]["plan"]
+    for rank, result in enumerate(stale):
+        assert result["plan"] == plan, f"rank {rank} planned differently"
+        stadi_rank = result["dp"][0]
+        assert result["forwards"] == plan.ranks[stadi_rank].num_evals
+        assert torch.isfinite(result["latents"]).all()
+        assert torch.equal(result["latents"], stale[0]["latents"])
+    # The pair plans on the slower of its two members: the plan's speeds are the element-wise minimum
+    # of what the two groups measured.
+    by_branch = {}
+    for result in stale:
+        by_branch[result["cfg"][0]] = result["measured"]
+    expected = [min(a, b) for a, b in zip(by_branch[0], by_branch[1])]
+    assert list(plan.speeds) == expected
+    assert plan.speeds[1] < plan.speeds[0]  # rank 1 of each group is the slowed one
