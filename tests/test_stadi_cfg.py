@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from stadi_xdit.testing.checks import relative_error
 from stadi_xdit.testing.spawn import run_distributed
 
 PROMPT = "a red cat"
@@ -52,10 +53,6 @@ def _run_cfg_parallel(rank: int, world: int, size: int, steps: int, runs: list[d
     return results
 
 
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 def test_cfg_parallel_exact_and_stale():
     steps, size = 5, 128
     reference = _reference(size, steps)
@@ -76,7 +73,7 @@ def test_cfg_parallel_exact_and_stale():
         assert per_run[0]["batch_sizes"] == [1]
         exact = per_run[0]
         assert exact["plan"].row_bounds() == [(0, 3), (3, 8)]
-        assert _relative_error(exact["latents"], reference) <= 1e-4, f"rank {rank}"
+        assert relative_error(exact["latents"], reference) <= 1e-4, f"rank {rank}"
 
     stale = [per_run[1] for per_run in results]
     plan = stale[0]["plan"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stadi_xdit.testing.checks import ignore_foreign_bands, relative_error
 from stadi_xdit.testing.spawn import run_distributed
 
 PROMPT = "a red cat"
@@ -25,23 +26,6 @@ def _reference(size: int, steps: int, guidance: bool = False) -> torch.Tensor:
     return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
                 max_sequence_length=MAX_SEQ, guidance_scale=3.5,
                 generator=torch.Generator().manual_seed(SEED)).images
-
-
-def _ignore_foreign_bands(store) -> None:
-    """Fault injection: displaced attention sees zeros instead of the other bands' K/V."""
-    exact = store.full_kv
-
-    def own_band_only(layer, key, value):
-        full_key, full_value = exact(layer, key, value)
-        if store.synchronous:
-            return full_key, full_value
-        start, end = store.own_range
-        masked = [torch.zeros_like(t) for t in (full_key, full_value)]
-        for dst, src in zip(masked, (full_key, full_value)):
-            dst[:, :, start:end] = src[:, :, start:end]
-        return tuple(masked)
-
-    store.full_kv = own_band_only
 
 
 def _run_stadi(rank: int, world: int, size: int, steps: int, runs: list[dict], guidance: bool = False) -> list[dict]:
@@ -66,7 +50,7 @@ def _run_stadi(rank: int, world: int, size: int, steps: int, runs: list[dict], g
         engine_config.runtime_config.dtype = torch.float32
         pipe = StadiFluxPipeline(build_flux_pipeline(preset), engine_config)
         if corrupt:
-            _ignore_foreign_bands(pipe.kv_store)
+            ignore_foreign_bands(pipe.kv_store)
         forwards = []
         transformer = pipe.module.transformer
         handle = transformer.register_forward_pre_hook(lambda *_, seen=forwards: seen.append(1))
@@ -93,10 +77,6 @@ def _run_stadi(rank: int, world: int, size: int, steps: int, runs: list[dict], g
     return results
 
 
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 # Exact mode: every layer gathers fresh image K/V every step, so any band split equals one process.
 @pytest.mark.parametrize("world,speeds,size,bands", [
     (2, "3,5", 128, [(0, 3), (3, 8)]),             # 3/5 of 8 token rows (16 px each)
@@ -113,7 +93,7 @@ def test_exact_mode_equals_one_process(world, speeds, size, bands):
         assert result["plan"].row_bounds() == bands
         # 1 double-stream and 2 single-stream attentions per forward, all through STADI.
         assert result["attention_calls"] == {"double": steps, "single": 2 * steps}
-        assert _relative_error(result["latents"], reference) <= 1e-4, f"rank {rank}"
+        assert relative_error(result["latents"], reference) <= 1e-4, f"rank {rank}"
 
 
 def test_exact_mode_with_guidance_embedding_equals_one_process():
@@ -123,7 +103,7 @@ def test_exact_mode_with_guidance_embedding_equals_one_process():
     runs = [{"stadi_exact": True, "stadi_mode": "spatial", "stadi_speeds": "1,3", "warmup_steps": 1}]
     results = run_distributed(_run_stadi, 2, size, steps, runs, True, timeout=300)
     for rank, (result,) in enumerate(results):
-        assert _relative_error(result["latents"], reference) <= 1e-4, f"rank {rank}"
+        assert relative_error(result["latents"], reference) <= 1e-4, f"rank {rank}"
 
 
 def test_stale_modes_follow_the_plan_and_repeat():
@@ -134,7 +114,7 @@ def test_stale_modes_follow_the_plan_and_repeat():
     runs.append({"stadi_mode": "full", "stadi_speeds": "1,0.5", "warmup_steps": 2})  # determinism
     runs.append({"stadi_mode": "uniform", "stadi_speeds": "1,0.5", "warmup_steps": 2, "ignore_foreign_bands": True})
     results = run_distributed(_run_stadi, 2, size, steps, runs, timeout=300)
-    without_exchange = _relative_error(results[0][4]["latents"], reference)
+    without_exchange = relative_error(results[0][4]["latents"], reference)
     print(f"[stadi-flux] foreign K/V ignored (fault injection): rel. error = {without_exchange:.2e}")
     for index, mode in enumerate(modes):
         per_rank = [results[rank][index] for rank in range(2)]
@@ -147,7 +127,7 @@ def test_stale_modes_follow_the_plan_and_repeat():
             assert result["attention_calls"]["single"] == 2 * result["forwards"]
             assert torch.isfinite(result["latents"]).all()
             assert torch.equal(result["latents"], per_rank[0]["latents"]), "ranks disagree on the final latent"
-        error = _relative_error(per_rank[0]["latents"], reference)
+        error = relative_error(per_rank[0]["latents"], reference)
         print(f"[stadi-flux] mode={mode} evals={[r['forwards'] for r in per_rank]} rel. error vs 1 process "
               f"= {error:.2e}")
         if mode != "full":  # full also skips steps, a different error source

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from stadi_xdit.bench.metrics import psnr
+from stadi_xdit.testing.checks import ignore_foreign_bands, relative_error
 from stadi_xdit.testing.spawn import run_distributed
 
 PROMPT = "a red cat"
@@ -20,23 +20,6 @@ def _reference(variant: str, size: int, steps: int) -> torch.Tensor:
     pipe = tiny_pixart_pipeline(variant)
     return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
                 generator=torch.Generator().manual_seed(SEED), use_resolution_binning=False).images
-
-
-def _ignore_foreign_bands(store) -> None:
-    """Fault injection: displaced attention sees zeros instead of the other bands' K/V."""
-    exact = store.full_kv
-
-    def own_band_only(layer, key, value):
-        full_key, full_value = exact(layer, key, value)
-        if store.synchronous:
-            return full_key, full_value
-        start, end = store.own_range
-        masked = [torch.zeros_like(t) for t in (full_key, full_value)]
-        for dst, src in zip(masked, (full_key, full_value)):
-            dst[:, :, start:end] = src[:, :, start:end]
-        return tuple(masked)
-
-    store.full_kv = own_band_only
 
 
 def _run_stadi(rank: int, world: int, variant: str, size: int, steps: int, runs: list[dict]) -> list[dict]:
@@ -57,7 +40,7 @@ def _run_stadi(rank: int, world: int, variant: str, size: int, steps: int, runs:
         cls = StadiPixArtAlphaPipeline if variant == "alpha" else StadiPixArtSigmaPipeline
         pipe = cls(tiny_pixart_pipeline(variant), engine_config)
         if corrupt:
-            _ignore_foreign_bands(pipe.kv_store)
+            ignore_foreign_bands(pipe.kv_store)
         forwards = []
         handle = pipe.module.transformer.register_forward_pre_hook(lambda *_, calls=forwards: calls.append(1))
         out = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
@@ -82,17 +65,6 @@ def report(request):
     return write
 
 
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def psnr(test: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR in dB with the reference's value range as peak."""
-    peak = (reference.max() - reference.min()).item()
-    mse = torch.mean((test - reference) ** 2).item()
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
-
-
 # Exact mode: every layer gathers fresh K/V every step, so any band split equals one process.
 @pytest.mark.parametrize("variant", ["alpha", "sigma"])
 @pytest.mark.parametrize("world,speeds,size,bands", [
@@ -106,7 +78,7 @@ def test_exact_mode_equals_one_process(variant, world, speeds, size, bands):
     results = run_distributed(_run_stadi, world, variant, size, steps, runs, timeout=300)
     for rank, (result,) in enumerate(results):
         assert result["plan"].row_bounds() == bands
-        assert _relative_error(result["latents"], reference) <= 1e-4, f"rank {rank}"
+        assert relative_error(result["latents"], reference) <= 1e-4, f"rank {rank}"
 
 
 # Measured on this model (8 steps, 2 warmup, speeds 1:0.5), PSNR against one process:
@@ -126,7 +98,7 @@ def test_stale_modes_follow_the_plan(report):
     runs = [{"stadi_mode": mode, "stadi_speeds": "1,0.5", "warmup_steps": 2} for mode in MODES]
     runs.append({"stadi_mode": "uniform", "stadi_speeds": "1,0.5", "warmup_steps": 2, "ignore_foreign_bands": True})
     results = run_distributed(_run_stadi, 2, "alpha", size, steps, runs, timeout=300)
-    without_exchange = psnr(results[0][len(MODES)]["latents"], reference)
+    without_exchange = psnr(reference, results[0][len(MODES)]["latents"])
     report(f"[stadi] foreign K/V ignored (fault injection): PSNR vs 1 process = {without_exchange:.1f} dB")
     for index, mode in enumerate(MODES):
         per_rank = [results[rank][index] for rank in range(2)]
@@ -136,7 +108,7 @@ def test_stale_modes_follow_the_plan(report):
             assert result["forwards"] == plan.ranks[rank].num_evals, (mode, rank)
             assert torch.isfinite(result["latents"]).all()
             assert torch.equal(result["latents"], per_rank[0]["latents"]), "ranks disagree on the final latent"
-        quality = psnr(per_rank[0]["latents"], reference)
+        quality = psnr(reference, per_rank[0]["latents"])
         report(f"[stadi] mode={mode} evals={[r['forwards'] for r in per_rank]} PSNR vs 1 process = {quality:.1f} dB")
         assert quality >= PSNR_FLOOR_DB, (mode, quality)
         if mode != "full":  # full also skips steps, a different error source
