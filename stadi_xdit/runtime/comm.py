@@ -24,24 +24,22 @@ def synchronize(tensor: torch.Tensor) -> None:
 
 @dataclass
 class PendingGather:
-    """An all-gather in flight; `wait()` returns the concatenation of every rank's part."""
+    """A variable-size gather in flight; `wait()` returns every rank's part, concatenated."""
 
-    work: dist.Work | None
-    padded_parts: list[torch.Tensor]
-    sizes: tuple[int, ...]
+    works: list[dist.Work]
+    parts: list[torch.Tensor]
     dim: int
     timeout: timedelta | None = None
     waited_seconds: float = 0.0
 
     def wait(self) -> torch.Tensor:
         """Host-side wait. On NCCL it only orders the streams, so its seconds stay near zero."""
-        if self.work is not None:
-            start = time.perf_counter()
+        start = time.perf_counter()
+        for work in self.works:
             # A bounded wait: a stalled or dead peer turns into an error here, not a hang.
-            self.work.wait(self.timeout) if self.timeout is not None else self.work.wait()
-            self.waited_seconds = time.perf_counter() - start
-        parts = [part.narrow(self.dim, 0, size) for part, size in zip(self.padded_parts, self.sizes)]
-        return torch.cat(parts, dim=self.dim)
+            work.wait(self.timeout) if self.timeout is not None else work.wait()
+        self.waited_seconds = time.perf_counter() - start
+        return torch.cat(self.parts, dim=self.dim)
 
 
 @dataclass
@@ -56,21 +54,26 @@ class BandComm:
     wait_seconds: float = field(default=0.0)
 
     def all_gather_async(self, part: torch.Tensor, sizes: Sequence[int], dim: int) -> PendingGather:
-        """Start gathering `part` (this rank's `sizes[rank]` slices along `dim`) from every rank."""
+        """Start gathering `part` (this rank's `sizes[rank]` slices along `dim`) from every rank.
+
+        One broadcast per source rank, each of that rank's exact size: an all-gather would need
+        every band padded to the largest, which costs up to N times the bytes on uneven bands.
+        """
         if part.shape[dim] != sizes[self.rank]:
             raise ValueError(f"part has {part.shape[dim]} entries along dim {dim}, layout says {sizes[self.rank]}")
-        if self.world_size == 1:
-            return PendingGather(None, [part], tuple(sizes), dim)
-        longest = max(sizes)
-        padded = part
-        if part.shape[dim] < longest:
-            pad_shape = list(part.shape)
-            pad_shape[dim] = longest - part.shape[dim]
-            padded = torch.cat([part, part.new_zeros(pad_shape)], dim=dim)
-        padded = padded.contiguous()
-        outputs = [torch.empty_like(padded) for _ in range(self.world_size)]
-        work = dist.all_gather(outputs, padded, group=self.group, async_op=True)
-        return PendingGather(work, outputs, tuple(sizes), dim, self.timeout)
+        part = part.contiguous()
+        parts, works = [], []
+        for source, size in enumerate(sizes):
+            if source == self.rank:
+                buffer = part
+            else:
+                shape = list(part.shape)
+                shape[dim] = size
+                buffer = part.new_empty(shape)
+            if self.world_size > 1:
+                works.append(dist.broadcast(buffer, group=self.group, group_src=source, async_op=True))
+            parts.append(buffer)
+        return PendingGather(works, parts, dim, self.timeout)
 
     def all_gather(self, part: torch.Tensor, sizes: Sequence[int], dim: int) -> torch.Tensor:
         """Blocking gather whose whole duration counts as waiting, on CUDA too: profiling

@@ -1,7 +1,8 @@
 """Displaced K/V: each attention layer sees the full image, its own band fresh and the rest stale.
 
-Per layer we keep one full-image tensor holding K and V side by side (last dim), indexed by global
-token position, so a change of band layout at the end of warmup needs no re-shuffling.
+Per layer we keep one full-image tensor holding K and V stacked on a leading dim (so each is a
+contiguous view for attention), indexed by global token position, so a change of band layout at
+the end of warmup needs no re-shuffling.
 
 Two ways a layer's foreign K/V are refreshed:
 - synchronous (warmup and `--stadi_exact`): every call all-gathers the fresh K/V of all bands,
@@ -20,8 +21,8 @@ import torch
 
 from stadi_xdit.runtime.comm import BandComm, PendingGather
 
-# K/V are laid out (batch, heads, tokens, head_dim) when they reach the store.
-TOKEN_DIM = 2
+# K/V reach the store as (batch, heads, tokens, head_dim); stacked they are (2, batch, heads, tokens, head_dim).
+TOKEN_DIM = 3
 
 
 class DisplacedKVStore:
@@ -49,7 +50,7 @@ class DisplacedKVStore:
 
     def full_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V over the full image for this layer, given this rank's fresh band K/V."""
-        own_kv = torch.cat([key, value], dim=-1)
+        own_kv = torch.stack([key, value])
         if layer in self._pending:
             self._full[layer] = self.comm.wait(self._pending.pop(layer))
         if self.synchronous:
@@ -59,15 +60,14 @@ class DisplacedKVStore:
             full = self._full.get(layer)
             if full is None:
                 raise RuntimeError("displaced attention needs at least one synchronous (warmup) step first")
-            if full.shape[0] != own_kv.shape[0]:
+            if full.shape[1] != own_kv.shape[1]:
                 raise RuntimeError("batch size changed between exchanges; K/V buffers no longer match")
             start, end = self.own_range
-            full = full.clone()
-            full[:, :, start:end] = own_kv
-            self._full[layer] = full
+            # In place: the buffer is this rank's own copy (a finished gather), never in flight.
+            full[:, :, :, start:end] = own_kv
             if self.publish:
                 self._pending[layer] = self.comm.all_gather_async(own_kv, self.token_counts, TOKEN_DIM)
-        return full.chunk(2, dim=-1)
+        return full[0], full[1]
 
     def drain(self) -> None:
         """Finish every exchange in flight (end of run, or before a layout change)."""

@@ -124,7 +124,8 @@ def denoise(
         measured = [count / s for count, s in zip(counts, seconds)]
         speeds = combine_speeds(measured)
     final = plan(speeds, rows=rows, align=align, num_steps=num_steps, warmup_steps=warmup_steps,
-                 mode=config.mode, max_stride=config.effective_max_stride, tolerance=config.tolerance)
+                 mode=config.mode, max_stride=config.effective_max_stride, tolerance=config.tolerance,
+                 warmup_speeds_known=known_speeds is not None)
 
     # 3. Transition: gather the full latent and scheduler history once, re-slice for the new bands.
     t0 = timeline.now()

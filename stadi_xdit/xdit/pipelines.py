@@ -297,6 +297,12 @@ class StadiPixArtMixin(StadiPipelineMixin):
                  negative_prompt_attention_mask: torch.Tensor | None = None, output_type: str = "pil",
                  return_dict: bool = True, clean_caption: bool = False, use_resolution_binning: bool = True,
                  max_sequence_length: int = 120, **kwargs):
+        """PixArt's `__call__` under STADI: same arguments as xDiT's and diffusers' pipelines.
+
+        Of xDiT's decorators only `torch.no_grad` applies: `enable_data_parallel` would split the
+        prompts over the dp slot that STADI occupies (every rank of a group needs them all),
+        STADI is never the naive forward, and DiTFastAttn is refused at configuration time.
+        """
         pipe = self.module
         config = pipe.transformer.config
         height = height or config.sample_size * pipe.vae_scale_factor
