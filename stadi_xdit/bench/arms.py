@@ -21,6 +21,7 @@ from multiprocessing.connection import Client, Listener
 import torch
 
 from stadi_xdit.bench.presets import PATCH_SIZE, VAE_SCALE, BenchPreset, get_preset
+from stadi_xdit.runtime.profile import work_clock
 
 
 @dataclass(frozen=True)
@@ -113,16 +114,12 @@ class ForwardTimer:
     def __init__(self, module: torch.nn.Module, factor: float = 1.0, cuda: bool = False):
         self.factor = factor
         self.cuda = cuda
+        self._clock = work_clock(torch.device("cuda" if cuda else "cpu"))
         self.records: list[tuple[float, float, float, float]] = []  # wall start, wall end, compute, slept
         self._start = (0.0, 0.0)
         self._handles = [module.register_forward_pre_hook(self._pre),
                          module.register_forward_hook(self._post)]
 
-    def _clock(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return time.perf_counter()
-        return time.thread_time()
 
     def _pre(self, module, args) -> None:
         self._start = (time.perf_counter(), self._clock())
@@ -151,7 +148,8 @@ def _build(spec: dict, rank: int, world: int):
     dtype = getattr(torch, spec["dtype"])
     base = build_pipeline(preset, seed=spec["seed"])
     base.set_progress_bar_config(disable=True)
-    if spec["device"] == "cuda":
+    if spec["device"] == "cuda":  # untested here (no GPU): rank i on cuda:i
+        torch.cuda.set_device(rank)
         base = base.to(f"cuda:{rank}", dtype)
     if arm.kind == "single":
         return base, base.transformer

@@ -55,15 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-stride", type=int, default=2, help="STADI --stadi_max_stride (default 2)")
     parser.add_argument("--pipefusion-patches", type=int, default=None, help="PipeFusion patches (default N)")
-    parser.add_argument("--no-profile-cache", action="store_true",
-                        help="spatial/full re-measure speeds in every call's warm-up instead of reusing "
-                             "the speeds measured in the scenario's warm-up call")
+    parser.add_argument("--profile-cache", action="store_true",
+                        help="spatial/full reuse the speeds measured in the scenario's warm-up call "
+                             "(--stadi_profile_cache; warm-up steps then use elastic bands) instead of "
+                             "measuring in every call (default)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: rank i on cuda:i (untested here: no GPU in CI)")
     parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds before a stuck call fails its arm (default: 20x its warm-up, >= 60)")
-    parser.add_argument("--out", default="stadi-bench-out", help="output folder (default ./stadi-bench-out)")
+    parser.add_argument("--out", default="bench-out", help="output folder (default ./bench-out, git-ignored)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-decode", action="store_true",
                         help="skip decoded-image PSNR/SSIM (only done for the tiny and small presets)")
@@ -190,7 +191,7 @@ def run_bench(args, argv, preset, height, arm_order) -> int:
     settings = BenchSettings(preset=preset, height=height, steps=args.steps, warmup=args.warmup,
                              repeats=args.repeats, world=args.ranks, arms=arms, cores=_cores(args.cores, args.ranks),
                              seed=args.seed, order=args.order, max_stride=args.max_stride,
-                             pipefusion_patches=args.pipefusion_patches, profile_cache=not args.no_profile_cache,
+                             pipefusion_patches=args.pipefusion_patches, profile_cache=args.profile_cache,
                              device=args.device, dtype=args.dtype, run_timeout=args.run_timeout,
                              verbose_workers=args.verbose_workers, out_dir=out)
     print(f"stadi-bench: preset {preset.name} {height}px, {args.steps} steps (warmup {args.warmup}), "
@@ -202,8 +203,10 @@ def run_bench(args, argv, preset, height, arm_order) -> int:
     started = time.time()
     try:
         for scenario in scenarios:
+            load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
             outcomes = run_scenario(settings, scenario, progress)
             summary = summarize(settings, scenario, outcomes, decoder)
+            summary["load_average_before"] = load_before
             summary["checks"] = checks(summary, settings)
             comparison = compare_with_measured(summary, settings, scenario.nominal_speeds(args.ranks))
             summary["simulator_vs_measured"] = comparison

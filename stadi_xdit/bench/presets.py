@@ -47,21 +47,25 @@ class BenchPreset:
         return height // VAE_SCALE // PATCH_SIZE
 
     def forward_flops(self, height: int, width: int | None = None, batch: int | None = None) -> float:
-        """Multiply-add FLOPs (x2) of one transformer forward; the cost proxy for scaling sizes.
+        """FLOPs (2 per multiply-add) of one transformer forward; the cost proxy for scaling sizes.
 
-        Per image token and layer: projections and MLP ~ ``2 * 12 h^2`` (q,k,v,o = 4h^2, MLP 8h^2),
-        cross-attention (PixArt) q,o ~ ``2 * 2 h^2`` plus ``2 * 2 S h`` against S text tokens,
-        self-attention ``2 * 2 N h`` over all N tokens. Flux's joint attention adds the text tokens
-        to N. Embeddings, norms and the final layer are left out (a few %).
+        Per image token and layer: projections and MLP ``2 * 12 h^2`` (q,k,v,o = 4h^2, MLP 8h^2),
+        cross-attention q,o ``2 * 2 h^2`` plus ``2 * 2 S h`` against S text tokens, self-attention
+        ``2 * 2 N h`` over all N image tokens. Per layer, independent of the image: the text K/V
+        projections ``2 * 2 S h^2``; per forward: the caption projection ``2 * S (C h + h^2)``.
+        Flux's joint attention runs its text tokens through every block with the image tokens.
+        Norms, embeddings and the final layer are left out (a few %).
         """
         width = width or height
         batch = batch if batch is not None else (2 if self.family == "pixart" else 1)  # CFG batch
         tokens = self.token_rows(height) * (width // VAE_SCALE // PATCH_SIZE)
-        h = self.hidden
+        h, text = self.hidden, self.text_tokens
         if self.family == "pixart":
-            per_token = 2 * (12 * h * h + 2 * h * h + 2 * self.text_tokens * h + 2 * tokens * h)
-            return float(batch * self.layers * tokens * per_token)
-        seq = tokens + self.text_tokens
+            per_token = 2 * (12 * h * h + 2 * h * h + 2 * text * h + 2 * tokens * h)
+            per_layer = 2 * 2 * text * h * h
+            caption = 2 * text * (self.text_channels * h + h * h)
+            return float(batch * (self.layers * (tokens * per_token + per_layer) + caption))
+        seq = tokens + text
         per_token = 2 * (12 * h * h + 2 * seq * h)
         return float(batch * self.layers * seq * per_token)
 

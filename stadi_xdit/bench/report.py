@@ -235,4 +235,5 @@ def format_table(summary: dict, settings: BenchSettings) -> str:
 
 
 def format_checks(results: list[dict]) -> str:
-    return "\n".join(f"{c['status']:<5} {c['target']}: {c['detail']}" for c in results)
+    lines = ["targets (set for the small preset, 2 ranks, one rank slowed 2:1; printed for any setup):"]
+    return "\n".join(lines + [f"{c['status']:<5} {c['target']}: {c['detail']}" for c in results])

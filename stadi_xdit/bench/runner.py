@@ -44,13 +44,13 @@ class BenchSettings:
     order: str = "interleaved"
     max_stride: int = 2
     pipefusion_patches: int | None = None
-    profile_cache: bool = True
+    profile_cache: bool = False
     device: str = "cpu"
     dtype: str = "float32"
     run_timeout: float | None = None  # None: auto from the first warm-up
     start_timeout: float = 600.0
     verbose_workers: bool = False
-    out_dir: Path = field(default_factory=lambda: Path("stadi-bench-out"))
+    out_dir: Path = field(default_factory=lambda: Path("bench-out"))
 
 
 @dataclass

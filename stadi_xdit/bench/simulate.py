@@ -50,6 +50,8 @@ def measure_forwards(preset: BenchPreset, heights: list[int], seed: int = 0, rep
     if preset.family != "pixart":
         raise ValueError("forward calibration is implemented for PixArt presets; pass --row-seconds")
     transformer = build_pipeline(preset, seed=seed).transformer
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core, like one bench rank
     embeds = random_prompt_embeds(preset.text_channels, seq_len=preset.text_tokens, batch=2, seed=seed)
     out = []
     for height in heights:
@@ -66,6 +68,7 @@ def measure_forwards(preset: BenchPreset, heights: list[int], seed: int = 0, rep
                             added_cond_kwargs=cond, return_dict=False)
                 best = min(best, time.perf_counter() - start)
         out.append(best)
+    torch.set_num_threads(threads)
     return out
 
 

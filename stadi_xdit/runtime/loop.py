@@ -22,6 +22,7 @@ from stadi_xdit.runtime.profile import (
     StepRecord,
     emulate_slowdown,
     measured_step_seconds,
+    work_clock,
 )
 from stadi_xdit.runtime.schedule import map_history, rank_schedule_indices, restrict_to_indices
 
@@ -89,15 +90,18 @@ def denoise(
     num_steps = len(scheduler.timesteps)
     timeline = RankTimeline()
     slowdown = config.emulate_slowdown[rank] if config.emulate_slowdown else 1.0
+    clock = work_clock(latents.device)
 
     def forward_and_step(band: torch.Tensor, schedule_index: int, phase: str, base_step: int) -> torch.Tensor:
         t = scheduler.timesteps[schedule_index]
         waited_before = comm.wait_seconds
-        start = timeline.now()
+        start, work_start = timeline.now(), clock()
         output = model.predict(band, t)
         synchronize(output)  # on CUDA, time the kernels rather than their launch
         wait = comm.wait_seconds - waited_before
-        emulated = emulate_slowdown(slowdown, timeline.now() - start - wait)
+        # CUDA's clock is wall time, which includes the waits; the CPU clock never does.
+        work = clock() - work_start - (wait if latents.is_cuda else 0.0)
+        emulated = emulate_slowdown(slowdown, work) if slowdown != 1.0 else 0.0
         timeline.steps.append(StepRecord(phase, base_step, start, timeline.now(), wait, emulated))
         return scheduler.step(output, t, band, return_dict=False)[0]
 

@@ -7,9 +7,11 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 
 @dataclass
@@ -52,6 +54,22 @@ def measured_step_seconds(records: Sequence[StepRecord]) -> float:
         raise ValueError("no warmup step was timed; speeds need --warmup_steps >= 1 or --stadi_speeds")
     usable = warmup[1:] if len(warmup) > 1 else warmup
     return statistics.median(usable)
+
+
+def work_clock(device: torch.device) -> Callable[[], float]:
+    """A clock of this rank's own device work, for the slowdown emulation.
+
+    On CPU it is the compute thread's CPU time: ranks run single-threaded, a blocked collective
+    burns none of it, and gloo's transfer threads and other tenants are not counted (emulating
+    them again would slow the rank twice). On CUDA it is wall time after a device synchronize.
+    """
+    if device.type == "cuda":
+        def cuda_clock() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return cuda_clock
+    return time.thread_time
 
 
 def emulate_slowdown(factor: float, compute_seconds: float) -> float:
