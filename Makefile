@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/stadi-bench
 
+# PIPELINE=flux for Flux.1; pixart-sigma for PixArt-Σ.
+PIPELINE ?= pixart-alpha
 example: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29531 \
-		scripts/pixart_stadi_example.py --model tiny --use_stadi --height 256 --width 256 \
+		scripts/stadi_example.py --pipeline $(PIPELINE) --model tiny --use_stadi --height 256 --width 256 \
 		--num_inference_steps 8 --warmup_steps 2 --stadi_emulate_slowdown 1,2
 
 test: $(STAMP)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "scripts" / "pixart_stadi_example.py"
+EXAMPLE = Path(__file__).resolve().parent.parent / "scripts" / "stadi_example.py"
 
 
 @pytest.mark.parametrize("flags,named", [
