@@ -16,7 +16,7 @@ import stadi_xdit  # noqa: F401  (compat layer first)
 from stadi_xdit.planner import plan
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.kv import DisplacedKVStore
-from stadi_xdit.runtime.layout import BandLayout
+from stadi_xdit.runtime.layout import BandLayout, slice_band
 from stadi_xdit.runtime.schedule import (
     check_scheduler_supported,
     rank_schedule_indices,
@@ -33,7 +33,7 @@ def test_layout_follows_plan_rows():
     assert layout.token_range(1) == (325, 450)
     assert sum(layout.token_counts()) == 90 * 5
     latents = torch.arange(180.0).view(1, 1, 180, 1)
-    assert layout.slice_latents(latents, 1).flatten()[0].item() == 130
+    assert slice_band(latents, layout.latent_row_counts(), 1, dim=2).flatten()[0].item() == 130
 
 
 def _denoise(scheduler, steps: int, indices_after: list[int] | None = None, warmup: int = 2) -> torch.Tensor:

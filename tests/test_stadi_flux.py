@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stadi_xdit.testing.checks import ignore_foreign_bands, relative_error
+from stadi_xdit.testing.checks import build_stadi_pipeline, relative_error
 from stadi_xdit.testing.spawn import run_distributed
 
 PROMPT = "a red cat"
@@ -32,7 +32,6 @@ def _run_stadi(rank: int, world: int, size: int, steps: int, runs: list[dict], g
     """Build one STADI Flux pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
     import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.testing.tiny import FLUX_PRESETS, build_flux_pipeline
-    from stadi_xdit.xdit.args import StadiArgs
     from stadi_xdit.xdit.flux import StadiFluxPipeline
 
     preset = FLUX_PRESETS["tiny"]
@@ -42,15 +41,8 @@ def _run_stadi(rank: int, world: int, size: int, steps: int, runs: list[dict], g
         preset = replace(preset, guidance_embeds=True)
     results = []
     for kwargs in runs:
-        kwargs = dict(kwargs)
-        corrupt = kwargs.pop("ignore_foreign_bands", False)
-        args = StadiArgs(model="tiny-flux", use_stadi=True, height=size, width=size, num_inference_steps=steps,
-                         **kwargs)
-        engine_config, _ = args.create_config()
-        engine_config.runtime_config.dtype = torch.float32
-        pipe = StadiFluxPipeline(build_flux_pipeline(preset), engine_config)
-        if corrupt:
-            ignore_foreign_bands(pipe.kv_store)
+        pipe = build_stadi_pipeline(StadiFluxPipeline, build_flux_pipeline(preset), size=size, steps=steps,
+                                    model="tiny-flux", **kwargs)
         forwards = []
         transformer = pipe.module.transformer
         handle = transformer.register_forward_pre_hook(lambda *_, seen=forwards: seen.append(1))
@@ -144,17 +136,13 @@ def _run_with_profile_cache(rank: int, world: int, cache: str) -> list[dict]:
     import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.runtime.profile import ProfileCache
     from stadi_xdit.testing.tiny import tiny_flux_pipeline
-    from stadi_xdit.xdit.args import StadiArgs
     from stadi_xdit.xdit.flux import StadiFluxPipeline
 
     out = []
     for _ in range(2):
-        args = StadiArgs(model="tiny-flux", use_stadi=True, height=128, width=128, num_inference_steps=5,
-                         warmup_steps=3, stadi_mode="spatial", stadi_emulate_slowdown="1,3",
-                         stadi_profile_cache=cache)
-        engine_config, _ = args.create_config()
-        engine_config.runtime_config.dtype = torch.float32
-        pipe = StadiFluxPipeline(tiny_flux_pipeline(), engine_config)
+        pipe = build_stadi_pipeline(StadiFluxPipeline, tiny_flux_pipeline(), size=128, steps=5, model="tiny-flux",
+                                    warmup_steps=3, stadi_mode="spatial", stadi_emulate_slowdown="1,3",
+                                    stadi_profile_cache=cache)
         pipe(prompt=PROMPT, height=128, width=128, num_inference_steps=5, output_type="latent",
              max_sequence_length=MAX_SEQ, generator=torch.Generator().manual_seed(SEED))
         result = pipe.last_result

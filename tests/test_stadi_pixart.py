@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stadi_xdit.bench.metrics import psnr
-from stadi_xdit.testing.checks import ignore_foreign_bands, relative_error
+from stadi_xdit.testing.checks import build_stadi_pipeline, relative_error
 from stadi_xdit.testing.spawn import run_distributed
 
 PROMPT = "a red cat"
@@ -26,21 +26,12 @@ def _run_stadi(rank: int, world: int, variant: str, size: int, steps: int, runs:
     """Build one STADI pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
     import stadi_xdit  # noqa: F401
     from stadi_xdit.testing.tiny import tiny_pixart_pipeline
-    from stadi_xdit.xdit.args import StadiArgs
     from stadi_xdit.xdit.pipelines import StadiPixArtAlphaPipeline, StadiPixArtSigmaPipeline
 
+    cls = StadiPixArtAlphaPipeline if variant == "alpha" else StadiPixArtSigmaPipeline
     results = []
     for kwargs in runs:
-        kwargs = dict(kwargs)
-        corrupt = kwargs.pop("ignore_foreign_bands", False)
-        args = StadiArgs(model="tiny", use_stadi=True, height=size, width=size, num_inference_steps=steps,
-                         **kwargs)
-        engine_config, _ = args.create_config()
-        engine_config.runtime_config.dtype = torch.float32
-        cls = StadiPixArtAlphaPipeline if variant == "alpha" else StadiPixArtSigmaPipeline
-        pipe = cls(tiny_pixart_pipeline(variant), engine_config)
-        if corrupt:
-            ignore_foreign_bands(pipe.kv_store)
+        pipe = build_stadi_pipeline(cls, tiny_pixart_pipeline(variant), size=size, steps=steps, **kwargs)
         forwards = []
         handle = pipe.module.transformer.register_forward_pre_hook(lambda *_, calls=forwards: calls.append(1))
         out = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
@@ -143,14 +134,10 @@ def _run_with_stalled_rank(rank: int, world: int) -> None:
 
     import stadi_xdit  # noqa: F401
     from stadi_xdit.testing.tiny import tiny_pixart_pipeline
-    from stadi_xdit.xdit.args import StadiArgs
     from stadi_xdit.xdit.pipelines import StadiPixArtAlphaPipeline
 
-    args = StadiArgs(model="tiny", use_stadi=True, height=128, width=128, num_inference_steps=6, warmup_steps=2,
-                     stadi_mode="full", stadi_speeds="1,0.5", stadi_timeout=5)
-    engine_config, _ = args.create_config()
-    engine_config.runtime_config.dtype = torch.float32
-    pipe = StadiPixArtAlphaPipeline(tiny_pixart_pipeline(), engine_config)
+    pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, tiny_pixart_pipeline(), size=128, steps=6, warmup_steps=2,
+                                stadi_mode="full", stadi_speeds="1,0.5", stadi_timeout=5)
     calls = []
 
     def stall_on_third_forward(*_):

@@ -44,7 +44,7 @@ class BandLayout:
     def token_counts(self) -> list[int]:
         return [(end - start) * self.tokens_per_row for start, end in self.token_rows]
 
-    def slice_latents(self, latents: torch.Tensor, rank: int) -> torch.Tensor:
-        """This rank's band of a full (..., H, W) latent."""
-        start, end = self.latent_rows(rank)
-        return latents[..., start:end, :].contiguous()
+
+def slice_band(full: torch.Tensor, sizes: list[int], rank: int, dim: int) -> torch.Tensor:
+    """Rank `rank`'s band of `full`, where bands of `sizes` lie in rank order along `dim`."""
+    return full.narrow(dim, sum(sizes[:rank]), sizes[rank]).contiguous()

@@ -16,7 +16,7 @@ from stadi_xdit.config import StadiConfig
 from stadi_xdit.planner import Plan, plan, plan_warmup
 from stadi_xdit.runtime.comm import BandComm, synchronize
 from stadi_xdit.runtime.kv import DisplacedKVStore
-from stadi_xdit.runtime.layout import BandLayout
+from stadi_xdit.runtime.layout import BandLayout, slice_band
 from stadi_xdit.runtime.profile import (
     RankTimeline,
     StepRecord,
@@ -56,12 +56,6 @@ class _Band:
     layout: BandLayout
     sizes: list[int]
     latents: torch.Tensor
-
-
-def _slice_band(model: BandModel, full: torch.Tensor, layout: BandLayout, rank: int) -> torch.Tensor:
-    sizes = model.band_sizes(layout)
-    start = sum(sizes[:rank])
-    return full.narrow(model.band_dim, start, sizes[rank]).contiguous()
 
 
 def denoise(
@@ -114,7 +108,7 @@ def denoise(
                        speeds=known_speeds)
     layout = layout_for(warm)
     install(layout)
-    band = _slice_band(model, latents, layout, rank)
+    band = slice_band(latents, model.band_sizes(layout), rank, model.band_dim)
     store.set_phase(synchronous=True)
     for i in range(warmup_steps):
         band = forward_and_step(band, i, "warmup", i)
@@ -137,14 +131,13 @@ def denoise(
     full = comm.all_gather(band, old_sizes, model.band_dim)
     new_layout = layout_for(final)
     new_sizes = model.band_sizes(new_layout)
-    new_start = sum(new_sizes[:rank])
 
     def reband(history: torch.Tensor) -> torch.Tensor:
         gathered = comm.all_gather(history.contiguous(), old_sizes, model.band_dim)
-        return gathered.narrow(model.band_dim, new_start, new_sizes[rank]).contiguous()
+        return slice_band(gathered, new_sizes, rank, model.band_dim)
 
     map_history(scheduler, reband)
-    band = full.narrow(model.band_dim, new_start, new_sizes[rank]).contiguous()
+    band = slice_band(full, new_sizes, rank, model.band_dim)
     layout = new_layout
     install(layout)
     me = final.ranks[rank]

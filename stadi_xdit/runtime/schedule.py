@@ -33,8 +33,6 @@ def check_scheduler_supported(scheduler: object) -> None:
         names = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
         # ValueError like every other bad-configuration error, although the test is on a type.
         raise ValueError(f"--use_stadi does not support scheduler {type(scheduler).__name__}; use one of {names}")  # noqa: TRY004
-    if isinstance(scheduler, DDIMScheduler) and not isinstance(scheduler, SubsequenceDDIMScheduler):
-        return  # converted by `to_subsequence_capable`
     if isinstance(scheduler, DPMSolverMultistepScheduler) and scheduler.config.algorithm_type in ("sde-dpmsolver",
                                                                                                  "sde-dpmsolver++"):
         raise ValueError("--use_stadi needs a deterministic scheduler; DPM-Solver SDE variants draw fresh noise per step")
@@ -113,14 +111,3 @@ def map_history(scheduler: object, transform: Callable[[torch.Tensor], torch.Ten
                 setattr(scheduler, name, [None if v is None else transform(v) for v in value])
             elif isinstance(value, torch.Tensor):
                 setattr(scheduler, name, transform(value))
-
-
-def history_presence(scheduler: object) -> list[bool]:
-    """Which history slots are filled; identical on every rank, so gathers line up."""
-    flags: list[bool] = []
-    for cls, names in HISTORY_ATTRIBUTES.items():
-        if isinstance(scheduler, cls):
-            for name in names:
-                value = getattr(scheduler, name)
-                flags += [v is not None for v in value] if isinstance(value, list) else [value is not None]
-    return flags

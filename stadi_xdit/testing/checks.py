@@ -30,3 +30,21 @@ def ignore_foreign_bands(store: DisplacedKVStore) -> None:
         return masked[0], masked[1]
 
     store.full_kv = own_band_only
+
+
+def build_stadi_pipeline(pipeline_cls: type, diffusers_pipeline, *, size: int, steps: int, model: str = "tiny",
+                         **stadi_args):
+    """A float32 STADI pipeline configured from `StadiArgs` keywords, as the tests run it.
+
+    `ignore_foreign_bands=True` among the keywords also injects the broken-exchange fault.
+    """
+    from stadi_xdit.xdit.args import StadiArgs
+
+    corrupt = stadi_args.pop("ignore_foreign_bands", False)
+    args = StadiArgs(model=model, use_stadi=True, height=size, width=size, num_inference_steps=steps, **stadi_args)
+    engine_config, _ = args.create_config()
+    engine_config.runtime_config.dtype = torch.float32
+    pipe = pipeline_cls(diffusers_pipeline, engine_config)
+    if corrupt:
+        ignore_foreign_bands(pipe.kv_store)
+    return pipe
