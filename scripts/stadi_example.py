@@ -23,6 +23,8 @@ import torch.distributed as dist
 from xfuser.config import FlexibleArgumentParser
 from xfuser.core.distributed import get_world_group
 
+from stadi_xdit.cli_errors import OneLineErrors, fail
+from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.testing.tiny import (
     FLUX_PRESETS,
     PIXART_PRESETS,
@@ -62,34 +64,60 @@ def text_inputs(kind: str, pipeline, prompt: str, seed: int, device: torch.devic
                 "pooled_prompt_embeds": random_prompt_embeds(config.pooled_projection_dim, seq_len=1,
                                                              seed=seed)[:, 0].to(device, dtype)}
     channels = pipeline.transformer.config.caption_channels
-    return {"prompt_embeds": random_prompt_embeds(channels, seed=seed).to(device, dtype),
+    # negative_prompt=None: diffusers refuses a negative prompt and negative embeddings together.
+    return {"negative_prompt": None, "prompt_embeds": random_prompt_embeds(channels, seed=seed).to(device, dtype),
             "prompt_attention_mask": torch.ones(1, 8, device=device),
             "negative_prompt_embeds": torch.zeros(1, 8, channels, device=device, dtype=dtype),
             "negative_prompt_attention_mask": torch.ones(1, 8, device=device)}
 
 
-def main() -> None:
-    parser = FlexibleArgumentParser(description="PixArt / Flux with STADI (xDiT plugin)")
+class ExampleParser(OneLineErrors, FlexibleArgumentParser):
+    """xDiT's parser; a bad flag is one line, printed by rank 0 only."""
+
+
+def parse_args() -> tuple[StadiArgs, str]:
+    """Every flag checked before any process group exists; errors are one line naming the flag."""
+    parser = ExampleParser(prog="stadi_example.py", description="PixArt / Flux with STADI (xDiT plugin)")
     StadiArgs.add_cli_args(parser)
     parser.add_argument("--pipeline", choices=sorted(PIPELINES), default="pixart-alpha")
     args = parser.parse_args()
-    try:  # one-line errors naming the flag, before any process group exists
+    kind = args.pipeline
+    try:
         engine_args = StadiArgs.from_cli_args(args)
         if engine_args.use_stadi:
             engine_args.validate()
     except ValueError as error:
         parser.error(str(error))
+    if kind == "flux" and engine_args.use_cfg_parallel:
+        parser.error("--use_cfg_parallel does not apply to --pipeline flux (Flux.1 has no CFG branches)")
+    if engine_args.model not in (FLUX_PRESETS if kind == "flux" else PIXART_PRESETS) \
+            and not os.path.isdir(engine_args.model):
+        parser.error(f"--model must be a local diffusers folder or a preset, got {engine_args.model!r}")
+    return engine_args, kind
+
+
+def main() -> None:
+    engine_args, kind = parse_args()
+    try:
+        run(engine_args, kind)
+    except PeerFailure as error:
+        report_and_exit(error)
+    except ValueError as error:  # inputs only the loaded model can check (e.g. its size limits)
+        fail("stadi_example.py", str(error))
+
+
+def run(engine_args: StadiArgs, kind: str) -> None:
     device = init_distributed(engine_args.stadi_timeout)
     engine_config, input_config = engine_args.create_config()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine_config.runtime_config.dtype = dtype
 
-    pipeline, needs_embeds = load_pipeline(args.pipeline, engine_args.model)
+    pipeline, needs_embeds = load_pipeline(kind, engine_args.model)
     pipeline = pipeline.to(device=device, dtype=dtype)
-    pipe = PIPELINES[args.pipeline](pipeline, engine_config)
-    inputs = text_inputs(args.pipeline, pipeline, input_config.prompt or "a lighthouse at dusk",
+    pipe = PIPELINES[kind](pipeline, engine_config)
+    inputs = text_inputs(kind, pipeline, input_config.prompt or "a lighthouse at dusk",
                          input_config.seed, device, dtype, needs_embeds)
-    if args.pipeline == "flux":
+    if kind == "flux":
         inputs["max_sequence_length"] = 16 if engine_args.model == "tiny" else input_config.max_sequence_length
     else:
         inputs["use_resolution_binning"] = False
@@ -109,7 +137,7 @@ def main() -> None:
         print(f"end-to-end latency: {elapsed:.2f} s")
     if pipe.is_dp_last_group() and output is not None and input_config.output_type == "pil":
         os.makedirs("results", exist_ok=True)
-        path = f"results/stadi_{args.pipeline}_{result.plan.mode}.png"
+        path = f"results/stadi_{kind}_{result.plan.mode}.png"
         output.images[0].save(path)
         print("saved", path)
     dist.destroy_process_group()

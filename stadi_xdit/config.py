@@ -1,21 +1,40 @@
-"""`StadiConfig`: every STADI setting, validated before any process group exists. No torch here."""
+"""`StadiConfig`: every STADI setting, validated before any process group exists. No torch here.
+
+The fields' metadata is the one source of truth for the settings: the `--stadi_*` flags, the
+`StadiArgs` fields and the config-file keys are all generated from it (`SETTINGS`).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-MODES = ("uniform", "spatial", "full")
+from stadi_xdit.planner.plan_types import MODES
+from stadi_xdit.planner.validation import MAX_STRIDE_LIMIT
+
+# A week: far beyond any denoising run, and small enough for every backend's millisecond timers
+# (gloo and NCCL overflow on values like 1e300).
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0
+
+
+def setting(default: Any, flag: str, kind: str, help: str, **extra: Any) -> Any:
+    """A StadiConfig field with its CLI flag, value kind (bool/choice/int/float/floats/path) and help."""
+    return field(default=default, metadata={"flag": flag, "kind": kind, "help": help, **extra})
 
 
 def parse_floats(text: str | Sequence[float] | None, flag: str) -> tuple[float, ...] | None:
     """'1,0.5' -> (1.0, 0.5); the error names the flag."""
-    if text is None or text == "":
+    if text is None or (isinstance(text, str) and text.strip() == ""):
         return None
     items = text.split(",") if isinstance(text, str) else list(text)
+    if not items:
+        raise ValueError(f"{flag} needs one value per rank, got an empty list")
     try:
         values = tuple(float(item) for item in items)
     except (TypeError, ValueError):
@@ -29,15 +48,26 @@ def parse_floats(text: str | Sequence[float] | None, flag: str) -> tuple[float, 
 class StadiConfig:
     """STADI as one more parallel strategy of xDiT; `use_stadi=True` is the only required switch."""
 
-    use_stadi: bool = False
-    mode: str = "full"  # uniform (patch parallelism) | spatial (elastic bands) | full (bands + strides)
-    exact: bool = False  # every step synchronous, strides 1: equals one process
-    max_stride: int = 2
-    tolerance: float = 0.02
-    speeds: tuple[float, ...] | None = None  # overrides measurement
-    emulate_slowdown: tuple[float, ...] | None = None  # testing aid: rank i runs k_i times slower
-    profile_cache: str | None = None
-    timeout_seconds: float = 600.0  # a stalled rank makes the others fail after this long
+    use_stadi: bool = setting(False, "--use_stadi", "bool",
+                              "Run STADI on the ranks of each CFG branch (replaces data parallelism).")
+    mode: str = setting("full", "--stadi_mode", "choice",
+                        "uniform: equal bands (patch parallelism); spatial: bands by speed; "
+                        "full: bands by speed x stride and fewer steps on slow ranks.", choices=MODES)
+    exact: bool = setting(False, "--stadi_exact", "bool",
+                          "Every step synchronous with stride 1: output equals one process.")
+    max_stride: int = setting(2, "--stadi_max_stride", "int",
+                              f"Largest step stride of a slow rank (1..{MAX_STRIDE_LIMIT}).")
+    tolerance: float = setting(0.02, "--stadi_tolerance", "float",
+                               "Accept a predicted slowdown this large for a smaller sync period.")
+    speeds: tuple[float, ...] | None = setting(None, "--stadi_speeds", "floats",
+                                               "Comma-separated relative speeds per rank; skips measurement.")
+    emulate_slowdown: tuple[float, ...] | None = setting(
+        None, "--stadi_emulate_slowdown", "floats",
+        "Testing aid: comma-separated slowdown factor per rank (1 = full speed).")
+    profile_cache: str | None = setting(None, "--stadi_profile_cache", "path",
+                                        "JSON file to store and reuse measured speeds.")
+    timeout_seconds: float = setting(600.0, "--stadi_timeout", "float",
+                                     "Seconds before a stalled or dead peer makes the run fail.")
 
     def __post_init__(self) -> None:
         # Accept the CLI's string forms so configs built from flags or files validate the same way.
@@ -45,14 +75,19 @@ class StadiConfig:
         object.__setattr__(self, "emulate_slowdown", parse_floats(self.emulate_slowdown, "--stadi_emulate_slowdown"))
         if self.mode not in MODES:
             raise ValueError(f"--stadi_mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not isinstance(self.max_stride, int) or self.max_stride < 1:
-            raise ValueError(f"--stadi_max_stride must be an integer >= 1, got {self.max_stride!r}")
-        if not (0 <= self.tolerance < 1):
-            raise ValueError(f"--stadi_tolerance must be in [0, 1), got {self.tolerance!r}")
-        if self.timeout_seconds <= 0:
-            raise ValueError(f"--stadi_timeout must be > 0 seconds, got {self.timeout_seconds!r}")
+        if (isinstance(self.max_stride, bool) or not isinstance(self.max_stride, int)
+                or not 1 <= self.max_stride <= MAX_STRIDE_LIMIT):
+            raise ValueError(f"--stadi_max_stride must be an integer in [1, {MAX_STRIDE_LIMIT}] "
+                             f"(the planner's limit), got {self.max_stride!r}")
+        if not (_is_number(self.tolerance) and 0 <= self.tolerance < 1):
+            raise ValueError(f"--stadi_tolerance must be a number in [0, 1), got {self.tolerance!r}")
+        if not (_is_number(self.timeout_seconds) and 0 < self.timeout_seconds <= MAX_TIMEOUT_SECONDS):
+            raise ValueError(f"--stadi_timeout must be a number of seconds in (0, {MAX_TIMEOUT_SECONDS:.0f}], "
+                             f"got {self.timeout_seconds!r}")
         if self.emulate_slowdown is not None and any(k < 1 for k in self.emulate_slowdown):
             raise ValueError("--stadi_emulate_slowdown factors must be >= 1 (1 = full speed)")
+        if self.profile_cache is not None and not self.profile_cache.strip():
+            raise ValueError("--stadi_profile_cache must be a file path, got an empty string")
 
     @property
     def effective_max_stride(self) -> int:
@@ -68,11 +103,14 @@ class StadiConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StadiConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: Any, source: str = "STADI config") -> StadiConfig:
+        """Validate a parsed file or dict; every error is one line naming the flag or key."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must be a mapping of settings (e.g. {{\"mode\": \"full\"}}), "  # noqa: TRY004
+                             f"got {type(data).__name__}")
+        unknown = sorted(str(key) for key in set(data) - set(FLAGS))
         if unknown:
-            raise ValueError(f"unknown STADI config keys: {', '.join(unknown)}")
+            raise ValueError(f"unknown STADI config keys: {', '.join(unknown)} (known: {', '.join(FLAGS)})")
         _check_types(data)  # a file's `exact: "yes"` must not silently switch exact mode on
         return cls(**data)
 
@@ -81,7 +119,11 @@ class StadiConfig:
 
     @classmethod
     def from_json(cls, text: str) -> StadiConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"STADI config is not valid JSON: {error}") from None
+        return cls.from_dict(data)
 
     def to_yaml(self) -> str:
         """The config as a YAML mapping (same keys as `to_dict`); `from_yaml` reads it back."""
@@ -96,45 +138,89 @@ class StadiConfig:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_strict_yaml_loader())
         except yaml.YAMLError as error:
             raise ValueError(f"STADI config is not valid YAML: {' '.join(str(error).split())}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            kind = type(data).__name__
-            raise ValueError(f"STADI config must be a YAML mapping of settings, got {kind}")  # noqa: TRY004
-        _check_types(data)
-        return cls.from_dict(data)
+        return cls.from_dict({} if data is None else data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> StadiConfig:
+        """A `.json`, `.yaml` or `.yml` file; unreadable files fail with one line naming the path."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+            raise ValueError(f"cannot read STADI config file {str(path)!r}: {reason}") from None
+        if path.suffix.lower() == ".json":
+            return cls.from_json(text)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            return cls.from_yaml(text)
+        raise ValueError(f"STADI config file {str(path)!r} must end in .json, .yaml or .yml")
 
 
-# Field -> the CLI flag that sets it, for error messages about config files.
-FLAGS = {"use_stadi": "--use_stadi", "mode": "--stadi_mode", "exact": "--stadi_exact",
-         "max_stride": "--stadi_max_stride", "tolerance": "--stadi_tolerance", "speeds": "--stadi_speeds",
-         "emulate_slowdown": "--stadi_emulate_slowdown", "profile_cache": "--stadi_profile_cache",
-         "timeout_seconds": "--stadi_timeout"}
+# Field -> the CLI flag that sets it (and the kind of value), from the fields' metadata.
+SETTINGS = {f.name: f.metadata for f in fields(StadiConfig)}
+FLAGS = {name: meta["flag"] for name, meta in SETTINGS.items()}
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return _is_real(value) and math.isfinite(value)
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "choice":
+        return isinstance(value, str)
+    if kind == "path":
+        return value is None or isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":  # NaN/inf pass here and fail the value check, which names the range
+        return _is_real(value)
+    # per-rank lists: "1,0.5" or [1, 0.5]
+    return value is None or isinstance(value, str) or (
+        isinstance(value, (list, tuple)) and all(_is_real(v) for v in value))
 
 
 def _check_types(data: dict[str, Any]) -> None:
     """Types a config file can get wrong that the value checks would not name (or would accept)."""
     for key, value in data.items():
-        flag = FLAGS.get(key)
-        if flag is None:
-            continue  # from_dict reports unknown keys
-        if key in ("use_stadi", "exact"):
-            ok = isinstance(value, bool)
-        elif key in ("mode", "profile_cache"):
-            ok = isinstance(value, str) or (key == "profile_cache" and value is None)
-        elif key == "max_stride":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif key in ("tolerance", "timeout_seconds"):
-            ok = _is_number(value)
-        else:  # per-rank lists
-            ok = value is None or isinstance(value, str) or (
-                isinstance(value, (list, tuple)) and all(_is_number(v) for v in value))
-        if not ok:
-            raise ValueError(f"{flag} has the wrong type in the config: {value!r} ({type(value).__name__})")
+        meta = SETTINGS[key]
+        if not _type_ok(meta["kind"], value):
+            raise ValueError(f"{meta['flag']} has the wrong type in the config: {value!r} ({type(value).__name__})")
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"STADI config sets {', '.join(duplicates)} more than once")
+    return dict(pairs)
+
+
+# YAML 1.1 reads `5e-1` (no dot) as a string; YAML 1.2 and every other config format read a number.
+_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$")
+
+
+@functools.cache
+def _strict_yaml_loader() -> type:
+    """SafeLoader that refuses duplicate keys and reads exponent floats like `5e-1` as numbers."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
+            hashable = [key for key in keys if isinstance(key, (str, int, float, bool)) or key is None]
+            duplicates = sorted({str(key) for key in hashable if hashable.count(key) > 1})
+            if duplicates:
+                raise ValueError(f"STADI config sets {', '.join(duplicates)} more than once")
+            return super().construct_mapping(node, deep=deep)
+
+    StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789"))
+    return StrictLoader

@@ -23,9 +23,10 @@ import os
 import runpy
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import stadi_xdit  # noqa: F401  (compat layer and CLI hook, before the script imports xfuser)
+from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.xdit import cli_hook
 
 USAGE = "usage: python -m stadi_xdit.run (SCRIPT.py | -m MODULE) [ARGS ...]"
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if len(argv) < 2:
             raise SystemExit(USAGE)
         sys.argv = [argv[1], *argv[2:]]
-        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        _run_reporting_faults(lambda: runpy.run_module(argv[1], run_name="__main__", alter_sys=True))
         return
     script = argv[0]
     if not os.path.isfile(script):
@@ -49,7 +50,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.argv = list(argv)
     # As `python script.py` does: the script's folder first on sys.path.
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    _run_reporting_faults(lambda: runpy.run_path(script, run_name="__main__"))
+
+
+def _run_reporting_faults(run: Callable[[], object]) -> None:
+    """A dead or stalled STADI peer ends the script with one line naming it, not a traceback."""
+    try:
+        run()
+    except PeerFailure as error:
+        report_and_exit(error)
 
 
 # --- launcher -----------------------------------------------------------------------------------

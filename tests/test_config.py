@@ -137,3 +137,78 @@ def test_bad_mode_fails_at_construction():
 def test_validate_returns_the_stadi_degree():
     assert _args(stadi_speeds="1,2").validate(2) == 2
     assert _args(use_cfg_parallel=True, stadi_speeds="1,2").validate(4) == 2
+
+
+# --- issue: config files that were accepted, or crashed, instead of one line -----------------------
+
+@pytest.mark.parametrize("text,needle", [
+    ('{"timeout_seconds": NaN}', "--stadi_timeout"),
+    ('{"timeout_seconds": Infinity}', "--stadi_timeout"),
+    ('{"timeout_seconds": 1e300}', "--stadi_timeout"),
+    ('{"max_stride": 1000000000}', "--stadi_max_stride"),
+    ('{"speeds": []}', "--stadi_speeds"),
+    ('{"mode": "full", "mode": "uniform"}', "mode more than once"),
+    ("[1, 2]", "mapping"),
+    ("null", "mapping"),
+    ('"full"', "mapping"),
+    ("{", "not valid JSON"),
+])
+def test_bad_json_config_is_one_line(text, needle):
+    with pytest.raises(ValueError) as info:
+        StadiConfig.from_json(text)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("timeout_seconds: .nan\n", "--stadi_timeout"),
+    ("timeout_seconds: .inf\n", "--stadi_timeout"),
+    ("max_stride: 1000000000\n", "--stadi_max_stride"),
+    ("speeds: []\n", "--stadi_speeds"),
+    ("mode: full\nmode: spatial\n", "mode more than once"),
+    ("tolerance: [1]\n", "--stadi_tolerance"),
+])
+def test_bad_yaml_config_is_one_line(text, needle):
+    with pytest.raises(ValueError) as info:
+        StadiConfig.from_yaml(text)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_yaml_exponent_without_dot_is_a_number():
+    assert StadiConfig.from_yaml("tolerance: 5e-1\ntimeout_seconds: 1e2\n").tolerance == 0.5
+
+
+def test_config_file_by_extension(tmp_path):
+    (tmp_path / "c.yaml").write_text("mode: spatial\n")
+    (tmp_path / "c.json").write_text('{"mode": "uniform"}')
+    (tmp_path / "c.txt").write_text("mode: spatial\n")
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00")
+    assert StadiConfig.from_file(tmp_path / "c.yaml").mode == "spatial"
+    assert StadiConfig.from_file(tmp_path / "c.json").mode == "uniform"
+    for name, needle in (("c.txt", ".json, .yaml"), ("bin.json", "cannot read"), ("missing.json", "cannot read")):
+        with pytest.raises(ValueError, match=needle):
+            StadiConfig.from_file(tmp_path / name)
+
+
+# Values a config file can hold: every JSON type, plus the awkward numbers.
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8) | st.sampled_from(MODES),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6)
+config_dicts = st.dictionaries(st.sampled_from([*FLAGS, "spead", ""]), json_values, max_size=4)
+
+
+@given(config_dicts | json_values)
+def test_fuzzed_config_is_valid_or_one_line_error(data):
+    """Any parsed file content: a config, or a ValueError of one line; never another exception."""
+    import json
+    import math
+
+    text = json.dumps(data)  # NaN/Infinity spelled the way Python's json writes them
+    try:
+        config = StadiConfig.from_json(text)
+    except ValueError as error:
+        assert "\n" not in str(error) and str(error)
+        return
+    assert config.mode in MODES and 1 <= config.max_stride <= 16
+    assert math.isfinite(config.timeout_seconds) and config.timeout_seconds > 0

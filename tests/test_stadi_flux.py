@@ -132,39 +132,40 @@ def test_stale_modes_follow_the_plan_and_repeat():
         assert torch.equal(results[rank][2]["latents"], results[rank][3]["latents"]), "runs must repeat bit for bit"
 
 
-def _run_with_profile_cache(rank: int, world: int, cache: str) -> list[dict]:
+def _run_with_profile_cache(rank: int, world: int, cache: str) -> dict:
     import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
-    from stadi_xdit.runtime.profile import ProfileCache
+    from stadi_xdit.runtime.profile_cache import ProfileCache
     from stadi_xdit.testing.tiny import tiny_flux_pipeline
     from stadi_xdit.xdit.flux import StadiFluxPipeline
 
-    out = []
-    for _ in range(2):
-        pipe = build_stadi_pipeline(StadiFluxPipeline, tiny_flux_pipeline(), size=128, steps=5, model="tiny-flux",
-                                    warmup_steps=3, stadi_mode="spatial", stadi_emulate_slowdown="1,3",
-                                    stadi_profile_cache=cache)
-        pipe(prompt=PROMPT, height=128, width=128, num_inference_steps=5, output_type="latent",
-             max_sequence_length=MAX_SEQ, generator=torch.Generator().manual_seed(SEED))
-        result = pipe.last_result
-        key = pipe._profile_key(128, 128)
-        torch.distributed.barrier()  # the leader has written the cache
-        out.append({"warmup_plan": result.warmup_plan, "plan": result.plan, "key": key,
-                    "cached": ProfileCache(cache).load(key)})
-    return out
+    pipe = build_stadi_pipeline(StadiFluxPipeline, tiny_flux_pipeline(), size=128, steps=5, model="tiny-flux",
+                                warmup_steps=3, stadi_mode="spatial", stadi_emulate_slowdown="1,3",
+                                stadi_profile_cache=cache)
+    pipe(prompt=PROMPT, height=128, width=128, num_inference_steps=5, output_type="latent",
+         max_sequence_length=MAX_SEQ, generator=torch.Generator().manual_seed(SEED))
+    result = pipe.last_result
+    key = pipe._profile_key(128, 128)
+    torch.distributed.barrier()  # the leader has written the cache
+    return {"warmup_plan": result.warmup_plan, "plan": result.plan, "key": key,
+            "cached": ProfileCache(cache).load(key, world)}
 
 
-def test_profile_cache_makes_the_next_warmup_elastic(tmp_path):
+def test_profile_cache_makes_the_next_launch_warm_up_elastic(tmp_path, monkeypatch):
     import json
     import socket
 
     cache = tmp_path / "speeds.json"
-    results = run_distributed(_run_with_profile_cache, 2, str(cache), timeout=300)
-    first, second = results[0]
-    assert results[1][0]["key"] == first["key"], "every rank must build the same cache key"
+    launches = []
+    for hash_seed in ("1", "2"):  # set ordering differs between launches; the key must not
+        monkeypatch.setenv("PYTHONHASHSEED", hash_seed)
+        launches.append(run_distributed(_run_with_profile_cache, 2, str(cache), timeout=300))
+    (first, first_rank_1), (second, _) = launches
+    assert first_rank_1["key"] == first["key"], "every rank must build the same cache key"
+    assert second["key"] == first["key"], "the key must not depend on PYTHONHASHSEED"
     assert first["key"].count(socket.gethostname()) == 2, "the key names every rank's hardware"
     assert first["warmup_plan"].mode == "uniform"  # nothing cached yet: equal warmup bands
     assert first["cached"] == list(first["plan"].speeds)
-    # The second run starts from the cached speeds: elastic warmup bands, the slowed rank 1 gets fewer rows.
+    # The second launch starts from the cached speeds: elastic warmup bands, the slowed rank 1 gets fewer rows.
     assert second["warmup_plan"].mode == "spatial"
     (fast, slow) = second["warmup_plan"].row_bounds()
     assert slow[1] - slow[0] < fast[1] - fast[0]

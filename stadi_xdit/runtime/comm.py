@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from stadi_xdit.runtime.faults import PeerWatch
+
 
 def synchronize(tensor: torch.Tensor) -> None:
     """Finish queued device work. NCCL waits are stream-ordered, so on CUDA a host-side timer only
@@ -52,6 +54,16 @@ class BandComm:
     timeout: timedelta | None = None
     # Seconds this rank spent blocked in collectives; the profiler subtracts it from compute time.
     wait_seconds: float = field(default=0.0)
+    # Names the peer behind a failed wait; None (single process, unit tests): backend errors as they are.
+    watch: PeerWatch | None = None
+
+    def enter(self, phase: str, step: int = 0) -> None:
+        """Post this rank's progress, so a survivor of a fault can say where each peer was."""
+        if self.watch is not None:
+            self.watch.enter(phase, step)
+
+    def _finish(self, pending: PendingGather) -> torch.Tensor:
+        return pending.wait() if self.watch is None else self.watch.guard(pending.wait)
 
     def all_gather_async(self, part: torch.Tensor, sizes: Sequence[int], dim: int) -> PendingGather:
         """Start gathering `part` (this rank's `sizes[rank]` slices along `dim`) from every rank.
@@ -80,13 +92,13 @@ class BandComm:
         subtracts it from compute, so the device is synchronised on both sides of it."""
         synchronize(part)
         start = time.perf_counter()
-        gathered = self.all_gather_async(part, sizes, dim).wait()
+        gathered = self._finish(self.all_gather_async(part, sizes, dim))
         synchronize(gathered)
         self.wait_seconds += time.perf_counter() - start
         return gathered
 
     def wait(self, pending: PendingGather) -> torch.Tensor:
-        gathered = pending.wait()
+        gathered = self._finish(pending)
         self.wait_seconds += pending.waited_seconds
         return gathered
 
@@ -97,3 +109,20 @@ class BandComm:
         mine = torch.tensor([value], dtype=torch.float64, device=device)
         gathered = self.all_gather(mine, [1] * self.world_size, dim=0)
         return [float(v) for v in gathered.tolist()]
+
+    def all_gather_text(self, text: str, device: torch.device) -> list[str]:
+        """One string per rank, through the same bounded waits as every STADI collective.
+
+        Object collectives (`all_gather_object`) run on xDiT's CPU group with torch's default
+        30-minute timeout, so a stalled peer would ignore `--stadi_timeout` there.
+        """
+        if self.world_size == 1:
+            return [text]
+        data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8) if text else torch.empty(0, dtype=torch.uint8)
+        sizes = [int(n) for n in self.all_gather_floats(float(data.numel()), device)]
+        gathered = self.all_gather(data.to(device), sizes, dim=0).cpu()
+        out, offset = [], 0
+        for size in sizes:
+            out.append(bytes(gathered[offset:offset + size].tolist()).decode())
+            offset += size
+        return out

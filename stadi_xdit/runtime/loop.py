@@ -88,6 +88,7 @@ def denoise(
 
     def forward_and_step(band: torch.Tensor, schedule_index: int, phase: str, base_step: int) -> torch.Tensor:
         t = scheduler.timesteps[schedule_index]
+        comm.enter(phase, base_step)
         waited_before = comm.wait_seconds
         start, work_start = timeline.now(), clock()
         output = model.predict(band, t)
@@ -117,6 +118,7 @@ def denoise(
     measured = None
     speeds = list(config.speeds) if config.speeds else None
     if speeds is None:
+        comm.enter("profile")
         seconds = comm.all_gather_floats(measured_step_seconds(timeline.steps), band.device)
         counts = [r.num_rows for r in warm.ranks]
         measured = [count / s for count, s in zip(counts, seconds)]
@@ -127,6 +129,7 @@ def denoise(
 
     # 3. Transition: gather the full latent and scheduler history once, re-slice for the new bands.
     t0 = timeline.now()
+    comm.enter("transition", warmup_steps)
     old_sizes = model.band_sizes(layout)
     full = comm.all_gather(band, old_sizes, model.band_dim)
     new_layout = layout_for(final)
@@ -152,10 +155,12 @@ def denoise(
             publish = j == len(steps) - 1 and not is_last_period
             store.set_phase(synchronous=config.exact, publish=publish)
             band = forward_and_step(band, warmup_steps + me.steps.index(k), "stadi", k)
+    comm.enter("drain", num_steps)
     store.drain()
 
     # 5. Gather the bands into the full latent.
     t0 = timeline.now()
+    comm.enter("gather", num_steps)
     full = comm.all_gather(band, model.band_sizes(layout), model.band_dim)
     timeline.phases.append(("gather", t0, timeline.now()))
     return DenoiseResult(full, warm, final, measured, warmup_steps + len(me.steps), timeline)

@@ -1,17 +1,15 @@
-"""Measuring each rank's speed during warmup, emulating slow ranks, and caching speeds."""
+"""Measuring each rank's speed during warmup and emulating slow ranks (the cache: profile_cache)."""
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+
+from stadi_xdit.runtime.profile_cache import ProfileCache  # noqa: F401  (moved; re-exported until callers switch)
 
 
 @dataclass
@@ -78,33 +76,3 @@ def emulate_slowdown(factor: float, compute_seconds: float) -> float:
     if extra > 0:
         time.sleep(extra)
     return extra
-
-
-class ProfileCache:
-    """Speeds per key (model, resolution, hardware of every rank) in one JSON file.
-
-    Written atomically (temp file + rename), so concurrent ranks never leave a torn file.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def load(self, key: str) -> list[float] | None:
-        try:
-            entries = json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        speeds = entries.get(key)
-        return [float(s) for s in speeds] if speeds else None
-
-    def store(self, key: str, speeds: Sequence[float]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            entries = json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            entries = {}
-        entries[key] = [float(s) for s in speeds]
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(entries, handle, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)

@@ -118,13 +118,16 @@ def run_distributed(
     timeout: float = 300.0,
     init_process_group: bool = False,
     env: dict | None = None,
+    faulty_ranks: tuple[int, ...] = (),
     **kwargs,
 ) -> list:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned ranks.
 
     Returns the ranks' results in rank order.  Raises :class:`DistributedTestError` naming
     the failing rank (with its traceback), the rank that died, or the ranks still running at
-    ``timeout`` seconds; all ranks are stopped in every case.
+    ``timeout`` seconds; all ranks are stopped in every case. Ranks in ``faulty_ranks`` (fault
+    injection: a killed or hung peer) are not waited for; their result is None unless they
+    returned one before the others finished.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -155,7 +158,8 @@ def run_distributed(
     outputs: dict[int, object] = {}
     deadline = time.monotonic() + timeout
     try:
-        while len(outputs) < world_size:
+        needed = set(range(world_size)) - set(faulty_ranks)
+        while not needed <= outputs.keys():
             try:
                 rank, ok, data = results.get(timeout=0.1)
             except queue_mod.Empty:
@@ -165,6 +169,7 @@ def run_distributed(
                         f"timeout after {timeout:g}s: rank(s) {pending} had not finished"
                     ) from None
                 dead = [r for r, p in enumerate(procs) if r not in outputs and p.exitcode is not None]
+                dead = [r for r in dead if r not in faulty_ranks]
                 if dead:
                     try:  # a result written just before exiting may still be in the pipe
                         rank, ok, data = results.get(timeout=1.0)
@@ -178,10 +183,11 @@ def run_distributed(
             if not ok:
                 raise DistributedTestError(f"rank {rank} failed:\n{data}")
             outputs[rank] = pickle.loads(data)
-        for p in procs:
-            p.join(timeout=30)
+        for r, p in enumerate(procs):
+            if r not in faulty_ranks:
+                p.join(timeout=30)
     finally:
         _stop(procs)
         results.close()
         results.join_thread()
-    return [outputs[r] for r in range(world_size)]
+    return [outputs.get(r) for r in range(world_size)]

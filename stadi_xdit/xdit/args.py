@@ -5,6 +5,9 @@ already hold full model replicas and exchange nothing, and `initialize_model_par
 dp group as exactly the ranks that share a CFG branch ("tp-sp-pp-cfg-dp" order), which is the
 STADI group. So a STADI run is `dp_degree = world / cfg_degree` and xDiT's product rule holds
 without touching `ParallelConfig`; the plugin only refuses degrees it cannot compose with.
+
+The `--stadi_*` flags and the `StadiArgs` fields are generated from `StadiConfig`'s field metadata
+(`stadi_xdit.config.SETTINGS`): one declaration per setting.
 """
 
 from __future__ import annotations
@@ -13,10 +16,20 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from xfuser.config import EngineConfig, xFuserArgs
 
-from stadi_xdit.config import MODES, StadiConfig
+from stadi_xdit.config import SETTINGS, StadiConfig
+from stadi_xdit.runtime.profile_cache import check_cache_path
+
+# Every model family STADI serves has 16 px token rows (PixArt, SD3, Qwen-Image: VAE 8 x patch 2;
+# Flux: packed latents, VAE 16 x patch 1), so the row count is known before any model is loaded.
+PIXELS_PER_TOKEN_ROW = 16
+
+# xDiT features STADI does not run under its own loop yet: refused instead of silently dropped.
+UNSUPPORTED_FEATURES = ("use_fast_attn", "use_torch_compile", "use_onediff", "use_teacache", "use_fbcache",
+                        "use_cache", "use_fp8_comms", "use_hybrid_attn_schedule", "use_fsdp")
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,11 @@ class StadiEngineConfig(EngineConfig):
     """xDiT's engine config plus the STADI settings; STADI pipelines read `stadi_config`."""
 
     stadi_config: StadiConfig = field(default_factory=StadiConfig)
+
+
+def _arg_name(config_field: str) -> str:
+    """`timeout_seconds` -> `stadi_timeout`: the xFuserArgs attribute behind the field's flag."""
+    return SETTINGS[config_field]["flag"].removeprefix("--")
 
 
 def add_stadi_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -35,33 +53,17 @@ def add_stadi_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     if "--use_stadi" in parser._option_string_actions:
         return parser
     group = parser.add_argument_group("STADI (heterogeneity-aware patch parallelism)")
-    group.add_argument("--use_stadi", action="store_true",
-                       help="Run STADI on the ranks of each CFG branch (replaces data parallelism).")
-    group.add_argument("--stadi_mode", type=str, default="full", choices=MODES,
-                       help="uniform: equal bands (patch parallelism); spatial: bands by speed; "
-                            "full: bands by speed x stride and fewer steps on slow ranks.")
-    group.add_argument("--stadi_exact", action="store_true",
-                       help="Every step synchronous with stride 1: output equals one process.")
-    group.add_argument("--stadi_max_stride", type=int, default=2, help="Largest step stride of a slow rank.")
-    group.add_argument("--stadi_tolerance", type=float, default=0.02,
-                       help="Accept a predicted slowdown this large for a smaller sync period.")
-    group.add_argument("--stadi_speeds", type=str, default=None,
-                       help="Comma-separated relative speeds per rank; skips measurement.")
-    group.add_argument("--stadi_emulate_slowdown", type=str, default=None,
-                       help="Testing aid: comma-separated slowdown factor per rank (1 = full speed).")
-    group.add_argument("--stadi_profile_cache", type=str, default=None,
-                       help="JSON file to store and reuse measured speeds.")
-    group.add_argument("--stadi_timeout", type=float, default=600.0,
-                       help="Seconds before a stalled peer makes the run fail.")
+    for config_field in dataclasses.fields(StadiConfig):
+        meta = config_field.metadata
+        kind, flag, default = meta["kind"], meta["flag"], config_field.default
+        if kind == "bool":
+            group.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        python_type = {"int": int, "float": float}.get(kind, str)
+        choices = meta.get("choices")
+        group.add_argument(flag, type=python_type, default=default, choices=choices,
+                           help=f"{meta['help']} (default {default})")
     return parser
-
-
-def _stadi_config_from(args: StadiArgs) -> StadiConfig:
-    return StadiConfig(
-        use_stadi=args.use_stadi, mode=args.stadi_mode, exact=args.stadi_exact,
-        max_stride=args.stadi_max_stride, tolerance=args.stadi_tolerance, speeds=args.stadi_speeds,
-        emulate_slowdown=args.stadi_emulate_slowdown, profile_cache=args.stadi_profile_cache,
-        timeout_seconds=args.stadi_timeout)
 
 
 def validate_degrees(args: xFuserArgs, world_size: int) -> int:
@@ -69,12 +71,14 @@ def validate_degrees(args: xFuserArgs, world_size: int) -> int:
     for flag, value in (("--ulysses_degree", args.ulysses_degree), ("--ring_degree", args.ring_degree),
                         ("--pipefusion_parallel_degree", args.pipefusion_parallel_degree),
                         ("--tensor_parallel_degree", args.tensor_parallel_degree),
-                        ("--data_parallel_degree", args.data_parallel_degree)):
+                        ("--data_parallel_degree", args.data_parallel_degree),
+                        ("--fully_shard_degree", args.fully_shard_degree)):
         if value not in (None, 1):
             raise ValueError(f"{flag} {value} cannot be combined with --use_stadi "
                              "(STADI uses every rank of a CFG branch)")
-    if args.use_fast_attn:
-        raise ValueError("--use_fast_attn cannot be combined with --use_stadi")
+    for name in UNSUPPORTED_FEATURES:
+        if getattr(args, name, False):
+            raise ValueError(f"--{name} cannot be combined with --use_stadi (STADI runs its own denoising loop)")
     dit_world = world_size - (args.vae_parallel_size or 0)
     cfg = 2 if args.use_cfg_parallel else 1
     if dit_world < cfg or dit_world % cfg:
@@ -82,27 +86,38 @@ def validate_degrees(args: xFuserArgs, world_size: int) -> int:
     return dit_world // cfg
 
 
-@dataclass
-class StadiArgs(xFuserArgs):
-    """xFuserArgs plus STADI's fields; `from_cli_args` picks them up through dataclass fields."""
+def validate_shape(args: xFuserArgs, stadi_degree: int, exact: bool) -> None:
+    """Image size and step counts STADI can band and schedule, named by flag."""
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % PIXELS_PER_TOKEN_ROW:
+            raise ValueError(f"{flag} must be a positive multiple of {PIXELS_PER_TOKEN_ROW} px with --use_stadi "
+                             f"(one token row), got {value}")
+    rows = args.height // PIXELS_PER_TOKEN_ROW
+    if rows < stadi_degree:
+        raise ValueError(f"--height {args.height} gives {rows} token rows of {PIXELS_PER_TOKEN_ROW} px, fewer than "
+                         f"the {stadi_degree} STADI ranks: use --height >= {stadi_degree * PIXELS_PER_TOKEN_ROW}")
+    steps, warmup = args.num_inference_steps, args.warmup_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"--num_inference_steps must be an integer >= 1, got {steps}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"--warmup_steps must be an integer >= 0, got {warmup}")
+    if not exact and not 1 <= warmup <= steps - 1:
+        raise ValueError(f"--warmup_steps must be in [1, --num_inference_steps - 1] = [1, {steps - 1}] with "
+                         f"--use_stadi (the warmup measures speeds, then at least one step runs STADI), "
+                         f"got --warmup_steps {warmup}")
 
-    use_stadi: bool = False
-    stadi_mode: str = "full"
-    stadi_exact: bool = False
-    stadi_max_stride: int = 2
-    stadi_tolerance: float = 0.02
-    stadi_speeds: str | None = None
-    stadi_emulate_slowdown: str | None = None
-    stadi_profile_cache: str | None = None
-    stadi_timeout: float = 600.0
+
+class _StadiArgsBehaviour(xFuserArgs):
+    """Methods of `StadiArgs`; its fields are generated below from `StadiConfig`'s metadata."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.stadi_speeds, (list, tuple)):
-            self.stadi_speeds = ",".join(str(v) for v in self.stadi_speeds)
-        if isinstance(self.stadi_emulate_slowdown, (list, tuple)):
-            self.stadi_emulate_slowdown = ",".join(str(v) for v in self.stadi_emulate_slowdown)
-        self.stadi = _stadi_config_from(self)  # validates every --stadi_* value now
+        for name in ("stadi_speeds", "stadi_emulate_slowdown"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, ",".join(str(v) for v in value))
+        # Validates every --stadi_* value now, before any process group exists.
+        self.stadi = StadiConfig(**{f.name: getattr(self, _arg_name(f.name)) for f in dataclasses.fields(StadiConfig)})
 
     @staticmethod
     def add_cli_args(parser):
@@ -110,14 +125,14 @@ class StadiArgs(xFuserArgs):
         return add_stadi_cli_args(parser)
 
     def validate(self, world_size: int | None = None) -> int:
-        """Check the flags against the launch size before any process group exists."""
+        """Check the flags against the launch size before any process group exists; returns the degree."""
         if world_size is None:
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
         degree = validate_degrees(self, world_size)
         self.stadi.check_world(degree)
-        if self.height % 16 or self.width % 16:
-            raise ValueError(f"--height/--width must be multiples of 16 px with --use_stadi, "
-                             f"got {self.height}x{self.width}")
+        validate_shape(self, degree, self.stadi.exact)
+        if self.stadi.profile_cache is not None:
+            check_cache_path(self.stadi.profile_cache)
         return degree
 
     def create_config(self):
@@ -129,5 +144,22 @@ class StadiArgs(xFuserArgs):
             engine_config, input_config = super().create_config()
         finally:
             self.data_parallel_degree = 1
-        fields = {f.name: getattr(engine_config, f.name) for f in dataclasses.fields(EngineConfig)}
-        return StadiEngineConfig(**fields, stadi_config=self.stadi), input_config
+        values = {f.name: getattr(engine_config, f.name) for f in dataclasses.fields(EngineConfig)}
+        return StadiEngineConfig(**values, stadi_config=self.stadi), input_config
+
+
+def _stadi_arg_fields() -> list[tuple[str, Any, Any]]:
+    """(name, type, field) for each StadiConfig setting; per-rank lists travel as '1,0.5' strings."""
+    out = []
+    for config_field in dataclasses.fields(StadiConfig):
+        kind = config_field.metadata["kind"]
+        annotation = {"bool": bool, "int": int, "float": float, "choice": str}.get(kind, "str | None")
+        out.append((_arg_name(config_field.name), annotation, field(default=config_field.default)))
+    return out
+
+
+StadiArgs = dataclasses.make_dataclass("StadiArgs", _stadi_arg_fields(), bases=(_StadiArgsBehaviour,),
+                                       namespace={"__module__": __name__})
+StadiArgs.__doc__ = ("xFuserArgs plus STADI's fields (`use_stadi`, `stadi_mode`, ... generated from "
+                     "StadiConfig); `from_cli_args` picks them up through dataclass fields.")
+

@@ -8,11 +8,10 @@ them every step), so the pair plans on the slower of the two speeds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-from xfuser.core.distributed import get_cfg_group
+
+from stadi_xdit.runtime.comm import BandComm
 
 
 @dataclass(frozen=True)
@@ -20,24 +19,20 @@ class CfgExchange:
     enabled: bool  # guidance_scale > 1
     parallel: bool  # one branch per rank (cfg degree 2)
     branch: int  # 0: unconditional (negative prompt), 1: conditional; xDiT's convention
-    group: object = None  # the CFG GroupCoordinator when parallel
-    timeout: timedelta | None = None
+    comm: BandComm | None = None  # the CFG pair's collectives when parallel
 
     @classmethod
-    def create(cls, do_cfg: bool, timeout: timedelta | None = None) -> CfgExchange:
-        group = get_cfg_group()
-        parallel = group.world_size == 2
+    def create(cls, do_cfg: bool, cfg_comm: BandComm) -> CfgExchange:
+        parallel = cfg_comm.world_size == 2
         if parallel and not do_cfg:
             raise ValueError("--use_cfg_parallel needs guidance_scale > 1")
-        return cls(enabled=do_cfg, parallel=parallel, branch=group.rank_in_group if parallel else 0,
-                   group=group if parallel else None, timeout=timeout)
+        return cls(enabled=do_cfg, parallel=parallel, branch=cfg_comm.rank if parallel else 0,
+                   comm=cfg_comm if parallel else None)
 
-    def _pair(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+    def _pair(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both branches' copies of `tensor`, uncond first; bounded wait like every STADI collective."""
-        parts = [torch.empty_like(tensor) for _ in range(2)]
-        work = dist.all_gather(parts, tensor.contiguous(), group=self.group.device_group, async_op=True)
-        work.wait(self.timeout) if self.timeout is not None else work.wait()
-        return parts
+        both = self.comm.all_gather(tensor.unsqueeze(0), [1, 1], dim=0)
+        return both[0], both[1]
 
     @property
     def batched(self) -> bool:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
+from stadi_xdit.cli_errors import fail
 from stadi_xdit.compat._hooks import when_imported
 
 # xFuser wrapper class -> (module, class) of its STADI twin; imported lazily, on first use.
@@ -110,9 +111,16 @@ def patch_xfuser_args(module: ModuleType) -> None:
 
     @_marked
     def from_cli_args(klass, args):
-        if _ENABLED:
-            klass = stadi_args_class(cls, klass, args) or klass
-        return original_from(klass, args)
+        if not _ENABLED or not getattr(args, "use_stadi", False):
+            return original_from(klass, args)
+        # A command line is being read: a bad STADI input is one line naming the flag, printed
+        # once (rank 0), before the script creates any process group; never a traceback.
+        try:
+            parsed = original_from(stadi_args_class(cls, klass, args), args)
+            parsed.validate()
+        except ValueError as error:
+            fail(os.path.basename(sys.argv[0]) or "xfuser", str(error))
+        return parsed
 
     add_cli_args.__doc__ = original_add.__doc__
     _replace(cls, "add_cli_args", staticmethod(add_cli_args))

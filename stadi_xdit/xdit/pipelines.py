@@ -7,7 +7,6 @@ injection instead of xDiT's wrappers) and `__call__` (warmup, profile, plan, per
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -16,7 +15,6 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
     ASPECT_RATIO_256_BIN,
@@ -37,10 +35,11 @@ from xfuser.model_executor.pipelines import xFuserPixArtAlphaPipeline, xFuserPix
 from stadi_xdit.config import StadiConfig
 from stadi_xdit.planner import Plan
 from stadi_xdit.runtime.comm import BandComm
+from stadi_xdit.runtime.faults import PeerWatch
 from stadi_xdit.runtime.kv import DisplacedKVStore
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.runtime.loop import DenoiseResult, denoise
-from stadi_xdit.runtime.profile import ProfileCache
+from stadi_xdit.runtime.profile_cache import ProfileCache, profile_key
 from stadi_xdit.runtime.schedule import to_subsequence_capable
 from stadi_xdit.xdit.cfg import CfgExchange
 from stadi_xdit.xdit.injection import PIXART_INJECTION, InjectionPlan, apply_injection
@@ -62,6 +61,13 @@ def hardware_identity() -> str:
             spans.append(str(start) if start == core else f"{start}-{core}")
             start = None
     return f"{socket.gethostname()}/cpu{'+'.join(spans) or '?'}"
+
+
+def _bounded_comm(group, timeout_seconds: float) -> BandComm:
+    """STADI's collectives over one xDiT group: bounded waits, and a failed peer named by rank."""
+    watch = PeerWatch(list(group.ranks), group.rank_in_group, timeout_seconds)
+    return BandComm(group.device_group, group.rank_in_group, group.world_size,
+                    timedelta(seconds=timeout_seconds), watch=watch)
 
 
 def stadi_config_of(engine_config: Any) -> StadiConfig:
@@ -126,8 +132,8 @@ class StadiPipelineMixin:
         install_runtime_state(state)
         dp = get_dp_group()
         self.stadi_config.check_world(dp.world_size)
-        self.stadi_comm = BandComm(dp.device_group, dp.rank_in_group, dp.world_size,
-                                   timedelta(seconds=self.stadi_config.timeout_seconds))
+        self.stadi_comm = _bounded_comm(dp, self.stadi_config.timeout_seconds)
+        self.cfg_comm = _bounded_comm(get_cfg_group(), self.stadi_config.timeout_seconds)
         self.kv_store = DisplacedKVStore(self.stadi_comm)
 
     def _convert_transformer_backbone(self, transformer, **kwargs):
@@ -172,11 +178,8 @@ class StadiPipelineMixin:
         entry is only reused on the same devices in the same rank positions.
         """
         transformer = self.module.transformer
-        config = json.dumps(dict(transformer.config), sort_keys=True, default=str)
-        digest = hashlib.sha1(config.encode()).hexdigest()[:12]
-        groups = self._gather_over_stadi_ranks(hardware_identity())
-        hardware = "|".join(",".join(group) for group in groups)
-        return f"{type(transformer).__name__}-{digest}-{height}x{width}-[{hardware}]"
+        hardware = self._gather_over_stadi_ranks(hardware_identity())
+        return profile_key(type(transformer).__name__, transformer.config, height, width, hardware)
 
     def _known_speeds(self, key: str | None) -> list[float] | None:
         if self.stadi_config.speeds:
@@ -184,43 +187,32 @@ class StadiPipelineMixin:
         if self.stadi_config.profile_cache and key is not None:
             # One rank reads, everyone uses its answer: ranks must agree on the warmup bands even
             # when the file is not on a shared filesystem or is being replaced.
-            speeds = ProfileCache(self.stadi_config.profile_cache).load(key) if self._is_stadi_leader() else None
-            speeds = self._from_stadi_leader(speeds)
-            if speeds is not None and len(speeds) == self.stadi_comm.world_size:
-                return speeds
+            speeds = None
+            if self._is_stadi_leader():
+                speeds = ProfileCache(self.stadi_config.profile_cache).load(key, self.stadi_comm.world_size)
+            return self._from_stadi_leader(speeds)
         return None
 
     def _remember_speeds(self, key: str | None, result: DenoiseResult) -> None:
         # The plan's speeds: the measured ones, combined over CFG pairs; the newest measurement wins.
+        # A storage error only warns (inside `store`): the finished run's output is not lost.
         if (self.stadi_config.profile_cache and key is not None and result.measured_speeds
                 and self._is_stadi_leader()):
             ProfileCache(self.stadi_config.profile_cache).store(key, list(result.plan.speeds))
 
-    @staticmethod
-    def _is_stadi_leader() -> bool:
-        return get_dp_group().rank_in_group == 0 and get_cfg_group().rank_in_group == 0
+    def _is_stadi_leader(self) -> bool:
+        return self.stadi_comm.rank == 0 and self.cfg_comm.rank == 0
 
-    @staticmethod
-    def _gather_over_stadi_ranks(value: Any) -> list[list[Any]]:
-        """`value` of every rank: one list per CFG branch, each in STADI-rank order."""
-        def gather(obj, group):
-            if group.world_size == 1:
-                return [obj]
-            out = [None] * group.world_size
-            dist.all_gather_object(out, obj, group=group.cpu_group)
-            return out
+    def _gather_over_stadi_ranks(self, text: str) -> list[list[str]]:
+        """`text` of every rank: one list per CFG branch, each in STADI-rank order (bounded waits)."""
+        device = self.module._execution_device
+        self.stadi_comm.enter("profile-cache")
+        group = self.stadi_comm.all_gather_text(text, device)
+        return [json.loads(branch) for branch in self.cfg_comm.all_gather_text(json.dumps(group), device)]
 
-        return gather(gather(value, get_dp_group()), get_cfg_group())
-
-    @staticmethod
-    def _from_stadi_leader(value: Any) -> Any:
-        """The leader's `value` (STADI rank 0 of CFG branch 0) on every rank."""
-        for group in (get_dp_group(), get_cfg_group()):
-            if group.world_size > 1:
-                box = [value]
-                dist.broadcast_object_list(box, src=group.ranks[0], group=group.cpu_group)
-                value = box[0]
-        return value
+    def _from_stadi_leader(self, speeds: list[float] | None) -> list[float] | None:
+        """The leader's `speeds` (STADI rank 0 of CFG branch 0) on every rank (bounded waits)."""
+        return json.loads(self._gather_over_stadi_ranks(json.dumps(speeds))[0][0])
 
     def _rows_and_align(self, height: int, width: int) -> tuple[int, int]:
         state = self.stadi_state
@@ -330,7 +322,7 @@ class StadiPixArtMixin(StadiPipelineMixin):
             device=device, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             prompt_attention_mask=prompt_attention_mask, negative_prompt_attention_mask=negative_prompt_attention_mask,
             clean_caption=clean_caption, max_sequence_length=max_sequence_length)
-        cfg = CfgExchange.create(do_cfg, self.stadi_comm.timeout)
+        cfg = CfgExchange.create(do_cfg, self.cfg_comm)
         embeds, mask = cfg.text_batch(neg_embeds, embeds, neg_mask, mask)
 
         scheduler = pipe.scheduler

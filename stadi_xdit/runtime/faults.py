@@ -1,0 +1,133 @@
+"""Naming the peer behind a failed collective: one line per survivor, never a backend traceback.
+
+A bounded wait that fails only says "Operation timed out!" or "Connection closed by peer" with a
+socket address. To say *which* rank failed, in which phase, each rank posts its progress (a
+sequence number, the phase and the step) to the job's rendezvous store before every STADI
+phase. When a wait fails, the survivor reads its peers' progress: the peer furthest behind is the
+one that stalled or died. One store write per step, not per layer, so the hot path is untouched.
+
+`STADI_DEBUG=1` keeps the full traceback (`report_and_exit` re-raises instead of exiting).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn, TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+_KEY_PREFIX = "stadi/progress/"
+_STORE_READ_SECONDS = 2.0  # diagnosing must not itself hang on a store whose host is gone
+
+
+class PeerFailure(RuntimeError):
+    """A STADI peer died or stalled; `str()` is the one-line report."""
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("STADI_DEBUG", "") not in ("", "0")
+
+
+def _default_store():
+    try:
+        return dist.distributed_c10d._get_default_store()  # the rendezvous store every rank shares
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+@dataclass
+class PeerWatch:
+    """Progress of this rank, posted for its peers; turns a failed wait into a `PeerFailure`.
+
+    `global_ranks[i]` is the global rank of group rank i; `rank` is this rank's group rank.
+    """
+
+    global_ranks: Sequence[int]
+    rank: int
+    timeout_seconds: float
+    phase: str = "setup"
+    step: int = 0
+    _sequence: int = 0
+    _store: object = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._store is None and len(self.global_ranks) > 1:
+            self._store = _default_store()
+
+    def enter(self, phase: str, step: int = 0) -> None:
+        """This rank starts `phase` (warmup / exchange / transition / gather / ...) at `step`."""
+        self.phase, self.step = phase, step
+        self._sequence += 1
+        if self._store is None:
+            return
+        try:
+            self._store.set(f"{_KEY_PREFIX}{self.global_ranks[self.rank]}",
+                            f"{self._sequence} {phase} {step} {time.time():.3f}")
+        except (RuntimeError, ValueError):
+            self._store = None  # the store is gone: keep running, diagnose without it
+
+    def _progress(self, global_rank: int) -> tuple[int, str, int] | None:
+        if self._store is None:
+            return None
+        key = f"{_KEY_PREFIX}{global_rank}"
+        try:
+            self._store.set_timeout(_timedelta(_STORE_READ_SECONDS))
+            if not self._store.check([key]):
+                return (0, "startup", 0)
+            sequence, phase, step, _ = self._store.get(key).decode().split(" ")
+            return int(sequence), phase, int(step)
+        except (RuntimeError, ValueError):
+            return None
+
+    def failure(self, error: BaseException, waited_seconds: float) -> PeerFailure:
+        """The one-line report for a wait that failed after `waited_seconds`."""
+        text = str(error).lower()
+        died = any(word in text for word in ("closed", "reset", "broken pipe", "refused", "eof"))
+        peers = [r for r in range(len(self.global_ranks)) if r != self.rank]
+        progress = {r: self._progress(self.global_ranks[r]) for r in peers}
+        known = {r: p for r, p in progress.items() if p is not None}
+        if known:
+            behind = min(p[0] for p in known.values())
+            suspects = [r for r, p in known.items() if p[0] == behind]
+        else:
+            suspects = peers
+        names = ", ".join(f"rank {r} (global rank {self.global_ranks[r]})" for r in suspects)
+        what = "died (connection closed)" if died else "stopped responding"
+        where = ""
+        if len(suspects) == 1 and suspects[0] in known:
+            _, phase, step = known[suspects[0]]
+            where = f"; it was last in {phase} step {step}"
+        return PeerFailure(
+            f"stadi: peer {names} {what} during {self.phase} step {self.step} after {waited_seconds:.1f} s"
+            f"{where} (--stadi_timeout {self.timeout_seconds:g} s)")
+
+    def guard(self, wait: Callable[[], T]) -> T:
+        """Run a blocking wait; a backend error becomes a `PeerFailure` naming the peer."""
+        start = time.perf_counter()
+        try:
+            return wait()
+        except PeerFailure:
+            raise
+        except RuntimeError as error:  # gloo/NCCL errors, DistBackendError included
+            raise self.failure(error, time.perf_counter() - start) from error
+
+
+def _timedelta(seconds: float):
+    from datetime import timedelta
+
+    return timedelta(seconds=seconds)
+
+
+def report_and_exit(error: PeerFailure, status: int = 1) -> NoReturn:
+    """Print the one line and exit non-zero; with STADI_DEBUG=1 re-raise for the full traceback."""
+    if debug_enabled():
+        raise error
+    sys.stderr.write(f"{error}\n")
+    sys.stderr.flush()
+    os._exit(status)  # process groups of a failed job cannot be torn down cleanly; do not hang in atexit

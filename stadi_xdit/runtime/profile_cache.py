@@ -1,0 +1,316 @@
+"""The speed cache behind --stadi_profile_cache: measured rank speeds, reused by later launches.
+
+Why it looks like this:
+
+* Key. `profile_key` hashes only the model's *public* config (keys not starting with "_") as
+  canonical JSON. diffusers adds private keys such as `_use_default_values`, a list built from a
+  set whose order changes with PYTHONHASHSEED; hashing them made every launch miss the cache and
+  append a new entry forever.
+* File format. One UTF-8 JSON object, `{key: [speed of rank 0, speed of rank 1, ...]}`, each speed a
+  finite number > 0, written with sorted keys so diffs stay readable. The file is shared by every
+  run that names it, so one bad entry must never break the others: `load` ignores an invalid entry
+  (one warning line) and the next `store` drops invalid entries from the file (one warning line).
+* Quarantine. A file that is not a JSON object at all (garbage, a top-level list/null/number,
+  non-UTF-8 bytes, empty) is renamed to `<name>.corrupt-<UTC timestamp>[-n]` beside it, never
+  overwritten: it may be a user's file given by mistake, or evidence of a bug.
+* Locking. Writers from several processes (ranks, concurrent launches) serialise their
+  read-modify-write with an exclusive `fcntl.flock` on the sidecar `<path>.lock` (left in place:
+  deleting it would let two writers lock different inodes) and publish with a temp file in the
+  same directory plus `os.replace`, so a reader sees the old file or the new one, never half of
+  one; that is why `load` reads without a lock. Quarantining renames under the same lock, so it
+  cannot move aside a file that a writer has just repaired.
+* Failures. The cache is an optimisation: every problem becomes one line on stderr starting with
+  "stadi: warning:" and `None`/`False`, never an exception after the run's compute is done.
+  `check_cache_path` is the one check that raises, before any process group starts.
+
+Standard library only: it is imported by launchers and tests that must not pay for torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import numbers
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ProfileCache", "check_cache_path", "profile_key"]
+
+FLAG = "--stadi_profile_cache"
+_DIGEST_CHARS = 16  # 64 bits of sha256: collisions between model configs are not a concern
+_MEMORY_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
+
+
+def _warn(message: str) -> None:
+    """One line on stderr; logging/warnings would add a second line or depend on configuration."""
+    sys.stderr.write(f"stadi: warning: {_one_line(message)}\n")
+    sys.stderr.flush()
+
+
+def _one_line(text: object) -> str:
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Key
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON-ready value that is the same in every process for the same input."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        # NaN/inf are not JSON; their repr is stable.
+        return number if math.isfinite(number) else f"float:{number!r}"
+    if isinstance(value, Mapping):
+        return {_mapping_key_text(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        # Set order depends on the hash seed: sort by each element's canonical text.
+        return sorted((_canonical(item) for item in value), key=_canonical_text)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item) for item in value]
+    # dtypes, enums, paths...: their repr, minus memory addresses that differ between launches.
+    return f"{type(value).__qualname__}:{_MEMORY_ADDRESS.sub('', repr(value))}"
+
+
+def _mapping_key_text(key: Any) -> str:
+    return key if isinstance(key, str) else _canonical_text(_canonical(key))
+
+
+def _canonical_text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def profile_key(model_class: str, model_config: Mapping[str, Any], height: int, width: int,
+                hardware: Sequence[Sequence[str]]) -> str:
+    """The cache key of one model at one resolution on one set of devices in rank order.
+
+    `model_config` is the transformer's config; top-level keys starting with "_" (diffusers'
+    bookkeeping, e.g. `_use_default_values`, `_diffusers_version`) are left out. `hardware` holds
+    one list per CFG branch, each naming every rank's device in rank order.
+    """
+    if isinstance(hardware, str) or any(isinstance(group, str) for group in hardware):
+        raise TypeError("hardware must be a list of groups, each a list of device names")
+    public = {name: value for name, value in model_config.items()
+              if not (isinstance(name, str) and name.startswith("_"))}
+    digest = hashlib.sha256(_canonical_text(_canonical(public)).encode()).hexdigest()[:_DIGEST_CHARS]
+    devices = "|".join(",".join(group) for group in hardware)
+    return f"{model_class}-{digest}-{height}x{width}-[{devices}]"
+
+
+# ----------------------------------------------------------------------------------------------
+# Path check
+
+
+def check_cache_path(path: str | os.PathLike) -> None:
+    """Refuse a cache path that can never be a file, before any process group starts.
+
+    An unwritable location is not refused: it only costs the cache, and `store` says so.
+    """
+    target = Path(path)
+    shown = _one_line(os.fspath(path))
+    if target.is_dir():
+        raise ValueError(f"{FLAG} {shown} is a directory; name a file, e.g. {shown}/speeds.json")
+    # The nearest existing ancestor must be a directory, or the file can never be created.
+    for ancestor in target.absolute().parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ValueError(f"{FLAG} {shown}: {_one_line(ancestor)} is not a directory")
+            return
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache file
+
+
+class _CorruptFile(Exception):
+    """The file exists but is not a JSON object; the message says why."""
+
+
+def _speeds_problem(speeds: Any, num_ranks: int | None) -> str | None:
+    """Why `speeds` is not a usable entry (None when it is): a list of finite numbers > 0."""
+    if isinstance(speeds, (str, bytes)) or not isinstance(speeds, Sequence):
+        return f"not a list but {type(speeds).__name__}"
+    if not speeds:
+        return "empty list"
+    if num_ranks is not None and len(speeds) != num_ranks:
+        return f"{len(speeds)} speeds for {num_ranks} ranks"
+    for speed in speeds:
+        if isinstance(speed, bool) or not isinstance(speed, numbers.Real):
+            return f"speed {speed!r} is not a number"
+        try:
+            number = float(speed)
+        except (OverflowError, ValueError):
+            return f"speed {speed!r} is not a finite number"
+        if not math.isfinite(number) or number <= 0:
+            return f"speed {speed!r} is not a finite number > 0"
+    return None
+
+
+class ProfileCache:
+    """Measured speeds per `profile_key` in one JSON file; see the module docstring."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+    def load(self, key: str, num_ranks: int) -> list[float] | None:
+        """The cached speeds for `key` if they are `num_ranks` finite numbers > 0, else None."""
+        try:
+            entries = self._read_entries()
+        except OSError as error:
+            _warn(f"cannot read profile cache {self.path}: {_os_reason(error)}; measuring speeds instead")
+            return None
+        except _CorruptFile:
+            try:
+                # Re-read under the writers' lock: a writer may have replaced the file meanwhile.
+                with self._exclusive_lock():
+                    entries = self._read_entries_quarantining_corrupt()
+            except OSError as error:
+                _warn(f"profile cache {self.path} is corrupt and cannot be locked to move it aside "
+                      f"({_os_reason(error)}); ignoring it and leaving it untouched")
+                return None
+        if entries is None or key not in entries:
+            return None
+        problem = _speeds_problem(entries[key], num_ranks)
+        if problem is not None:
+            _warn(f"ignoring profile cache entry {key} in {self.path} ({problem}); "
+                  "it is measured again and replaced, and invalid entries are dropped at the next store")
+            return None
+        return [float(speed) for speed in entries[key]]
+
+    def store(self, key: str, speeds: Sequence[float]) -> bool:
+        """Record `speeds` for `key`; False (and one warning line) when it could not be written."""
+        if isinstance(speeds, (str, bytes, Mapping)) or not hasattr(speeds, "__iter__"):
+            values: Any = speeds
+        else:
+            values = list(speeds)  # also accepts tuples and arrays of speeds
+        problem = _speeds_problem(values, None)
+        if not isinstance(key, str) or not key:
+            problem = f"key {key!r} is not a non-empty string"
+        if problem is not None:
+            _warn(f"not caching speeds for {key} in {self.path}: {problem}")
+            return False
+        try:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except FileExistsError as error:  # an ancestor is a file: say that, not "File exists"
+                raise NotADirectoryError(errno.ENOTDIR, "Not a directory", error.filename) from None
+            with self._exclusive_lock():
+                entries = self._read_entries_quarantining_corrupt()
+                if entries is None:  # corrupt and could not be moved aside: never overwrite it
+                    return False
+                dropped = sorted(name for name, value in entries.items()
+                                 if name != key and _speeds_problem(value, None) is not None)
+                for name in dropped:
+                    del entries[name]
+                entries[key] = [float(speed) for speed in values]
+                self._replace_file(entries)
+        except OSError as error:
+            _warn(f"cannot write profile cache {self.path}: {_os_reason(error)}; speeds not cached")
+            return False
+        if dropped:
+            _warn(f"dropped {len(dropped)} invalid entr{'y' if len(dropped) == 1 else 'ies'} "
+                  f"from profile cache {self.path}: {', '.join(dropped)}")
+        return True
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _read_entries(self) -> dict[str, Any]:
+        """The file's object ({} when there is no file); raises _CorruptFile or OSError."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        try:
+            entries = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _CorruptFile("not UTF-8 text") from None
+        except (ValueError, RecursionError) as error:
+            raise _CorruptFile(f"not JSON: {error}") from None
+        if not isinstance(entries, dict):
+            raise _CorruptFile(f"top level is {type(entries).__name__}, not an object")
+        return entries
+
+    def _read_entries_quarantining_corrupt(self) -> dict[str, Any] | None:
+        """Under the lock: the entries, {} after moving a corrupt file aside, None if that failed."""
+        try:
+            return self._read_entries()
+        except _CorruptFile as corrupt:
+            reason = str(corrupt)
+        try:
+            quarantine = self._free_quarantine_path()
+            os.rename(self.path, quarantine)
+        except OSError as error:
+            _warn(f"profile cache {self.path} is corrupt ({reason}) and could not be moved aside "
+                  f"({_os_reason(error)}); ignoring it and leaving it untouched")
+            return None
+        _warn(f"profile cache {self.path} is corrupt ({reason}); moved it to {quarantine}, starting afresh")
+        return {}
+
+    def _free_quarantine_path(self) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        base = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        candidate, number = base, 0
+        while candidate.exists() or candidate.is_symlink():
+            number += 1
+            candidate = base.with_name(f"{base.name}-{number}")
+        return candidate
+
+    @contextlib.contextmanager
+    def _exclusive_lock(self) -> Iterator[None]:
+        try:
+            descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # Someone else's lock file, or a read-only filesystem: flock works on a read-only
+            # descriptor too (and if the file is missing there, nothing can be written anyway).
+            try:
+                descriptor = os.open(self.lock_path, os.O_RDONLY)
+            except OSError:
+                raise error from None  # the first failure says why
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # closing releases the lock
+
+    def _replace_file(self, entries: Mapping[str, Any]) -> None:
+        """Write all entries to a temp file beside the cache and rename it over the cache."""
+        try:
+            mode = self.path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o644  # mkstemp's 0600 would hide a shared cache from other users
+        descriptor, temp_name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
+                                                 suffix=".tmp")
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(entries, handle, indent=1, sort_keys=True, allow_nan=False)
+                handle.write("\n")
+                handle.flush()
+                os.fsync(handle.fileno())  # the rename must not publish an empty file after a crash
+            os.chmod(temp_name, mode)
+            os.replace(temp_name, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_name)
+            raise
+
+
+def _os_reason(error: OSError) -> str:
+    reason = error.strerror or errno.errorcode.get(error.errno or 0, "") or str(error)
+    return f"{reason} ({error.filename})" if error.filename else reason

@@ -1,0 +1,97 @@
+"""The example script: one line naming the flag for every bad input, printed once; the README's presets run."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stadi_xdit.testing.spawn import run_distributed
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "scripts" / "stadi_example.py"
+
+
+def _example(capsys=None):
+    """The script as a module; `capsys` drops what its imports print (library notices), not ours."""
+    spec = importlib.util.spec_from_file_location("stadi_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if capsys is not None:
+        capsys.readouterr()
+    return module
+
+
+BAD_FLAGS = [
+    (["--ulysses_degree", "2"], "--ulysses_degree"),
+    (["--pipefusion_parallel_degree", "2"], "--pipefusion_parallel_degree"),
+    (["--stadi_speeds", "1,0.5,2"], "--stadi_speeds"),
+    (["--stadi_speeds", "1,-1"], "--stadi_speeds"),
+    (["--stadi_speeds", ","], "--stadi_speeds"),
+    (["--stadi_emulate_slowdown", "1,x"], "--stadi_emulate_slowdown"),
+    (["--stadi_mode", "fast"], "--stadi_mode"),
+    (["--stadi_max_stride", "0"], "--stadi_max_stride"),
+    (["--stadi_max_stride", "100"], "--stadi_max_stride"),
+    (["--stadi_tolerance", "nan"], "--stadi_tolerance"),
+    (["--stadi_timeout", "nan"], "--stadi_timeout"),
+    (["--stadi_timeout", "inf"], "--stadi_timeout"),
+    (["--stadi_timeout", "1e300"], "--stadi_timeout"),
+    (["--stadi_timeout", "0"], "--stadi_timeout"),
+    (["--height", "250"], "--height"),
+    (["--height", "16"], "--height"),  # one token row for two ranks
+    (["--height", "-16"], "--height"),
+    (["--height", "0"], "--height"),
+    (["--width", "0"], "--width"),
+    (["--num_inference_steps", "0"], "--num_inference_steps"),
+    (["--num_inference_steps", "8", "--warmup_steps", "8"], "--warmup_steps"),
+    (["--warmup_steps", "-1"], "--warmup_steps"),
+    (["--warmup_steps", "0"], "--warmup_steps"),
+    (["--pipeline", "flux", "--use_cfg_parallel"], "--use_cfg_parallel"),
+    (["--use_teacache"], "--use_teacache"),
+    (["--use_torch_compile"], "--use_torch_compile"),
+    (["--stadi_profile_cache", "{tmp}"], "--stadi_profile_cache"),  # a directory
+    (["--model", "no-such-model"], "--model"),
+    (["--pipeline", "dalle"], "--pipeline"),
+]
+
+
+@pytest.mark.parametrize("flags,named", BAD_FLAGS)
+def test_bad_input_is_one_line_naming_the_flag(flags, named, tmp_path, monkeypatch, capsys):
+    example = _example(capsys)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    argv = ["--model", "tiny", "--use_stadi", "--height", "128", "--width", "128", *flags]
+    monkeypatch.setattr(sys, "argv", ["stadi_example.py", *(a.replace("{tmp}", str(tmp_path)) for a in argv)])
+    with pytest.raises(SystemExit) as info:
+        example.parse_args()
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and named in lines[0], lines
+    assert not torch.distributed.is_initialized()
+
+
+def test_only_rank_0_prints_the_error(monkeypatch, capsys):
+    example = _example(capsys)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(sys, "argv", ["stadi_example.py", "--model", "tiny", "--use_stadi", "--stadi_mode", "x"])
+    with pytest.raises(SystemExit) as info:
+        example.parse_args()
+    assert info.value.code == 2 and capsys.readouterr().err == ""
+
+
+def _run_example(rank: int, world: int, argv: list[str]) -> None:
+    example = _example()
+    sys.argv = ["stadi_example.py", *argv]
+    example.main()
+
+
+@pytest.mark.parametrize("pipeline", ["pixart-alpha", "pixart-sigma"])
+def test_readme_small_preset_runs(pipeline, tmp_path):
+    """The README's `--model small` (stand-in text embeddings, negative embeddings too) runs."""
+    argv = ["--pipeline", pipeline, "--model", "small", "--use_stadi", "--height", "128", "--width", "128",
+            "--num_inference_steps", "3", "--warmup_steps", "1", "--output_type", "latent",
+            "--stadi_speeds", "1,0.5"]
+    run_distributed(_run_example, 2, argv, timeout=300)

@@ -1,0 +1,71 @@
+"""A dead or stalled peer: every survivor exits within --stadi_timeout with one line naming the peer."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from stadi_xdit.testing.checks import build_stadi_pipeline
+from stadi_xdit.testing.spawn import DistributedTestError, run_distributed
+
+PROMPT = "a red cat"
+TIMEOUT = 5  # --stadi_timeout of the faulty runs
+
+
+def _faulty_run(rank: int, world: int, fault: str, stamp_file: str, cache: str | None) -> dict:
+    """Rank 1 dies or stalls at `fault`; rank 0 returns its one-line report and how long it took."""
+    import os
+
+    import stadi_xdit  # noqa: F401
+    from stadi_xdit.runtime.faults import PeerFailure
+    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.xdit import pipelines
+    from stadi_xdit.xdit.pipelines import StadiPixArtAlphaPipeline
+
+    def fail_now() -> None:
+        with open(stamp_file, "w") as handle:
+            handle.write(str(time.time()))
+        if fault.startswith("kill"):
+            os._exit(1)  # a crashed process: its sockets close
+        time.sleep(300)  # a hung device: never reaches the next collective
+
+    pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, tiny_pixart_pipeline(), size=128, steps=6, warmup_steps=2,
+                                stadi_mode="full", stadi_speeds=None if cache else "1,0.5", stadi_timeout=TIMEOUT,
+                                stadi_profile_cache=cache)
+    if rank == 1 and fault.endswith("cache"):  # before the profile cache's first collective
+        pipelines.hardware_identity = fail_now
+    calls = []
+
+    def fail_on_third_forward(*_):
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:
+            fail_now()
+
+    pipe.module.transformer.register_forward_pre_hook(fail_on_third_forward)
+    try:
+        pipe(prompt=PROMPT, height=128, width=128, num_inference_steps=6, output_type="latent",
+             generator=torch.Generator().manual_seed(1), use_resolution_binning=False)
+    except PeerFailure as error:
+        with open(stamp_file) as handle:
+            return {"message": str(error), "seconds": time.time() - float(handle.read())}
+    return {"message": None}
+
+
+@pytest.mark.parametrize("fault,cache", [("kill", False), ("stall", False), ("stall-cache", True)])
+def test_survivor_names_the_peer_within_the_timeout(tmp_path, fault, cache):
+    stamp = str(tmp_path / "fault-time")
+    cache_file = str(tmp_path / "speeds.json") if cache else None
+    try:
+        results = run_distributed(_faulty_run, 2, fault, stamp, cache_file, timeout=120, faulty_ranks=(1,))
+        report = results[0]
+    except DistributedTestError as error:  # a stalled rank 1 never returns: rank 0's report is in the error
+        pytest.fail(f"survivor did not report the fault: {error}")
+    message = report["message"]
+    assert message is not None, "the faulty run finished normally"
+    assert "\n" not in message and message.startswith("stadi: peer rank 1 (global rank 1)")
+    assert f"--stadi_timeout {TIMEOUT} s" in message
+    assert ("died" if fault == "kill" else "stopped responding") in message
+    assert ("profile-cache" if cache else "step") in message
+    print(f"{fault}: survivor reported after {report['seconds']:.1f} s: {message}")
