@@ -34,10 +34,16 @@ from transformers import (
 __all__ = [
     "FLUX_PRESETS",
     "PIXART_PRESETS",
+    "QWEN_IMAGE_PRESETS",
+    "SD3_PRESETS",
     "FluxPreset",
     "PixArtPreset",
+    "QwenImagePreset",
+    "SD3Preset",
     "build_flux_pipeline",
     "build_pixart_pipeline",
+    "build_qwen_image_pipeline",
+    "build_sd3_pipeline",
     "random_prompt_embeds",
     "tiny_flux_pipeline",
     "tiny_pixart_pipeline",
@@ -205,3 +211,117 @@ def random_prompt_embeds(channels: int, seq_len: int = 8, batch: int = 1, seed: 
     """Stand-in text embeddings for presets run without a text encoder."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, seq_len, channels, generator=generator)
+
+
+# --- Stable Diffusion 3 / 3.5 and Qwen-Image ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SD3Preset:
+    num_layers: int
+    num_attention_heads: int
+    attention_head_dim: int
+    joint_attention_dim: int  # T5 width; CLIP hidden states are zero-padded up to it
+    clip_hidden_size: int  # each of the two CLIPs; pooled projection is twice this
+    sample_size: int  # default latent size
+    pos_embed_max_size: int
+    dual_attention_layers: tuple[int, ...] = ()  # SD3.5-medium style `attn2` blocks
+    qk_norm: str | None = "rms_norm"
+
+
+@dataclass(frozen=True)
+class QwenImagePreset:
+    num_layers: int
+    num_attention_heads: int
+    attention_head_dim: int
+    joint_attention_dim: int
+    axes_dims_rope: tuple[int, int, int]  # sums to attention_head_dim
+    latent_channels: int  # VAE z_dim; the transformer sees 4x that (2x2 packing)
+
+
+SD3_PRESETS: dict[str, SD3Preset] = {
+    # pos_embed_max_size above the test grids, so the centred crop has non-zero offsets.
+    "tiny": SD3Preset(num_layers=2, num_attention_heads=2, attention_head_dim=8, joint_attention_dim=32,
+                      clip_hidden_size=8, sample_size=8, pos_embed_max_size=12, dual_attention_layers=(0,)),
+    "small": SD3Preset(num_layers=6, num_attention_heads=4, attention_head_dim=64, joint_attention_dim=64,
+                       clip_hidden_size=16, sample_size=64, pos_embed_max_size=96, dual_attention_layers=(0, 1, 2)),
+}
+
+QWEN_IMAGE_PRESETS: dict[str, QwenImagePreset] = {
+    "tiny": QwenImagePreset(num_layers=2, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=32,
+                            axes_dims_rope=(4, 6, 6), latent_channels=4),
+    "small": QwenImagePreset(num_layers=6, num_attention_heads=4, attention_head_dim=64, joint_attention_dim=64,
+                             axes_dims_rope=(8, 28, 28), latent_channels=16),
+}
+
+
+def _tiny_clip_with_projection(hidden_size: int, max_length: int):
+    """CLIP text encoder with a projection head (SD3's pooled embedding), on `_tiny_clip`'s vocabulary."""
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer, plain = _tiny_clip(hidden_size)
+    tokenizer.model_max_length = max_length  # SD3 pads CLIP prompts to this; 77 would dominate tiny runs
+    return tokenizer, CLIPTextModelWithProjection(plain.config).eval()
+
+
+def build_sd3_pipeline(preset: str | SD3Preset = "tiny", seed: int = 0, with_text_encoder: bool = True,
+                       clip_max_length: int = 16):
+    """A float32 CPU Stable Diffusion 3.5 pipeline (two CLIPs + T5) with random weights seeded by ``seed``.
+
+    With ``with_text_encoder=False`` all three encoders are left out: pass ``prompt_embeds``,
+    ``pooled_prompt_embeds`` and, with CFG, their negative twins.
+    """
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    spec = SD3_PRESETS[preset] if isinstance(preset, str) else preset
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=spec.sample_size, patch_size=2, in_channels=16, out_channels=16,
+        num_layers=spec.num_layers, attention_head_dim=spec.attention_head_dim,
+        num_attention_heads=spec.num_attention_heads, joint_attention_dim=spec.joint_attention_dim,
+        caption_projection_dim=spec.num_attention_heads * spec.attention_head_dim,
+        pooled_projection_dim=2 * spec.clip_hidden_size, pos_embed_max_size=spec.pos_embed_max_size,
+        dual_attention_layers=spec.dual_attention_layers, qk_norm=spec.qk_norm,
+    ).eval()
+    encoders: dict[str, object] = dict.fromkeys(
+        ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3"))
+    if with_text_encoder:
+        encoders["tokenizer"], encoders["text_encoder"] = _tiny_clip_with_projection(spec.clip_hidden_size,
+                                                                                    clip_max_length)
+        encoders["tokenizer_2"], encoders["text_encoder_2"] = _tiny_clip_with_projection(spec.clip_hidden_size,
+                                                                                        clip_max_length)
+        encoders["tokenizer_3"], encoders["text_encoder_3"] = _tiny_t5(spec.joint_attention_dim, 1)
+    # SD3's VAE: 16 latent channels, shift and scale of the released checkpoints, no quant convs.
+    vae = _tiny_vae(16, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+                    use_post_quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, **encoders)
+
+
+def build_qwen_image_pipeline(preset: str | QwenImagePreset = "tiny", seed: int = 0):
+    """A float32 CPU Qwen-Image pipeline with random weights seeded by ``seed``, without text encoder.
+
+    Qwen2.5-VL is not built: pass ``prompt_embeds`` (and ``prompt_embeds_mask``, negatives for true
+    CFG), e.g. from ``random_prompt_embeds(preset.joint_attention_dim)``.
+    """
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+
+    spec = QWEN_IMAGE_PRESETS[preset] if isinstance(preset, str) else preset
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * spec.latent_channels, out_channels=spec.latent_channels,
+        num_layers=spec.num_layers, attention_head_dim=spec.attention_head_dim,
+        num_attention_heads=spec.num_attention_heads, joint_attention_dim=spec.joint_attention_dim,
+        axes_dims_rope=spec.axes_dims_rope,
+    ).eval()
+    # Three temporal-downsample flags give the real 8x spatial scale; identity latent statistics.
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=spec.latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True],
+                                 latents_mean=[0.0] * spec.latent_channels,
+                                 latents_std=[1.0] * spec.latent_channels).eval()
+    # Qwen-Image's released scheduler: dynamic (exponential) shifting with mu from the image size.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+        shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                             transformer=transformer)

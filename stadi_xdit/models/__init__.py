@@ -1,0 +1,1 @@
+"""Model families under STADI, one self-contained module each (processor, injection plan, band model, pipeline)."""
