@@ -1,145 +1,200 @@
-"""PixArt-α, PixArt-Σ or Flux.1 under STADI, written the way xDiT's own example scripts are.
+"""STADI on PixArt-α/Σ, Flux.1, SD3.5 or Qwen-Image, written the way xDiT's own example scripts are.
 
     torchrun --nproc_per_node 2 scripts/stadi_example.py --pipeline pixart-alpha --model tiny \
         --use_stadi --height 256 --width 256 --num_inference_steps 8 --warmup_steps 2 \
         --stadi_emulate_slowdown 1,2
 
-`--model` is a local diffusers folder, or one of the offline presets of
-`stadi_xdit.testing.tiny` (random weights; PixArt: `tiny`, `small`, `pixart-alpha-1024`,
-`pixart-sigma-1024`; Flux: `tiny`, `small`, `flux-dev-1024`), since no model hub is reachable
-from our machines. Presets other than `tiny` have no text encoder and get stand-in embeddings.
+The script builds xDiT's own pipeline wrapper (`xFuserPixArtAlphaPipeline`, ...); with
+`--use_stadi` xDiT's constructor returns its STADI twin (the CLI hook, `import stadi_xdit.xdit`),
+without it xDiT runs as usual, so exactness can be checked from outside with two commands and
+`--save_latents PATH` (the output rank saves the final latent with `torch.save`).
+
+`--model` is a local diffusers folder, or one of the offline presets of `stadi_xdit.testing.tiny`
+(random weights: `tiny`, `small`; PixArt also `pixart-alpha-1024`/`pixart-sigma-1024`, Flux
+`flux-dev-1024`), since no model hub is reachable from our machines. Presets other than `tiny`
+(and every Qwen-Image preset: no tiny Qwen2.5-VL) get stand-in text embeddings.
 """
 
 from __future__ import annotations
 
 # isort: off
-import stadi_xdit  # noqa: F401  (first: the CPU compat layer must be in place before xfuser loads)
+import stadi_xdit.xdit  # noqa: F401  (first: the CPU compat layer must be in place before xfuser loads)
 # isort: on
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import xfuser
 from xfuser.config import FlexibleArgumentParser
 from xfuser.core.distributed import get_world_group
 
 from stadi_xdit.cli_errors import OneLineErrors, fail
+from stadi_xdit.models.qwen_image import xFuserQwenImagePipeline
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
-from stadi_xdit.testing.tiny import (
-    FLUX_PRESETS,
-    PIXART_PRESETS,
-    build_flux_pipeline,
-    build_pixart_pipeline,
-    random_prompt_embeds,
-)
+from stadi_xdit.testing import tiny
+from stadi_xdit.testing.tiny import random_prompt_embeds
 from stadi_xdit.xdit.args import StadiArgs
 from stadi_xdit.xdit.distributed import init_distributed
-from stadi_xdit.xdit.flux import StadiFluxPipeline
-from stadi_xdit.xdit.pipelines import StadiPixArtAlphaPipeline, StadiPixArtSigmaPipeline
-
-PIPELINES = {"pixart-alpha": StadiPixArtAlphaPipeline, "pixart-sigma": StadiPixArtSigmaPipeline,
-             "flux": StadiFluxPipeline}
 
 
-def load_pipeline(kind: str, model: str):
+@dataclass(frozen=True)
+class Example:
+    """One `--pipeline` choice: xDiT's wrapper, the offline presets, and stand-in text inputs."""
+
+    wrapper: type
+    presets: tuple[str, ...]
+    build: Callable[[str, bool], object]  # (preset, with_text_encoder) -> diffusers pipeline
+    text_presets: tuple[str, ...]  # presets that carry a tiny text encoder
+    stand_in_text: Callable[[object, int], dict]  # (diffusers pipeline, seed) -> embeddings
+    has_cfg: bool = True
+    call_kwargs: tuple[tuple[str, object], ...] = ()
+    tiny_text_tokens: int | None = None  # max_sequence_length with the tiny T5 (keeps tiny runs tiny)
+
+
+def _pixart_embeds(pipeline, seed: int) -> dict:
+    channels = pipeline.transformer.config.caption_channels
+    # negative_prompt=None: diffusers refuses a negative prompt and negative embeddings together.
+    return {"negative_prompt": None, "prompt_embeds": random_prompt_embeds(channels, seed=seed),
+            "prompt_attention_mask": torch.ones(1, 8), "negative_prompt_embeds": torch.zeros(1, 8, channels),
+            "negative_prompt_attention_mask": torch.ones(1, 8)}
+
+
+def _flux_embeds(pipeline, seed: int) -> dict:
+    config = pipeline.transformer.config
+    return {"prompt_embeds": random_prompt_embeds(config.joint_attention_dim, seed=seed),
+            "pooled_prompt_embeds": random_prompt_embeds(config.pooled_projection_dim, seq_len=1, seed=seed)[:, 0]}
+
+
+def _sd3_embeds(pipeline, seed: int) -> dict:
+    config = pipeline.transformer.config
+    text = random_prompt_embeds(config.joint_attention_dim, seed=seed)
+    pooled = random_prompt_embeds(config.pooled_projection_dim, seq_len=1, seed=seed)[:, 0]
+    return {"prompt_embeds": text, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": torch.zeros_like(text),
+            "negative_pooled_prompt_embeds": torch.zeros_like(pooled)}
+
+
+def _qwen_embeds(pipeline, seed: int) -> dict:
+    text = random_prompt_embeds(pipeline.transformer.config.joint_attention_dim, seed=seed)
+    return {"prompt_embeds": text, "prompt_embeds_mask": torch.ones(text.shape[:2], dtype=torch.long)}
+
+
+PIXART_PRESETS = tuple(tiny.PIXART_PRESETS)
+EXAMPLES = {
+    "pixart-alpha": Example(xfuser.xFuserPixArtAlphaPipeline, PIXART_PRESETS,
+                            lambda p, text: tiny.build_pixart_pipeline(p, "alpha", with_text_encoder=text),
+                            ("tiny",), _pixart_embeds, call_kwargs=(("use_resolution_binning", False),)),
+    "pixart-sigma": Example(xfuser.xFuserPixArtSigmaPipeline, PIXART_PRESETS,
+                            lambda p, text: tiny.build_pixart_pipeline(p, "sigma", with_text_encoder=text),
+                            ("tiny",), _pixart_embeds, call_kwargs=(("use_resolution_binning", False),)),
+    "flux": Example(xfuser.xFuserFluxPipeline, tuple(tiny.FLUX_PRESETS),
+                    lambda p, text: tiny.build_flux_pipeline(p, with_text_encoder=text), ("tiny",), _flux_embeds,
+                    has_cfg=False, tiny_text_tokens=16),
+    "sd3": Example(xfuser.xFuserStableDiffusion3Pipeline, tuple(tiny.SD3_PRESETS),
+                   lambda p, text: tiny.build_sd3_pipeline(p, with_text_encoder=text), ("tiny",), _sd3_embeds,
+                   tiny_text_tokens=16),
+    "qwen-image": Example(xFuserQwenImagePipeline, tuple(tiny.QWEN_IMAGE_PRESETS),
+                          lambda p, text: tiny.build_qwen_image_pipeline(p), (), _qwen_embeds, has_cfg=False),
+}
+
+
+def load_pipeline(example: Example, model: str):
     """The diffusers pipeline, and whether it needs stand-in text embeddings."""
-    presets = FLUX_PRESETS if kind == "flux" else PIXART_PRESETS
-    if model in presets:
-        with_text = model == "tiny"
-        if kind == "flux":
-            return build_flux_pipeline(model, with_text_encoder=with_text), not with_text
-        return build_pixart_pipeline(model, variant=kind.split("-")[1], with_text_encoder=with_text), not with_text
+    if model in example.presets:
+        with_text = model in example.text_presets
+        return example.build(model, with_text), not with_text
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32), False
-
-
-def text_inputs(kind: str, pipeline, prompt: str, seed: int, device: torch.device, dtype: torch.dtype,
-                needs_embeds: bool) -> dict:
-    if not needs_embeds:
-        return {"prompt": prompt}
-    if kind == "flux":
-        config = pipeline.transformer.config
-        return {"prompt_embeds": random_prompt_embeds(config.joint_attention_dim, seed=seed).to(device, dtype),
-                "pooled_prompt_embeds": random_prompt_embeds(config.pooled_projection_dim, seq_len=1,
-                                                             seed=seed)[:, 0].to(device, dtype)}
-    channels = pipeline.transformer.config.caption_channels
-    # negative_prompt=None: diffusers refuses a negative prompt and negative embeddings together.
-    return {"negative_prompt": None, "prompt_embeds": random_prompt_embeds(channels, seed=seed).to(device, dtype),
-            "prompt_attention_mask": torch.ones(1, 8, device=device),
-            "negative_prompt_embeds": torch.zeros(1, 8, channels, device=device, dtype=dtype),
-            "negative_prompt_attention_mask": torch.ones(1, 8, device=device)}
 
 
 class ExampleParser(OneLineErrors, FlexibleArgumentParser):
     """xDiT's parser; a bad flag is one line, printed by rank 0 only."""
 
 
-def parse_args() -> tuple[StadiArgs, str]:
+def _on(value, device: torch.device, dtype: torch.dtype):
+    """Stand-in embeddings in the model's device and dtype; integer masks keep their dtype."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+
+
+def parse_args() -> tuple[StadiArgs, str, str | None]:
     """Every flag checked before any process group exists; errors are one line naming the flag."""
-    parser = ExampleParser(prog="stadi_example.py", description="PixArt / Flux with STADI (xDiT plugin)")
+    parser = ExampleParser(prog="stadi_example.py", description="xDiT pipelines with STADI (xDiT plugin)")
     StadiArgs.add_cli_args(parser)
-    parser.add_argument("--pipeline", choices=sorted(PIPELINES), default="pixart-alpha")
+    parser.add_argument("--pipeline", choices=sorted(EXAMPLES), default="pixart-alpha")
+    parser.add_argument("--save_latents", default=None, metavar="PATH",
+                        help="the output rank saves the final latent here (torch.save)")
     args = parser.parse_args()
-    kind = args.pipeline
+    example = EXAMPLES[args.pipeline]
     try:
         engine_args = StadiArgs.from_cli_args(args)
         if engine_args.use_stadi:
             engine_args.validate()
     except ValueError as error:
         parser.error(str(error))
-    if kind == "flux" and engine_args.use_cfg_parallel:
-        parser.error("--use_cfg_parallel does not apply to --pipeline flux (Flux.1 has no CFG branches)")
-    if engine_args.model not in (FLUX_PRESETS if kind == "flux" else PIXART_PRESETS) \
-            and not os.path.isdir(engine_args.model):
-        parser.error(f"--model must be a local diffusers folder or a preset, got {engine_args.model!r}")
-    return engine_args, kind
+    if engine_args.use_cfg_parallel and not example.has_cfg:
+        parser.error(f"--use_cfg_parallel does not apply to --pipeline {args.pipeline} (no CFG branches)")
+    if engine_args.model not in example.presets and not os.path.isdir(engine_args.model):
+        parser.error(f"--model must be a local diffusers folder or one of {', '.join(example.presets)}, "
+                     f"got {engine_args.model!r}")
+    if args.save_latents is not None and (not args.save_latents or os.path.isdir(args.save_latents)):
+        parser.error(f"--save_latents must be a file path, got {args.save_latents!r}")
+    return engine_args, args.pipeline, args.save_latents
 
 
 def main() -> None:
-    engine_args, kind = parse_args()
+    engine_args, kind, save_latents = parse_args()
     try:
-        run(engine_args, kind)
+        run(engine_args, EXAMPLES[kind], save_latents)
     except PeerFailure as error:
         report_and_exit(error)
     except ValueError as error:  # inputs only the loaded model can check (e.g. its size limits)
         fail("stadi_example.py", str(error))
 
 
-def run(engine_args: StadiArgs, kind: str) -> None:
+def run(engine_args: StadiArgs, example: Example, save_latents: str | None) -> None:
     device = init_distributed(engine_args.stadi_timeout)
     engine_config, input_config = engine_args.create_config()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine_config.runtime_config.dtype = dtype
 
-    pipeline, needs_embeds = load_pipeline(kind, engine_args.model)
+    pipeline, needs_embeds = load_pipeline(example, engine_args.model)
     pipeline = pipeline.to(device=device, dtype=dtype)
-    pipe = PIPELINES[kind](pipeline, engine_config)
-    inputs = text_inputs(kind, pipeline, input_config.prompt or "a lighthouse at dusk",
-                         input_config.seed, device, dtype, needs_embeds)
-    if kind == "flux":
-        inputs["max_sequence_length"] = 16 if engine_args.model == "tiny" else input_config.max_sequence_length
+    # xDiT's wrapper; with --use_stadi its constructor returns the STADI twin.
+    pipe = example.wrapper(pipeline, engine_config)
+    if needs_embeds:
+        inputs = {name: _on(value, device, dtype)
+                  for name, value in example.stand_in_text(pipeline, input_config.seed).items()}
     else:
-        inputs["use_resolution_binning"] = False
+        inputs = {"prompt": input_config.prompt or "a lighthouse at dusk"}
+    inputs.update(example.call_kwargs)
+    if example.tiny_text_tokens is not None:
+        tokens = example.tiny_text_tokens if engine_args.model == "tiny" else input_config.max_sequence_length
+        inputs["max_sequence_length"] = tokens
+    output_type = "latent" if save_latents else input_config.output_type
 
     dist.barrier()
     start = time.perf_counter()
     output = pipe(height=input_config.height, width=input_config.width,
-                  num_inference_steps=input_config.num_inference_steps, output_type=input_config.output_type,
+                  num_inference_steps=input_config.num_inference_steps, output_type=output_type,
                   generator=torch.Generator(device="cpu").manual_seed(input_config.seed), **inputs)
     elapsed = time.perf_counter() - start
 
-    result = pipe.last_result
     if get_world_group().rank == 0:
-        print(result.plan.explain())
-        if result.measured_speeds:
-            print("measured speeds (rows/s):", ", ".join(f"{s:.3g}" for s in result.measured_speeds))
-        print(f"end-to-end latency: {elapsed:.2f} s")
-    if pipe.is_dp_last_group() and output is not None and input_config.output_type == "pil":
-        os.makedirs("results", exist_ok=True)
-        path = f"results/stadi_{kind}_{result.plan.mode}.png"
-        output.images[0].save(path)
-        print("saved", path)
+        print(f"{type(pipe).__name__}: end-to-end latency {elapsed:.2f} s")
+    if pipe.is_dp_last_group() and output is not None:
+        if save_latents:
+            torch.save(output.images.cpu(), save_latents)
+            print("saved latents to", save_latents)
+        elif output_type == "pil":
+            os.makedirs("results", exist_ok=True)
+            path = f"results/{type(pipe).__name__}.png"
+            output.images[0].save(path)
+            print("saved", path)
     dist.destroy_process_group()
 
 

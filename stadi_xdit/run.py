@@ -25,7 +25,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-import stadi_xdit  # noqa: F401  (compat layer and CLI hook, before the script imports xfuser)
+import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook, before the script imports xfuser)
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.xdit import cli_hook
 

@@ -109,6 +109,7 @@ def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
+@pytest.mark.xdit_baseline
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("model", list(MODELS))
 def test_xdit_strategy_matches_single_process(model, strategy):

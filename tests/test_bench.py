@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from stadi_xdit.bench.arms import ARM_ORDER, ARMS, skip_reason
+from stadi_xdit.bench.arms import skip_reason
+from stadi_xdit.bench.catalog import ARM_ORDER, ARMS
 from stadi_xdit.bench.cli import main
 from stadi_xdit.bench.metrics import psnr, ssim
 from stadi_xdit.bench.presets import BENCH_PRESETS, get_preset
@@ -34,14 +35,24 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
         if arm["status"] == "ok":
             assert len(arm["latencies"]) == 1
             assert all(math.isfinite(t) and t > 0 for t in arm["latencies"]), name
-            assert all(0 <= b <= 1.5 for b in arm["busy_fraction"]), name
         else:
             assert arm["reason"], f"{name} is {arm['status']} without a reason"
+    arms = scenario["arms"]
     for name in ("single", "uniform", "spatial", "full"):  # ours must run
-        assert scenario["arms"][name]["status"] == "ok", scenario["arms"][name]["reason"]
-    full = scenario["arms"]["full"]
-    assert full["stadi"]["predicted_seconds"] > 0
-    assert full["quality"]["latent_psnr"] > 0 and -1 <= full["quality"]["latent_ssim"] <= 1
+        assert arms[name]["status"] == "ok", arms[name]["reason"]
+    # Rank 1 runs 2x slower: with equal bands it is the busy one and rank 0 waits for it.
+    uniform_busy = arms["uniform"]["busy_fraction"]
+    assert uniform_busy[1] > uniform_busy[0], uniform_busy
+    # The planner saw it (never told): the slowed rank measured slower, and the spatial plan gives it fewer rows.
+    for name in ("spatial", "full"):
+        speeds = arms[name]["stadi"]["measured_speeds"]
+        assert speeds[1] < speeds[0], (name, speeds)
+    rows = arms["spatial"]["stadi"]["rows"]
+    assert rows[1] < rows[0], rows
+    # Quality vs the single rank: stale K/V alone (uniform, spatial) is a small perturbation (~90 dB in the
+    # PixArt tests, 81 dB with the exchange broken); skipped steps (full) cost more but stay an image.
+    for name, floor in (("uniform", 40.0), ("spatial", 40.0), ("full", 20.0)):
+        assert arms[name]["quality"]["latent_psnr"] >= floor, (name, arms[name]["quality"])
     assert {c["status"] for c in scenario["checks"]} <= {"PASS", "MISS", "N/A"}
     assert len(scenario["checks"]) == 3
 

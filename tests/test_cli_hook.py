@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import stadi_xdit  # noqa: F401  (CPU compat and the CLI hook, before xfuser)
+import stadi_xdit.xdit  # noqa: F401  (CPU compat and the CLI hook, before xfuser)
 from stadi_xdit.config import StadiConfig
 from stadi_xdit.testing.spawn import free_port
 from stadi_xdit.xdit import cli_hook
@@ -91,24 +91,29 @@ def test_pipeline_construction_picks_the_stadi_twin():
     # __new__ alone decides the class; no process group is needed for that.
     from xfuser.model_executor.pipelines import (
         xFuserFluxPipeline,
+        xFuserHunyuanDiTPipeline,
         xFuserPixArtAlphaPipeline,
         xFuserPixArtSigmaPipeline,
         xFuserStableDiffusion3Pipeline,
     )
 
-    from stadi_xdit.xdit.flux import StadiFluxPipeline
-    from stadi_xdit.xdit.pipelines import StadiPixArtAlphaPipeline, StadiPixArtSigmaPipeline
+    from stadi_xdit.models.flux import StadiFluxPipeline
+    from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline, StadiPixArtSigmaPipeline
+    from stadi_xdit.models.sd3 import StadiStableDiffusion3Pipeline
 
     for xdit_cls, stadi_cls in ((xFuserPixArtAlphaPipeline, StadiPixArtAlphaPipeline),
                                 (xFuserPixArtSigmaPipeline, StadiPixArtSigmaPipeline),
-                                (xFuserFluxPipeline, StadiFluxPipeline)):
+                                (xFuserFluxPipeline, StadiFluxPipeline),
+                                (xFuserStableDiffusion3Pipeline, StadiStableDiffusion3Pipeline)):
         assert type(xdit_cls.__new__(xdit_cls, None, _stadi_engine_config())) is stadi_cls
         assert type(xdit_cls.__new__(xdit_cls, None, engine_config=_stadi_engine_config())) is stadi_cls
         assert type(xdit_cls.__new__(xdit_cls, None, _stadi_engine_config(False))) is xdit_cls
         assert type(xdit_cls.__new__(xdit_cls, None, object())) is xdit_cls  # a plain EngineConfig
         assert type(stadi_cls.__new__(stadi_cls, None, object())) is stadi_cls
-    with pytest.raises(ValueError, match="--use_stadi does not support xFuserStableDiffusion3Pipeline"):
-        xFuserStableDiffusion3Pipeline(None, _stadi_engine_config())
+    # One line naming the class and the families STADI serves.
+    with pytest.raises(ValueError, match="--use_stadi does not support xFuserHunyuanDiTPipeline; STADI runs "
+                                         ".*xFuserQwenImagePipeline.*xFuserStableDiffusion3Pipeline"):
+        xFuserHunyuanDiTPipeline(None, _stadi_engine_config())
 
 
 @pytest.mark.parametrize("argv,nproc", [
@@ -218,7 +223,7 @@ def test_upstream_patch_applies_and_drives_stadi_through_the_plugin(tmp_path):
         "[xfuser.plugins]\nstadi = stadi_xdit.xdit.cli_hook:XfuserPlugin\n")
     probe = textwrap.dedent("""
         import sys, types
-        import stadi_xdit
+        import stadi_xdit.xdit
         import xfuser, xfuser.cli
         from xfuser import xFuserArgs
         from xfuser.config import FlexibleArgumentParser

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import stadi_xdit  # noqa: F401  (applies the compat layer: this machine has no CUDA)
+import stadi_xdit.xdit  # noqa: F401  (applies the compat layer: this machine has no CUDA)
 from stadi_xdit import compat
 from stadi_xdit.compat import _hooks, imports, runtime
 from stadi_xdit.testing.spawn import run_distributed
@@ -29,7 +29,7 @@ def test_fresh_process_imports_xfuser_after_stadi_xdit():
     script = textwrap.dedent(
         """
         import json, sys
-        import stadi_xdit
+        import stadi_xdit.xdit
         from stadi_xdit.compat import is_applied
         lazy = "xfuser" not in sys.modules
         import xfuser

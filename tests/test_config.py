@@ -7,7 +7,7 @@ import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
 
-import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
+import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
 from stadi_xdit.config import FLAGS, MODES, StadiConfig
 
 speeds = st.none() | st.lists(st.floats(0.01, 100, allow_nan=False), min_size=1, max_size=8).map(tuple)

@@ -18,6 +18,7 @@ def _example(capsys=None):
     """The script as a module; `capsys` drops what its imports print (library notices), not ours."""
     spec = importlib.util.spec_from_file_location("stadi_example", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
     spec.loader.exec_module(module)
     if capsys is not None:
         capsys.readouterr()
@@ -54,6 +55,9 @@ BAD_FLAGS = [
     (["--stadi_profile_cache", "{tmp}"], "--stadi_profile_cache"),  # a directory
     (["--model", "no-such-model"], "--model"),
     (["--pipeline", "dalle"], "--pipeline"),
+    (["--pipeline", "qwen-image", "--use_cfg_parallel"], "--use_cfg_parallel"),
+    (["--pipeline", "sd3", "--model", "pixart-alpha-1024"], "--model"),
+    (["--save_latents", "{tmp}"], "--save_latents"),
 ]
 
 
@@ -95,3 +99,16 @@ def test_readme_small_preset_runs(pipeline, tmp_path):
             "--num_inference_steps", "3", "--warmup_steps", "1", "--output_type", "latent",
             "--stadi_speeds", "1,0.5"]
     run_distributed(_run_example, 2, argv, timeout=300)
+
+
+@pytest.mark.parametrize("pipeline", ["pixart-alpha", "qwen-image"])
+def test_exactness_checked_from_outside_with_two_commands(pipeline, tmp_path):
+    """xDiT's own pipeline on 1 process vs STADI exact on 2 ranks with uneven bands: same latent."""
+    common = ["--pipeline", pipeline, "--model", "tiny", "--height", "112", "--width", "80",
+              "--num_inference_steps", "3", "--warmup_steps", "1"]
+    run_distributed(_run_example, 1, [*common, "--save_latents", str(tmp_path / "xdit.pt")], timeout=300)
+    run_distributed(_run_example, 2, [*common, "--use_stadi", "--stadi_exact", "--stadi_speeds", "3,5",
+                                      "--save_latents", str(tmp_path / "stadi.pt")], timeout=300)
+    reference, stadi = (torch.load(tmp_path / name) for name in ("xdit.pt", "stadi.pt"))
+    assert reference.shape == stadi.shape
+    assert ((stadi - reference).norm() / reference.norm()).item() <= 1e-4

@@ -18,11 +18,11 @@ def _faulty_run(rank: int, world: int, fault: str, stamp_file: str, cache: str |
     """Rank 1 dies or stalls at `fault`; rank 0 returns its one-line report and how long it took."""
     import os
 
-    import stadi_xdit  # noqa: F401
+    import stadi_xdit.xdit  # noqa: F401
+    from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
     from stadi_xdit.runtime.faults import PeerFailure
     from stadi_xdit.testing.tiny import tiny_pixart_pipeline
     from stadi_xdit.xdit import pipelines
-    from stadi_xdit.xdit.pipelines import StadiPixArtAlphaPipeline
 
     def fail_now() -> None:
         with open(stamp_file, "w") as handle:

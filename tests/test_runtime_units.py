@@ -12,7 +12,7 @@ from diffusers import (
     PNDMScheduler,
 )
 
-import stadi_xdit  # noqa: F401  (compat layer first)
+import stadi_xdit.xdit  # noqa: F401  (compat layer first)
 from stadi_xdit.planner import plan
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.kv import DisplacedKVStore
@@ -116,8 +116,9 @@ def test_displaced_store_needs_a_synchronous_step_first():
 
 
 def test_injection_is_removable():
+    from stadi_xdit.models.pixart import PIXART_INJECTION
     from stadi_xdit.testing.tiny import tiny_pixart_pipeline
-    from stadi_xdit.xdit.injection import PIXART_INJECTION, apply_injection
+    from stadi_xdit.xdit.injection import apply_injection
 
     transformer = tiny_pixart_pipeline().transformer
     before = [block.attn1.processor for block in transformer.transformer_blocks]

@@ -12,7 +12,7 @@ SEED = 1
 
 
 def _reference(size: int, steps: int) -> torch.Tensor:
-    import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.testing.tiny import tiny_pixart_pipeline
 
     pipe = tiny_pixart_pipeline("alpha")
@@ -23,9 +23,9 @@ def _reference(size: int, steps: int) -> torch.Tensor:
 def _run_cfg_parallel(rank: int, world: int, size: int, steps: int, runs: list[dict]) -> list[dict]:
     from xfuser.core.distributed import get_cfg_group, get_dp_group
 
-    import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
     from stadi_xdit.testing.tiny import tiny_pixart_pipeline
-    from stadi_xdit.xdit.pipelines import StadiPixArtAlphaPipeline
 
     results = []
     for kwargs in runs:

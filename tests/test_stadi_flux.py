@@ -14,7 +14,7 @@ MAX_SEQ = 16  # text tokens; replicated on every rank, kept short for CPU
 
 
 def _reference(size: int, steps: int, guidance: bool = False) -> torch.Tensor:
-    import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.testing.tiny import FLUX_PRESETS, build_flux_pipeline
 
     preset = FLUX_PRESETS["tiny"]
@@ -30,9 +30,9 @@ def _reference(size: int, steps: int, guidance: bool = False) -> torch.Tensor:
 
 def _run_stadi(rank: int, world: int, size: int, steps: int, runs: list[dict], guidance: bool = False) -> list[dict]:
     """Build one STADI Flux pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
-    import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.models.flux import StadiFluxPipeline
     from stadi_xdit.testing.tiny import FLUX_PRESETS, build_flux_pipeline
-    from stadi_xdit.xdit.flux import StadiFluxPipeline
 
     preset = FLUX_PRESETS["tiny"]
     if guidance:
@@ -133,10 +133,10 @@ def test_stale_modes_follow_the_plan_and_repeat():
 
 
 def _run_with_profile_cache(rank: int, world: int, cache: str) -> dict:
-    import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.models.flux import StadiFluxPipeline
     from stadi_xdit.runtime.profile_cache import ProfileCache
     from stadi_xdit.testing.tiny import tiny_flux_pipeline
-    from stadi_xdit.xdit.flux import StadiFluxPipeline
 
     pipe = build_stadi_pipeline(StadiFluxPipeline, tiny_flux_pipeline(), size=128, steps=5, model="tiny-flux",
                                 warmup_steps=3, stadi_mode="spatial", stadi_emulate_slowdown="1,3",

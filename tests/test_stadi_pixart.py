@@ -14,7 +14,7 @@ SEED = 1
 
 
 def _reference(variant: str, size: int, steps: int) -> torch.Tensor:
-    import stadi_xdit  # noqa: F401  (compat layer before diffusers/xfuser meet)
+    import stadi_xdit.xdit  # noqa: F401  (compat layer before diffusers/xfuser meet)
     from stadi_xdit.testing.tiny import tiny_pixart_pipeline
 
     pipe = tiny_pixart_pipeline(variant)
@@ -24,9 +24,9 @@ def _reference(variant: str, size: int, steps: int) -> torch.Tensor:
 
 def _run_stadi(rank: int, world: int, variant: str, size: int, steps: int, runs: list[dict]) -> list[dict]:
     """Build one STADI pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
-    import stadi_xdit  # noqa: F401
+    import stadi_xdit.xdit  # noqa: F401
+    from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline, StadiPixArtSigmaPipeline
     from stadi_xdit.testing.tiny import tiny_pixart_pipeline
-    from stadi_xdit.xdit.pipelines import StadiPixArtAlphaPipeline, StadiPixArtSigmaPipeline
 
     cls = StadiPixArtAlphaPipeline if variant == "alpha" else StadiPixArtSigmaPipeline
     results = []

@@ -41,7 +41,7 @@ def _call(output_type: str) -> dict:
 
 
 def _reference(output_type: str):
-    import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.testing.tiny import build_qwen_image_pipeline
 
     return build_qwen_image_pipeline()(**_call(output_type)).images
@@ -49,7 +49,7 @@ def _reference(output_type: str):
 
 def _run_stadi(rank: int, world: int, runs: list[dict]) -> list[dict]:
     """Build one STADI Qwen-Image pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
-    import stadi_xdit  # noqa: F401  (CPU compat before xfuser)
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.models.qwen_image import StadiQwenImagePipeline
     from stadi_xdit.testing.tiny import build_qwen_image_pipeline
 

@@ -15,39 +15,13 @@ import secrets
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
 
 import torch
 
-from stadi_xdit.bench.presets import PATCH_SIZE, VAE_SCALE, BenchPreset, get_preset
+from stadi_xdit.bench.catalog import ARMS, PATCH_SIZE, VAE_SCALE, Arm
+from stadi_xdit.bench.presets import BenchPreset, get_preset
 from stadi_xdit.runtime.profile import work_clock
-
-
-@dataclass(frozen=True)
-class Arm:
-    name: str
-    kind: str  # "single" | "stadi" | "xdit"
-    title: str  # for tables and plots; "{n}" becomes the world size
-
-    def label(self, world: int) -> str:
-        return self.title.format(n=world)
-
-
-ARMS: dict[str, Arm] = {
-    arm.name: arm
-    for arm in (
-        Arm("single", "single", "single rank"),
-        Arm("uniform", "stadi", "STADI uniform"),
-        Arm("ulysses", "xdit", "xDiT Ulysses-{n}"),
-        Arm("ring", "xdit", "xDiT Ring-{n}"),
-        Arm("pipefusion", "xdit", "xDiT PipeFusion-{n}"),
-        Arm("spatial", "stadi", "STADI spatial"),
-        Arm("full", "stadi", "STADI full"),
-    )
-}
-ARM_ORDER = tuple(ARMS)
-XDIT_ARMS = ("ulysses", "ring", "pipefusion")
 
 
 def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: int, warmup: int,
@@ -63,7 +37,7 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
         return "needs at least 2 ranks"
     if arm.kind == "stadi":
         if _stadi_pipeline_class(preset.variant) is None:
-            return f"no STADI pipeline for {preset.family} ({preset.variant}) in stadi_xdit.xdit"
+            return f"no STADI pipeline for {preset.family} ({preset.variant}) in stadi_xdit.models"
         if token_rows < world:
             return f"{token_rows} token rows < {world} ranks"
         if not 1 <= warmup < steps:
@@ -82,20 +56,15 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
     return None
 
 
+# Preset variant -> the xFuser wrapper xDiT's arms use; STADI's twin comes from the family registry.
+XDIT_WRAPPERS = {"alpha": "xFuserPixArtAlphaPipeline", "sigma": "xFuserPixArtSigmaPipeline", "dev": "xFuserFluxPipeline"}
+
+
 def _stadi_pipeline_class(variant: str):
     """STADI's pipeline class for a preset variant, or None where the plugin has none."""
-    import importlib
+    from stadi_xdit.models import twin_for
 
-    name = {"alpha": "StadiPixArtAlphaPipeline", "sigma": "StadiPixArtSigmaPipeline",
-            "dev": "StadiFluxPipeline"}[variant]
-    for module in ("stadi_xdit.xdit.pipelines", "stadi_xdit.xdit.flux"):
-        try:
-            cls = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            continue
-        if cls is not None:
-            return cls
-    return None
+    return twin_for(XDIT_WRAPPERS[variant])
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,13 +82,11 @@ class ForwardTimer:
 
     def __init__(self, module: torch.nn.Module, factor: float = 1.0, cuda: bool = False):
         self.factor = factor
-        self.cuda = cuda
         self._clock = work_clock(torch.device("cuda" if cuda else "cpu"))
         self.records: list[tuple[float, float, float, float]] = []  # wall start, wall end, compute, slept
         self._start = (0.0, 0.0)
         self._handles = [module.register_forward_pre_hook(self._pre),
                          module.register_forward_hook(self._post)]
-
 
     def _pre(self, module, args) -> None:
         self._start = (time.perf_counter(), self._clock())
@@ -163,20 +130,15 @@ def _build(spec: dict, rank: int, world: int):
                          **common)
         cls = _stadi_pipeline_class(preset.variant)
     else:
-        from xfuser import (
-            xFuserArgs,
-            xFuserFluxPipeline,
-            xFuserPixArtAlphaPipeline,
-            xFuserPixArtSigmaPipeline,
-        )
+        import xfuser
+        from xfuser import xFuserArgs
 
         degrees = {"ulysses": {"ulysses_degree": world},
                    "ring": {"ring_degree": world, "attention_backend": "SDPA_FLASH"},
                    "pipefusion": {"pipefusion_parallel_degree": world,
                                       "num_pipeline_patch": spec["pipefusion_patches"] or world}}[arm.name]
         args = xFuserArgs(**common, **degrees)
-        cls = {"alpha": xFuserPixArtAlphaPipeline, "sigma": xFuserPixArtSigmaPipeline,
-               "dev": xFuserFluxPipeline}[preset.variant]
+        cls = getattr(xfuser, XDIT_WRAPPERS[preset.variant])
     engine_config, _ = args.create_config()
     engine_config.runtime_config.dtype = dtype
     pipe = cls(base, engine_config)

@@ -22,20 +22,38 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
+from stadi_xdit.bench.catalog import ARM_ORDER, PRESET_SHAPES, ROW_PX
+from stadi_xdit.bench.scenarios import parse_scenario
+from stadi_xdit.cli_errors import OneLineArgumentParser, fail
+from stadi_xdit.planner.cli import parse_checked, parse_numbers
+from stadi_xdit.planner.gpus import parse_gpu_list
+from stadi_xdit.planner.validation import MAX_RANKS, MAX_ROWS, MAX_STEPS, MAX_STRIDE_LIMIT
+
+PROG = "stadi-bench"
 DEMO_ARGS = ["--preset", "small", "--height", "256", "--steps", "10", "--warmup", "2", "--repeats", "2",
              "--scenario", "slowdown:1,2"]
+DEFAULT_SCENARIO = "slowdown:1,2"
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+MAX_RUN_TIMEOUT = 7 * 24 * 3600.0  # a week: beyond any call, and within every timer's range
+MAX_SEED = 2**63 - 2  # torch seeds are 64-bit signed here, and the prompts use seed + 1
+# One CPU forward at the calibration size; its cost grows with the square of the token count.
+CALIBRATE_HEIGHT_RANGE = (32, 2048)
+# --simulate bounds that keep the planner's rows/s finite and > 0 (it rejects 0 and inf):
+MIN_RELATIVE_SPEED = 1e-6  # slowest rank vs the fastest in --speeds
+ROW_SECONDS_RANGE = (1e-9, 1e4)  # seconds per token row per step on the fastest rank
+MFU_RANGE = (0.01, 1.0)
+LINK_GBPS_RANGE = (1e-3, 1e6)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stadi_xdit.bench.arms import ARM_ORDER
-    from stadi_xdit.bench.presets import BENCH_PRESETS
-
-    parser = argparse.ArgumentParser(
-        prog="stadi-bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = OneLineArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="End-to-end latency of STADI vs xDiT's strategies on heterogeneous (slowed) ranks.",
         epilog="With no arguments: stadi-bench " + " ".join(DEMO_ARGS))
-    parser.add_argument("--preset", default="small", choices=list(BENCH_PRESETS), help="model preset (default small)")
+    parser.add_argument("--preset", default="small", choices=list(PRESET_SHAPES),
+                        help="model preset (default small)")
     parser.add_argument("--height", type=int, default=None, help="image side in px (default: the preset's)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--warmup", type=int, default=2,
@@ -61,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "measuring in every call (default)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: rank i on cuda:i (untested here: no GPU in CI)")
-    parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32)")
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds before a stuck call fails its arm (default: 20x its warm-up, >= 60)")
     parser.add_argument("--out", default="bench-out", help="output folder (default ./bench-out, git-ignored)")
@@ -72,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose-workers", action="store_true", help="keep xDiT/diffusers logs of the ranks")
     sim = parser.add_argument_group("cluster what-if (--simulate)")
     sim.add_argument("--simulate", action="store_true", help="predict uniform/spatial/full; runs no arm")
-    sim.add_argument("--gpus", default=None, help="e.g. A100x4,RTX3090x4 (datasheet ratios from planner.gpus)")
-    sim.add_argument("--speeds", default=None, help="relative speeds instead of --gpus, e.g. 1,0.5")
+    source = sim.add_mutually_exclusive_group()
+    source.add_argument("--gpus", default=None,
+                        help="e.g. A100x4,RTX3090x4 (datasheet ratios from planner.gpus)")
+    source.add_argument("--speeds", default=None, help="relative speeds instead of --gpus, e.g. 1,0.5")
     sim.add_argument("--row-seconds", type=float, default=None,
                      help="seconds per token row per step on the fastest rank (default: from FLOPs)")
     sim.add_argument("--mfu", type=float, default=0.35, help="assumed GPU FLOPs utilisation (default 0.35)")
@@ -87,10 +107,142 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cores(text: str | None, world: int) -> list[int | None]:
-    if text:
-        cores = [int(c) for c in text.split(",")]
-    else:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse and fully validate ``argv`` without running anything (no arm, no process, no file).
+
+    Bad input exits with status 2 and one ``stadi-bench: error: argument --FLAG: ...`` line. The namespace
+    also carries the resolved values: ``height`` (the preset's unless given), ``arm_names`` (canonical
+    order), ``scenarios`` (parsed; the default only outside --simulate/--construct-only), ``core_list``
+    (ints, or None for the allowed cores), ``speed_values`` (--speeds) and ``gpu_names`` (--gpus).
+    """
+    args = parse_checked(build_parser(), argv)
+    _validate_shape(args)
+    _validate_run(args)
+    _validate_simulate(args)
+    return args
+
+
+def _reject(flag: str, message: str) -> NoReturn:
+    fail(PROG, f"argument {flag}: {message}")
+
+
+def _require_range(flag: str, value: float | None, low: float, high: float, what: str = "a number") -> None:
+    """``value`` (skipped when None) is finite and in [low, high]; nan fails every comparison."""
+    if value is not None and not low <= value <= high:
+        low, high = (f"{bound:g}" if isinstance(bound, float) else str(bound) for bound in (low, high))
+        bounds = f">= {low}" if high == "inf" else f"in [{low}, {high}]"
+        _reject(flag, f"must be {what} {bounds}, got {value!r}")
+
+
+def _validate_shape(args: argparse.Namespace) -> None:
+    """Image size, steps and ranks: what every mode (run, --simulate, --construct-only) uses."""
+    args.height = PRESET_SHAPES[args.preset].height if args.height is None else args.height
+    if args.height % ROW_PX or not ROW_PX <= args.height <= MAX_ROWS * ROW_PX:
+        _reject("--height", f"must be a multiple of {ROW_PX} px (one token row: VAE 8 x patch 2) in "
+                            f"[{ROW_PX}, {MAX_ROWS * ROW_PX}] (at most {MAX_ROWS} token rows are supported), "
+                            f"got {args.height}")
+    _require_range("--steps", args.steps, 1, MAX_STEPS, "an integer (denoising steps)")
+    _require_range("--warmup", args.warmup, 0, args.steps - 1, "an integer below --steps")
+    _require_range("--ranks", args.ranks, 1, MAX_RANKS, "an integer")
+    _require_range("--max-stride", args.max_stride, 1, MAX_STRIDE_LIMIT, "an integer (the planner's limit)")
+    if args.pipefusion_patches is not None and args.pipefusion_patches < 1:
+        _reject("--pipefusion-patches", f"must be an integer >= 1, got {args.pipefusion_patches}")
+
+
+def _validate_run(args: argparse.Namespace) -> None:
+    """Arms, scenarios, cores and the other settings of a measured run."""
+    names = [name.strip() for name in args.arms.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ARM_ORDER]
+    if unknown or not names:
+        _reject("--arms", f"expected a comma-separated subset of {','.join(ARM_ORDER)}, got {args.arms!r}")
+    # Canonical order: single first (the reference).
+    args.arm_names = tuple(name for name in ARM_ORDER if name in names)
+
+    measured = not (args.simulate or args.construct_only)
+    texts = args.scenario or ([DEFAULT_SCENARIO] if measured else [])
+    args.scenarios = []
+    for text in texts:
+        try:
+            scenario = parse_scenario(text)
+            scenario.check_world(args.ranks)
+        except ValueError as error:
+            default = "" if args.scenario else f" (the default --scenario; pass one for --ranks {args.ranks})"
+            _reject("--scenario", f"{error}{default}")
+        args.scenarios.append(scenario)
+
+    args.core_list = None
+    if args.cores is not None:
+        try:
+            args.core_list = list(parse_numbers(args.cores, int, example="0,1"))
+        except ValueError as error:
+            _reject("--cores", str(error))
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        outside = [c for c in args.core_list if c < 0 or (allowed is not None and c not in allowed)]
+        if outside:
+            _reject("--cores", f"core(s) {','.join(map(str, outside))} are not among this process's allowed "
+                               f"cores {','.join(map(str, allowed or []))}, got {args.cores!r}")
+        if len(args.core_list) < args.ranks:
+            _reject("--cores", f"needs one core per rank (--ranks {args.ranks}), got {len(args.core_list)}: "
+                               f"{args.cores!r}")
+    _require_range("--repeats", args.repeats, 1, math.inf, "an integer")
+    _require_range("--seed", args.seed, 0, MAX_SEED, "an integer")
+    _require_range("--run-timeout", args.run_timeout, 1e-3, MAX_RUN_TIMEOUT, "a number of seconds")
+    if measured and args.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < args.ranks:
+            _reject("--device", f"cuda puts rank i on cuda:i: {args.ranks} ranks need {args.ranks} GPUs, "
+                                f"found {torch.cuda.device_count()}")
+    # os.path (not pathlib): False instead of an exception for names with NUL bytes or too long
+    if not args.construct_only and os.path.exists(args.out) and not os.path.isdir(args.out):
+        _reject("--out", f"must be a folder, but {args.out!r} is a file")
+
+
+def _validate_simulate(args: argparse.Namespace) -> None:
+    """--gpus/--speeds and the cost-model options, checked whenever given (used by --simulate)."""
+    args.gpu_names = args.speed_values = None
+    if args.gpus is not None:
+        try:
+            args.gpu_names = parse_gpu_list(args.gpus)
+        except ValueError as error:
+            _reject("--gpus", str(error).removeprefix("gpus: "))
+    if args.speeds is not None:
+        try:
+            args.speed_values = parse_numbers(args.speeds)
+        except ValueError as error:
+            _reject("--speeds", str(error))
+        fastest = max(args.speed_values)
+        if len(args.speed_values) > MAX_RANKS or not all(v >= MIN_RELATIVE_SPEED * fastest > 0
+                                                         for v in args.speed_values):
+            _reject("--speeds", f"expected 1 to {MAX_RANKS} speeds > 0, each >= {MIN_RELATIVE_SPEED:g} x the "
+                                f"fastest, got {args.speeds!r}")
+    _require_range("--row-seconds", args.row_seconds, *ROW_SECONDS_RANGE, "a number of seconds")
+    _require_range("--mfu", args.mfu, *MFU_RANGE, "a fraction")
+    _require_range("--link-gbps", args.link_gbps, *LINK_GBPS_RANGE, "a number of GB/s")
+    low, high = CALIBRATE_HEIGHT_RANGE
+    if args.calibrate_height % ROW_PX or not low <= args.calibrate_height <= high:
+        _reject("--calibrate-height", f"must be a multiple of {ROW_PX} px in [{low}, {high}], "
+                                      f"got {args.calibrate_height}")
+    if not args.simulate:
+        return
+    ranks = args.gpu_names or args.speed_values
+    if not ranks:
+        _reject("--simulate", "needs --gpus (e.g. A100x4,RTX3090x4) or --speeds (e.g. 1,0.5)")
+    family = PRESET_SHAPES[args.preset].family
+    rows = args.height // ROW_PX
+    if rows < len(ranks):
+        _reject("--height", f"{args.height} px has {rows} token rows, fewer than the {len(ranks)} simulated "
+                            "ranks (the planner gives every rank >= 1 row)")
+    calibrate = args.row_seconds is None and not args.no_measure
+    if calibrate and family != "pixart":
+        _reject("--simulate", f"the calibration forward needs a PixArt preset ({args.preset} is {family}); "
+                              "pass --row-seconds or --no-measure")
+    if args.speed_values and args.row_seconds is None and args.no_measure:
+        _reject("--no-measure", "with --speeds, --simulate needs --row-seconds or the calibration forward")
+
+
+def _cores(cores: list[int] | None, world: int) -> list[int | None]:
+    if cores is None:  # given cores were validated in parse_args: one per rank, all allowed
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if not cores:
         return [None] * world
@@ -118,7 +270,8 @@ def _decoder(preset, seed: int):
 
 
 def _construct_only(args, preset, height) -> int:
-    from stadi_xdit.bench.arms import ARM_ORDER, ARMS, skip_reason
+    from stadi_xdit.bench.arms import skip_reason
+    from stadi_xdit.bench.catalog import ARM_ORDER, ARMS
     from stadi_xdit.bench.presets import construct_on_meta
 
     start = time.perf_counter()
@@ -135,10 +288,7 @@ def _construct_only(args, preset, height) -> int:
 def _simulate(args, preset, height) -> int:
     from stadi_xdit.bench.simulate import format_what_if, what_if
 
-    if not args.gpus and not args.speeds:
-        raise SystemExit("stadi-bench: --simulate needs --gpus (e.g. A100x4,RTX3090x4) or --speeds (e.g. 1,0.5)")
-    speeds = tuple(float(v) for v in args.speeds.split(",")) if args.speeds else None
-    result = what_if(args.gpus, speeds, preset, height=height, steps=args.steps, warmup=args.warmup,
+    result = what_if(args.gpus, args.speed_values, preset, height=height, steps=args.steps, warmup=args.warmup,
                      row_seconds=args.row_seconds, mfu=args.mfu, link_gbps=args.link_gbps,
                      max_stride=args.max_stride, calibrate_height=args.calibrate_height,
                      measure=not args.no_measure)
@@ -151,45 +301,38 @@ def _simulate(args, preset, height) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``stadi-bench``; ``parse_args`` rejects bad input before any arm or process starts."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         print("stadi-bench: no arguments, running the demo: stadi-bench " + " ".join(DEMO_ARGS))
         argv = list(DEMO_ARGS)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
 
-    import stadi_xdit  # noqa: F401  (CPU compat layer before anything imports xfuser)
-    from stadi_xdit.bench.arms import ARM_ORDER
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat layer before anything imports xfuser)
     from stadi_xdit.bench.presets import get_preset
 
     preset = get_preset(args.preset)
-    height = args.height or preset.height
+    height = args.height  # the preset's when not given (parse_args)
     if args.construct_only:
         return _construct_only(args, preset, height)
     if args.simulate:
         return _simulate(args, preset, height)
-    return run_bench(args, argv, preset, height, ARM_ORDER)
+    return run_bench(args, argv, preset, height)
 
 
-def run_bench(args, argv, preset, height, arm_order) -> int:
+def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int) -> int:
+    """The measured benchmark for arguments validated by ``parse_args``."""
     from stadi_xdit.bench import plots
     from stadi_xdit.bench.report import checks, format_checks, format_table, summarize
     from stadi_xdit.bench.runner import BenchSettings, _Progress, run_scenario
-    from stadi_xdit.bench.scenarios import parse_scenario
     from stadi_xdit.bench.simulate import compare_with_measured, format_comparison
 
-    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    unknown = [a for a in arms if a not in arm_order]
-    if unknown:
-        raise SystemExit(f"stadi-bench: unknown arm(s) {', '.join(unknown)} (known: {', '.join(arm_order)})")
-    arms = tuple(a for a in arm_order if a in arms)  # canonical order; single first (the reference)
-    scenarios = [parse_scenario(s) for s in (args.scenario or ["slowdown:1,2"])]
-    for scenario in scenarios:
-        scenario.check_world(args.ranks)
+    arms, scenarios = args.arm_names, args.scenarios  # validated by parse_args; arms in canonical order
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = BenchSettings(preset=preset, height=height, steps=args.steps, warmup=args.warmup,
-                             repeats=args.repeats, world=args.ranks, arms=arms, cores=_cores(args.cores, args.ranks),
+                             repeats=args.repeats, world=args.ranks, arms=arms,
+                             cores=_cores(args.core_list, args.ranks),
                              seed=args.seed, order=args.order, max_stride=args.max_stride,
                              pipefusion_patches=args.pipefusion_patches, profile_cache=args.profile_cache,
                              device=args.device, dtype=args.dtype, run_timeout=args.run_timeout,

@@ -10,10 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stadi_xdit.bench.catalog import PATCH_SIZE, PRESET_SHAPES, VAE_SCALE
 from stadi_xdit.testing.tiny import FLUX_PRESETS, PIXART_PRESETS, FluxPreset, PixArtPreset
-
-PATCH_SIZE = 2  # PixArt patchify / Flux 2x2 packing, in latent rows
-VAE_SCALE = 8
 
 
 @dataclass(frozen=True)
@@ -77,13 +75,9 @@ class BenchPreset:
 
 
 BENCH_PRESETS: dict[str, BenchPreset] = {
-    "tiny": BenchPreset("tiny", "pixart", PIXART_PRESETS["tiny"], "alpha", 128, 8),
-    "small": BenchPreset("small", "pixart", PIXART_PRESETS["small"], "alpha", 512, 8),
-    "pixart-alpha-1024": BenchPreset("pixart-alpha-1024", "pixart", PIXART_PRESETS["pixart-alpha-1024"],
-                                     "alpha", 1024, 120),
-    "pixart-sigma-1024": BenchPreset("pixart-sigma-1024", "pixart", PIXART_PRESETS["pixart-sigma-1024"],
-                                     "sigma", 1024, 300),
-    "flux-dev-1024": BenchPreset("flux-dev-1024", "flux", FLUX_PRESETS["flux-dev-1024"], "dev", 1024, 512),
+    name: BenchPreset(name, shape.family, (FLUX_PRESETS if shape.family == "flux" else PIXART_PRESETS)[name],
+                      shape.variant, shape.height, shape.text_tokens)
+    for name, shape in PRESET_SHAPES.items()
 }
 
 

@@ -7,7 +7,7 @@ import statistics
 
 import torch
 
-from stadi_xdit.bench.arms import ARMS, XDIT_ARMS
+from stadi_xdit.bench.catalog import ARMS, XDIT_ARMS
 from stadi_xdit.bench.metrics import psnr, ssim
 from stadi_xdit.bench.runner import ArmOutcome, BenchSettings
 from stadi_xdit.bench.scenarios import Scenario

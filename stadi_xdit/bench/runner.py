@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from stadi_xdit.bench.arms import ARMS, ArmJob, JobError, skip_reason
+from stadi_xdit.bench.arms import ArmJob, JobError, skip_reason
+from stadi_xdit.bench.catalog import ARMS
 from stadi_xdit.bench.presets import BenchPreset
 from stadi_xdit.bench.scenarios import BackgroundLoad, Scenario
 

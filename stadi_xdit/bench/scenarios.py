@@ -21,6 +21,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Self
 
+from stadi_xdit.planner.cli import parse_numbers
+
+# A rank k times slower runs k times longer: beyond 100x one timed call of the slow arms takes hours.
+MAX_SLOWDOWN = 100.0
+# Burner processes per rank: each is a busy process on the rank's core; 32 already make it ~33x slower.
+MAX_BURNERS = 32
+FORMS = "none, slowdown:k0,k1,... or background:RANK=LOAD[,RANK=LOAD...]"
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -34,11 +42,14 @@ class Scenario:
         return self.text.replace(":", "_").replace("=", "-").replace(",", "_")
 
     def check_world(self, world: int) -> None:
+        """ValueError unless the scenario fits ``world`` ranks (one factor per rank, loaded ranks exist)."""
         if self.kind == "slowdown" and len(self.factors) != world:
-            raise ValueError(f"scenario {self.text!r}: {len(self.factors)} factors for {world} ranks")
+            raise ValueError(f"scenario {self.text!r} has {len(self.factors)} slowdown factors, "
+                             f"one per rank is needed for {world} ranks (--ranks)")
         for rank in self.loads:
             if not 0 <= rank < world:
-                raise ValueError(f"scenario {self.text!r}: rank {rank} outside 0..{world - 1}")
+                raise ValueError(f"scenario {self.text!r}: rank {rank} is outside 0..{world - 1} "
+                                 f"({world} ranks, --ranks)")
 
     def factor(self, rank: int) -> float:
         return self.factors[rank] if self.kind == "slowdown" else 1.0
@@ -67,31 +78,50 @@ class Scenario:
 
 
 def parse_scenario(text: str) -> Scenario:
+    """``none`` | ``slowdown:k0,k1,...`` | ``background:RANK=LOAD[,...]``; ValueError (one line) if bad."""
     text = text.strip()
     if text == "none":
         return Scenario(text, "none")
     kind, _, rest = text.partition(":")
     if kind == "slowdown":
-        try:
-            factors = tuple(float(v) for v in rest.split(","))
-        except ValueError:
-            raise ValueError(f"scenario {text!r}: expected slowdown:k0,k1,... with numbers") from None
-        if not factors or any(k < 1 for k in factors):
-            raise ValueError(f"scenario {text!r}: slowdown factors must be >= 1 (1 = full speed)")
-        return Scenario(text, "slowdown", factors=factors)
+        return Scenario(text, "slowdown", factors=_slowdown_factors(text, rest))
     if kind == "background":
-        loads: dict[int, float] = {}
-        for item in rest.split(","):
-            rank, eq, load = item.partition("=")
-            try:
-                loads[int(rank)] = float(load)
-            except ValueError:
-                raise ValueError(f"scenario {text!r}: expected background:RANK=LOAD[,RANK=LOAD]") from None
-            if not eq or loads[int(rank)] <= 0 or (loads[int(rank)] > 1 and loads[int(rank)] % 1):
-                raise ValueError(f"scenario {text!r}: LOAD is an integer >= 1 (burners) or a duty "
-                                 "fraction in (0, 1)")
-        return Scenario(text, "background", loads=loads)
-    raise ValueError(f"unknown scenario {text!r}: use none, slowdown:k0,k1,... or background:RANK=LOAD")
+        return Scenario(text, "background", loads=_background_loads(text, rest))
+    raise ValueError(f"unknown scenario {text!r}: use {FORMS}")
+
+
+def _slowdown_factors(text: str, rest: str) -> tuple[float, ...]:
+    try:
+        factors = parse_numbers(rest, example="1,2")
+    except ValueError:
+        raise ValueError(
+            f"scenario {text!r}: expected slowdown:k0,k1,... with one finite number per rank"
+        ) from None
+    if not all(1 <= k <= MAX_SLOWDOWN for k in factors):
+        raise ValueError(f"scenario {text!r}: slowdown factors must be in [1, {MAX_SLOWDOWN:g}] "
+                         "(1 = full speed)")
+    return factors
+
+
+def _background_loads(text: str, rest: str) -> dict[int, float]:
+    loads: dict[int, float] = {}
+    for item in rest.split(","):
+        rank_text, eq, load_text = item.partition("=")
+        try:
+            (rank,), (load,) = parse_numbers(rank_text, int), parse_numbers(load_text)
+        except ValueError:
+            rank = load = None
+        if not eq or rank is None:
+            raise ValueError(f"scenario {text!r}: expected background:RANK=LOAD[,RANK=LOAD...] "
+                             "with an integer RANK and a number LOAD")
+        if rank in loads:
+            raise ValueError(f"scenario {text!r}: rank {rank} is loaded twice")
+        # LOAD >= 1 starts that many burners, 0 < LOAD < 1 one burner with that duty cycle.
+        if not (0 < load < 1 or (load == int(load) and 1 <= load <= MAX_BURNERS)):
+            raise ValueError(f"scenario {text!r}: LOAD must be an integer in [1, {MAX_BURNERS}] (burners) "
+                             f"or a duty fraction in (0, 1), got {load_text.strip()!r}")
+        loads[rank] = load
+    return loads
 
 
 def _burn(core: int | None, duty: float, period: float = 0.01) -> None:

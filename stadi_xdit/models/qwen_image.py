@@ -35,11 +35,12 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, re
 from torch import nn
 from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrapper
 
+from stadi_xdit.models import register_twin
 from stadi_xdit.runtime.kv import DisplacedKVStore
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.xdit.cfg import CfgExchange
 from stadi_xdit.xdit.injection import InjectionPlan
-from stadi_xdit.xdit.pipelines import StadiPipelineMixin
+from stadi_xdit.xdit.pipelines import StadiPipelineMixin, XditBandModel
 
 
 class StadiQwenImageAttnProcessor:
@@ -146,7 +147,7 @@ def branch_text(cfg: CfgExchange, negative: torch.Tensor | None, negative_mask: 
     return embeds, mask
 
 
-class QwenImageBandModel:
+class QwenImageBandModel(XditBandModel):
     """Qwen-Image on one band of packed latent tokens."""
 
     band_dim = 1  # packed latents are (batch, tokens, channels)
@@ -162,13 +163,11 @@ class QwenImageBandModel:
         self.true_cfg_scale = true_cfg_scale
         self.cfg = cfg
         self.attention_kwargs = attention_kwargs or {}
-        self.evaluations = 0
 
     def band_sizes(self, layout: BandLayout) -> list[int]:
         return layout.token_counts()
 
     def predict(self, band_latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        self.evaluations += 1
         model_input = self.cfg.model_input(band_latents)
         batch = model_input.shape[0]
         timesteps = timestep.expand(batch).to(model_input.dtype)  # as QwenImagePipeline, scaled to [0, 1]
@@ -210,6 +209,7 @@ class xFuserQwenImagePipeline(xFuserPipelineBaseWrapper):
         return self.module(*args, **kwargs)
 
 
+@register_twin
 class StadiQwenImagePipeline(StadiPipelineMixin, xFuserQwenImagePipeline):
     """Qwen-Image under STADI; construct it like the other twins (`from_pretrained` or `cls(pipe, config)`)."""
 
@@ -246,14 +246,14 @@ class StadiQwenImagePipeline(StadiPipelineMixin, xFuserQwenImagePipeline):
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = pipe._execution_device
         do_true_cfg = true_cfg_scale > 1 and (negative_prompt is not None or negative_prompt_embeds is not None)
-        if self.cfg_comm.world_size == 2 and not do_true_cfg:
+        if self.groups.cfg.world_size == 2 and not do_true_cfg:
             raise ValueError("--use_cfg_parallel needs true_cfg_scale > 1 and a negative prompt")
 
         state = self.stadi_state
         state.set_input_parameters(height=height, width=width, batch_size=batch_size,
                                    num_inference_steps=num_inference_steps,
                                    max_condition_sequence_length=max_sequence_length, split_text_embed_in_sp=False)
-        self._rows_and_align(height, width)  # size errors before any text encoding
+        self._geometry(height, width)  # size errors before any text encoding
 
         def encode(text, embeds, mask):
             return pipe.encode_prompt(prompt=text, prompt_embeds=embeds, prompt_embeds_mask=mask, device=device,
@@ -263,7 +263,7 @@ class StadiQwenImagePipeline(StadiPipelineMixin, xFuserQwenImagePipeline):
         embeds, mask = encode(prompt, prompt_embeds, prompt_embeds_mask)
         neg_embeds, neg_mask = (encode(negative_prompt, negative_prompt_embeds, negative_prompt_embeds_mask)
                                 if do_true_cfg else (None, None))
-        cfg = TrueCfgExchange.create(do_true_cfg, self.cfg_comm)
+        cfg = TrueCfgExchange.create(do_true_cfg, self.groups.cfg)
         embeds, mask = branch_text(cfg, neg_embeds, neg_mask, embeds, mask)
 
         # Every rank samples the full initial latent from the same generator, as one process would.
@@ -291,8 +291,7 @@ class StadiQwenImagePipeline(StadiPipelineMixin, xFuserQwenImagePipeline):
         model = QwenImageBandModel(pipe.transformer, embeds, mask, image_shape, guidance, true_cfg_scale, cfg,
                                    attention_kwargs)
         result = self._stadi_denoise(latents, scheduler, model, height=height, width=width,
-                                     num_steps=len(scheduler.timesteps),
-                                     combine_speeds=lambda speeds: cfg.pairwise_min(speeds, latents.device))
+                                     num_steps=len(scheduler.timesteps))
         return self._finish(result.latents, output_type, return_dict, None)
 
     def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool,

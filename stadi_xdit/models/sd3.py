@@ -33,11 +33,12 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 from torch import nn
 from xfuser.model_executor.pipelines import xFuserStableDiffusion3Pipeline
 
+from stadi_xdit.models import register_twin
 from stadi_xdit.runtime.kv import DisplacedKVStore
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.xdit.cfg import CfgExchange
 from stadi_xdit.xdit.injection import InjectionPlan
-from stadi_xdit.xdit.pipelines import StadiPipelineMixin
+from stadi_xdit.xdit.pipelines import StadiPipelineMixin, XditBandModel
 
 
 class StadiSD3AttnProcessor:
@@ -101,7 +102,7 @@ SD3_INJECTION = InjectionPlan(
 )
 
 
-class SD3BandModel:
+class SD3BandModel(XditBandModel):
     """SD3 on one band of latent rows: CFG batch or pair, the rank's own timestep."""
 
     band_dim = 2  # latents are (batch, channels, height, width)
@@ -114,13 +115,11 @@ class SD3BandModel:
         self.guidance_scale = guidance_scale
         self.cfg = cfg
         self.joint_attention_kwargs = joint_attention_kwargs
-        self.evaluations = 0
 
     def band_sizes(self, layout: BandLayout) -> list[int]:
         return layout.latent_row_counts()
 
     def predict(self, band_latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        self.evaluations += 1
         model_input = self.cfg.model_input(band_latents)
         output = self.transformer(
             hidden_states=model_input,
@@ -133,6 +132,7 @@ class SD3BandModel:
         return self.cfg.guide(output, self.guidance_scale)
 
 
+@register_twin
 class StadiStableDiffusion3Pipeline(StadiPipelineMixin, xFuserStableDiffusion3Pipeline):
     """SD3/SD3.5 under STADI; construct it like `xFuserStableDiffusion3Pipeline`."""
 
@@ -181,7 +181,7 @@ class StadiStableDiffusion3Pipeline(StadiPipelineMixin, xFuserStableDiffusion3Pi
         state = self.stadi_state
         state.set_input_parameters(height=height, width=width, batch_size=batch_size,
                                    num_inference_steps=num_inference_steps, split_text_embed_in_sp=False)
-        self._rows_and_align(height, width)  # size errors before any text encoding
+        self._geometry(height, width)  # size errors before any text encoding
 
         embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
             prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
@@ -191,7 +191,7 @@ class StadiStableDiffusion3Pipeline(StadiPipelineMixin, xFuserStableDiffusion3Pi
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device, clip_skip=clip_skip,
             num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
             lora_scale=(joint_attention_kwargs or {}).get("scale"))
-        cfg = CfgExchange.create(do_cfg, self.cfg_comm)
+        cfg = CfgExchange.create(do_cfg, self.groups.cfg)
         # text_batch pairs any per-branch tensors; SD3's second one is the pooled embedding, not a mask.
         embeds, pooled = cfg.text_batch(neg_embeds, embeds, neg_pooled, pooled)
 
@@ -213,8 +213,7 @@ class StadiStableDiffusion3Pipeline(StadiPipelineMixin, xFuserStableDiffusion3Pi
 
         model = SD3BandModel(pipe.transformer, embeds, pooled, guidance_scale, cfg, joint_attention_kwargs)
         result = self._stadi_denoise(latents, scheduler, model, height=height, width=width,
-                                     num_steps=len(scheduler.timesteps),
-                                     combine_speeds=lambda speeds: cfg.pairwise_min(speeds, latents.device))
+                                     num_steps=len(scheduler.timesteps))
         return self._finish(result.latents, output_type, return_dict, None)
 
     def _latents_for_vae(self, latents: torch.Tensor) -> torch.Tensor:

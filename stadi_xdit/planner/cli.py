@@ -8,9 +8,12 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
+from ..cli_errors import OneLineArgumentParser  # pure standard library, like this package
 from .gpus import parse_gpu_list, relative_speeds
 from .plan_types import MODES
 from .planning import plan
@@ -30,8 +33,9 @@ _FLAG_FOR_ARGUMENT = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``stadi-plan``; bad input exits 2 with one ``stadi-plan: error: ...`` line naming the flag."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv)
     speeds = args.speeds if args.speeds is not None else relative_speeds(args.gpus)
     rows = _latent_rows(parser, args)
     try:
@@ -61,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stadi-plan", description="Plan STADI bands and strides.")
+    parser = OneLineArgumentParser(prog="stadi-plan", description="Plan STADI bands and strides.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--speeds", type=_speed_list, help="per-rank throughput, e.g. 1,0.5 (rows/s)")
     source.add_argument("--gpus", type=_gpu_list, help="GPU models, e.g. A100x2,RTX3090x2 (datasheet ratios)")
@@ -87,13 +91,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, refusing ``--flag=--``, ``-f=--`` and ``-f--`` first: Python 3.11's
+    argparse turns an attached ``--`` value into an empty list without calling the flag's type."""
+    for token in sys.argv[1:] if argv is None else argv:
+        long_flag, equals, value = token.partition("=")
+        if token.startswith("--") and equals and value == "--":
+            parser.error(f"argument {long_flag}: expected one argument")
+        if token[:1] == "-" and token[1:2] not in ("", "-") and token[2:] in ("--", "=--"):
+            parser.error(f"argument {token[:2]}: expected one argument")
+    return parser.parse_args(argv)
+
+
+def parse_numbers(
+    text: str, kind: Callable[[str], float] = float, example: str = "1,0.5"
+) -> tuple[float, ...]:
+    """``"1, 0.5"`` -> ``(1.0, 0.5)``: finite numbers of ``kind`` (float or int), else ``ValueError``.
+
+    Shared by the comma-separated flags of ``stadi-plan`` and ``stadi-bench`` (speeds, cores, scenarios);
+    callers check ranges. nan/inf are rejected here: no list of these tools has a use for them.
+    """
+    try:
+        values = tuple(kind(item) for item in text.split(","))
+    except ValueError:  # also int("1" * 5000): over Python's digit limit
+        values = None
+    if values is None or any(isinstance(value, float) and not math.isfinite(value) for value in values):
+        raise ValueError(f"expected comma-separated finite numbers like {example}, got {text!r}")
+    return values
+
+
 def _speed_list(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(item) for item in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers like 1,0.5, got {text!r}"
-        ) from None
+        return parse_numbers(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _gpu_list(text: str) -> tuple[str, ...]:
@@ -106,6 +137,7 @@ def _gpu_list(text: str) -> tuple[str, ...]:
 def _latent_rows(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for flag, value in (
         ("--height", args.height),
+        ("--width", args.width if args.width is not None else 1),
         ("--patch-size", args.patch_size),
         ("--vae-scale", args.vae_scale),
     ):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from .validation import MAX_RANKS
+
 # Peak dense bf16/fp16 tensor-core TFLOPS. Source: vendor datasheets, dense, no sparsity (GeForce cards:
 # fp16 with fp32 accumulate, the mode PyTorch uses). Only ratios matter to the planner.
 DENSE_TENSOR_TFLOPS: dict[str, float] = {
@@ -22,14 +24,20 @@ DENSE_TENSOR_TFLOPS: dict[str, float] = {
     "T4": 65.0,  # fp16
 }
 
-_COUNT_SUFFIX = re.compile(r"^(?P<name>.+)X(?P<count>\d+)$")
+# The count after the last "x", read before _normalise drops "-": "A100x-1" must not become "A100X1".
+_COUNT = re.compile(r"[\s_]*(?P<count>[-+]?\d+)\s*")
 
 
 def parse_gpu_list(text: str) -> tuple[str, ...]:
-    """``"A100x2, rtx3090"`` -> ``("A100", "A100", "RTX3090")``; one entry per rank."""
+    """``"A100x2, rtx3090"`` -> ``("A100", "A100", "RTX3090")``; one entry per rank (<= MAX_RANKS)."""
     names: list[str] = []
     for item in text.split(","):
-        name, count = _name_and_count(_normalise(item))
+        name, count = _name_and_count(item)
+        # Check before building the list: "A100x100000000" must fail fast, not allocate 10^8 names.
+        if len(names) + count > MAX_RANKS:
+            raise ValueError(
+                f"gpus: at most {MAX_RANKS} ranks are supported, got {text!r} (>= {len(names) + count} ranks)"
+            )
         names.extend([name] * count)
     return tuple(names)
 
@@ -47,10 +55,19 @@ def _normalise(name: str) -> str:
 
 def _name_and_count(item: str) -> tuple[str, int]:
     # Try the whole name first: "RTX3090" must not parse as "RT" x 3090.
-    if item in DENSE_TENSOR_TFLOPS:
-        return item, 1
-    match = _COUNT_SUFFIX.match(item)
-    if match and match["name"] in DENSE_TENSOR_TFLOPS and int(match["count"]) >= 1:
-        return match["name"], int(match["count"])
+    if _normalise(item) in DENSE_TENSOR_TFLOPS:
+        return _normalise(item), 1
+    name, _, suffix = item.replace("X", "x").rpartition("x")
+    match = _COUNT.fullmatch(suffix)
+    if match and _normalise(name) in DENSE_TENSOR_TFLOPS:
+        digits = match["count"].lstrip("0")
+        if match["count"].startswith(("-", "+")) or not digits:
+            raise ValueError(f"gpus: the count in {item.strip()!r} must be an integer >= 1")
+        # Count the digits before int(): a 5000-digit count must not reach Python's int-parsing limit.
+        if len(digits) > len(str(MAX_RANKS)) or int(digits) > MAX_RANKS:
+            raise ValueError(f"gpus: at most {MAX_RANKS} ranks are supported, got {item.strip()!r}")
+        return _normalise(name), int(digits)
     known = ", ".join(sorted(DENSE_TENSOR_TFLOPS))
-    raise ValueError(f"gpus: unknown GPU {item!r} (known: {known}; repeat with a suffix, e.g. A100x2)")
+    raise ValueError(
+        f"gpus: unknown GPU {_normalise(item)!r} (known: {known}; repeat with a suffix, e.g. A100x2)"
+    )

@@ -15,6 +15,15 @@ from numbers import Real
 # rank skipping 16+ steps in a row is far outside the regime where step reuse keeps image quality.
 MAX_STRIDE_LIMIT = 16
 
+# Size limits that keep one plan() (plus Plan.to_json) under ~1 s in pure Python, far beyond any real
+# run (a 16384 px image with an 8x VAE and patch 2 has 1024 token rows). Measured worst cases
+# (max_stride 16, speeds spread so all 240 candidate periods give distinct stride vectors): 256 ranks x
+# 4096 rows ~0.5 s; 256 ranks x 1000 steps (all strides 1) ~0.3 s, mostly to_json. Planning time grows
+# with rows x candidates (water-filling per candidate) and ranks x steps (per-rank step lists).
+MAX_RANKS = 256
+MAX_ROWS = 4096
+MAX_STEPS = 1000
+
 
 def require_int(name: str, value: object, *, minimum: int, maximum: int | None = None) -> int:
     """``value`` as an int in [minimum, maximum]; bools are rejected (True is not a row count)."""
@@ -23,6 +32,13 @@ def require_int(name: str, value: object, *, minimum: int, maximum: int | None =
         raise ValueError(f"{name} must be an integer {bound}, got {value!r}")  # noqa: TRY004
     if value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be an integer {bound}, got {value}")
+    return value
+
+
+def require_supported(name: str, value: int, limit: int, what: str) -> int:
+    """``value`` if <= ``limit``, the planner's size limit for ``what`` (e.g. "token rows")."""
+    if value > limit:
+        raise ValueError(f"{name} must be <= {limit} (at most {limit} {what} are supported), got {value}")
     return value
 
 
@@ -39,6 +55,11 @@ def require_speeds(speeds: Sequence[float], *, name: str = "speeds") -> tuple[fl
         raise ValueError(f"{name} must be a sequence of numbers, got {type(speeds).__name__}")  # noqa: TRY004
     if len(speeds) == 0:
         raise ValueError(f"{name} must contain one speed per rank, got an empty sequence")
+    if len(speeds) > MAX_RANKS:
+        raise ValueError(
+            f"{name} must have <= {MAX_RANKS} entries (at most {MAX_RANKS} ranks are supported), "
+            f"got {len(speeds)}"
+        )
     for index, speed in enumerate(speeds):
         if isinstance(speed, bool) or not isinstance(speed, Real) or not math.isfinite(speed) or speed <= 0:
             raise ValueError(f"{name}[{index}] must be a finite number > 0, got {speed!r}")
@@ -47,7 +68,7 @@ def require_speeds(speeds: Sequence[float], *, name: str = "speeds") -> tuple[fl
 
 def require_layout(num_ranks: int, rows: object, align: object) -> tuple[int, int]:
     """``rows`` and ``align`` such that every one of ``num_ranks`` bands can get >= 1 align unit."""
-    rows = require_int("rows", rows, minimum=1)
+    rows = require_supported("rows", require_int("rows", rows, minimum=1), MAX_ROWS, "token rows")
     align = require_int("align", align, minimum=1)
     if rows % align != 0:
         raise ValueError(f"rows must be a multiple of align={align}, got {rows}")
@@ -58,7 +79,9 @@ def require_layout(num_ranks: int, rows: object, align: object) -> tuple[int, in
 
 def require_steps(num_steps: object, warmup_steps: object) -> tuple[int, int]:
     """``num_steps`` T >= 1 and ``warmup_steps`` W with 0 <= W < T (at least one base step)."""
-    num_steps = require_int("num_steps", num_steps, minimum=1)
+    num_steps = require_supported(
+        "num_steps", require_int("num_steps", num_steps, minimum=1), MAX_STEPS, "denoising steps"
+    )
     warmup_steps = require_int("warmup_steps", warmup_steps, minimum=0)
     if warmup_steps >= num_steps:
         raise ValueError(f"warmup_steps must be < num_steps={num_steps}, got {warmup_steps}")

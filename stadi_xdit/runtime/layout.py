@@ -45,6 +45,19 @@ class BandLayout:
         return [(end - start) * self.tokens_per_row for start, end in self.token_rows]
 
 
+@dataclass(frozen=True)
+class BandGeometry:
+    """How an image of one size is cut into bands: what the planner plans on, and its tensor units."""
+
+    rows: int  # token rows of the image (the planner's unit)
+    patch_rows: int  # latent rows per token row
+    tokens_per_row: int
+    align: int = 1  # bands are whole multiples of this many token rows
+
+    def layout(self, plan: Plan) -> BandLayout:
+        return BandLayout.from_plan(plan, self.patch_rows, self.tokens_per_row)
+
+
 def slice_band(full: torch.Tensor, sizes: list[int], rank: int, dim: int) -> torch.Tensor:
     """Rank `rank`'s band of `full`, where bands of `sizes` lie in rank order along `dim`."""
     return full.narrow(dim, sum(sizes[:rank]), sizes[rank]).contiguous()

@@ -6,7 +6,7 @@ only decides which band each rank holds, which timesteps it visits and when K/V 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -14,9 +14,10 @@ import torch
 
 from stadi_xdit.config import StadiConfig
 from stadi_xdit.planner import Plan, plan, plan_warmup
-from stadi_xdit.runtime.comm import BandComm, synchronize
+from stadi_xdit.runtime.comm import synchronize
+from stadi_xdit.runtime.groups import StadiGroups
 from stadi_xdit.runtime.kv import DisplacedKVStore
-from stadi_xdit.runtime.layout import BandLayout, slice_band
+from stadi_xdit.runtime.layout import BandGeometry, BandLayout, slice_band
 from stadi_xdit.runtime.profile import (
     RankTimeline,
     StepRecord,
@@ -35,6 +36,9 @@ class BandModel(Protocol):
     def band_sizes(self, layout: BandLayout) -> list[int]:
         """Extent of each rank's band along `band_dim`."""
 
+    def set_band(self, layout: BandLayout, rank: int) -> None:
+        """`layout` is now current; this rank holds band `rank` (its global token range is explicit)."""
+
     def predict(self, band_latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """Model output for this rank's band (guidance applied), ready for `scheduler.step`."""
 
@@ -49,38 +53,26 @@ class DenoiseResult:
     timeline: RankTimeline = field(repr=False)
 
 
-@dataclass
-class _Band:
-    """This rank's band under one layout."""
-
-    layout: BandLayout
-    sizes: list[int]
-    latents: torch.Tensor
-
-
 def denoise(
     latents: torch.Tensor,
     scheduler,
     model: BandModel,
     *,
-    comm: BandComm,
+    groups: StadiGroups,
     store: DisplacedKVStore,
     config: StadiConfig,
-    rows: int,
-    align: int,
+    geometry: BandGeometry,
     warmup_steps: int,
-    on_layout: Callable[[BandLayout], None],
-    layout_for: Callable[[Plan], BandLayout],
     known_speeds: Sequence[float] | None = None,
-    combine_speeds: Callable[[list[float]], list[float]] = lambda speeds: speeds,
 ) -> DenoiseResult:
     """Run every denoising step of `scheduler` (already set up for the full run) on this rank's bands.
 
-    `on_layout` is told every new layout (runtime state, K/V ranges); `layout_for` turns a plan
-    into tensor coordinates. `known_speeds` (user-given or cached) make warmup already elastic.
-    `combine_speeds` merges speeds across groups that must share one plan (CFG-parallel pairs).
+    `geometry` turns plans into band layouts; each new layout goes to the K/V store and to the
+    model (`model.set_band`). `known_speeds` (user-given or cached) make warmup already elastic.
     """
+    comm = groups.band
     rank, world = comm.rank, comm.world_size
+    rows, align = geometry.rows, geometry.align
     num_steps = len(scheduler.timesteps)
     timeline = RankTimeline()
     slowdown = config.emulate_slowdown[rank] if config.emulate_slowdown else 1.0
@@ -102,12 +94,12 @@ def denoise(
 
     def install(layout: BandLayout) -> None:
         store.set_layout(layout.token_counts(), layout.token_range(rank))
-        on_layout(layout)
+        model.set_band(layout, rank)
 
     # 1. Warmup: synchronous, exact steps that also time each rank.
     warm = plan_warmup(world, rows=rows, align=align, num_steps=num_steps, warmup_steps=warmup_steps,
                        speeds=known_speeds)
-    layout = layout_for(warm)
+    layout = geometry.layout(warm)
     install(layout)
     band = slice_band(latents, model.band_sizes(layout), rank, model.band_dim)
     store.set_phase(synchronous=True)
@@ -122,7 +114,7 @@ def denoise(
         seconds = comm.all_gather_floats(measured_step_seconds(timeline.steps), band.device)
         counts = [r.num_rows for r in warm.ranks]
         measured = [count / s for count, s in zip(counts, seconds)]
-        speeds = combine_speeds(measured)
+        speeds = groups.shared_speeds(measured, band.device)
     final = plan(speeds, rows=rows, align=align, num_steps=num_steps, warmup_steps=warmup_steps,
                  mode=config.mode, max_stride=config.effective_max_stride, tolerance=config.tolerance,
                  warmup_speeds_known=known_speeds is not None)
@@ -132,7 +124,7 @@ def denoise(
     comm.enter("transition", warmup_steps)
     old_sizes = model.band_sizes(layout)
     full = comm.all_gather(band, old_sizes, model.band_dim)
-    new_layout = layout_for(final)
+    new_layout = geometry.layout(final)
     new_sizes = model.band_sizes(new_layout)
 
     def reband(history: torch.Tensor) -> torch.Tensor:

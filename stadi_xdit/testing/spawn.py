@@ -6,7 +6,7 @@
 not importable by name in a fresh process, so such a module is re-loaded there from its file.
 Each rank sees MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE (so xfuser's
 ``init_distributed_environment()`` works with env://), runs single-threaded, and imports
-``stadi_xdit`` first, so the CPU compat layer is in place before xfuser is imported.
+``stadi_xdit.xdit`` first, so the CPU compat layer is in place before xfuser is imported.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def _worker(rank, world_size, port, fn_ref, payload, init_process_group, env, re
     os.environ.update(env)
     torch.set_num_threads(1)
     try:
+        import stadi_xdit.xdit  # noqa: F401  (CPU compat layer before the test's module imports xfuser)
+
         fn = _resolve_fn(*fn_ref)
         args, kwargs = pickle.loads(payload)
         if init_process_group:

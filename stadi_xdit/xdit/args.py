@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,9 @@ def validate_degrees(args: xFuserArgs, world_size: int) -> int:
     for name in UNSUPPORTED_FEATURES:
         if getattr(args, name, False):
             raise ValueError(f"--{name} cannot be combined with --use_stadi (STADI runs its own denoising loop)")
+    if args.cache_method is not None:
+        raise ValueError(f"--cache_method {args.cache_method} cannot be combined with --use_stadi "
+                         "(STADI runs its own denoising loop)")
     dit_world = world_size - (args.vae_parallel_size or 0)
     cfg = 2 if args.use_cfg_parallel else 1
     if dit_world < cfg or dit_world % cfg:
@@ -111,7 +115,14 @@ class _StadiArgsBehaviour(xFuserArgs):
     """Methods of `StadiArgs`; its fields are generated below from `StadiConfig`'s metadata."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        if self.use_stadi:
+            # xDiT's deprecation notes on cache flags (two lines each) would bury the one-line error
+            # that `validate` gives for those flags under STADI.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                super().__post_init__()
+        else:
+            super().__post_init__()
         for name in ("stadi_speeds", "stadi_emulate_slowdown"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):

@@ -61,10 +61,3 @@ class CfgExchange:
         else:
             uncond, cond = output.chunk(2)
         return uncond + scale * (cond - uncond)
-
-    def pairwise_min(self, speeds: list[float], device: torch.device) -> list[float]:
-        """Plan on the slower of the two ranks holding the same band in the two branches."""
-        if not self.parallel:
-            return speeds
-        uncond, cond = self._pair(torch.tensor(speeds, dtype=torch.float64, device=device))
-        return torch.minimum(uncond, cond).tolist()

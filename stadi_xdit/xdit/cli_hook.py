@@ -1,4 +1,4 @@
-"""The one hook that makes xDiT's own entry points speak STADI (`import stadi_xdit` installs it).
+"""The one hook that makes xDiT's own entry points speak STADI (`import stadi_xdit.xdit` installs it).
 
 An unmodified xDiT example script does
 
@@ -37,13 +37,6 @@ from typing import Any
 
 from stadi_xdit.cli_errors import fail
 from stadi_xdit.compat._hooks import when_imported
-
-# xFuser wrapper class -> (module, class) of its STADI twin; imported lazily, on first use.
-STADI_TWINS = {
-    "xFuserPixArtAlphaPipeline": ("stadi_xdit.xdit.pipelines", "StadiPixArtAlphaPipeline"),
-    "xFuserPixArtSigmaPipeline": ("stadi_xdit.xdit.pipelines", "StadiPixArtSigmaPipeline"),
-    "xFuserFluxPipeline": ("stadi_xdit.xdit.flux", "StadiFluxPipeline"),
-}
 
 # Degree flags STADI replaces (it uses every rank of a CFG branch).
 EXCLUSIVE_DEGREES = ("--ulysses_degree", "--ring_degree", "--pipefusion_parallel_degree",
@@ -135,14 +128,11 @@ def stadi_requested(engine_config: Any) -> bool:
 
 
 def stadi_twin(cls: type) -> type | None:
-    """The STADI pipeline class for xFuser wrapper `cls`, or None when there is none."""
-    target = STADI_TWINS.get(cls.__name__)
-    if target is None:
-        return None
-    import importlib
+    """The STADI pipeline class for xFuser wrapper `cls` (from the family registry), or None."""
+    from stadi_xdit.models import twin_for
 
-    twin = getattr(importlib.import_module(target[0]), target[1])
-    return twin if issubclass(twin, cls) else None
+    twin = twin_for(cls.__name__)
+    return twin if twin is not None and issubclass(twin, cls) else None
 
 
 def stadi_pipeline_class(cls: type, engine_config: Any) -> type | None:
@@ -155,7 +145,9 @@ def stadi_pipeline_class(cls: type, engine_config: Any) -> type | None:
         return cls
     twin = stadi_twin(cls)
     if twin is None:
-        supported = ", ".join(sorted(STADI_TWINS))
+        from stadi_xdit.models import twins
+
+        supported = ", ".join(sorted(twins()))
         raise ValueError(f"--use_stadi does not support {cls.__name__}; STADI runs {supported}")
     return twin
 
@@ -328,6 +320,6 @@ def is_installed() -> bool:
 if os.environ.get("STADI_XDIT_NO_CLI_HOOK", "") in ("", "0"):
     install()
 
-__all__ = ["STADI_TWINS", "XfuserPlugin", "add_flags", "install", "is_installed", "stadi_args_class",
+__all__ = ["XfuserPlugin", "add_flags", "install", "is_installed", "stadi_args_class",
            "stadi_degree_from_args", "stadi_nproc_from_args", "stadi_pipeline_class", "stadi_requested",
            "stadi_twin", "uninstall"]

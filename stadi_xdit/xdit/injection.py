@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from torch import nn
 from xfuser.model_executor.layers.embeddings import xFuserPatchEmbedWrapper
 
-from stadi_xdit.runtime.attention import StadiSelfAttnProcessor
 from stadi_xdit.runtime.kv import DisplacedKVStore
 
 
@@ -22,13 +21,6 @@ class InjectionPlan:
     # The attention modules whose K/V are displaced, in a fixed order (the layer ids).
     displaced_attention: Callable[[nn.Module], list[nn.Module]]
     processor_factory: Callable[[DisplacedKVStore, int], object]
-
-
-PIXART_INJECTION = InjectionPlan(
-    patch_embed_attr="pos_embed",
-    displaced_attention=lambda transformer: [block.attn1 for block in transformer.transformer_blocks],
-    processor_factory=StadiSelfAttnProcessor,
-)
 
 
 class Injection:

@@ -1,4 +1,5 @@
-"""xFuser pipeline subclasses that run STADI's denoising loop (PixArt-α and PixArt-Σ).
+"""`StadiPipelineMixin`: STADI's part of every xFuser pipeline twin (one per model family, in
+`stadi_xdit/models/`).
 
 Construction goes through xDiT unchanged (`from_pretrained` builds `cls(pipeline, engine_config)`);
 what differs is the runtime state (bands from a plan), the transformer (removable STADI
@@ -7,22 +8,13 @@ injection instead of xDiT's wrappers) and `__call__` (warmup, profile, plan, per
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
-    ASPECT_RATIO_256_BIN,
-    ASPECT_RATIO_512_BIN,
-    ASPECT_RATIO_1024_BIN,
-    retrieve_timesteps,
-)
-from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 from xfuser.core.distributed import (
     get_cfg_group,
     get_classifier_free_guidance_rank,
@@ -30,23 +22,21 @@ from xfuser.core.distributed import (
     get_dp_group,
     get_world_group,
 )
-from xfuser.model_executor.pipelines import xFuserPixArtAlphaPipeline, xFuserPixArtSigmaPipeline
+from xfuser.logger import init_logger
 
 from stadi_xdit.config import StadiConfig
-from stadi_xdit.planner import Plan
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.faults import PeerWatch
+from stadi_xdit.runtime.groups import StadiGroups
 from stadi_xdit.runtime.kv import DisplacedKVStore
-from stadi_xdit.runtime.layout import BandLayout
+from stadi_xdit.runtime.layout import BandGeometry, BandLayout
 from stadi_xdit.runtime.loop import DenoiseResult, denoise
 from stadi_xdit.runtime.profile_cache import ProfileCache, profile_key
 from stadi_xdit.runtime.schedule import to_subsequence_capable
-from stadi_xdit.xdit.cfg import CfgExchange
-from stadi_xdit.xdit.injection import PIXART_INJECTION, InjectionPlan, apply_injection
+from stadi_xdit.xdit.injection import InjectionPlan, apply_injection
 from stadi_xdit.xdit.runtime_state import StadiRuntimeState, install_runtime_state
 
-_PIXART_BINS = {256: ASPECT_RATIO_2048_BIN, 128: ASPECT_RATIO_1024_BIN, 64: ASPECT_RATIO_512_BIN,
-                32: ASPECT_RATIO_256_BIN}
+logger = init_logger(__name__)
 
 
 def hardware_identity() -> str:
@@ -75,43 +65,30 @@ def stadi_config_of(engine_config: Any) -> StadiConfig:
     return config if config is not None else StadiConfig(use_stadi=True)
 
 
-class PixArtBandModel:
-    """PixArt on one band: classifier-free guidance, learned-sigma split, own timestep."""
+class XditBandModel:
+    """Base of the family band models: this rank's band is explicit (`token_range`), and each new
+    layout is also written into xDiT's runtime state, which xDiT's own layers read (the patch-embed
+    wrapper slices positions by it). Subclasses set `band_dim` and implement `band_sizes`/`predict`."""
 
-    band_dim = 2  # latents are (batch, channels, height, width)
+    token_range: tuple[int, int] = (0, 0)
 
-    def __init__(self, pipe, scheduler, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
-                 added_cond_kwargs: dict, guidance_scale: float, cfg: CfgExchange):
-        self.pipe = pipe
-        self.scheduler = scheduler
-        self.prompt_embeds = prompt_embeds
-        self.prompt_mask = prompt_mask
-        self.added_cond_kwargs = added_cond_kwargs
-        self.guidance_scale = guidance_scale
-        self.cfg = cfg
-        self.evaluations = 0
+    def set_band(self, layout: BandLayout, rank: int) -> None:
+        from xfuser.core.distributed import get_runtime_state
 
-    def band_sizes(self, layout: BandLayout) -> list[int]:
-        return layout.latent_row_counts()
+        get_runtime_state().apply_layout(layout)
+        self.token_range = layout.token_range(rank)
 
-    def predict(self, band_latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        self.evaluations += 1
-        model_input = self.cfg.model_input(band_latents)
-        model_input = self.scheduler.scale_model_input(model_input, timestep)
-        timesteps = torch.as_tensor(timestep, device=model_input.device).reshape(1).expand(model_input.shape[0])
-        output = self.pipe.transformer(
-            model_input,
-            encoder_hidden_states=self.prompt_embeds,
-            encoder_attention_mask=self.prompt_mask,
-            timestep=timesteps,
-            added_cond_kwargs=self.added_cond_kwargs,
-            return_dict=False,
-        )[0]
-        output = self.cfg.guide(output, self.guidance_scale)
-        latent_channels = self.pipe.transformer.config.in_channels
-        if self.pipe.transformer.config.out_channels // 2 == latent_channels:
-            output = output.chunk(2, dim=1)[0]  # learned sigma: keep the noise half
-        return output
+
+def log_plan(result: DenoiseResult) -> None:
+    """STADI says it is on: the plan, the measured speeds and the re-band, through xDiT's logger."""
+    logger.info("STADI plan:\n%s", result.plan.explain())
+    if result.measured_speeds:
+        logger.info("STADI measured speeds (token rows/s): %s",
+                    ", ".join(f"{speed:.3g}" for speed in result.measured_speeds))
+    logger.info("STADI re-band after warmup: rows %s -> %s, strides %s",
+                [end - start for start, end in result.warmup_plan.row_bounds()],
+                [end - start for start, end in result.plan.row_bounds()],
+                [rank.stride for rank in result.plan.ranks])
 
 
 class StadiPipelineMixin:
@@ -132,9 +109,9 @@ class StadiPipelineMixin:
         install_runtime_state(state)
         dp = get_dp_group()
         self.stadi_config.check_world(dp.world_size)
-        self.stadi_comm = _bounded_comm(dp, self.stadi_config.timeout_seconds)
-        self.cfg_comm = _bounded_comm(get_cfg_group(), self.stadi_config.timeout_seconds)
-        self.kv_store = DisplacedKVStore(self.stadi_comm)
+        timeout = self.stadi_config.timeout_seconds
+        self.groups = StadiGroups(band=_bounded_comm(dp, timeout), cfg=_bounded_comm(get_cfg_group(), timeout))
+        self.kv_store = DisplacedKVStore(self.groups.band)
 
     def _convert_transformer_backbone(self, transformer, **kwargs):
         self.injection = apply_injection(transformer, self.injection_plan, self.kv_store)
@@ -150,7 +127,7 @@ class StadiPipelineMixin:
         """The one rank that returns decoded images (xDiT example scripts save on it)."""
         if self.engine_config.runtime_config.use_parallel_vae:
             return get_world_group().rank == 0
-        return (self.stadi_comm.rank == self.stadi_comm.world_size - 1
+        return (self.groups.band.rank == self.groups.band.world_size - 1
                 and get_classifier_free_guidance_rank() == get_classifier_free_guidance_world_size() - 1)
 
     def remove_stadi(self) -> None:
@@ -166,11 +143,6 @@ class StadiPipelineMixin:
 
         return get_runtime_state()
 
-    def _layout_for(self, plan: Plan) -> BandLayout:
-        state = self.stadi_state
-        tokens_per_row = state.input_config.width // state.vae_scale_factor // state.backbone_patch_size
-        return BandLayout.from_plan(plan, state.backbone_patch_size, tokens_per_row)
-
     def _profile_key(self, height: int, width: int) -> str:
         """Model, resolution and every rank's hardware; the same string on every rank of the run.
 
@@ -178,7 +150,7 @@ class StadiPipelineMixin:
         entry is only reused on the same devices in the same rank positions.
         """
         transformer = self.module.transformer
-        hardware = self._gather_over_stadi_ranks(hardware_identity())
+        hardware = self.groups.gather_text(hardware_identity(), self.module._execution_device)
         return profile_key(type(transformer).__name__, transformer.config, height, width, hardware)
 
     def _known_speeds(self, key: str | None) -> list[float] | None:
@@ -188,39 +160,31 @@ class StadiPipelineMixin:
             # One rank reads, everyone uses its answer: ranks must agree on the warmup bands even
             # when the file is not on a shared filesystem or is being replaced.
             speeds = None
-            if self._is_stadi_leader():
-                speeds = ProfileCache(self.stadi_config.profile_cache).load(key, self.stadi_comm.world_size)
-            return self._from_stadi_leader(speeds)
+            if self.groups.is_leader:
+                speeds = ProfileCache(self.stadi_config.profile_cache).load(key, self.groups.band.world_size)
+            return self.groups.from_leader(speeds, self.module._execution_device)
         return None
 
     def _remember_speeds(self, key: str | None, result: DenoiseResult) -> None:
         # The plan's speeds: the measured ones, combined over CFG pairs; the newest measurement wins.
         # A storage error only warns (inside `store`): the finished run's output is not lost.
         if (self.stadi_config.profile_cache and key is not None and result.measured_speeds
-                and self._is_stadi_leader()):
+                and self.groups.is_leader):
             ProfileCache(self.stadi_config.profile_cache).store(key, list(result.plan.speeds))
 
-    def _is_stadi_leader(self) -> bool:
-        return self.stadi_comm.rank == 0 and self.cfg_comm.rank == 0
-
-    def _gather_over_stadi_ranks(self, text: str) -> list[list[str]]:
-        """`text` of every rank: one list per CFG branch, each in STADI-rank order (bounded waits)."""
-        device = self.module._execution_device
-        self.stadi_comm.enter("profile-cache")
-        group = self.stadi_comm.all_gather_text(text, device)
-        return [json.loads(branch) for branch in self.cfg_comm.all_gather_text(json.dumps(group), device)]
-
-    def _from_stadi_leader(self, speeds: list[float] | None) -> list[float] | None:
-        """The leader's `speeds` (STADI rank 0 of CFG branch 0) on every rank (bounded waits)."""
-        return json.loads(self._gather_over_stadi_ranks(json.dumps(speeds))[0][0])
-
-    def _rows_and_align(self, height: int, width: int) -> tuple[int, int]:
+    def _geometry(self, height: int, width: int) -> BandGeometry:
+        """Token rows of this image size, from xDiT's runtime state (VAE scale, backbone patch)."""
         state = self.stadi_state
         scale, patch = state.vae_scale_factor, state.backbone_patch_size
         if height % (scale * patch) or width % (scale * patch):
             raise ValueError(f"--height/--width must be multiples of {scale * patch} px "
                              f"(VAE scale {scale} x patch {patch}), got {height}x{width}")
-        return height // scale // patch, 1
+        rows = height // scale // patch
+        if rows < self.groups.band.world_size:
+            raise ValueError(f"--height {height} gives {rows} token rows, fewer than the "
+                             f"{self.groups.band.world_size} STADI ranks: use --height >= "
+                             f"{self.groups.band.world_size * scale * patch}")
+        return BandGeometry(rows=rows, patch_rows=patch, tokens_per_row=width // scale // patch)
 
     def _warmup_steps(self, num_steps: int) -> int:
         warmup = self.engine_config.runtime_config.warmup_steps
@@ -259,96 +223,17 @@ class StadiPipelineMixin:
     def _pipeline_output(self, images):
         return ImagePipelineOutput(images=images)
 
-    def _stadi_denoise(self, latents: torch.Tensor, scheduler, model, *, height: int, width: int,
-                       num_steps: int, combine_speeds: Callable[[list[float]], list[float]] | None = None
-                       ) -> DenoiseResult:
-        """`denoise()` with this pipeline's state, plan inputs and profile cache; sets `last_result`."""
-        rows, align = self._rows_and_align(height, width)
+    def _stadi_denoise(self, latents: torch.Tensor, scheduler, model: XditBandModel, *, height: int, width: int,
+                       num_steps: int) -> DenoiseResult:
+        """`denoise()` with this pipeline's groups, geometry and profile cache; sets `last_result`."""
+        geometry = self._geometry(height, width)
         key = self._profile_key(height, width) if self.stadi_config.profile_cache else None
-        result = denoise(
-            latents, scheduler, model, comm=self.stadi_comm, store=self.kv_store, config=self.stadi_config,
-            rows=rows, align=align, warmup_steps=self._warmup_steps(num_steps),
-            on_layout=self.stadi_state.apply_layout, layout_for=self._layout_for,
-            known_speeds=self._known_speeds(key), combine_speeds=combine_speeds or (lambda speeds: speeds))
+        result = denoise(latents, scheduler, model, groups=self.groups, store=self.kv_store, config=self.stadi_config,
+                         geometry=geometry, warmup_steps=self._warmup_steps(num_steps),
+                         known_speeds=self._known_speeds(key))
         self.kv_store.reset()
         self._remember_speeds(key, result)
         self.last_result = result
+        if self.is_dp_last_group():
+            log_plan(result)
         return result
-
-
-class StadiPixArtMixin(StadiPipelineMixin):
-    injection_plan = PIXART_INJECTION
-
-    @torch.no_grad()
-    def __call__(self, prompt=None, negative_prompt: str = "", num_inference_steps: int = 20,
-                 timesteps=None, sigmas=None, guidance_scale: float = 4.5, num_images_per_prompt: int = 1,
-                 height: int | None = None, width: int | None = None, eta: float = 0.0, generator=None,
-                 latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
-                 prompt_attention_mask: torch.Tensor | None = None,
-                 negative_prompt_embeds: torch.Tensor | None = None,
-                 negative_prompt_attention_mask: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True, clean_caption: bool = False, use_resolution_binning: bool = True,
-                 max_sequence_length: int = 120, **kwargs):
-        """PixArt's `__call__` under STADI: same arguments as xDiT's and diffusers' pipelines.
-
-        Of xDiT's decorators only `torch.no_grad` applies: `enable_data_parallel` would split the
-        prompts over the dp slot that STADI occupies (every rank of a group needs them all),
-        STADI is never the naive forward, and DiTFastAttn is refused at configuration time.
-        """
-        pipe = self.module
-        config = pipe.transformer.config
-        height = height or config.sample_size * pipe.vae_scale_factor
-        width = width or config.sample_size * pipe.vae_scale_factor
-        orig_size = (height, width)
-        if use_resolution_binning:
-            if config.sample_size not in _PIXART_BINS:
-                raise ValueError(f"no resolution bins for sample_size {config.sample_size}; "
-                                 "pass use_resolution_binning=False")
-            height, width = pipe.image_processor.classify_height_width_bin(
-                height, width, ratios=_PIXART_BINS[config.sample_size])
-        pipe.check_inputs(prompt, height, width, negative_prompt, 1, prompt_embeds, negative_prompt_embeds,
-                          prompt_attention_mask, negative_prompt_attention_mask)
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        device = pipe._execution_device
-        do_cfg = guidance_scale > 1.0
-
-        state = self.stadi_state
-        state.set_input_parameters(height=height, width=width, batch_size=batch_size,
-                                   num_inference_steps=num_inference_steps)
-        self._rows_and_align(height, width)  # size errors before any text encoding
-
-        embeds, mask, neg_embeds, neg_mask = pipe.encode_prompt(
-            prompt, do_cfg, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
-            device=device, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask, negative_prompt_attention_mask=negative_prompt_attention_mask,
-            clean_caption=clean_caption, max_sequence_length=max_sequence_length)
-        cfg = CfgExchange.create(do_cfg, self.cfg_comm)
-        embeds, mask = cfg.text_batch(neg_embeds, embeds, neg_mask, mask)
-
-        scheduler = pipe.scheduler
-        retrieve_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        latents = pipe.prepare_latents(batch_size * num_images_per_prompt, config.in_channels, height, width,
-                                       embeds.dtype, device, generator, latents)
-        added_cond_kwargs = {"resolution": None, "aspect_ratio": None}
-        if config.sample_size == 128:
-            images = batch_size * num_images_per_prompt
-            resolution = torch.tensor([height, width], dtype=embeds.dtype, device=device).repeat(images, 1)
-            aspect = torch.tensor([float(height / width)], dtype=embeds.dtype, device=device).repeat(images, 1)
-            added_cond_kwargs = {"resolution": cfg.condition_batch(resolution),
-                                 "aspect_ratio": cfg.condition_batch(aspect)}
-
-        model = PixArtBandModel(pipe, scheduler, embeds, mask, added_cond_kwargs, guidance_scale, cfg)
-        result = self._stadi_denoise(latents, scheduler, model, height=height, width=width,
-                                     num_steps=num_inference_steps,
-                                     combine_speeds=lambda speeds: cfg.pairwise_min(speeds, latents.device))
-        return self._finish(result.latents, output_type, return_dict, orig_size if use_resolution_binning else None)
-
-
-class StadiPixArtAlphaPipeline(StadiPixArtMixin, xFuserPixArtAlphaPipeline):
-    """PixArt-α under STADI."""
-
-
-class StadiPixArtSigmaPipeline(StadiPixArtMixin, xFuserPixArtSigmaPipeline):
-    """PixArt-Σ under STADI."""

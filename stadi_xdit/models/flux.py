@@ -12,6 +12,19 @@ displaced K/V store, text K/V are always fresh.
 
 Flux.1-dev conditions on guidance through an embedding (no CFG branches), Flux.1-schnell has
 none; neither composes with `--use_cfg_parallel`, as in xDiT.
+
+Flux attends over one joint sequence ``[text, image]``:
+
+- double-stream blocks (``transformer_blocks[i].attn``, a ``FluxAttention`` with ``added_kv_proj``)
+  get the image band as ``hidden_states`` and the text as ``encoder_hidden_states``;
+- single-stream blocks (``single_transformer_blocks[i].attn``) get one sequence whose first
+  ``txt_len`` tokens are text and the rest the image band.
+
+Either way the processor does what diffusers' ``FluxAttnProcessor`` does (projections, QK RMS-norm,
+rotary embedding on Q and K of both streams, attention, output projections), with one change: the
+image K/V of the *other* bands come from the ``DisplacedKVStore``. The store holds image K/V only,
+after RoPE (each rank rotates its own band with its global ``img_ids``); the fresh text K/V are
+concatenated in front at attention time, in Flux's order ``[text, image]``.
 """
 
 from __future__ import annotations
@@ -20,17 +33,79 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from torch import nn
 from xfuser.model_executor.pipelines import xFuserFluxPipeline
 from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrapper
 
-from stadi_xdit.runtime.flux_attention import StadiFluxAttnProcessor
+from stadi_xdit.models import register_twin
+from stadi_xdit.runtime.kv import DisplacedKVStore
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.xdit.injection import InjectionPlan
-from stadi_xdit.xdit.pipelines import StadiPipelineMixin
-from stadi_xdit.xdit.runtime_state import StadiRuntimeState
+from stadi_xdit.xdit.pipelines import StadiPipelineMixin, XditBandModel
+
+
+class StadiFluxAttnProcessor:
+    """One processor for both Flux block kinds; `layer` is the K/V layer id in the store."""
+
+    def __init__(self, store: DisplacedKVStore, layer: int):
+        self.store = store
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 text_tokens: int | None = None) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("StadiFluxAttnProcessor does not support attention masks")
+        joint = encoder_hidden_states is not None  # double-stream block
+        query, key, value, txt_query, txt_key, txt_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+
+        # (batch, tokens, heads, head_dim), exactly as FluxAttnProcessor.
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if joint:
+            if attn.added_kv_proj_dim is None:
+                raise ValueError("a double-stream Flux attention needs added K/V projections")
+            txt_query = attn.norm_added_q(txt_query.unflatten(-1, (-1, attn.head_dim)))
+            txt_key = attn.norm_added_k(txt_key.unflatten(-1, (-1, attn.head_dim)))
+            txt_value = txt_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([txt_query, query], dim=1)
+            key = torch.cat([txt_key, key], dim=1)
+            value = torch.cat([txt_value, value], dim=1)
+            txt_len = encoder_hidden_states.shape[1]
+        else:
+            if text_tokens is None:
+                raise ValueError("a single-stream Flux attention under STADI needs text_tokens "
+                                 "(FluxBandModel passes it in joint_attention_kwargs)")
+            txt_len = text_tokens
+
+        # The rotary table covers [txt_ids, this band's img_ids]: RoPE is per token, so rotating the
+        # band here gives exactly the keys one process would have at these global positions.
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        # To (batch, heads, tokens, head_dim): the store's layout and SDPA's.
+        query, key, value = (x.transpose(1, 2) for x in (query, key, value))
+        image_key, image_value = self.store.full_kv(self.layer, key[:, :, txt_len:], value[:, :, txt_len:])
+        key = torch.cat([key[:, :, :txt_len], image_key], dim=2)
+        value = torch.cat([value[:, :, :txt_len], image_value], dim=2)
+
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if not joint:
+            return out
+        txt_out, image_out = out.split_with_sizes([txt_len, out.shape[1] - txt_len], dim=1)
+        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+        txt_out = attn.to_add_out(txt_out.contiguous())
+        return image_out, txt_out
 
 
 def flux_attention_modules(transformer: nn.Module) -> list[nn.Module]:
@@ -47,35 +122,28 @@ FLUX_INJECTION = InjectionPlan(
 )
 
 
-class FluxBandModel:
+class FluxBandModel(XditBandModel):
     """Flux on one band of packed latent tokens."""
 
     band_dim = 1  # packed latents are (batch, tokens, channels)
 
-    def __init__(self, pipe, state: StadiRuntimeState, prompt_embeds: torch.Tensor,
+    def __init__(self, pipe, prompt_embeds: torch.Tensor,
                  pooled_prompt_embeds: torch.Tensor, text_ids: torch.Tensor, image_ids: torch.Tensor,
                  guidance: torch.Tensor | None, joint_attention_kwargs: dict[str, Any] | None = None):
         self.pipe = pipe
-        self.state = state
         self.prompt_embeds = prompt_embeds
         self.pooled_prompt_embeds = pooled_prompt_embeds
         self.text_ids = text_ids
         self.image_ids = image_ids  # (tokens, 3) for the full image
         self.guidance = guidance
-        self.joint_attention_kwargs = joint_attention_kwargs
-        self.evaluations = 0
+        # The processors learn the text length from here: single-stream blocks see one joint sequence.
+        self.joint_attention_kwargs = {**(joint_attention_kwargs or {}), "text_tokens": prompt_embeds.shape[1]}
 
     def band_sizes(self, layout: BandLayout) -> list[int]:
         return layout.token_counts()
 
-    def band_token_range(self) -> tuple[int, int]:
-        """Global token range of this rank's current band, from xDiT's patch metadata."""
-        start, end = self.state.pp_patches_token_start_end_idx_global[self.state.pipeline_patch_idx]
-        return start, end
-
     def predict(self, band_latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        self.evaluations += 1
-        start, end = self.band_token_range()
+        start, end = self.token_range
         if band_latents.shape[1] != end - start:
             raise RuntimeError(f"band has {band_latents.shape[1]} tokens, the layout says {end - start}")
         # As FluxPipeline: the timestep in the latents' dtype, scaled to [0, 1].
@@ -93,6 +161,7 @@ class FluxBandModel:
         )[0]
 
 
+@register_twin
 class StadiFluxPipeline(StadiPipelineMixin, xFuserFluxPipeline):
     """Flux.1 under STADI; construct it like `xFuserFluxPipeline` (`from_pretrained` or `cls(pipe, config)`)."""
 
@@ -126,7 +195,7 @@ class StadiFluxPipeline(StadiPipelineMixin, xFuserFluxPipeline):
         state.set_input_parameters(height=height, width=width, batch_size=batch_size,
                                    num_inference_steps=num_inference_steps,
                                    max_condition_sequence_length=max_sequence_length, split_text_embed_in_sp=False)
-        self._rows_and_align(height, width)  # size errors before any text encoding
+        self._geometry(height, width)  # size errors before any text encoding
 
         lora_scale = (joint_attention_kwargs or {}).get("scale")
         prompt_embeds, pooled_prompt_embeds, text_ids = pipe.encode_prompt(
@@ -158,7 +227,7 @@ class StadiFluxPipeline(StadiPipelineMixin, xFuserFluxPipeline):
             guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
             guidance = guidance.expand(latents.shape[0])
 
-        model = FluxBandModel(pipe, state, prompt_embeds, pooled_prompt_embeds, text_ids, image_ids, guidance,
+        model = FluxBandModel(pipe, prompt_embeds, pooled_prompt_embeds, text_ids, image_ids, guidance,
                               joint_attention_kwargs)
         result = self._stadi_denoise(latents, scheduler, model, height=height, width=width, num_steps=num_steps)
         return self._finish(result.latents, output_type, return_dict, None)
