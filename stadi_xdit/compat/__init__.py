@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from stadi_xdit.compat import imports, runtime
+from stadi_xdit.compat import imports, runner, runtime
 from stadi_xdit.compat._hooks import when_imported
 
 __all__ = ["PINNED_XFUSER_VERSION", "apply_cpu_compat", "check_xfuser_version", "is_applied"]
@@ -43,7 +43,7 @@ def apply_cpu_compat() -> None:
     imports.stub_sparge_block_mask()
     when_imported("xfuser.envs", imports.patch_envs_without_accelerator)
     when_imported("xfuser.envs", imports.allow_sequence_parallel_on_cpu)
-    for module_name, patches in runtime.RUNTIME_PATCHES.items():
+    for module_name, patches in [*runtime.RUNTIME_PATCHES.items(), *runner.RUNNER_PATCHES.items()]:
         for patch in patches:
             when_imported(module_name, patch)
     _APPLIED = True
