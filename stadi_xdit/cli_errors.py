@@ -15,6 +15,11 @@ from typing import NoReturn
 USAGE_ERROR = 2  # argparse's exit status for bad input
 
 
+class StadiInputError(ValueError):
+    """A bad STADI input found inside a library call that a command line reached (e.g. xDiT's
+    runner turning its dict into args); entry points print it as one line, not a traceback."""
+
+
 def is_speaking_rank() -> bool:
     """True outside torchrun and on its rank 0: the one process that reports a shared input error."""
     return os.environ.get("RANK", "0") in ("", "0")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stadi_xdit.planner.plan_types import MODES
-from stadi_xdit.planner.validation import MAX_STRIDE_LIMIT
+from stadi_xdit.planner.validation import MAX_RANKS, MAX_STRIDE_LIMIT
 
 # A week: far beyond any denoising run, and small enough for every backend's millisecond timers
 # (gloo and NCCL overflow on values like 1e300).
@@ -68,6 +68,9 @@ class StadiConfig:
                                         "JSON file to store and reuse measured speeds.")
     timeout_seconds: float = setting(600.0, "--stadi_timeout", "float",
                                      "Seconds before a stalled or dead peer makes the run fail.")
+    degree: int | None = setting(None, "--stadi_degree", "count",
+                                 "Ranks per CFG branch; launchers start degree x CFG processes "
+                                 "(default: every rank of the launch).")
 
     def __post_init__(self) -> None:
         # Accept the CLI's string forms so configs built from flags or files validate the same way.
@@ -86,6 +89,9 @@ class StadiConfig:
                              f"got {self.timeout_seconds!r}")
         if self.emulate_slowdown is not None and any(k < 1 for k in self.emulate_slowdown):
             raise ValueError("--stadi_emulate_slowdown factors must be >= 1 (1 = full speed)")
+        if self.degree is not None and (isinstance(self.degree, bool) or not isinstance(self.degree, int)
+                                        or not 1 <= self.degree <= MAX_RANKS):
+            raise ValueError(f"--stadi_degree must be an integer in [1, {MAX_RANKS}], got {self.degree!r}")
         if self.profile_cache is not None and not self.profile_cache.strip():
             raise ValueError("--stadi_profile_cache must be a file path, got an empty string")
 
@@ -94,7 +100,10 @@ class StadiConfig:
         return 1 if self.exact or self.mode != "full" else self.max_stride
 
     def check_world(self, stadi_world_size: int) -> None:
-        """Per-rank lists must match the number of ranks in one STADI group."""
+        """`--stadi_degree` and the per-rank lists must match the number of ranks in one STADI group."""
+        if self.degree is not None and self.degree != stadi_world_size:
+            raise ValueError(f"--stadi_degree {self.degree} does not match the launch: {stadi_world_size} "
+                             "ranks per CFG branch (world size / CFG degree)")
         for flag, values in (("--stadi_speeds", self.speeds), ("--stadi_emulate_slowdown", self.emulate_slowdown)):
             if values is not None and len(values) != stadi_world_size:
                 raise ValueError(f"{flag} has {len(values)} values but the STADI group has {stadi_world_size} ranks")
@@ -181,6 +190,8 @@ def _type_ok(kind: str, value: Any) -> bool:
         return value is None or isinstance(value, str)
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "count":  # an optional int
+        return value is None or (isinstance(value, int) and not isinstance(value, bool))
     if kind == "float":  # NaN/inf pass here and fail the value check, which names the range
         return _is_real(value)
     # per-rank lists: "1,0.5" or [1, 0.5]

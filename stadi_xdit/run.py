@@ -7,14 +7,17 @@
 (`stadi_xdit.xdit.cli_hook`), then the script runs as `__main__` with `sys.argv` as if it had been
 started directly; without `--use_stadi` it behaves exactly as plain xDiT.
 
-`stadi-xdit` (`launch`) is the matching launcher, xDiT's `xdit` command for scripts:
+`stadi-xdit` (`launch`) is the matching launcher: xDiT's `xdit` command with the plugin loaded.
+With xDiT's runner arguments it runs xDiT's model runner, exactly as `xdit` does; with a script
+(or `-m MODULE`) first, it runs that script:
 
-    stadi-xdit [--nproc_per_node N | --stadi_degree N] [--nnodes ... --master_port ...] \\
-        script.py --use_stadi [--use_cfg_parallel] [--stadi_speeds 1,0.5] ...
+    stadi-xdit --model FLUX.1-dev --use_stadi --stadi_degree 2 --height 1024 ...     # xdit's form
+    stadi-xdit [--nproc_per_node N] [--nnodes ... --master_port ...] script.py --use_stadi ...
 
-It starts `torch.distributed.run ... -m stadi_xdit.run script.py ...`; the number of processes is
-`--nproc_per_node` when given, else the STADI rule of `cli_hook.stadi_nproc_from_args`
-(STADI degree x 2 with CFG parallelism), else xDiT's own degree product.
+It starts `torch.distributed.run ... -m stadi_xdit.run (-m xfuser.runner | script.py) ...`; the
+number of processes is `--nproc_per_node` when given, else the STADI rule of
+`cli_hook.stadi_nproc_from_args` (`--stadi_degree`, x2 with CFG parallelism), else xDiT's own
+degree product. Runner arguments are validated here, before any process starts.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook, before the script imports xfuser)
+from stadi_xdit.cli_errors import StadiInputError, fail
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.xdit import cli_hook
 
+LAUNCHER = "stadi-xdit"
 USAGE = "usage: python -m stadi_xdit.run (SCRIPT.py | -m MODULE) [ARGS ...]"
 
 
@@ -54,62 +59,102 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run_reporting_faults(run: Callable[[], object]) -> None:
-    """A dead or stalled STADI peer ends the script with one line naming it, not a traceback."""
+    """A dead or stalled STADI peer, or a bad STADI input found inside xDiT (its runner's config
+    dict), ends the script with one line, not a traceback."""
     try:
         run()
     except PeerFailure as error:
         report_and_exit(error)
+    except StadiInputError as error:
+        fail(os.path.basename(sys.argv[0]) or "stadi_xdit.run", str(error))
 
 
 # --- launcher -----------------------------------------------------------------------------------
 
-def _take(args: list[str], flag: str) -> str | None:
-    """Remove `flag value` / `flag=value` from `args` (dashes or underscores); return the value."""
-    names = {flag, flag.replace("_", "-")}
-    for i, arg in enumerate(args):
-        name, eq, value = arg.partition("=")
-        if name in names:
-            if eq:
-                del args[i]
-                return value
-            if i + 1 < len(args):
-                value = args[i + 1]
-                del args[i:i + 2]
-                return value
-            raise SystemExit(f"{flag} needs a value")
-    return None
-
-
 def build_launch_command(argv: Sequence[str]) -> list[str]:
-    """The torchrun command `launch` runs (testable without starting anything)."""
+    """The torchrun command `launch` runs (testable without starting anything).
+
+    Without a script, the arguments are xDiT's `xdit` ones and the target is xDiT's model runner
+    (`-m xfuser.runner`); STADI inputs are then validated here, before any process starts.
+    """
+    _quiet_library_notices()
     from xfuser.cli import TORCHRUN_ARGS, extract_torchrun_args, get_nproc_from_args
 
-    args = list(argv)
-    stadi_degree = _take(args, "--stadi_degree")  # a launcher flag: the script never sees it
-    torchrun, rest = extract_torchrun_args(args)
-    if not rest:
-        raise SystemExit("stadi-xdit: name a script (SCRIPT.py or -m MODULE) after the launcher flags")
-    if rest[0] == "-m":
+    torchrun, rest = extract_torchrun_args(list(argv))
+    runner_mode = not rest or rest[0].startswith("--")
+    if runner_mode:
+        target, script_args = ["-m", "xfuser.runner"], rest
+        runner_namespace(script_args)  # unknown or malformed flags first, before counting ranks
+    elif rest[0] == "-m":
+        if len(rest) < 2:
+            fail(LAUNCHER, "-m needs a module name")
         target, script_args = rest[:2], rest[2:]
     else:
         target, script_args = rest[:1], rest[1:]
-    rule_args = script_args + ([f"--stadi_degree={stadi_degree}"] if stadi_degree else [])
     nnodes = int(torchrun["--nnodes"])
     try:
-        inferred = cli_hook.stadi_nproc_from_args(rule_args, get_nproc_from_args, nnodes=nnodes)
+        inferred = cli_hook.stadi_nproc_from_args(script_args, get_nproc_from_args, nnodes=nnodes)
     except ValueError as error:
         if torchrun["--nproc_per_node"] is None:
-            raise SystemExit(f"stadi-xdit: {error}") from None
+            fail(LAUNCHER, str(error))
         inferred = None
     nproc = torchrun["--nproc_per_node"]
     if nproc is None:
         nproc = str(inferred)
     elif inferred is not None and "--use_stadi" in script_args and int(nproc) != inferred:
-        raise SystemExit(f"stadi-xdit: --nproc_per_node {nproc} disagrees with the STADI flags "
-                         f"({inferred} processes per node)")
+        fail(LAUNCHER, f"--nproc_per_node {nproc} disagrees with the STADI flags ({inferred} processes per node)")
+    if runner_mode:
+        check_runner_args(script_args, world_size=int(nproc) * nnodes)
     flags = [f"{name}={torchrun[name]}" for name in TORCHRUN_ARGS if name != "--nproc_per_node"]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *flags,
             "-m", "stadi_xdit.run", *target, *script_args]
+
+
+def _quiet_library_notices() -> None:
+    """The launcher process reports only its own errors: transformers' import notices (e.g. missing
+    torchvision) would otherwise surround a one-line error. The ranks keep their logging."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+
+
+def runner_namespace(args: Sequence[str]):
+    """`xdit` runner arguments parsed as the runner will (STADI flags included); errors are one line."""
+    from xfuser.config import FlexibleArgumentParser, xFuserArgs
+
+    from stadi_xdit.cli_errors import OneLineErrors
+
+    class RunnerParser(OneLineErrors, FlexibleArgumentParser):
+        pass
+
+    return xFuserArgs.add_runner_args(RunnerParser(prog=LAUNCHER)).parse_args(list(args))
+
+
+def check_runner_args(args: Sequence[str], world_size: int) -> None:
+    """Validate `xdit` runner arguments against the launch size; a bad one is one line, exit 2."""
+    from xfuser.config import xFuserArgs
+
+    from stadi_xdit.xdit.runner import stadi_runner_model
+
+    namespace = runner_namespace(args)
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world_size)  # what `validate` checks the degrees against
+    try:
+        config = xFuserArgs.from_runner_args(vars(namespace))
+        if getattr(config, "use_stadi", False):
+            from xfuser.model_executor.models.runner_models import base_model
+
+            model = base_model.MODEL_REGISTRY.get(config.model)
+            if model is None:
+                fail(LAUNCHER, f"--model {config.model} is not in xDiT's model registry")
+            stadi_runner_model(model, config.model)
+    except ValueError as error:
+        fail(LAUNCHER, str(error))
+    finally:
+        if saved is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = saved
 
 
 def launch(argv: Sequence[str] | None = None) -> None:

@@ -143,21 +143,22 @@ def test_launcher_rule_errors(argv, message):
         xfuser.cli.get_nproc_from_args(argv)
 
 
-def test_launch_command():
+def test_launch_command(capsys):
     from stadi_xdit.run import build_launch_command
 
-    command = build_launch_command(["--master_port", "29999", "--stadi_degree", "3", "ex.py", "--model", "m",
-                                    "--use_stadi", "--use_cfg_parallel"])
+    script_args = ["--model", "m", "--use_stadi", "--stadi_degree", "3", "--use_cfg_parallel"]
+    command = build_launch_command(["--master_port", "29999", "ex.py", *script_args])
     assert command[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node=6"]
     assert "--master_port=29999" in command
-    assert command[-7:] == ["-m", "stadi_xdit.run", "ex.py", "--model", "m", "--use_stadi", "--use_cfg_parallel"]
-    assert "--stadi_degree" not in " ".join(command)  # a launcher flag only
+    assert command[-9:] == ["-m", "stadi_xdit.run", "ex.py", *script_args]  # the script validates the degree too
     explicit = build_launch_command(["--nproc_per_node", "2", "ex.py", "--use_stadi"])
     assert "--nproc_per_node=2" in explicit
-    with pytest.raises(SystemExit, match="disagrees"):
-        build_launch_command(["--nproc_per_node", "3", "ex.py", "--use_stadi", "--stadi_speeds", "1,2"])
-    with pytest.raises(SystemExit, match="cannot infer"):
-        build_launch_command(["ex.py", "--use_stadi"])
+    for argv, message in ((["--nproc_per_node", "3", "ex.py", "--use_stadi", "--stadi_speeds", "1,2"], "disagrees"),
+                          (["ex.py", "--use_stadi"], "cannot infer")):
+        with pytest.raises(SystemExit) as info:
+            build_launch_command(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
     plain = build_launch_command(["-m", "pkg.mod", "--ulysses_degree", "2"])
     assert "--nproc_per_node=2" in plain and plain[-4:] == ["-m", "pkg.mod", "--ulysses_degree", "2"]
 
@@ -241,6 +242,14 @@ def test_upstream_patch_applies_and_drives_stadi_through_the_plugin(tmp_path):
         assert type(xFuserFluxPipeline.__new__(xFuserFluxPipeline, None, config)).__name__ == "StadiFluxPipeline"
         assert xfuser.plugins.nproc(["--use_stadi", "--stadi_degree", "3", "--use_cfg_parallel"]) == 6
         assert xfuser.plugins.nproc(["--ulysses_degree", "2"]) is None
+        runner_parser = xFuserArgs.add_runner_args(FlexibleArgumentParser())
+        assert "--use_stadi" in runner_parser._option_string_actions
+        runner_args = xFuserArgs.from_runner_args({"model": "FLUX.1-dev", "use_stadi": True, "height": 112,
+                                                   "width": 80, "num_inference_steps": 4, "warmup_steps": 1})
+        assert type(runner_args) is StadiArgs
+        from xfuser.model_executor.models.runner_models.base_model import MODEL_REGISTRY
+        flux = MODEL_REGISTRY["FLUX.1-dev"]
+        assert type(flux.__new__(flux, runner_args)).__name__ == "StadixFuserFluxModel"
         print("hook installed:", cli_hook.is_installed())
     """)
     for no_monkeypatch in ("1", "0"):

@@ -14,15 +14,23 @@ import stadi_xdit.xdit  # noqa: F401  (the compat layer before any family module
 
 FAMILY_MODULES = ("pixart", "flux", "sd3", "qwen_image")
 
-_TWINS: dict[str, type] = {}
+_TWINS: dict[str, type] = {}  # xFuser pipeline wrapper class name -> twin
+_BY_DIFFUSERS: dict[str, type] = {}  # diffusers pipeline class name -> twin
+_BY_RUNNER_MODEL: dict[str, type] = {}  # xDiT runner model class name -> twin
 
 
 def register_twin(twin: type) -> type:
-    """Class decorator: `twin` is the STADI form of the xFuser pipeline wrapper it subclasses."""
+    """Class decorator: `twin` is the STADI form of the xFuser pipeline wrapper it subclasses.
+
+    The twin names the diffusers pipeline classes it wraps (`diffusers_pipelines`) and the xDiT
+    runner models (`runner_models`, classes of `xfuser.runner`'s registry) it serves.
+    """
     wrapper = next((base for base in twin.__mro__[1:] if base.__name__.startswith("xFuser")), None)
     if wrapper is None:
         raise TypeError(f"{twin.__name__} must subclass an xFuser pipeline wrapper")
     _TWINS[wrapper.__name__] = twin
+    _BY_DIFFUSERS.update(dict.fromkeys(getattr(twin, "diffusers_pipelines", ()), twin))
+    _BY_RUNNER_MODEL.update(dict.fromkeys(getattr(twin, "runner_models", ()), twin))
     return twin
 
 
@@ -35,3 +43,13 @@ def twins() -> dict[str, type]:
 
 def twin_for(xfuser_class_name: str) -> type | None:
     return twins().get(xfuser_class_name)
+
+
+def twin_for_diffusers(pipeline_class_name: str) -> type | None:
+    twins()
+    return _BY_DIFFUSERS.get(pipeline_class_name)
+
+
+def twin_for_runner_model(model_class_name: str) -> type | None:
+    twins()
+    return _BY_RUNNER_MODEL.get(model_class_name)

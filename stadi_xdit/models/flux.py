@@ -165,6 +165,9 @@ class FluxBandModel(XditBandModel):
 class StadiFluxPipeline(StadiPipelineMixin, xFuserFluxPipeline):
     """Flux.1 under STADI; construct it like `xFuserFluxPipeline` (`from_pretrained` or `cls(pipe, config)`)."""
 
+    diffusers_pipelines = ("FluxPipeline",)
+    runner_models = ("xFuserFluxModel",)  # xfuser.runner's registry classes it serves
+
     injection_plan = FLUX_INJECTION
 
     @torch.no_grad()

@@ -192,7 +192,11 @@ class StadiPixArtMixin(StadiPipelineMixin):
 class StadiPixArtAlphaPipeline(StadiPixArtMixin, xFuserPixArtAlphaPipeline):
     """PixArt-α under STADI."""
 
+    diffusers_pipelines = ("PixArtAlphaPipeline",)  # PixArt is not in xDiT's runner registry
+
 
 @register_twin
 class StadiPixArtSigmaPipeline(StadiPixArtMixin, xFuserPixArtSigmaPipeline):
     """PixArt-Σ under STADI."""
+
+    diffusers_pipelines = ("PixArtSigmaPipeline",)

@@ -213,6 +213,9 @@ class xFuserQwenImagePipeline(xFuserPipelineBaseWrapper):
 class StadiQwenImagePipeline(StadiPipelineMixin, xFuserQwenImagePipeline):
     """Qwen-Image under STADI; construct it like the other twins (`from_pretrained` or `cls(pipe, config)`)."""
 
+    diffusers_pipelines = ("QwenImagePipeline",)
+    runner_models = ("xFuserQwenImageModel",)  # xfuser.runner's registry classes it serves
+
     injection_plan = QWEN_IMAGE_INJECTION
 
     def __init__(self, pipeline, engine_config, cache_args=None, stadi_config=None):
@@ -294,18 +297,9 @@ class StadiQwenImagePipeline(StadiPipelineMixin, xFuserQwenImagePipeline):
                                      num_steps=len(scheduler.timesteps))
         return self._finish(result.latents, output_type, return_dict, None)
 
-    def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool,
-                orig_size: tuple[int, int] | None):
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         # Qwen-Image's VAE is a video VAE: it decodes (batch, C, frames, H, W); keep frame 0, as diffusers.
-        if output_type == "latent":
-            return super()._finish(latents, output_type, return_dict, orig_size)
-        pipe = self.module
-        if not self.is_dp_last_group():
-            return None
-        image = pipe.vae.decode(self._latents_for_vae(latents), return_dict=False)[0][:, :, 0]
-        image = pipe.image_processor.postprocess(image, output_type=output_type)
-        pipe.maybe_free_model_hooks()
-        return self._pipeline_output(image) if return_dict else (image,)
+        return self.module.vae.decode(self._latents_for_vae(latents), return_dict=False)[0][:, :, 0]
 
     def _latents_for_vae(self, latents: torch.Tensor) -> torch.Tensor:
         pipe, config = self.module, self.stadi_state.input_config

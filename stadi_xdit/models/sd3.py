@@ -136,6 +136,9 @@ class SD3BandModel(XditBandModel):
 class StadiStableDiffusion3Pipeline(StadiPipelineMixin, xFuserStableDiffusion3Pipeline):
     """SD3/SD3.5 under STADI; construct it like `xFuserStableDiffusion3Pipeline`."""
 
+    diffusers_pipelines = ("StableDiffusion3Pipeline",)
+    runner_models = ("xFuserStableDiffusionModel",)  # xfuser.runner's registry classes it serves
+
     injection_plan = SD3_INJECTION
 
     @torch.no_grad()

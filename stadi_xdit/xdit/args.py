@@ -60,10 +60,13 @@ def add_stadi_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         if kind == "bool":
             group.add_argument(flag, action="store_true", help=meta["help"])
             continue
-        python_type = {"int": int, "float": float}.get(kind, str)
+        python_type = {"int": int, "count": int, "float": float}.get(kind, str)
         choices = meta.get("choices")
         group.add_argument(flag, type=python_type, default=default, choices=choices,
                            help=f"{meta['help']} (default {default})")
+    group.add_argument("--stadi_config_file", type=str, default=None, metavar="FILE",
+                       help="STADI settings from a .json/.yaml/.yml file (keys as in StadiConfig); "
+                            "--stadi_* flags given with non-default values override it.")
     return parser
 
 
@@ -111,6 +114,22 @@ def validate_shape(args: xFuserArgs, stadi_degree: int, exact: bool) -> None:
                          f"got --warmup_steps {warmup}")
 
 
+def stadi_config_from(args: Any) -> StadiConfig:
+    """The validated STADI settings of parsed args: `--stadi_config_file` first, flags over it.
+
+    A flag overrides the file when its value differs from the flag's default (argparse cannot
+    tell an explicit default from an omitted flag).
+    """
+    values = {f.name: getattr(args, _arg_name(f.name)) for f in dataclasses.fields(StadiConfig)}
+    path = getattr(args, "stadi_config_file", None)
+    if path:
+        from_file = StadiConfig.from_file(path)
+        for config_field in dataclasses.fields(StadiConfig):
+            if values[config_field.name] == config_field.default:
+                values[config_field.name] = getattr(from_file, config_field.name)
+    return StadiConfig(**values)
+
+
 class _StadiArgsBehaviour(xFuserArgs):
     """Methods of `StadiArgs`; its fields are generated below from `StadiConfig`'s metadata."""
 
@@ -128,7 +147,8 @@ class _StadiArgsBehaviour(xFuserArgs):
             if isinstance(value, (list, tuple)):
                 setattr(self, name, ",".join(str(v) for v in value))
         # Validates every --stadi_* value now, before any process group exists.
-        self.stadi = StadiConfig(**{f.name: getattr(self, _arg_name(f.name)) for f in dataclasses.fields(StadiConfig)})
+        self.stadi = stadi_config_from(self)
+        self.use_stadi = self.stadi.use_stadi  # a config file may switch STADI on
 
     @staticmethod
     def add_cli_args(parser):
@@ -164,8 +184,10 @@ def _stadi_arg_fields() -> list[tuple[str, Any, Any]]:
     out = []
     for config_field in dataclasses.fields(StadiConfig):
         kind = config_field.metadata["kind"]
-        annotation = {"bool": bool, "int": int, "float": float, "choice": str}.get(kind, "str | None")
+        annotation = {"bool": bool, "int": int, "count": "int | None", "float": float, "choice": str}.get(
+            kind, "str | None")
         out.append((_arg_name(config_field.name), annotation, field(default=config_field.default)))
+    out.append(("stadi_config_file", "str | None", field(default=None)))
     return out
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from stadi_xdit.cli_errors import fail
+from stadi_xdit.cli_errors import StadiInputError, fail
 from stadi_xdit.compat._hooks import when_imported
 
 # Degree flags STADI replaces (it uses every rank of a CFG branch).
@@ -96,6 +96,8 @@ def patch_xfuser_args(module: ModuleType) -> None:
         return
     original_add = cls.__dict__["add_cli_args"].__func__
     original_from = cls.__dict__["from_cli_args"].__func__
+    original_add_runner = cls.__dict__["add_runner_args"].__func__
+    original_from_runner = cls.__dict__["from_runner_args"].__func__
 
     @_marked
     def add_cli_args(parser):
@@ -103,8 +105,19 @@ def patch_xfuser_args(module: ModuleType) -> None:
         return add_flags(parser) if _ENABLED else parser
 
     @_marked
+    def add_runner_args(parser):
+        parser = original_add_runner(parser)
+        return add_runner_flags(parser) if _ENABLED else parser
+
+    @_marked
+    def from_runner_args(klass, config):
+        """The runner's dict -> args: STADI keys reach a validated StadiConfig, never dropped."""
+        stadi = stadi_runner_args(config) if _ENABLED else None
+        return stadi if stadi is not None else original_from_runner(klass, config)
+
+    @_marked
     def from_cli_args(klass, args):
-        if not _ENABLED or not getattr(args, "use_stadi", False):
+        if not _ENABLED or not (getattr(args, "use_stadi", False) or getattr(args, "stadi_config_file", None)):
             return original_from(klass, args)
         # A command line is being read: a bad STADI input is one line naming the flag, printed
         # once (rank 0), before the script creates any process group; never a traceback.
@@ -118,6 +131,73 @@ def patch_xfuser_args(module: ModuleType) -> None:
     add_cli_args.__doc__ = original_add.__doc__
     _replace(cls, "add_cli_args", staticmethod(add_cli_args))
     _replace(cls, "from_cli_args", classmethod(from_cli_args))
+    _replace(cls, "add_runner_args", staticmethod(add_runner_args))
+    _replace(cls, "from_runner_args", classmethod(from_runner_args))
+
+
+def add_runner_flags(parser):
+    """STADI's flags on the runner's parser, plus `--warmup_steps` (the runner has none; STADI
+    measures each rank's speed in the warmup)."""
+    if "--warmup_steps" not in parser._option_string_actions:
+        parser.add_argument("--warmup_steps", type=int, default=1,
+                            help="Synchronous warmup steps (STADI measures each rank's speed in them).")
+    return add_flags(parser)
+
+
+def stadi_runner_args(config: Any) -> Any | None:
+    """STADI's args for a runner config dict, or None when it asks for no STADI.
+
+    Misspelled `stadi_*` keys and bad values raise `StadiInputError` (one line) instead of being
+    dropped; the shape is checked with the model's default size where the dict gives none.
+    """
+    if not isinstance(config, dict):
+        return None
+    import dataclasses
+
+    from stadi_xdit.xdit.args import StadiArgs
+    from stadi_xdit.xdit.runner import check_runner_keys, with_model_defaults
+
+    try:
+        check_runner_keys(config)
+        if not (config.get("use_stadi") or config.get("stadi_config_file")):
+            return None
+        known = {f.name for f in dataclasses.fields(StadiArgs)}
+        args = StadiArgs(**{k: v for k, v in with_model_defaults(config).items() if k in known})
+        args.validate()
+    except ValueError as error:
+        raise StadiInputError(" ".join(str(error).split())) from None
+    return args
+
+
+# --- 3b: runner model choice (xfuser.runner's registry) -------------------------------------------
+
+def stadi_model_class(cls: type, config: Any) -> type | None:
+    """The runner model class to build instead of `cls` for `config` (None: `cls`)."""
+    from stadi_xdit.xdit.runner import stadi_requested, stadi_runner_model
+
+    if not stadi_requested(config) or getattr(cls, "__stadi_runner_model__", False):
+        return None
+    try:
+        return stadi_runner_model(cls, getattr(config, "model", None))
+    except ValueError as error:
+        raise StadiInputError(str(error)) from None
+
+
+def patch_runner_model_choice(base_model: ModuleType) -> None:
+    if not _ENABLED or _upstream_hook(base_model):
+        return
+    base = base_model.xFuserModel
+    if getattr(base.__dict__.get("__new__"), _MARK, False):
+        return
+
+    @_marked
+    def __new__(cls, *args, **kwargs):
+        config = kwargs.get("config", args[0] if args else None)
+        if _ENABLED:
+            cls = stadi_model_class(cls, config) or cls
+        return object.__new__(cls)
+
+    _replace(base, "__new__", __new__)
 
 
 # --- 3: pipeline choice -------------------------------------------------------------------------
@@ -197,18 +277,40 @@ def _count(text: str | None) -> int | None:
     return None if not text else len(text.split(","))
 
 
+def _file_settings(flags: dict[str, str | None]) -> Any:
+    """The `--stadi_config_file` settings, or None without one."""
+    path = flags.get("--stadi_config_file")
+    if not path:
+        return None
+    from stadi_xdit.config import StadiConfig
+
+    return StadiConfig.from_file(path)
+
+
 def stadi_degree_from_args(args: Sequence[str]) -> int | None:
-    """Ranks per CFG branch: `--stadi_degree`, else the length of a per-rank list flag."""
+    """Ranks per CFG branch: `--stadi_degree`, else the length of a per-rank list flag (flags, then file)."""
     flags = _flag_values(args)
+    settings = _file_settings(flags)
     counts = {}
     if flags.get("--stadi_degree"):
         counts["--stadi_degree"] = int(flags["--stadi_degree"])
-    for flag in ("--stadi_speeds", "--stadi_emulate_slowdown"):
+    elif settings is not None and settings.degree is not None:
+        counts["--stadi_degree"] = settings.degree
+    for flag, field in (("--stadi_speeds", "speeds"), ("--stadi_emulate_slowdown", "emulate_slowdown")):
         if flags.get(flag):
             counts[flag] = _count(flags[flag])
+        elif settings is not None and getattr(settings, field) is not None:
+            counts[flag] = len(getattr(settings, field))
     if len(set(counts.values())) > 1:
         raise ValueError(f"STADI rank counts disagree: {', '.join(f'{k} -> {v}' for k, v in counts.items())}")
     return next(iter(counts.values()), None)
+
+
+def _uses_stadi(flags: dict[str, str | None]) -> bool:
+    if "--use_stadi" in flags and flags["--use_stadi"] not in ("False", "false", "0"):
+        return True
+    settings = _file_settings(flags)
+    return settings is not None and settings.use_stadi
 
 
 def stadi_nproc_from_args(args: Sequence[str], fallback: Callable[[list[str]], int] | None = None,
@@ -217,12 +319,12 @@ def stadi_nproc_from_args(args: Sequence[str], fallback: Callable[[list[str]], i
 
         world = stadi_degree x (2 if --use_cfg_parallel else 1) [+ --vae_parallel_size]
 
-    where stadi_degree is `--stadi_degree N` (a launcher flag), else the number of values of
-    `--stadi_speeds` / `--stadi_emulate_slowdown`. xDiT's own rule would count 1 (or 2) here,
-    since STADI's degree is not one of its degree flags.
+    where stadi_degree is `--stadi_degree N`, else the number of values of `--stadi_speeds` /
+    `--stadi_emulate_slowdown` (flags first, then `--stadi_config_file`). xDiT's own rule would
+    count 1 (or 2) here, since STADI's degree is not one of its degree flags.
     """
     flags = _flag_values(args)
-    if "--use_stadi" not in flags or flags["--use_stadi"] in ("False", "false", "0"):
+    if not _uses_stadi(flags):
         if fallback is None:
             raise ValueError("no --use_stadi and no fallback rule")
         return fallback(list(args))
@@ -272,11 +374,16 @@ class XfuserPlugin:
         return stadi_args_class(xFuserArgs, klass, args)
 
     pipeline_class = staticmethod(stadi_pipeline_class)
+    add_runner_args = staticmethod(add_runner_flags)
+    model_class = staticmethod(stadi_model_class)
+
+    @staticmethod
+    def from_runner_args(klass: type, config: Any) -> Any | None:
+        return stadi_runner_args(config)
 
     @staticmethod
     def nproc(args: Sequence[str]) -> int | None:
-        flags = _flag_values(args)
-        if "--use_stadi" not in flags:
+        if not _uses_stadi(_flag_values(args)):
             return None
         return stadi_nproc_from_args(args)
 
@@ -286,6 +393,7 @@ class XfuserPlugin:
 _PATCHES = {
     "xfuser.config.args": patch_xfuser_args,
     "xfuser.model_executor.pipelines.base_pipeline": patch_pipeline_choice,
+    "xfuser.model_executor.models.runner_models.base_model": patch_runner_model_choice,
     "xfuser.cli": patch_launcher,
 }
 

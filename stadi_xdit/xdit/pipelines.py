@@ -107,6 +107,7 @@ class StadiPipelineMixin:
         # Building the runtime state creates xDiT's process groups; STADI's group is the dp group.
         state = StadiRuntimeState(pipeline, engine_config)
         install_runtime_state(state)
+        self._stadi_runtime_state = state
         dp = get_dp_group()
         self.stadi_config.check_world(dp.world_size)
         timeout = self.stadi_config.timeout_seconds
@@ -139,9 +140,13 @@ class StadiPipelineMixin:
     # --- helpers --------------------------------------------------------------------------
     @property
     def stadi_state(self) -> StadiRuntimeState:
-        from xfuser.core.distributed import get_runtime_state
+        """This pipeline's runtime state, installed as xDiT's global again if something replaced it
+        (xDiT's model runner re-initialises the runtime state after loading the pipeline)."""
+        from xfuser.core.distributed import runtime_state
 
-        return get_runtime_state()
+        if runtime_state._RUNTIME is not self._stadi_runtime_state:
+            install_runtime_state(self._stadi_runtime_state)
+        return self._stadi_runtime_state
 
     def _profile_key(self, height: int, width: int) -> str:
         """Model, resolution and every rank's hardware; the same string on every rank of the run.
@@ -195,26 +200,32 @@ class StadiPipelineMixin:
                              f"got {warmup} for {num_steps} steps")
         return warmup
 
+    # True where callers expect an output object on every rank (xDiT's runner models built on plain
+    # diffusers pipelines read `.images` everywhere); xDiT's own wrappers return None off the output rank.
+    outputs_on_every_rank = False
+
     def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool,
                 orig_size: tuple[int, int] | None):
         pipe = self.module
         if output_type == "latent":
             image = latents
-        elif self.engine_config.runtime_config.use_parallel_vae:
-            # distvae's decoder is collective: every rank decodes its part.
-            image = pipe.vae.decode(self._latents_for_vae(latents), return_dict=False)[0]
-        elif self.is_dp_last_group():
-            image = pipe.vae.decode(self._latents_for_vae(latents), return_dict=False)[0]
         else:
-            image = None
-        if output_type != "latent":
+            # distvae's decoder is collective: with --use_parallel_vae every rank decodes its part.
+            if self.engine_config.runtime_config.use_parallel_vae or self.is_dp_last_group():
+                image = self._decode(latents)
             if not self.is_dp_last_group():
-                return None
+                if not self.outputs_on_every_rank:
+                    return None
+                return self._pipeline_output([]) if return_dict else ([],)
             if orig_size is not None:
                 image = pipe.image_processor.resize_and_crop_tensor(image, *orig_size)
             image = pipe.image_processor.postprocess(image, output_type=output_type)
         pipe.maybe_free_model_hooks()
         return self._pipeline_output(image) if return_dict else (image,)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The full latent decoded to an image batch."""
+        return self.module.vae.decode(self._latents_for_vae(latents), return_dict=False)[0]
 
     def _latents_for_vae(self, latents: torch.Tensor) -> torch.Tensor:
         """The full latent as the VAE decoder takes it (PixArt: unscaled; Flux overrides: unpacked)."""
@@ -236,4 +247,6 @@ class StadiPipelineMixin:
         self.last_result = result
         if self.is_dp_last_group():
             log_plan(result)
+        planned = result.plan.ranks[self.groups.band.rank].num_evals  # warmup included
+        logger.info("STADI rank %d: %d model evaluations (plan: %d)", self.groups.band.rank, result.num_evals, planned)
         return result

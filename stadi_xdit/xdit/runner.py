@@ -1,0 +1,111 @@
+"""STADI in xDiT's model runner (`xfuser.runner`, behind the `xdit` command).
+
+A registered runner model (`xFuserModel` subclass in xfuser's `MODEL_REGISTRY`) is turned into
+its STADI form by subclassing it (`stadi_runner_model`): the model's own loading code runs
+unchanged (`ModelLoader`, dtypes, text-encoder planning) and only the pipeline it returns is
+wrapped into the family's STADI twin; the model's `_run_pipe` then calls the twin with the same
+arguments. Capabilities are declared where xDiT declares them: the STADI form's
+`ModelCapabilities` switch off the degrees and features STADI cannot combine with, so the
+runner's own `_validate_config` refuses them too.
+
+The CLI hook (`cli_hook.py`) routes the runner here: `add_runner_args` gains the STADI flags,
+`from_runner_args` keeps the STADI keys (refusing misspelled ones), and constructing a runner
+model with a STADI config builds its STADI form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from stadi_xdit.config import SETTINGS
+
+# Capabilities of xDiT's runner models that STADI's own loop cannot combine with.
+_NOT_WITH_STADI = ("ulysses_degree", "ring_degree", "pipefusion_parallel_degree", "tensor_parallel_degree",
+                   "fully_shard_degree", "supports_step_caching", "use_fp8_comms", "use_hybrid_attn_schedule",
+                   "use_hybrid_gemm_schedule", "supports_sparse_attention_backends",
+                   "supports_sparge_attention_backends")
+
+# Keys a runner config dict may carry for STADI: every StadiArgs field.
+STADI_RUNNER_KEYS = frozenset({meta["flag"].removeprefix("--") for meta in SETTINGS.values()}
+                              | {"stadi_config_file"})
+
+
+def check_runner_keys(config: dict[str, Any]) -> None:
+    """A misspelled STADI key in a runner config dict is refused, not silently dropped."""
+    unknown = sorted(k for k in config if isinstance(k, str) and k.startswith("stadi_") and k not in STADI_RUNNER_KEYS)
+    if unknown:
+        raise ValueError(f"unknown STADI key(s) in the runner config: {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(STADI_RUNNER_KEYS))})")
+
+
+def with_model_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with the runner model's default size and steps where the user gave none.
+
+    The runner fills these from the model's `default_input_values` only after building the model;
+    STADI checks the shape (token rows >= ranks, warmup < steps) before any process starts.
+    """
+    from xfuser.model_executor.models.runner_models.base_model import MODEL_REGISTRY
+
+    model = MODEL_REGISTRY.get(config.get("model"))
+    defaults = getattr(model, "default_input_values", None)
+    filled = dict(config)
+    for key in ("height", "width", "num_inference_steps"):
+        if filled.get(key) is None and getattr(defaults, key, None) is not None:
+            filled[key] = getattr(defaults, key)
+    return filled
+
+
+def stadi_requested(config: Any) -> bool:
+    return bool(getattr(config, "use_stadi", False))
+
+
+def supported_runner_models() -> list[str]:
+    """Registry names (as `xdit --model` takes them) whose model class has a STADI family."""
+    from xfuser.model_executor.models.runner_models.base_model import MODEL_REGISTRY
+
+    from stadi_xdit.models import twin_for_runner_model
+
+    return sorted(name for name, cls in MODEL_REGISTRY.items() if twin_for_runner_model(cls.__name__) is not None)
+
+
+def as_stadi_pipeline(pipe: Any, engine_config: Any) -> Any:
+    """The STADI twin of what a runner model's `_load_model` returned."""
+    from stadi_xdit.models import twin_for_diffusers
+    from stadi_xdit.xdit.pipelines import StadiPipelineMixin
+
+    if isinstance(pipe, StadiPipelineMixin):  # built through an xFuser wrapper: the CLI hook made the twin
+        return pipe
+    pipeline = getattr(pipe, "module", pipe)  # an xFuser wrapper without STADI: take its diffusers pipeline
+    twin = twin_for_diffusers(type(pipeline).__name__)
+    if twin is None:
+        raise ValueError(f"--use_stadi has no STADI family for {type(pipeline).__name__}")
+    stadi = twin(pipeline, engine_config)
+    # The model's `_run_pipe` was written for a diffusers pipeline, which returns an output on every rank.
+    stadi.outputs_on_every_rank = pipeline is pipe
+    return stadi
+
+
+def stadi_runner_model(model_cls: type, model_name: str | None = None) -> type:
+    """The STADI form of runner model class `model_cls` (registered as `model_name`, as the user typed
+    it), or a one-line error naming the supported models."""
+    from stadi_xdit.models import twin_for_runner_model
+
+    if twin_for_runner_model(model_cls.__name__) is None:
+        name = model_name or getattr(getattr(model_cls, "settings", None), "model_name", model_cls.__name__)
+        raise ValueError(f"--use_stadi does not support --model {name}; STADI serves "
+                         f"{', '.join(supported_runner_models())}")
+    return _stadi_form(model_cls)
+
+
+@functools.cache
+def _stadi_form(model_cls: type) -> type:
+    capabilities = dataclasses.replace(model_cls.capabilities, **dict.fromkeys(_NOT_WITH_STADI, False))
+
+    def _load_model(self):
+        return as_stadi_pipeline(model_cls._load_model(self), self.engine_config)
+
+    return type(f"Stadi{model_cls.__name__}", (model_cls,), {
+        "__module__": __name__, "__doc__": f"{model_cls.__name__} under STADI (pipeline wrapped into its twin).",
+        "capabilities": capabilities, "_load_model": _load_model, "__stadi_runner_model__": True})

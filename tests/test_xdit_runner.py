@@ -1,0 +1,175 @@
+"""STADI through xDiT's own front door: `stadi-xdit` = the `xdit` command (xfuser.runner) with the plugin.
+
+The runner loads tiny pipelines from an offline Hugging Face cache under the registered repo ids
+(`stadi_xdit.testing.hub_cache`), through its own `ModelLoader`, timing and saving code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
+from stadi_xdit.testing.hub_cache import write_hub_cache
+from stadi_xdit.testing.spawn import free_port, run_distributed
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runs of the tiny offline cache")
+
+SIZE = ["--height", "112", "--width", "80", "--max_sequence_length", "16", "--prompt", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("hf_home")
+    write_hub_cache(home, ["FLUX.1-dev", "Qwen-Image"])
+    return home
+
+
+def _stadi_xdit(hub: Path, out: Path, args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-c", "from stadi_xdit.run import launch; launch()", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), *args, "--output_directory", str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _image(out: Path) -> np.ndarray:
+    (path,) = out.glob("*.png")
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.float64)
+
+
+@pytest.mark.parametrize("model", ["FLUX.1-dev", "Qwen-Image"])
+def test_exact_stadi_through_the_runner_equals_one_plain_process(hub, tmp_path, model):
+    common = ["--model", model, *SIZE, "--num_inference_steps", "3"]
+    _stadi_xdit(hub, tmp_path / "plain", common)  # xDiT's runner on 1 process, no STADI
+    proc = _stadi_xdit(hub, tmp_path / "stadi", [*common, "--use_stadi", "--stadi_degree", "2", "--stadi_exact",
+                                                  "--stadi_speeds", "3,5", "--warmup_steps", "1"])
+    assert "STADI plan" in proc.stderr + proc.stdout
+    plain, stadi = _image(tmp_path / "plain"), _image(tmp_path / "stadi")
+    assert np.linalg.norm(stadi - plain) / np.linalg.norm(plain) <= 1e-4
+    timings = json.loads((tmp_path / "stadi" / "timings.json").read_text())  # the runner's own format
+    assert timings
+
+
+def test_stale_full_mode_plans_strides_from_measured_speeds(hub, tmp_path):
+    proc = _stadi_xdit(hub, tmp_path, ["--model", "FLUX.1-dev", *SIZE, "--num_inference_steps", "10",
+                                       "--use_stadi", "--stadi_degree", "2", "--stadi_mode", "full",
+                                       "--stadi_emulate_slowdown", "1,2", "--warmup_steps", "4"])  # 3 timed samples
+    log = proc.stdout + proc.stderr
+    strides = re.search(r"re-band after warmup: rows \[.*?\] -> \[.*?\], strides \[(\d+), (\d+)\]", log)
+    assert strides and strides.groups() == ("1", "2"), log[-3000:]
+    counts = re.findall(r"STADI rank (\d): (\d+) model evaluations \(plan: (\d+)\)", log)
+    assert sorted(rank for rank, _, _ in counts) == ["0", "1"]
+    assert all(done == planned for _, done, planned in counts), counts
+    assert (tmp_path / "timings.json").is_file() and list(tmp_path.glob("*.png"))
+
+
+def _runner_from_config_dict(rank: int, world: int, config: dict) -> dict:
+    from xfuser.runner import xFuserModelRunner
+
+    runner = xFuserModelRunner(config)
+    model = runner.model
+    return {"model": type(model).__name__, "ulysses": model.capabilities.ulysses_degree,
+            "stadi": runner.config.stadi.to_dict()}
+
+
+def test_runner_config_dict_reaches_a_validated_stadi_config(hub, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = {"model": "FLUX.1-dev", "use_stadi": True, "stadi_mode": "spatial", "stadi_speeds": "1,0.5",
+              "height": 112, "width": 80, "num_inference_steps": 4, "warmup_steps": 1}
+    (result,) = run_distributed(_runner_from_config_dict, 1, {**config, "stadi_speeds": "1"}, timeout=300)
+    assert result["model"] == "StadixFuserFluxModel" and result["ulysses"] is False
+    assert result["stadi"]["mode"] == "spatial" and result["stadi"]["speeds"] == (1.0,)
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"use_stadi": True, "stadi_modee": "full"}, "unknown STADI key(s) in the runner config: stadi_modee"),
+    ({"use_stadi": True, "stadi_mode": "fast"}, "--stadi_mode"),
+    ({"use_stadi": True, "ulysses_degree": 2}, "--ulysses_degree"),
+    ({"use_stadi": True, "stadi_degree": 3}, "--stadi_degree 3 does not match"),
+])
+def test_runner_config_dict_refuses_bad_stadi_input_in_one_line(config, needle, monkeypatch):
+    from xfuser.config import xFuserArgs
+
+    from stadi_xdit.cli_errors import StadiInputError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(StadiInputError) as info:
+        xFuserArgs.from_runner_args({"model": "FLUX.1-dev", "height": 112, "width": 80, **config})
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "Wan2.1-T2V", "--use_stadi", "--stadi_degree", "2"], "does not support --model Wan2.1-T2V"),
+    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--ulysses_degree", "2"], "--ulysses_degree"),
+    (["--nproc_per_node", "2", "--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "3"], "disagrees"),
+    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_modee", "full"], "--stadi_modee"),
+    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--use_teacache"], "--use_teacache"),
+    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--stadi_config_file", "missing.yaml"],
+     "cannot read STADI config file"),
+])
+def test_launcher_refuses_bad_runner_input_before_any_process(args, needle, capsys):
+    from stadi_xdit.run import build_launch_command
+
+    with pytest.raises(SystemExit) as info:
+        build_launch_command(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
+
+
+def test_config_file_form_and_launch_command(tmp_path):
+    from stadi_xdit.run import build_launch_command
+
+    settings = tmp_path / "stadi.yaml"
+    settings.write_text("use_stadi: true\nmode: full\ndegree: 2\nemulate_slowdown: [1, 2]\n")
+    command = build_launch_command(["--model", "FLUX.1-dev", "--stadi_config_file", str(settings)])
+    assert "--nproc_per_node=2" in command  # the degree came from the file
+    assert command[command.index("stadi_xdit.run") + 1:][:2] == ["-m", "xfuser.runner"]
+
+
+def test_xdit_command_itself_runs_stadi_with_the_upstream_patches(hub, tmp_path):
+    """xfuser with our three diffs (CPU, runner on CPU, plugin entry points): the `xdit` launcher
+    (`python -m xfuser.cli`) and its runner find STADI through the `xfuser.plugins` entry point."""
+    import shutil
+
+    import xfuser
+
+    if shutil.which("patch") is None:
+        pytest.skip("no `patch` program")
+    repo = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    shutil.copytree(Path(xfuser.__file__).parent, site / "xfuser", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("cpu-gloo", "runner-cpu", "stadi-cli-hook"):
+        subprocess.run(["patch", "-p1", "-s", "-i", str(repo / "patches" / f"xfuser-0.7.0-{name}.patch")], cwd=site,
+                       check=True, timeout=60)
+    dist_info = site / "stadi_plugin_entry-0.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: stadi-plugin-entry\nVersion: 0.0\n")
+    (dist_info / "entry_points.txt").write_text("[xfuser.plugins]\nstadi = stadi_xdit.xdit.cli_hook:XfuserPlugin\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=f"{site}{os.pathsep}{repo}")
+    common = ["--model", "FLUX.1-dev", *SIZE, "--num_inference_steps", "3", "--master_addr", "127.0.0.1"]
+    for name, extra in (("plain", []), ("stadi", ["--use_stadi", "--stadi_degree", "2", "--stadi_exact",
+                                                  "--stadi_speeds", "3,5", "--warmup_steps", "1"])):
+        (tmp_path / name).mkdir()
+        proc = subprocess.run([sys.executable, "-m", "xfuser.cli", *common, "--master_port", str(free_port()), *extra,
+                               "--output_directory", str(tmp_path / name)], env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "STADI plan" in proc.stdout + proc.stderr
+    plain, stadi = _image(tmp_path / "plain"), _image(tmp_path / "stadi")
+    assert np.linalg.norm(stadi - plain) / np.linalg.norm(plain) <= 1e-4
