@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from stadi_xdit.planner.plan_types import MODES
+from stadi_xdit.planner.replan import REPLAN_MODES
 from stadi_xdit.planner.validation import MAX_RANKS, MAX_STRIDE_LIMIT
+
+# --stadi_kv_dtype: storage of the stale K/V (runtime/kv.py maps the names to torch dtypes).
+KV_DTYPES = ("auto", "bfloat16", "float16")
 
 # A week: far beyond any denoising run, and small enough for every backend's millisecond timers
 # (gloo and NCCL overflow on values like 1e300).
@@ -68,6 +72,14 @@ class StadiConfig:
                                         "JSON file to store and reuse measured speeds.")
     timeout_seconds: float = setting(600.0, "--stadi_timeout", "float",
                                      "Seconds before a stalled or dead peer makes the run fail.")
+    kv_dtype: str = setting("auto", "--stadi_kv_dtype", "choice",
+                            "Storage type of the stale K/V (auto: as computed; bfloat16/float16 halve the "
+                            "K/V store and its exchange when computing in float32). Ignored with "
+                            "--stadi_exact, which keeps no stale K/V.", choices=KV_DTYPES)
+    replan: str = setting("off", "--stadi_replan", "choice",
+                          "off: plan once per call (runs repeat bit for bit); calls: a pipeline remembers the "
+                          "speeds it measured, so the next call warms up on elastic bands; sync: also re-plan "
+                          "at sync points when the load changes.", choices=REPLAN_MODES)
     degree: int | None = setting(None, "--stadi_degree", "count",
                                  "Ranks per CFG branch; launchers start degree x CFG processes "
                                  "(default: every rank of the launch).")
@@ -76,8 +88,12 @@ class StadiConfig:
         # Accept the CLI's string forms so configs built from flags or files validate the same way.
         object.__setattr__(self, "speeds", parse_floats(self.speeds, "--stadi_speeds"))
         object.__setattr__(self, "emulate_slowdown", parse_floats(self.emulate_slowdown, "--stadi_emulate_slowdown"))
+        if self.replan not in REPLAN_MODES:
+            raise ValueError(f"--stadi_replan must be one of {', '.join(REPLAN_MODES)}, got {self.replan!r}")
         if self.mode not in MODES:
             raise ValueError(f"--stadi_mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"--stadi_kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if (isinstance(self.max_stride, bool) or not isinstance(self.max_stride, int)
                 or not 1 <= self.max_stride <= MAX_STRIDE_LIMIT):
             raise ValueError(f"--stadi_max_stride must be an integer in [1, {MAX_STRIDE_LIMIT}] "

@@ -79,7 +79,8 @@ def test_hub_cache_layout(hub):
         assert (snapshot / "model_index.json").is_file()
         assert (snapshot.parent.parent / "refs" / "main").read_text() == snapshot.name
     assert HUB_MODELS == {"FLUX.1-dev": "black-forest-labs/FLUX.1-dev",
-                          "SD3.5": "stabilityai/stable-diffusion-3.5-large", "Qwen-Image": "Qwen/Qwen-Image"}
+                          "SD3.5": "stabilityai/stable-diffusion-3.5-large", "Qwen-Image": "Qwen/Qwen-Image",
+                          "Wan2.1-T2V": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
     assert (hub_snapshot_dir(hub, HUB_MODELS["Qwen-Image"]) / "text_encoder").is_dir()
 
 

@@ -115,6 +115,34 @@ def test_displaced_store_needs_a_synchronous_step_first():
         store.full_kv(0, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))
 
 
+def test_band_comm_alone_launches_and_waits_for_nothing():
+    from stadi_xdit.runtime.comm import PendingWorks
+
+    comm = BandComm(None, 0, 1)
+    buffer = torch.arange(4.0)
+    assert comm.broadcast_async(buffer, 0) == [] and comm.all_gather_into_async(buffer, buffer) == []
+    comm.wait_works(PendingWorks([]), cuda=False)
+    assert comm.collectives == 0 and comm.wait_seconds == 0.0
+    assert comm.all_gather_float_lists([1.0, 2.5], torch.device("cpu")) == [[1.0, 2.5]]
+    assert torch.equal(comm.all_gather(buffer, [4], 0), buffer)
+
+
+def test_displaced_store_hands_attention_contiguous_kv_on_cpu():
+    # Token-major buffers keep a band's rows contiguous for the exchange; on CPU attention over
+    # such strided K/V is slower than a copy into a reused contiguous buffer, so it gets the copy.
+    store = DisplacedKVStore(BandComm(None, 0, 1))
+    store.set_layout([4], (0, 4))
+    store.set_phase(synchronous=True, publish=True)
+    full_key, _ = store.full_kv(0, torch.randn(1, 2, 4, 3), torch.randn(1, 2, 4, 3))
+    assert full_key.is_contiguous()
+    store.set_phase(synchronous=False, publish=False)
+    fresh = torch.randn(1, 2, 4, 3), torch.randn(1, 2, 4, 3)
+    full_key, full_value = store.full_kv(0, *fresh)
+    assert full_key.is_contiguous() and full_value.is_contiguous()
+    assert torch.equal(full_key, fresh[0]) and torch.equal(full_value, fresh[1])
+    store.reset()
+
+
 def test_injection_is_removable():
     from stadi_xdit.models.pixart import PIXART_INJECTION
     from stadi_xdit.testing.tiny import tiny_pixart_pipeline

@@ -113,7 +113,10 @@ def test_runner_config_dict_refuses_bad_stadi_input_in_one_line(config, needle, 
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--model", "Wan2.1-T2V", "--use_stadi", "--stadi_degree", "2"], "does not support --model Wan2.1-T2V"),
+    (["--model", "Wan2.2-T2V", "--use_stadi", "--stadi_degree", "2"], "does not support --model Wan2.2-T2V"),
+    (["--model", "Wan2.1-T2V", "--use_stadi", "--stadi_degree", "2", "--num_frames", "8"], "--num_frames must be 4k+1"),
+    (["--model", "Wan2.1-T2V", "--use_stadi", "--stadi_degree", "3", "--num_frames", "5"],
+     "use --num_frames >= 9"),
     (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--ulysses_degree", "2"], "--ulysses_degree"),
     (["--nproc_per_node", "2", "--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "3"], "disagrees"),
     (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_modee", "full"], "--stadi_modee"),

@@ -125,9 +125,10 @@ def _build(spec: dict, rank: int, world: int):
     if arm.kind == "stadi":
         from stadi_xdit.xdit.args import StadiArgs
 
+        # Optional spec keys (no bench flag sets them yet): the stale K/V dtype and the exchange group size.
         args = StadiArgs(use_stadi=True, stadi_mode=arm.name, stadi_emulate_slowdown=spec["emulate"],
                          stadi_max_stride=spec["max_stride"], stadi_profile_cache=spec["profile_cache"],
-                         **common)
+                         stadi_kv_dtype=spec.get("kv_dtype") or "auto", **common)
         cls = _stadi_pipeline_class(preset.variant)
     else:
         import xfuser
@@ -142,7 +143,43 @@ def _build(spec: dict, rank: int, world: int):
     engine_config, _ = args.create_config()
     engine_config.runtime_config.dtype = dtype
     pipe = cls(base, engine_config)
+    if arm.kind == "stadi" and spec.get("kv_group_layers"):
+        pipe.kv_store.configure(group_layers=int(spec["kv_group_layers"]))
     return pipe, pipe.module.transformer
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a new peak-memory window for this process (best effort on CPU: Linux resets VmHWM)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # "5": reset the peak resident set size (Linux >= 4.0)
+    except OSError:
+        pass  # then the peak is the process's lifetime peak (model construction included)
+
+
+def peak_memory_bytes(device: str) -> int | None:
+    """Peak memory of this rank since the last reset: CUDA allocator bytes, or on CPU the peak
+    resident set size (VmHWM; ru_maxrss where /proc is missing)."""
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except (ImportError, OSError):
+        return None
 
 
 def _timeline_dict(result, run_start: float) -> dict:
@@ -160,6 +197,9 @@ def _timeline_dict(result, run_start: float) -> dict:
                        "wait": s.wait, "emulated": s.emulated} for s in timeline.steps],
         "phases": [{"label": label, "start": start + offset, "end": end + offset}
                    for label, start, end in timeline.phases],
+        "steps_rows": [s.rows for s in timeline.steps],
+        "costs": result.costs,
+        "exchange": result.exchange,
     }
 
 
@@ -174,11 +214,13 @@ def _run_once(spec: dict, pipe, timer: ForwardTimer, world: int, is_stadi: bool,
     timer.reset()
     if world > 1:
         dist.barrier()
+    reset_peak_memory(spec["device"])
     start = time.perf_counter()
     output = pipe(**kwargs)
     if spec["device"] == "cuda":
         torch.cuda.synchronize()
     end = time.perf_counter()
+    peak = peak_memory_bytes(spec["device"])
     images = None if output is None else output.images
     latent = images.detach().float().cpu() if isinstance(images, torch.Tensor) else None
     if is_stadi and rank != 0:
@@ -189,9 +231,11 @@ def _run_once(spec: dict, pipe, timer: ForwardTimer, world: int, is_stadi: bool,
         "start": start,
         "latent": latent,
         "forwards": [(s - start, e - start, c, slept) for s, e, c, slept in timer.records],
+        "peak_memory_bytes": peak,
     }
     if is_stadi:
         result["stadi"] = _timeline_dict(pipe.last_result, start)
+        result["stadi"]["peak_memory_bytes"] = peak
     return result
 
 

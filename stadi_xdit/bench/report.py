@@ -51,6 +51,35 @@ def _in_step_overhead(rank: dict, noise_rate: float) -> float:
     return total
 
 
+def predicted_seconds(plan: Plan, warmup: Plan, costs: dict | None) -> float:
+    """The planner's cost model on the layout that ran, with the cost terms the runtime calibrated.
+
+    Without calibration (speeds given): ``predict_latency`` on the run's warm-up and final bands.
+    With it: each warm-up step on the bands it ran (two layouts when the fit needed two sizes),
+    plus the displaced phase with the per-rank fixed costs and the exchange per sync period.
+    """
+    rows = [r.num_rows for r in plan.ranks]
+    strides = [r.stride for r in plan.ranks]
+    if not costs:
+        return predict_latency(rows, strides, plan.speeds, num_steps=plan.num_steps,
+                               warmup_steps=plan.warmup_steps,
+                               warmup_band_rows=[e - s for s, e in warmup.row_bounds()]).total_seconds
+    overheads = costs["step_overhead_seconds"]
+    warm = sum(max(r / v + o for r, v, o in zip(step_rows, plan.speeds, overheads))
+               + costs["warmup_exchange_seconds"] for step_rows in costs["warmup_rows"])
+    stale = predict_latency(rows, strides, plan.speeds, num_steps=plan.num_base_steps, warmup_steps=0,
+                            step_overhead_seconds=overheads, exchange_seconds=costs["exchange_seconds"])
+    return warm + stale.total_seconds
+
+
+def collectives_bound(exchange: dict, world: int) -> int | None:
+    """The issue's bound on collectives per sync point: ceil(layers / group) x (1 or N)."""
+    if not exchange or not exchange.get("layers"):
+        return None
+    groups = math.ceil(exchange["layers"] / exchange["group_layers"])
+    return groups * (1 if exchange["method"] == "all_gather" else world)
+
+
 def _stadi_details(outcome: ArmOutcome, fast_rank: int, noise_rate: float) -> dict | None:
     """Plan, planner prediction and measured STADI phases (rank 0's plan; all ranks plan alike)."""
     runs = [run for run in outcome.runs if "stadi" in run["ranks"][0]]
@@ -63,18 +92,23 @@ def _stadi_details(outcome: ArmOutcome, fast_rank: int, noise_rate: float) -> di
     for run in runs:
         rank0 = run["ranks"][0]["stadi"]
         p, w = Plan.from_json(rank0["plan"]), Plan.from_json(rank0["warmup_plan"])
-        # The planner's own cost model on the layout that ran (warm-up bands included).
-        predictions.append(predict_latency(
-            [r.num_rows for r in p.ranks], [r.stride for r in p.ranks], p.speeds, num_steps=p.num_steps,
-            warmup_steps=p.warmup_steps, warmup_band_rows=[e - s for s, e in w.row_bounds()]).total_seconds)
+        # The planner's own cost model on the layout that ran (warm-up bands and calibrated costs included).
+        predictions.append(predicted_seconds(p, w, rank0.get("costs")))
         # Transition and final gather: the rank arriving last sees the pure exchange (the others wait in it).
         labels = {ph["label"] for ph in rank0["phases"]}
         exchanges.append(sum(min(sum(ph["end"] - ph["start"] for ph in r["stadi"]["phases"] if ph["label"] == label)
                                  for r in run["ranks"]) for label in labels))
         overheads.append(_in_step_overhead(run["ranks"][fast_rank], noise_rate))
         denoise.append(max(max(ph["end"] for ph in r["stadi"]["phases"]) for r in run["ranks"]))
+    world = len(runs[-1]["ranks"])
+    exchange = [r["stadi"].get("exchange") or {} for r in runs[-1]["ranks"]]
     return {
         "mode": plan.mode,
+        "costs": last.get("costs"),
+        "exchange": exchange,
+        "collectives_per_sync_point": [e.get("collectives_per_sync_point") for e in exchange],
+        "collectives_bound": collectives_bound(exchange[0], world),
+        "kv_store_bytes": [e.get("store_bytes") for e in exchange],
         "speeds": list(plan.speeds),
         "measured_speeds": last["measured_speeds"],
         "rows": [r.num_rows for r in plan.ranks],
@@ -115,6 +149,10 @@ def summarize(settings: BenchSettings, scenario: Scenario, outcomes: dict[str, A
         if outcome.runs:
             world = len(outcome.runs[0]["ranks"])
             busy = [_median([run["ranks"][r]["busy_fraction"] for run in outcome.runs]) for r in range(world)]
+        peak = None
+        if outcome.runs:
+            peak = [_median([_peak(run["ranks"][r]) for run in outcome.runs])
+                    for r in range(len(outcome.runs[0]["ranks"]))]
         arms[name] = {
             "label": outcome.label,
             "status": outcome.status,
@@ -128,15 +166,27 @@ def summarize(settings: BenchSettings, scenario: Scenario, outcomes: dict[str, A
             "speedup_vs_best_xdit": _ratio(medians.get(best_xdit), median) if best_xdit else None,
             "speedup_vs_single": _ratio(medians.get("single"), median),
             "busy_fraction": busy,
+            "peak_memory_bytes": peak,
             "emulated_seconds": ([_median([run["ranks"][r]["emulated"] for run in outcome.runs])
                                   for r in range(len(outcome.runs[0]["ranks"]))] if outcome.runs else None),
             "quality": _quality(reference, outcome.latent, decoder) if name != "single" else {},
             "stadi": _stadi_details(outcome, fast_rank, noise_rate) if ARMS[name].kind == "stadi" else None,
             "runs": outcome.runs,
         }
+        stadi = arms[name]["stadi"]
+        if stadi and median:
+            stadi["prediction_error"] = stadi["predicted_seconds"] / median - 1.0
     return {"scenario": scenario.text, "kind": scenario.kind, "factors": list(scenario.factors),
             "loads": {str(k): v for k, v in scenario.loads.items()}, "fast_rank": fast_rank,
             "single_noise_rate": noise_rate, "best_xdit": best_xdit, "arms": arms}
+
+
+def _peak(rank: dict) -> float | None:
+    """A rank's peak memory in one run (the runner's field, else the STADI timeline's)."""
+    value = rank.get("peak_memory_bytes")
+    if value is None:
+        value = (rank.get("stadi") or {}).get("peak_memory_bytes")
+    return float(value) if value is not None else None
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -163,8 +213,8 @@ def checks(summary: dict, settings: BenchSettings) -> list[dict]:
         return out
     full, uniform = med("full"), med("uniform")
     value = _ratio(uniform, full)
-    add("full >= 1.8x uniform", value, 1.8, lambda v: v >= 1.8,
-        f"uniform {_fmt(uniform)} s / full {_fmt(full)} s = {_fmt(value, 2)}x (>= 1.8x)")
+    add("full >= 1.9x uniform", value, 1.9, lambda v: v >= 1.9,
+        f"uniform {_fmt(uniform)} s / full {_fmt(full)} s = {_fmt(value, 2)}x (>= 1.9x)")
     best = summary["best_xdit"]
     value = _ratio(med(best), full) if best else None
     add("full >= 1.5x best xDiT", value, 1.5, lambda v: v >= 1.5,
@@ -178,12 +228,22 @@ def checks(summary: dict, settings: BenchSettings) -> list[dict]:
     if speeds and single:
         share = speeds[summary["fast_rank"]] / sum(speeds)
         bound = single * share + exchange + in_step
-    value = _ratio(spatial.get("median_seconds"), bound)
-    add("spatial within 10% of ideal balance", value, 1.10, lambda v: v <= 1.10,
-        f"spatial {_fmt(spatial.get('median_seconds'))} s vs bound {_fmt(bound)} s = single {_fmt(single)} s "
-        f"x v_fast/sum(v) {_fmt(share, 3)} + exchange {_fmt(exchange)} s (transition+gather) + "
-        f"{_fmt(in_step)} s (K/V exchange inside steps, fast rank) -> ratio {_fmt(value, 3)} (<= 1.10)")
+    value = _ratio(bound, spatial.get("median_seconds"))
+    add("spatial >= 0.90 of ideal balance", value, 0.90, lambda v: v >= 0.90,
+        f"bound {_fmt(bound)} s = single {_fmt(single)} s x v_fast/sum(v) {_fmt(share, 3)} + exchange "
+        f"{_fmt(exchange)} s (transition+gather) + {_fmt(in_step)} s (K/V exchange inside steps, fast rank) "
+        f"vs spatial {_fmt(spatial.get('median_seconds'))} s -> {_fmt(value, 3)} of the bound (>= 0.90)")
     return out
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}%"
+
+
+def _mb(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 2**20:.1f} MiB" if value >= 2**20 else f"{value / 2**10:.1f} KiB"
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -226,7 +286,24 @@ def format_table(summary: dict, settings: BenchSettings) -> str:
                          f"rows {stadi['rows']} (warm-up {stadi['warmup_rows']}), strides {stadi['strides']}, "
                          f"evals {stadi['evals']}, exchange {_fmt(stadi['exchange_seconds'])} s "
                          f"+ {_fmt(stadi['in_step_exchange_seconds'])} s in steps, planner predicted "
-                         f"{_fmt(stadi['predicted_seconds'])} s")
+                         f"{_fmt(stadi['predicted_seconds'])} s ({_pct(stadi.get('prediction_error'))} vs measured)")
+            costs = stadi.get("costs")
+            if costs:
+                lines.append(f"    calibrated: fixed {', '.join(f'{1e3 * o:.1f}' for o in costs['step_overhead_seconds'])}"
+                             f" ms/forward, row {', '.join(f'{1e3 * r:.2f}' for r in costs['row_seconds'])} ms, "
+                             f"exchange {1e3 * costs['warmup_exchange_seconds']:.1f} ms/warm-up step, "
+                             f"{1e3 * costs['exchange_seconds']:.1f} ms/sync point")
+            first = (stadi.get("exchange") or [{}])[0]
+            lines.append(f"    K/V exchange {first.get('method')}, {first.get('layers')} layers in groups of "
+                         f"{first.get('group_layers')}: collectives per sync point "
+                         f"{stadi['collectives_per_sync_point']} (bound {stadi['collectives_bound']}), "
+                         f"{_mb(first.get('bytes_received_per_sync_point'))} received per sync point; "
+                         f"K/V store {'/'.join(_mb(b) for b in stadi['kv_store_bytes'])} per rank")
+    peaks = [(arm["label"], arm.get("peak_memory_bytes")) for arm in summary["arms"].values()
+             if arm.get("peak_memory_bytes")]
+    if peaks:
+        lines.append("  peak memory per rank (RSS on CPU, allocator on CUDA): " + "; ".join(
+            f"{label} {'/'.join(_mb(b) for b in values)}" for label, values in peaks))
     if any(a.get("quality", {}).get("image_psnr") is not None for a in summary["arms"].values()):
         lines.append("  decoded image PSNR/SSIM vs single rank: " + ", ".join(
             f"{a['label']} {_fmt(a['quality']['image_psnr'], 1)} dB/{_fmt(a['quality']['image_ssim'], 3)}"

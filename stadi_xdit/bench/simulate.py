@@ -40,6 +40,25 @@ def predict_modes(relative: tuple[float, ...], *, rows: int, steps: int, warmup:
     return {"seconds": out, "plans": plans}
 
 
+def kv_store_bytes(preset: BenchPreset, height: int, compute_bytes: int, ranks: int,
+                   stale_bytes: int | None = None, cpu: bool = False) -> dict:
+    """What STADI's K/V store holds per rank, and moves per sync point, for ``preset`` at ``height``.
+
+    Every rank keeps every displaced layer's K/V for the *whole* image (own band fresh, the rest
+    stale) in one flat buffer of the stale dtype, plus one layer's full-image staging buffer in the
+    compute dtype (synchronous steps) and, on CPU or with a narrower stale dtype, one layer's
+    attention buffer. Per sync point a rank receives the other bands of every layer: ``(N - 1) / N``
+    of the buffer with equal bands.
+    """
+    stale_bytes = stale_bytes or compute_bytes
+    flat = preset.kv_bytes(height, stale_bytes)
+    layer = preset.kv_bytes(height, compute_bytes) / preset.layers
+    staging = layer * (2 if cpu or stale_bytes != compute_bytes else 1)
+    return {"flat_buffer_bytes": flat, "staging_bytes": staging, "store_bytes": flat + staging,
+            "received_per_sync_point_bytes": flat * (ranks - 1) / ranks, "stale_bytes_per_value": stale_bytes,
+            "compute_bytes_per_value": compute_bytes}
+
+
 def measure_forwards(preset: BenchPreset, heights: list[int], seed: int = 0, repeats: int = 2) -> list[float]:
     """Best-of seconds of one transformer forward (CFG batch of 2) of ``preset`` at each height, here."""
     import torch
@@ -116,14 +135,18 @@ def what_if(gpus: str | None, speeds: tuple[float, ...] | None, preset: BenchPre
     else:
         raise ValueError("--simulate needs --row-seconds, --gpus or a measurement")
     exchange = 0.0
+    bytes_per_value = 2 if gpus else 4
+    cpu = not gpus
+    memory = {"as computed": kv_store_bytes(preset, height, bytes_per_value, len(relative), cpu=cpu)}
+    if bytes_per_value == 4:
+        memory["--stadi_kv_dtype bfloat16"] = kv_store_bytes(preset, height, 4, len(relative), stale_bytes=2, cpu=cpu)
     if link_gbps:
-        bytes_per_value = 2 if gpus else 4
         exchange = preset.kv_bytes(height, bytes_per_value) * (len(relative) - 1) / len(relative) / (link_gbps * 1e9)
     predicted = predict_modes(relative, rows=rows, steps=steps, warmup=warmup, row_seconds=row_seconds,
                               max_stride=max_stride, exchange_seconds=exchange)
     return {"ranks": list(names), "relative_speeds": list(relative), "rows": rows, "steps": steps, "warmup": warmup,
             "row_seconds": row_seconds, "row_seconds_source": source, "exchange_seconds": exchange,
-            "calibration": calibration, "seconds": predicted["seconds"],
+            "calibration": calibration, "seconds": predicted["seconds"], "kv_store": memory,
             "plans": {m: p.to_json() for m, p in predicted["plans"].items()},
             "explain": {m: p.explain() for m, p in predicted["plans"].items()}}
 
@@ -135,6 +158,12 @@ def format_what_if(result: dict, preset: BenchPreset, height: int) -> str:
              f"row cost on the fastest rank: {result['row_seconds'] * 1e3:.4g} ms/row/step ({result['row_seconds_source']})",
              (f"K/V exchange per sync: {result['exchange_seconds'] * 1e3:.3g} ms "
              f"({'exposed' if result['exchange_seconds'] else 'assumed hidden behind compute; --link-gbps to expose'})")]
+    for label, memory in result.get("kv_store", {}).items():
+        lines.append(f"K/V store per rank ({label}, {preset.layers} layers, {memory['stale_bytes_per_value']}-byte "
+                     f"values): {memory['store_bytes'] / 2**30:.3f} GiB = flat buffer "
+                     f"{memory['flat_buffer_bytes'] / 2**30:.3f} GiB + one-layer buffers "
+                     f"{memory['staging_bytes'] / 2**20:.1f} MiB; receives "
+                     f"{memory['received_per_sync_point_bytes'] / 2**30:.3f} GiB per sync point")
     cal = result.get("calibration")
     if cal:
         check = cal["scaling_check"]

@@ -12,7 +12,7 @@ import importlib
 
 import stadi_xdit.xdit  # noqa: F401  (the compat layer before any family module imports xfuser)
 
-FAMILY_MODULES = ("pixart", "flux", "sd3", "qwen_image")
+FAMILY_MODULES = ("pixart", "flux", "sd3", "qwen_image", "wan")
 
 _TWINS: dict[str, type] = {}  # xFuser pipeline wrapper class name -> twin
 _BY_DIFFUSERS: dict[str, type] = {}  # diffusers pipeline class name -> twin

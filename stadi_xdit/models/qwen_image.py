@@ -22,7 +22,6 @@ prediction is rescaled to the conditional one's per-token norm, as in `QwenImage
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -33,14 +32,13 @@ from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb
 from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from torch import nn
-from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrapper
 
 from stadi_xdit.models import register_twin
 from stadi_xdit.runtime.kv import DisplacedKVStore
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.xdit.cfg import CfgExchange
 from stadi_xdit.xdit.injection import InjectionPlan
-from stadi_xdit.xdit.pipelines import StadiPipelineMixin, XditBandModel
+from stadi_xdit.xdit.pipelines import DiffusersPipelineWrapper, StadiPipelineMixin, XditBandModel
 
 
 class StadiQwenImageAttnProcessor:
@@ -189,24 +187,10 @@ class QwenImageBandModel(XditBandModel):
         return combined * (cond_norm / torch.norm(combined, dim=-1, keepdim=True))
 
 
-class xFuserQwenImagePipeline(xFuserPipelineBaseWrapper):
-    """xFuser-style wrapper of diffusers' `QwenImagePipeline`, which xfuser 0.7.0 lacks.
+class xFuserQwenImagePipeline(DiffusersPipelineWrapper):
+    """xFuser-style wrapper of diffusers' `QwenImagePipeline`, which xfuser 0.7.0 lacks."""
 
-    It gives Qwen-Image the same construction path as xDiT's own pipelines; without STADI it
-    serves only the single-process path (diffusers' pipeline), as xDiT's naive forward does.
-    """
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, engine_config,
-                        return_org_pipeline: bool = False, **kwargs):
-        pipeline = QwenImagePipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return pipeline if return_org_pipeline else cls(pipeline, engine_config)
-
-    @torch.no_grad()
-    def __call__(self, *args, **kwargs):
-        if not self.use_naive_forward():
-            raise ValueError("xfuser has no parallel Qwen-Image pipeline; use --use_stadi")
-        return self.module(*args, **kwargs)
+    diffusers_class = QwenImagePipeline
 
 
 @register_twin

@@ -1,9 +1,12 @@
 """The planner's cost model: predicted wall-clock latency of one image for a given layout.
 
-Per-step time of rank i is ``rows_i / v_i + step_overhead`` (linear in rows: every row attends to the
-full image's K/V, so a row costs the same wherever it is). Warmup steps run the warmup layout in
-lock-step with a sync every step. After warmup, each period between consecutive sync points lasts as
-long as its slowest rank's work, plus one sync and one K/V exchange.
+Per-step time of rank i is ``rows_i / v_i + step_overhead_i`` (linear in rows: every row attends to
+the full image's K/V, so a row costs the same wherever it is; the overhead is what a forward costs
+whatever its band: embeddings, text projections, launch and Python overhead). The overhead is one
+number for every rank, or one per rank (a calibrated runtime measures both terms per rank). Warmup
+steps run the warmup layout in lock-step with a sync and a synchronous K/V gather every step. After
+warmup, each period between consecutive sync points lasts as long as its slowest rank's work, plus
+one sync and one K/V exchange.
 
 Kept free of planner internals so a cluster simulator can call ``predict_latency`` on any layout.
 """
@@ -37,12 +40,15 @@ def predict_latency(
     warmup_band_rows: Sequence[int] | None = None,
     sync_seconds: float = 0.0,
     exchange_seconds: float = 0.0,
-    step_overhead_seconds: float = 0.0,
+    step_overhead_seconds: float | Sequence[float] = 0.0,
+    warmup_exchange_seconds: float = 0.0,
 ) -> LatencyBreakdown:
     """Predict latency for bands (rows per rank, post-warmup), strides and speeds (rows/s).
 
     ``warmup_band_rows`` defaults to ``band_rows``. Rank i computes base steps 0, s_i, 2s_i, ... < T'
     with T' = num_steps - warmup_steps; sync points are the multiples of lcm(strides) and T'.
+    ``step_overhead_seconds``: one number, or one per rank. ``warmup_exchange_seconds``: the
+    synchronous K/V gathers of one warmup step.
     """
     speeds = require_speeds(speeds)
     num_steps, warmup_steps = require_steps(num_steps, warmup_steps)
@@ -60,8 +66,19 @@ def predict_latency(
         warmup_band_rows=warmup_band_rows,
         sync_seconds=require_seconds("sync_seconds", sync_seconds),
         exchange_seconds=require_seconds("exchange_seconds", exchange_seconds),
-        step_overhead_seconds=require_seconds("step_overhead_seconds", step_overhead_seconds),
+        step_overhead_seconds=require_overheads(step_overhead_seconds, len(speeds)),
+        warmup_exchange_seconds=require_seconds("warmup_exchange_seconds", warmup_exchange_seconds),
     )
+
+
+def require_overheads(value: float | Sequence[float], num_ranks: int) -> tuple[float, ...]:
+    """``step_overhead_seconds`` as one finite number >= 0 per rank (a single number applies to all)."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != num_ranks:
+            raise ValueError(f"step_overhead_seconds must be one number or {num_ranks} (one per rank), "
+                             f"got {len(value)}")
+        return tuple(require_seconds(f"step_overhead_seconds[{i}]", v) for i, v in enumerate(value))
+    return (require_seconds("step_overhead_seconds", value),) * num_ranks
 
 
 def predict_latency_unchecked(
@@ -74,14 +91,20 @@ def predict_latency_unchecked(
     warmup_band_rows: Sequence[int],
     sync_seconds: float,
     exchange_seconds: float,
-    step_overhead_seconds: float,
+    step_overhead_seconds: Sequence[float],
+    warmup_exchange_seconds: float = 0.0,
 ) -> LatencyBreakdown:
-    """``predict_latency`` without argument checks, for the planner's inner search loop. O(N)."""
-    step_seconds = [rows / speed + step_overhead_seconds for rows, speed in zip(band_rows, speeds)]
-    warmup_step_seconds = [
-        rows / speed + step_overhead_seconds for rows, speed in zip(warmup_band_rows, speeds)
+    """``predict_latency`` without argument checks, for the planner's inner search loop. O(N).
+
+    ``step_overhead_seconds`` is one number per rank here.
+    """
+    step_seconds = [
+        rows / speed + overhead for rows, speed, overhead in zip(band_rows, speeds, step_overhead_seconds)
     ]
-    warmup_seconds = warmup_steps * (max(warmup_step_seconds) + sync_seconds)
+    warmup_step_seconds = [
+        rows / speed + overhead for rows, speed, overhead in zip(warmup_band_rows, speeds, step_overhead_seconds)
+    ]
+    warmup_seconds = warmup_steps * (max(warmup_step_seconds) + sync_seconds + warmup_exchange_seconds)
 
     # Every full period looks the same (strides divide L), only a final truncated period differs.
     num_base_steps = num_steps - warmup_steps

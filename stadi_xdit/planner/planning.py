@@ -9,11 +9,12 @@ Modes:
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .bands import row_bounds, uniform_band_rows, water_fill_band_rows
-from .cost import LatencyBreakdown, predict_latency_unchecked
+from .cost import LatencyBreakdown, predict_latency_unchecked, require_overheads
 from .plan_types import MODES, Plan, Prediction, RankPlan
 from .strides import candidate_periods, ideal_strides, nearest_divisor_strides, stride_period, sync_points
 from .validation import (
@@ -38,7 +39,8 @@ class _Problem:
     warmup_steps: int
     sync_seconds: float
     exchange_seconds: float
-    step_overhead_seconds: float
+    step_overhead_seconds: tuple[float, ...]  # one per rank
+    warmup_exchange_seconds: float = 0.0
 
     @property
     def num_ranks(self) -> int:
@@ -57,15 +59,50 @@ class _Problem:
             sync_seconds=self.sync_seconds,
             exchange_seconds=self.exchange_seconds,
             step_overhead_seconds=self.step_overhead_seconds,
+            warmup_exchange_seconds=self.warmup_exchange_seconds,
         )
+
+    def step_speeds(self) -> tuple[float, ...]:
+        """What ideal strides compare: the speeds, or with fixed step costs, 1 / (time of an equal band)."""
+        if not any(self.step_overhead_seconds):
+            return self.speeds
+        share = self.rows / self.num_ranks
+        return tuple(1.0 / (share / speed + overhead) for speed, overhead in zip(self.speeds, self.step_overhead_seconds))
 
     def uniform_rows(self) -> tuple[int, ...]:
         return uniform_band_rows(self.num_ranks, self.rows, self.align)
 
     def elastic_rows(self, strides: Sequence[int]) -> tuple[int, ...]:
+        if any(self.step_overhead_seconds):
+            return water_fill_with_overheads(self.speeds, strides, self.step_overhead_seconds, self.rows, self.align)
         # Weight v_i * s_i: a rank computing every s-th step can afford s times the rows per step.
         weights = [speed * stride for speed, stride in zip(self.speeds, strides)]
         return water_fill_band_rows(weights, self.rows, self.align)
+
+
+def water_fill_with_overheads(
+    speeds: Sequence[float], strides: Sequence[int], overheads: Sequence[float], rows: int, align: int
+) -> tuple[int, ...]:
+    """Rows per rank minimising ``max_i (rows_i / v_i + o_i) / s_i``: the period's time per base step.
+
+    The same greedy as ``water_fill_band_rows`` (each further unit to the rank whose cost after taking
+    it is smallest; ties: lowest rank), on costs that include each rank's fixed per-step overhead
+    ``o_i``, paid once per computed step, i.e. every ``s_i``-th base step. Each rank's cost sequence is
+    still non-decreasing, so the greedy stays exact. With stride 1 the cost is the very float the cost
+    model computes for a step, ``rows / v + o``, so ``spatial <= uniform`` stays exact in floating point.
+    """
+    def cost(rank: int, band_rows: int) -> float:
+        step = band_rows / speeds[rank] + overheads[rank]
+        return step if strides[rank] == 1 else step / strides[rank]
+
+    band_rows = [align] * len(speeds)
+    heap = [(cost(rank, align + align), rank) for rank in range(len(speeds))]
+    heapq.heapify(heap)
+    for _ in range(rows // align - len(speeds)):
+        _, rank = heap[0]
+        band_rows[rank] += align
+        heapq.heapreplace(heap, (cost(rank, band_rows[rank] + align), rank))
+    return tuple(band_rows)
 
 
 def plan(
@@ -80,13 +117,17 @@ def plan(
     tolerance: float = 0.02,
     sync_seconds: float = 0.0,
     exchange_seconds: float = 0.0,
-    step_overhead_seconds: float = 0.0,
+    step_overhead_seconds: float | Sequence[float] = 0.0,
     warmup_speeds_known: bool = False,
+    warmup_exchange_seconds: float = 0.0,
 ) -> Plan:
     """Plan bands and strides for ranks with throughputs ``speeds`` (token rows per second).
 
     ``warmup_speeds_known``: the speeds were known before the run (profile cache, user), so the warmup
     steps already used elastic bands; otherwise warmup ran uniform bands. Only affects non-uniform modes.
+    ``step_overhead_seconds``: a fixed cost per computed step, one number or one per rank (a calibrated
+    runtime measures it per rank); elastic bands account for it. ``exchange_seconds``: the K/V exchange
+    per sync period; ``warmup_exchange_seconds``: the synchronous K/V gathers of one warmup step.
     """
     speeds = require_speeds(speeds)
     rows, align = require_layout(len(speeds), rows, align)
@@ -102,7 +143,8 @@ def plan(
         warmup_steps=warmup_steps,
         sync_seconds=require_seconds("sync_seconds", sync_seconds),
         exchange_seconds=require_seconds("exchange_seconds", exchange_seconds),
-        step_overhead_seconds=require_seconds("step_overhead_seconds", step_overhead_seconds),
+        step_overhead_seconds=require_overheads(step_overhead_seconds, len(speeds)),
+        warmup_exchange_seconds=require_seconds("warmup_exchange_seconds", warmup_exchange_seconds),
     )
 
     ones = (1,) * problem.num_ranks
@@ -168,7 +210,7 @@ def _search_strides(
     slower than ``spatial``: either all-ones is within tolerance (and wins on L = 1), or it is not, and
     then the winner is within tolerance of a best that is faster than all-ones by more than tolerance.
     """
-    ideal = ideal_strides(problem.speeds)
+    ideal = ideal_strides(problem.step_speeds())
     candidates: dict[tuple[int, ...], tuple[tuple[int, ...], float]] = {}
     for period in candidate_periods(max_stride):
         strides = nearest_divisor_strides(ideal, period, max_stride)

@@ -1,13 +1,25 @@
-"""Variable-size collectives over one STADI process group (gloo on CPU, NCCL on CUDA).
+"""Collectives over one STADI process group (gloo on CPU, NCCL on CUDA), every wait bounded.
 
-Bands differ in size, and neither gloo's all_gather nor NCCL's all_gather_into_tensor accept
-uneven inputs, so every gather pads to the largest band and trims afterwards.
+Two kinds of collectives:
+
+- *gathers that return a new tensor* (`all_gather`, `all_gather_async` + `wait`): the transition,
+  the final gather, profile numbers. Bands differ in size, and neither gloo's all_gather nor NCCL's
+  all_gather_into_tensor accept uneven inputs, so these run one broadcast per source rank;
+- *in-place exchanges over preallocated buffers* (`broadcast_async`, `all_gather_into_async`,
+  waited with `wait_works`): the displaced K/V store's batched exchange (`runtime/exchange.py`).
+
+Wait accounting. `wait_seconds` is the time this rank was blocked in collectives; the profiler
+subtracts it from a forward's time. On CPU a gloo wait blocks the host, so a host timer measures
+it. On CUDA an NCCL wait only makes the current stream wait, so no host timer can see it: each
+wait is bracketed by two CUDA events on the current stream, and their elapsed time is read when
+`wait_seconds` is read. The loop reads it after the device synchronize that ends every timed
+forward (the one timestamp profiling needs), so no collective synchronizes the device itself.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -16,12 +28,20 @@ import torch.distributed as dist
 
 from stadi_xdit.runtime.faults import PeerWatch
 
+# torch >= 2.6 names it all_gather_single; older torch (as on many GPU images) only has the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def synchronize(tensor: torch.Tensor) -> None:
-    """Finish queued device work. NCCL waits are stream-ordered, so on CUDA a host-side timer only
-    measures a wait once the device has caught up; gloo waits block the host and need nothing."""
+    """Finish queued device work (CUDA); CPU tensors need nothing. Only for profiling timestamps."""
     if tensor.is_cuda:
         torch.cuda.synchronize(tensor.device)
+
+
+def _bounded_wait(works: Sequence[dist.Work], timeout: timedelta | None) -> None:
+    for work in works:
+        # A bounded wait: a stalled or dead peer turns into an error here, not a hang.
+        work.wait(timeout) if timeout is not None else work.wait()
 
 
 @dataclass
@@ -37,11 +57,23 @@ class PendingGather:
     def wait(self) -> torch.Tensor:
         """Host-side wait. On NCCL it only orders the streams, so its seconds stay near zero."""
         start = time.perf_counter()
-        for work in self.works:
-            # A bounded wait: a stalled or dead peer turns into an error here, not a hang.
-            work.wait(self.timeout) if self.timeout is not None else work.wait()
+        _bounded_wait(self.works, self.timeout)
         self.waited_seconds = time.perf_counter() - start
         return torch.cat(self.parts, dim=self.dim)
+
+
+@dataclass
+class PendingWorks:
+    """In-place collectives in flight over preallocated buffers (nothing to return)."""
+
+    works: list[dist.Work]
+    timeout: timedelta | None = None
+
+    def wait(self) -> None:
+        _bounded_wait(self.works, self.timeout)
+
+    def __len__(self) -> int:
+        return len(self.works)
 
 
 @dataclass
@@ -52,19 +84,67 @@ class BandComm:
     rank: int
     world_size: int
     timeout: timedelta | None = None
-    # Seconds this rank spent blocked in collectives; the profiler subtracts it from compute time.
-    wait_seconds: float = field(default=0.0)
     # Names the peer behind a failed wait; None (single process, unit tests): backend errors as they are.
     watch: PeerWatch | None = None
+    # Collectives this rank has launched (each broadcast or all-gather counts one).
+    collectives: int = 0
+    _host_wait: float = field(default=0.0, repr=False)
+    _cuda_waits: list = field(default_factory=list, repr=False)
+
+    @property
+    def wait_seconds(self) -> float:
+        """Seconds this rank spent blocked in collectives (CUDA: its stream, read from events)."""
+        if self._cuda_waits:
+            for start, end in self._cuda_waits:
+                end.synchronize()  # a no-op after the loop's end-of-forward synchronize
+                self._host_wait += start.elapsed_time(end) / 1000.0
+            self._cuda_waits.clear()
+        return self._host_wait
 
     def enter(self, phase: str, step: int = 0) -> None:
         """Post this rank's progress, so a survivor of a fault can say where each peer was."""
         if self.watch is not None:
             self.watch.enter(phase, step)
 
-    def _finish(self, pending: PendingGather) -> torch.Tensor:
-        return pending.wait() if self.watch is None else self.watch.guard(pending.wait)
+    def _guarded(self, wait: Callable[[], object]) -> object:
+        return wait() if self.watch is None else self.watch.guard(wait)
 
+    def _timed(self, cuda: bool, wait: Callable[[], object]) -> object:
+        """Run a bounded wait and add the time it blocks this rank to `wait_seconds`."""
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = self._guarded(wait)
+            end.record()  # completes only once the stream has waited for the collective
+            self._cuda_waits.append((start, end))
+            return result
+        start = time.perf_counter()
+        result = self._guarded(wait)
+        self._host_wait += time.perf_counter() - start
+        return result
+
+    # --- in-place collectives over preallocated buffers (the K/V exchange) --------------------
+    def broadcast_async(self, tensor: torch.Tensor, source: int) -> list[dist.Work]:
+        """`tensor` (contiguous) of group rank `source` into `tensor` on every rank; [] alone."""
+        if self.world_size == 1:
+            return []
+        self.collectives += 1
+        return [dist.broadcast(tensor, group=self.group, group_src=source, async_op=True)]
+
+    def all_gather_into_async(self, output: torch.Tensor, part: torch.Tensor) -> list[dist.Work]:
+        """Equal parts of every rank into `output` (rank order along dim 0); `part` may be this
+        rank's slice of `output` (in place, as NCCL and gloo both allow)."""
+        if self.world_size == 1:
+            return []
+        self.collectives += 1
+        return [_all_gather_single(output, part, group=self.group, async_op=True)]
+
+    def wait_works(self, pending: PendingWorks, cuda: bool) -> None:
+        """Bounded wait for in-place collectives; a failed peer is named (`PeerWatch`)."""
+        if pending.works:
+            self._timed(cuda, pending.wait)
+
+    # --- gathers that return a new tensor ----------------------------------------------------
     def all_gather_async(self, part: torch.Tensor, sizes: Sequence[int], dim: int) -> PendingGather:
         """Start gathering `part` (this rank's `sizes[rank]` slices along `dim`) from every rank.
 
@@ -82,33 +162,31 @@ class BandComm:
                 shape = list(part.shape)
                 shape[dim] = size
                 buffer = part.new_empty(shape)
-            if self.world_size > 1:
-                works.append(dist.broadcast(buffer, group=self.group, group_src=source, async_op=True))
+            works += self.broadcast_async(buffer, source)
             parts.append(buffer)
         return PendingGather(works, parts, dim, self.timeout)
 
     def all_gather(self, part: torch.Tensor, sizes: Sequence[int], dim: int) -> torch.Tensor:
-        """Blocking gather whose whole duration counts as waiting, on CUDA too: profiling
-        subtracts it from compute, so the device is synchronised on both sides of it."""
-        synchronize(part)
-        start = time.perf_counter()
-        gathered = self._finish(self.all_gather_async(part, sizes, dim))
-        synchronize(gathered)
-        self.wait_seconds += time.perf_counter() - start
-        return gathered
+        """Blocking gather; its blocked time counts as waiting (see the module docstring)."""
+        pending = self.all_gather_async(part, sizes, dim)
+        return self._timed(part.is_cuda, pending.wait)
 
     def wait(self, pending: PendingGather) -> torch.Tensor:
-        gathered = self._finish(pending)
-        self.wait_seconds += pending.waited_seconds
+        gathered = self._guarded(pending.wait)
+        self._host_wait += pending.waited_seconds
         return gathered
 
     def all_gather_floats(self, value: float, device: torch.device) -> list[float]:
         """One float per rank, e.g. the measured step time; every rank gets the same list."""
+        return [values[0] for values in self.all_gather_float_lists([value], device)]
+
+    def all_gather_float_lists(self, values: Sequence[float], device: torch.device) -> list[list[float]]:
+        """A fixed-length list of floats per rank (same length everywhere), in one collective."""
         if self.world_size == 1:
-            return [float(value)]
-        mine = torch.tensor([value], dtype=torch.float64, device=device)
+            return [[float(v) for v in values]]
+        mine = torch.tensor([list(values)], dtype=torch.float64, device=device)
         gathered = self.all_gather(mine, [1] * self.world_size, dim=0)
-        return [float(v) for v in gathered.tolist()]
+        return [[float(v) for v in row] for row in gathered.tolist()]
 
     def all_gather_text(self, text: str, device: torch.device) -> list[str]:
         """One string per rank, through the same bounded waits as every STADI collective.

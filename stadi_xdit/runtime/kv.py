@@ -1,79 +1,391 @@
 """Displaced K/V: each attention layer sees the full image, its own band fresh and the rest stale.
 
-Per layer we keep one full-image tensor holding K and V stacked on a leading dim (so each is a
-contiguous view for attention), indexed by global token position, so a change of band layout at
-the end of warmup needs no re-shuffling.
+Every displaced layer's full-image K/V live in one flat buffer per rank (`runtime/exchange.py`:
+layers registered on first use, cut into groups, each group one token-major block), indexed by
+global token position, so a change of band layout needs no re-shuffling and nothing is allocated
+from one period to the next.
 
 Two ways a layer's foreign K/V are refreshed:
-- synchronous (warmup and `--stadi_exact`): every call all-gathers the fresh K/V of all bands,
-  so attention is exactly that of one process;
-- displaced (after warmup): the rank's *last* step of a sync period publishes its fresh K/V with
-  an asynchronous all-gather; the result is waited for on the layer's first use in the next
-  period. The schedule of publications is fixed by the plan, never by timing, so runs repeat
-  bit for bit.
+
+- synchronous steps (warmup and `--stadi_exact`): each layer gathers the fresh K/V of every band
+  before its attention (one all-gather for equal bands, else one broadcast per source) into a
+  one-layer staging buffer, so attention is exactly that of one process. The step flagged
+  `publish` (the last warmup step) also copies them into the flat buffer: they are the stale K/V
+  the first displaced period starts from. Exact mode never publishes, so it never allocates the
+  flat buffer.
+- displaced steps (after warmup): a layer writes its fresh band into the flat buffer and attends
+  over the buffer. On a rank's *last* step of a sync period (`publish`), each group of layers is
+  sent as one collective per source (or one all-gather) as soon as every layer of the group has
+  run its attention, so the exchange overlaps the rest of the forward; the receive lands in
+  place, and the layer's first use in the next period waits for it. The schedule of publications
+  is fixed by the plan, never by timing, so runs repeat bit for bit.
+
+`kv_dtype` (e.g. bfloat16) stores the stale K/V in a narrower type: the flat buffer and the bytes
+exchanged shrink, and attention casts them back, with this rank's own band always fresh at full
+precision. Synchronous steps always attend over full-precision K/V.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 
-from stadi_xdit.runtime.comm import BandComm, PendingGather
+from stadi_xdit.runtime.comm import BandComm, PendingWorks
+from stadi_xdit.runtime.exchange import (
+    DEFAULT_GROUP_LAYERS,
+    FlatKVBuffer,
+    LayerRegistry,
+    choose_method,
+    heads_view,
+    method_bytes,
+    write_band,
+)
 
-# K/V reach the store as (batch, heads, tokens, head_dim); stacked they are (2, batch, heads, tokens, head_dim).
-TOKEN_DIM = 3
+logger = logging.getLogger(__name__)
+
+# K/V reach the store as (batch, heads, tokens, head_dim).
+TOKEN_DIM = 2
+
+_UNSET = object()
+
+# --stadi_kv_dtype -> the dtype stale K/V are stored and exchanged in (None: as computed).
+KV_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_storage_dtype(name: str) -> torch.dtype | None:
+    try:
+        return KV_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"--stadi_kv_dtype must be one of {', '.join(KV_DTYPES)}, got {name!r}") from None
 
 
 class DisplacedKVStore:
-    """Full-image K/V of every displaced attention layer of one rank."""
+    """Full-image K/V of every displaced attention layer of one rank, and their exchange."""
 
-    def __init__(self, comm: BandComm):
+    def __init__(self, comm: BandComm, *, group_layers: int = DEFAULT_GROUP_LAYERS,
+                 kv_dtype: torch.dtype | None = None):
         self.comm = comm
+        self.group_layers = _check_group_layers(group_layers)
+        self.kv_dtype = kv_dtype  # None: store K/V in the dtype attention computes in
         self.token_counts: tuple[int, ...] = ()
         self.own_range: tuple[int, int] = (0, 0)
+        self.method = "broadcast"
+        # A fresh store keeps what synchronous steps gather (the loop says which step seeds).
         self.synchronous = True
-        self.publish = False
-        self._full: dict[int, torch.Tensor] = {}
-        self._pending: dict[int, PendingGather] = {}
+        self.publish = True
+        self._registry = LayerRegistry()
+        self._buffer: FlatKVBuffer | None = None
+        self._staging: torch.Tensor | None = None  # one layer's full-image K/V, synchronous steps
+        self._scratch: torch.Tensor | None = None  # one layer's K/V laid out for attention (CPU)
+        self._seed: dict[int, torch.Tensor] = {}  # K/V of a seeding step that ran while registering
+        self._valid = False  # the flat buffer holds the K/V of a finished seeding step
+        self._pending: dict[int, PendingWorks] = {}  # group -> receive in flight
+        self._ready: list[int] = []  # groups complete in this publishing step, not yet sent
+        self._ran: list[int] = []  # layers of each group run in this publishing step
+        self._step_kind: str | None = None  # "synchronous" / "publish" / "displaced" while a step runs
+        self._step_collectives = 0
+        self._method_device: torch.device | None = None
+        self._logged_layouts: set[tuple[tuple[int, ...], str]] = set()
+        self.counts = {"synchronous_steps": 0, "synchronous_collectives": 0, "sync_points": 0,
+                       "sync_point_collectives": 0, "max_sync_point_collectives": 0,
+                       "last_sync_point_collectives": 0, "last_synchronous_step_collectives": 0}
+
+    # --- configuration -------------------------------------------------------------------------
+    def configure(self, *, group_layers: int | None = None, kv_dtype: object = _UNSET) -> None:
+        """Change the group size or the stale K/V dtype (between runs; buffers follow lazily)."""
+        if self._pending or self._ready:
+            raise RuntimeError("cannot reconfigure the K/V store while an exchange is in flight")
+        changed = False
+        if group_layers is not None and _check_group_layers(group_layers) != self.group_layers:
+            self.group_layers = group_layers
+            changed = True
+        if kv_dtype is not _UNSET and kv_dtype != self.kv_dtype:
+            self.kv_dtype = kv_dtype
+            changed = True
+        if changed:
+            self._valid = False
+            self._buffer = None
+            if self._registry.closed:
+                self._registry.close(self.group_layers)
 
     def set_layout(self, token_counts: Sequence[int], own_range: tuple[int, int]) -> None:
-        if self._pending:
+        if self._pending or self._ready:
             raise RuntimeError("cannot change the band layout while a K/V exchange is in flight")
-        self.token_counts = tuple(token_counts)
-        self.own_range = own_range
+        counts = tuple(int(c) for c in token_counts)
+        start = sum(counts[:self.comm.rank]) if len(counts) == self.comm.world_size else own_range[0]
+        if len(counts) != self.comm.world_size or (start, start + counts[self.comm.rank]) != tuple(own_range):
+            raise ValueError(f"own_range {tuple(own_range)} is not band {self.comm.rank} of token counts {counts}")
+        if sum(counts) != sum(self.token_counts):
+            self._valid = False  # another image size: the stored K/V mean nothing now
+        self.token_counts = counts
+        self.own_range = (int(own_range[0]), int(own_range[1]))
+        self.method = choose_method(counts, in_place_all_gather=False)  # final at the first exchange
+        self._method_device = None  # chosen at the first exchange, when the device is known
+
+    def _choose_method(self, tensor: torch.Tensor) -> str:
+        """The layout's exchange method (`exchange.choose_method`), logged once per layout."""
+        if self._method_device != tensor.device:
+            self._method_device = tensor.device
+            self.method = choose_method(self.token_counts, in_place_all_gather=tensor.is_cuda)
+            key = (self.token_counts, self.method)
+            if key not in self._logged_layouts and self.comm.world_size > 1:
+                self._logged_layouts.add(key)
+                sizes = method_bytes(self.token_counts, 1)
+                logger.info("STADI K/V exchange for bands of %s tokens: %s (one broadcast per source delivers "
+                            "%d token rows to each rank, a padded all-gather %d)", list(self.token_counts),
+                            self.method, sizes["broadcast"], sizes["all_gather"])
+        return self.method
 
     def set_phase(self, synchronous: bool, publish: bool = False) -> None:
-        """`synchronous`: gather fresh K/V every call. `publish`: this step's K/V go out to the others."""
+        """The next step's kind. `synchronous`: gather fresh K/V before every attention.
+        `publish`: synchronous, keep this step's K/V for the displaced steps that follow;
+        displaced, send this step's K/V to the other ranks."""
+        self._end_step()
         self.synchronous = synchronous
-        self.publish = publish and not synchronous
+        self.publish = publish
 
+    # --- the attention processors' entry point -------------------------------------------------
     def full_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V over the full image for this layer, given this rank's fresh band K/V."""
-        own_kv = torch.stack([key, value])
-        if layer in self._pending:
-            self._full[layer] = self.comm.wait(self._pending.pop(layer))
+        batch, heads, tokens, head_dim = key.shape
+        start, end = self.own_range
+        if tokens != end - start or value.shape != key.shape:
+            raise ValueError(f"layer {layer}: K/V of shape {tuple(key.shape)}/{tuple(value.shape)} do not match "
+                             f"this rank's band of {end - start} tokens")
+        if not self._registry.closed and layer in self._registry:
+            self._end_step(forward_only=True)  # a layer seen again: the previous forward is over
+        if self._step_kind is None:
+            self._begin_step()
+        self._flush()  # groups completed by earlier layers: their attention has run, send them now
+        shape = (batch, heads, head_dim)
         if self.synchronous:
-            full = self.comm.all_gather(own_kv, self.token_counts, TOKEN_DIM)
-            self._full[layer] = full
-        else:
-            full = self._full.get(layer)
-            if full is None:
-                raise RuntimeError("displaced attention needs at least one synchronous (warmup) step first")
-            if full.shape[1] != own_kv.shape[1]:
-                raise RuntimeError("batch size changed between exchanges; K/V buffers no longer match")
-            start, end = self.own_range
-            # In place: the buffer is this rank's own copy (a finished gather), never in flight.
-            full[:, :, :, start:end] = own_kv
-            if self.publish:
-                self._pending[layer] = self.comm.all_gather_async(own_kv, self.token_counts, TOKEN_DIM)
-        return full[0], full[1]
+            return self._synchronous(layer, shape, key, value)
+        return self._displaced(layer, shape, key, value)
 
+    def _synchronous(self, layer: int, shape: tuple[int, int, int], key: torch.Tensor,
+                     value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        registry = self._registry
+        if registry.closed and registry.shape(layer) != shape:
+            self._forget()  # a new layer or a new batch: register from scratch
+        if not registry.closed:
+            registry.register(layer, shape)
+        staging = self._staging_view(key)
+        write_band(staging, self.own_range[0], key, value)
+        works = self._launch(staging.view(staging.shape[0], -1))
+        self.comm.wait_works(PendingWorks(works, self.comm.timeout), key.is_cuda)
+        if self.publish:  # these K/V seed the displaced steps that follow
+            if registry.closed:
+                self._ensure_buffer(key).layer_view(layer).copy_(staging)
+            else:
+                self._seed[layer] = staging.to(self._storage_dtype(key), copy=True)
+        return self._for_attention(staging, key, value)
+
+    def _displaced(self, layer: int, shape: tuple[int, int, int], key: torch.Tensor,
+                   value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        buffer = self._buffer
+        if buffer is None or not self._valid:
+            raise RuntimeError("displaced attention needs at least one synchronous (warmup) step first")
+        slot = buffer.slots.get(layer)
+        if slot is None or slot.shape != shape:
+            raise RuntimeError(f"layer {layer}: batch size or shape changed between exchanges; "
+                               "K/V buffers no longer match")
+        pending = self._pending.pop(slot.group, None)
+        if pending is not None:
+            self.comm.wait_works(pending, key.is_cuda)
+        kv = buffer.layer_view(layer)
+        # In place: no exchange of this group is in flight (just waited, or sent after this step).
+        write_band(kv, self.own_range[0], key, value)
+        if self.publish:
+            self._ran[slot.group] += 1
+            if self._ran[slot.group] == buffer.group_sizes[slot.group]:
+                self._ready.append(slot.group)  # sent at the next call, after this layer's attention
+        return self._for_attention(kv, key, value)
+
+    def _for_attention(self, kv: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a token-major ``(tokens, 2, batch, heads, head_dim)`` view, as attention takes them.
+
+        On CUDA the strided views go straight to attention (its kernels take any token stride). On
+        CPU, attention over a token stride of a whole group row measured ~20 % slower than over
+        contiguous K/V, more than copying them into a reused ``(2, batch, heads, tokens, head_dim)``
+        scratch buffer costs (~5 %), so they are copied there. A narrower stale dtype is widened
+        on the way, and this rank's own band is then overwritten with its fresh full-precision K/V.
+        """
+        if kv.is_cuda and kv.dtype == key.dtype:
+            return heads_view(kv, 0), heads_view(kv, 1)
+        batch, heads, _, head_dim = key.shape
+        tokens = kv.shape[0]
+        numel = 2 * batch * heads * tokens * head_dim
+        scratch = self._scratch
+        if scratch is None or scratch.numel() < numel or scratch.dtype != key.dtype or scratch.device != key.device:
+            self._scratch = None
+            scratch = self._scratch = torch.empty(numel, dtype=key.dtype, device=key.device)
+        out = scratch[:numel].view(2, batch, heads, tokens, head_dim)
+        out[0].copy_(heads_view(kv, 0))
+        out[1].copy_(heads_view(kv, 1))
+        if kv.dtype != key.dtype:
+            start, end = self.own_range
+            out[0, :, :, start:end] = key
+            out[1, :, :, start:end] = value
+        return out[0], out[1]
+
+    # --- steps and exchanges -------------------------------------------------------------------
+    def _begin_step(self) -> None:
+        if self.synchronous:
+            self._step_kind = "synchronous"
+        elif self.publish:
+            self._step_kind = "publish"
+            self._ran = [0] * (self._buffer.num_groups if self._buffer is not None else 0)
+        else:
+            self._step_kind = "displaced"
+        self._step_collectives = 0
+
+    def _end_step(self, forward_only: bool = False) -> None:
+        """Book-keeping once a forward is over: send what is left, close the registration, count."""
+        self._flush()
+        kind = self._step_kind
+        if kind == "publish" and self._buffer is not None and self._ran != self._buffer.group_sizes:
+            raise RuntimeError(f"a publishing step ran {self._ran} layers per group, the registry has "
+                               f"{self._buffer.group_sizes}: every displaced layer must run once per step")
+        if not self._registry.closed and len(self._registry):
+            self._close_registration()
+        if kind == "synchronous":
+            self.counts["synchronous_steps"] += 1
+            self.counts["synchronous_collectives"] += self._step_collectives
+            self.counts["last_synchronous_step_collectives"] = self._step_collectives
+            if self.publish and self._buffer is not None:
+                self._valid = True
+        elif kind == "publish":
+            self.counts["sync_points"] += 1
+            self.counts["sync_point_collectives"] += self._step_collectives
+            self.counts["last_sync_point_collectives"] = self._step_collectives
+            self.counts["max_sync_point_collectives"] = max(self.counts["max_sync_point_collectives"],
+                                                            self._step_collectives)
+        self._step_kind = None
+        self._step_collectives = 0
+        if forward_only:
+            self._begin_step()
+
+    def _flush(self) -> None:
+        for group in self._ready:
+            works = self._launch(self._buffer.blocks[group])
+            self._pending[group] = PendingWorks(works, self.comm.timeout)
+        self._ready.clear()
+
+    def _launch(self, block: torch.Tensor) -> list:
+        """One exchange of a token-major (tokens, width) block: this rank's rows out, the rest in."""
+        comm = self.comm
+        start, end = self.own_range
+        if self._choose_method(block) == "all_gather":
+            works = comm.all_gather_into_async(block, block[start:end])
+        else:
+            works, offset = [], 0
+            for source, count in enumerate(self.token_counts):
+                works += comm.broadcast_async(block[offset:offset + count], source)
+                offset += count
+        self._step_collectives += len(works)
+        return works
+
+    def _close_registration(self) -> None:
+        self._registry.close(self.group_layers)
+        if self._seed:
+            first = next(iter(self._seed.values()))
+            self._buffer = None
+            buffer = FlatKVBuffer(self._registry, first.shape[0], first.dtype, first.device)
+            for layer in list(self._seed):
+                buffer.layer_view(layer).copy_(self._seed.pop(layer))
+            self._buffer = buffer
+
+    def _storage_dtype(self, key: torch.Tensor) -> torch.dtype:
+        return self.kv_dtype or key.dtype
+
+    def _ensure_buffer(self, key: torch.Tensor) -> FlatKVBuffer:
+        tokens, dtype = sum(self.token_counts), self._storage_dtype(key)
+        if self._buffer is None or not self._buffer.fits(self._registry, tokens, dtype, key.device):
+            self._buffer = None  # release before allocating the new one
+            self._buffer = FlatKVBuffer(self._registry, tokens, dtype, key.device)
+        return self._buffer
+
+    def _staging_view(self, key: torch.Tensor) -> torch.Tensor:
+        batch, heads, _, head_dim = key.shape
+        tokens = sum(self.token_counts)
+        numel = tokens * 2 * batch * heads * head_dim
+        staging = self._staging
+        if staging is None or staging.numel() < numel or staging.dtype != key.dtype or staging.device != key.device:
+            self._staging = None
+            staging = self._staging = torch.empty(numel, dtype=key.dtype, device=key.device)
+        return staging[:numel].view(tokens, 2, batch, heads, head_dim)
+
+    def _forget(self) -> None:
+        self._registry.clear()
+        self._buffer = None
+        self._seed.clear()
+        self._valid = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
     def drain(self) -> None:
         """Finish every exchange in flight (end of run, or before a layout change)."""
-        for layer in list(self._pending):
-            self._full[layer] = self.comm.wait(self._pending.pop(layer))
+        self._end_step()
+        for group in list(self._pending):
+            self.comm.wait_works(self._pending.pop(group), self._buffer.flat.is_cuda)
 
     def reset(self) -> None:
+        """End of a run: nothing in flight, contents forgotten; buffers stay for the next run."""
         self.drain()
-        self._full.clear()
+        self._valid = False
+        self.synchronous, self.publish = True, True
+
+    def release(self) -> None:
+        """Free every buffer (the next run registers and allocates again)."""
+        self.reset()
+        self._forget()
+        self._staging = self._scratch = None
+
+    # --- accounting ----------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes this store holds: the flat buffer, the staging and attention buffers (one layer
+        each) and any seed in transit."""
+        tensors = [self._staging, self._scratch, *self._seed.values()]
+        total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return total + (self._buffer.nbytes if self._buffer is not None else 0)
+
+    def stale_bytes_ratio(self) -> float:
+        """Bytes per token of the displaced exchange over those of a synchronous gather (kv_dtype)."""
+        if self._buffer is None or self._staging is None:
+            return 1.0
+        return self._buffer.dtype.itemsize / self._staging.dtype.itemsize
+
+    def stats(self) -> dict:
+        """What the exchange did and costs on this rank (JSON-ready)."""
+        buffer, counts = self._buffer, self.token_counts
+        per_token = buffer.bytes_per_token() if buffer is not None else 0
+        rank = self.comm.rank
+        own = counts[rank] if counts else 0
+        if self.method == "all_gather" and counts:
+            received = (len(counts) - 1) * max(counts) * per_token
+        else:
+            received = (sum(counts) - own) * per_token
+        return {
+            "method": self.method,
+            "token_counts": list(counts),
+            "layers": len(self._registry),
+            "group_layers": self.group_layers,
+            "groups": buffer.num_groups if buffer is not None else None,
+            "kv_dtype": str(buffer.dtype).removeprefix("torch.") if buffer is not None else None,
+            "collectives_per_sync_point": self.counts["max_sync_point_collectives"],
+            "sync_points": self.counts["sync_points"],
+            "collectives_per_synchronous_step": self.counts["last_synchronous_step_collectives"],
+            "synchronous_steps": self.counts["synchronous_steps"],
+            "bytes_sent_per_sync_point": own * per_token,
+            "bytes_received_per_sync_point": received,
+            "store_bytes": self.memory_bytes(),
+            "buffer_bytes": buffer.nbytes if buffer is not None else 0,
+        }
+
+
+def _check_group_layers(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"group_layers must be an integer >= 1, got {value!r}")
+    return value

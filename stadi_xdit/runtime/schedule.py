@@ -6,6 +6,15 @@ flow-matching Euler) that is exactly the scheduler run over the sub-list of its 
 timesteps/sigmas, so we select entries instead of calling `set_timesteps` again: a stride-1
 selection is then the identity and cannot perturb the numerics. Multistep history (DPM-Solver's
 `model_outputs`) is carried over, re-sliced to the new band by the caller.
+
+UniPC multistep (Wan's scheduler) indexes its history the same way: the predictor reads
+`sigmas[step_index - i]` and the corrector `sigmas[step_index - 1 - i]` for the model outputs of
+the steps the scheduler itself took, so the restricted list pairs every history entry with the
+sigma it was computed at, and the last, lower-order steps (`lower_order_final`) are the rank's own
+last steps. Its latent-shaped state is `model_outputs` and the corrector's `last_sample` (the
+sample before the last predictor step); both are re-banded like DPM-Solver's history. Its other
+corrector state (`this_order`, `lower_order_nums`, `timestep_list`) is per-rank scalars that
+stay valid under a restriction.
 """
 
 from __future__ import annotations
@@ -18,13 +27,15 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 
 SUPPORTED_SCHEDULERS = (DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler,
-                        FlowMatchEulerDiscreteScheduler)
+                        FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
 
 # Scheduler attributes that hold latent-shaped history (tensors or lists of tensors).
-HISTORY_ATTRIBUTES = {DPMSolverMultistepScheduler: ("model_outputs",)}
+HISTORY_ATTRIBUTES = {DPMSolverMultistepScheduler: ("model_outputs",),
+                      UniPCMultistepScheduler: ("model_outputs", "last_sample")}
 
 
 def check_scheduler_supported(scheduler: object) -> None:
@@ -36,6 +47,9 @@ def check_scheduler_supported(scheduler: object) -> None:
     if isinstance(scheduler, DPMSolverMultistepScheduler) and scheduler.config.algorithm_type in ("sde-dpmsolver",
                                                                                                  "sde-dpmsolver++"):
         raise ValueError("--use_stadi needs a deterministic scheduler; DPM-Solver SDE variants draw fresh noise per step")
+    if isinstance(scheduler, UniPCMultistepScheduler) and scheduler.config.solver_p is not None:
+        raise ValueError("--use_stadi supports UniPCMultistepScheduler without solver_p only (its predictor "
+                         "would be another scheduler with its own step index)")
 
 
 class SubsequenceDDIMScheduler(DDIMScheduler):

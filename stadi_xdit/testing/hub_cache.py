@@ -6,10 +6,11 @@ console script) loads each model by its real hub id through ``from_pretrained``.
 (``refs/main`` names REV), so writing tiny pipelines there lets the runner's own loading code run
 offline, on CPU, in seconds::
 
-    python -m stadi_xdit.testing.hub_cache --out DIR --models FLUX.1-dev,SD3.5,Qwen-Image
+    python -m stadi_xdit.testing.hub_cache --out DIR --models FLUX.1-dev,SD3.5,Qwen-Image,Wan2.1-T2V
 
 Every component each runner model loads is present: Flux's CLIP + T5, SD3.5's two CLIPs + T5,
-Qwen-Image's Qwen2.5-VL text encoder and its tokenizer (built here; ``tiny.py`` skips it).
+Qwen-Image's Qwen2.5-VL text encoder and its tokenizer (built here; ``tiny.py`` skips it),
+Wan2.1-T2V's UMT5, video VAE and UniPC scheduler.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ HUB_MODELS: dict[str, str] = {
     "FLUX.1-dev": "black-forest-labs/FLUX.1-dev",
     "SD3.5": "stabilityai/stable-diffusion-3.5-large",
     "Qwen-Image": "Qwen/Qwen-Image",
+    "Wan2.1-T2V": "Wan-AI/Wan2.1-T2V-14B-Diffusers",  # runner_models/wan.py
 }
 
 
@@ -104,7 +106,13 @@ def _qwen_image():
                              text_encoder=text_encoder, tokenizer=tokenizer)
 
 
-_BUILDERS: dict[str, Callable] = {"FLUX.1-dev": _flux, "SD3.5": _sd3, "Qwen-Image": _qwen_image}
+def _wan():
+    from stadi_xdit.testing.tiny import build_wan_pipeline
+
+    return build_wan_pipeline("tiny")
+
+
+_BUILDERS: dict[str, Callable] = {"FLUX.1-dev": _flux, "SD3.5": _sd3, "Qwen-Image": _qwen_image, "Wan2.1-T2V": _wan}
 
 
 def write_hub_cache(out: Path, models: Sequence[str]) -> dict[str, Path]:

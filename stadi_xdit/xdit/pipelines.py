@@ -23,8 +23,10 @@ from xfuser.core.distributed import (
     get_world_group,
 )
 from xfuser.logger import init_logger
+from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrapper
 
 from stadi_xdit.config import StadiConfig
+from stadi_xdit.runtime.adaptive import call_row_speed, executed_evals
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.faults import PeerWatch
 from stadi_xdit.runtime.groups import StadiGroups
@@ -89,6 +91,13 @@ def log_plan(result: DenoiseResult) -> None:
                 [end - start for start, end in result.warmup_plan.row_bounds()],
                 [end - start for start, end in result.plan.row_bounds()],
                 [rank.stride for rank in result.plan.ranks])
+    if result.exchange:
+        logger.info("STADI exchange: %s", ", ".join(f"{key}={value}" for key, value in result.exchange.items()))
+    for entry in result.replans:
+        logger.info("STADI re-plan at base step %d: speeds %s -> %s, rows %s -> %s, strides %s -> %s, "
+                    "predicted gain %.0f%%", entry["offset"], [f"{v:.3g}" for v in entry["old_speeds"]],
+                    [f"{v:.3g}" for v in entry["new_speeds"]], entry["old_rows"], entry["new_rows"],
+                    entry["old_strides"], entry["new_strides"], 100 * entry["predicted_gain"])
 
 
 class StadiPipelineMixin:
@@ -100,7 +109,15 @@ class StadiPipelineMixin:
         self.stadi_config = stadi_config or stadi_config_of(engine_config)
         self.injection = None
         self.last_result: DenoiseResult | None = None
+        # --stadi_replan calls/sync: the speeds measured over the last call, per (height, width); the
+        # next call of that size warms up on elastic bands. In memory only (the cache file is optional).
+        self._call_speeds: dict[tuple[int, int], list[float]] = {}
         super().__init__(pipeline, engine_config, cache_args)
+
+    @classmethod
+    def check_launch(cls, args: Any, stadi_degree: int) -> None:
+        """Family-specific input checks before any process group exists (e.g. Wan's `--num_frames`);
+        one-line `ValueError`s naming the flag. Most families need none beyond `StadiArgs.validate`."""
 
     # --- xDiT override points -------------------------------------------------------------
     def _init_runtime_state(self, pipeline, engine_config) -> None:
@@ -158,9 +175,11 @@ class StadiPipelineMixin:
         hardware = self.groups.gather_text(hardware_identity(), self.module._execution_device)
         return profile_key(type(transformer).__name__, transformer.config, height, width, hardware)
 
-    def _known_speeds(self, key: str | None) -> list[float] | None:
+    def _known_speeds(self, key: str | None, size: tuple[int, int]) -> list[float] | None:
         if self.stadi_config.speeds:
             return list(self.stadi_config.speeds)
+        if size in self._call_speeds:  # the same on every rank: gathered at the end of the last call
+            return list(self._call_speeds[size])
         if self.stadi_config.profile_cache and key is not None:
             # One rank reads, everyone uses its answer: ranks must agree on the warmup bands even
             # when the file is not on a shared filesystem or is being replaced.
@@ -169,6 +188,16 @@ class StadiPipelineMixin:
                 speeds = ProfileCache(self.stadi_config.profile_cache).load(key, self.groups.band.world_size)
             return self.groups.from_leader(speeds, self.module._execution_device)
         return None
+
+    def _remember_call_speeds(self, size: tuple[int, int], result: DenoiseResult) -> None:
+        """--stadi_replan calls/sync: every rank's speed over the whole call, gathered so that all ranks
+        keep the same list (and the same next warmup layout), combined over CFG pairs."""
+        if self.stadi_config.replan == "off" or self.stadi_config.speeds:
+            return
+        device = self.module._execution_device
+        speeds = self.groups.band.all_gather_floats(call_row_speed(result.timeline.steps) or 0.0, device)
+        if all(speed > 0 for speed in speeds):
+            self._call_speeds[size] = self.groups.shared_speeds(speeds, device)
 
     def _remember_speeds(self, key: str | None, result: DenoiseResult) -> None:
         # The plan's speeds: the measured ones, combined over CFG pairs; the newest measurement wins.
@@ -241,12 +270,36 @@ class StadiPipelineMixin:
         key = self._profile_key(height, width) if self.stadi_config.profile_cache else None
         result = denoise(latents, scheduler, model, groups=self.groups, store=self.kv_store, config=self.stadi_config,
                          geometry=geometry, warmup_steps=self._warmup_steps(num_steps),
-                         known_speeds=self._known_speeds(key))
+                         known_speeds=self._known_speeds(key, (height, width)))
         self.kv_store.reset()
         self._remember_speeds(key, result)
+        self._remember_call_speeds((height, width), result)
         self.last_result = result
         if self.is_dp_last_group():
             log_plan(result)
-        planned = result.plan.ranks[self.groups.band.rank].num_evals  # warmup included
+        planned = executed_evals(result.plan, result.replans, self.groups.band.rank)  # warmup included
         logger.info("STADI rank %d: %d model evaluations (plan: %d)", self.groups.band.rank, result.num_evals, planned)
         return result
+
+
+class DiffusersPipelineWrapper(xFuserPipelineBaseWrapper):
+    """xFuser-style wrapper of a diffusers pipeline that xfuser 0.7.0 has no wrapper for.
+
+    It gives such a family (Qwen-Image, Wan) xDiT's construction path, so the STADI twin subclasses
+    it as the other twins subclass xDiT's wrappers. Without STADI it serves only the single-process
+    path (the diffusers pipeline itself), as xDiT's naive forward does.
+    """
+
+    diffusers_class: type  # set by each wrapper
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, engine_config, return_org_pipeline: bool = False,
+                        **kwargs):
+        pipeline = cls.diffusers_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return pipeline if return_org_pipeline else cls(pipeline, engine_config)
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        if not self.use_naive_forward():
+            raise ValueError(f"xfuser has no parallel {self.diffusers_class.__name__}; use --use_stadi")
+        return self.module(*args, **kwargs)

@@ -57,6 +57,16 @@ def with_model_defaults(config: dict[str, Any]) -> dict[str, Any]:
     return filled
 
 
+def runner_twin(model_name: str | None) -> type | None:
+    """The STADI twin serving registered runner model `model_name`, or None."""
+    from xfuser.model_executor.models.runner_models.base_model import MODEL_REGISTRY
+
+    from stadi_xdit.models import twin_for_runner_model
+
+    model = MODEL_REGISTRY.get(model_name)
+    return None if model is None else twin_for_runner_model(model.__name__)
+
+
 def stadi_requested(config: Any) -> bool:
     return bool(getattr(config, "use_stadi", False))
 

@@ -1,0 +1,469 @@
+"""Wan 2.1 text-to-video (diffusers `WanTransformer3DModel`, `WanPipeline`) under STADI.
+
+What xfuser 0.7.0 offers: no pipeline wrapper for Wan text-to-video (only
+`xFuserWanImageToVideoPipeline`); its runner model "Wan2.1-T2V" (`xFuserWan21T2VModel`) drives
+diffusers' `WanPipeline` with a sequence-parallel transformer (`xFuserWanTransformer3DWrapper`). So
+this module adds `xFuserWanPipeline`, a thin `xFuserPipelineBaseWrapper` around `WanPipeline`, and
+the STADI twin subclasses it like the other families.
+
+**Band unit: latent frames.** Latents are (batch, C, F, H, W) and Wan patchifies them with a
+(1, 2, 2) Conv3d into tokens in frame-major order (frame, row, column). A band is a contiguous range
+of whole latent frames [f0, f1) (`band_dim` 2), so
+
+- its tokens are one contiguous range of the clip's token sequence, the layout the displaced K/V
+  store indexes (`own_range`), and the exchange moves whole frames;
+- the patch embedding (temporal patch 1) and the unpatchify see whole frames, so nothing else
+  needs a halo or a fix-up: self-attention over the gathered K/V of the whole clip is exactly one
+  process's attention, and everything else in a block is per token;
+- the planner's "row" is one latent frame: `BandGeometry(rows=latent frames, patch_rows=1,
+  tokens_per_row=(H/16)·(W/16))`, the same model-agnostic planner as for images.
+
+Granularity is one latent frame (4 video frames; 3,600 tokens at 480x832, 3,600·2.5 at 720p), and
+the rank limit is the number of latent frames, (num_frames - 1) / 4 + 1: 21 for Wan's 81-frame
+clips. Bands of token rows that span frame boundaries (the other choice the issue allows) would
+lift the limit to frames·rows but make the band's first and last frames partial, which breaks the
+whole-frame Conv3d view and costs a token permutation; at 21 frames x 2-8 GPUs the frame unit is
+fine-grained enough (water-filling error at most one frame per rank).
+
+**Positions.** Wan's 3D RoPE (`WanRotaryPosEmbed`) depends on the absolute (frame, row, column) of
+each token. The transformer would build it from the band's own shape, i.e. as if the band were
+frames [0, f1 - f0). `BandRope`, a forward hook on `transformer.rope`, replaces that by the rope of
+the *full* clip (built by diffusers' own module from the full shape) sliced by the band's global
+token range. The hook serves diffusers' transformer and xfuser's runner wrapper alike (both call
+`self.rope(hidden_states)`), and is removed with `pipe.remove_stadi()`.
+
+**Attention.** Self-attention (`attn1` of every block, in block order = K/V layer id) runs
+`StadiWanAttnProcessor`: diffusers' `WanAttnProcessor` (projections, RMS norm across heads,
+RoPE, SDPA) with the key/value over the whole clip from the displaced store. Cross-attention
+(`attn2`) to the text keeps its processor: text is replicated on every rank and the band's queries
+need nothing from other bands.
+
+**Guidance.** Wan runs CFG with a negative prompt: both branches as one batch of two per rank, or
+with `--use_cfg_parallel` one branch per rank (`CfgExchange`). Wan's encoder pads every prompt to
+`max_sequence_length`, so the two branches' text has one length; user-given embeddings of unequal
+length are refused in the batched form (padding would change the attention over text).
+
+**Scheduler.** Wan's own `UniPCMultistepScheduler` (flow prediction, flow sigmas) takes per-rank
+step sub-sequences like DPM-Solver (`runtime/schedule.py`: its `model_outputs` and corrector
+`last_sample` are re-banded at the transition), and so do FlowMatchEuler and the other supported
+schedulers.
+
+**Memory.** Every rank holds the displaced K/V of the whole clip for every layer:
+tokens x layers x 2 x inner dim x batch x bytes (`displaced_kv_bytes`); Wan2.1-14B at 720p with 81
+frames is 75,600 tokens x 40 x 2 x 5120 x 2 bytes = 62 GB per rank for one CFG branch, twice that
+with the batched CFG pair. Before denoising on CUDA the twin compares it with the free device
+memory and refuses in one line naming the remedies (`--use_cfg_parallel`, `--stadi_kv_dtype`,
+fewer `--num_frames`, a smaller size, `--stadi_exact`), never an out-of-memory error mid-run.
+`python -m stadi_xdit.models.wan` prints the table for the real-size presets.
+
+Not served: Wan 2.2's two-expert pipelines (`transformer_2`, `boundary_ratio`) and per-token
+timesteps (`expand_timesteps`, Wan2.2-TI2V), image-to-video, step callbacks and `--use_parallel_vae`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanPipeline
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from torch import nn
+
+from stadi_xdit.models import register_twin
+from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
+from stadi_xdit.runtime.layout import BandGeometry, BandLayout
+from stadi_xdit.runtime.profile_cache import profile_key
+from stadi_xdit.xdit.cfg import CfgExchange
+from stadi_xdit.xdit.injection import InjectionPlan
+from stadi_xdit.xdit.pipelines import (
+    DiffusersPipelineWrapper,
+    StadiPipelineMixin,
+    XditBandModel,
+    hardware_identity,
+)
+
+__all__ = ["BandRope", "StadiWanAttnProcessor", "StadiWanPipeline", "WanBandModel", "displaced_kv_bytes",
+           "kv_memory_report", "latent_frames", "xFuserWanPipeline"]
+
+GIB = 1024**3
+
+
+def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    # diffusers' WanAttnProcessor.__call__.apply_rotary_emb, verbatim (a closure there).
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
+class StadiWanAttnProcessor:
+    """diffusers' `WanAttnProcessor` for self-attention (`attn1`), keys/values over the whole clip."""
+
+    def __init__(self, store: DisplacedKVStore, layer: int):
+        self.store = store
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("StadiWanAttnProcessor serves Wan's self-attention (attn1) only, without a mask")
+        start, end = self.store.own_range
+        if hidden_states.shape[1] != end - start:
+            raise RuntimeError(f"band has {hidden_states.shape[1]} tokens, the layout says {end - start}")
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))  # (batch, tokens, heads, head_dim)
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            if rotary_emb[0].shape[1] != end - start:
+                raise RuntimeError(f"RoPE covers {rotary_emb[0].shape[1]} tokens, the band {end - start}: "
+                                   "the band's global RoPE hook is missing")
+            query = _apply_rotary_emb(query, *rotary_emb)
+            key = _apply_rotary_emb(key, *rotary_emb)
+        # (batch, heads, tokens, head_dim): the store's and SDPA's layout; keys/values of the whole clip.
+        key, value = self.store.full_kv(self.layer, key.transpose(1, 2), value.transpose(1, 2))
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+WAN_INJECTION = InjectionPlan(
+    patch_embed_attr=None,  # positions enter through RoPE, given per band by `BandRope`
+    displaced_attention=lambda transformer: [block.attn1 for block in transformer.blocks],
+    processor_factory=StadiWanAttnProcessor,
+)
+
+
+class BandRope:
+    """Forward hook on `transformer.rope`: the full clip's 3D RoPE, sliced to the band's global tokens.
+
+    Inactive (the band's own rope passes through) until `set_clip` names the full clip.
+    """
+
+    def __init__(self):
+        self.full_frames: int | None = None  # latent frames of the whole clip
+        self.token_range: tuple[int, int] | None = None
+        self.handle = None
+
+    def attach(self, rope: nn.Module) -> None:
+        self.handle = rope.register_forward_hook(self)
+
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def set_clip(self, full_frames: int | None) -> None:
+        self.full_frames = full_frames
+
+    def __call__(self, module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]):
+        if self.full_frames is None:
+            return output
+        if self.token_range is None:
+            raise RuntimeError("BandRope: no band set (set_band) before the transformer ran")
+        (band,) = args
+        batch, channels, _, height, width = band.shape
+        # diffusers' own rope on the full clip's shape (the module reads the shape only).
+        full_shape = torch.empty((batch, channels, self.full_frames, height, width), device="meta")
+        freqs_cos, freqs_sin = module.forward(full_shape)
+        start, end = self.token_range
+        if end - start != output[0].shape[1] or end > freqs_cos.shape[1]:
+            raise RuntimeError(f"band tokens [{start}, {end}) do not fit a band of {output[0].shape[1]} tokens in a "
+                               f"clip of {freqs_cos.shape[1]}")
+        return freqs_cos[:, start:end], freqs_sin[:, start:end]
+
+
+class WanBandModel(XditBandModel):
+    """Wan on one band of latent frames: CFG batch or pair, the rank's own timestep, global RoPE."""
+
+    band_dim = 2  # latents are (batch, channels, frames, height, width)
+
+    def __init__(self, transformer: nn.Module, prompt_embeds: torch.Tensor, guidance_scale: float, cfg: CfgExchange,
+                 rope: BandRope, attention_kwargs: dict[str, Any] | None = None):
+        self.transformer = transformer
+        self.prompt_embeds = prompt_embeds
+        self.guidance_scale = guidance_scale
+        self.cfg = cfg
+        self.rope = rope
+        self.attention_kwargs = attention_kwargs
+        self.dtype = transformer.dtype
+
+    def band_sizes(self, layout: BandLayout) -> list[int]:
+        return layout.latent_row_counts()  # latent frames per rank (patch_rows = temporal patch = 1)
+
+    def set_band(self, layout: BandLayout, rank: int) -> None:
+        # No image-shaped xDiT runtime state for video: the band's global token range is all we keep.
+        self.token_range = layout.token_range(rank)
+        self.rope.token_range = self.token_range
+
+    def predict(self, band_latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        model_input = self.cfg.model_input(band_latents.to(self.dtype))
+        output = self.transformer(
+            hidden_states=model_input,
+            timestep=timestep.expand(model_input.shape[0]),  # as WanPipeline: one timestep per sample
+            encoder_hidden_states=self.prompt_embeds,
+            attention_kwargs=self.attention_kwargs,
+            return_dict=False,
+        )[0]
+        return self.cfg.guide(output, self.guidance_scale)
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def latent_frames(num_frames: int, temporal_scale: int = 4) -> int:
+    return (num_frames - 1) // temporal_scale + 1
+
+
+def check_num_frames(num_frames: object, ranks: int, temporal_scale: int = 4) -> int:
+    """Latent frames of a clip, or a one-line error naming `--num_frames` (4k+1, and one latent frame
+    per STADI rank at least: bands are whole latent frames)."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 \
+            or num_frames % temporal_scale != 1:
+        raise ValueError(f"--num_frames must be {temporal_scale}k+1 (Wan's VAE packs {temporal_scale} frames per "
+                         f"latent frame after the first), got {num_frames}")
+    frames = latent_frames(num_frames, temporal_scale)
+    if frames < ranks:
+        raise ValueError(f"--num_frames {num_frames} gives {frames} latent frames, fewer than the {ranks} STADI "
+                         f"ranks (bands are whole latent frames): use --num_frames >= {(ranks - 1) * temporal_scale + 1}")
+    return frames
+
+
+def displaced_kv_bytes(transformer_config: Any, height: int, width: int, num_frames: int, *, batch: int = 1,
+                       bytes_per_value: int = 2, spatial_scale: int = 8, temporal_scale: int = 4) -> int:
+    """Bytes of one rank's displaced K/V store for a clip: the K and V of every token of the whole clip,
+    for every self-attention layer, in the batch each forward runs (2 for the batched CFG pair).
+
+    `transformer_config` is a `WanTransformer3DModel` config (or the dict of `wan_transformer_config`).
+    """
+    get = transformer_config.get if isinstance(transformer_config, dict) else transformer_config.__getitem__
+    p_t, p_h, p_w = get("patch_size")
+    tokens = (latent_frames(num_frames, temporal_scale) // p_t) * (height // spatial_scale // p_h) \
+        * (width // spatial_scale // p_w)
+    inner = get("num_attention_heads") * get("attention_head_dim")
+    return tokens * get("num_layers") * 2 * inner * batch * bytes_per_value
+
+
+def kv_memory_report(presets: Sequence[str] | None = None, *, bytes_per_value: int = 2) -> list[str]:
+    """One line per real-size preset and CFG form: tokens, layers, width and the per-rank store."""
+    from stadi_xdit.testing.tiny import WAN_PRESETS, wan_transformer_config
+
+    names = presets or [name for name in WAN_PRESETS if name.startswith("wan")]
+    lines = []
+    for name in names:
+        spec = WAN_PRESETS[name]
+        config = wan_transformer_config(spec)
+        tokens = latent_frames(spec.num_frames) * (spec.height // 16) * (spec.width // 16)
+        for batch, form in ((1, "one CFG branch per rank (--use_cfg_parallel)"), (2, "batched CFG pair")):
+            size = displaced_kv_bytes(config, spec.height, spec.width, spec.num_frames, batch=batch,
+                                      bytes_per_value=bytes_per_value)
+            lines.append(f"{name} {spec.height}x{spec.width}x{spec.num_frames}f: {tokens} tokens x "
+                         f"{config['num_layers']} layers x 2 x {config['num_attention_heads'] * config['attention_head_dim']}"
+                         f" x {batch} x {bytes_per_value} B = {size / 1e9:.1f} GB ({size / GIB:.1f} GiB) per rank, {form}")
+    return lines
+
+
+def _check_kv_memory(store: DisplacedKVStore, need: int, device: torch.device, detail: str,
+                     remedies: Sequence[str] = ("--use_cfg_parallel", "--stadi_kv_dtype bfloat16")) -> None:
+    """One-line refusal before denoising when the displaced K/V cannot fit the free device memory.
+
+    A lower bound: the store alone, activations come on top. Skipped off CUDA (no reliable free figure).
+    """
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    free += store.memory_bytes()  # what the store already holds is reused
+    if need > free:
+        options = ", ".join([*remedies, "fewer --num_frames", "a smaller --height/--width", "--stadi_exact"])
+        raise ValueError(f"--use_stadi: the displaced K/V store needs {need / GIB:.1f} GiB per rank ({detail}), more "
+                         f"than the {free / GIB:.1f} GiB free on {device}; use {options}")
+
+
+# --- pipelines ------------------------------------------------------------------------------------
+
+
+class xFuserWanPipeline(DiffusersPipelineWrapper):
+    """xFuser-style wrapper of diffusers' `WanPipeline` (text-to-video), which xfuser 0.7.0 lacks."""
+
+    diffusers_class = WanPipeline
+
+
+@register_twin
+class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
+    """Wan 2.1 text-to-video under STADI; construct it like the other twins (`from_pretrained` or
+    `cls(pipe, config)`)."""
+
+    diffusers_pipelines = ("WanPipeline",)
+    runner_models = ("xFuserWan21T2VModel",)  # xfuser.runner's "Wan2.1-T2V" / Wan-AI/Wan2.1-T2V-14B-Diffusers
+
+    injection_plan = WAN_INJECTION
+
+    def __init__(self, pipeline, engine_config, cache_args=None, stadi_config=None):
+        if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("boundary_ratio") is not None:
+            raise ValueError("--use_stadi serves Wan 2.1 text-to-video only, not Wan 2.2's two-expert pipelines "
+                             "(transformer_2 / boundary_ratio)")
+        if pipeline.config.get("expand_timesteps", False):
+            raise ValueError("--use_stadi does not serve Wan 2.2 TI2V's per-token timesteps (expand_timesteps)")
+        if pipeline.transformer.config.patch_size[0] != 1:
+            raise ValueError("--use_stadi needs Wan's temporal patch size 1 (bands are whole latent frames)")
+        if engine_config.runtime_config.use_parallel_vae:
+            raise ValueError("--use_parallel_vae does not support Wan's video VAE under --use_stadi")
+        self.band_rope = BandRope()
+        self._latent_frames: int | None = None
+        super().__init__(pipeline, engine_config, cache_args, stadi_config)
+
+    # --- STADI hooks ---------------------------------------------------------------------------
+    def _convert_transformer_backbone(self, transformer, **kwargs):
+        transformer = super()._convert_transformer_backbone(transformer, **kwargs)
+        self.band_rope.attach(transformer.rope)
+        return transformer
+
+    def remove_stadi(self) -> None:
+        self.band_rope.detach()
+        super().remove_stadi()
+
+    @classmethod
+    def check_launch(cls, args: Any, stadi_degree: int) -> None:
+        check_num_frames(args.num_frames, stadi_degree)  # Wan 2.1's VAE: 4 frames per latent frame
+
+    def _geometry(self, height: int, width: int) -> BandGeometry:
+        """Latent frames of this clip are the planner's rows (set by `__call__` before the run)."""
+        pipe = self.module
+        _, p_h, p_w = pipe.transformer.config.patch_size
+        scale = pipe.vae_scale_factor_spatial
+        if height % (scale * p_h) or width % (scale * p_w):
+            raise ValueError(f"--height/--width must be multiples of {scale * p_h} px "
+                             f"(VAE scale {scale} x patch {p_h}), got {height}x{width}")
+        frames = self._latent_frames
+        if frames is None:
+            raise RuntimeError("StadiWanPipeline._geometry needs the clip's frame count (call the pipeline)")
+        return BandGeometry(rows=frames, patch_rows=1, tokens_per_row=(height // scale // p_h) * (width // scale // p_w))
+
+    def _profile_key(self, height: int, width: int) -> str:
+        transformer = self.module.transformer
+        hardware = self.groups.gather_text(hardware_identity(), self.module._execution_device)
+        return profile_key(f"{type(transformer).__name__}-{self._latent_frames}f", transformer.config, height, width,
+                           hardware)
+
+    # --- the call ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt=None, negative_prompt=None, height: int = 480, width: int = 832, num_frames: int = 81,
+                 num_inference_steps: int = 50, guidance_scale: float = 5.0, guidance_scale_2: float | None = None,
+                 num_videos_per_prompt: int = 1, generator=None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 output_type: str = "np", return_dict: bool = True, attention_kwargs: dict[str, Any] | None = None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                 max_sequence_length: int = 512):
+        """WanPipeline's `__call__` under STADI, same arguments (step callbacks refused)."""
+        if callback_on_step_end is not None:
+            raise ValueError("callback_on_step_end is not supported with --use_stadi (ranks hold bands)")
+        pipe = self.module
+        temporal = pipe.vae_scale_factor_temporal
+        self._latent_frames = check_num_frames(num_frames, self.groups.band.world_size, temporal)
+        geometry = self._geometry(height, width)  # size and frame-count errors first, naming the flags
+        pipe.check_inputs(prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
+                          list(callback_on_step_end_tensor_inputs), guidance_scale_2)
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        device = pipe._execution_device
+        do_cfg = guidance_scale > 1.0
+        cfg = CfgExchange.create(do_cfg, self.groups.cfg)
+        self.stadi_state.set_video_input_parameters(height=height, width=width, num_frames=num_frames,
+                                                    batch_size=batch_size, num_inference_steps=num_inference_steps,
+                                                    split_text_embed_in_sp=False)
+        transformer = pipe.transformer
+        forward_batch = batch_size * num_videos_per_prompt * (2 if cfg.batched else 1)
+        kv_dtype = None if self.stadi_config.exact else kv_storage_dtype(self.stadi_config.kv_dtype)
+        if not self.stadi_config.exact:
+            value_bytes = (kv_dtype or transformer.dtype).itemsize
+            need = displaced_kv_bytes(transformer.config, height, width, num_frames, batch=forward_batch,
+                                      bytes_per_value=value_bytes, spatial_scale=pipe.vae_scale_factor_spatial,
+                                      temporal_scale=temporal)
+            inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+            remedies = (["--use_cfg_parallel"] if cfg.batched else []) + \
+                (["--stadi_kv_dtype bfloat16"] if value_bytes > 2 else [])
+            _check_kv_memory(self.kv_store, need, torch.device(device),
+                             f"{geometry.rows * geometry.tokens_per_row} tokens x {transformer.config.num_layers} "
+                             f"layers x 2 x {inner} x batch {forward_batch} x {value_bytes} B", remedies)
+
+        embeds, negative = pipe.encode_prompt(prompt=prompt, negative_prompt=negative_prompt,
+                                              do_classifier_free_guidance=do_cfg,
+                                              num_videos_per_prompt=num_videos_per_prompt,
+                                              prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                              max_sequence_length=max_sequence_length, device=device)
+        embeds = embeds.to(transformer.dtype)
+        if do_cfg:
+            negative = negative.to(transformer.dtype)
+            if cfg.batched:
+                if negative.shape[1] != embeds.shape[1]:
+                    raise ValueError(f"prompt_embeds ({embeds.shape[1]} tokens) and negative_prompt_embeds "
+                                     f"({negative.shape[1]} tokens) must have one length for the batched CFG pair; "
+                                     "pad them as Wan's encoder does, or use --use_cfg_parallel")
+                embeds = torch.cat([negative, embeds])
+            elif cfg.branch == 0:
+                embeds = negative
+
+        # Timesteps as WanPipeline sets them; every rank samples the full initial latent identically.
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = pipe.prepare_latents(batch_size * num_videos_per_prompt, transformer.config.in_channels, height,
+                                       width, num_frames, torch.float32, device, generator, latents)
+        scheduler.set_begin_index(0)
+
+        model = WanBandModel(transformer, embeds, guidance_scale, cfg, self.band_rope, attention_kwargs)
+        self.band_rope.set_clip(self._latent_frames)
+        try:
+            result = self._stadi_denoise(latents, scheduler, model, height=height, width=width,
+                                         num_steps=len(scheduler.timesteps))
+        finally:
+            self.band_rope.set_clip(None)
+        return self._finish_video(result.latents, output_type, return_dict)
+
+    # --- output -------------------------------------------------------------------------------
+    def _finish_video(self, latents: torch.Tensor, output_type: str, return_dict: bool):
+        pipe = self.module
+        if output_type == "latent":
+            video = latents
+        else:
+            if not self.is_dp_last_group():
+                if not self.outputs_on_every_rank:
+                    return None
+                return WanPipelineOutput(frames=[]) if return_dict else ([],)
+            video = pipe.video_processor.postprocess_video(self._decode(latents), output_type=output_type)
+        pipe.maybe_free_model_hooks()
+        return WanPipelineOutput(frames=video) if return_dict else (video,)
+
+    def _latents_for_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.module.vae
+        latents = latents.to(vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        return latents / inverse_std + mean  # exactly WanPipeline's de-normalisation
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the displaced K/V store per rank for the real-size Wan presets."""
+    from stadi_xdit.cli_errors import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(prog="python -m stadi_xdit.models.wan",
+                                   description="Displaced K/V store per rank for the real-size Wan presets.")
+    parser.add_argument("--bytes", type=int, default=2, choices=(1, 2, 4),
+                        help="bytes per stored value (2: bf16/fp16, the default)")
+    args = parser.parse_args(argv)
+    print("\n".join(kv_memory_report(bytes_per_value=args.bytes)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

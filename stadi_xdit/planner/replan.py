@@ -1,0 +1,69 @@
+"""When to re-plan mid-run: a pure decision from the speeds every rank measured in the last period.
+
+At a sync point all ranks are aligned at base step k and hold the same gathered speeds, so each
+derives the same decision here (no broadcast, no disagreement). The rule: predict the remaining
+latency of the current layout at the new speeds, and of a fresh plan for the remaining steps (plus
+one re-band, the cost of a transition); re-plan when the fresh plan is faster by more than
+`threshold` at `confirmations` consecutive sync points. The threshold keeps measurement noise from
+re-banding; the confirmations keep one noisy period from doing it (hysteresis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .cost import predict_latency
+from .plan_types import Plan
+from .planning import plan as make_plan
+from .validation import require_int, require_seconds, require_speeds
+
+REPLAN_MODES = ("off", "calls", "sync")
+
+
+@dataclass(frozen=True)
+class ReplanPolicy:
+    threshold: float = 0.10  # relative gain a re-plan must promise
+    confirmations: int = 2  # consecutive sync points that must agree
+
+    def __post_init__(self) -> None:
+        require_seconds("threshold", self.threshold)
+        require_int("confirmations", self.confirmations, minimum=1)
+
+
+@dataclass(frozen=True)
+class ReplanDecision:
+    replan: bool
+    confirmations: int  # consecutive sync points so far that promised the gain (carry to the next call)
+    current_seconds: float  # predicted remaining latency of the current layout at the new speeds
+    replanned_seconds: float  # ... of a fresh plan, transition included
+    new_plan: Plan | None  # the plan for the remaining steps (relative base steps), when replan
+
+    @property
+    def gain(self) -> float:
+        return 1.0 - self.replanned_seconds / self.current_seconds if self.current_seconds > 0 else 0.0
+
+
+def decide_replan(current: Plan, *, next_base_step: int, speeds: Sequence[float], confirmations: int,
+                  policy: ReplanPolicy, tolerance: float = 0.02, transition_seconds: float = 0.0) -> ReplanDecision:
+    """The decision at the sync point before base step `next_base_step` of `current`.
+
+    `speeds` are the rows/s every rank measured over the last period (the same list on every rank);
+    `confirmations` is the previous decision's count. The new plan covers base steps
+    `next_base_step .. T'` as its own steps 0 .. T' - k, with no warmup (all ranks are aligned).
+    """
+    speeds = require_speeds(speeds)
+    remaining = current.num_steps - current.warmup_steps - require_int("next_base_step", next_base_step, minimum=0)
+    if len(speeds) != len(current.ranks) or remaining < 2:
+        return ReplanDecision(False, 0, 0.0, 0.0, None)
+    rows = [rank.num_rows for rank in current.ranks]
+    strides = [rank.stride for rank in current.ranks]
+    now = predict_latency(rows, strides, speeds, num_steps=remaining, warmup_steps=0).total_seconds
+    fresh = make_plan(speeds, rows=current.rows, align=current.align, num_steps=remaining, warmup_steps=0,
+                      mode=current.mode, max_stride=current.max_stride, tolerance=tolerance,
+                      warmup_speeds_known=True)
+    replanned = fresh.predicted.total_seconds + transition_seconds
+    promising = replanned < (1.0 - policy.threshold) * now
+    count = confirmations + 1 if promising else 0
+    replan = count >= policy.confirmations
+    return ReplanDecision(replan, 0 if replan else count, now, replanned, fresh if replan else None)

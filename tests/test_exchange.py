@@ -1,0 +1,480 @@
+"""The batched K/V exchange (runtime/exchange.py, runtime/kv.py) and the calibrated cost model.
+
+Single-process: the flat buffer's layout, buffer reuse, the method rule, the cost fit, the planner's
+per-rank overheads. Multi-process (gloo): collectives per sync point (counted by wrapping torch's
+collectives), what arrives where, a dead peer named through the new waits, and tiny PixArt runs
+for exactness, grouping invariance, determinism and the quality cost of `--stadi_kv_dtype`.
+No timing assertions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import stadi_xdit.xdit  # noqa: F401  (compat layer first)
+from stadi_xdit.bench.metrics import psnr
+from stadi_xdit.planner import plan, predict_latency
+from stadi_xdit.planner.bands import water_fill_band_rows
+from stadi_xdit.planner.planning import water_fill_with_overheads
+from stadi_xdit.runtime.comm import BandComm
+from stadi_xdit.runtime.exchange import FlatKVBuffer, LayerRegistry, choose_method, method_bytes
+from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
+from stadi_xdit.runtime.profile import StepCost, StepRecord, complete_step_costs, fit_step_cost
+from stadi_xdit.testing.checks import build_stadi_pipeline, relative_error
+from stadi_xdit.testing.spawn import run_distributed
+
+PROMPT = "a red cat"
+SEED = 1
+BATCH, HEADS, HEAD_DIM = 2, 2, 4
+
+
+# --------------------------------------------------------------------------------------------------
+# the flat buffer and the method rule
+
+
+def test_equal_bands_all_gather_uneven_bands_broadcast():
+    assert choose_method([16, 16]) == "all_gather"
+    assert choose_method([8, 8, 8]) == "all_gather"
+    assert choose_method([21, 11]) == "broadcast"
+    assert choose_method([5, 5, 6]) == "broadcast"  # 3 * 6 = 18 > 16: padding would cost more
+    # gloo's all-gather is not in place: equal bytes, so the broadcasts win the tie there
+    assert choose_method([16, 16], in_place_all_gather=False) == "broadcast"
+    assert method_bytes([21, 11], 10) == {"broadcast": 320, "all_gather": 420}
+    with pytest.raises(ValueError):
+        choose_method([4, 0])
+
+
+@pytest.mark.parametrize("group_layers", [1, 3, 7, 10])
+def test_flat_buffer_slices_are_disjoint_and_cover_every_layer(group_layers):
+    registry = LayerRegistry()
+    shapes = [(2, 2, 4), (2, 2, 4), (1, 3, 2), (2, 2, 4), (2, 1, 8), (2, 2, 4), (1, 1, 1)]
+    for layer, shape in enumerate(shapes):
+        registry.register(layer, shape)
+    registry.close(group_layers)
+    assert registry.group_sizes == [len(shapes[i:i + group_layers]) for i in range(0, len(shapes), group_layers)]
+    tokens = 5
+    buffer = FlatKVBuffer(registry, tokens, torch.float32, torch.device("cpu"))
+    assert buffer.flat.numel() == tokens * sum(2 * math.prod(shape) for shape in shapes)
+    buffer.flat.fill_(-1.0)
+    for layer in range(len(shapes)):
+        view = buffer.layer_view(layer)
+        assert view.shape == (tokens, 2, *shapes[layer])
+        view[:, 0] = 2 * layer  # K
+        view[:, 1] = 2 * layer + 1  # V
+    assert (buffer.flat >= 0).all(), "every element belongs to some layer"
+    for layer in range(len(shapes)):  # nothing written later overlapped an earlier layer
+        view = buffer.layer_view(layer)
+        assert (view[:, 0] == 2 * layer).all() and (view[:, 1] == 2 * layer + 1).all()
+    # One band's rows of a whole group are one contiguous range of the flat buffer.
+    for block in buffer.blocks:
+        assert block[1:3].is_contiguous()
+        assert block.untyped_storage().data_ptr() == buffer.flat.untyped_storage().data_ptr()
+
+
+def test_layers_are_grouped_in_order_of_first_use():
+    registry = LayerRegistry()
+    for layer in (3, 1, 2, 0):
+        registry.register(layer, (1, 1, 1))
+    registry.close(2)
+    assert [registry.slots[layer].group for layer in (3, 1, 2, 0)] == [0, 0, 1, 1]
+    with pytest.raises(RuntimeError):
+        registry.register(4, (1, 1, 1))
+
+
+def _kv(layer: int, step: int, rank: int, tokens: int, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recognisable K/V: the value says which layer, step and rank made it, and the token index."""
+    base = float(1000 * step + 10 * layer + rank)
+    key = base + 0.001 * torch.arange(tokens, dtype=torch.float32).view(1, 1, tokens, 1)
+    key = key.expand(batch, HEADS, tokens, HEAD_DIM).clone()
+    return key, -key
+
+
+def test_store_reuses_its_buffers_across_periods():
+    store = DisplacedKVStore(BandComm(None, 0, 1), group_layers=2)
+    store.set_layout([6], (0, 6))
+    layers = 5
+    store.set_phase(synchronous=True, publish=False)  # registration forward
+    for layer in range(layers):
+        key, value = _kv(layer, 0, 0, 6)
+        full_key, full_value = store.full_kv(layer, key, value)
+        assert torch.equal(full_key, key) and torch.equal(full_value, value)
+    store.set_phase(synchronous=True, publish=True)  # seeding step
+    for layer in range(layers):
+        store.full_kv(layer, *_kv(layer, 1, 0, 6))
+    pointers, sizes = set(), set()
+    for step in range(2, 8):
+        store.set_phase(synchronous=False, publish=step % 2 == 0)
+        for layer in range(layers):
+            key, value = _kv(layer, step, 0, 6)
+            full_key, full_value = store.full_kv(layer, key, value)
+            assert torch.equal(full_key, key) and torch.equal(full_value, value)
+        pointers.add((store._buffer.flat.data_ptr(), store._staging.data_ptr()))
+        sizes.add(store.memory_bytes())
+    store.drain()
+    assert len(pointers) == 1 and len(sizes) == 1, "buffers were re-allocated between periods"
+    stats = store.stats()
+    assert stats["layers"] == layers and stats["groups"] == 3 and stats["sync_points"] == 3
+    assert stats["collectives_per_sync_point"] == 0  # one rank: nothing to send
+    # The next run with the same shapes keeps the buffers; another batch size registers afresh.
+    store.reset()
+    flat = store._buffer.flat.data_ptr()
+    store.set_phase(synchronous=True, publish=True)
+    store.full_kv(0, *_kv(0, 0, 0, 6))
+    assert store._buffer.flat.data_ptr() == flat
+    store.set_phase(synchronous=True, publish=True)
+    store.full_kv(0, *_kv(0, 0, 0, 6, batch=1))
+    assert store.stats()["layers"] == 1
+    store.set_phase(synchronous=False)
+    with pytest.raises(RuntimeError, match="batch size"):
+        store.full_kv(0, *_kv(0, 0, 0, 6))
+    store.release()
+    assert store.memory_bytes() == 0
+
+
+def test_narrow_stale_storage_keeps_the_own_band_exact():
+    store = DisplacedKVStore(BandComm(None, 0, 1), kv_dtype=kv_storage_dtype("bfloat16"))
+    store.set_layout([6], (0, 6))
+    key, value = _kv(0, 0, 0, 6)
+    store.full_kv(0, key, value)  # a fresh store seeds from synchronous steps
+    store.set_phase(synchronous=False)
+    key, value = _kv(0, 1, 0, 6)
+    full_key, full_value = store.full_kv(0, key, value)
+    assert full_key.dtype == torch.float32 and torch.equal(full_key, key) and torch.equal(full_value, value)
+    assert store._buffer.flat.dtype == torch.bfloat16
+    assert store.stale_bytes_ratio() == 0.5
+    with pytest.raises(ValueError, match="--stadi_kv_dtype"):
+        kv_storage_dtype("fp8")
+
+
+def test_band_size_must_match_the_layout():
+    store = DisplacedKVStore(BandComm(None, 0, 1))
+    store.set_layout([6], (0, 6))
+    with pytest.raises(ValueError, match="6 tokens"):
+        store.full_kv(0, *_kv(0, 0, 0, 5))
+    with pytest.raises(ValueError, match="own_range"):
+        store.set_layout([6], (1, 6))
+
+
+# --------------------------------------------------------------------------------------------------
+# several ranks: counted collectives, delivered values, a dead peer
+
+
+def _exchange_worker(rank: int, world: int, counts: list[int], group_layers: int, layers: int,
+                     steps: int, in_place_all_gather: bool) -> dict:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from stadi_xdit.runtime import comm as comm_module
+    from stadi_xdit.runtime import exchange, kv
+
+    # gloo takes the broadcasts on a tie; pretend its all-gather is in place to test that path too.
+    if in_place_all_gather:
+        kv.choose_method = lambda counts, in_place_all_gather: exchange.choose_method(counts, True)
+
+    calls = {"broadcast": 0, "all_gather": 0}
+    broadcast, all_gather = dist.broadcast, comm_module._all_gather_single
+
+    def counting_broadcast(*args, **kwargs):
+        calls["broadcast"] += 1
+        return broadcast(*args, **kwargs)
+
+    def counting_all_gather(*args, **kwargs):
+        calls["all_gather"] += 1
+        return all_gather(*args, **kwargs)
+
+    dist.broadcast, comm_module._all_gather_single = counting_broadcast, counting_all_gather
+    comm = BandComm(None, rank, world, timedelta(seconds=120))
+    store = DisplacedKVStore(comm, group_layers=group_layers)
+    start = sum(counts[:rank])
+    store.set_layout(counts, (start, start + counts[rank]))
+    bounds = list(itertools.accumulate([0, *counts]))
+
+    def expected(layer: int, step_of_rank: list[int]) -> torch.Tensor:
+        return torch.cat([_kv(layer, step_of_rank[r], r, counts[r])[0] for r in range(world)], dim=2)
+
+    per_step, wrapped, pointers, errors = [], [], set(), []
+    for step in range(steps):
+        synchronous = step == 0
+        publish = step < steps - 1  # every displaced step publishes (period 1) but the last
+        store.set_phase(synchronous=synchronous, publish=publish)
+        before = dict(calls)
+        for layer in range(layers):
+            full_key, full_value = store.full_kv(layer, *_kv(layer, step, rank, counts[rank]))
+            # Synchronous: everyone's fresh K/V. Displaced: own band fresh, the others' from the last step.
+            sources = [step if synchronous or r == rank else step - 1 for r in range(world)]
+            want = expected(layer, sources)
+            if not (torch.equal(full_key, want) and torch.equal(full_value, -want)):
+                errors.append((step, layer))
+            own = full_key[:, :, bounds[rank]:bounds[rank + 1]]
+            if not torch.equal(own, _kv(layer, step, rank, counts[rank])[0]):
+                errors.append(("own", step, layer))
+        wrapped.append(before)
+        if store._buffer is not None:
+            pointers.add(store._buffer.flat.data_ptr())
+    store.drain()
+    # calls during step s (plus the deferred last group, sent at the next step's start) per step
+    launched = [sum(after[k] - before[k] for k in calls) for before, after in zip(wrapped, [*wrapped[1:], calls])]
+    per_step = launched
+    return {"errors": errors, "per_step": per_step, "stats": store.stats(), "counts": store.counts,
+            "pointers": len(pointers), "comm_collectives": comm.collectives, "calls": calls}
+
+
+@pytest.mark.parametrize("counts,group_layers,in_place", [
+    ([4, 4], 3, True),       # equal bands, in-place all-gather (NCCL's rule): one all-gather per group
+    ([4, 4], 3, False),      # equal bands on gloo: one broadcast per source per group
+    ([5, 3], 3, True),       # uneven: one broadcast per source per group, whatever the backend
+    ([2, 3, 5], 2, False),   # 3 ranks, uneven
+    ([3, 3, 3], 7, True),    # one group, one all-gather
+    ([1, 6], 1, False),      # a group per layer (the old per-layer exchange, K and V together)
+])
+def test_grouped_exchange_counts_collectives_and_delivers_every_band(counts, group_layers, in_place):
+    layers, steps = 7, 5
+    world = len(counts)
+    results = run_distributed(_exchange_worker, world, counts, group_layers, layers, steps, in_place,
+                              init_process_group=True, timeout=180)
+    groups = math.ceil(layers / group_layers)
+    per_source = 1 if choose_method(counts, in_place) == "all_gather" else world
+    for rank, result in enumerate(results):
+        assert result["errors"] == [], (rank, result["errors"][:5])
+        assert result["pointers"] == 1, "the flat buffer was re-allocated"
+        stats = result["stats"]
+        # Synchronous step: every layer gathers before its attention.
+        assert result["per_step"][0] == layers * per_source
+        # Publishing steps: one collective per group (all-gather) or per group and source (broadcast).
+        assert result["per_step"][1:steps - 1] == [groups * per_source] * (steps - 2)
+        assert result["per_step"][steps - 1] == 0  # the last step publishes nothing
+        assert stats["collectives_per_sync_point"] == groups * per_source
+        assert stats["collectives_per_synchronous_step"] == layers * per_source
+        assert stats["sync_points"] == steps - 2
+        assert result["comm_collectives"] == sum(result["calls"].values())
+        width = layers * 2 * BATCH * HEADS * HEAD_DIM * 4
+        assert stats["bytes_sent_per_sync_point"] == counts[rank] * width
+        assert stats["buffer_bytes"] == sum(counts) * width
+
+
+def _dead_peer_worker(rank: int, world: int) -> str | None:
+    import os
+    from datetime import timedelta
+
+    from stadi_xdit.runtime.faults import PeerFailure, PeerWatch
+
+    comm = BandComm(None, rank, world, timedelta(seconds=5), watch=PeerWatch([0, 1], rank, 5.0))
+    store = DisplacedKVStore(comm, group_layers=2)
+    store.set_layout([3, 3], (3 * rank, 3 * rank + 3))
+    try:
+        for step in range(4):
+            comm.enter("stadi", step)
+            store.set_phase(synchronous=step == 0, publish=True)
+            if rank == 1 and step == 2:
+                os._exit(1)  # dies before publishing its second sync point
+            for layer in range(3):
+                store.full_kv(layer, *_kv(layer, step, rank, 3))
+        store.drain()
+    except PeerFailure as error:
+        return str(error)
+    return None
+
+
+def test_a_dead_peer_is_named_by_the_exchange_waits():
+    (message, _) = run_distributed(_dead_peer_worker, 2, init_process_group=True, timeout=120, faulty_ranks=(1,))
+    assert message is not None and "\n" not in message
+    assert message.startswith("stadi: peer rank 1 (global rank 1)") and "--stadi_timeout 5 s" in message
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny PixArt on 2-3 ranks
+
+
+def _reference(size: int, steps: int) -> torch.Tensor:
+    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+
+    pipe = tiny_pixart_pipeline()
+    return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
+                generator=torch.Generator().manual_seed(SEED), use_resolution_binning=False).images
+
+
+def _run_pixart(rank: int, world: int, size: int, steps: int, runs: list[dict]) -> list[dict]:
+    """One STADI run per entry of `runs` (StadiArgs keywords, plus `group_layers` for the store)."""
+    from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
+    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+
+    results = []
+    for kwargs in runs:
+        kwargs = dict(kwargs)
+        group_layers = kwargs.pop("group_layers", None)
+        pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, tiny_pixart_pipeline(), size=size, steps=steps,
+                                    **kwargs)
+        if group_layers is not None:
+            pipe.kv_store.configure(group_layers=group_layers)
+        out = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
+                   generator=torch.Generator().manual_seed(SEED), use_resolution_binning=False)
+        result = pipe.last_result
+        results.append({"latents": out.images, "plan": result.plan, "exchange": result.exchange,
+                        "costs": result.costs, "measured": result.measured_speeds,
+                        "rows": [record.rows for record in result.timeline.steps]})
+    return results
+
+
+@pytest.mark.parametrize("world,speeds,size,bands", [
+    (2, "3,5", 128, [(0, 3), (3, 8)]),
+    (3, "2,3,5", 160, [(0, 2), (2, 5), (5, 10)]),
+])
+def test_exact_mode_equals_one_process_and_keeps_no_stale_kv(world, speeds, size, bands):
+    steps = 4
+    reference = _reference(size, steps)
+    # --stadi_kv_dtype is ignored in exact mode: there are no stale K/V to store.
+    runs = [{"stadi_exact": True, "stadi_mode": "spatial", "stadi_speeds": speeds, "warmup_steps": 2,
+             "stadi_kv_dtype": "bfloat16", "group_layers": 1}]
+    results = run_distributed(_run_pixart, world, size, steps, runs, timeout=300)
+    for rank, (result,) in enumerate(results):
+        assert result["plan"].row_bounds() == bands
+        assert relative_error(result["latents"], reference) <= 1e-4, f"rank {rank}"
+        exchange = result["exchange"]
+        assert exchange["buffer_bytes"] == 0 and exchange["sync_points"] == 0
+        assert exchange["collectives_per_synchronous_step"] == 2 * world  # 2 layers x one broadcast per source
+
+
+def test_grouping_does_not_change_the_result_and_runs_repeat_bit_for_bit(capsys):
+    steps, size = 6, 128
+    reference = _reference(size, steps)
+    runs = []
+    for mode in ("uniform", "spatial", "full"):
+        for group_layers in (1, 2, 1):  # the last repeats the first
+            runs.append({"stadi_mode": mode, "stadi_speeds": "1,0.5", "warmup_steps": 2,
+                         "group_layers": group_layers})
+    runs.append({"stadi_mode": "spatial", "stadi_speeds": "1,0.5", "warmup_steps": 2, "stadi_kv_dtype": "bfloat16"})
+    runs.append({"stadi_mode": "uniform", "stadi_speeds": "1,0.5", "warmup_steps": 2, "stadi_kv_dtype": "bfloat16"})
+    runs.append({"stadi_mode": "uniform", "stadi_speeds": "1,0.5", "warmup_steps": 2, "ignore_foreign_bands": True})
+    results = run_distributed(_run_pixart, 2, size, steps, runs, timeout=400)
+    fault = psnr(reference, results[0][-1]["latents"])
+    lines = [f"[exchange] foreign K/V ignored (fault injection): PSNR vs 1 process {fault:.1f} dB"]
+    for index in range(0, 9, 3):
+        per_rank = [results[rank][index:index + 3] for rank in range(2)]
+        mode = per_rank[0][0]["plan"].mode
+        for rank in range(2):
+            first, other, repeat = per_rank[rank]
+            assert torch.equal(first["latents"], other["latents"]), (mode, "group size changed the result")
+            assert torch.equal(first["latents"], repeat["latents"]), (mode, "repeat run differs")
+            assert torch.equal(first["latents"], per_rank[0][0]["latents"]), "ranks disagree"
+            for result, group_layers in zip((first, other), (1, 2)):
+                exchange = result["exchange"]
+                assert exchange["method"] == "broadcast"  # gloo: uneven bands, or a tie on equal ones
+                assert exchange["collectives_per_sync_point"] == math.ceil(2 / group_layers) * 2
+        quality = psnr(reference, per_rank[0][0]["latents"])
+        lines.append(f"[exchange] mode={mode} PSNR vs 1 process {quality:.1f} dB")
+        if mode != "full":
+            assert quality >= fault + 6.0, (mode, quality, fault)
+    for index, mode in ((9, "spatial"), (10, "uniform")):
+        narrow = results[0][index]
+        wide = results[0][0 if mode == "uniform" else 3]
+        assert narrow["exchange"]["kv_dtype"] == "bfloat16" and wide["exchange"]["kv_dtype"] == "float32"
+        assert 2 * narrow["exchange"]["buffer_bytes"] == wide["exchange"]["buffer_bytes"]
+        assert 2 * narrow["exchange"]["bytes_received_per_sync_point"] == wide["exchange"]["bytes_received_per_sync_point"]
+        quality, full_precision = psnr(reference, narrow["latents"]), psnr(reference, wide["latents"])
+        lines.append(f"[exchange] mode={mode} --stadi_kv_dtype bfloat16: PSNR vs 1 process {quality:.1f} dB "
+                     f"(float32 stale K/V: {full_precision:.1f} dB)")
+        assert quality >= 40.0 and quality >= fault + 6.0, (mode, quality, fault)
+        assert torch.equal(narrow["latents"], results[1][index]["latents"])
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+
+
+def test_measured_runs_calibrate_a_fixed_cost_on_two_band_sizes():
+    steps, size = 6, 128
+    runs = [{"stadi_mode": "spatial", "stadi_emulate_slowdown": "1,3", "warmup_steps": 3}]
+    results = run_distributed(_run_pixart, 2, size, steps, runs, timeout=300)
+    (first,), (second,) = results
+    costs = first["costs"]
+    assert costs is not None and costs == second["costs"], "every rank must plan on the same costs"
+    assert first["plan"] == second["plan"]
+    assert list(first["plan"].speeds) == first["measured"]
+    assert len(costs["warmup_rows"]) == 3 and costs["warmup_rows"][0] == [4, 4]
+    # Step 1 found rank 1 slower, so steps 2.. ran on provisional spatial bands: two sizes per rank.
+    assert costs["warmup_rows"][2][1] < 4 and first["rows"][:3] == [4, 4, costs["warmup_rows"][2][0]]
+    assert all(o >= 0 for o in costs["step_overhead_seconds"])
+    assert costs["exchange_seconds"] >= 0 and costs["warmup_exchange_seconds"] >= 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the cost fit and the planner's per-rank overheads
+
+
+def _records(points: list[tuple[int, float]]) -> list[StepRecord]:
+    records, clock = [], 0.0
+    for rows, seconds in points:
+        records.append(StepRecord("warmup", len(records), clock, clock + seconds, 0.0, 0.0, rows))
+        clock += seconds
+    return records
+
+
+def test_fit_recovers_fixed_and_row_cost_from_two_band_sizes():
+    fit = fit_step_cost(_records([(16, 9.9), (16, 0.05 + 16 * 0.03), (21, 0.05 + 21 * 0.03), (21, 0.05 + 21 * 0.03)]))
+    assert fit.fitted and fit.sizes == (16, 21)
+    assert fit.fixed_seconds == pytest.approx(0.05) and fit.row_seconds == pytest.approx(0.03)
+    assert fit.speed == pytest.approx(1 / 0.03) and fit.seconds(10) == pytest.approx(0.35)
+    one_size = fit_step_cost(_records([(16, 1.0), (16, 0.5), (16, 0.7)]))
+    assert not one_size.fitted and one_size.fixed_seconds == 0 and one_size.row_seconds == pytest.approx(0.6 / 16)
+    noisy = fit_step_cost(_records([(16, 1.0), (16, 0.5), (8, 0.6)]))  # bigger band faster: not physical
+    assert not noisy.fitted and noisy.fixed_seconds == 0
+
+
+def test_the_fixed_cost_in_rows_is_pooled_and_anchored_at_each_ranks_time():
+    fits = [StepCost(0.05, 0.01, (4, 6), True), StepCost(0.0, 0.03, (4,), False), StepCost(0.3, 0.02, (2, 3), True)]
+    done = complete_step_costs(fits, [(6, 0.11), (4, 0.27), (3, 0.5)], max_fixed_rows=64)
+    # median of 5 and 15 rows = 10 rows of fixed cost; each rank exact at its last size
+    for cost, (rows, seconds) in zip(done, [(6, 0.11), (4, 0.27), (3, 0.5)]):
+        assert cost.fixed_seconds == pytest.approx(10 * cost.row_seconds)
+        assert cost.seconds(rows) == pytest.approx(seconds)
+    capped = complete_step_costs(fits, [(6, 0.11), (4, 0.27), (3, 0.5)], max_fixed_rows=8)
+    assert capped[1].fixed_seconds == pytest.approx(8 * capped[1].row_seconds)
+    # the slowest rank at its size stays the slowest per row
+    assert done[1].speed < done[0].speed
+    assert complete_step_costs(fits[1:2], [(4, 0.27)], max_fixed_rows=64) == fits[1:2]
+
+
+@pytest.mark.parametrize("speeds,overheads,strides", [
+    ((1.0, 0.5), (0.05, 0.1), (1, 1)),
+    ((1.0, 0.5, 0.25), (0.3, 0.0, 1.0), (1, 2, 4)),
+    ((2.0, 2.0), (0.0, 3.0), (1, 1)),
+])
+def test_overhead_water_filling_is_exact(speeds, overheads, strides):
+    rows, align = 12, 1
+    band_rows = water_fill_with_overheads(speeds, strides, overheads, rows, align)
+
+    def worst(bands):
+        return max((r / v + o) / s for r, v, o, s in zip(bands, speeds, overheads, strides))
+
+    best = min(worst(b) for b in itertools.product(range(1, rows), repeat=len(speeds)) if sum(b) == rows)
+    assert sum(band_rows) == rows and worst(band_rows) == pytest.approx(best)
+
+
+def test_zero_overheads_plan_exactly_as_before_and_fixed_costs_move_rows():
+    speeds = [1.0, 0.5]
+    assert water_fill_with_overheads(speeds, (1, 1), (0.0, 0.0), 32, 1) == water_fill_band_rows(speeds, 32, 1)
+    base = plan(speeds, rows=32, align=1, num_steps=20, warmup_steps=2, mode="spatial")
+    # A fixed cost per forward that scales with the device (the slow rank pays twice as much) makes
+    # the slow rank's band smaller still: it pays its larger fixed cost whatever its band.
+    calibrated = plan(speeds, rows=32, align=1, num_steps=20, warmup_steps=2, mode="spatial",
+                      step_overhead_seconds=[4.0, 8.0])
+    assert calibrated.ranks[1].num_rows < base.ranks[1].num_rows
+    # Ideal strides compare the time of an equal band, fixed costs included.
+    fixed_heavy = plan([1.0, 1.0], rows=32, align=1, num_steps=20, warmup_steps=2, mode="full",
+                       step_overhead_seconds=[0.0, 40.0])
+    assert [r.stride for r in fixed_heavy.ranks] == [1, 2]
+
+
+def test_predict_latency_takes_per_rank_overheads_and_warmup_exchange():
+    latency = predict_latency([4, 4], [1, 1], [2.0, 1.0], num_steps=4, warmup_steps=1,
+                              step_overhead_seconds=[0.5, 1.0], warmup_exchange_seconds=0.25, exchange_seconds=0.1)
+    # warmup: max(2 + 0.5, 4 + 1) + 0.25; 3 periods of max(2.5, 5) + 0.1
+    assert latency.total_seconds == pytest.approx(5.25 + 3 * 5.1)
+    assert latency.busy_seconds == pytest.approx((4 * 2.5, 4 * 5.0))
+    with pytest.raises(ValueError, match=r"^step_overhead_seconds\[1\] "):
+        predict_latency([4, 4], [1, 1], [2.0, 1.0], num_steps=4, warmup_steps=1, step_overhead_seconds=[0.5, -1])
+    with pytest.raises(ValueError, match="one per rank"):
+        predict_latency([4, 4], [1, 1], [2.0, 1.0], num_steps=4, warmup_steps=1, step_overhead_seconds=[0.5])

@@ -1,0 +1,331 @@
+"""STADI on tiny Wan 2.1 text-to-video (2 blocks, UMT5, CFG with a negative prompt) on 2-3 gloo ranks.
+
+17 frames at 48x64 px are 5 latent frames (odd) of 3x4 tokens; bands are whole latent frames, so
+speeds 3,5 give uneven 2/3-frame bands. Wan's 3D RoPE gives every token its absolute frame, so a
+band run with its own (local) positions would show. The scheduler is Wan's own UniPC multistep,
+whose history and corrector state are re-banded at the transition. One 2-rank job and one 3-rank
+job serve the multi-process tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stadi_xdit.testing.checks import build_stadi_pipeline, relative_error
+from stadi_xdit.testing.spawn import free_port, run_distributed
+
+SEED = 1
+HEIGHT, WIDTH, FRAMES = 48, 64, 17  # 5 latent frames x (3 x 4) tokens
+STEPS = 8
+EXACT = {"stadi_exact": True, "stadi_mode": "spatial", "warmup_steps": 2}
+STALE_MODES = ("uniform", "spatial", "full")
+BAD_INPUTS = [  # (pipeline call overrides, what the one line must name)
+    ({"num_frames": 16}, "--num_frames must be 4k+1"),
+    ({"num_frames": 1}, "--num_frames >= 5"),
+    ({"height": 40}, "--height/--width must be multiples of 16"),
+]
+TWO_RANK_RUNS = [
+    {**EXACT, "stadi_speeds": "3,5"},
+    {**EXACT, "stadi_speeds": "3,5", "output_type": "np"},
+    *({"stadi_mode": mode, "stadi_speeds": "1,0.5", "warmup_steps": 2} for mode in STALE_MODES),
+    {"stadi_mode": "full", "stadi_speeds": "1,0.5", "warmup_steps": 2},  # determinism
+    {"stadi_mode": "uniform", "stadi_speeds": "1,0.5", "warmup_steps": 2, "ignore_foreign_bands": True},
+    {**EXACT, "stadi_speeds": "3,5", "scheduler": "flow_euler"},
+    {"stadi_mode": "full", "stadi_speeds": "1,0.5", "warmup_steps": 2, "scheduler": "flow_euler"},
+    *({"stadi_mode": "uniform", "warmup_steps": 1, "bad": bad} for bad in range(len(BAD_INPUTS))),
+    {"stadi_mode": "uniform", "warmup_steps": 1, "scheduler": "ddpm"},
+]
+
+
+def _call(output_type: str, **overrides) -> dict:
+    return {"prompt": "a cat walks", "negative_prompt": "blurry", "guidance_scale": 5.0, "height": HEIGHT,
+            "width": WIDTH, "num_frames": FRAMES, "num_inference_steps": STEPS, "max_sequence_length": 16,
+            "output_type": output_type, "generator": torch.Generator().manual_seed(SEED), **overrides}
+
+
+def _pipeline(scheduler: str = "unipc"):
+    from stadi_xdit.testing.tiny import build_wan_pipeline
+
+    if scheduler == "ddpm":
+        from diffusers import DDPMScheduler
+
+        pipe = build_wan_pipeline()
+        pipe.scheduler = DDPMScheduler()
+        return pipe
+    return build_wan_pipeline(scheduler=scheduler)
+
+
+def _reference(output_type: str, scheduler: str = "unipc"):
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
+
+    return _pipeline(scheduler)(**_call(output_type)).frames
+
+
+def _run_stadi(rank: int, world: int, runs: list[dict]) -> list[dict]:
+    """Build one STADI Wan pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.models.wan import StadiWanPipeline
+
+    results = []
+    for kwargs in runs:
+        kwargs = dict(kwargs)
+        output_type = kwargs.pop("output_type", "latent")
+        scheduler = kwargs.pop("scheduler", "unipc")
+        bad = kwargs.pop("bad", None)
+        try:
+            pipe = build_stadi_pipeline(StadiWanPipeline, _pipeline(scheduler), size=HEIGHT, steps=STEPS,
+                                        model="tiny-wan", **kwargs)
+            if bad is not None:
+                pipe(**_call(output_type, **BAD_INPUTS[bad][0]))
+        except ValueError as error:
+            results.append({"error": str(error)})
+            continue
+        if bad is not None:
+            results.append({"error": None})
+            continue
+        transformer = pipe.module.transformer
+        calls = {"forward": 0, "attn": 0}
+
+        def count(kind, calls=calls):
+            return lambda *_: calls.__setitem__(kind, calls[kind] + 1)
+
+        batches = set()
+        hooks = [transformer.register_forward_pre_hook(count("forward")),
+                 transformer.register_forward_pre_hook(
+                     lambda _m, _a, kw, seen=batches: seen.add(kw["hidden_states"].shape[0]), with_kwargs=True)]
+        hooks += [block.attn1.register_forward_pre_hook(count("attn")) for block in transformer.blocks]
+        out = pipe(**_call(output_type))
+        for hook in hooks:
+            hook.remove()
+        result = pipe.last_result
+        processors = sorted({type(p).__name__ for name, p in transformer.attn_processors.items()
+                             if ".attn1." in name})
+        pipe.remove_stadi()  # diffusers' processors back, and no RoPE hook left
+        restored = (not transformer.rope._forward_hooks
+                    and {type(p).__name__ for p in transformer.attn_processors.values()} == {"WanAttnProcessor"})
+        results.append({"images": None if out is None else out.frames, "plan": result.plan, "restored": restored,
+                        "num_evals": result.num_evals, "calls": calls, "batches": sorted(batches),
+                        "processors": processors,
+                        "exchange": result.exchange})
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference() -> torch.Tensor:
+    return _reference("latent")
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[list[dict]]:
+    return run_distributed(_run_stadi, 2, TWO_RANK_RUNS, timeout=300)
+
+
+def _check_exact(per_rank: list[dict], reference: torch.Tensor, bands: list[tuple[int, int]], label: str) -> None:
+    for rank, result in enumerate(per_rank):
+        assert result["processors"] == ["StadiWanAttnProcessor"] and result["restored"]
+        assert result["plan"].row_bounds() == bands
+        assert result["batches"] == [2], "the CFG pair runs as one batch"
+        assert result["calls"] == {"forward": STEPS, "attn": 2 * STEPS}
+        error = relative_error(result["images"], reference)
+        print(f"[stadi-wan] exact, {label}, rank {rank}: rel. error vs 1 process = {error:.2e}")
+        assert error <= 1e-4, f"rank {rank}"
+
+
+# Exact mode: every layer gathers fresh K/V of the whole clip every step, so any frame split equals one process.
+def test_exact_mode_equals_one_process_on_2_ranks(two_ranks, reference):
+    _check_exact([per_run[0] for per_run in two_ranks], reference, [(0, 2), (2, 5)], "2 ranks (UniPC)")
+
+
+def test_exact_mode_with_flow_match_euler(two_ranks):
+    _check_exact([per_run[7] for per_run in two_ranks], _reference("latent", "flow_euler"), [(0, 2), (2, 5)],
+                 "2 ranks (FlowMatchEuler)")
+
+
+def test_exact_mode_equals_one_process_on_3_ranks(reference):
+    results = run_distributed(_run_stadi, 3, [{**EXACT, "stadi_speeds": "2,3,5"}], timeout=300)
+    _check_exact([per_run[0] for per_run in results], reference, [(0, 1), (1, 2), (2, 5)], "3 ranks (UniPC)")
+
+
+def test_cfg_parallel_exact_equals_one_process(reference):
+    """`--use_cfg_parallel` on 2 ranks: one CFG branch (negative / positive prompt) per rank."""
+    results = run_distributed(_run_stadi, 2, [{**EXACT, "stadi_speeds": "1", "use_cfg_parallel": True}], timeout=300)
+    for rank, (result,) in enumerate(results):
+        assert result["batches"] == [1]
+        error = relative_error(result["images"], reference)
+        print(f"[stadi-wan] exact, CFG-parallel on 2 ranks, rank {rank}: rel. error vs 1 process = {error:.2e}")
+        assert error <= 1e-4, f"rank {rank}"
+
+
+def test_exact_mode_decodes_like_one_process(two_ranks):
+    reference = _reference("np")
+    videos = [per_run[1]["images"] for per_run in two_ranks]
+    assert videos[0] is None, "only the output rank decodes"
+    assert videos[1].shape == (1, FRAMES, HEIGHT, WIDTH, 3)
+    error = relative_error(torch.from_numpy(videos[1]), torch.from_numpy(reference))
+    print(f"[stadi-wan] exact, decoded video: rel. error vs 1 process = {error:.2e}")
+    assert error <= 1e-4
+
+
+def test_stale_modes_follow_the_plan_and_repeat(two_ranks, reference):
+    from stadi_xdit.bench.metrics import psnr
+
+    without_exchange = relative_error(two_ranks[0][6]["images"], reference)
+    print(f"[stadi-wan] foreign K/V ignored (fault injection): rel. error = {without_exchange:.4e}, "
+          f"PSNR {psnr(reference, two_ranks[0][6]['images']):.1f} dB")
+    for index, mode in enumerate(STALE_MODES, start=2):
+        per_rank = [two_ranks[rank][index] for rank in range(2)]
+        plan = per_rank[0]["plan"]
+        assert plan.mode == mode
+        for rank, result in enumerate(per_rank):
+            assert result["plan"] == plan, "every rank must derive the same plan"
+            assert result["num_evals"] == result["calls"]["forward"] == plan.ranks[rank].num_evals, (mode, rank)
+            assert result["calls"]["attn"] == 2 * result["calls"]["forward"]
+            assert torch.equal(result["images"], per_rank[0]["images"]), "ranks disagree on the final latent"
+        error = relative_error(per_rank[0]["images"], reference)
+        print(f"[stadi-wan] mode={mode} bands={plan.row_bounds()} strides={[r.stride for r in plan.ranks]} "
+              f"evals={[r['num_evals'] for r in per_rank]} rel. error vs 1 process = {error:.2e}, "
+              f"PSNR {psnr(reference, per_rank[0]['images']):.1f} dB, margin to fault {without_exchange / error:.1f}x")
+        if mode != "full":  # full also skips steps, a different error source
+            # The displaced exchange must matter: stale K/V are far closer than no foreign K/V.
+            assert error * 4 < without_exchange, (mode, error, without_exchange)
+        assert error < 0.1, (mode, error)
+    assert [r.stride for r in two_ranks[0][4]["plan"].ranks] == [1, 2]
+    for rank in range(2):
+        assert torch.equal(two_ranks[rank][4]["images"], two_ranks[rank][5]["images"]), "runs must repeat bit for bit"
+
+
+def test_full_mode_with_flow_match_euler(two_ranks):
+    reference = _reference("latent", "flow_euler")
+    per_rank = [two_ranks[rank][8] for rank in range(2)]
+    assert [r.stride for r in per_rank[0]["plan"].ranks] == [1, 2]
+    for rank, result in enumerate(per_rank):
+        assert result["num_evals"] == result["calls"]["forward"] == per_rank[0]["plan"].ranks[rank].num_evals
+    error = relative_error(per_rank[0]["images"], reference)
+    print(f"[stadi-wan] mode=full (FlowMatchEuler): rel. error vs 1 process = {error:.2e}")
+    assert error < 0.1
+
+
+def test_bad_input_is_one_line(two_ranks):
+    first_bad = 9
+    for offset, (_, needle) in enumerate(BAD_INPUTS):
+        for per_rank in two_ranks:
+            error = per_rank[first_bad + offset]["error"]
+            assert error is not None and needle in error and "\n" not in error, (needle, error)
+    for per_rank in two_ranks:
+        error = per_rank[first_bad + len(BAD_INPUTS)]["error"]
+        assert error is not None and "DDPMScheduler" in error and "\n" not in error, error
+
+
+# --- in-process checks -------------------------------------------------------------------------
+
+
+def test_unipc_subsequence_equals_unipc_on_the_sublist():
+    """Restricting UniPC after W full-grid steps == UniPC run over the visited sub-list from the start."""
+    from stadi_xdit.runtime.schedule import rank_schedule_indices, restrict_to_indices
+    from stadi_xdit.testing.tiny import wan_scheduler
+
+    warmup, steps, base_steps = 2, 11, (0, 2, 4, 6, 8)
+    indices = rank_schedule_indices(warmup, base_steps)
+    sample0 = torch.randn(1, 4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # a smooth stand-in denoiser
+        return torch.tanh(x) * (1 + t.float() / 1000) - 0.3 * x
+
+    def run(restrict_first: bool) -> torch.Tensor:
+        scheduler = wan_scheduler()
+        scheduler.set_timesteps(steps)
+        scheduler.set_begin_index(0)
+        if restrict_first:
+            restrict_to_indices(scheduler, indices)
+        x = sample0.clone()
+        for i in range(len(indices)):
+            if i == warmup and not restrict_first:
+                restrict_to_indices(scheduler, indices)
+            t = scheduler.timesteps[i]
+            x = scheduler.step(model(x, t), t, x, return_dict=False)[0]
+        return x
+
+    assert torch.equal(run(False), run(True))
+
+
+def test_displaced_kv_bytes_and_memory_refusal(monkeypatch):
+    from stadi_xdit.models.wan import _check_kv_memory, displaced_kv_bytes, kv_memory_report
+    from stadi_xdit.testing.tiny import wan_transformer_config
+
+    size = displaced_kv_bytes(wan_transformer_config("wan2.1-t2v-14b-720p"), 720, 1280, 81)
+    assert size == 75600 * 40 * 2 * 5120 * 2  # 61.9 GB per rank, one CFG branch
+    lines = kv_memory_report()
+    print("[stadi-wan] displaced K/V per rank:\n  " + "\n  ".join(lines))
+    assert any("wan2.1-t2v-1.3b" in line for line in lines)
+
+    class Store:
+        def memory_bytes(self) -> int:
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 1024**3, 80 * 1024**3))
+    with pytest.raises(ValueError) as info:
+        _check_kv_memory(Store(), size, torch.device("cuda", 0), "75600 tokens")
+    assert "needs 57.7 GiB" in str(info.value) and "\n" not in str(info.value)
+    _check_kv_memory(Store(), 30 * 1024**3, torch.device("cuda", 0), "fits")
+    _check_kv_memory(Store(), size, torch.device("cpu"), "CPU is not checked")
+
+
+# --- through xDiT's runner (`xdit --model Wan2.1-T2V`) on the offline hub cache -------------------
+
+# The runner saves videos with diffusers' export_to_video, which needs imageio or OpenCV; neither is a
+# dependency here, so the launched script stores the frames as .npy and then runs xfuser.runner.
+RUNNER_SCRIPT = """\
+import runpy
+import numpy as np
+import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
+from xfuser.model_executor.models.runner_models import base_model
+def _save_frames(video, output_video_path, fps=10, **_):
+    np.save(output_video_path.removesuffix(".mp4") + ".npy", np.asarray(video))
+    return output_video_path
+base_model.export_to_video = _save_frames
+runpy.run_module("xfuser.runner", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runs of the tiny offline cache")
+def test_exact_stadi_through_the_runner_equals_one_plain_process(tmp_path):
+    from stadi_xdit.run import build_launch_command
+    from stadi_xdit.testing.hub_cache import write_hub_cache
+
+    write_hub_cache(tmp_path / "hf_home", ["Wan2.1-T2V"])
+    script = tmp_path / "wan_runner.py"
+    script.write_text(RUNNER_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               OMP_NUM_THREADS="1")
+    common = ["--model", "Wan2.1-T2V", "--height", str(HEIGHT), "--width", str(WIDTH), "--num_frames", str(FRAMES),
+              "--max_sequence_length", "16", "--prompt", "a cat", "--num_inference_steps", "3"]
+    runs = {"plain": [], "stadi": ["--use_stadi", "--stadi_degree", "2", "--stadi_exact", "--stadi_speeds", "3,5",
+                                   "--warmup_steps", "1"]}
+    procs = {}
+    for name, extra in runs.items():  # both at once: most of each run is start-up
+        (tmp_path / name).mkdir()
+        # What `stadi-xdit ARGS` runs (its `launch` is `subprocess.call(build_launch_command(ARGS))`).
+        command = build_launch_command(["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
+                                        *common, *extra, "--output_directory", str(tmp_path / name)])
+        assert command[command.index("--nproc_per_node=" + ("2" if extra else "1"))]
+        procs[name] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = {name: proc.communicate(timeout=300)[0] for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, logs[name][-4000:]
+    assert "STADI plan" in logs["stadi"] and "STADI plan" not in logs["plain"]
+    assert "STADI rank 1: 3 model evaluations (plan: 3)" in logs["stadi"], logs["stadi"][-3000:]
+    (plain,) = (tmp_path / "plain").glob("*.npy")
+    (stadi,) = (tmp_path / "stadi").glob("*.npy")
+    plain, stadi = np.load(plain).astype(np.float64), np.load(stadi).astype(np.float64)
+    assert plain.shape == (FRAMES, HEIGHT, WIDTH, 3)
+    error = np.linalg.norm(stadi - plain) / np.linalg.norm(plain)
+    print(f"[stadi-wan] runner Wan2.1-T2V, exact STADI on 2 ranks vs 1 plain process: rel. error = {error:.2e}")
+    assert error <= 1e-4
+    assert Path(tmp_path / "stadi" / "timings.json").is_file()
