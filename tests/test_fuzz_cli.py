@@ -2,8 +2,9 @@
 
 Property: an argument list either succeeds (``stadi-plan`` returns 0 having planned, ``stadi-bench``'s
 ``parse_args`` returns a namespace) or exits with status 2 and exactly one ``PROG: error: ...`` line on
-stderr; never another exception, never a traceback, and each example within the deadline (the planner's
-size limits keep a successful plan fast).
+stderr; never another exception, never a traceback, and never a hang: the deadline is a hang guard
+(the probe once found inputs that ran for minutes), far above the worst case measured at the planner's
+limits (~0.6 s), not a speed check.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ ADVERSARIAL = [
 ]
 INTS = ["1", "2", "4", "16", "17", "256", "1000", "1001", "4096", "65536", "65552", "1024", "1000", "3"]
 # capsys is read and reset inside every example, so sharing the function-scoped fixture is safe.
-FUZZ = settings(deadline=2000,
+FUZZ = settings(deadline=30_000,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
