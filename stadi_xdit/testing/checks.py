@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from stadi_xdit.runtime.kv import DisplacedKVStore
@@ -48,3 +50,44 @@ def build_stadi_pipeline(pipeline_cls: type, diffusers_pipeline, *, size: int, s
     if corrupt:
         ignore_foreign_bands(pipe.kv_store)
     return pipe
+
+
+STALE_MODES = ("uniform", "spatial", "full")
+
+
+def check_stale_runs(tag: str, two_ranks: list[list[dict]], reference: torch.Tensor,
+                     check_calls: Callable[[dict], None]) -> None:
+    """The stale-mode checks a family test shares, on the runs of one 2-rank job.
+
+    `two_ranks[rank]` holds that rank's results of the runs [exact, exact decoded, uniform, spatial,
+    full, full again, uniform with the exchange broken], each a dict with `plan`, `num_evals`,
+    `calls` (forward and attention call counts) and `images` (the final latent). Every rank derives
+    the same plan and runs exactly its evaluations; ranks agree; full mode has strides (1, 2) and
+    repeats bit for bit; and stale K/V are far closer to one process than no foreign K/V at all.
+    """
+    from stadi_xdit.bench.metrics import psnr
+
+    broken = two_ranks[0][6]["images"]
+    without_exchange = relative_error(broken, reference)
+    print(f"[{tag}] foreign K/V ignored (fault injection): rel. error = {without_exchange:.2e}, "
+          f"PSNR {psnr(reference, broken):.1f} dB")
+    for index, mode in enumerate(STALE_MODES, start=2):
+        per_rank = [runs[index] for runs in two_ranks]
+        plan = per_rank[0]["plan"]
+        assert plan.mode == mode
+        for rank, result in enumerate(per_rank):
+            assert result["plan"] == plan, "every rank must derive the same plan"
+            assert result["num_evals"] == result["calls"]["forward"] == plan.ranks[rank].num_evals, (mode, rank)
+            check_calls(result)
+            assert torch.equal(result["images"], per_rank[0]["images"]), "ranks disagree on the final latent"
+        error = relative_error(per_rank[0]["images"], reference)
+        print(f"[{tag}] mode={mode} bands={plan.row_bounds()} strides={[r.stride for r in plan.ranks]} "
+              f"evals={[r['num_evals'] for r in per_rank]} rel. error vs 1 process = {error:.2e}, "
+              f"PSNR {psnr(reference, per_rank[0]['images']):.1f} dB")
+        if mode != "full":  # full also skips steps, a different error source
+            # The displaced exchange must matter: stale K/V are far closer than no foreign K/V.
+            assert error * 4 < without_exchange, (mode, error, without_exchange)
+        assert error < 0.1, (mode, error)
+    assert [r.stride for r in two_ranks[0][4]["plan"].ranks] == [1, 2]
+    for runs in two_ranks:
+        assert torch.equal(runs[4]["images"], runs[5]["images"]), "runs must repeat bit for bit"
