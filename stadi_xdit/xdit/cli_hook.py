@@ -186,21 +186,30 @@ def stadi_model_class(cls: type, config: Any) -> type | None:
         raise StadiInputError(str(error)) from None
 
 
-def patch_runner_model_choice(base_model: ModuleType) -> None:
-    if not _ENABLED or _upstream_hook(base_model):
-        return
-    base = base_model.xFuserModel
+def _choose_class_on_construction(base: type, config_arg: str, config_position: int,
+                                  choose: Callable[[type, Any], type | None]) -> None:
+    """Give `base` a `__new__` that constructs `choose(cls, config)` (a subclass) instead of `cls`.
+
+    Python then runs that class's `__init__(*args, **kwargs)` on the instance, so construction
+    arguments reach the STADI class unchanged; every way of building one (from_pretrained, direct
+    calls, registries) ends in the class call, so this one place covers them all.
+    """
     if getattr(base.__dict__.get("__new__"), _MARK, False):
         return
 
     @_marked
     def __new__(cls, *args, **kwargs):
-        config = kwargs.get("config", args[0] if args else None)
+        config = kwargs.get(config_arg, args[config_position] if len(args) > config_position else None)
         if _ENABLED:
-            cls = stadi_model_class(cls, config) or cls
+            cls = choose(cls, config) or cls
         return object.__new__(cls)
 
     _replace(base, "__new__", __new__)
+
+
+def patch_runner_model_choice(base_model: ModuleType) -> None:
+    if _ENABLED and not _upstream_hook(base_model):
+        _choose_class_on_construction(base_model.xFuserModel, "config", 0, stadi_model_class)
 
 
 # --- 3: pipeline choice -------------------------------------------------------------------------
@@ -236,22 +245,9 @@ def stadi_pipeline_class(cls: type, engine_config: Any) -> type | None:
 
 
 def patch_pipeline_choice(base_module: ModuleType) -> None:
-    if not _ENABLED or _upstream_hook(base_module):
-        return
-    base = base_module.xFuserPipelineBaseWrapper
-    if getattr(base.__dict__.get("__new__"), _MARK, False):
-        return
-
-    @_marked
-    def __new__(cls, *args, **kwargs):
-        engine_config = kwargs.get("engine_config", args[1] if len(args) > 1 else None)
-        if _ENABLED:
-            cls = stadi_pipeline_class(cls, engine_config) or cls
-        # Python then runs cls.__init__(*args, **kwargs) on the returned instance (a subclass of
-        # the requested class), so construction arguments reach the STADI pipeline unchanged.
-        return object.__new__(cls)
-
-    _replace(base, "__new__", __new__)
+    if _ENABLED and not _upstream_hook(base_module):
+        _choose_class_on_construction(base_module.xFuserPipelineBaseWrapper, "engine_config", 1,
+                                      stadi_pipeline_class)
 
 
 # --- 4: the `xdit` launcher's rank count --------------------------------------------------------
