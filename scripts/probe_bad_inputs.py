@@ -35,6 +35,8 @@ EXAMPLE_FLAGS = [
     ["--stadi_speeds", "1,0.5,2"], ["--stadi_speeds", "1,-1"], ["--stadi_speeds", ","],
     ["--stadi_speeds", "1,nan"], ["--stadi_speeds", "a"], ["--stadi_emulate_slowdown", "1,x"],
     ["--stadi_emulate_slowdown", "1,0.5"], ["--stadi_emulate_slowdown", "1"], ["--stadi_mode", "fast"],
+    ["--stadi_emulate_shift", "4"], ["--stadi_emulate_shift", "4:1"], ["--stadi_emulate_shift", "x:1,2"],
+    ["--stadi_replan", "always"],
     ["--stadi_max_stride", "0"], ["--stadi_max_stride", "100"], ["--stadi_max_stride", "x"],
     ["--stadi_tolerance", "nan"], ["--stadi_tolerance", "1"], ["--stadi_tolerance", "-0.1"],
     ["--stadi_timeout", "nan"], ["--stadi_timeout", "inf"], ["--stadi_timeout", "1e300"],
@@ -57,7 +59,8 @@ CONFIG_FILES = [
     ("speeds: [1, 2\n", "yaml"), ("exact: yes please\n", "yaml"), ("mode: 3\n", "yaml"),
     ("use_stadi: 1\n", "yaml"), ("emulate_slowdown: '1,0.5'\n", "yaml"), ("tolerance: [1]\n", "yaml"),
     ("timeout_seconds: 0\n", "yaml"), ("speeds: '1,-2'\n", "yaml"), ("max_stride: true\n", "yaml"),
-    ("\xff\xfe", "yaml"), ("mode: fast\n", "yaml"),
+    ("\xff\xfe", "yaml"), ("mode: fast\n", "yaml"), ('{"emulate_shift": [4, 1]}', "json"),
+    ("emulate_shift: '4:0.5,1'\n", "yaml"),
 ]
 
 PLAN_ARGS = [
@@ -89,7 +92,9 @@ BENCH_ARGS = [
     ["--scenario", "slowdown:"], ["--scenario", "slowdown:a,b"], ["--scenario", "background:x=1"],
     ["--scenario", "background:1="], ["--scenario", "foo"], ["--scenario", "slowdown:0,1"],
     ["--scenario", "slowdown:-1,2"], ["--scenario", "slowdown:nan,1"], ["--scenario", "background:1=-3"],
-    ["--scenario", "slowdown:1,2,3"], ["--scenario", "background:5=1"], ["--ranks", "0"], ["--cores", "a,b"],
+    ["--scenario", "slowdown:1,2,3"], ["--scenario", "background:5=1"], ["--scenario", "shift:1=0->1"],
+    ["--scenario", "shift:1=0->1@2"], ["--scenario", "shift:1=1->1@0.5"], ["--scenario", "shift:9=0->1@0.5"],
+    ["--scenario", "slowdown:1,1->1@0.5"], ["--scenario", "slowdown:1,1->1,2@x"], ["--ranks", "0"], ["--cores", "a,b"],
     ["--repeats", "0"], ["--steps", "0"], ["--warmup", "30"], ["--warmup", "-1"], ["--height", "0"],
     ["--height", "100"], ["--max-stride", "0"], ["--max-stride", "100"], ["--dtype", "nonsense"],
     ["--arms", "full,warp"], ["--run-timeout", "nan"], ["--simulate", "--gpus", "A100x-1"],

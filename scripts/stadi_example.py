@@ -13,6 +13,11 @@ without it xDiT runs as usual, so exactness can be checked from outside with two
 (random weights: `tiny`, `small`; PixArt also `pixart-alpha-1024`/`pixart-sigma-1024`, Flux
 `flux-dev-1024`), since no model hub is reachable from our machines. Presets other than `tiny`
 (and every Qwen-Image preset: no tiny Qwen2.5-VL) get stand-in text embeddings.
+
+`--pipeline pixart-alpha --model toy-trained` is the small PixArt-α trained here on a procedural data
+set (`stadi_xdit.toy`, 256 px only): `--prompt` names one of its classes (e.g. "disc on dusk"; default
+by `--seed`), and the output is the data set's 4-channel latent image, saved as a PNG through its
+fixed decode (`results/<pipeline>.png`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from stadi_xdit.models.qwen_image import xFuserQwenImagePipeline
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.testing import tiny
 from stadi_xdit.testing.tiny import random_prompt_embeds
+from stadi_xdit.toy import data as toy_data
+from stadi_xdit.toy import model as toy_model
 from stadi_xdit.xdit.args import StadiArgs
 from stadi_xdit.xdit.distributed import init_distributed
 
@@ -81,10 +88,25 @@ def _qwen_embeds(pipeline, seed: int) -> dict:
     return {"prompt_embeds": text, "prompt_embeds_mask": torch.ones(text.shape[:2], dtype=torch.long)}
 
 
+TOY_PRESET = "toy-trained"  # the trained toy DiT (PixArt-α architecture, stadi_xdit.toy)
+
+
+def _pixart_alpha(preset: str, text: bool):
+    if preset == TOY_PRESET:
+        return toy_model.load_toy_pipeline()
+    return tiny.build_pixart_pipeline(preset, "alpha", with_text_encoder=text)
+
+
+def _toy_class(prompt: str | None, seed: int) -> int:
+    """The toy data set's class named by --prompt, or one chosen by --seed."""
+    if prompt is None:
+        return seed % toy_data.NUM_CLASSES
+    return toy_data.CLASS_NAMES.index(prompt)
+
+
 PIXART_PRESETS = tuple(tiny.PIXART_PRESETS)
 EXAMPLES = {
-    "pixart-alpha": Example(xfuser.xFuserPixArtAlphaPipeline, PIXART_PRESETS,
-                            lambda p, text: tiny.build_pixart_pipeline(p, "alpha", with_text_encoder=text),
+    "pixart-alpha": Example(xfuser.xFuserPixArtAlphaPipeline, (*PIXART_PRESETS, TOY_PRESET), _pixart_alpha,
                             ("tiny",), _pixart_embeds, call_kwargs=(("use_resolution_binning", False),)),
     "pixart-sigma": Example(xfuser.xFuserPixArtSigmaPipeline, PIXART_PRESETS,
                             lambda p, text: tiny.build_pixart_pipeline(p, "sigma", with_text_encoder=text),
@@ -141,6 +163,15 @@ def parse_args() -> tuple[StadiArgs, str, str | None]:
     if engine_args.model not in example.presets and not os.path.isdir(engine_args.model):
         parser.error(f"--model must be a local diffusers folder or one of {', '.join(example.presets)}, "
                      f"got {engine_args.model!r}")
+    if engine_args.model == TOY_PRESET:
+        if (engine_args.height, engine_args.width) != (toy_model.HEIGHT, toy_model.HEIGHT):
+            parser.error(f"--model {TOY_PRESET} is trained at {toy_model.HEIGHT}x{toy_model.HEIGHT} px: use "
+                         f"--height {toy_model.HEIGHT} --width {toy_model.HEIGHT}, got {engine_args.height}x"
+                         f"{engine_args.width}")
+        prompt = engine_args.prompt[0] if isinstance(engine_args.prompt, list) else engine_args.prompt
+        if prompt not in (None, "", *toy_data.CLASS_NAMES):
+            parser.error(f"--prompt with --model {TOY_PRESET} names a class of its data set: "
+                         f"{', '.join(toy_data.CLASS_NAMES)}; got {prompt!r}")
     if args.save_latents is not None and (not args.save_latents or os.path.isdir(args.save_latents)):
         parser.error(f"--save_latents must be a file path, got {args.save_latents!r}")
     return engine_args, args.pipeline, args.save_latents
@@ -166,7 +197,15 @@ def run(engine_args: StadiArgs, example: Example, save_latents: str | None) -> N
     pipeline = pipeline.to(device=device, dtype=dtype)
     # xDiT's wrapper; with --use_stadi its constructor returns the STADI twin.
     pipe = example.wrapper(pipeline, engine_config)
-    if needs_embeds:
+    toy = engine_args.model == TOY_PRESET
+    if toy:
+        prompt = input_config.prompt[0] if isinstance(input_config.prompt, list) else input_config.prompt
+        call = toy_model.toy_call_kwargs([_toy_class(prompt or None, input_config.seed)], input_config.seed)
+        inputs = {name: _on(call[name], device, dtype) for name in
+                  ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                   "negative_prompt_attention_mask", "guidance_scale")}
+        inputs["negative_prompt"] = None
+    elif needs_embeds:
         inputs = {name: _on(value, device, dtype)
                   for name, value in example.stand_in_text(pipeline, input_config.seed).items()}
     else:
@@ -175,7 +214,8 @@ def run(engine_args: StadiArgs, example: Example, save_latents: str | None) -> N
     if example.tiny_text_tokens is not None:
         tokens = example.tiny_text_tokens if engine_args.model == "tiny" else input_config.max_sequence_length
         inputs["max_sequence_length"] = tokens
-    output_type = "latent" if save_latents else input_config.output_type
+    # The toy model's images are its latents (its VAE is a random stand-in): decoded here instead.
+    output_type = "latent" if save_latents or toy else input_config.output_type
 
     dist.barrier()
     start = time.perf_counter()
@@ -190,6 +230,14 @@ def run(engine_args: StadiArgs, example: Example, save_latents: str | None) -> N
         if save_latents:
             torch.save(output.images.cpu(), save_latents)
             print("saved latents to", save_latents)
+        elif toy:
+            from PIL import Image
+
+            os.makedirs("results", exist_ok=True)
+            path = f"results/{type(pipe).__name__}.png"
+            rgb = toy_data.decode_to_rgb(output.images.float().cpu())[0]
+            Image.fromarray((rgb.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+            print("saved", path)
         elif output_type == "pil":
             os.makedirs("results", exist_ok=True)
             path = f"results/{type(pipe).__name__}.png"

@@ -48,6 +48,24 @@ def parse_floats(text: str | Sequence[float] | None, flag: str) -> tuple[float, 
     return values
 
 
+def _normalize_shift(text: object) -> str | None:
+    """'10:1,2' (from base step 10, factors 1 and 2) -> '10:1,2'; the error names the flag."""
+    if not isinstance(text, str) or not text.strip():
+        return None if text is None or isinstance(text, str) else _bad_shift(text)
+    step, colon, factors = text.strip().partition(":")
+    if not colon or not re.fullmatch(r"\d{1,4}", step.strip()):
+        _bad_shift(text)
+    values = parse_floats(factors, "--stadi_emulate_shift")
+    if values is None or any(k < 1 for k in values):
+        _bad_shift(text)
+    return f"{int(step)}:" + ",".join(f"{k:g}" for k in values)
+
+
+def _bad_shift(text: object) -> None:
+    raise ValueError(f"--stadi_emulate_shift must be STEP:k0,k1,... (a base step, then one slowdown factor "
+                     f">= 1 per rank), got {text!r}")
+
+
 @dataclass(frozen=True)
 class StadiConfig:
     """STADI as one more parallel strategy of xDiT; `use_stadi=True` is the only required switch."""
@@ -68,6 +86,10 @@ class StadiConfig:
     emulate_slowdown: tuple[float, ...] | None = setting(
         None, "--stadi_emulate_slowdown", "floats",
         "Testing aid: comma-separated slowdown factor per rank (1 = full speed).")
+    emulate_shift: str | None = setting(
+        None, "--stadi_emulate_shift", "text",
+        "Testing aid: STEP:k0,k1,... emulates these slowdown factors from base step STEP on "
+        "(a load change mid-call; before it, --stadi_emulate_slowdown or full speed).")
     profile_cache: str | None = setting(None, "--stadi_profile_cache", "path",
                                         "JSON file to store and reuse measured speeds.")
     timeout_seconds: float = setting(600.0, "--stadi_timeout", "float",
@@ -76,10 +98,13 @@ class StadiConfig:
                             "Storage type of the stale K/V (auto: as computed; bfloat16/float16 halve the "
                             "K/V store and its exchange when computing in float32). Ignored with "
                             "--stadi_exact, which keeps no stale K/V.", choices=KV_DTYPES)
-    replan: str = setting("off", "--stadi_replan", "choice",
-                          "off: plan once per call (runs repeat bit for bit); calls: a pipeline remembers the "
+    # Default `calls` (docs/benchmarks.md, adaptive section): the second and later calls of a pipeline
+    # warm up on elastic bands at no cost to any guarantee `off` gives (given speeds are never replaced).
+    replan: str = setting("calls", "--stadi_replan", "choice",
+                          "off: plan once per call from its own warmup; calls: a pipeline remembers the "
                           "speeds it measured, so the next call warms up on elastic bands; sync: also re-plan "
-                          "at sync points when the load changes.", choices=REPLAN_MODES)
+                          "at sync points when the load changes. With --stadi_speeds, off and calls run alike "
+                          "(bit for bit).", choices=REPLAN_MODES)
     degree: int | None = setting(None, "--stadi_degree", "count",
                                  "Ranks per CFG branch; launchers start degree x CFG processes "
                                  "(default: every rank of the launch).")
@@ -105,11 +130,28 @@ class StadiConfig:
                              f"got {self.timeout_seconds!r}")
         if self.emulate_slowdown is not None and any(k < 1 for k in self.emulate_slowdown):
             raise ValueError("--stadi_emulate_slowdown factors must be >= 1 (1 = full speed)")
+        if self.emulate_shift is not None:
+            object.__setattr__(self, "emulate_shift", _normalize_shift(self.emulate_shift))
         if self.degree is not None and (isinstance(self.degree, bool) or not isinstance(self.degree, int)
                                         or not 1 <= self.degree <= MAX_RANKS):
             raise ValueError(f"--stadi_degree must be an integer in [1, {MAX_RANKS}], got {self.degree!r}")
         if self.profile_cache is not None and not self.profile_cache.strip():
             raise ValueError("--stadi_profile_cache must be a file path, got an empty string")
+
+    @property
+    def emulated_shift(self) -> tuple[int, tuple[float, ...]] | None:
+        """``--stadi_emulate_shift`` as (first base step, factors per rank), or None."""
+        if not self.emulate_shift:
+            return None
+        step, _, factors = self.emulate_shift.partition(":")
+        return int(step), parse_floats(factors, "--stadi_emulate_shift")
+
+    def emulated_factor(self, rank: int, base_step: int) -> float:
+        """The slowdown factor this rank emulates at ``base_step`` of the full timestep grid."""
+        shift = self.emulated_shift
+        if shift is not None and base_step >= shift[0]:
+            return shift[1][rank]
+        return self.emulate_slowdown[rank] if self.emulate_slowdown else 1.0
 
     @property
     def effective_max_stride(self) -> int:
@@ -120,7 +162,9 @@ class StadiConfig:
         if self.degree is not None and self.degree != stadi_world_size:
             raise ValueError(f"--stadi_degree {self.degree} does not match the launch: {stadi_world_size} "
                              "ranks per CFG branch (world size / CFG degree)")
-        for flag, values in (("--stadi_speeds", self.speeds), ("--stadi_emulate_slowdown", self.emulate_slowdown)):
+        shift = self.emulated_shift[1] if self.emulate_shift else None
+        for flag, values in (("--stadi_speeds", self.speeds), ("--stadi_emulate_slowdown", self.emulate_slowdown),
+                             ("--stadi_emulate_shift", shift)):
             if values is not None and len(values) != stadi_world_size:
                 raise ValueError(f"{flag} has {len(values)} values but the STADI group has {stadi_world_size} ranks")
 
@@ -202,7 +246,7 @@ def _type_ok(kind: str, value: Any) -> bool:
         return isinstance(value, bool)
     if kind == "choice":
         return isinstance(value, str)
-    if kind == "path":
+    if kind in ("path", "text"):
         return value is None or isinstance(value, str)
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)

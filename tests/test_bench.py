@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stadi_xdit.bench.arms import skip_reason
-from stadi_xdit.bench.catalog import ARM_ORDER, ARMS
+from stadi_xdit.bench.catalog import ARMS, DEFAULT_ARMS
 from stadi_xdit.bench.cli import main
 from stadi_xdit.bench.metrics import psnr, ssim
 from stadi_xdit.bench.presets import BENCH_PRESETS, get_preset
@@ -30,7 +30,7 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     (scenario,) = results["scenarios"]
     assert scenario["scenario"] == "slowdown:1,2"
-    assert list(scenario["arms"]) == list(ARM_ORDER)
+    assert list(scenario["arms"]) == list(DEFAULT_ARMS)
     for name, arm in scenario["arms"].items():
         if arm["status"] == "ok":
             assert len(arm["latencies"]) == 1

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from stadi_xdit.bench import cli
-from stadi_xdit.bench.catalog import ARM_ORDER
+from stadi_xdit.bench.catalog import DEFAULT_ARMS
 from stadi_xdit.bench.cli import DEMO_ARGS, parse_args
 from stadi_xdit.bench.scenarios import parse_scenario
 
@@ -31,9 +31,10 @@ def one_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["--scenario", "slowdown:"], "--scenario", "one finite number per rank"),
         (["--scenario", "slowdown:a,b"], "--scenario", "slowdown:k0,k1"),
         (["--scenario", "background:x=1"], "--scenario", "integer RANK"),
-        (["--scenario", "background:1="], "--scenario", "RANK=LOAD"),
+        (["--scenario", "background:1="], "--scenario", "LOAD must be"),
         (["--scenario", "foo"], "--scenario", "unknown scenario 'foo'"),
-        (["--scenario", "shift:1,2"], "--scenario", "unknown scenario"),
+        (["--scenario", "shift:1,2"], "--scenario", "shift:RANK=A->B@F"),
+        (["--scenario", "shuffle:1,2"], "--scenario", "unknown scenario"),
         (["--scenario", "slowdown:0,1"], "--scenario", "in [1, 100]"),
         (["--scenario", "slowdown:-1,2"], "--scenario", "in [1, 100]"),
         (["--scenario", "slowdown:nan,1"], "--scenario", "finite"),
@@ -89,7 +90,7 @@ def one_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["--gpus", "GTX480"], "--gpus", "unknown GPU"),
         (["--gpus", "A100x2", "--speeds", "1,1"], "--speeds", "not allowed with argument --gpus"),
         (["--simulate", "--gpus", "A100x64", "--height", "512", "--no-measure"], "--height", "32 token rows"),
-        (["--simulate", "--gpus", "A100x2", "--preset", "flux-dev-1024"], "--simulate", "PixArt preset"),
+        (["--simulate", "--speeds", "1,0.5", "--preset", "flux-dev-1024"], "--simulate", "PixArt preset"),
         (["--simulate", "--speeds", "1,0.5", "--no-measure"], "--no-measure", "--row-seconds"),
         (["--calibrate-height", "7"], "--calibrate-height", "multiple of 16"),
         (["--calibrate-height", "4096"], "--calibrate-height", "[32, 2048]"),
@@ -118,7 +119,7 @@ def test_main_rejects_bad_input_before_any_arm_or_simulation_starts(capsys, monk
 def test_valid_input_resolves_defaults_and_canonical_order():
     args = parse_args([])
     assert args.height == 512 and args.steps == 20 and args.ranks == 2
-    assert args.arm_names == ARM_ORDER
+    assert args.arm_names == DEFAULT_ARMS
     assert [s.text for s in args.scenarios] == ["slowdown:1,2"]
     assert args.core_list is None and args.speed_values is None and args.gpu_names is None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch.distributed as dist
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
@@ -20,16 +20,20 @@ configs = st.builds(
     tolerance=st.floats(0, 0.99),
     speeds=speeds,
     emulate_slowdown=st.none() | st.lists(st.floats(1, 10), min_size=1, max_size=8).map(tuple),
-    profile_cache=st.none() | st.text(min_size=1, max_size=20),
+    profile_cache=st.none() | st.text(min_size=1, max_size=20).filter(str.strip),  # blank paths are refused
     timeout_seconds=st.floats(0.1, 1e5),
+    replan=st.sampled_from(("off", "calls", "sync")),
+    emulate_shift=st.none() | st.builds("{}:{}".format, st.integers(0, 999), st.sampled_from(("1,2", "1.5"))),
 )
 
 
+@settings(deadline=None)  # a config round trip has no time limit; a loaded CI core is slow
 @given(configs)
 def test_json_round_trip(config):
     assert StadiConfig.from_json(config.to_json()) == config
 
 
+@settings(deadline=None)
 @given(configs)
 def test_yaml_round_trip(config):
     assert StadiConfig.from_yaml(config.to_yaml()) == config

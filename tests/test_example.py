@@ -58,6 +58,8 @@ BAD_FLAGS = [
     (["--pipeline", "qwen-image", "--use_cfg_parallel"], "--use_cfg_parallel"),
     (["--pipeline", "sd3", "--model", "pixart-alpha-1024"], "--model"),
     (["--save_latents", "{tmp}"], "--save_latents"),
+    (["--model", "toy-trained"], "--height"),  # trained at 256 px only
+    (["--model", "toy-trained", "--height", "256", "--width", "256", "--prompt", "a cat"], "--prompt"),
 ]
 
 

@@ -419,6 +419,8 @@ def test_fit_recovers_fixed_and_row_cost_from_two_band_sizes():
     assert fit.speed == pytest.approx(1 / 0.03) and fit.seconds(10) == pytest.approx(0.35)
     one_size = fit_step_cost(_records([(16, 1.0), (16, 0.5), (16, 0.7)]))
     assert not one_size.fitted and one_size.fixed_seconds == 0 and one_size.row_seconds == pytest.approx(0.6 / 16)
+    close = fit_step_cost(_records([(16, 9.9), (20, 0.7), (19, 0.6)]))  # 19 vs 20 rows: noise, not a line
+    assert not close.fitted and close.fixed_seconds == 0.0
     noisy = fit_step_cost(_records([(16, 1.0), (16, 0.5), (8, 0.6)]))  # bigger band faster: not physical
     assert not noisy.fitted and noisy.fixed_seconds == 0
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stadi_xdit.planner import plan
-from stadi_xdit.planner.replan import ReplanPolicy, decide_replan
+from stadi_xdit.planner.replan import ReplanPolicy, decide_replan, skipped_row_steps
 
 POLICY = ReplanPolicy(threshold=0.10, confirmations=2)
 
@@ -35,6 +35,32 @@ def test_noise_below_the_threshold_never_replans(noisy, step):
         decision = decide_replan(current, next_base_step=step, speeds=noisy, confirmations=count, policy=POLICY)
         assert not decision.replan
         count = decision.confirmations
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(0.97, 1.03), st.floats(0.97, 1.03), st.integers(0, 10))
+def test_noise_around_a_stride_plan_never_replans(fast, slow, step):
+    """Planned for 2:1 (the slow rank at stride 2): +-3 % noise promises neither speed nor fewer skipped steps."""
+    current = _plan([1.0, 0.5])
+    assert [r.stride for r in current.ranks] == [1, 2]
+    count = 0
+    for _ in range(5):
+        decision = decide_replan(current, next_base_step=step, speeds=[fast, 0.5 * slow], confirmations=count,
+                                 policy=POLICY)
+        assert not decision.replan
+        count = decision.confirmations
+
+
+def test_a_lifted_load_restores_the_skipped_steps():
+    """Planned for 2:1; the slow rank is fast again: no faster plan exists (the fast rank bounds both),
+    but stride 1 everywhere costs nothing, so the re-plan restores the skipped steps."""
+    current = _plan([1.0, 0.5])
+    assert skipped_row_steps([r.num_rows for r in current.ranks], [r.stride for r in current.ranks]) > 0
+    first = decide_replan(current, next_base_step=2, speeds=[1.0, 1.0], confirmations=0, policy=POLICY)
+    assert first.reason == "fewer skipped steps" and not first.replan
+    second = decide_replan(current, next_base_step=4, speeds=[1.0, 1.0], confirmations=1, policy=POLICY)
+    assert second.replan and [r.stride for r in second.new_plan.ranks] == [1, 1]
+    assert second.replanned_seconds <= 1.02 * second.current_seconds
 
 
 def test_a_lasting_slowdown_replans_after_the_confirmations():

@@ -10,12 +10,14 @@ process (``initialize_model_parallel`` runs once), and each arm needs another de
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import threading
 import time
 import traceback
 from multiprocessing.connection import Client, Listener
+from types import SimpleNamespace
 
 import torch
 
@@ -28,7 +30,7 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
                 pipefusion_patches: int | None = None) -> str | None:
     """Why ``arm`` cannot run this shape (None when it can)."""
     latent_rows = height // VAE_SCALE
-    token_rows = latent_rows // PATCH_SIZE
+    units, unit = preset.band_units(height), preset.band_unit  # token rows, or latent frames of a clip
     if height % (VAE_SCALE * PATCH_SIZE):
         return f"height {height} is not a multiple of {VAE_SCALE * PATCH_SIZE} px"
     if arm.kind == "single":
@@ -38,12 +40,16 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
     if arm.kind == "stadi":
         if _stadi_pipeline_class(preset.variant) is None:
             return f"no STADI pipeline for {preset.family} ({preset.variant}) in stadi_xdit.models"
-        if token_rows < world:
-            return f"{token_rows} token rows < {world} ranks"
+        if units < world:
+            return f"{units} {unit}s < {world} ranks"
         if not 1 <= warmup < steps:
             return f"STADI needs 1 <= warmup ({warmup}) < steps ({steps})"
         return None
-    if arm.name in ("ulysses", "ring") and latent_rows % (PATCH_SIZE * world):
+    runner = XDIT_RUNNER_TRANSFORMERS.get(preset.variant)
+    if runner and arm.name not in ("ulysses", "ring"):
+        return (f"xfuser 0.7.0 serves {preset.family} only through its runner ({runner.rpartition('.')[2]} in the "
+                f"diffusers pipeline): Ulysses/Ring, no {arm.name}")
+    if not runner and arm.name in ("ulysses", "ring") and latent_rows % (PATCH_SIZE * world):
         return f"latent height {latent_rows} is not a multiple of patch {PATCH_SIZE} x {world} ranks"
     if arm.name == "ulysses" and preset.heads % world:
         return f"{preset.heads} attention heads are not divisible by {world} ranks"
@@ -51,13 +57,22 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
         patches = pipefusion_patches or world
         if preset.layers < world:
             return f"{preset.layers} transformer blocks < {world} pipeline stages"
-        if token_rows < patches:
-            return f"{token_rows} token rows < {patches} pipeline patches"
+        if units < patches:
+            return f"{units} {unit}s < {patches} pipeline patches"
     return None
 
 
-# Preset variant -> the xFuser wrapper xDiT's arms use; STADI's twin comes from the family registry.
-XDIT_WRAPPERS = {"alpha": "xFuserPixArtAlphaPipeline", "sigma": "xFuserPixArtSigmaPipeline", "dev": "xFuserFluxPipeline"}
+# Preset variant -> the xFuser pipeline wrapper xDiT's arms use; STADI's twin comes from the family registry.
+# xfuser 0.7.0 has none for Wan text-to-video: "t2v" names the plugin's (stadi_xdit.models.wan), whose twin
+# is StadiWanPipeline, and xDiT's arms follow XDIT_RUNNER_TRANSFORMERS instead.
+XDIT_WRAPPERS = {"alpha": "xFuserPixArtAlphaPipeline", "sigma": "xFuserPixArtSigmaPipeline", "dev": "xFuserFluxPipeline",
+                 "t2v": "xFuserWanPipeline"}
+# Preset variant -> the sequence-parallel transformer that xfuser's runner puts into the diffusers pipeline
+# (its "Wan2.1-T2V" model: WanPipeline with xFuserWanTransformer3DWrapper, Ulysses/Ring on the flat token
+# sequence, padded to a multiple of the ranks). xDiT's arms for these variants do the same, with the same weights.
+XDIT_RUNNER_TRANSFORMERS = {
+    "t2v": "xfuser.model_executor.models.transformers.transformer_wan.xFuserWanTransformer3DWrapper",
+}
 
 
 def _stadi_pipeline_class(variant: str):
@@ -72,38 +87,87 @@ def _stadi_pipeline_class(variant: str):
 
 
 class ForwardTimer:
-    """Forward hooks on the transformer: time every forward and, with ``factor`` > 1, slow it down.
+    """Forward hooks on the transformer: time every forward and, with a factor > 1, slow it down.
 
     Compute time ``c`` of a forward is the calling thread's CPU time on CPU (ranks run single-threaded,
     and collectives block without burning that thread's CPU, so communication waits drop out), or the
     wall time after a device synchronize on CUDA (there it includes waits inside the forward). The
     slowdown rule is STADI's ``--stadi_emulate_slowdown`` rule: after the forward, sleep ``(k-1)*c``.
+    ``schedule`` = (k before, k after, first step of 'after' or None): the denoising step of a forward
+    is counted by its ``timestep`` argument (a new value starts a step; PipeFusion's patches share one).
     """
 
-    def __init__(self, module: torch.nn.Module, factor: float = 1.0, cuda: bool = False):
-        self.factor = factor
+    def __init__(self, module: torch.nn.Module, schedule: tuple[float, float, int | None] = (1.0, 1.0, None),
+                 cuda: bool = False):
+        self.schedule = schedule
         self._clock = work_clock(torch.device("cuda" if cuda else "cpu"))
         self.records: list[tuple[float, float, float, float]] = []  # wall start, wall end, compute, slept
         self._start = (0.0, 0.0)
-        self._handles = [module.register_forward_pre_hook(self._pre),
+        self._step, self._timestep = -1, None
+        self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True),
                          module.register_forward_hook(self._post)]
 
-    def _pre(self, module, args) -> None:
+    def _pre(self, module, args, kwargs) -> None:
+        timestep = kwargs.get("timestep")
+        value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) and timestep.numel() else timestep
+        if value != self._timestep or value is None:
+            self._step, self._timestep = self._step + 1, value
         self._start = (time.perf_counter(), self._clock())
 
     def _post(self, module, args, output) -> None:
         compute = self._clock() - self._start[1]
-        slept = max(0.0, (self.factor - 1.0) * compute)
+        before, after, at_step = self.schedule
+        factor = after if at_step is not None and self._step >= at_step else before
+        slept = max(0.0, (factor - 1.0) * compute)
         if slept > 0:
             time.sleep(slept)
         self.records.append((self._start[0], time.perf_counter(), compute, slept))
 
     def reset(self) -> None:
         self.records = []
+        self._step, self._timestep = -1, None
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class _RunnerPipeline:
+    """xDiT as xfuser's runner serves a family it has no pipeline wrapper for (Wan2.1-T2V): the diffusers
+    pipeline with the runner's sequence-parallel transformer (``XDIT_RUNNER_TRANSFORMERS``), same weights."""
+
+    def __init__(self, base, engine_config, transformer_path: str):
+        import importlib
+
+        from xfuser.core.distributed import initialize_runtime_state
+
+        module, _, name = transformer_path.rpartition(".")
+        source = base.transformer
+        transformer = getattr(importlib.import_module(module), name).from_config(source.config)
+        transformer.load_state_dict(source.state_dict())
+        transformer = transformer.to(source.device)
+        if source.dtype != transformer.dtype:  # as the base pipeline was cast (diffusers warns on a no-op cast)
+            transformer = transformer.to(source.dtype)
+        base.transformer = transformer.eval()
+        initialize_runtime_state(base, engine_config)  # as the runner: after the model parallel groups
+        self.module = base
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+
+class _FramesAsImages:
+    """A video pipeline as the bench calls it: its output's ``.images`` is the latent clip (``.frames``)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __call__(self, **kwargs):
+        output = self.pipe(**kwargs)
+        return None if output is None else SimpleNamespace(images=output.frames)
+
+    def __getattr__(self, name: str):  # last_result, kv_store, module, ... of the wrapped pipeline
+        return getattr(self.pipe, name)
 
 
 def _build(spec: dict, rank: int, world: int):
@@ -119,14 +183,17 @@ def _build(spec: dict, rank: int, world: int):
         torch.cuda.set_device(rank)
         base = base.to(f"cuda:{rank}", dtype)
     if arm.kind == "single":
-        return base, base.transformer
-    common = {"model": preset.name, "height": spec["height"], "width": spec["height"],
+        return (_FramesAsImages(base) if preset.video else base), base.transformer
+    common = {"model": preset.name, "height": spec["height"], "width": preset.width(spec["height"]),
                   "num_inference_steps": spec["steps"], "warmup_steps": spec["warmup"]}
+    if preset.video:
+        common["num_frames"] = preset.clip_frames
     if arm.kind == "stadi":
         from stadi_xdit.xdit.args import StadiArgs
 
         # Optional spec keys (no bench flag sets them yet): the stale K/V dtype and the exchange group size.
-        args = StadiArgs(use_stadi=True, stadi_mode=arm.name, stadi_emulate_slowdown=spec["emulate"],
+        args = StadiArgs(use_stadi=True, stadi_mode=arm.mode or arm.name, stadi_replan=arm.replan,
+                         stadi_emulate_slowdown=spec["emulate"], stadi_emulate_shift=spec.get("emulate_shift"),
                          stadi_max_stride=spec["max_stride"], stadi_profile_cache=spec["profile_cache"],
                          stadi_kv_dtype=spec.get("kv_dtype") or "auto", **common)
         cls = _stadi_pipeline_class(preset.variant)
@@ -139,13 +206,17 @@ def _build(spec: dict, rank: int, world: int):
                    "pipefusion": {"pipefusion_parallel_degree": world,
                                       "num_pipeline_patch": spec["pipefusion_patches"] or world}}[arm.name]
         args = xFuserArgs(**common, **degrees)
-        cls = getattr(xfuser, XDIT_WRAPPERS[preset.variant])
+        runner = XDIT_RUNNER_TRANSFORMERS.get(preset.variant)
+        if runner:
+            cls = functools.partial(_RunnerPipeline, transformer_path=runner)
+        else:
+            cls = getattr(xfuser, XDIT_WRAPPERS[preset.variant])
     engine_config, _ = args.create_config()
     engine_config.runtime_config.dtype = dtype
     pipe = cls(base, engine_config)
     if arm.kind == "stadi" and spec.get("kv_group_layers"):
         pipe.kv_store.configure(group_layers=int(spec["kv_group_layers"]))
-    return pipe, pipe.module.transformer
+    return (_FramesAsImages(pipe) if preset.video else pipe), pipe.module.transformer
 
 
 def reset_peak_memory(device: str) -> None:
@@ -200,10 +271,11 @@ def _timeline_dict(result, run_start: float) -> dict:
         "steps_rows": [s.rows for s in timeline.steps],
         "costs": result.costs,
         "exchange": result.exchange,
+        "replans": [{key: value for key, value in entry.items() if key != "plan"} for entry in result.replans],
     }
 
 
-def _run_once(spec: dict, pipe, timer: ForwardTimer, world: int, is_stadi: bool, rank: int) -> dict:
+def _run_once(spec: dict, pipe, timer: ForwardTimer, world: int, is_stadi: bool, rank: int, conn) -> dict:
     import torch.distributed as dist
 
     from stadi_xdit.bench.presets import call_kwargs
@@ -216,6 +288,8 @@ def _run_once(spec: dict, pipe, timer: ForwardTimer, world: int, is_stadi: bool,
         dist.barrier()
     reset_peak_memory(spec["device"])
     start = time.perf_counter()
+    if rank == 0:  # the controller times load changes from the barrier release (shift scenarios)
+        conn.send(("started", rank, start))
     output = pipe(**kwargs)
     if spec["device"] == "cuda":
         torch.cuda.synchronize()
@@ -252,15 +326,16 @@ def arm_worker(rank: int, world: int, spec: dict, address, authkey: bytes) -> No
     try:
         arm = ARMS[spec["arm"]]
         pipe, transformer = _build(spec, rank, world)
-        factor = spec["factors"][rank] if arm.kind != "stadi" else 1.0  # STADI emulates by itself
-        timer = ForwardTimer(transformer, factor, cuda=spec["device"] == "cuda")
+        # STADI emulates by itself (its steps are timed net of waits); the other arms through the hook.
+        schedule = tuple(spec["factors"][rank]) if arm.kind != "stadi" else (1.0, 1.0, None)
+        timer = ForwardTimer(transformer, schedule, cuda=spec["device"] == "cuda")
         conn = Client(address, authkey=authkey)
         conn.send(("ready", rank, {"pid": os.getpid(), "core": core}))
         while True:
             command = conn.recv()
             if command == "stop":
                 break
-            conn.send(("result", rank, _run_once(spec, pipe, timer, world, arm.kind == "stadi", rank)))
+            conn.send(("result", rank, _run_once(spec, pipe, timer, world, arm.kind == "stadi", rank, conn)))
     except BaseException:
         if conn is not None:
             try:
@@ -340,7 +415,8 @@ class ArmJob:
         if time.monotonic() > deadline:
             raise JobError(f"timeout while {what}")
 
-    def run(self, timeout: float) -> list[dict]:
+    def run(self, timeout: float, on_start=None) -> list[dict]:
+        """One call on every rank; ``on_start(t)`` gets the barrier release time (perf_counter) of rank 0."""
         for conn in self.conns.values():
             conn.send("run")
         results: dict[int, dict] = {}
@@ -359,6 +435,10 @@ class ArmJob:
                     except (OSError, EOFError):
                         time.sleep(0.5)  # give the launcher thread a moment to record why
                         raise JobError(self.error or f"rank {rank} closed its connection") from None
+                    if kind == "started":
+                        if on_start is not None:
+                            on_start(payload)
+                        continue
                     if kind == "error":
                         raise JobError(f"rank {rank} failed:\n{payload}")
                     results[rank] = payload

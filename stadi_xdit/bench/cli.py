@@ -7,6 +7,8 @@ With no arguments it runs a short demo (``DEMO_ARGS``). Examples::
         --scenario none --scenario slowdown:1,2 --scenario background:1=1
     stadi-bench --simulate --gpus A100x4,RTX3090x4 --preset pixart-alpha-1024
     stadi-bench --construct-only --preset flux-dev-1024
+    stadi-bench --preset wan-small --steps 10 --scenario slowdown:1,2   # Wan 2.1 video, bands of latent frames
+    stadi-bench --simulate --gpus A100x4,RTX4090x4 --preset wan2.1-t2v-14b-720p
 
 See docs/benchmarks.md for what is measured and how.
 """
@@ -14,6 +16,7 @@ See docs/benchmarks.md for what is measured and how.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -24,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from stadi_xdit.bench.catalog import ARM_ORDER, PRESET_SHAPES, ROW_PX
+from stadi_xdit.bench.catalog import ARM_ORDER, DEFAULT_ARMS, FRAMES_PER_LATENT, PRESET_SHAPES, ROW_PX
 from stadi_xdit.bench.scenarios import parse_scenario
 from stadi_xdit.cli_errors import OneLineArgumentParser, fail
 from stadi_xdit.planner.cli import parse_checked, parse_numbers
@@ -54,17 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="With no arguments: stadi-bench " + " ".join(DEMO_ARGS))
     parser.add_argument("--preset", default="small", choices=list(PRESET_SHAPES),
                         help="model preset (default small)")
-    parser.add_argument("--height", type=int, default=None, help="image side in px (default: the preset's)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="image side in px; video: frame height, width keeps the preset's aspect (default: "
+                             "the preset's)")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="video presets (wan-*): frames of the clip, 4k+1 (default: the preset's)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--warmup", type=int, default=2,
                         help="synchronous warm-up steps of STADI and PipeFusion (default 2)")
     parser.add_argument("--repeats", "-r", type=int, default=3, help="timed runs per arm (median; default 3)")
     parser.add_argument("--ranks", "-n", type=int, default=2, help="ranks N of the parallel arms (default 2)")
     parser.add_argument("--scenario", action="append", default=None,
-                        help="none | slowdown:k0,k1,... | background:RANK=LOAD[,...]; repeatable "
+                        help="none | slowdown:k0,k1,... | background:RANK=LOAD[,...]; load changing mid-call: "
+                             "slowdown:k0,k1->k0',k1'@F | shift:RANK=A->B@F[,...]; repeatable "
                              "(default slowdown:1,2)")
-    parser.add_argument("--arms", default=",".join(ARM_ORDER),
-                        help=f"comma-separated subset of {','.join(ARM_ORDER)} (default all)")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                        help=f"comma-separated subset of {','.join(ARM_ORDER)} (default: all but the "
+                             "adaptive full-calls and full-sync)")
     parser.add_argument("--cores", default=None,
                         help="core of rank i, comma-separated (default: the allowed cores, in order)")
     parser.add_argument("--order", choices=("interleaved", "blocked"), default="interleaved",
@@ -135,8 +144,9 @@ def _require_range(flag: str, value: float | None, low: float, high: float, what
 
 
 def _validate_shape(args: argparse.Namespace) -> None:
-    """Image size, steps and ranks: what every mode (run, --simulate, --construct-only) uses."""
-    args.height = PRESET_SHAPES[args.preset].height if args.height is None else args.height
+    """Image or clip size, steps and ranks: what every mode (run, --simulate, --construct-only) uses."""
+    shape = PRESET_SHAPES[args.preset]
+    args.height = shape.height if args.height is None else args.height
     if args.height % ROW_PX or not ROW_PX <= args.height <= MAX_ROWS * ROW_PX:
         _reject("--height", f"must be a multiple of {ROW_PX} px (one token row: VAE 8 x patch 2) in "
                             f"[{ROW_PX}, {MAX_ROWS * ROW_PX}] (at most {MAX_ROWS} token rows are supported), "
@@ -144,6 +154,20 @@ def _validate_shape(args: argparse.Namespace) -> None:
     _require_range("--steps", args.steps, 1, MAX_STEPS, "an integer (denoising steps)")
     _require_range("--warmup", args.warmup, 0, args.steps - 1, "an integer below --steps")
     _require_range("--ranks", args.ranks, 1, MAX_RANKS, "an integer")
+    if shape.video:
+        per, frames = FRAMES_PER_LATENT, shape.num_frames if args.num_frames is None else args.num_frames
+        most = per * (MAX_ROWS - 1) + 1
+        if frames % per != 1 or not 1 <= frames <= most:
+            _reject("--num-frames", f"must be {per}k+1 (Wan's VAE packs {per} frames per latent frame after the "
+                                    f"first) in [1, {most}], got {frames}")
+        args.num_frames = frames
+        units = shape.band_units(args.height, frames)
+        if units < args.ranks and not args.simulate:  # --simulate: its ranks are --gpus/--speeds
+            _reject("--num-frames", f"{frames} frames are {units} latent frames, fewer than --ranks {args.ranks} "
+                                    f"(STADI bands are whole latent frames); use --num-frames >= "
+                                    f"{per * (args.ranks - 1) + 1}")
+    elif args.num_frames is not None:
+        _reject("--num-frames", f"is for video presets; {args.preset} is an image preset")
     _require_range("--max-stride", args.max_stride, 1, MAX_STRIDE_LIMIT, "an integer (the planner's limit)")
     if args.pipefusion_patches is not None and args.pipefusion_patches < 1:
         _reject("--pipefusion-patches", f"must be an integer >= 1, got {args.pipefusion_patches}")
@@ -228,15 +252,19 @@ def _validate_simulate(args: argparse.Namespace) -> None:
     ranks = args.gpu_names or args.speed_values
     if not ranks:
         _reject("--simulate", "needs --gpus (e.g. A100x4,RTX3090x4) or --speeds (e.g. 1,0.5)")
-    family = PRESET_SHAPES[args.preset].family
-    rows = args.height // ROW_PX
-    if rows < len(ranks):
-        _reject("--height", f"{args.height} px has {rows} token rows, fewer than the {len(ranks)} simulated "
-                            "ranks (the planner gives every rank >= 1 row)")
+    shape = PRESET_SHAPES[args.preset]
+    units = shape.band_units(args.height, args.num_frames)
+    if units < len(ranks):
+        size = f"{args.num_frames} frames have" if shape.video else f"{args.height} px has"
+        _reject("--num-frames" if shape.video else "--height",
+                f"{size} {units} {shape.band_unit}s, fewer than the {len(ranks)} simulated ranks (the planner "
+                f"gives every rank >= 1 {shape.band_unit})")
+    # With --gpus the row cost comes from FLOPs and the calibration forward only checks the FLOP model on
+    # this CPU; a preset without one (real-size Flux/Wan do not fit a CPU forward) then skips it.
     calibrate = args.row_seconds is None and not args.no_measure
-    if calibrate and family != "pixart":
-        _reject("--simulate", f"the calibration forward needs a PixArt preset ({args.preset} is {family}); "
-                              "pass --row-seconds or --no-measure")
+    if calibrate and not shape.calibrates and not args.gpu_names:
+        _reject("--simulate", f"the calibration forward needs a PixArt preset ({args.preset} is {shape.family}); "
+                              "with --speeds pass --row-seconds")
     if args.speed_values and args.row_seconds is None and args.no_measure:
         _reject("--no-measure", "with --speeds, --simulate needs --row-seconds or the calibration forward")
 
@@ -252,21 +280,13 @@ def _cores(cores: list[int] | None, world: int) -> list[int | None]:
 
 
 def _decoder(preset, seed: int):
-    """Latent -> image in [0, 1] with the preset's VAE (same weights as every arm's), or None."""
-    if preset.name not in ("tiny", "small"):
+    """Latent -> image (or video) in [0, 1] with the preset's VAE (same weights as every arm's), or None."""
+    if not preset.shape.decode:
         return None
-    import torch
-
     from stadi_xdit.bench.presets import build_pipeline
 
     vae = build_pipeline(preset, seed=seed).vae
-
-    def decode(latent):
-        with torch.no_grad():
-            image = vae.decode(latent / vae.config.scaling_factor, return_dict=False)[0]
-        return (image / 2 + 0.5).clamp(0, 1)
-
-    return decode
+    return functools.partial(preset.decode, vae)
 
 
 def _construct_only(args, preset, height) -> int:
@@ -277,8 +297,13 @@ def _construct_only(args, preset, height) -> int:
     start = time.perf_counter()
     params = construct_on_meta(preset)
     print(f"{preset.name}: {params / 1e6:.1f} M parameters, constructed on the meta device in "
-          f"{time.perf_counter() - start:.1f} s; {preset.forward_flops(height) / 1e12:.2f} TFLOP per forward at "
-          f"{height}px, K/V {preset.kv_bytes(height, 2) / 1e9:.2f} GB per exchange (fp16)")
+          f"{time.perf_counter() - start:.1f} s; {preset.forward_flops(height) / 1e12:.2f} TFLOP per denoising step "
+          f"at {preset.shape_label(height)} ({preset.band_units(height)} {preset.band_unit}s), "
+          f"K/V {preset.kv_bytes(height, 2) / 1e9:.2f} GB per exchange (fp16)")
+    if preset.video:  # every rank holds the whole clip's K/V (models.wan.displaced_kv_bytes)
+        branch = preset.kv_bytes(height, 2, batch=1)
+        print(f"  = the displaced K/V store of every STADI rank (bf16, batched CFG pair); {branch / 1e9:.2f} GB "
+              f"({branch / 2**30:.2f} GiB) with --use_cfg_parallel")
     for name in ARM_ORDER:
         reason = skip_reason(ARMS[name], preset, height, args.ranks, args.steps, args.warmup, args.pipefusion_patches)
         print(f"  {ARMS[name].label(args.ranks):<22} {'ok' if reason is None else 'skip: ' + reason}")
@@ -311,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import stadi_xdit.xdit  # noqa: F401  (CPU compat layer before anything imports xfuser)
     from stadi_xdit.bench.presets import get_preset
 
-    preset = get_preset(args.preset)
+    preset = get_preset(args.preset, num_frames=args.num_frames)  # video: the validated --num-frames
     height = args.height  # the preset's when not given (parse_args)
     if args.construct_only:
         return _construct_only(args, preset, height)
@@ -324,7 +349,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
     """The measured benchmark for arguments validated by ``parse_args``."""
     from stadi_xdit.bench import plots
     from stadi_xdit.bench.report import checks, format_checks, format_table, summarize
-    from stadi_xdit.bench.runner import BenchSettings, _Progress, run_scenario
+    from stadi_xdit.bench.runner import BenchSettings, _Progress, calls_per_arm, run_scenario
     from stadi_xdit.bench.simulate import compare_with_measured, format_comparison
 
     arms, scenarios = args.arm_names, args.scenarios  # validated by parse_args; arms in canonical order
@@ -337,10 +362,11 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
                              pipefusion_patches=args.pipefusion_patches, profile_cache=args.profile_cache,
                              device=args.device, dtype=args.dtype, run_timeout=args.run_timeout,
                              verbose_workers=args.verbose_workers, out_dir=out)
-    print(f"stadi-bench: preset {preset.name} {height}px, {args.steps} steps (warmup {args.warmup}), "
+    print(f"stadi-bench: preset {preset.name} {preset.shape_label(height)}, {args.steps} steps (warmup {args.warmup}), "
           f"{args.ranks} ranks on cores {settings.cores}, arms {', '.join(arms)}, "
           f"scenarios {', '.join(s.text for s in scenarios)}, {args.repeats} timed run(s) each after 1 warm-up")
-    progress = _Progress(len(scenarios) * len(arms) * (1 + args.repeats), enabled=not args.no_progress)
+    calls = sum(calls_per_arm(scenario, args.repeats) for scenario in scenarios)
+    progress = _Progress(calls * len(arms), enabled=not args.no_progress)
     decoder = None if args.no_decode else _decoder(preset, args.seed)
     summaries = []
     started = time.time()
@@ -351,7 +377,9 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
             summary = summarize(settings, scenario, outcomes, decoder)
             summary["load_average_before"] = load_before
             summary["checks"] = checks(summary, settings)
-            comparison = compare_with_measured(summary, settings, scenario.nominal_speeds(args.ranks))
+            # The simulator assumes one load per call: nothing to compare under a changing load.
+            comparison = (None if scenario.varying
+                          else compare_with_measured(summary, settings, scenario.nominal_speeds(args.ranks)))
             summary["simulator_vs_measured"] = comparison
             summaries.append(summary)
             progress.note("\n" + format_table(summary, settings))
@@ -365,10 +393,10 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
     if not args.no_plots and summaries:
         title = f"{preset.name} {height}px, {args.steps} steps, {args.ranks} ranks"
         files.append(plots.latency_bars(summaries, out / "latency.png", title))
-        for summary in summaries:
+        for scenario, summary in zip(scenarios, summaries):
             if summary["kind"] != "none":
-                label = summary["scenario"].replace(":", "_").replace("=", "-").replace(",", "_")
-                path = plots.timeline_gantt(summary, out / f"timeline_{label}.png")
+                shown = ("full", "full-sync") if scenario.varying else ("uniform", "full")
+                path = plots.timeline_gantt(summary, out / f"timeline_{scenario.label}.png", arms=shown)
                 if path:
                     files.append(path)
     results = {

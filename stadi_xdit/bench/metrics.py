@@ -42,14 +42,17 @@ def ssim(reference: torch.Tensor, other: torch.Tensor, data_range: float | None 
          window_size: int = 11, sigma: float = 1.5) -> float:
     """Mean structural similarity (Wang et al. 2004: Gaussian 11x11, sigma 1.5, K1=0.01, K2=0.03).
 
-    Inputs are (C, H, W) or (B, C, H, W); each channel is compared on its own. The window shrinks
-    to the image for small latents (odd size, at least 3).
+    Inputs are (C, H, W), (B, C, H, W) or video (B, C, F, H, W), whose frames are compared as images;
+    each channel is compared on its own. The window shrinks to the image for small latents (odd size,
+    at least 3).
     """
     reference, other = reference.double(), other.double()
     if reference.shape != other.shape:
         raise ValueError(f"shapes differ: {tuple(reference.shape)} vs {tuple(other.shape)}")
     if reference.dim() == 3:
         reference, other = reference[None], other[None]
+    if reference.dim() == 5:  # frames into the batch: (B * F, C, H, W)
+        reference, other = (x.transpose(1, 2).flatten(0, 1) for x in (reference, other))
     if reference.dim() != 4:
         raise ValueError("ssim expects (C, H, W) or (B, C, H, W) tensors")
     size = min(window_size, reference.shape[-1], reference.shape[-2])

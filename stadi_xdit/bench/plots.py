@@ -11,9 +11,11 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 
 COLORS = {"single": "#7f7f7f", "uniform": "#ff7f0e", "ulysses": "#8c564b", "ring": "#bcbd22",
-          "pipefusion": "#e377c2", "spatial": "#17becf", "full": "#1f77b4"}
+          "pipefusion": "#e377c2", "spatial": "#17becf", "full": "#1f77b4", "full-calls": "#6baed6",
+          "full-sync": "#9467bd"}
 SEGMENTS = {"compute": "#1f77b4", "emulated slowdown": "#9ecae1", "wait in collective": "#d62728",
             "exchange (transition / final gather, incl. waiting)": "#2ca02c",
+            "re-plan (gather and re-slice at a sync point)": "#9467bd",
             "other (profiling sync, scheduler, prompt prep)": "#dddddd"}
 
 
@@ -84,14 +86,31 @@ def timeline_gantt(summary: dict, path: Path, arms: tuple[str, ...] = ("uniform"
                                        edgecolor="white", linewidth=0.3)
                     t += max(width, 0.0)
             for phase in entry["stadi"]["phases"]:
-                ax.broken_barh([(phase["start"], phase["end"] - phase["start"])], (y - 0.35, 0.7),
-                               color=SEGMENTS["exchange (transition / final gather, incl. waiting)"], linewidth=0)
+                label = ("re-plan (gather and re-slice at a sync point)" if phase["label"] == "replan"
+                         else "exchange (transition / final gather, incl. waiting)")
+                ax.broken_barh([(phase["start"], max(phase["end"] - phase["start"], horizon * 0.003))],
+                               (y - 0.35, 0.7), color=SEGMENTS[label], linewidth=0)
             busy = entry["busy_fraction"]
             ax.text(horizon * 1.01, y, f"busy {100 * busy:.0f}%", va="center", fontsize=8)
         ax.axvline(run["latency"], color="black", linewidth=0.8, linestyle="--")
+        switches = list(run.get("load_switches") or [])
+        if summary.get("switch_step") is not None:  # emulated: where rank 0 reaches that base step
+            steps = run["ranks"][0]["stadi"]["steps"]
+            warm = sum(1 for step in steps if step["phase"] == "warmup")
+            reached = [step["start"] for step in steps if step["phase"] != "warmup"
+                       and warm + step["base_step"] >= summary["switch_step"]]
+            switches += reached[:1]
+        for switch in switches:
+            ax.axvline(switch, color="#d62728", linewidth=1.2, linestyle=":")
+            ax.annotate("load changes", (switch, 0.98), xycoords=("data", "axes fraction"), fontsize=7,
+                        color="#d62728", xytext=(3, 0), textcoords="offset points", va="top")
+        replans = run["ranks"][0]["stadi"].get("replans") or []
+        replanned = (f"; re-plan at displaced step {replans[0]['offset']}: rows {replans[0]['old_rows']}->"
+                     f"{replans[-1]['new_rows']}, strides {replans[0]['old_strides']}->{replans[-1]['new_strides']}"
+                     if replans else "")
         ax.set_yticks(range(len(run["ranks"])))
         ax.set_yticklabels([f"rank {r}" for r in reversed(range(len(run["ranks"])))])
-        ax.set_title(f"{arm['label']}: {run['latency']:.3f} s (dashed: end of run)", fontsize=10)
+        ax.set_title(f"{arm['label']}: {run['latency']:.3f} s (dashed: end of run){replanned}", fontsize=10)
         ax.set_xlim(0, horizon * 1.12)
     axes[-1, 0].set_xlabel(f"seconds since the barrier release (scenario {summary['scenario']}; white space "
                            "after a rank's bars: idle until the run ends)")

@@ -2,26 +2,46 @@
 
 Every preset has random, seeded weights (``stadi_xdit.testing.tiny``) and is driven with stand-in
 prompt embeddings (no text encoder), so all arms see exactly the same inputs and weights.
+
+One class per kind of model: ``BenchPreset`` serves the image families (PixArt, Flux; bands are token
+rows of a square image), ``WanBenchPreset`` Wan 2.1 text-to-video (bands are latent frames of a clip).
+The bench, the arms and the simulator use only the preset's methods (``band_units``, ``width``,
+``forward_flops``, ``kv_bytes``, ``build_pipeline``, ``call_kwargs``, ``construct_on_meta``, ``decode``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from stadi_xdit.bench.catalog import PATCH_SIZE, PRESET_SHAPES, VAE_SCALE
-from stadi_xdit.testing.tiny import FLUX_PRESETS, PIXART_PRESETS, FluxPreset, PixArtPreset
+from stadi_xdit.bench.catalog import (
+    FRAMES_PER_LATENT,
+    PATCH_SIZE,
+    PRESET_SHAPES,
+    ROW_PX,
+    VAE_SCALE,
+    PresetShape,
+)
+from stadi_xdit.testing.tiny import FLUX_PRESETS, PIXART_PRESETS, WAN_PRESETS
 
 
 @dataclass(frozen=True)
 class BenchPreset:
-    name: str
-    family: str  # "pixart" | "flux"
-    spec: PixArtPreset | FluxPreset
-    variant: str  # PixArt: "alpha" | "sigma"; Flux: "dev"
-    height: int  # default resolution (square)
-    text_tokens: int  # length of the stand-in prompt embeddings
+    """An image preset (PixArt, Flux): square images, bands of token rows."""
+
+    name: str  # the bench preset's name (``get_preset`` round-trips it, a frame count included)
+    shape: PresetShape
+    spec: Any  # the family's model preset: PixArtPreset | FluxPreset | WanPreset
+    num_frames: int | None = None  # video: frames of the clip (the shape's default unless --num-frames)
+
+    family = property(lambda self: self.shape.family)
+    variant = property(lambda self: self.shape.variant)
+    height = property(lambda self: self.shape.height)  # default height in px
+    text_tokens = property(lambda self: self.shape.text_tokens)
+    video = property(lambda self: self.shape.video)
+    band_unit = property(lambda self: self.shape.band_unit)  # "token row" | "latent frame"
 
     @property
     def layers(self) -> int:
@@ -41,11 +61,28 @@ class BenchPreset:
     def text_channels(self) -> int:
         return self.spec.joint_attention_dim if self.family == "flux" else self.spec.caption_channels
 
-    def token_rows(self, height: int) -> int:
-        return height // VAE_SCALE // PATCH_SIZE
+    @property
+    def cfg_batch(self) -> int:
+        """Samples one denoising step runs through the transformer: 2 with classifier-free guidance."""
+        return 2 if self.family == "pixart" else 1  # Flux-dev: guidance distilled, one branch
+
+    def width(self, height: int) -> int:
+        return self.shape.width_for(height)
+
+    def band_units(self, height: int) -> int:
+        """The planner's rows at ``height``: token rows (images) or latent frames (video)."""
+        return self.shape.band_units(height, self.num_frames)
+
+    def tokens(self, height: int) -> int:
+        """Image (or clip) tokens of one sample."""
+        return (height // ROW_PX) * (self.width(height) // ROW_PX)
+
+    def shape_label(self, height: int) -> str:
+        """The size in tables: ``512px`` for square images."""
+        return f"{height}px"
 
     def forward_flops(self, height: int, width: int | None = None, batch: int | None = None) -> float:
-        """FLOPs (2 per multiply-add) of one transformer forward; the cost proxy for scaling sizes.
+        """FLOPs (2 per multiply-add) of one denoising step's transformer work; the cost proxy for scaling sizes.
 
         Per image token and layer: projections and MLP ``2 * 12 h^2`` (q,k,v,o = 4h^2, MLP 8h^2),
         cross-attention q,o ``2 * 2 h^2`` plus ``2 * 2 S h`` against S text tokens, self-attention
@@ -54,9 +91,9 @@ class BenchPreset:
         Flux's joint attention runs its text tokens through every block with the image tokens.
         Norms, embeddings and the final layer are left out (a few %).
         """
-        width = width or height
-        batch = batch if batch is not None else (2 if self.family == "pixart" else 1)  # CFG batch
-        tokens = self.token_rows(height) * (width // VAE_SCALE // PATCH_SIZE)
+        width = width or self.width(height)
+        batch = batch if batch is not None else self.cfg_batch
+        tokens = (height // VAE_SCALE // PATCH_SIZE) * (width // VAE_SCALE // PATCH_SIZE)
         h, text = self.hidden, self.text_tokens
         if self.family == "pixart":
             per_token = 2 * (12 * h * h + 2 * h * h + 2 * text * h + 2 * tokens * h)
@@ -69,77 +106,205 @@ class BenchPreset:
 
     def kv_bytes(self, height: int, bytes_per_value: int = 4, batch: int | None = None) -> float:
         """Bytes of K and V of the whole image over all displaced attention layers (one exchange)."""
-        batch = batch if batch is not None else (2 if self.family == "pixart" else 1)
-        tokens = self.token_rows(height) ** 2
-        return float(batch * self.layers * tokens * 2 * self.hidden * bytes_per_value)
+        batch = batch if batch is not None else self.cfg_batch
+        return float(batch * self.layers * self.tokens(height) * 2 * self.hidden * bytes_per_value)
 
+    def build_pipeline(self, seed: int = 0):
+        """The diffusers pipeline (float32, CPU, random weights, no text encoder)."""
+        from stadi_xdit.testing.tiny import build_flux_pipeline, build_pixart_pipeline
+
+        if self.family == "flux":
+            return build_flux_pipeline(self.spec, seed=seed, with_text_encoder=False)
+        return build_pixart_pipeline(self.spec, variant=self.variant, seed=seed, with_text_encoder=False)
+
+    def call_kwargs(self, height: int, steps: int, seed: int, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> dict:
+        """Keyword arguments of one pipeline call: same seed, same stand-in prompt on every arm."""
+        from stadi_xdit.testing.tiny import random_prompt_embeds
+
+        embeds = random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed)
+        embeds = embeds.to(device=device, dtype=dtype)
+        common = {"height": height, "width": self.width(height), "num_inference_steps": steps,
+                  "output_type": "latent", "generator": torch.Generator("cpu").manual_seed(seed)}
+        if self.family == "flux":
+            pooled = random_prompt_embeds(self.spec.pooled_projection_dim, seq_len=1, seed=seed + 1)[:, 0]
+            return dict(common, prompt_embeds=embeds, pooled_prompt_embeds=pooled.to(device=device, dtype=dtype),
+                        guidance_scale=3.5)
+        mask = torch.ones(1, self.text_tokens, device=device, dtype=dtype)
+        negative = random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed + 1)
+        return dict(common, prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=None,
+                    negative_prompt_embeds=negative.to(device=device, dtype=dtype),
+                    negative_prompt_attention_mask=mask, guidance_scale=4.5, use_resolution_binning=False)
+
+    def construct_on_meta(self) -> int:
+        """Build the transformer on the meta device (no memory); returns its parameter count."""
+        from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
+
+        spec = self.spec
+        with torch.device("meta"):
+            if self.family == "flux":
+                model = FluxTransformer2DModel(
+                    patch_size=1, in_channels=spec.latent_channels * 4, num_layers=spec.num_layers,
+                    num_single_layers=spec.num_single_layers, attention_head_dim=spec.attention_head_dim,
+                    num_attention_heads=spec.num_attention_heads, joint_attention_dim=spec.joint_attention_dim,
+                    pooled_projection_dim=spec.pooled_projection_dim, guidance_embeds=spec.guidance_embeds,
+                    axes_dims_rope=spec.axes_dims_rope)
+            else:
+                model = PixArtTransformer2DModel(
+                    num_attention_heads=spec.num_attention_heads, attention_head_dim=spec.attention_head_dim,
+                    in_channels=4, out_channels=8, num_layers=spec.num_layers,
+                    cross_attention_dim=spec.num_attention_heads * spec.attention_head_dim,
+                    caption_channels=spec.caption_channels, sample_size=spec.sample_size, patch_size=2,
+                    norm_num_groups=32, interpolation_scale=spec.interpolation_scale,
+                    use_additional_conditions=spec.use_additional_conditions)
+        return sum(p.numel() for p in model.parameters())
+
+    def decode(self, vae, latent: torch.Tensor) -> torch.Tensor:
+        """Latent -> image in [0, 1] with the pipeline's VAE."""
+        with torch.no_grad():
+            image = vae.decode(latent / vae.config.scaling_factor, return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class WanBenchPreset(BenchPreset):
+    """Wan 2.1 text-to-video: clips of ``num_frames`` (4k+1) frames, bands of whole latent frames.
+
+    Tokens are latent frames x (H/16) x (W/16) (patch (1, 2, 2)); every block runs self-attention over
+    all tokens of the clip, cross-attention to the text and an FFN of ``ffn_dim``. Guidance runs both
+    branches every step (diffusers: two forwards; STADI: one batch of two).
+    """
+
+    @property
+    def layers(self) -> int:
+        return self.spec.num_layers
+
+    @property
+    def text_channels(self) -> int:
+        return self.spec.text_dim
+
+    @property
+    def cfg_batch(self) -> int:
+        return 2
+
+    @property
+    def clip_frames(self) -> int:
+        return self.num_frames or self.shape.num_frames
+
+    def tokens(self, height: int) -> int:
+        return self.band_units(height) * super().tokens(height)
+
+    def shape_label(self, height: int) -> str:
+        return f"{height}x{self.width(height)}px x {self.clip_frames} frames"
+
+    def forward_flops(self, height: int, width: int | None = None, batch: int | None = None) -> float:
+        """FLOPs (2 per multiply-add) of one denoising step's transformer work (both CFG branches).
+
+        Per token and block: self-attention q,k,v,o ``2 * 4 h^2`` and ``2 * 2 N h`` over all N tokens of
+        the clip, cross-attention q,o ``2 * 2 h^2`` and ``2 * 2 S h`` against S text tokens, FFN
+        ``2 * 2 h F``. Per block: the text K/V projections ``2 * 2 S h^2``; per forward: the text
+        embedding ``2 * S (T h + h^2)`` (T = text width). Patch embedding, norms, modulation and the
+        output projection are left out (< 1 % at real sizes).
+        """
+        width = width or self.width(height)
+        batch = batch if batch is not None else self.cfg_batch
+        tokens = self.band_units(height) * (height // ROW_PX) * (width // ROW_PX)
+        h, text, ffn = self.hidden, self.text_tokens, self.spec.ffn_dim
+        per_token = 2 * (6 * h * h + 2 * tokens * h + 2 * text * h + 2 * h * ffn)
+        per_layer = 2 * 2 * text * h * h
+        text_embedding = 2 * text * (self.text_channels * h + h * h)
+        return float(batch * (self.layers * (tokens * per_token + per_layer) + text_embedding))
+
+    def kv_bytes(self, height: int, bytes_per_value: int = 4, batch: int | None = None) -> float:
+        """One rank's displaced K/V store for the clip (``models.wan.displaced_kv_bytes``)."""
+        from stadi_xdit.models.wan import displaced_kv_bytes
+        from stadi_xdit.testing.tiny import wan_transformer_config
+
+        batch = batch if batch is not None else self.cfg_batch
+        return float(displaced_kv_bytes(wan_transformer_config(self.spec), height, self.width(height),
+                                        self.clip_frames, batch=batch, bytes_per_value=bytes_per_value,
+                                        spatial_scale=VAE_SCALE, temporal_scale=FRAMES_PER_LATENT))
+
+    def build_pipeline(self, seed: int = 0):
+        from stadi_xdit.testing.tiny import build_wan_pipeline
+
+        return build_wan_pipeline(self.spec, seed=seed, with_text_encoder=False)
+
+    def call_kwargs(self, height: int, steps: int, seed: int, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> dict:
+        """WanPipeline's arguments: both prompts as embeddings of one length (Wan pads its prompts alike)."""
+        from stadi_xdit.testing.tiny import random_prompt_embeds
+
+        embeds, negative = (random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed + i)
+                            .to(device=device, dtype=dtype) for i in (0, 1))
+        return {"height": height, "width": self.width(height), "num_frames": self.clip_frames,
+                "num_inference_steps": steps, "output_type": "latent",
+                "generator": torch.Generator("cpu").manual_seed(seed), "prompt_embeds": embeds,
+                "negative_prompt_embeds": negative, "guidance_scale": 5.0}
+
+    def construct_on_meta(self) -> int:
+        from diffusers import WanTransformer3DModel
+
+        from stadi_xdit.testing.tiny import wan_transformer_config
+
+        with torch.device("meta"):
+            model = WanTransformer3DModel(**wan_transformer_config(self.spec))
+        return sum(p.numel() for p in model.parameters())
+
+    def decode(self, vae, latent: torch.Tensor) -> torch.Tensor:
+        """Latent clip -> video (batch, 3, frames, H, W) in [0, 1], de-normalised as WanPipeline does."""
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latent.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latent.dtype)
+        with torch.no_grad():
+            video = vae.decode((latent * std + mean).to(vae.dtype), return_dict=False)[0]
+        return (video.float() / 2 + 0.5).clamp(0, 1)
+
+
+_FAMILIES = {"pixart": (BenchPreset, PIXART_PRESETS), "flux": (BenchPreset, FLUX_PRESETS),
+             "wan": (WanBenchPreset, WAN_PRESETS)}
 
 BENCH_PRESETS: dict[str, BenchPreset] = {
-    name: BenchPreset(name, shape.family, (FLUX_PRESETS if shape.family == "flux" else PIXART_PRESETS)[name],
-                      shape.variant, shape.height, shape.text_tokens)
+    name: _FAMILIES[shape.family][0](name, shape, _FAMILIES[shape.family][1][shape.model or name],
+                                     num_frames=shape.num_frames)
     for name, shape in PRESET_SHAPES.items()
 }
 
 
-def get_preset(name: str) -> BenchPreset:
+def get_preset(name: str, num_frames: int | None = None) -> BenchPreset:
+    """The preset ``name``; for a video preset at another frame count, ``name@{n}f`` (what ``.name`` of
+    ``get_preset(name, num_frames=n)`` is, so the arms' processes rebuild the same preset from it)."""
+    base, _, frames = name.partition("@")
     try:
-        return BENCH_PRESETS[name]
+        preset = BENCH_PRESETS[base]
     except KeyError:
         raise ValueError(f"unknown preset {name!r} (known: {', '.join(BENCH_PRESETS)})") from None
+    if frames:
+        if not frames.endswith("f") or not frames[:-1].isdigit():
+            raise ValueError(f"preset {name!r}: expected NAME@{{frames}}f, e.g. {base}@9f")
+        num_frames = int(frames[:-1])
+    if num_frames is None or num_frames == preset.num_frames:
+        return preset
+    if not preset.video:
+        raise ValueError(f"preset {base!r} is an image preset: it has no frame count")
+    return replace(preset, name=f"{base}@{num_frames}f", num_frames=num_frames)
 
 
 def build_pipeline(preset: BenchPreset, seed: int = 0):
     """The diffusers pipeline of ``preset`` (float32, CPU, random weights, no text encoder)."""
-    from stadi_xdit.testing.tiny import build_flux_pipeline, build_pixart_pipeline
-
-    if preset.family == "flux":
-        return build_flux_pipeline(preset.spec, seed=seed, with_text_encoder=False)
-    return build_pixart_pipeline(preset.spec, variant=preset.variant, seed=seed, with_text_encoder=False)
+    return preset.build_pipeline(seed)
 
 
 def call_kwargs(preset: BenchPreset, height: int, steps: int, seed: int, device: str = "cpu",
                 dtype: torch.dtype = torch.float32) -> dict:
     """Keyword arguments of one pipeline call: same seed, same stand-in prompt on every arm."""
-    from stadi_xdit.testing.tiny import random_prompt_embeds
-
-    embeds = random_prompt_embeds(preset.text_channels, seq_len=preset.text_tokens, seed=seed)
-    embeds = embeds.to(device=device, dtype=dtype)
-    common = {"height": height, "width": height, "num_inference_steps": steps, "output_type": "latent",
-                  "generator": torch.Generator("cpu").manual_seed(seed)}
-    if preset.family == "flux":
-        pooled = random_prompt_embeds(preset.spec.pooled_projection_dim, seq_len=1, seed=seed + 1)[:, 0]
-        return dict(common, prompt_embeds=embeds, pooled_prompt_embeds=pooled.to(device=device, dtype=dtype),
-                    guidance_scale=3.5)
-    mask = torch.ones(1, preset.text_tokens, device=device, dtype=dtype)
-    negative = random_prompt_embeds(preset.text_channels, seq_len=preset.text_tokens, seed=seed + 1)
-    return dict(common, prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=None,
-                negative_prompt_embeds=negative.to(device=device, dtype=dtype),
-                negative_prompt_attention_mask=mask, guidance_scale=4.5, use_resolution_binning=False)
+    return preset.call_kwargs(height, steps, seed, device, dtype)
 
 
 def construct_on_meta(preset: BenchPreset) -> int:
     """Build the preset's transformer on the meta device (no memory); returns its parameter count.
 
     Proves a real-size preset constructs on a machine that cannot hold its weights (Flux-dev is
-    ~12 B parameters).
+    ~12 B parameters, Wan2.1-14B ~14 B).
     """
-    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
-
-    spec = preset.spec
-    with torch.device("meta"):
-        if preset.family == "flux":
-            model = FluxTransformer2DModel(
-                patch_size=1, in_channels=spec.latent_channels * 4, num_layers=spec.num_layers,
-                num_single_layers=spec.num_single_layers, attention_head_dim=spec.attention_head_dim,
-                num_attention_heads=spec.num_attention_heads, joint_attention_dim=spec.joint_attention_dim,
-                pooled_projection_dim=spec.pooled_projection_dim, guidance_embeds=spec.guidance_embeds,
-                axes_dims_rope=spec.axes_dims_rope)
-        else:
-            model = PixArtTransformer2DModel(
-                num_attention_heads=spec.num_attention_heads, attention_head_dim=spec.attention_head_dim,
-                in_channels=4, out_channels=8, num_layers=spec.num_layers,
-                cross_attention_dim=spec.num_attention_heads * spec.attention_head_dim,
-                caption_channels=spec.caption_channels, sample_size=spec.sample_size, patch_size=2,
-                norm_num_groups=32, interpolation_scale=spec.interpolation_scale,
-                use_additional_conditions=spec.use_additional_conditions)
-    return sum(p.numel() for p in model.parameters())
+    return preset.construct_on_meta()

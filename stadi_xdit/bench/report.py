@@ -121,6 +121,8 @@ def _stadi_details(outcome: ArmOutcome, fast_rank: int, noise_rate: float) -> di
         "exchange_seconds": _median(exchanges),
         "in_step_exchange_seconds": _median(overheads),
         "explain": last["explain"],
+        # --stadi_replan sync: the re-plans of each timed call (base step, old/new rows and strides, gain).
+        "replans": [run["ranks"][0]["stadi"].get("replans", []) for run in runs],
     }
 
 
@@ -162,6 +164,7 @@ def summarize(settings: BenchSettings, scenario: Scenario, outcomes: dict[str, A
             "max_seconds": max(outcome.latencies) if outcome.runs else None,
             "latencies": outcome.latencies,
             "warmup_call_seconds": outcome.warmup_latency,
+            "reference_call_seconds": outcome.reference_latency,
             "speedup_vs_uniform": _ratio(medians.get("uniform"), median),
             "speedup_vs_best_xdit": _ratio(medians.get(best_xdit), median) if best_xdit else None,
             "speedup_vs_single": _ratio(medians.get("single"), median),
@@ -176,7 +179,12 @@ def summarize(settings: BenchSettings, scenario: Scenario, outcomes: dict[str, A
         stadi = arms[name]["stadi"]
         if stadi and median:
             stadi["prediction_error"] = stadi["predicted_seconds"] / median - 1.0
+    before, after = scenario.load_phases(settings.world)
     return {"scenario": scenario.text, "kind": scenario.kind, "factors": list(scenario.factors),
+            "varying": scenario.varying,
+            "switch_step": scenario.switch_step(settings.steps) if scenario.after_factors is not None else None, "nominal_speeds_before": list(before), "nominal_speeds_after": list(after),
+            "load_switches": [run.get("load_switches") for o in outcomes.values() for run in o.runs
+                              if run.get("load_switches")],
             "loads": {str(k): v for k, v in scenario.loads.items()}, "fast_rank": fast_rank,
             "single_noise_rate": noise_rate, "best_xdit": best_xdit, "arms": arms}
 
@@ -205,6 +213,9 @@ def checks(summary: dict, settings: BenchSettings) -> list[dict]:
         status = "N/A" if value is None else ("PASS" if ok(value) else "MISS")
         out.append({"target": name, "status": status, "value": value, "bound": bound, "detail": detail})
 
+    _adaptive_checks(summary, med, add)
+    if summary["varying"]:
+        return out
     if summary["kind"] == "none":
         for mode in ("spatial", "full"):
             value = _ratio(med(mode), med("uniform"))
@@ -236,6 +247,36 @@ def checks(summary: dict, settings: BenchSettings) -> list[dict]:
     return out
 
 
+def _adaptive_checks(summary: dict, med, add) -> None:
+    """Issue targets of --stadi_replan (arms full-calls / full-sync vs full, i.e. replan off)."""
+    arms, off = summary["arms"], med("full")
+    if "full-sync" not in arms and "full-calls" not in arms:
+        return
+    if summary["varying"]:
+        before, after = summary["nominal_speeds_before"], summary["nominal_speeds_after"]
+        appears = min(after) < min(before)
+        bound = 1.3 if appears else 1.2
+        what = "appears" if appears else "disappears"
+        value = _ratio(off, med("full-sync"))
+        add(f"load {what} mid-call: sync >= {bound}x off", value, bound, lambda v: v >= bound,
+            f"full off {_fmt(off)} s / full sync {_fmt(med('full-sync'))} s = {_fmt(value, 2)}x (>= {bound}x)")
+        return
+    # No regression: at most 2 % slower than off (`calls` is meant to be faster from its second call on).
+    for mode in ("calls", "sync"):
+        value = _ratio(med(f"full-{mode}"), off)
+        add(f"steady load: {mode} within 2% of off", value, 1.02, lambda v: v <= 1.02,
+            f"full {mode} {_fmt(med(f'full-{mode}'))} s / full off {_fmt(off)} s = {_fmt(value, 3)} (<= 1.02)")
+    if summary["kind"] == "none" and "full-sync" in arms:
+        fired = sum(len(call) for call in ((arms["full-sync"].get("stadi") or {}).get("replans") or []))
+        add("none: no re-plan fires (sync)", fired, 0, lambda v: v == 0,
+            f"{fired} re-plan(s) over {len(arms['full-sync']['latencies'])} timed call(s) (0)")
+    if summary["kind"] != "none" and "full-calls" in arms:
+        value = _ratio(med("uniform"), med("full-calls"))
+        add("steady load, 2nd+ calls: full calls >= 1.9x uniform", value, 1.9, lambda v: v >= 1.9,
+            f"uniform {_fmt(med('uniform'))} s / full calls {_fmt(med('full-calls'))} s = {_fmt(value, 2)}x "
+            f"(>= 1.9x; its first, cold call: {_fmt(arms['full-calls']['warmup_call_seconds'])} s)")
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:+.1f}%"
 
@@ -259,7 +300,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 def format_table(summary: dict, settings: BenchSettings) -> str:
     p = settings.preset
-    head = (f"scenario {summary['scenario']}: preset {p.name} {settings.height}px, {settings.steps} steps "
+    head = (f"scenario {summary['scenario']}: preset {p.name} {p.shape_label(settings.height)}, {settings.steps} steps "
             f"(warmup {settings.warmup}), {settings.world} ranks, median of {settings.repeats} run(s)")
     cols = (f"{'arm':<22}{'median s':>10}{'min-max s':>17}{'vs unif':>9}{'vs xDiT':>9}{'vs single':>10}"
             f"  {'busy % per rank':<16}{'PSNR dB':>8}{'SSIM':>7}{'pred s':>8}")
@@ -293,12 +334,31 @@ def format_table(summary: dict, settings: BenchSettings) -> str:
                              f" ms/forward, row {', '.join(f'{1e3 * r:.2f}' for r in costs['row_seconds'])} ms, "
                              f"exchange {1e3 * costs['warmup_exchange_seconds']:.1f} ms/warm-up step, "
                              f"{1e3 * costs['exchange_seconds']:.1f} ms/sync point")
+            if any(stadi.get("replans") or []):
+                lines.append("    re-plans per timed call: " + "; ".join(
+                    ", ".join(f"displaced step {r['offset']}: rows {r['old_rows']}->{r['new_rows']}, strides {r['old_strides']}"
+                              f"->{r['new_strides']} (gain {100 * r['predicted_gain']:.0f}%, {r.get('reason', 'faster')})"
+                              for r in call) or "none"
+                    for call in stadi["replans"]))
             first = (stadi.get("exchange") or [{}])[0]
             lines.append(f"    K/V exchange {first.get('method')}, {first.get('layers')} layers in groups of "
                          f"{first.get('group_layers')}: collectives per sync point "
                          f"{stadi['collectives_per_sync_point']} (bound {stadi['collectives_bound']}), "
                          f"{_mb(first.get('bytes_received_per_sync_point'))} received per sync point; "
                          f"K/V store {'/'.join(_mb(b) for b in stadi['kv_store_bytes'])} per rank")
+    firsts = [f"{a['label']} {_fmt(a['warmup_call_seconds'])} s" for a in summary["arms"].values()
+              if a.get("warmup_call_seconds") is not None]
+    if firsts:
+        lines.append("  first (untimed, cold) call: " + ", ".join(firsts))
+    references = [f"{a['label']} {_fmt(a['reference_call_seconds'])} s" for a in summary["arms"].values()
+                  if a.get("reference_call_seconds") is not None]
+    if references:
+        lines.append("  second (untimed) call, under the initial load throughout; F x it times the switch: "
+                     + ", ".join(references))
+    switches = summary.get("load_switches") or []
+    if switches:
+        flat = [t for call in switches for t in call]
+        lines.append(f"  load switched {min(flat):.2f}-{max(flat):.2f} s after the barrier release ({len(flat)} switches)")
     peaks = [(arm["label"], arm.get("peak_memory_bytes")) for arm in summary["arms"].values()
              if arm.get("peak_memory_bytes")]
     if peaks:

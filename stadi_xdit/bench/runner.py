@@ -14,9 +14,11 @@ the barrier release to the pipeline's return (every rank holds or has sent its o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +62,8 @@ class ArmOutcome:
     label: str
     status: str = "ok"  # ok | skipped | failed
     reason: str | None = None
-    warmup_latency: float | None = None
+    warmup_latency: float | None = None  # the first, cold call
+    reference_latency: float | None = None  # shift scenarios: a second untimed call, under the initial load
     runs: list[dict] = field(default_factory=list)  # per timed run: latency + per-rank details
     latent: torch.Tensor | None = None  # final latent of the last timed run
 
@@ -78,7 +81,8 @@ def _spec(settings: BenchSettings, arm_name: str, scenario: Scenario) -> dict:
     world = 1 if arm.kind == "single" else settings.world
     fast = scenario.fast_rank(settings.world)
     cores = [settings.cores[fast]] if arm.kind == "single" else list(settings.cores[:world])
-    factors = [1.0] if arm.kind == "single" else [scenario.factor(r) for r in range(world)]
+    ranks = [fast] if arm.kind == "single" else list(range(world))
+    factors = [scenario.factor_schedule(r, settings.steps) for r in ranks]
     cache = None
     if settings.profile_cache and arm_name in ("spatial", "full"):
         cache_dir = settings.out_dir / "profile-cache"
@@ -87,7 +91,8 @@ def _spec(settings: BenchSettings, arm_name: str, scenario: Scenario) -> dict:
         Path(cache).unlink(missing_ok=True)  # measured fresh in this scenario's warm-up
     return {"arm": arm_name, "preset": settings.preset.name, "height": settings.height, "steps": settings.steps,
                 "warmup": settings.warmup, "seed": settings.seed, "device": settings.device, "dtype": settings.dtype,
-                "emulate": scenario.emulate_arg(), "max_stride": settings.max_stride, "profile_cache": cache,
+                "emulate": scenario.emulate_arg(), "emulate_shift": scenario.emulate_shift_arg(settings.steps),
+                "max_stride": settings.max_stride, "profile_cache": cache,
                 "pipefusion_patches": settings.pipefusion_patches, "cores": cores, "factors": factors,
             "quiet": not settings.verbose_workers}
 
@@ -154,6 +159,48 @@ def _kill(job: ArmJob) -> None:
             pass
 
 
+def calls_per_arm(scenario: Scenario, repeats: int) -> int:
+    """Pipeline calls of each arm in ``scenario``: untimed (cold; shift: + reference) and timed."""
+    return (2 if scenario.shifts else 1) + repeats
+
+
+class LoadShifter:
+    """The real load changes of a ``shift`` scenario, timed against each call (see scenarios.py)."""
+
+    def __init__(self, scenario: Scenario, load: BackgroundLoad):
+        self.scenario, self.load = scenario, load
+
+    @contextlib.contextmanager
+    def during_call(self, reference_seconds: float | None):
+        """Yields ``(on_start, switches)``: ``on_start(t)`` arms each shift item's switch at
+        ``F x reference_seconds`` after ``t``, the call's barrier release (perf_counter, one clock for
+        every process); ``switches`` collects the switch times as they happen. With no reference (the
+        warm-up call, which measures it under the initial load) nothing switches. The initial load is
+        restored when the call returns."""
+        switches: list[float] = []
+        timers: list[threading.Timer] = []
+
+        def on_start(released: float) -> None:
+            if not (self.scenario.shifts and reference_seconds):
+                return
+            for item, shift in enumerate(self.scenario.shifts):
+                def fire(item=item):
+                    self.load.switch(item)
+                    switches.append(time.perf_counter())
+                delay = max(0.0, released + shift.at * reference_seconds - time.perf_counter())
+                timers.append(threading.Timer(delay, fire))
+                timers[-1].start()
+
+        try:
+            yield on_start, switches
+        finally:
+            for timer in timers:
+                timer.cancel()
+                timer.join()
+            if timers:
+                self.load.reset()
+
+
 def run_scenario(settings: BenchSettings, scenario: Scenario, progress: _Progress) -> dict[str, ArmOutcome]:
     scenario.check_world(settings.world)
     outcomes: dict[str, ArmOutcome] = {}
@@ -166,7 +213,7 @@ def run_scenario(settings: BenchSettings, scenario: Scenario, progress: _Progres
         if reason:
             outcome.status, outcome.reason = "skipped", reason
             progress.note(f"[{scenario.text}] skip {outcome.label}: {reason}")
-            progress.skip(1 + settings.repeats)
+            progress.skip(calls_per_arm(scenario, settings.repeats))
         else:
             runnable.append(name)
 
@@ -178,7 +225,7 @@ def run_scenario(settings: BenchSettings, scenario: Scenario, progress: _Progres
         outcome = outcomes[name]
         outcome.status, outcome.reason = "failed", str(error).strip().splitlines()[-1][:300]
         progress.note(f"[{scenario.text}] {outcome.label} failed: {error}")
-        progress.skip(1 + settings.repeats - done_runs)
+        progress.skip(calls_per_arm(scenario, settings.repeats) - done_runs)
         job = jobs.pop(name, None)
         if job is not None:
             _kill(job)
@@ -194,44 +241,59 @@ def run_scenario(settings: BenchSettings, scenario: Scenario, progress: _Progres
         except JobError as error:
             fail(name, error, 0)
 
-    def run(name: str, warm: bool, done_runs: int) -> None:
+    def run(name: str, call: str, done_runs: int) -> None:
+        """One call of arm ``name``: ``call`` is "cold" (the first, untimed), "reference" (shift scenarios:
+        untimed, under the initial load; its latency times the load switches) or "timed"."""
         job = jobs.get(name)
         if job is None:
             return
         limit = timeout["run"] if timeout["run"] is not None else settings.start_timeout
+        reference = outcomes[name].reference_latency if call == "timed" else None
         try:
-            per_rank = job.run(limit)
+            with shifting.during_call(reference) as (on_start, switches):
+                per_rank = job.run(limit, on_start)
         except JobError as error:
             fail(name, error, done_runs)
             return
         collected = _collect(name, per_rank)
+        if switches:  # seconds after the barrier release (perf_counter is one clock for all processes)
+            collected["load_switches"] = [t - min(r["start"] for r in per_rank) for t in switches]
         outcome = outcomes[name]
-        if warm:
+        if call == "cold":
             outcome.warmup_latency = collected["latency"]
             if timeout["run"] is None:  # auto: generous multiple of the first warm-up call
                 timeout["run"] = max(60.0, 20.0 * collected["latency"])
+        elif call == "reference":
+            outcome.reference_latency = collected["latency"]
         else:
             outcome.runs.append(collected)
             outcome.latent = _latent_of(per_rank)
-        progress.step(f"{scenario.text} {'warm-up' if warm else 'run'} {outcome.label}", collected["latency"])
+        progress.step(f"{scenario.text} {'run' if call == 'timed' else call} {outcome.label}", collected["latency"])
 
-    with BackgroundLoad(scenario, settings.cores):
+    # The first call of a job carries one-time costs (allocations, lazy initialisation), so it cannot
+    # time the switches of a shift scenario: a second untimed call does.
+    untimed = ["cold", "reference"] if scenario.shifts else ["cold"]
+
+    with BackgroundLoad(scenario, settings.cores) as load:
+        shifting = LoadShifter(scenario, load)
         if settings.order == "interleaved":
             for name in runnable:
                 start(name)
-            for name in runnable:
-                run(name, True, 0)
+            for done, call in enumerate(untimed):
+                for name in runnable:
+                    run(name, call, done)
             for repeat in range(settings.repeats):
                 for name in runnable:
-                    run(name, False, 1 + repeat)
+                    run(name, "timed", len(untimed) + repeat)
             for name in list(jobs):
                 jobs.pop(name).stop()
         else:
             for name in runnable:
                 start(name)
-                run(name, True, 0)
+                for done, call in enumerate(untimed):
+                    run(name, call, done)
                 for repeat in range(settings.repeats):
-                    run(name, False, 1 + repeat)
+                    run(name, "timed", len(untimed) + repeat)
                 if name in jobs:
                     jobs.pop(name).stop()
     time.sleep(0.1)

@@ -6,12 +6,19 @@ period lasts as long as its slowest rank (plus ``exchange_seconds`` when K/V exc
 
 Calibration of ``row_seconds`` (seconds per token row per denoising step on the fastest rank):
 
-* ``--row-seconds``: measured by you, e.g. a single-GPU step time / token rows;
+A "row" is the preset's band unit (``BenchPreset.band_units``): a token row of an image, a latent
+frame of a Wan clip; the planner is the same for both (align 1).
+
+* ``--row-seconds``: measured by you, e.g. a single-GPU step time / rows;
 * otherwise from FLOPs: ``BenchPreset.forward_flops`` per row at the target size, divided by the
   fastest card's datasheet dense TFLOPS (``planner.gpus``) x an assumed model FLOPs utilisation
   (``--mfu``). One forward of the preset is measured on this machine at a small size and scaled to
   the target size by the same FLOP count, which reports this machine's achieved FLOP rate and
-  checks the FLOP model's size scaling (two sizes measured) before it is trusted for GPUs.
+  checks the FLOP model's size scaling (two sizes measured) before it is trusted for GPUs (PixArt
+  presets; with --gpus the others skip it: real-size Flux and Wan do not fit a CPU forward).
+
+Memory with ``--gpus``: the weights (parameters from a meta-device construction) plus the K/V store
+per rank against each card's memory; a lower bound (activations come on top).
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ from stadi_xdit.planner import plan
 from stadi_xdit.planner.gpus import DENSE_TENSOR_TFLOPS, parse_gpu_list, relative_speeds
 
 MODES = ("uniform", "spatial", "full")
+# Memory of the cards in planner.gpus, GiB (datasheets; the larger SKU where there are two: A100 80 GB,
+# V100 32 GB).
+GPU_MEMORY_GIB: dict[str, float] = {"H200": 141, "H100": 80, "L40S": 48, "A100": 80, "RTX4090": 24, "A10": 24,
+                                    "V100": 32, "L4": 24, "RTX3090": 24, "T4": 16}
 
 
 def predict_modes(relative: tuple[float, ...], *, rows: int, steps: int, warmup: int, row_seconds: float,
@@ -41,22 +52,57 @@ def predict_modes(relative: tuple[float, ...], *, rows: int, steps: int, warmup:
 
 
 def kv_store_bytes(preset: BenchPreset, height: int, compute_bytes: int, ranks: int,
-                   stale_bytes: int | None = None, cpu: bool = False) -> dict:
+                   stale_bytes: int | None = None, cpu: bool = False, batch: int | None = None) -> dict:
     """What STADI's K/V store holds per rank, and moves per sync point, for ``preset`` at ``height``.
 
     Every rank keeps every displaced layer's K/V for the *whole* image (own band fresh, the rest
     stale) in one flat buffer of the stale dtype, plus one layer's full-image staging buffer in the
     compute dtype (synchronous steps) and, on CPU or with a narrower stale dtype, one layer's
     attention buffer. Per sync point a rank receives the other bands of every layer: ``(N - 1) / N``
-    of the buffer with equal bands.
+    of the buffer with equal bands. ``batch``: samples per forward (default the CFG batch; 1 with
+    ``--use_cfg_parallel``, one branch per rank).
     """
     stale_bytes = stale_bytes or compute_bytes
-    flat = preset.kv_bytes(height, stale_bytes)
-    layer = preset.kv_bytes(height, compute_bytes) / preset.layers
+    flat = preset.kv_bytes(height, stale_bytes, batch=batch)
+    layer = preset.kv_bytes(height, compute_bytes, batch=batch) / preset.layers
     staging = layer * (2 if cpu or stale_bytes != compute_bytes else 1)
     return {"flat_buffer_bytes": flat, "staging_bytes": staging, "store_bytes": flat + staging,
             "received_per_sync_point_bytes": flat * (ranks - 1) / ranks, "stale_bytes_per_value": stale_bytes,
             "compute_bytes_per_value": compute_bytes}
+
+
+def gpu_memory_fit(names: tuple[str, ...], preset: BenchPreset, compute_bytes: int, memory: dict) -> dict:
+    """Per card type: weights + K/V store per rank (each form in ``memory``) against the card's memory."""
+    from stadi_xdit.bench.presets import construct_on_meta
+
+    weights = construct_on_meta(preset) * compute_bytes
+    cards = {}
+    for name in dict.fromkeys(names):
+        capacity = GPU_MEMORY_GIB[name] * 2**30
+        needs = {label: weights + m["store_bytes"] for label, m in memory.items()}
+        cards[name] = {"memory_bytes": capacity, "needs_bytes": needs,
+                       "fits": {label: need <= capacity for label, need in needs.items()}}
+    return {"weights_bytes": weights, "bytes_per_value": compute_bytes, "cards": cards,
+            "refusal": "StadiWanPipeline" if preset.video else None}
+
+
+def format_memory_fit(fit: dict) -> list[str]:
+    lines = [(f"memory per rank, lower bound (weights {fit['weights_bytes'] / 2**30:.1f} GiB at "
+              f"{fit['bytes_per_value']} B/parameter + the K/V store; activations come on top):")]
+    short = []
+    for name, card in fit["cards"].items():
+        forms = "; ".join(f"{label} {need / 2**30:.1f} GiB {'fits' if card['fits'][label] else 'does NOT fit'}"
+                          for label, need in card["needs_bytes"].items())
+        lines.append(f"  {name} ({card['memory_bytes'] / 2**30:.0f} GiB): {forms}")
+        if not any(card["fits"].values()):
+            alone = fit["weights_bytes"] > card["memory_bytes"]
+            short.append(f"{name} ({'the weights alone' if alone else 'with the store'})")
+    if short:
+        refusal = (f"; {fit['refusal']} refuses such a run before denoising, in one line naming the store and the "
+                   "remedies (--use_cfg_parallel, --stadi_kv_dtype, fewer --num_frames, a smaller size, --stadi_exact)"
+                   if fit["refusal"] else "")
+        lines.append(f"  -> too large for {', '.join(short)}: the latencies below count compute only{refusal}")
+    return lines
 
 
 def measure_forwards(preset: BenchPreset, heights: list[int], seed: int = 0, repeats: int = 2) -> list[float]:
@@ -66,7 +112,7 @@ def measure_forwards(preset: BenchPreset, heights: list[int], seed: int = 0, rep
     from stadi_xdit.bench.presets import build_pipeline
     from stadi_xdit.testing.tiny import random_prompt_embeds
 
-    if preset.family != "pixart":
+    if not preset.shape.calibrates:
         raise ValueError("forward calibration is implemented for PixArt presets; pass --row-seconds")
     transformer = build_pipeline(preset, seed=seed).transformer
     threads = torch.get_num_threads()
@@ -96,7 +142,7 @@ def calibrate_cpu(preset: BenchPreset, target_height: int, small_height: int) ->
     half = max(32, (small_height // 2) // 16 * 16)
     t_half, t_small = measure_forwards(preset, [half, small_height])
     f_small, f_half = preset.forward_flops(small_height), preset.forward_flops(half)
-    target_rows = preset.token_rows(target_height)
+    target_rows = preset.band_units(target_height)
     seconds_target = t_small * preset.forward_flops(target_height) / f_small
     return {
         "small_height": small_height,
@@ -113,7 +159,7 @@ def what_if(gpus: str | None, speeds: tuple[float, ...] | None, preset: BenchPre
             warmup: int, row_seconds: float | None, mfu: float, link_gbps: float | None, max_stride: int,
             calibrate_height: int, measure: bool = True) -> dict:
     """Everything ``stadi-bench --simulate`` prints, as data."""
-    rows = preset.token_rows(height)
+    rows = preset.band_units(height)
     if gpus:
         names = parse_gpu_list(gpus)
         relative = relative_speeds(names)
@@ -121,14 +167,15 @@ def what_if(gpus: str | None, speeds: tuple[float, ...] | None, preset: BenchPre
         names = tuple(f"rank{i}" for i in range(len(speeds)))
         fastest = max(speeds)
         relative = tuple(v / fastest for v in speeds)
-    calibration = calibrate_cpu(preset, height, calibrate_height) if measure and row_seconds is None else None
+    measure = measure and row_seconds is None and preset.shape.calibrates
+    calibration = calibrate_cpu(preset, height, calibrate_height) if measure else None
     flops_per_row = preset.forward_flops(height) / rows
     if row_seconds is not None:
         source = "given (--row-seconds)"
     elif gpus:
         fastest = max(DENSE_TENSOR_TFLOPS[n] for n in names)
         row_seconds = flops_per_row / (fastest * 1e12 * mfu)
-        source = f"FLOPs {flops_per_row / 1e9:.1f} GFLOP/row / ({fastest:g} TFLOPS x MFU {mfu:g})"
+        source = f"FLOPs {flops_per_row / 1e9:.1f} GFLOP/{preset.band_unit} / ({fastest:g} TFLOPS x MFU {mfu:g})"
     elif calibration is not None:
         row_seconds = calibration["cpu_row_seconds_at_target"]
         source = "this machine's measured forward, scaled by FLOPs"
@@ -140,22 +187,28 @@ def what_if(gpus: str | None, speeds: tuple[float, ...] | None, preset: BenchPre
     memory = {"as computed": kv_store_bytes(preset, height, bytes_per_value, len(relative), cpu=cpu)}
     if bytes_per_value == 4:
         memory["--stadi_kv_dtype bfloat16"] = kv_store_bytes(preset, height, 4, len(relative), stale_bytes=2, cpu=cpu)
+    if preset.cfg_batch > 1:
+        memory["--use_cfg_parallel"] = kv_store_bytes(preset, height, bytes_per_value, len(relative), cpu=cpu, batch=1)
+    fit = gpu_memory_fit(names, preset, bytes_per_value, memory) if gpus else None
     if link_gbps:
         exchange = preset.kv_bytes(height, bytes_per_value) * (len(relative) - 1) / len(relative) / (link_gbps * 1e9)
     predicted = predict_modes(relative, rows=rows, steps=steps, warmup=warmup, row_seconds=row_seconds,
                               max_stride=max_stride, exchange_seconds=exchange)
-    return {"ranks": list(names), "relative_speeds": list(relative), "rows": rows, "steps": steps, "warmup": warmup,
+    return {"ranks": list(names), "relative_speeds": list(relative), "rows": rows, "band_unit": preset.band_unit,
+            "shape": preset.shape_label(height), "steps": steps, "warmup": warmup,
             "row_seconds": row_seconds, "row_seconds_source": source, "exchange_seconds": exchange,
-            "calibration": calibration, "seconds": predicted["seconds"], "kv_store": memory,
+            "calibration": calibration, "seconds": predicted["seconds"], "kv_store": memory, "memory_fit": fit,
             "plans": {m: p.to_json() for m, p in predicted["plans"].items()},
             "explain": {m: p.explain() for m, p in predicted["plans"].items()}}
 
 
 def format_what_if(result: dict, preset: BenchPreset, height: int) -> str:
     seconds = result["seconds"]
-    lines = [(f"what-if: {', '.join(result['ranks'])} | preset {preset.name} {height}px, {result['rows']} token rows, "
-             f"{result['steps']} steps (warmup {result['warmup']})"),
-             f"row cost on the fastest rank: {result['row_seconds'] * 1e3:.4g} ms/row/step ({result['row_seconds_source']})",
+    unit = preset.band_unit
+    lines = [(f"what-if: {', '.join(result['ranks'])} | preset {preset.name} {preset.shape_label(height)}, "
+              f"{result['rows']} {unit}s, {result['steps']} steps (warmup {result['warmup']})"),
+             (f"row cost on the fastest rank: {result['row_seconds'] * 1e3:.4g} ms per {unit} per step "
+              f"({result['row_seconds_source']})"),
              (f"K/V exchange per sync: {result['exchange_seconds'] * 1e3:.3g} ms "
              f"({'exposed' if result['exchange_seconds'] else 'assumed hidden behind compute; --link-gbps to expose'})")]
     for label, memory in result.get("kv_store", {}).items():
@@ -164,6 +217,12 @@ def format_what_if(result: dict, preset: BenchPreset, height: int) -> str:
                      f"{memory['flat_buffer_bytes'] / 2**30:.3f} GiB + one-layer buffers "
                      f"{memory['staging_bytes'] / 2**20:.1f} MiB; receives "
                      f"{memory['received_per_sync_point_bytes'] / 2**30:.3f} GiB per sync point")
+    fit = result.get("memory_fit")
+    if fit:
+        lines.extend(format_memory_fit(fit))
+    if not preset.shape.calibrates:
+        lines.append(f"this machine: no calibration forward ({preset.family} presets skip it; the row cost is the FLOP "
+                     "model's or --row-seconds)")
     cal = result.get("calibration")
     if cal:
         check = cal["scaling_check"]
@@ -184,7 +243,7 @@ def compare_with_measured(summary: dict, settings, relative: tuple[float, ...]) 
     single = summary["arms"].get("single", {}).get("median_seconds")
     if not single:
         return None
-    rows = settings.preset.token_rows(settings.height)
+    rows = settings.preset.band_units(settings.height)
     row_seconds = single / (settings.steps * rows)
     predicted = predict_modes(relative, rows=rows, steps=settings.steps, warmup=settings.warmup,
                               row_seconds=row_seconds, max_stride=settings.max_stride,

@@ -6,6 +6,11 @@ latency of the current layout at the new speeds, and of a fresh plan for the rem
 one re-band, the cost of a transition); re-plan when the fresh plan is faster by more than
 `threshold` at `confirmations` consecutive sync points. The threshold keeps measurement noise from
 re-banding; the confirmations keep one noisy period from doing it (hysteresis).
+
+A fresh plan also counts as promising when it restores skipped steps at no real cost: the image
+area denoised with skipped steps (`skipped_row_steps`) drops by more than `threshold` while the
+predicted latency rises by at most `tolerance`. That is what helps when a load lifts: the plan made
+for a slow rank (stride 2) is then no slower than stride 1 everywhere, only worse in quality.
 """
 
 from __future__ import annotations
@@ -38,10 +43,16 @@ class ReplanDecision:
     current_seconds: float  # predicted remaining latency of the current layout at the new speeds
     replanned_seconds: float  # ... of a fresh plan, transition included
     new_plan: Plan | None  # the plan for the remaining steps (relative base steps), when replan
+    reason: str = ""  # "faster" | "fewer skipped steps" (when promising)
 
     @property
     def gain(self) -> float:
         return 1.0 - self.replanned_seconds / self.current_seconds if self.current_seconds > 0 else 0.0
+
+
+def skipped_row_steps(rows: Sequence[int], strides: Sequence[int]) -> float:
+    """Token rows x the fraction of steps each rank skips: how much of the image a plan denoises coarsely."""
+    return sum(r * (1.0 - 1.0 / s) for r, s in zip(rows, strides))
 
 
 def decide_replan(current: Plan, *, next_base_step: int, speeds: Sequence[float], confirmations: int,
@@ -63,7 +74,11 @@ def decide_replan(current: Plan, *, next_base_step: int, speeds: Sequence[float]
                       mode=current.mode, max_stride=current.max_stride, tolerance=tolerance,
                       warmup_speeds_known=True)
     replanned = fresh.predicted.total_seconds + transition_seconds
-    promising = replanned < (1.0 - policy.threshold) * now
-    count = confirmations + 1 if promising else 0
+    faster = replanned < (1.0 - policy.threshold) * now
+    skipped = skipped_row_steps(rows, strides)
+    finer = (skipped_row_steps([r.num_rows for r in fresh.ranks], [r.stride for r in fresh.ranks])
+             < (1.0 - policy.threshold) * skipped and replanned <= (1.0 + tolerance) * now)
+    count = confirmations + 1 if faster or finer else 0
     replan = count >= policy.confirmations
-    return ReplanDecision(replan, 0 if replan else count, now, replanned, fresh if replan else None)
+    reason = "faster" if faster else ("fewer skipped steps" if finer else "")
+    return ReplanDecision(replan, 0 if replan else count, now, replanned, fresh if replan else None, reason)

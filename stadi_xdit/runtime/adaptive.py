@@ -87,7 +87,7 @@ class SyncReplanner:
                              "new_rows": [r.num_rows for r in decision.new_plan.ranks],
                              "old_strides": [r.stride for r in current.ranks],
                              "new_strides": [r.stride for r in decision.new_plan.ranks],
-                             "predicted_gain": decision.gain, "plan": decision.new_plan})
+                             "predicted_gain": decision.gain, "reason": decision.reason, "plan": decision.new_plan})
         return decision
 
 

@@ -106,7 +106,6 @@ def denoise(
     rows, align = geometry.rows, geometry.align
     num_steps = len(scheduler.timesteps)
     timeline = RankTimeline()
-    slowdown = config.emulate_slowdown[rank] if config.emulate_slowdown else 1.0
     clock = work_clock(latents.device)
     # Stale K/V only exist outside exact mode; there they may be stored narrower (--stadi_kv_dtype).
     store.configure(kv_dtype=None if config.exact else kv_storage_dtype(config.kv_dtype))
@@ -121,6 +120,8 @@ def denoise(
         wait = comm.wait_seconds - waited_before
         # CUDA's clock is wall time, which includes the waits; the CPU clock never does.
         work = clock() - work_start - (wait if latents.is_cuda else 0.0)
+        # Base steps of the full grid: the emulated load may change at one (--stadi_emulate_shift).
+        slowdown = config.emulated_factor(rank, base_step if phase == "warmup" else warmup_steps + base_step)
         emulated = emulate_slowdown(slowdown, work) if slowdown != 1.0 else 0.0
         band_rows = layout.token_rows[rank][1] - layout.token_rows[rank][0]
         timeline.steps.append(StepRecord(phase, base_step, start, timeline.now(), wait, emulated, band_rows))

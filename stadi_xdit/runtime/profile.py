@@ -81,6 +81,10 @@ def timed_warmup(records: Sequence[StepRecord]) -> list[StepRecord]:
     return warmup[1:] if len(warmup) > 1 else warmup
 
 
+# Smallest spread of band sizes, relative to the largest, that a fixed-cost fit is trusted with.
+MIN_FIT_SPREAD = 0.2
+
+
 def fit_step_cost(records: Sequence[StepRecord]) -> StepCost:
     """Fixed and per-row cost of one rank's forward from its timed warmup forwards.
 
@@ -88,6 +92,8 @@ def fit_step_cost(records: Sequence[StepRecord]) -> StepCost:
     those medians when there are more than two sizes). It needs two sizes; with one, or when the
     fit is not physical (a slope <= 0 or a negative fixed cost, i.e. timing noise larger than the
     size effect), the fixed cost is 0 and the row cost is the median seconds per row, as before.
+    So it is when the sizes span less than `MIN_FIT_SPREAD` of the largest: two nearly equal bands
+    (an elastic warmup on remembered speeds re-bands by a row or so) put noise into the intercept.
     """
     usable = timed_warmup(records)
     by_size: dict[int, list[float]] = {}
@@ -98,7 +104,7 @@ def fit_step_cost(records: Sequence[StepRecord]) -> StepCost:
     sizes = sorted(by_size)
     points = [(float(size), statistics.median(by_size[size])) for size in sizes]
     fallback = statistics.median(r.compute / r.rows for r in usable)
-    if len(points) < 2:
+    if len(points) < 2 or sizes[-1] - sizes[0] < MIN_FIT_SPREAD * sizes[-1]:
         return StepCost(0.0, fallback, tuple(sizes), False)
     mean_x = statistics.fmean(x for x, _ in points)
     mean_y = statistics.fmean(y for _, y in points)

@@ -95,9 +95,9 @@ def log_plan(result: DenoiseResult) -> None:
         logger.info("STADI exchange: %s", ", ".join(f"{key}={value}" for key, value in result.exchange.items()))
     for entry in result.replans:
         logger.info("STADI re-plan at base step %d: speeds %s -> %s, rows %s -> %s, strides %s -> %s, "
-                    "predicted gain %.0f%%", entry["offset"], [f"{v:.3g}" for v in entry["old_speeds"]],
+                    "predicted gain %.0f%% (%s)", entry["offset"], [f"{v:.3g}" for v in entry["old_speeds"]],
                     [f"{v:.3g}" for v in entry["new_speeds"]], entry["old_rows"], entry["new_rows"],
-                    entry["old_strides"], entry["new_strides"], 100 * entry["predicted_gain"])
+                    entry["old_strides"], entry["new_strides"], 100 * entry["predicted_gain"], entry["reason"])
 
 
 class StadiPipelineMixin:

@@ -1,0 +1,160 @@
+"""``stadi-bench`` on Wan 2.1 text-to-video: presets, bad input, arm validity, construct-only and the what-if.
+
+Nothing here runs a pipeline (the measured wan-tiny bench is a manual check, see docs/benchmarks.md):
+validation, meta-device construction and the simulator's cost model only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stadi_xdit.bench.arms import skip_reason
+from stadi_xdit.bench.catalog import ARMS, PRESET_SHAPES
+from stadi_xdit.bench.cli import main, parse_args
+from stadi_xdit.bench.metrics import ssim
+from stadi_xdit.bench.presets import BENCH_PRESETS, get_preset
+
+
+def one_error_line(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_wan_presets_know_their_band_units_and_shape():
+    assert {"wan-tiny", "wan-small", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-t2v-14b-720p"} <= set(BENCH_PRESETS)
+    tiny = get_preset("wan-tiny")  # 48x64 px, 17 frames = 5 latent frames of 3x4 tokens
+    assert tiny.video and tiny.band_unit == "latent frame" and tiny.band_units(48) == 5
+    assert tiny.width(48) == 64 and tiny.width(96) == 128 and tiny.tokens(48) == 60
+    assert tiny.layers == 2 and tiny.heads == 2 and tiny.hidden == 24
+    image = get_preset("tiny")
+    assert not image.video and image.band_unit == "token row" and image.band_units(128) == 8
+    assert image.width(128) == 128 and image.shape_label(128) == "128px"
+    # Another frame count is its own preset, rebuilt by name in the arms' processes.
+    nine = get_preset("wan-tiny", num_frames=9)
+    assert nine.name == "wan-tiny@9f" and nine.band_units(48) == 3 and get_preset(nine.name) == nine
+    assert get_preset("wan-tiny", num_frames=17) is tiny
+    with pytest.raises(ValueError, match="image preset"):
+        get_preset("tiny", num_frames=9)
+    kwargs = nine.call_kwargs(48, steps=3, seed=0)
+    assert kwargs["num_frames"] == 9 and kwargs["width"] == 64 and kwargs["output_type"] == "latent"
+    assert kwargs["prompt_embeds"].shape == kwargs["negative_prompt_embeds"].shape == (1, 8, 32)
+
+
+def test_wan_cost_model_and_displaced_kv_memory():
+    from stadi_xdit.models.wan import displaced_kv_bytes
+    from stadi_xdit.testing.tiny import wan_transformer_config
+
+    big = get_preset("wan2.1-t2v-14b-720p")  # 21 latent frames x 45 x 80 = 75,600 tokens, 40 blocks
+    assert big.band_units(720) == 21 and big.tokens(720) == 75_600 and big.width(720) == 1280
+    # The issue's figure: 75,600 tokens x 40 layers x 2 x 5120 x 2 bytes = 62 GB per CFG branch, twice batched.
+    one = displaced_kv_bytes(wan_transformer_config("wan2.1-t2v-14b-720p"), 720, 1280, 81)
+    assert big.kv_bytes(720, 2, batch=1) == one == 75_600 * 40 * 2 * 5120 * 2
+    assert big.kv_bytes(720, 2) == 2 * one  # the batched CFG pair
+    # Per step (both branches): ~2.2 GFLOP per token and block at this size, self-attention over the clip dominating.
+    flops = big.forward_flops(720)
+    assert 12e15 < flops < 14e15
+    h, n = 5120, 75_600
+    attention = 2 * 40 * n * 2 * 2 * n * h
+    assert 0.6 < attention / flops < 0.8
+    # Cost grows with frames more than linearly (attention over all tokens of the clip).
+    short = get_preset("wan2.1-t2v-14b-720p", num_frames=41)
+    assert 2 < flops / short.forward_flops(720) < 4
+
+
+def test_skip_reasons_for_wan_arms():
+    tiny = get_preset("wan-tiny")
+    assert skip_reason(ARMS["full"], tiny, 48, 6, 4, 1) == "5 latent frames < 6 ranks"
+    assert skip_reason(ARMS["uniform"], tiny, 48, 5, 4, 1) is None  # one latent frame per rank
+    assert "no pipefusion" in skip_reason(ARMS["pipefusion"], tiny, 48, 2, 4, 1)
+    assert skip_reason(ARMS["ulysses"], tiny, 48, 3, 4, 1) == "2 attention heads are not divisible by 3 ranks"
+    # xfuser's Wan transformer pads the token sequence: no row-divisibility rule as for images.
+    assert skip_reason(ARMS["ring"], tiny, 48, 3, 4, 1) is None
+    assert skip_reason(ARMS["ulysses"], tiny, 48, 2, 4, 1) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "says"),
+    [
+        (["--preset", "wan-tiny", "--num-frames", "8"], "--num-frames", "must be 4k+1"),
+        (["--preset", "wan-tiny", "--num-frames", "0"], "--num-frames", "must be 4k+1"),
+        (["--preset", "wan-tiny", "--num-frames", "5", "--ranks", "3", "--scenario", "slowdown:1,2,2"],
+         "--num-frames", "2 latent frames, fewer than --ranks 3"),
+        (["--preset", "tiny", "--num-frames", "9"], "--num-frames", "image preset"),
+        (["--preset", "wan-tiny", "--height", "40"], "--height", "multiple of 16"),
+        (["--simulate", "--gpus", "A100x4", "--preset", "wan-tiny", "--num-frames", "9", "--no-measure"],
+         "--num-frames", "3 latent frames, fewer than the 4 simulated ranks"),
+        (["--simulate", "--speeds", "1,0.5", "--preset", "wan2.1-t2v-14b"], "--simulate", "--row-seconds"),
+    ],
+)
+def test_bad_video_input_is_one_line_naming_the_flag(capsys, argv, flag, says):
+    line = one_error_line(capsys, argv)
+    assert line.startswith("stadi-bench: error: ") and flag in line and says in line, line
+
+
+def test_video_arguments_resolve_from_the_preset():
+    args = parse_args(["--preset", "wan-tiny"])
+    assert (args.height, args.num_frames) == (48, 17)
+    args = parse_args(["--preset", "wan-small", "--num-frames", "9", "--height", "96"])
+    assert (args.height, args.num_frames) == (96, 9)
+    assert parse_args(["--preset", "tiny"]).num_frames is None
+    shape = PRESET_SHAPES["wan2.1-t2v-14b-720p"]
+    assert shape.video and shape.band_units(720) == 21 and not shape.calibrates
+
+
+def test_construct_only_wan_14b_720p(capsys):
+    assert main(["--construct-only", "--preset", "wan2.1-t2v-14b-720p"]) == 0
+    out = capsys.readouterr().out
+    assert "14288.5 M parameters" in out and "720x1280px x 81 frames (21 latent frames)" in out
+    assert "with --use_cfg_parallel" in out and "no pipefusion" in out
+    assert "STADI full" in out and "skip: 21" not in out
+
+
+def test_simulate_mixed_cluster_wan_14b_720p(tmp_path, capsys):
+    argv = ["--simulate", "--gpus", "A100x4,RTX4090x4", "--preset", "wan2.1-t2v-14b-720p", "--out", str(tmp_path)]
+    assert main(argv) == 0  # no --no-measure needed: real-size Wan has no CPU calibration forward
+    out = capsys.readouterr().out
+    assert "21 latent frames" in out and "ms per latent frame per step" in out
+    assert "RTX4090 (24 GiB)" in out and "does NOT fit" in out and "the weights alone" in out
+    result = json.loads((tmp_path / "simulate.json").read_text())
+    seconds = result["seconds"]
+    assert result["rows"] == 21 and result["calibration"] is None
+    assert seconds["full"] < seconds["spatial"] < seconds["uniform"] < seconds["single"]
+    fit = result["memory_fit"]
+    assert fit["cards"]["RTX4090"]["fits"] == {"as computed": False, "--use_cfg_parallel": False}
+    assert result["kv_store"]["--use_cfg_parallel"]["flat_buffer_bytes"] == 75_600 * 40 * 2 * 5120 * 2
+    ranks = json.loads(result["plans"]["spatial"])["ranks"]
+    assert sum(r["row_end"] - r["row_start"] for r in ranks) == 21 and len(ranks) == 8
+
+
+def test_simulate_small_wan_with_given_row_cost(tmp_path, capsys):
+    assert main(["--simulate", "--speeds", "1,0.5", "--row-seconds", "0.05", "--preset", "wan-tiny",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "5 latent frames" in out and "full" in out
+
+
+def test_ssim_compares_video_frames_as_images():
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randn(1, 4, 5, 6, 8, generator=g)
+    assert ssim(clip, clip) == pytest.approx(1.0)
+    noisy = clip + 0.1 * torch.randn(clip.shape, generator=g)
+    frames = clip.transpose(1, 2).flatten(0, 1)
+    assert ssim(clip, noisy) == pytest.approx(ssim(frames, noisy.transpose(1, 2).flatten(0, 1)))
+
+
+def test_single_arm_builds_and_returns_the_latent_clip_in_process():
+    from stadi_xdit.bench.arms import _build
+    from stadi_xdit.bench.presets import call_kwargs
+
+    spec = {"preset": "wan-tiny@9f", "arm": "single", "dtype": "float32", "seed": 0, "device": "cpu"}
+    pipe, transformer = _build(spec, 0, 1)
+    assert type(transformer).__name__ == "WanTransformer3DModel"
+    output = pipe(**call_kwargs(get_preset(spec["preset"]), 48, steps=2, seed=0))
+    assert output.images.shape == (1, 4, 3, 6, 8)  # (batch, channels, latent frames, H/8, W/8)
+    assert torch.isfinite(output.images).all()
