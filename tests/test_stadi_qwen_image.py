@@ -11,7 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stadi_xdit.testing.checks import STALE_MODES, build_stadi_pipeline, check_stale_runs, relative_error
+from stadi_xdit.testing.checks import (
+    STALE_MODES,
+    build_stadi_pipeline,
+    check_stale_runs,
+    counted_calls,
+    relative_error,
+)
 from stadi_xdit.testing.spawn import run_distributed
 
 SEED = 1
@@ -59,19 +65,8 @@ def _run_stadi(rank: int, world: int, runs: list[dict]) -> list[dict]:
         pipe = build_stadi_pipeline(StadiQwenImagePipeline, build_qwen_image_pipeline(), size=HEIGHT, steps=STEPS,
                                     model="tiny-qwen-image", **kwargs)
         transformer = pipe.module.transformer
-        calls = {"forward": 0, "attn": 0}
-
-        def count(kind, calls=calls):
-            return lambda *_: calls.__setitem__(kind, calls[kind] + 1)
-
-        batches = set()
-        hooks = [transformer.register_forward_pre_hook(count("forward")),
-                 transformer.register_forward_pre_hook(
-                     lambda _m, _a, kw, seen=batches: seen.add(kw["hidden_states"].shape[0]), with_kwargs=True)]
-        hooks += [block.attn.register_forward_pre_hook(count("attn")) for block in transformer.transformer_blocks]
-        out = pipe(**_call(output_type))
-        for hook in hooks:
-            hook.remove()
+        with counted_calls(transformer, {"attn": [b.attn for b in transformer.transformer_blocks]}) as (calls, batches):
+            out = pipe(**_call(output_type))
         result = pipe.last_result
         results.append({"images": None if out is None else out.images, "plan": result.plan,
                         "num_evals": result.num_evals, "calls": calls, "batches": sorted(batches),

@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stadi_xdit.testing.checks import STALE_MODES, build_stadi_pipeline, check_stale_runs, relative_error
+from stadi_xdit.testing.checks import (
+    STALE_MODES,
+    build_stadi_pipeline,
+    check_stale_runs,
+    counted_calls,
+    relative_error,
+)
 from stadi_xdit.testing.spawn import run_distributed
 
 SEED = 1
@@ -48,21 +54,10 @@ def _run_stadi(rank: int, world: int, runs: list[dict]) -> list[dict]:
         pipe = build_stadi_pipeline(StadiStableDiffusion3Pipeline, build_sd3_pipeline(), size=HEIGHT, steps=STEPS,
                                     model="tiny-sd3", **kwargs)
         transformer = pipe.module.transformer
-        calls = {"forward": 0, "attn": 0, "attn2": 0}
-
-        def count(kind, calls=calls):
-            return lambda *_: calls.__setitem__(kind, calls[kind] + 1)
-
-        batches = set()
-        hooks = [transformer.register_forward_pre_hook(count("forward")),
-                 transformer.register_forward_pre_hook(
-                     lambda _m, _a, kw, seen=batches: seen.add(kw["hidden_states"].shape[0]), with_kwargs=True)]
-        hooks += [block.attn.register_forward_pre_hook(count("attn")) for block in transformer.transformer_blocks]
-        hooks += [block.attn2.register_forward_pre_hook(count("attn2")) for block in transformer.transformer_blocks
-                  if block.attn2 is not None]
-        out = pipe(**CALL, output_type=output_type, generator=torch.Generator().manual_seed(SEED))
-        for hook in hooks:
-            hook.remove()
+        blocks = transformer.transformer_blocks
+        attention = {"attn": [b.attn for b in blocks], "attn2": [b.attn2 for b in blocks if b.attn2 is not None]}
+        with counted_calls(transformer, attention) as (calls, batches):
+            out = pipe(**CALL, output_type=output_type, generator=torch.Generator().manual_seed(SEED))
         result = pipe.last_result
         results.append({"images": None if out is None else out.images, "plan": result.plan,
                         "num_evals": result.num_evals, "calls": calls, "batches": sorted(batches),

@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from stadi_xdit.testing.checks import STALE_MODES, build_stadi_pipeline, check_stale_runs, relative_error
+from stadi_xdit.testing.checks import (
+    STALE_MODES,
+    build_stadi_pipeline,
+    check_stale_runs,
+    counted_calls,
+    relative_error,
+)
 from stadi_xdit.testing.spawn import free_port, run_distributed
 
 SEED = 1
@@ -89,19 +95,8 @@ def _run_stadi(rank: int, world: int, runs: list[dict]) -> list[dict]:
             results.append({"error": None})
             continue
         transformer = pipe.module.transformer
-        calls = {"forward": 0, "attn": 0}
-
-        def count(kind, calls=calls):
-            return lambda *_: calls.__setitem__(kind, calls[kind] + 1)
-
-        batches = set()
-        hooks = [transformer.register_forward_pre_hook(count("forward")),
-                 transformer.register_forward_pre_hook(
-                     lambda _m, _a, kw, seen=batches: seen.add(kw["hidden_states"].shape[0]), with_kwargs=True)]
-        hooks += [block.attn1.register_forward_pre_hook(count("attn")) for block in transformer.blocks]
-        out = pipe(**_call(output_type))
-        for hook in hooks:
-            hook.remove()
+        with counted_calls(transformer, {"attn": [block.attn1 for block in transformer.blocks]}) as (calls, batches):
+            out = pipe(**_call(output_type))
         result = pipe.last_result
         processors = sorted({type(p).__name__ for name, p in transformer.attn_processors.items()
                              if ".attn1." in name})

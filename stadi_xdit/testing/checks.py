@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -32,6 +33,33 @@ def ignore_foreign_bands(store: DisplacedKVStore) -> None:
         return masked[0], masked[1]
 
     store.full_kv = own_band_only
+
+
+@contextlib.contextmanager
+def counted_calls(transformer: torch.nn.Module,
+                  attention: dict[str, Iterable[torch.nn.Module]]) -> Iterator[tuple[dict[str, int], set[int]]]:
+    """Count, while the block runs, the transformer's forwards (``calls["forward"]``), the calls of each
+    named group of attention modules (``calls[name]``), and the batch sizes its ``hidden_states`` had."""
+    calls = {"forward": 0, **{name: 0 for name in attention}}
+    batches: set[int] = set()
+
+    def counter(kind: str):
+        def hook(*_):
+            calls[kind] += 1
+        return hook
+
+    def see_batch(_module, _args, kwargs):
+        batches.add(kwargs["hidden_states"].shape[0])
+
+    hooks = [transformer.register_forward_pre_hook(counter("forward")),
+             transformer.register_forward_pre_hook(see_batch, with_kwargs=True)]
+    for name, modules in attention.items():
+        hooks += [module.register_forward_pre_hook(counter(name)) for module in modules]
+    try:
+        yield calls, batches
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def build_stadi_pipeline(pipeline_cls: type, diffusers_pipeline, *, size: int, steps: int, model: str = "tiny",
