@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from stadi_xdit.cli_errors import OneLineArgumentParser
 from stadi_xdit.toy import data, metrics, model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +40,8 @@ DEFAULT_LR = 5e-4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineArgumentParser(prog="train_toy_dit.py", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="images per step")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (AdamW)")
@@ -68,8 +69,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop training early once this many minutes have passed (recorded in the json)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch < 1:
-        p.error("--steps and --batch must be positive")
+    for flag, value, ok, bounds in (
+            ("--steps", args.steps, args.steps >= 1, ">= 1"), ("--batch", args.batch, args.batch >= 1, ">= 1"),
+            ("--lr", args.lr, 0 < args.lr < math.inf, "> 0 and finite"),
+            ("--warmup", args.warmup, args.warmup >= 0, ">= 0"),
+            ("--min-lr-ratio", args.min_lr_ratio, 0 <= args.min_lr_ratio <= 1, "in [0, 1]"),
+            ("--weight-decay", args.weight_decay, 0 <= args.weight_decay < math.inf, ">= 0 and finite"),
+            ("--grad-clip", args.grad_clip, 0 < args.grad_clip < math.inf, "> 0 and finite"),
+            ("--ema", args.ema, 0 <= args.ema < 1, "in [0, 1)"),
+            ("--class-dropout", args.class_dropout, 0 <= args.class_dropout < 1, "in [0, 1)"),
+            ("--min-snr-gamma", args.min_snr_gamma, 0 <= args.min_snr_gamma < math.inf, ">= 0 and finite"),
+            ("--threads", args.threads, args.threads >= 1, ">= 1"),
+            ("--eval-samples", args.eval_samples, args.eval_samples >= 0, ">= 0"),
+            ("--eval-steps", args.eval_steps, args.eval_steps >= 1, ">= 1"),
+            ("--eval-guidance", args.eval_guidance, 0 <= args.eval_guidance < math.inf, ">= 0 and finite"),
+            ("--time-budget-min", args.time_budget_min, 0 < args.time_budget_min < math.inf, "> 0 and finite")):
+        if not ok:  # NaN fails every comparison, so it lands here too
+            p.error(f"argument {flag}: must be {bounds}, got {value!r}")
+    if args.out.is_dir():
+        p.error(f"argument --out: must be a .safetensors file path, got the folder {str(args.out)!r}")
     # Plots go to the docs only with the shipped weights; a run elsewhere keeps them beside its weights.
     plots = REPO / "docs" / "img" if args.out.resolve() == model.WEIGHTS_PATH.resolve() else args.out.parent
     for attr, name in (("loss_plot", "toy_train_loss.png"), ("samples_plot", "toy_train_samples.png")):

@@ -1,4 +1,5 @@
-"""The toy data set (`stadi_xdit.toy.data`) and its coherence metrics (`stadi_xdit.toy.metrics`).
+"""The toy data set (`stadi_xdit.toy.data`) and its coherence metrics (`stadi_xdit.toy.metrics`), plus the
+one-line refusals of the training script's and the quality benchmark's flags.
 
 Cheap (no model): determinism of the data set and captions, and the metrics' sanity: exact on
 ground truth, clearly worse on corrupted samples, each corruption caught by the metric made for it.
@@ -6,6 +7,11 @@ ground truth, clearly worse on corrupted samples, each corruption caught by the 
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from stadi_xdit.toy import data, metrics
@@ -132,3 +138,46 @@ def test_row_error_profile_finds_a_seam():
     assert torch.allclose(profile[16], torch.tensor(0.5)) and profile.sum() == profile[16]
     assert metrics.band_boundary_rows([8, 8, 8, 8]) == [8, 16, 24]
     assert metrics.band_boundary_rows([16, 16]) == [16]
+
+
+TRAIN = Path(__file__).resolve().parent.parent / "scripts" / "train_toy_dit.py"
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_toy_dit", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--steps", "0"], "--steps"), (["--batch", "-1"], "--batch"), (["--lr", "nan"], "--lr"),
+    (["--lr", "0"], "--lr"), (["--ema", "1"], "--ema"), (["--class-dropout", "1.5"], "--class-dropout"),
+    (["--threads", "0"], "--threads"), (["--time-budget-min", "inf"], "--time-budget-min"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio"), (["--grad-clip", "nan"], "--grad-clip"),
+    (["--eval-steps", "0"], "--eval-steps"), (["--out", "{tmp}"], "--out"), (["--steps", "x"], "--steps"),
+])
+def test_training_script_refuses_bad_flags_in_one_line(argv, flag, tmp_path, capsys):
+    script = _train_script()
+    with pytest.raises(SystemExit) as info:
+        script.parse_args([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train_toy_dit.py: error: ") and flag in lines[0], lines
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--steps", "1"], "--steps"), (["--steps", "5000"], "--steps"), (["--warmup", "0"], "--warmup"),
+    (["--steps", "8", "--warmup", "8"], "--warmup"), (["--repeats", "0"], "--repeats"), (["--seed", "-1"], "--seed"),
+    (["--out", "{file}"], "--out"),
+])
+def test_quality_benchmark_refuses_bad_flags_in_one_line(argv, flag, tmp_path, capsys):
+    from stadi_xdit.toy import quality
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit) as info:
+        quality.main([a.replace("{file}", str(tmp_path / "f")) for a in argv])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error: argument " + flag in lines[0], lines

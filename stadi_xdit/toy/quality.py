@@ -21,7 +21,6 @@ Latency is the median of ``--repeats`` timed calls after one untimed call, on th
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from stadi_xdit.planner.validation import MAX_STEPS
 from stadi_xdit.toy import data, metrics, model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -224,15 +224,25 @@ def plot_tradeoff(summary: dict, path: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stadi_xdit.toy.quality", description=__doc__.split("\n\n")[0])
+    from stadi_xdit.cli_errors import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(prog="python -m stadi_xdit.toy.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img", help="folder of the plots and json")
     parser.add_argument("--steps", type=int, default=model.DEFAULT_STEPS)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if not 1 <= args.warmup < args.steps or args.repeats < 1:
-        parser.error("need 1 <= --warmup < --steps and --repeats >= 1")
+    if not 2 <= args.steps <= MAX_STEPS:
+        parser.error(f"argument --steps: must be in [2, {MAX_STEPS}], got {args.steps}")
+    if not 1 <= args.warmup < args.steps:
+        parser.error(f"argument --warmup: must be in [1, --steps - 1] = [1, {args.steps - 1}], got {args.warmup}")
+    if args.repeats < 1:
+        parser.error(f"argument --repeats: must be >= 1, got {args.repeats}")
+    if not 0 <= args.seed <= 2**63 - 1:
+        parser.error(f"argument --seed: must be in [0, 2**63 - 1], got {args.seed}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: must be a folder, but {str(args.out)!r} is a file")
 
     import stadi_xdit.xdit  # noqa: F401  (xfuser's CPU compat layer before the ranks import it)
 
