@@ -177,7 +177,7 @@ class StadiConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{source} must be a mapping of settings (e.g. {{\"mode\": \"full\"}}), "  # noqa: TRY004
                              f"got {type(data).__name__}")
-        unknown = sorted(str(key) for key in set(data) - set(FLAGS))
+        unknown = sorted(shown_key(key) for key in set(data) - set(FLAGS))
         if unknown:
             raise ValueError(f"unknown STADI config keys: {', '.join(unknown)} (known: {', '.join(FLAGS)})")
         _check_types(data)  # a file's `exact: "yes"` must not silently switch exact mode on
@@ -267,9 +267,15 @@ def _check_types(data: dict[str, Any]) -> None:
             raise ValueError(f"{meta['flag']} has the wrong type in the config: {value!r} ({type(value).__name__})")
 
 
+def shown_key(key: Any) -> str:
+    """A config key as one line shows it: as written, or repr() when it holds a newline or other control."""
+    text = str(key)
+    return text if text.isprintable() else repr(text)
+
+
 def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [key for key, _ in pairs]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    duplicates = sorted({shown_key(key) for key in keys if keys.count(key) > 1})
     if duplicates:
         raise ValueError(f"STADI config sets {', '.join(duplicates)} more than once")
     return dict(pairs)
@@ -288,7 +294,7 @@ def _strict_yaml_loader() -> type:
         def construct_mapping(self, node, deep=False):
             keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
             hashable = [key for key in keys if isinstance(key, (str, int, float, bool)) or key is None]
-            duplicates = sorted({str(key) for key in hashable if hashable.count(key) > 1})
+            duplicates = sorted({shown_key(key) for key in hashable if hashable.count(key) > 1})
             if duplicates:
                 raise ValueError(f"STADI config sets {', '.join(duplicates)} more than once")
             return super().construct_mapping(node, deep=deep)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from stadi_xdit.testing.modules import load_module_from_path
 from stadi_xdit.testing.spawn import run_distributed
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "scripts" / "stadi_example.py"
@@ -16,10 +16,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "scripts" / "stadi_example.py
 
 def _example(capsys=None):
     """The script as a module; `capsys` drops what its imports print (library notices), not ours."""
-    spec = importlib.util.spec_from_file_location("stadi_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
+    module = load_module_from_path("stadi_example", EXAMPLE)
     if capsys is not None:
         capsys.readouterr()
     return module

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
+
+from stadi_xdit.testing.modules import load_module_from_path
 
 PROBE = Path(__file__).resolve().parent.parent / "scripts" / "probe_bad_inputs.py"
 
 
 def test_every_probed_bad_input_is_one_clean_line(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("probe_bad_inputs", PROBE)
-    probe = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, probe)
-    spec.loader.exec_module(probe)
+    monkeypatch.delitem(sys.modules, "probe_bad_inputs", raising=False)  # undone after the test
+    probe = load_module_from_path("probe_bad_inputs", PROBE)
     status = probe.main()
     captured = capsys.readouterr()
     assert status == 0, captured.out + captured.err[-3000:]

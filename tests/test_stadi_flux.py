@@ -158,7 +158,7 @@ def test_profile_cache_makes_the_next_launch_warm_up_elastic(tmp_path, monkeypat
     launches = []
     for hash_seed in ("1", "2"):  # set ordering differs between launches; the key must not
         monkeypatch.setenv("PYTHONHASHSEED", hash_seed)
-        launches.append(run_distributed(_run_with_profile_cache, 2, str(cache), timeout=300))
+        launches.append(run_distributed(_run_with_profile_cache, 2, str(cache), timeout=300, fresh_interpreter=True))
     (first, first_rank_1), (second, _) = launches
     assert first_rank_1["key"] == first["key"], "every rank must build the same cache key"
     assert second["key"] == first["key"], "the key must not depend on PYTHONHASHSEED"

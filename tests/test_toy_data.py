@@ -7,13 +7,12 @@ ground truth, clearly worse on corrupted samples, each corruption caught by the 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from stadi_xdit.testing.modules import load_module_from_path
 from stadi_xdit.toy import data, metrics
 
 
@@ -144,11 +143,7 @@ TRAIN = Path(__file__).resolve().parent.parent / "scripts" / "train_toy_dit.py"
 
 
 def _train_script():
-    spec = importlib.util.spec_from_file_location("train_toy_dit", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module_from_path("train_toy_dit", TRAIN)
 
 
 @pytest.mark.parametrize("argv,flag", [

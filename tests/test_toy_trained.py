@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from stadi_xdit.testing.checks import relative_error
+from stadi_xdit.testing.modules import load_module_from_path
 from stadi_xdit.testing.spawn import run_distributed
 from stadi_xdit.toy import model
 
@@ -66,12 +67,7 @@ def test_stale_modes_keep_their_quality_order_on_the_trained_model():
 
 
 def _run_example(rank: int, world: int, argv: list[str]) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stadi_example", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example
-    spec.loader.exec_module(example)
+    example = load_module_from_path("stadi_example", EXAMPLE)
     sys.argv = ["stadi_example.py", *argv]
     example.main()
 

@@ -66,10 +66,12 @@ def test_exact_stadi_through_the_runner_equals_one_plain_process(hub, tmp_path, 
 def test_stale_full_mode_plans_strides_from_measured_speeds(hub, tmp_path):
     proc = _stadi_xdit(hub, tmp_path, ["--model", "FLUX.1-dev", *SIZE, "--num_inference_steps", "10",
                                        "--use_stadi", "--stadi_degree", "2", "--stadi_mode", "full",
-                                       "--stadi_emulate_slowdown", "1,2", "--warmup_steps", "4"])  # 3 timed samples
+                                       "--stadi_emulate_slowdown", "1,3", "--warmup_steps", "4"])  # 3 timed samples
     log = proc.stdout + proc.stderr
+    # 3:1, not 2:1: on 2 shared cores the fast rank's wall time is inflated at random, compressing the
+    # measured ratio; the slowed rank must still skip steps, whichever stride >= 2 the planner picks.
     strides = re.search(r"re-band after warmup: rows \[.*?\] -> \[.*?\], strides \[(\d+), (\d+)\]", log)
-    assert strides and strides.groups() == ("1", "2"), log[-3000:]
+    assert strides and strides.group(1) == "1" and int(strides.group(2)) >= 2, log[-3000:]
     counts = re.findall(r"STADI rank (\d): (\d+) model evaluations \(plan: (\d+)\)", log)
     assert sorted(rank for rank, _, _ in counts) == ["0", "1"]
     assert all(done == planned for _, done, planned in counts), counts
@@ -90,13 +92,15 @@ def test_runner_config_dict_reaches_a_validated_stadi_config(hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = {"model": "FLUX.1-dev", "use_stadi": True, "stadi_mode": "spatial", "stadi_speeds": "1,0.5",
               "height": 112, "width": 80, "num_inference_steps": 4, "warmup_steps": 1}
-    (result,) = run_distributed(_runner_from_config_dict, 1, {**config, "stadi_speeds": "1"}, timeout=300)
+    (result,) = run_distributed(_runner_from_config_dict, 1, {**config, "stadi_speeds": "1"}, timeout=300,
+                                fresh_interpreter=True)  # HF_HOME is read when huggingface_hub is imported
     assert result["model"] == "StadixFuserFluxModel" and result["ulysses"] is False
     assert result["stadi"]["mode"] == "spatial" and result["stadi"]["speeds"] == (1.0,)
 
 
 @pytest.mark.parametrize("config,needle", [
     ({"use_stadi": True, "stadi_modee": "full"}, "unknown STADI key(s) in the runner config: stadi_modee"),
+    ({"use_stadi": True, "stadi_mode\n": "full"}, "unknown STADI key(s) in the runner config: 'stadi_mode\\n'"),
     ({"use_stadi": True, "stadi_mode": "fast"}, "--stadi_mode"),
     ({"use_stadi": True, "ulysses_degree": 2}, "--ulysses_degree"),
     ({"use_stadi": True, "stadi_degree": 3}, "--stadi_degree 3 does not match"),

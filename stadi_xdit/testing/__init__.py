@@ -1,1 +1,1 @@
-"""Test helpers: the multi-process harness (``spawn``) and offline tiny pipelines (``tiny``)."""
+"""Test helpers: the multi-process harness (``spawn``), offline tiny pipelines (``tiny``), loading scripts (``modules``)."""

@@ -7,6 +7,11 @@ not importable by name in a fresh process, so such a module is re-loaded there f
 Each rank sees MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE (so xfuser's
 ``init_distributed_environment()`` works with env://), runs single-threaded, and imports
 ``stadi_xdit.xdit`` first, so the CPU compat layer is in place before xfuser is imported.
+
+Ranks are forked from one forkserver that has already imported torch, xfuser and diffusers (3-5 s of
+CPU per rank otherwise, most of a small test's time). Each rank still sees the caller's environment as
+it is at the call. A test that needs what only a new interpreter gives (``PYTHONHASHSEED``, or a
+variable that a library reads once at import, such as ``HF_HOME``) passes ``fresh_interpreter=True``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from stadi_xdit.testing.modules import load_module_from_path
 
 __all__ = ["DistributedTestError", "free_port", "run_distributed"]
 
@@ -55,17 +62,32 @@ def _fn_ref(fn) -> tuple[str, str | None, str]:
 
 def _resolve_fn(module_name: str, path: str | None, qualname: str):
     if path is not None and module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        load_module_from_path(module_name, path)
     obj = importlib.import_module(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def _worker(rank, world_size, port, fn_ref, payload, init_process_group, env, results):
+# Imported once in the forkserver, so every forked rank starts with them (and the compat layer) loaded.
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "stadi_xdit.xdit", "stadi_xdit.testing.tiny",
+                      "stadi_xdit.testing.checks"]
+
+
+def _context(fresh_interpreter: bool):
+    # With a GPU, spawn: a forkserver that imported the compat layer may have initialised the CUDA
+    # driver, and a process forked after that cannot use CUDA.
+    if fresh_interpreter or torch.cuda.is_available():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
+
+
+def _worker(rank, world_size, port, fn_ref, payload, init_process_group, caller_env, env, results):
+    # A forked rank inherits the forkserver's environment (from its start); use the caller's, as spawn would.
+    os.environ.clear()
+    os.environ.update(caller_env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -121,6 +143,7 @@ def run_distributed(
     init_process_group: bool = False,
     env: dict | None = None,
     faulty_ranks: tuple[int, ...] = (),
+    fresh_interpreter: bool = False,
     **kwargs,
 ) -> list:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned ranks.
@@ -129,9 +152,10 @@ def run_distributed(
     the failing rank (with its traceback), the rank that died, or the ranks still running at
     ``timeout`` seconds; all ranks are stopped in every case. Ranks in ``faulty_ranks`` (fault
     injection: a killed or hung peer) are not waited for; their result is None unless they
-    returned one before the others finished.
+    returned one before the others finished. ``fresh_interpreter``: spawn a new Python per rank instead
+    of forking one that has the heavy imports done (see the module docstring).
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context(fresh_interpreter)
     results = ctx.Queue()
     port = free_port()
     payload = pickle.dumps((args, kwargs))
@@ -140,12 +164,13 @@ def run_distributed(
 
     procs = []
     saved_omp = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited at spawn, before the child imports torch
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited at spawn (or by the forkserver), before torch is imported
+    caller_env = dict(os.environ)
     try:
         for rank in range(world_size):
             p = ctx.Process(
                 target=_worker,
-                args=(rank, world_size, port, fn_ref, payload, init_process_group, env, results),
+                args=(rank, world_size, port, fn_ref, payload, init_process_group, caller_env, env, results),
                 name=f"rank{rank}",
                 daemon=True,
             )

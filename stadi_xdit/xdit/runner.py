@@ -19,7 +19,7 @@ import dataclasses
 import functools
 from typing import Any
 
-from stadi_xdit.config import SETTINGS
+from stadi_xdit.config import SETTINGS, shown_key
 
 # Capabilities of xDiT's runner models that STADI's own loop cannot combine with.
 _NOT_WITH_STADI = ("ulysses_degree", "ring_degree", "pipefusion_parallel_degree", "tensor_parallel_degree",
@@ -34,7 +34,8 @@ STADI_RUNNER_KEYS = frozenset({meta["flag"].removeprefix("--") for meta in SETTI
 
 def check_runner_keys(config: dict[str, Any]) -> None:
     """A misspelled STADI key in a runner config dict is refused, not silently dropped."""
-    unknown = sorted(k for k in config if isinstance(k, str) and k.startswith("stadi_") and k not in STADI_RUNNER_KEYS)
+    unknown = sorted(shown_key(k) for k in config
+                     if isinstance(k, str) and k.startswith("stadi_") and k not in STADI_RUNNER_KEYS)
     if unknown:
         raise ValueError(f"unknown STADI key(s) in the runner config: {', '.join(unknown)} "
                          f"(known: {', '.join(sorted(STADI_RUNNER_KEYS))})")
