@@ -35,9 +35,9 @@ def test_wan_presets_know_their_band_units_and_shape():
     image = get_preset("tiny")
     assert not image.video and image.band_unit == "token row" and image.band_units(128) == 8
     assert image.width(128) == 128 and image.shape_label(128) == "128px"
-    # Another frame count is its own preset, rebuilt by name in the arms' processes.
+    # Another frame count: the same preset at 9 frames (the arms' processes get both from their spec).
     nine = get_preset("wan-tiny", num_frames=9)
-    assert nine.name == "wan-tiny@9f" and nine.band_units(48) == 3 and get_preset(nine.name) == nine
+    assert nine.name == "wan-tiny" and nine.band_units(48) == 3 and nine.clip_frames == 9
     assert get_preset("wan-tiny", num_frames=17) is tiny
     with pytest.raises(ValueError, match="image preset"):
         get_preset("tiny", num_frames=9)
@@ -152,9 +152,9 @@ def test_single_arm_builds_and_returns_the_latent_clip_in_process():
     from stadi_xdit.bench.arms import _build
     from stadi_xdit.bench.presets import call_kwargs
 
-    spec = {"preset": "wan-tiny@9f", "arm": "single", "dtype": "float32", "seed": 0, "device": "cpu"}
+    spec = {"preset": "wan-tiny", "num_frames": 9, "arm": "single", "dtype": "float32", "seed": 0, "device": "cpu"}
     pipe, transformer = _build(spec, 0, 1)
     assert type(transformer).__name__ == "WanTransformer3DModel"
-    output = pipe(**call_kwargs(get_preset(spec["preset"]), 48, steps=2, seed=0))
+    output = pipe(**call_kwargs(get_preset("wan-tiny", num_frames=9), 48, steps=2, seed=0))
     assert output.images.shape == (1, 4, 3, 6, 8)  # (batch, channels, latent frames, H/8, W/8)
     assert torch.isfinite(output.images).all()

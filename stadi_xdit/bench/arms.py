@@ -174,7 +174,7 @@ def _build(spec: dict, rank: int, world: int):
     """(callable pipeline, transformer module, is_stadi) for this rank of the arm."""
     from stadi_xdit.bench.presets import build_pipeline
 
-    preset = get_preset(spec["preset"])
+    preset = get_preset(spec["preset"], num_frames=spec.get("num_frames"))
     arm = ARMS[spec["arm"]]
     dtype = getattr(torch, spec["dtype"])
     base = build_pipeline(preset, seed=spec["seed"])
@@ -280,7 +280,7 @@ def _run_once(spec: dict, pipe, timer: ForwardTimer, world: int, is_stadi: bool,
 
     from stadi_xdit.bench.presets import call_kwargs
 
-    preset = get_preset(spec["preset"])
+    preset = get_preset(spec["preset"], num_frames=spec.get("num_frames"))
     device = f"cuda:{rank}" if spec["device"] == "cuda" else "cpu"
     kwargs = call_kwargs(preset, spec["height"], spec["steps"], spec["seed"], device, getattr(torch, spec["dtype"]))
     timer.reset()

@@ -272,22 +272,16 @@ BENCH_PRESETS: dict[str, BenchPreset] = {
 
 
 def get_preset(name: str, num_frames: int | None = None) -> BenchPreset:
-    """The preset ``name``; for a video preset at another frame count, ``name@{n}f`` (what ``.name`` of
-    ``get_preset(name, num_frames=n)`` is, so the arms' processes rebuild the same preset from it)."""
-    base, _, frames = name.partition("@")
+    """The preset ``name``; a video preset at ``num_frames`` frames when given (None: its default)."""
     try:
-        preset = BENCH_PRESETS[base]
+        preset = BENCH_PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r} (known: {', '.join(BENCH_PRESETS)})") from None
-    if frames:
-        if not frames.endswith("f") or not frames[:-1].isdigit():
-            raise ValueError(f"preset {name!r}: expected NAME@{{frames}}f, e.g. {base}@9f")
-        num_frames = int(frames[:-1])
     if num_frames is None or num_frames == preset.num_frames:
         return preset
     if not preset.video:
-        raise ValueError(f"preset {base!r} is an image preset: it has no frame count")
-    return replace(preset, name=f"{base}@{num_frames}f", num_frames=num_frames)
+        raise ValueError(f"preset {name!r} is an image preset: it has no frame count")
+    return replace(preset, num_frames=num_frames)
 
 
 def build_pipeline(preset: BenchPreset, seed: int = 0):

@@ -89,7 +89,8 @@ def _spec(settings: BenchSettings, arm_name: str, scenario: Scenario) -> dict:
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache = str(cache_dir / f"{scenario.label}-{arm_name}.json")
         Path(cache).unlink(missing_ok=True)  # measured fresh in this scenario's warm-up
-    return {"arm": arm_name, "preset": settings.preset.name, "height": settings.height, "steps": settings.steps,
+    return {"arm": arm_name, "preset": settings.preset.name, "num_frames": settings.preset.num_frames,
+            "height": settings.height, "steps": settings.steps,
                 "warmup": settings.warmup, "seed": settings.seed, "device": settings.device, "dtype": settings.dtype,
                 "emulate": scenario.emulate_arg(), "emulate_shift": scenario.emulate_shift_arg(settings.steps),
                 "max_stride": settings.max_stride, "profile_cache": cache,
