@@ -28,8 +28,8 @@ def one_error_line(capsys, argv: list[str]) -> str:
 
 def test_wan_presets_know_their_band_units_and_shape():
     assert {"wan-tiny", "wan-small", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-t2v-14b-720p"} <= set(BENCH_PRESETS)
-    tiny = get_preset("wan-tiny")  # 48x64 px, 17 frames = 5 latent frames of 3x4 tokens
-    assert tiny.video and tiny.band_unit == "latent frame" and tiny.band_units(48) == 5
+    tiny = get_preset("wan-tiny")  # 48x64 px, 17 frames = 5 latent frames of 3x4 tokens: 15 token rows
+    assert tiny.video and tiny.band_unit == "token row" and tiny.band_units(48) == 15 and tiny.latent_frames == 5
     assert tiny.width(48) == 64 and tiny.width(96) == 128 and tiny.tokens(48) == 60
     assert tiny.layers == 2 and tiny.heads == 2 and tiny.hidden == 24
     image = get_preset("tiny")
@@ -37,7 +37,7 @@ def test_wan_presets_know_their_band_units_and_shape():
     assert image.width(128) == 128 and image.shape_label(128) == "128px"
     # Another frame count: the same preset at 9 frames (the arms' processes get both from their spec).
     nine = get_preset("wan-tiny", num_frames=9)
-    assert nine.name == "wan-tiny" and nine.band_units(48) == 3 and nine.clip_frames == 9
+    assert nine.name == "wan-tiny" and nine.band_units(48) == 9 and nine.clip_frames == 9
     assert get_preset("wan-tiny", num_frames=17) is tiny
     with pytest.raises(ValueError, match="image preset"):
         get_preset("tiny", num_frames=9)
@@ -51,7 +51,7 @@ def test_wan_cost_model_and_displaced_kv_memory():
     from stadi_xdit.testing.tiny import wan_transformer_config
 
     big = get_preset("wan2.1-t2v-14b-720p")  # 21 latent frames x 45 x 80 = 75,600 tokens, 40 blocks
-    assert big.band_units(720) == 21 and big.tokens(720) == 75_600 and big.width(720) == 1280
+    assert big.band_units(720) == 21 * 45 and big.tokens(720) == 75_600 and big.width(720) == 1280
     # The issue's figure: 75,600 tokens x 40 layers x 2 x 5120 x 2 bytes = 62 GB per CFG branch, twice batched.
     one = displaced_kv_bytes(wan_transformer_config("wan2.1-t2v-14b-720p"), 720, 1280, 81)
     assert big.kv_bytes(720, 2, batch=1) == one == 75_600 * 40 * 2 * 5120 * 2
@@ -69,8 +69,8 @@ def test_wan_cost_model_and_displaced_kv_memory():
 
 def test_skip_reasons_for_wan_arms():
     tiny = get_preset("wan-tiny")
-    assert skip_reason(ARMS["full"], tiny, 48, 6, 4, 1) == "5 latent frames < 6 ranks"
-    assert skip_reason(ARMS["uniform"], tiny, 48, 5, 4, 1) is None  # one latent frame per rank
+    assert skip_reason(ARMS["full"], tiny, 48, 16, 4, 1) == "15 token rows < 16 ranks"
+    assert skip_reason(ARMS["uniform"], tiny, 48, 15, 4, 1) is None  # one token row of the clip per rank
     assert "no pipefusion" in skip_reason(ARMS["pipefusion"], tiny, 48, 2, 4, 1)
     assert skip_reason(ARMS["ulysses"], tiny, 48, 3, 4, 1) == "2 attention heads are not divisible by 3 ranks"
     # xfuser's Wan transformer pads the token sequence: no row-divisibility rule as for images.
@@ -83,12 +83,12 @@ def test_skip_reasons_for_wan_arms():
     [
         (["--preset", "wan-tiny", "--num-frames", "8"], "--num-frames", "must be 4k+1"),
         (["--preset", "wan-tiny", "--num-frames", "0"], "--num-frames", "must be 4k+1"),
-        (["--preset", "wan-tiny", "--num-frames", "5", "--ranks", "3", "--scenario", "slowdown:1,2,2"],
-         "--num-frames", "2 latent frames, fewer than --ranks 3"),
+        (["--preset", "wan-tiny", "--num-frames", "1", "--height", "32", "--ranks", "3", "--scenario", "slowdown:1,2,2"],
+         "--num-frames", "2 token rows of the clip, fewer than --ranks 3"),
         (["--preset", "tiny", "--num-frames", "9"], "--num-frames", "image preset"),
         (["--preset", "wan-tiny", "--height", "40"], "--height", "multiple of 16"),
-        (["--simulate", "--gpus", "A100x4", "--preset", "wan-tiny", "--num-frames", "9", "--no-measure"],
-         "--num-frames", "3 latent frames, fewer than the 4 simulated ranks"),
+        (["--simulate", "--gpus", "A100x4", "--preset", "wan-tiny", "--num-frames", "1", "--height", "48",
+          "--no-measure"], "--num-frames", "1 frames at 48 px have 3 token rows, fewer than the 4 simulated ranks"),
         (["--simulate", "--speeds", "1,0.5", "--preset", "wan2.1-t2v-14b"], "--simulate", "--row-seconds"),
     ],
 )
@@ -104,13 +104,13 @@ def test_video_arguments_resolve_from_the_preset():
     assert (args.height, args.num_frames) == (96, 9)
     assert parse_args(["--preset", "tiny"]).num_frames is None
     shape = PRESET_SHAPES["wan2.1-t2v-14b-720p"]
-    assert shape.video and shape.band_units(720) == 21 and not shape.calibrates
+    assert shape.video and shape.band_units(720) == 21 * 45 and not shape.calibrates
 
 
 def test_construct_only_wan_14b_720p(capsys):
     assert main(["--construct-only", "--preset", "wan2.1-t2v-14b-720p"]) == 0
     out = capsys.readouterr().out
-    assert "14288.5 M parameters" in out and "720x1280px x 81 frames (21 latent frames)" in out
+    assert "14288.5 M parameters" in out and "720x1280px x 81 frames (945 token rows)" in out
     assert "with --use_cfg_parallel" in out and "no pipefusion" in out
     assert "STADI full" in out and "skip: 21" not in out
 
@@ -119,24 +119,24 @@ def test_simulate_mixed_cluster_wan_14b_720p(tmp_path, capsys):
     argv = ["--simulate", "--gpus", "A100x4,RTX4090x4", "--preset", "wan2.1-t2v-14b-720p", "--out", str(tmp_path)]
     assert main(argv) == 0  # no --no-measure needed: real-size Wan has no CPU calibration forward
     out = capsys.readouterr().out
-    assert "21 latent frames" in out and "ms per latent frame per step" in out
+    assert "945 token rows" in out and "ms per token row per step" in out
     assert "RTX4090 (24 GiB)" in out and "does NOT fit" in out and "the weights alone" in out
     result = json.loads((tmp_path / "simulate.json").read_text())
     seconds = result["seconds"]
-    assert result["rows"] == 21 and result["calibration"] is None
+    assert result["rows"] == 945 and result["calibration"] is None
     assert seconds["full"] < seconds["spatial"] < seconds["uniform"] < seconds["single"]
     fit = result["memory_fit"]
     assert fit["cards"]["RTX4090"]["fits"] == {"as computed": False, "--use_cfg_parallel": False}
     assert result["kv_store"]["--use_cfg_parallel"]["flat_buffer_bytes"] == 75_600 * 40 * 2 * 5120 * 2
     ranks = json.loads(result["plans"]["spatial"])["ranks"]
-    assert sum(r["row_end"] - r["row_start"] for r in ranks) == 21 and len(ranks) == 8
+    assert sum(r["row_end"] - r["row_start"] for r in ranks) == 945 and len(ranks) == 8
 
 
 def test_simulate_small_wan_with_given_row_cost(tmp_path, capsys):
     assert main(["--simulate", "--speeds", "1,0.5", "--row-seconds", "0.05", "--preset", "wan-tiny",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "5 latent frames" in out and "full" in out
+    assert "15 token rows" in out and "full" in out
 
 
 def test_ssim_compares_video_frames_as_images():

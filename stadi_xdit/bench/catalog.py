@@ -64,8 +64,9 @@ class PresetShape:
 
     @property
     def band_unit(self) -> str:
-        """What a STADI band is made of, and the planner's row: token rows of an image, latent frames of a clip."""
-        return "latent frame" if self.video else "token row"
+        """What a STADI band is made of, and the planner's row: token rows of an image, or of a clip (its
+        frames' rows one after the other)."""
+        return "token row"
 
     @property
     def calibrates(self) -> bool:
@@ -79,10 +80,10 @@ class PresetShape:
         return max(1, round(height * self.width / self.height / ROW_PX)) * ROW_PX
 
     def band_units(self, height: int, num_frames: int | None = None) -> int:
-        """The planner's rows: token rows of the image, or latent frames of the clip (``num_frames`` or the
-        preset's); the band granularity and the limit on STADI ranks."""
+        """The planner's rows: token rows of the image, or of the whole clip (latent frames of ``num_frames``,
+        or the preset's, x token rows per frame); the band granularity and the limit on STADI ranks."""
         if self.video:
-            return latent_frames(num_frames or self.num_frames)
+            return latent_frames(num_frames or self.num_frames) * (height // ROW_PX)
         return height // ROW_PX
 
 
@@ -97,7 +98,7 @@ PRESET_SHAPES: dict[str, PresetShape] = {
     "pixart-alpha-1024": PresetShape("pixart", "alpha", 1024, 120),
     "pixart-sigma-1024": PresetShape("pixart", "sigma", 1024, 300),
     "flux-dev-1024": PresetShape("flux", "dev", 1024, 512),
-    # Wan 2.1 text-to-video: bands are latent frames (stadi_xdit.models.wan). 17 frames = 5 latent frames.
+    # Wan 2.1 text-to-video: bands are token rows of the clip (stadi_xdit.models.wan). 17 frames = 5 latent frames.
     "wan-tiny": PresetShape("wan", "t2v", 48, 8, model="tiny", width=64, num_frames=17, decode=True),
     "wan-small": PresetShape("wan", "t2v", 192, 16, model="small", width=256, num_frames=41, decode=True),
     "wan2.1-t2v-1.3b": PresetShape("wan", "t2v", 480, 512, width=832, num_frames=81),

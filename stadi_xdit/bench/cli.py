@@ -7,7 +7,7 @@ With no arguments it runs a short demo (``DEMO_ARGS``). Examples::
         --scenario none --scenario slowdown:1,2 --scenario background:1=1
     stadi-bench --simulate --gpus A100x4,RTX3090x4 --preset pixart-alpha-1024
     stadi-bench --construct-only --preset flux-dev-1024
-    stadi-bench --preset wan-small --steps 10 --scenario slowdown:1,2   # Wan 2.1 video, bands of latent frames
+    stadi-bench --preset wan-small --steps 10 --scenario slowdown:1,2   # Wan 2.1 video, bands of clip rows
     stadi-bench --simulate --gpus A100x4,RTX4090x4 --preset wan2.1-t2v-14b-720p
 
 See docs/benchmarks.md for what is measured and how.
@@ -156,16 +156,15 @@ def _validate_shape(args: argparse.Namespace) -> None:
     _require_range("--ranks", args.ranks, 1, MAX_RANKS, "an integer")
     if shape.video:
         per, frames = FRAMES_PER_LATENT, shape.num_frames if args.num_frames is None else args.num_frames
-        most = per * (MAX_ROWS - 1) + 1
+        most = per * (MAX_ROWS // (args.height // ROW_PX) - 1) + 1  # the clip's token rows within MAX_ROWS
         if frames % per != 1 or not 1 <= frames <= most:
             _reject("--num-frames", f"must be {per}k+1 (Wan's VAE packs {per} frames per latent frame after the "
                                     f"first) in [1, {most}], got {frames}")
         args.num_frames = frames
         units = shape.band_units(args.height, frames)
         if units < args.ranks and not args.simulate:  # --simulate: its ranks are --gpus/--speeds
-            _reject("--num-frames", f"{frames} frames are {units} latent frames, fewer than --ranks {args.ranks} "
-                                    f"(STADI bands are whole latent frames); use --num-frames >= "
-                                    f"{per * (args.ranks - 1) + 1}")
+            _reject("--num-frames", f"{frames} frames at --height {args.height} are {units} token rows of the clip, "
+                                    f"fewer than --ranks {args.ranks} (every STADI band has >= 1 row)")
     elif args.num_frames is not None:
         _reject("--num-frames", f"is for video presets; {args.preset} is an image preset")
     _require_range("--max-stride", args.max_stride, 1, MAX_STRIDE_LIMIT, "an integer (the planner's limit)")
@@ -255,7 +254,7 @@ def _validate_simulate(args: argparse.Namespace) -> None:
     shape = PRESET_SHAPES[args.preset]
     units = shape.band_units(args.height, args.num_frames)
     if units < len(ranks):
-        size = f"{args.num_frames} frames have" if shape.video else f"{args.height} px has"
+        size = f"{args.num_frames} frames at {args.height} px have" if shape.video else f"{args.height} px has"
         _reject("--num-frames" if shape.video else "--height",
                 f"{size} {units} {shape.band_unit}s, fewer than the {len(ranks)} simulated ranks (the planner "
                 f"gives every rank >= 1 {shape.band_unit})")

@@ -4,7 +4,7 @@ Every preset has random, seeded weights (``stadi_xdit.testing.tiny``) and is dri
 prompt embeddings (no text encoder), so all arms see exactly the same inputs and weights.
 
 One class per kind of model: ``BenchPreset`` serves the image families (PixArt, Flux; bands are token
-rows of a square image), ``WanBenchPreset`` Wan 2.1 text-to-video (bands are latent frames of a clip).
+rows of a square image), ``WanBenchPreset`` Wan 2.1 text-to-video (bands are token rows of a whole clip).
 The bench, the arms and the simulator use only the preset's methods (``band_units``, ``width``,
 ``forward_flops``, ``kv_bytes``, ``build_pipeline``, ``call_kwargs``, ``construct_on_meta``, ``decode``).
 """
@@ -23,6 +23,7 @@ from stadi_xdit.bench.catalog import (
     ROW_PX,
     VAE_SCALE,
     PresetShape,
+    latent_frames,
 )
 from stadi_xdit.testing.tiny import FLUX_PRESETS, PIXART_PRESETS, WAN_PRESETS
 
@@ -41,7 +42,7 @@ class BenchPreset:
     height = property(lambda self: self.shape.height)  # default height in px
     text_tokens = property(lambda self: self.shape.text_tokens)
     video = property(lambda self: self.shape.video)
-    band_unit = property(lambda self: self.shape.band_unit)  # "token row" | "latent frame"
+    band_unit = property(lambda self: self.shape.band_unit)  # "token row"
 
     @property
     def layers(self) -> int:
@@ -70,7 +71,7 @@ class BenchPreset:
         return self.shape.width_for(height)
 
     def band_units(self, height: int) -> int:
-        """The planner's rows at ``height``: token rows (images) or latent frames (video)."""
+        """The planner's rows at ``height``: token rows of the image, or of the whole clip (video)."""
         return self.shape.band_units(height, self.num_frames)
 
     def tokens(self, height: int) -> int:
@@ -168,7 +169,7 @@ class BenchPreset:
 
 @dataclass(frozen=True)
 class WanBenchPreset(BenchPreset):
-    """Wan 2.1 text-to-video: clips of ``num_frames`` (4k+1) frames, bands of whole latent frames.
+    """Wan 2.1 text-to-video: clips of ``num_frames`` (4k+1) frames, bands of the clip's token rows.
 
     Tokens are latent frames x (H/16) x (W/16) (patch (1, 2, 2)); every block runs self-attention over
     all tokens of the clip, cross-attention to the text and an FFN of ``ffn_dim``. Guidance runs both
@@ -191,8 +192,12 @@ class WanBenchPreset(BenchPreset):
     def clip_frames(self) -> int:
         return self.num_frames or self.shape.num_frames
 
+    @property
+    def latent_frames(self) -> int:
+        return latent_frames(self.clip_frames)
+
     def tokens(self, height: int) -> int:
-        return self.band_units(height) * super().tokens(height)
+        return self.latent_frames * super().tokens(height)
 
     def shape_label(self, height: int) -> str:
         return f"{height}x{self.width(height)}px x {self.clip_frames} frames"
@@ -208,7 +213,7 @@ class WanBenchPreset(BenchPreset):
         """
         width = width or self.width(height)
         batch = batch if batch is not None else self.cfg_batch
-        tokens = self.band_units(height) * (height // ROW_PX) * (width // ROW_PX)
+        tokens = self.latent_frames * (height // ROW_PX) * (width // ROW_PX)
         h, text, ffn = self.hidden, self.text_tokens, self.spec.ffn_dim
         per_token = 2 * (6 * h * h + 2 * tokens * h + 2 * text * h + 2 * h * ffn)
         per_layer = 2 * 2 * text * h * h

@@ -6,8 +6,8 @@ period lasts as long as its slowest rank (plus ``exchange_seconds`` when K/V exc
 
 Calibration of ``row_seconds`` (seconds per token row per denoising step on the fastest rank):
 
-A "row" is the preset's band unit (``BenchPreset.band_units``): a token row of an image, a latent
-frame of a Wan clip; the planner is the same for both (align 1).
+A "row" is the preset's band unit (``BenchPreset.band_units``): a token row of an image, or of a Wan
+clip (its frames' rows one after the other); the planner is the same for both (align 1).
 
 * ``--row-seconds``: measured by you, e.g. a single-GPU step time / rows;
 * otherwise from FLOPs: ``BenchPreset.forward_flops`` per row at the target size, divided by the

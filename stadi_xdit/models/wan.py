@@ -6,31 +6,34 @@ diffusers' `WanPipeline` with a sequence-parallel transformer (`xFuserWanTransfo
 this module adds `xFuserWanPipeline`, a thin `xFuserPipelineBaseWrapper` around `WanPipeline`, and
 the STADI twin subclasses it like the other families.
 
-**Band unit: latent frames.** Latents are (batch, C, F, H, W) and Wan patchifies them with a
-(1, 2, 2) Conv3d into tokens in frame-major order (frame, row, column). A band is a contiguous range
-of whole latent frames [f0, f1) (`band_dim` 2), so
+**Band unit: token rows of the whole clip.** Latents are (batch, C, F, H, W) and Wan patchifies them
+with a (1, 2, 2) Conv3d into tokens in frame-major order (frame, row, column). Merging the frame and
+row axes, (batch, C, F·H, W), lays the clip out as one tall image whose token rows are the clip's
+rows frame after frame. A band is a contiguous range of those token rows (`band_dim` 2 of the merged
+latents, 2 latent rows per token row), so it may start or end inside a frame. Then
 
 - its tokens are one contiguous range of the clip's token sequence, the layout the displaced K/V
-  store indexes (`own_range`), and the exchange moves whole frames;
-- the patch embedding (temporal patch 1) and the unpatchify see whole frames, so nothing else
-  needs a halo or a fix-up: self-attention over the gathered K/V of the whole clip is exactly one
-  process's attention, and everything else in a block is per token;
-- the planner's "row" is one latent frame: `BandGeometry(rows=latent frames, patch_rows=1,
-  tokens_per_row=(H/16)·(W/16))`, the same model-agnostic planner as for images.
+  store indexes (`own_range`);
+- with temporal patch 1 the Conv3d patch embedding and the unpatchify work on any such band fed
+  as one tall frame, (batch, C, 1, rows, W): a patch never straddles two frames, because every
+  frame has an even number of latent rows; self-attention over the gathered K/V of the whole clip is
+  exactly one process's attention, and everything else in a block is per token;
+- the planner's "row" is a token row, `BandGeometry(rows=F·H/2, patch_rows=2, tokens_per_row=W/2)`,
+  the same model-agnostic planner and the same granularity as for images.
 
-Granularity is one latent frame (4 video frames; 3,600 tokens at 480x832, 3,600·2.5 at 720p), and
-the rank limit is the number of latent frames, (num_frames - 1) / 4 + 1: 21 for Wan's 81-frame
-clips. Bands of token rows that span frame boundaries (the other choice the issue allows) would
-lift the limit to frames·rows but make the band's first and last frames partial, which breaks the
-whole-frame Conv3d view and costs a token permutation; at 21 frames x 2-8 GPUs the frame unit is
-fine-grained enough (water-filling error at most one frame per rank).
+The other choice the issue allows, whole latent frames, is 30-45 token rows per unit at 480p-720p:
+21 units for Wan's 81-frame clips, so water-filling over 8 mixed GPUs could miss the balance by up to
+one frame per rank (a third of a 2.6-frame band), and short clips on 2 ranks split 6/5 frames where
+2:1 speeds want 7.3/3.7. Token rows cut that error to one row in 30-45, and the rank limit becomes the
+clip's token rows (e.g. 630 at 480p, 81 frames) rather than its 21 latent frames.
 
 **Positions.** Wan's 3D RoPE (`WanRotaryPosEmbed`) depends on the absolute (frame, row, column) of
-each token. The transformer would build it from the band's own shape, i.e. as if the band were
-frames [0, f1 - f0). `BandRope`, a forward hook on `transformer.rope`, replaces that by the rope of
-the *full* clip (built by diffusers' own module from the full shape) sliced by the band's global
-token range. The hook serves diffusers' transformer and xfuser's runner wrapper alike (both call
-`self.rope(hidden_states)`), and is removed with `pipe.remove_stadi()`.
+each token. The transformer would build it from the band's own shape, i.e. as one frame of the
+band's rows (and fail beyond its 1024 precomputed rows). `BandRope` replaces `transformer.rope` while
+STADI is on: it builds the rope of the *full* clip with diffusers' own module (from the clip's shape)
+and slices it by the band's global token range. It serves diffusers' transformer and xfuser's
+runner wrapper alike (both call `self.rope(hidden_states)`), and `pipe.remove_stadi()` puts the
+original module back.
 
 **Attention.** Self-attention (`attn1` of every block, in block order = K/V layer id) runs
 `StadiWanAttnProcessor`: diffusers' `WanAttnProcessor` (projections, RMS norm across heads,
@@ -74,6 +77,7 @@ from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from torch import nn
 
 from stadi_xdit.models import register_twin
+from stadi_xdit.planner.validation import MAX_ROWS
 from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
 from stadi_xdit.runtime.layout import BandGeometry, BandLayout
 from stadi_xdit.runtime.profile_cache import profile_key
@@ -145,49 +149,53 @@ WAN_INJECTION = InjectionPlan(
 )
 
 
-class BandRope:
-    """Forward hook on `transformer.rope`: the full clip's 3D RoPE, sliced to the band's global tokens.
+class BandRope(nn.Module):
+    """Stands in for `transformer.rope`: the full clip's 3D RoPE, sliced to the band's global tokens.
 
-    Inactive (the band's own rope passes through) until `set_clip` names the full clip.
+    Passes through to the original module until `set_clip` names the full clip's latent shape.
     """
 
-    def __init__(self):
-        self.full_frames: int | None = None  # latent frames of the whole clip
+    def __init__(self, rope: nn.Module):
+        super().__init__()
+        self.original = rope  # a submodule, so it moves with the transformer (its buffers are not persistent)
+        self.clip_shape: tuple[int, int] | None = None  # (latent frames, latent rows per frame)
         self.token_range: tuple[int, int] | None = None
-        self.handle = None
 
-    def attach(self, rope: nn.Module) -> None:
-        self.handle = rope.register_forward_hook(self)
+    @classmethod
+    def attach(cls, transformer: nn.Module) -> BandRope:
+        band_rope = cls(transformer.rope)
+        transformer.rope = band_rope
+        return band_rope
 
-    def detach(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
+    def detach(self, transformer: nn.Module) -> None:
+        if transformer.rope is self:
+            transformer.rope = self.original
 
-    def set_clip(self, full_frames: int | None) -> None:
-        self.full_frames = full_frames
+    def set_clip(self, clip_shape: tuple[int, int] | None) -> None:
+        self.clip_shape = clip_shape
 
-    def __call__(self, module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]):
-        if self.full_frames is None:
-            return output
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.clip_shape is None:
+            return self.original(hidden_states)
         if self.token_range is None:
             raise RuntimeError("BandRope: no band set (set_band) before the transformer ran")
-        (band,) = args
-        batch, channels, _, height, width = band.shape
+        batch, channels, _, _, width = hidden_states.shape
+        frames, height = self.clip_shape
         # diffusers' own rope on the full clip's shape (the module reads the shape only).
-        full_shape = torch.empty((batch, channels, self.full_frames, height, width), device="meta")
-        freqs_cos, freqs_sin = module.forward(full_shape)
+        freqs_cos, freqs_sin = self.original(torch.empty((batch, channels, frames, height, width), device="meta"))
         start, end = self.token_range
-        if end - start != output[0].shape[1] or end > freqs_cos.shape[1]:
-            raise RuntimeError(f"band tokens [{start}, {end}) do not fit a band of {output[0].shape[1]} tokens in a "
+        p_t, p_h, p_w = self.original.patch_size
+        band_tokens = hidden_states.shape[2] // p_t * (hidden_states.shape[3] // p_h) * (width // p_w)
+        if end - start != band_tokens or end > freqs_cos.shape[1]:
+            raise RuntimeError(f"band tokens [{start}, {end}) do not fit a band of {band_tokens} tokens in a "
                                f"clip of {freqs_cos.shape[1]}")
         return freqs_cos[:, start:end], freqs_sin[:, start:end]
 
 
 class WanBandModel(XditBandModel):
-    """Wan on one band of latent frames: CFG batch or pair, the rank's own timestep, global RoPE."""
+    """Wan on one band of the clip's token rows: CFG batch or pair, the rank's own timestep, global RoPE."""
 
-    band_dim = 2  # latents are (batch, channels, frames, height, width)
+    band_dim = 2  # latents are merged to (batch, channels, frames x height, width): the clip as one tall image
 
     def __init__(self, transformer: nn.Module, prompt_embeds: torch.Tensor, guidance_scale: float, cfg: CfgExchange,
                  rope: BandRope, attention_kwargs: dict[str, Any] | None = None):
@@ -200,7 +208,7 @@ class WanBandModel(XditBandModel):
         self.dtype = transformer.dtype
 
     def band_sizes(self, layout: BandLayout) -> list[int]:
-        return layout.latent_row_counts()  # latent frames per rank (patch_rows = temporal patch = 1)
+        return layout.latent_row_counts()  # latent rows of the merged clip per rank
 
     def set_band(self, layout: BandLayout, rank: int) -> None:
         # No image-shaped xDiT runtime state for video: the band's global token range is all we keep.
@@ -208,14 +216,15 @@ class WanBandModel(XditBandModel):
         self.rope.token_range = self.token_range
 
     def predict(self, band_latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        model_input = self.cfg.model_input(band_latents.to(self.dtype))
+        # The band as one tall frame: temporal patch 1, so patches and tokens are those of the clip's rows.
+        model_input = self.cfg.model_input(band_latents.to(self.dtype)).unsqueeze(2)
         output = self.transformer(
             hidden_states=model_input,
             timestep=timestep.expand(model_input.shape[0]),  # as WanPipeline: one timestep per sample
             encoder_hidden_states=self.prompt_embeds,
             attention_kwargs=self.attention_kwargs,
             return_dict=False,
-        )[0]
+        )[0].squeeze(2)
         return self.cfg.guide(output, self.guidance_scale)
 
 
@@ -226,18 +235,24 @@ def latent_frames(num_frames: int, temporal_scale: int = 4) -> int:
     return (num_frames - 1) // temporal_scale + 1
 
 
-def check_num_frames(num_frames: object, ranks: int, temporal_scale: int = 4) -> int:
-    """Latent frames of a clip, or a one-line error naming `--num_frames` (4k+1, and one latent frame
-    per STADI rank at least: bands are whole latent frames)."""
+def check_num_frames(num_frames: object, temporal_scale: int = 4) -> int:
+    """Latent frames of a clip, or a one-line error naming `--num_frames` (Wan's VAE takes 4k+1)."""
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 \
             or num_frames % temporal_scale != 1:
         raise ValueError(f"--num_frames must be {temporal_scale}k+1 (Wan's VAE packs {temporal_scale} frames per "
                          f"latent frame after the first), got {num_frames}")
+    return latent_frames(num_frames, temporal_scale)
+
+
+def check_clip_rows(num_frames: int, height: int, ranks: int, row_px: int = 16, temporal_scale: int = 4) -> int:
+    """Token rows of the clip (the band unit), or a one-line error when there are fewer than the ranks."""
     frames = latent_frames(num_frames, temporal_scale)
-    if frames < ranks:
-        raise ValueError(f"--num_frames {num_frames} gives {frames} latent frames, fewer than the {ranks} STADI "
-                         f"ranks (bands are whole latent frames): use --num_frames >= {(ranks - 1) * temporal_scale + 1}")
-    return frames
+    rows = frames * (height // row_px)
+    if not ranks <= rows <= MAX_ROWS:
+        limit = f"fewer than the {ranks} STADI ranks" if rows < ranks else f"more than the planner's {MAX_ROWS}"
+        raise ValueError(f"--num_frames {num_frames} at --height {height} gives {rows} token rows of the clip "
+                         f"({frames} latent frames x {height // row_px}), {limit}")
+    return rows
 
 
 def displaced_kv_bytes(transformer_config: Any, height: int, width: int, num_frames: int, *, batch: int = 1,
@@ -308,6 +323,7 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
     runner_models = ("xFuserWan21T2VModel",)  # xfuser.runner's "Wan2.1-T2V" / Wan-AI/Wan2.1-T2V-14B-Diffusers
 
     injection_plan = WAN_INJECTION
+    bands_are_image_rows = False  # token rows of the whole clip: `check_launch` counts them
 
     def __init__(self, pipeline, engine_config, cache_args=None, stadi_config=None):
         if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("boundary_ratio") is not None:
@@ -316,29 +332,31 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
         if pipeline.config.get("expand_timesteps", False):
             raise ValueError("--use_stadi does not serve Wan 2.2 TI2V's per-token timesteps (expand_timesteps)")
         if pipeline.transformer.config.patch_size[0] != 1:
-            raise ValueError("--use_stadi needs Wan's temporal patch size 1 (bands are whole latent frames)")
+            raise ValueError("--use_stadi needs Wan's temporal patch size 1 (bands are token rows of the clip)")
         if engine_config.runtime_config.use_parallel_vae:
             raise ValueError("--use_parallel_vae does not support Wan's video VAE under --use_stadi")
-        self.band_rope = BandRope()
+        self.band_rope: BandRope | None = None
         self._latent_frames: int | None = None
         super().__init__(pipeline, engine_config, cache_args, stadi_config)
 
     # --- STADI hooks ---------------------------------------------------------------------------
     def _convert_transformer_backbone(self, transformer, **kwargs):
         transformer = super()._convert_transformer_backbone(transformer, **kwargs)
-        self.band_rope.attach(transformer.rope)
+        self.band_rope = BandRope.attach(transformer)
         return transformer
 
     def remove_stadi(self) -> None:
-        self.band_rope.detach()
+        if self.band_rope is not None:
+            self.band_rope.detach(self.module.transformer)
         super().remove_stadi()
 
     @classmethod
     def check_launch(cls, args: Any, stadi_degree: int) -> None:
-        check_num_frames(args.num_frames, stadi_degree)  # Wan 2.1's VAE: 4 frames per latent frame
+        check_num_frames(args.num_frames)  # Wan 2.1's VAE: 4 frames per latent frame
+        check_clip_rows(args.num_frames, args.height, stadi_degree)
 
     def _geometry(self, height: int, width: int) -> BandGeometry:
-        """Latent frames of this clip are the planner's rows (set by `__call__` before the run)."""
+        """The clip's token rows, frame after frame, are the planner's rows (frames set by `__call__`)."""
         pipe = self.module
         _, p_h, p_w = pipe.transformer.config.patch_size
         scale = pipe.vae_scale_factor_spatial
@@ -348,7 +366,13 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
         frames = self._latent_frames
         if frames is None:
             raise RuntimeError("StadiWanPipeline._geometry needs the clip's frame count (call the pipeline)")
-        return BandGeometry(rows=frames, patch_rows=1, tokens_per_row=(height // scale // p_h) * (width // scale // p_w))
+        rows = frames * (height // scale // p_h)
+        ranks = self.groups.band.world_size
+        if not ranks <= rows <= MAX_ROWS:
+            limit = f"fewer than the {ranks} STADI ranks" if rows < ranks else f"more than the planner's {MAX_ROWS}"
+            raise ValueError(f"--num_frames/--height give {rows} token rows of the clip ({frames} latent frames x "
+                             f"{height // scale // p_h}), {limit}")
+        return BandGeometry(rows=rows, patch_rows=p_h, tokens_per_row=width // scale // p_w)
 
     def _profile_key(self, height: int, width: int) -> str:
         transformer = self.module.transformer
@@ -370,7 +394,7 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
             raise ValueError("callback_on_step_end is not supported with --use_stadi (ranks hold bands)")
         pipe = self.module
         temporal = pipe.vae_scale_factor_temporal
-        self._latent_frames = check_num_frames(num_frames, self.groups.band.world_size, temporal)
+        self._latent_frames = check_num_frames(num_frames, temporal)
         geometry = self._geometry(height, width)  # size and frame-count errors first, naming the flags
         pipe.check_inputs(prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
                           list(callback_on_step_end_tensor_inputs), guidance_scale_2)
@@ -421,13 +445,15 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
         scheduler.set_begin_index(0)
 
         model = WanBandModel(transformer, embeds, guidance_scale, cfg, self.band_rope, attention_kwargs)
-        self.band_rope.set_clip(self._latent_frames)
+        frames, latent_height = latents.shape[2], latents.shape[3]
+        self.band_rope.set_clip((frames, latent_height))
         try:
-            result = self._stadi_denoise(latents, scheduler, model, height=height, width=width,
+            # The clip as one tall image, (batch, C, frames x height, W): bands are ranges of its token rows.
+            result = self._stadi_denoise(latents.flatten(2, 3), scheduler, model, height=height, width=width,
                                          num_steps=len(scheduler.timesteps))
         finally:
             self.band_rope.set_clip(None)
-        return self._finish_video(result.latents, output_type, return_dict)
+        return self._finish_video(result.latents.unflatten(2, (frames, latent_height)), output_type, return_dict)
 
     # --- output -------------------------------------------------------------------------------
     def _finish_video(self, latents: torch.Tensor, output_type: str, return_dict: bool):

@@ -93,14 +93,15 @@ def validate_degrees(args: xFuserArgs, world_size: int) -> int:
     return dit_world // cfg
 
 
-def validate_shape(args: xFuserArgs, stadi_degree: int, exact: bool) -> None:
-    """Image size and step counts STADI can band and schedule, named by flag."""
+def validate_shape(args: xFuserArgs, stadi_degree: int, exact: bool, image_rows: bool = True) -> None:
+    """Image size and step counts STADI can band and schedule, named by flag. `image_rows`: the bands are
+    the image's token rows, so there must be one per rank (a video family checks its clip's rows itself)."""
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % PIXELS_PER_TOKEN_ROW:
             raise ValueError(f"{flag} must be a positive multiple of {PIXELS_PER_TOKEN_ROW} px with --use_stadi "
                              f"(one token row), got {value}")
     rows = args.height // PIXELS_PER_TOKEN_ROW
-    if rows < stadi_degree:
+    if image_rows and rows < stadi_degree:
         raise ValueError(f"--height {args.height} gives {rows} token rows of {PIXELS_PER_TOKEN_ROW} px, fewer than "
                          f"the {stadi_degree} STADI ranks: use --height >= {stadi_degree * PIXELS_PER_TOKEN_ROW}")
     steps, warmup = args.num_inference_steps, args.warmup_steps
@@ -161,10 +162,20 @@ class _StadiArgsBehaviour(xFuserArgs):
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
         degree = validate_degrees(self, world_size)
         self.stadi.check_world(degree)
-        validate_shape(self, degree, self.stadi.exact)
+        twin = self._runner_twin()
+        validate_shape(self, degree, self.stadi.exact, image_rows=twin is None or twin.bands_are_image_rows)
+        if twin is not None:
+            twin.check_launch(self, degree)
         if self.stadi.profile_cache is not None:
             check_cache_path(self.stadi.profile_cache)
         return degree
+
+    def _runner_twin(self) -> type | None:
+        """The STADI family serving `--model` as an xDiT runner model (None: any other model name)."""
+        # Imported here: the runner module reads xfuser's runner registry.
+        from stadi_xdit.xdit.runner import runner_twin
+
+        return runner_twin(self.model)
 
     def create_config(self):
         if not self.use_stadi:

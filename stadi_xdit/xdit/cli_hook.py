@@ -155,7 +155,7 @@ def stadi_runner_args(config: Any) -> Any | None:
     import dataclasses
 
     from stadi_xdit.xdit.args import StadiArgs
-    from stadi_xdit.xdit.runner import check_runner_keys, runner_twin, with_model_defaults
+    from stadi_xdit.xdit.runner import check_runner_keys, with_model_defaults
 
     try:
         check_runner_keys(config)
@@ -163,10 +163,7 @@ def stadi_runner_args(config: Any) -> Any | None:
             return None
         known = {f.name for f in dataclasses.fields(StadiArgs)}
         args = StadiArgs(**{k: v for k, v in with_model_defaults(config).items() if k in known})
-        twin = runner_twin(args.model)
-        degree = args.validate()
-        if twin is not None:
-            twin.check_launch(args, degree)
+        args.validate()  # with the family's own launch checks (e.g. Wan's --num_frames)
     except ValueError as error:
         raise StadiInputError(" ".join(str(error).split())) from None
     return args

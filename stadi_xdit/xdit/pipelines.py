@@ -114,6 +114,8 @@ class StadiPipelineMixin:
         self._call_speeds: dict[tuple[int, int], list[float]] = {}
         super().__init__(pipeline, engine_config, cache_args)
 
+    bands_are_image_rows = True  # False where bands are rows of something taller (a video clip's frames)
+
     @classmethod
     def check_launch(cls, args: Any, stadi_degree: int) -> None:
         """Family-specific input checks before any process group exists (e.g. Wan's `--num_frames`);
