@@ -13,7 +13,6 @@ is clean.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
 import signal
@@ -46,6 +45,8 @@ EXAMPLE_FLAGS = [
     ["--warmup_steps", "-1"], ["--warmup_steps", "0"], ["--pipeline", "flux", "--use_cfg_parallel"],
     ["--stadi_profile_cache", TMP], ["--stadi_profile_cache", ""], ["--model", "no-such-model"],
     ["--pipeline", "dalle"], ["--use_cfg_parallel", "--stadi_speeds", "1,2"],
+    ["--seed", "1" + "0" * 30], ["--guidance_scale", "nan"], ["--output_type", "nonsense"],
+    ["--num_inference_steps", "100000000"], ["--save_latents", "/dev/null/x.pt"], ["--model", TMP],
 ]
 
 CONFIG_FILES = [
@@ -61,6 +62,9 @@ CONFIG_FILES = [
     ("timeout_seconds: 0\n", "yaml"), ("speeds: '1,-2'\n", "yaml"), ("max_stride: true\n", "yaml"),
     ("\xff\xfe", "yaml"), ("mode: fast\n", "yaml"), ('{"emulate_shift": [4, 1]}', "json"),
     ("emulate_shift: '4:0.5,1'\n", "yaml"),
+    ("[" * 100_000 + "]" * 100_000, "json"), ("a:\n" + " " * 2 + "- " * 20_000 + "1\n", "yaml"),
+    ('{"timeout_seconds": ' + "9" * 401 + "}", "json"), ("tolerance: " + "9" * 401 + "\n", "yaml"),
+    ('{"speeds": [1, ' + "9" * 5000 + "]}", "json"), ('{"timeout_seconds": 1e-9}', "json"),
 ]
 
 PLAN_ARGS = [
@@ -86,6 +90,8 @@ PLAN_ARGS = [
     ["--speeds", "1,0.5", "--height", "1024", "--mode", "fast"],
     ["--speeds", "1,0.5", "--gpus", "A100", "--height", "1024"],
     ["--speeds", ",".join(["1"] * 100000), "--height", "1024"],
+    ["--speeds", "1e308,1e-308", "--height", "1024"], ["--speeds", "1e-320,1", "--height", "1024"],
+    ["--speeds", "1e-300,1", "--height", "1024", "--json"],
 ]
 
 BENCH_ARGS = [
@@ -99,7 +105,8 @@ BENCH_ARGS = [
     ["--height", "100"], ["--max-stride", "0"], ["--max-stride", "100"], ["--dtype", "nonsense"],
     ["--arms", "full,warp"], ["--run-timeout", "nan"], ["--simulate", "--gpus", "A100x-1"],
     ["--simulate", "--speeds", "1,x"], ["--simulate", "--mfu", "0"], ["--simulate", "--row-seconds", "-1"],
-    ["--simulate", "--link-gbps", "0"], ["--preset", "nope"],
+    ["--simulate", "--link-gbps", "0"], ["--preset", "nope"], ["--out", "/dev/null/x"],
+    ["--preset", "wan-tiny", "--num-frames", "1", "--height", "16"],
 ]
 
 
@@ -112,11 +119,9 @@ def _alarm(*_):
 
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("stadi_example", REPO / "scripts" / "stadi_example.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
+    from stadi_xdit.testing.modules import load_module_from_path
+
+    return load_module_from_path("stadi_example", REPO / "scripts" / "stadi_example.py")
 
 
 def outcome(call: Callable[[], object], seconds: int = 20) -> tuple[str, str]:

@@ -23,9 +23,15 @@ fixed decode (`results/<pipeline>.png`).
 from __future__ import annotations
 
 # isort: off
+import os
+
+# Before any import of transformers: its import-time notices (e.g. "requires torchvision") would
+# surround a one-line input error.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import stadi_xdit.xdit  # noqa: F401  (first: the CPU compat layer must be in place before xfuser loads)
 # isort: on
-import os
+import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +44,8 @@ from xfuser.core.distributed import get_world_group
 
 from stadi_xdit.cli_errors import OneLineErrors, fail
 from stadi_xdit.models.qwen_image import xFuserQwenImagePipeline
+from stadi_xdit.paths import output_file_problem
+from stadi_xdit.planner.validation import MAX_ROWS, MAX_STEPS
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.testing import tiny
 from stadi_xdit.testing.tiny import random_prompt_embeds
@@ -56,6 +64,7 @@ class Example:
     build: Callable[[str, bool], object]  # (preset, with_text_encoder) -> diffusers pipeline
     text_presets: tuple[str, ...]  # presets that carry a tiny text encoder
     stand_in_text: Callable[[object, int], dict]  # (diffusers pipeline, seed) -> embeddings
+    diffusers_class: str = ""  # `_class_name` of a local folder's model_index.json
     has_cfg: bool = True
     call_kwargs: tuple[tuple[str, object], ...] = ()
     tiny_text_tokens: int | None = None  # max_sequence_length with the tiny T5 (keeps tiny runs tiny)
@@ -107,18 +116,21 @@ def _toy_class(prompt: str | None, seed: int) -> int:
 PIXART_PRESETS = tuple(tiny.PIXART_PRESETS)
 EXAMPLES = {
     "pixart-alpha": Example(xfuser.xFuserPixArtAlphaPipeline, (*PIXART_PRESETS, TOY_PRESET), _pixart_alpha,
-                            ("tiny",), _pixart_embeds, call_kwargs=(("use_resolution_binning", False),)),
+                            ("tiny",), _pixart_embeds, "PixArtAlphaPipeline",
+                            call_kwargs=(("use_resolution_binning", False),)),
     "pixart-sigma": Example(xfuser.xFuserPixArtSigmaPipeline, PIXART_PRESETS,
                             lambda p, text: tiny.build_pixart_pipeline(p, "sigma", with_text_encoder=text),
-                            ("tiny",), _pixart_embeds, call_kwargs=(("use_resolution_binning", False),)),
+                            ("tiny",), _pixart_embeds, "PixArtSigmaPipeline",
+                            call_kwargs=(("use_resolution_binning", False),)),
     "flux": Example(xfuser.xFuserFluxPipeline, tuple(tiny.FLUX_PRESETS),
                     lambda p, text: tiny.build_flux_pipeline(p, with_text_encoder=text), ("tiny",), _flux_embeds,
-                    has_cfg=False, tiny_text_tokens=16),
+                    "FluxPipeline", has_cfg=False, tiny_text_tokens=16),
     "sd3": Example(xfuser.xFuserStableDiffusion3Pipeline, tuple(tiny.SD3_PRESETS),
                    lambda p, text: tiny.build_sd3_pipeline(p, with_text_encoder=text), ("tiny",), _sd3_embeds,
-                   tiny_text_tokens=16),
+                   "StableDiffusion3Pipeline", tiny_text_tokens=16),
     "qwen-image": Example(xFuserQwenImagePipeline, tuple(tiny.QWEN_IMAGE_PRESETS),
-                          lambda p, text: tiny.build_qwen_image_pipeline(p), (), _qwen_embeds, has_cfg=False),
+                          lambda p, text: tiny.build_qwen_image_pipeline(p), (), _qwen_embeds, "QwenImagePipeline",
+                          has_cfg=False),
 }
 
 
@@ -163,6 +175,13 @@ def parse_args() -> tuple[StadiArgs, str, str | None]:
     if engine_args.model not in example.presets and not os.path.isdir(engine_args.model):
         parser.error(f"--model must be a local diffusers folder or one of {', '.join(example.presets)}, "
                      f"got {engine_args.model!r}")
+    if engine_args.model not in example.presets:
+        problem = _folder_problem(engine_args.model, example.diffusers_class)
+        if problem:
+            parser.error(f"--model {engine_args.model!r} {problem} (--pipeline {args.pipeline})")
+    problem = _call_problem(engine_args)
+    if problem:
+        parser.error(problem)
     if engine_args.model == TOY_PRESET:
         if (engine_args.height, engine_args.width) != (toy_model.HEIGHT, toy_model.HEIGHT):
             parser.error(f"--model {TOY_PRESET} is trained at {toy_model.HEIGHT}x{toy_model.HEIGHT} px: use "
@@ -172,9 +191,40 @@ def parse_args() -> tuple[StadiArgs, str, str | None]:
         if prompt not in (None, "", *toy_data.CLASS_NAMES):
             parser.error(f"--prompt with --model {TOY_PRESET} names a class of its data set: "
                          f"{', '.join(toy_data.CLASS_NAMES)}; got {prompt!r}")
-    if args.save_latents is not None and (not args.save_latents or os.path.isdir(args.save_latents)):
-        parser.error(f"--save_latents must be a file path, got {args.save_latents!r}")
+    if args.save_latents is not None:
+        problem = output_file_problem(args.save_latents) if args.save_latents else "is empty"
+        if problem:
+            parser.error(f"--save_latents: {problem}")
     return engine_args, args.pipeline, args.save_latents
+
+
+def _folder_problem(folder: str, diffusers_class: str) -> str | None:
+    """Why a local folder is not a diffusers pipeline of the expected class (None when it is)."""
+    try:
+        with open(os.path.join(folder, "model_index.json")) as handle:
+            index = json.load(handle)
+    except (OSError, ValueError):
+        return "is not a diffusers pipeline folder (no readable model_index.json)"
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if diffusers_class and name != diffusers_class:
+        return f"holds a {name!r}, not a {diffusers_class}"
+    return None
+
+
+def _call_problem(args: StadiArgs) -> str | None:
+    """The call's own inputs (xDiT's parser takes any value): one line naming the flag, or None."""
+    if not 0 <= args.seed <= 2**63 - 1:
+        return f"--seed must be in [0, 2**63 - 1] (torch's generator seed), got {args.seed}"
+    if not 1 <= args.num_inference_steps <= MAX_STEPS:
+        return f"--num_inference_steps must be in [1, {MAX_STEPS}], got {args.num_inference_steps}"
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if not 0 < value <= MAX_ROWS * 16:
+            return f"{flag} must be in [16, {MAX_ROWS * 16}] px, got {value}"
+    if not math.isfinite(args.guidance_scale):
+        return f"--guidance_scale must be a finite number, got {args.guidance_scale}"
+    if args.output_type not in ("pil", "latent", "np", "pt"):
+        return f"--output_type must be one of pil, latent, np, pt, got {args.output_type!r}"
+    return None
 
 
 def main() -> None:

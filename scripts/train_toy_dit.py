@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from stadi_xdit.cli_errors import OneLineArgumentParser
+from stadi_xdit.paths import output_file_problem
 from stadi_xdit.toy import data, metrics, model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,20 +80,26 @@ def parse_args(argv=None) -> argparse.Namespace:
             ("--ema", args.ema, 0 <= args.ema < 1, "in [0, 1)"),
             ("--class-dropout", args.class_dropout, 0 <= args.class_dropout < 1, "in [0, 1)"),
             ("--min-snr-gamma", args.min_snr_gamma, 0 <= args.min_snr_gamma < math.inf, ">= 0 and finite"),
-            ("--threads", args.threads, args.threads >= 1, ">= 1"),
+            ("--threads", args.threads, 1 <= args.threads <= 1024, "in [1, 1024]"),
+            ("--seed", args.seed, 0 <= args.seed <= 2**63 - 1, "in [0, 2**63 - 1] (torch's generator seed)"),
             ("--eval-samples", args.eval_samples, args.eval_samples >= 0, ">= 0"),
-            ("--eval-steps", args.eval_steps, args.eval_steps >= 1, ">= 1"),
+            # One step leaves the multistep solver's final-step branch without a history: IndexError.
+            ("--eval-steps", args.eval_steps, 2 <= args.eval_steps <= 1000, "in [2, 1000]"),
             ("--eval-guidance", args.eval_guidance, 0 <= args.eval_guidance < math.inf, ">= 0 and finite"),
             ("--time-budget-min", args.time_budget_min, 0 < args.time_budget_min < math.inf, "> 0 and finite")):
         if not ok:  # NaN fails every comparison, so it lands here too
             p.error(f"argument {flag}: must be {bounds}, got {value!r}")
-    if args.out.is_dir():
-        p.error(f"argument --out: must be a .safetensors file path, got the folder {str(args.out)!r}")
+    problem = output_file_problem(args.out)
+    if problem:
+        p.error(f"argument --out: {problem}")
     # Plots go to the docs only with the shipped weights; a run elsewhere keeps them beside its weights.
     plots = REPO / "docs" / "img" if args.out.resolve() == model.WEIGHTS_PATH.resolve() else args.out.parent
     for attr, name in (("loss_plot", "toy_train_loss.png"), ("samples_plot", "toy_train_samples.png")):
         value = getattr(args, attr)
         setattr(args, attr, plots / name if value is None else (Path(value) if value else None))
+        problem = getattr(args, attr) and output_file_problem(getattr(args, attr))
+        if problem:
+            p.error(f"argument --{attr.replace('_', '-')}: {problem}")
     return args
 
 

@@ -21,8 +21,21 @@ class StadiInputError(ValueError):
 
 
 def is_speaking_rank() -> bool:
-    """True outside torchrun and on its rank 0: the one process that reports a shared input error."""
-    return os.environ.get("RANK", "0") in ("", "0")
+    """False only on a non-zero rank of a multi-process launch: every other process reports the error.
+
+    A stray RANK=1 (or RANK=abc) exported in a plain shell must not silence the only process there is,
+    so both RANK and WORLD_SIZE must read as a real launch (torchrun sets both).
+    """
+    rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    return not (rank is not None and world_size is not None and 0 < rank < world_size and world_size > 1)
+
+
+def _env_int(name: str) -> int | None:
+    """The environment variable as an int, or None when unset or not an integer."""
+    try:
+        return int(os.environ.get(name, "").strip())
+    except ValueError:
+        return None
 
 
 def fail(prog: str, message: str, status: int = USAGE_ERROR) -> NoReturn:

@@ -6,10 +6,13 @@ The fields' metadata is the one source of truth for the settings: the `--stadi_*
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +28,11 @@ KV_DTYPES = ("auto", "bfloat16", "float16")
 # A week: far beyond any denoising run, and small enough for every backend's millisecond timers
 # (gloo and NCCL overflow on values like 1e300).
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0
+# The backends turn the timeout into whole milliseconds: 1e-9 s became a 0 ms socket timeout that failed
+# the rendezvous with a DistNetworkError traceback. 0.1 s is 100 ms, enough to connect on one host.
+MIN_TIMEOUT_SECONDS = 0.1
+# Longest repr() an error line shows of a value; a 5000-digit number or a huge list is cut.
+MAX_SHOWN_CHARS = 120
 
 
 def setting(default: Any, flag: str, kind: str, help: str, **extra: Any) -> Any:
@@ -40,12 +48,20 @@ def parse_floats(text: str | Sequence[float] | None, flag: str) -> tuple[float, 
     if not items:
         raise ValueError(f"{flag} needs one value per rank, got an empty list")
     try:
-        values = tuple(float(item) for item in items)
+        values = tuple(_as_float(item) for item in items)
     except (TypeError, ValueError):
-        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"{flag} must be comma-separated numbers, got {shown_value(text)}") from None
     if any(not math.isfinite(v) or v <= 0 for v in values):
-        raise ValueError(f"{flag} values must be finite and > 0, got {text!r}")
+        raise ValueError(f"{flag} values must be finite and > 0, got {shown_value(text)}")
     return values
+
+
+def _as_float(item: Any) -> float:
+    """float(item), with ints too large for a float (10**400) as inf, so the range check names them."""
+    try:
+        return float(item)
+    except OverflowError:
+        return math.inf if item > 0 else -math.inf
 
 
 def _normalize_shift(text: object) -> str | None:
@@ -110,6 +126,9 @@ class StadiConfig:
                                  "(default: every rank of the launch).")
 
     def __post_init__(self) -> None:
+        # Every construction path (flags, files, xDiT's runner dict) ends here: a dict's "false" or
+        # b"1,2" must fail by type, not be read as True or as three bytes.
+        _check_types({name: getattr(self, name) for name in SETTINGS}, where="")
         # Accept the CLI's string forms so configs built from flags or files validate the same way.
         object.__setattr__(self, "speeds", parse_floats(self.speeds, "--stadi_speeds"))
         object.__setattr__(self, "emulate_slowdown", parse_floats(self.emulate_slowdown, "--stadi_emulate_slowdown"))
@@ -122,19 +141,22 @@ class StadiConfig:
         if (isinstance(self.max_stride, bool) or not isinstance(self.max_stride, int)
                 or not 1 <= self.max_stride <= MAX_STRIDE_LIMIT):
             raise ValueError(f"--stadi_max_stride must be an integer in [1, {MAX_STRIDE_LIMIT}] "
-                             f"(the planner's limit), got {self.max_stride!r}")
+                             f"(the planner's limit), got {shown_value(self.max_stride)}")
         if not (_is_number(self.tolerance) and 0 <= self.tolerance < 1):
-            raise ValueError(f"--stadi_tolerance must be a number in [0, 1), got {self.tolerance!r}")
-        if not (_is_number(self.timeout_seconds) and 0 < self.timeout_seconds <= MAX_TIMEOUT_SECONDS):
-            raise ValueError(f"--stadi_timeout must be a number of seconds in (0, {MAX_TIMEOUT_SECONDS:.0f}], "
-                             f"got {self.timeout_seconds!r}")
+            raise ValueError(f"--stadi_tolerance must be a number in [0, 1), "
+                             f"got {shown_value(self.tolerance)}")
+        if not (_is_number(self.timeout_seconds)
+                and MIN_TIMEOUT_SECONDS <= self.timeout_seconds <= MAX_TIMEOUT_SECONDS):
+            raise ValueError(f"--stadi_timeout must be a number of seconds in [{MIN_TIMEOUT_SECONDS:g}, "
+                             f"{MAX_TIMEOUT_SECONDS:.0f}], got {shown_value(self.timeout_seconds)}")
         if self.emulate_slowdown is not None and any(k < 1 for k in self.emulate_slowdown):
             raise ValueError("--stadi_emulate_slowdown factors must be >= 1 (1 = full speed)")
         if self.emulate_shift is not None:
             object.__setattr__(self, "emulate_shift", _normalize_shift(self.emulate_shift))
         if self.degree is not None and (isinstance(self.degree, bool) or not isinstance(self.degree, int)
                                         or not 1 <= self.degree <= MAX_RANKS):
-            raise ValueError(f"--stadi_degree must be an integer in [1, {MAX_RANKS}], got {self.degree!r}")
+            raise ValueError(f"--stadi_degree must be an integer in [1, {MAX_RANKS}], "
+                             f"got {shown_value(self.degree)}")
         if self.profile_cache is not None and not self.profile_cache.strip():
             raise ValueError("--stadi_profile_cache must be a file path, got an empty string")
 
@@ -187,12 +209,14 @@ class StadiConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> StadiConfig:
+    def from_json(cls, text: str, source: str = "STADI config") -> StadiConfig:
         try:
-            data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+            data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys, parse_int=_json_int)
         except json.JSONDecodeError as error:
-            raise ValueError(f"STADI config is not valid JSON: {error}") from None
-        return cls.from_dict(data)
+            raise ValueError(f"{source} is not valid JSON: {error}") from None
+        except RecursionError:  # e.g. 100000 nested lists: json recurses once per level
+            raise ValueError(f"{source} nests too deeply to be a STADI config") from None
+        return cls.from_dict(data, source)
 
     def to_yaml(self) -> str:
         """The config as a YAML mapping (same keys as `to_dict`); `from_yaml` reads it back."""
@@ -202,30 +226,36 @@ class StadiConfig:
         return yaml.safe_dump(data, sort_keys=True)
 
     @classmethod
-    def from_yaml(cls, text: str) -> StadiConfig:
+    def from_yaml(cls, text: str, source: str = "STADI config") -> StadiConfig:
         """Parse and validate a YAML mapping; wrong types fail like bad values, naming the flag."""
         import yaml
 
         try:
             data = yaml.load(text, Loader=_strict_yaml_loader())
         except yaml.YAMLError as error:
-            raise ValueError(f"STADI config is not valid YAML: {' '.join(str(error).split())}") from None
-        return cls.from_dict({} if data is None else data)
+            raise ValueError(f"{source} is not valid YAML: {' '.join(str(error).split())}") from None
+        except RecursionError:  # e.g. 100000 nested lists: the YAML composer recurses once per level
+            raise ValueError(f"{source} nests too deeply to be a STADI config") from None
+        return cls.from_dict({} if data is None else data, source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> StadiConfig:
         """A `.json`, `.yaml` or `.yml` file; unreadable files fail with one line naming the path."""
+        if not isinstance(path, (str, os.PathLike)):  # xDiT's runner dict can hold anything
+            raise ValueError(  # noqa: TRY004 (one exception type for every bad input)
+                f"--stadi_config_file must be a file path, got {shown_value(path)} ({type(path).__name__})")
         path = Path(path)
+        source = f"STADI config file {str(path)!r}"
         try:
-            text = path.read_text(encoding="utf-8")
+            text = _read_regular_file(path).decode("utf-8")
         except (OSError, UnicodeDecodeError) as error:
             reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
-            raise ValueError(f"cannot read STADI config file {str(path)!r}: {reason}") from None
+            raise ValueError(f"cannot read {source}: {reason}") from None
         if path.suffix.lower() == ".json":
-            return cls.from_json(text)
+            return cls.from_json(text, source)
         if path.suffix.lower() in (".yaml", ".yml"):
-            return cls.from_yaml(text)
-        raise ValueError(f"STADI config file {str(path)!r} must end in .json, .yaml or .yml")
+            return cls.from_yaml(text, source)
+        raise ValueError(f"{source} must end in .json, .yaml or .yml")
 
 
 # Field -> the CLI flag that sets it (and the kind of value), from the fields' metadata.
@@ -238,7 +268,8 @@ def _is_real(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return _is_real(value) and math.isfinite(value)
+    # Any int is finite; math.isfinite(10**400) would raise OverflowError instead.
+    return _is_real(value) and (isinstance(value, int) or math.isfinite(value))
 
 
 def _type_ok(kind: str, value: Any) -> bool:
@@ -259,12 +290,71 @@ def _type_ok(kind: str, value: Any) -> bool:
         isinstance(value, (list, tuple)) and all(_is_real(v) for v in value))
 
 
-def _check_types(data: dict[str, Any]) -> None:
-    """Types a config file can get wrong that the value checks would not name (or would accept)."""
+def _check_types(data: dict[str, Any], where: str = " in the config") -> None:
+    """Types a config can get wrong that the value checks would not name (or would accept)."""
     for key, value in data.items():
         meta = SETTINGS[key]
         if not _type_ok(meta["kind"], value):
-            raise ValueError(f"{meta['flag']} has the wrong type in the config: {value!r} ({type(value).__name__})")
+            type_name = "int" if isinstance(value, _HugeInt) else type(value).__name__
+            raise ValueError(f"{meta['flag']} has the wrong type{where}: {shown_value(value)} ({type_name})")
+
+
+def shown_value(value: Any) -> str:
+    """repr() for one error line: cut when long, and sized when repr() itself fails (a 5000-digit int
+    is past Python's int-to-text limit; a 100000-deep list past the recursion limit)."""
+    if isinstance(value, _HugeInt):
+        return repr(value)
+    if isinstance(value, int) and value.bit_length() > 4 * MAX_SHOWN_CHARS:
+        return f"an integer of about {int(value.bit_length() * math.log10(2))} digits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "..."
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file; a FIFO, device or socket is refused, not read (a FIFO blocks forever)."""
+    # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(descriptor)
+
+
+class _HugeInt(int):
+    """Stand-in for a file's integer past Python's int-to-text limit (4300 digits): int() raises a
+    message naming neither key nor file, so the setting's own check refuses this one by name."""
+
+    digits: int
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+    __str__ = __repr__  # int's own str() would hit the very limit this stands in for
+
+
+def _huge_int(text: str) -> _HugeInt:
+    """A `_HugeInt` of the sign of `text` and far beyond every setting's range (10**4300)."""
+    digits = sum(char.isdigit() for char in text)
+    value = _HugeInt(-(10 ** 4300) if text.lstrip().startswith("-") else 10 ** 4300)
+    value.digits = digits
+    return value
+
+
+def _json_int(text: str) -> int:
+    """A JSON integer; one past Python's digit limit becomes a `_HugeInt`."""
+    try:
+        return int(text)
+    except ValueError:
+        return _huge_int(text)
 
 
 def shown_key(key: Any) -> str:
@@ -299,5 +389,13 @@ def _strict_yaml_loader() -> type:
                 raise ValueError(f"STADI config sets {', '.join(duplicates)} more than once")
             return super().construct_mapping(node, deep=deep)
 
+        def construct_yaml_int(self, node):
+            # Past Python's 4300-digit limit: a `_HugeInt`, refused by the setting's check by name.
+            try:
+                return super().construct_yaml_int(node)
+            except ValueError:
+                return _huge_int(str(node.value))
+
+    StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
     StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789"))
     return StrictLoader

@@ -14,24 +14,30 @@ With xDiT's runner arguments it runs xDiT's model runner, exactly as `xdit` does
     stadi-xdit --model FLUX.1-dev --use_stadi --stadi_degree 2 --height 1024 ...     # xdit's form
     stadi-xdit [--nproc_per_node N] [--nnodes ... --master_port ...] script.py --use_stadi ...
 
-It starts `torch.distributed.run ... -m stadi_xdit.run (-m xfuser.runner | script.py) ...`; the
-number of processes is `--nproc_per_node` when given, else the STADI rule of
+It runs `torch.distributed.run ... -m stadi_xdit.run (-m xfuser.runner | script.py) ...` (torchrun
+in the launcher's own process, so a failed rank ends the launch with its status, not torchrun's
+traceback); the number of processes is `--nproc_per_node` when given, else the STADI rule of
 `cli_hook.stadi_nproc_from_args` (`--stadi_degree`, x2 with CFG parallelism), else xDiT's own
-degree product. Runner arguments are validated here, before any process starts.
+degree product. torchrun's flags, the runner arguments, and what the ranks would find missing on
+this machine (master address, script or module, model files, prompt, output directory) are checked
+here, once, before any process starts.
 """
 
 from __future__ import annotations
 
 import os
 import runpy
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook, before the script imports xfuser)
-from stadi_xdit.cli_errors import StadiInputError, fail
+from stadi_xdit.cli_errors import USAGE_ERROR, StadiInputError, fail
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.xdit import cli_hook
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 LAUNCHER = "stadi-xdit"
 USAGE = "usage: python -m stadi_xdit.run (SCRIPT.py | -m MODULE) [ARGS ...]"
@@ -46,12 +52,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[0] == "-m":
         if len(argv) < 2:
             raise SystemExit(USAGE)
+        if _find_spec(argv[1]) is None:  # once (rank 0), not a traceback per rank
+            fail("stadi_xdit.run", f"no module named {argv[1]!r}")
         sys.argv = [argv[1], *argv[2:]]
         _run_reporting_faults(lambda: runpy.run_module(argv[1], run_name="__main__", alter_sys=True))
         return
     script = argv[0]
     if not os.path.isfile(script):
-        raise SystemExit(f"stadi_xdit.run: no such script: {script}")
+        fail("stadi_xdit.run", f"no such script: {script}")
     sys.argv = list(argv)
     # As `python script.py` does: the script's folder first on sys.path.
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
@@ -71,6 +79,9 @@ def _run_reporting_faults(run: Callable[[], object]) -> None:
 
 # --- launcher -----------------------------------------------------------------------------------
 
+MAX_PORT = 65535
+
+
 def build_launch_command(argv: Sequence[str]) -> list[str]:
     """The torchrun command `launch` runs (testable without starting anything).
 
@@ -78,20 +89,13 @@ def build_launch_command(argv: Sequence[str]) -> list[str]:
     (`-m xfuser.runner`); STADI inputs are then validated here, before any process starts.
     """
     _quiet_library_notices()
-    from xfuser.cli import TORCHRUN_ARGS, extract_torchrun_args, get_nproc_from_args
+    from xfuser.cli import TORCHRUN_ARGS, get_nproc_from_args
 
-    torchrun, rest = extract_torchrun_args(list(argv))
-    runner_mode = not rest or rest[0].startswith("--")
+    torchrun, target, script_args = split_launch_args(argv)
+    runner_mode = target == ["-m", "xfuser.runner"]
     if runner_mode:
-        target, script_args = ["-m", "xfuser.runner"], rest
         runner_namespace(script_args)  # unknown or malformed flags first, before counting ranks
-    elif rest[0] == "-m":
-        if len(rest) < 2:
-            fail(LAUNCHER, "-m needs a module name")
-        target, script_args = rest[:2], rest[2:]
-    else:
-        target, script_args = rest[:1], rest[1:]
-    nnodes = int(torchrun["--nnodes"])
+    nnodes = torchrun_ints(torchrun)
     try:
         inferred = cli_hook.stadi_nproc_from_args(script_args, get_nproc_from_args, nnodes=nnodes)
     except ValueError as error:
@@ -110,12 +114,61 @@ def build_launch_command(argv: Sequence[str]) -> list[str]:
             "-m", "stadi_xdit.run", *target, *script_args]
 
 
+def split_launch_args(argv: Sequence[str]) -> tuple[dict[str, str | None], list[str], list[str]]:
+    """(torchrun's values, the target `-m xfuser.runner` / `-m MODULE` / `SCRIPT`, the target's args)."""
+    from xfuser.cli import extract_torchrun_args
+
+    torchrun, rest = extract_torchrun_args(list(argv))
+    if not rest or rest[0].startswith("--"):
+        return torchrun, ["-m", "xfuser.runner"], rest
+    if rest[0] == "-m":
+        if len(rest) < 2:
+            fail(LAUNCHER, "-m needs a module name")
+        return torchrun, rest[:2], rest[2:]
+    return torchrun, rest[:1], rest[1:]
+
+
+def _int_flag(flag: str, text: str | None, minimum: int, maximum: int | None = None, note: str = "") -> int:
+    """`text` as an integer in [minimum, maximum], or one line naming the flag (torchrun would
+    print its usage block, a traceback, or divide by zero)."""
+    try:
+        value = int(text or "")
+    except ValueError:
+        value = None
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        fail(LAUNCHER, f"{flag} must be an integer {bound}{note}, got {text!r}")
+    return value
+
+
+def torchrun_ints(torchrun: dict[str, str | None]) -> int:
+    """Check torchrun's numeric flags before torchrun sees them; returns the number of nodes."""
+    nnodes_text = torchrun["--nnodes"] or ""
+    if ":" in nnodes_text:  # torchrun's MIN:MAX form: the STADI rank count is fixed at launch
+        fail(LAUNCHER, f"--nnodes {nnodes_text}: elastic node ranges are not supported; give one number of nodes")
+    nnodes = _int_flag("--nnodes", nnodes_text, 1)
+    _int_flag("--node_rank", torchrun["--node_rank"], 0, nnodes - 1, note=f" (--nnodes {nnodes})")
+    _int_flag("--master_port", torchrun["--master_port"], 1, MAX_PORT)
+    if torchrun["--nproc_per_node"] is not None:  # torchrun's auto/gpu/cpu would bypass the STADI count
+        _int_flag("--nproc_per_node", torchrun["--nproc_per_node"], 1)
+    if not (torchrun["--master_addr"] or "").strip():
+        fail(LAUNCHER, f"--master_addr must name a host, got {torchrun['--master_addr']!r}")
+    return nnodes
+
+
 def _quiet_library_notices() -> None:
     """The launcher process reports only its own errors: transformers' import notices (e.g. missing
-    torchvision) would otherwise surround a one-line error. The ranks keep their logging."""
+    torchvision) would otherwise surround a one-line error, and so would xfuser's import-time debug
+    lines (its runner registry's). The ranks keep their logging."""
+    import logging
+
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
+    from xfuser import logger as xfuser_logger  # after: importing xfuser loads transformers' processors
+
+    if xfuser_logger._default_handler is not None:  # one handler (stdout) serves every xfuser logger
+        xfuser_logger._default_handler.setLevel(logging.WARNING)
 
 
 def runner_namespace(args: Sequence[str]):
@@ -133,6 +186,7 @@ def runner_namespace(args: Sequence[str]):
 def check_runner_args(args: Sequence[str], world_size: int) -> None:
     """Validate `xdit` runner arguments against the launch size; a bad one is one line, exit 2."""
     from xfuser.config import xFuserArgs
+    from xfuser.model_executor.models.runner_models import base_model
 
     from stadi_xdit.xdit.runner import stadi_runner_model
 
@@ -141,13 +195,12 @@ def check_runner_args(args: Sequence[str], world_size: int) -> None:
     os.environ["WORLD_SIZE"] = str(world_size)  # what `validate` checks the degrees against
     try:
         config = xFuserArgs.from_runner_args(vars(namespace))
+        model = base_model.MODEL_REGISTRY.get(config.model)
+        if model is None:
+            fail(LAUNCHER, f"--model {config.model} is not in xDiT's model registry")
         if getattr(config, "use_stadi", False):
-            from xfuser.model_executor.models.runner_models import base_model
-
-            model = base_model.MODEL_REGISTRY.get(config.model)
-            if model is None:
-                fail(LAUNCHER, f"--model {config.model} is not in xDiT's model registry")
-            stadi_runner_model(model, config.model)
+            model = stadi_runner_model(model, config.model)
+        check_model_capabilities(model, config)
     except ValueError as error:
         fail(LAUNCHER, str(error))
     finally:
@@ -157,10 +210,193 @@ def check_runner_args(args: Sequence[str], world_size: int) -> None:
             os.environ["WORLD_SIZE"] = saved
 
 
+def check_model_capabilities(model: type, config: object) -> None:
+    """The capability check xDiT's runner model makes in every rank (`xFuserModel._validate_config`),
+    made once here: e.g. `--use_cfg_parallel` on a model without CFG parallelism."""
+    from xfuser.model_executor.models.runner_models.base_model import ModelCapabilities
+
+    for key in ModelCapabilities.__annotations__:
+        value = getattr(config, key, None)
+        if getattr(model.capabilities, key):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value > 1:
+                raise ValueError(f"--model {config.model} does not support --{key} {value}")
+        elif value:
+            raise ValueError(f"--model {config.model} does not support --{key}")
+
+
+# --- what the ranks would find missing (checked by `launch`, not by building the command) ---------
+
+def check_launch_environment(argv: Sequence[str]) -> None:
+    """Inputs that depend on this machine, checked once before torchrun: the master address, the
+    script or module, the model files, the prompt and the output directory. Each is one line."""
+    torchrun, target, script_args = split_launch_args(argv)
+    if int(torchrun["--nnodes"] or 1) == 1:
+        check_local_master(torchrun["--master_addr"] or "", int(torchrun["--master_port"] or 0))
+    if target == ["-m", "xfuser.runner"]:
+        check_runner_environment(runner_namespace(script_args))
+    elif target[0] == "-m":
+        check_module(target[1])
+    else:
+        check_script(target[0])
+
+
+def check_local_master(addr: str, port: int) -> None:
+    """With one node, the master is this machine: an address that is not (torchrun would wait its
+    900 s rendezvous for it) or a port already taken is one line."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        fail(LAUNCHER, f"--master_addr {addr} does not resolve: {error}")
+    for family, _, _, _, sockaddr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((sockaddr[0], 0))  # any port: is this address one of ours?
+        except OSError:
+            continue
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((sockaddr[0], port))
+        except OSError as error:
+            busy = error.errno == errno.EADDRINUSE
+            fail(LAUNCHER, f"--master_port {port} is already in use on {addr}; pick a free port" if busy
+                 else f"--master_port {port} cannot be opened on {addr}: {error.strerror or error}")
+        return
+    fail(LAUNCHER, f"--master_addr {addr} is not an address of this machine; with --nnodes 1 the master "
+                   "must be local (e.g. 127.0.0.1)")
+
+
+def check_script(script: str) -> None:
+    if os.path.isdir(script):
+        fail(LAUNCHER, f"script {script} is a directory, not a Python file")
+    if not os.path.isfile(script):
+        fail(LAUNCHER, f"no such script: {script}")
+
+
+def check_module(module: str) -> None:
+    """`-m MODULE` names an importable module (a package needs a `__main__`), found the way the ranks
+    will (current directory first) without running it."""
+    sys.path.insert(0, os.getcwd())  # `python -m` puts the current directory first
+    try:
+        spec = _find_spec(module)
+        package_main = spec is None or spec.submodule_search_locations is None or _find_spec(f"{module}.__main__")
+    finally:
+        sys.path.remove(os.getcwd())
+    if spec is None:
+        fail(LAUNCHER, f"-m {module}: no module named {module!r}")
+    if not package_main:
+        fail(LAUNCHER, f"-m {module} is a package without a __main__ module")
+
+
+def _find_spec(name: str):
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a missing parent package, or an empty or relative name
+        return None
+
+
+def check_runner_environment(namespace) -> None:
+    """What xDiT's runner refuses in every rank, or fails on after the run: no prompt, model files
+    not in an offline Hugging Face cache, an output directory that cannot be written."""
+    from xfuser.model_executor.models.runner_models.base_model import MODEL_REGISTRY
+
+    if namespace.prompt is None and getattr(namespace, "dataset_path", None) is None:
+        fail(LAUNCHER, f"--model {namespace.model} needs --prompt (or --dataset_path)")
+    model = MODEL_REGISTRY.get(namespace.model)
+    repo = getattr(getattr(model, "settings", None), "model_name", None)
+    if repo:
+        check_model_files(namespace.model, repo)
+    check_output_directory(namespace.output_directory)
+
+
+def check_model_files(name: str, repo: str) -> None:
+    """With HF_HUB_OFFLINE, the runner model's hub repo must already be in the cache (online, the
+    ranks download it)."""
+    if os.path.isdir(repo):
+        if not os.path.isfile(os.path.join(repo, "model_index.json")):
+            fail(LAUNCHER, f"--model {name}: {repo} has no model_index.json (not a diffusers pipeline folder)")
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    if not isinstance(try_to_load_from_cache(repo, "model_index.json"), str):
+        fail(LAUNCHER, f"--model {name}: {repo} is not in the Hugging Face cache {constants.HF_HUB_CACHE} "
+                       "and HF_HUB_OFFLINE is set")
+
+
+def check_output_directory(path: str) -> None:
+    """The runner saves into `--output_directory` after the whole run and does not create it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        fail(LAUNCHER, f"--output_directory {path}: cannot create it ({error.strerror or error})")
+    if not os.access(path, os.W_OK | os.X_OK):
+        fail(LAUNCHER, f"--output_directory {path} is not writable")
+
+
+# --- running torchrun ------------------------------------------------------------------------------
+
 def launch(argv: Sequence[str] | None = None) -> None:
     """Console script `stadi-xdit`: torchrun with the right process count, plugin loaded first."""
-    command = build_launch_command(sys.argv[1:] if argv is None else argv)
-    raise SystemExit(subprocess.call(command))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = build_launch_command(argv)
+    check_launch_environment(argv)
+    raise SystemExit(run_torchrun(command[command.index("torch.distributed.run") + 1:]))
+
+
+def run_torchrun(args: Sequence[str]) -> int:
+    """torchrun in this process, so that a failed rank ends the launch with that rank's status (2: an
+    input error its rank 0 already printed in one line) instead of torchrun's ChildFailedError traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    _quiet_torchrun_logs()
+    try:
+        run(parse_args(list(args)))
+    except ChildFailedError as error:
+        return failed_rank_status(error)
+    except SignalException as error:  # Ctrl-C / SIGTERM: the workers are already stopped
+        return 128 + int(error.sigval)
+    return 0
+
+
+def failed_rank_status(error: ChildFailedError) -> int:
+    """The exit status for a failed launch, with at most one line of our own."""
+    import signal
+
+    rank, failure = error.get_first_failure()
+    code = failure.exitcode
+    if code == USAGE_ERROR:  # the rank has reported the input in one line
+        return USAGE_ERROR
+    if code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+        fail(LAUNCHER, f"rank {rank} {how}", status=1)
+    fail(LAUNCHER, f"rank {rank} exited with status {code}", status=code if code > 0 else 1)
+
+
+def _quiet_torchrun_logs() -> None:
+    """torchrun's agent logs each failure again (and its SIGTERMs to the other ranks); the launcher
+    reports the failure itself. LOGLEVEL, torchrun's own switch, keeps them."""
+    import logging
+
+    if "LOGLEVEL" in os.environ:
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 if __name__ == "__main__":

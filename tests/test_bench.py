@@ -105,3 +105,13 @@ def test_simulate_and_construct_only(tmp_path, capsys):
     assert main(["--construct-only", "--preset", "flux-dev-1024"]) == 0
     assert "M parameters" in capsys.readouterr().out
     assert set(BENCH_PRESETS) >= {"tiny", "small", "pixart-alpha-1024", "pixart-sigma-1024", "flux-dev-1024"}
+
+
+def test_bench_exits_2_when_no_selected_arm_can_run(tmp_path, capsys):
+    # --warmup 0: STADI's arms cannot measure speeds; asking only for one is an error, not an empty table.
+    with pytest.raises(SystemExit) as info:
+        main(["--preset", "tiny", "--steps", "4", "--warmup", "0", "--arms", "spatial", "--repeats", "1",
+              "--scenario", "none", "--no-progress", "--no-plots", "--no-decode", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--arms" in lines[0] and "STADI needs" in lines[0], lines

@@ -57,6 +57,14 @@ BAD_FLAGS = [
     (["--save_latents", "{tmp}"], "--save_latents"),
     (["--model", "toy-trained"], "--height"),  # trained at 256 px only
     (["--model", "toy-trained", "--height", "256", "--width", "256", "--prompt", "a cat"], "--prompt"),
+    # The call's own inputs, which xDiT's parser takes as they come; before, errors after the process group.
+    (["--seed", str(10**30)], "--seed"),
+    (["--guidance_scale", "nan"], "--guidance_scale"),
+    (["--output_type", "nonsense"], "--output_type"),
+    (["--num_inference_steps", str(10**8)], "--num_inference_steps"),
+    (["--save_latents", "/dev/null/x.pt"], "--save_latents"),  # its folder cannot exist
+    (["--model", "{tmp}"], "--model"),  # a folder without model_index.json
+    (["--model", "{flux}"], "--model"),  # a Flux folder for --pipeline pixart-alpha
 ]
 
 
@@ -65,8 +73,12 @@ def test_bad_input_is_one_line_naming_the_flag(flags, named, tmp_path, monkeypat
     example = _example(capsys)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     argv = ["--model", "tiny", "--use_stadi", "--height", "128", "--width", "128", *flags]
-    monkeypatch.setattr(sys, "argv", ["stadi_example.py", *(a.replace("{tmp}", str(tmp_path)) for a in argv)])
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{flux}", str(flux)) for a in argv]
+    monkeypatch.setattr(sys, "argv", ["stadi_example.py", *argv])
     with pytest.raises(SystemExit) as info:
         example.parse_args()
     assert info.value.code == 2

@@ -152,6 +152,8 @@ def _train_script():
     (["--threads", "0"], "--threads"), (["--time-budget-min", "inf"], "--time-budget-min"),
     (["--min-lr-ratio", "2"], "--min-lr-ratio"), (["--grad-clip", "nan"], "--grad-clip"),
     (["--eval-steps", "0"], "--eval-steps"), (["--out", "{tmp}"], "--out"), (["--steps", "x"], "--steps"),
+    (["--eval-steps", "1"], "--eval-steps"), (["--threads", str(10**30)], "--threads"), (["--seed", str(10**30)], "--seed"),
+    (["--out", "/dev/null/w.safetensors"], "--out"), (["--loss-plot", "/dev/null/l.png"], "--loss-plot"),
 ])
 def test_training_script_refuses_bad_flags_in_one_line(argv, flag, tmp_path, capsys):
     script = _train_script()
@@ -165,7 +167,7 @@ def test_training_script_refuses_bad_flags_in_one_line(argv, flag, tmp_path, cap
 @pytest.mark.parametrize("argv,flag", [
     (["--steps", "1"], "--steps"), (["--steps", "5000"], "--steps"), (["--warmup", "0"], "--warmup"),
     (["--steps", "8", "--warmup", "8"], "--warmup"), (["--repeats", "0"], "--repeats"), (["--seed", "-1"], "--seed"),
-    (["--out", "{file}"], "--out"),
+    (["--out", "{file}"], "--out"), (["--out", "/dev/null/x"], "--out"),
 ])
 def test_quality_benchmark_refuses_bad_flags_in_one_line(argv, flag, tmp_path, capsys):
     from stadi_xdit.toy import quality

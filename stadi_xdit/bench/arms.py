@@ -197,6 +197,7 @@ def _build(spec: dict, rank: int, world: int):
                          stadi_max_stride=spec["max_stride"], stadi_profile_cache=spec["profile_cache"],
                          stadi_kv_dtype=spec.get("kv_dtype") or "auto", **common)
         cls = _stadi_pipeline_class(preset.variant)
+        args.stadi_pipeline_class = cls  # checks follow the family (a Wan clip's rows, not the frame's)
     else:
         import xfuser
         from xfuser import xFuserArgs

@@ -30,6 +30,7 @@ from typing import NoReturn
 from stadi_xdit.bench.catalog import ARM_ORDER, DEFAULT_ARMS, FRAMES_PER_LATENT, PRESET_SHAPES, ROW_PX
 from stadi_xdit.bench.scenarios import parse_scenario
 from stadi_xdit.cli_errors import OneLineArgumentParser, fail
+from stadi_xdit.paths import output_dir_problem
 from stadi_xdit.planner.cli import parse_checked, parse_numbers
 from stadi_xdit.planner.gpus import parse_gpu_list
 from stadi_xdit.planner.validation import MAX_RANKS, MAX_ROWS, MAX_STEPS, MAX_STRIDE_LIMIT
@@ -216,9 +217,10 @@ def _validate_run(args: argparse.Namespace) -> None:
         if torch.cuda.device_count() < args.ranks:
             _reject("--device", f"cuda puts rank i on cuda:i: {args.ranks} ranks need {args.ranks} GPUs, "
                                 f"found {torch.cuda.device_count()}")
-    # os.path (not pathlib): False instead of an exception for names with NUL bytes or too long
-    if not args.construct_only and os.path.exists(args.out) and not os.path.isdir(args.out):
-        _reject("--out", f"must be a folder, but {args.out!r} is a file")
+    if not args.construct_only:
+        problem = output_dir_problem(args.out)
+        if problem:
+            _reject("--out", problem)
 
 
 def _validate_simulate(args: argparse.Namespace) -> None:
@@ -273,9 +275,11 @@ def _cores(cores: list[int] | None, world: int) -> list[int | None]:
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if not cores:
         return [None] * world
-    if len(cores) < world:
-        print(f"note: {world} ranks on {len(cores)} cores: ranks share cores (timings are not meaningful)")
-    return [cores[i % len(cores)] for i in range(world)]
+    chosen = [cores[i % len(cores)] for i in range(world)]
+    if len(set(chosen)) < world:  # fewer cores than ranks, or a --cores list that repeats one
+        print(f"note: {world} ranks on {len(set(chosen))} cores {sorted(set(chosen))}: ranks share cores "
+              "(timings are not meaningful)")
+    return chosen
 
 
 def _decoder(preset, seed: int):
@@ -405,14 +409,18 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
                     "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "settings": {"preset": preset.name, "num_frames": preset.num_frames, "height": height, "steps": args.steps,
-                     "warmup": args.warmup, "repeats": args.repeats, "ranks": args.ranks, "arms": list(arms), "cores": settings.cores,
-                     "order": args.order, "seed": args.seed, "max_stride": args.max_stride,
+                     "warmup": args.warmup, "repeats": args.repeats, "ranks": args.ranks, "arms": list(arms),
+                     "cores": settings.cores, "order": args.order, "seed": args.seed, "max_stride": args.max_stride,
                      "profile_cache": settings.profile_cache, "device": args.device, "dtype": args.dtype},
         "scenarios": summaries,
         "plots": [str(p) for p in files],
     }
     (out / "results.json").write_text(json.dumps(_finite(results), indent=1, default=str, allow_nan=False))
     print(f"wrote {out / 'results.json'}" + "".join(f", {p}" for p in files))
+    skipped = [arm for summary in summaries for arm in summary["arms"].values()]
+    if skipped and all(arm["status"] == "skipped" for arm in skipped):  # asked for nothing that can run
+        reasons = sorted({arm["reason"] for arm in skipped})
+        fail("stadi-bench", f"--arms: none of {', '.join(arms)} can run this setup: {'; '.join(reasons)}")
     return 0
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from ..cli_errors import OneLineArgumentParser  # pure standard library, like this package
 from .gpus import parse_gpu_list, relative_speeds
-from .plan_types import MODES
+from .plan_types import MODES, Plan
 from .planning import plan
 
 # Planner arguments named in a ValueError -> the flag the user typed ("speeds" is set per call).
@@ -30,6 +30,11 @@ _FLAG_FOR_ARGUMENT = {
     "exchange_seconds": "--exchange-seconds",
     "step_overhead_seconds": "--step-overhead-seconds",
 }
+# Bounds that keep every predicted time finite, so the table never shows inf/nan and --json stays
+# strict JSON: the same speed ratio as stadi-bench --simulate, and cost terms far beyond a real run.
+MIN_RELATIVE_SPEED = 1e-6  # slowest rank vs the fastest in --speeds
+MAX_COST_SECONDS = 1e6  # --sync-seconds, --exchange-seconds, --step-overhead-seconds (~11 days)
+_COST_FLAGS = ("--sync-seconds", "--exchange-seconds", "--step-overhead-seconds")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_checked(parser, argv)
     speeds = args.speeds if args.speeds is not None else relative_speeds(args.gpus)
     rows = _latent_rows(parser, args)
+    _check_costs(parser, args)
+    speeds_flag = "--speeds" if args.speeds is not None else "--gpus"
     try:
         result = plan(
             speeds,
@@ -54,7 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup_speeds_known=args.warmup_speeds_known,
         )
     except ValueError as error:
-        parser.error(_blame_flag(str(error), speeds_flag="--speeds" if args.speeds is not None else "--gpus"))
+        parser.error(_blame_flag(str(error), speeds_flag=speeds_flag))
+    except ArithmeticError:  # subnormal speeds: rows / speed overflows, and 1 / inf then divides by zero
+        parser.error(_not_finite(speeds_flag, rows, args.steps, speeds))
+    if not _finite_prediction(result):
+        parser.error(_not_finite(speeds_flag, rows, args.steps, speeds))
     if args.json:
         print(result.to_json())
         return 0
@@ -122,9 +133,35 @@ def parse_numbers(
 
 def _speed_list(text: str) -> tuple[float, ...]:
     try:
-        return parse_numbers(text)
+        values = parse_numbers(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    # Speeds <= 0 are left to the planner, whose message names the rank.
+    if min(values) > 0 and min(values) < MIN_RELATIVE_SPEED * max(values):
+        raise argparse.ArgumentTypeError(
+            f"each speed must be >= {MIN_RELATIVE_SPEED:g} x the fastest, got {text!r}")
+    return values
+
+
+def _check_costs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cost flags above MAX_COST_SECONDS; nan/inf/negative are left to the planner's message."""
+    for flag in _COST_FLAGS:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if math.isfinite(value) and value > MAX_COST_SECONDS:
+            parser.error(f"argument {flag}: must be <= {MAX_COST_SECONDS:g} seconds, got {value:g}")
+
+
+def _finite_prediction(result: Plan) -> bool:
+    """Whether every predicted time is finite: tiny absolute speeds (1e-308 rows/s) overflow to inf."""
+    predicted = result.predicted
+    times = (predicted.total_seconds, predicted.warmup_seconds, predicted.uniform_total_seconds,
+             predicted.speedup_vs_uniform, *predicted.busy_seconds, *predicted.idle_seconds)
+    return all(math.isfinite(value) for value in times)
+
+
+def _not_finite(speeds_flag: str, rows: int, steps: int, speeds: Sequence[float]) -> str:
+    return (f"argument {speeds_flag}: the predicted latency is not a finite number of seconds (speeds too "
+            f"small for {rows} rows x {steps} steps), got {','.join(f'{speed:g}' for speed in speeds)}")
 
 
 def _gpu_list(text: str) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ import math
 import numbers
 import os
 import re
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -124,6 +125,8 @@ def check_cache_path(path: str | os.PathLike) -> None:
     shown = _one_line(os.fspath(path))
     if target.is_dir():
         raise ValueError(f"{FLAG} {shown} is a directory; name a file, e.g. {shown}/speeds.json")
+    if target.exists() and not target.is_file():  # a FIFO would block every rank's read forever
+        raise ValueError(f"{FLAG} {shown} is not a regular file (a FIFO, device or socket); name a JSON file")
     # The nearest existing ancestor must be a directory, or the file can never be created.
     for ancestor in target.absolute().parents:
         if ancestor.exists():
@@ -232,7 +235,7 @@ class ProfileCache:
     def _read_entries(self) -> dict[str, Any]:
         """The file's object ({} when there is no file); raises _CorruptFile or OSError."""
         try:
-            raw = self.path.read_bytes()
+            raw = _read_regular_file(self.path)
         except FileNotFoundError:
             return {}
         try:
@@ -309,6 +312,19 @@ class ProfileCache:
             with contextlib.suppress(OSError):
                 os.unlink(temp_name)
             raise
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The file's bytes; a FIFO, device or socket raises OSError instead of blocking the run."""
+    # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(descriptor)
 
 
 def _os_reason(error: OSError) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from stadi_xdit.paths import output_dir_problem
 from stadi_xdit.planner.validation import MAX_STEPS
 from stadi_xdit.toy import data, metrics, model
 
@@ -241,8 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"argument --repeats: must be >= 1, got {args.repeats}")
     if not 0 <= args.seed <= 2**63 - 1:
         parser.error(f"argument --seed: must be in [0, 2**63 - 1], got {args.seed}")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"argument --out: must be a folder, but {str(args.out)!r} is a file")
+    problem = output_dir_problem(args.out)
+    if problem:
+        parser.error(f"argument --out: {problem}")
 
     import stadi_xdit.xdit  # noqa: F401  (xfuser's CPU compat layer before the ranks import it)
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from xfuser.config import EngineConfig, xFuserArgs
 
-from stadi_xdit.config import SETTINGS, StadiConfig
+from stadi_xdit.config import SETTINGS, StadiConfig, shown_value
 from stadi_xdit.runtime.profile_cache import check_cache_path
 
 # Every model family STADI serves has 16 px token rows (PixArt, SD3, Qwen-Image: VAE 8 x patch 2;
@@ -86,11 +87,30 @@ def validate_degrees(args: xFuserArgs, world_size: int) -> int:
     if args.cache_method is not None:
         raise ValueError(f"--cache_method {args.cache_method} cannot be combined with --use_stadi "
                          "(STADI runs its own denoising loop)")
-    dit_world = world_size - (args.vae_parallel_size or 0)
+    vae = vae_ranks(args.vae_parallel_size)
+    dit_world = world_size - vae
+    if vae and dit_world < 1:
+        raise ValueError(f"--vae_parallel_size {vae} leaves no rank for the DiT: the launch has {world_size} "
+                         f"ranks, so --vae_parallel_size must be at most {world_size - 1}")
     cfg = 2 if args.use_cfg_parallel else 1
     if dit_world < cfg or dit_world % cfg:
-        raise ValueError(f"world size {dit_world} must be a multiple of {cfg} with --use_cfg_parallel")
+        of = f" (world size {world_size} minus --vae_parallel_size {vae})" if vae else ""
+        raise ValueError(f"{dit_world} DiT ranks{of} must be a multiple of {cfg} with --use_cfg_parallel")
     return dit_world // cfg
+
+
+def vae_ranks(value: Any) -> int:
+    """`--vae_parallel_size` checked: ranks taken from the DiT for xDiT's VAE (0: none)."""
+    if value is None:
+        return 0
+    # A runner dict may carry "1" or True; a negative count would enlarge the DiT world.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"--vae_parallel_size must be an integer >= 0, got {value!r}")
+    return value
+
+
+# xDiT's runner model registry (`MODEL_REGISTRY`); see `StadiArgs._runner_twin`.
+RUNNER_REGISTRY_MODULE = "xfuser.model_executor.models.runner_models.base_model"
 
 
 def validate_shape(args: xFuserArgs, stadi_degree: int, exact: bool, image_rows: bool = True) -> None:
@@ -99,16 +119,16 @@ def validate_shape(args: xFuserArgs, stadi_degree: int, exact: bool, image_rows:
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % PIXELS_PER_TOKEN_ROW:
             raise ValueError(f"{flag} must be a positive multiple of {PIXELS_PER_TOKEN_ROW} px with --use_stadi "
-                             f"(one token row), got {value}")
+                             f"(one token row), got {value!r}")
     rows = args.height // PIXELS_PER_TOKEN_ROW
     if image_rows and rows < stadi_degree:
         raise ValueError(f"--height {args.height} gives {rows} token rows of {PIXELS_PER_TOKEN_ROW} px, fewer than "
                          f"the {stadi_degree} STADI ranks: use --height >= {stadi_degree * PIXELS_PER_TOKEN_ROW}")
     steps, warmup = args.num_inference_steps, args.warmup_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"--num_inference_steps must be an integer >= 1, got {steps}")
+        raise ValueError(f"--num_inference_steps must be an integer >= 1, got {steps!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"--warmup_steps must be an integer >= 0, got {warmup}")
+        raise ValueError(f"--warmup_steps must be an integer >= 0, got {warmup!r}")
     if not exact and not 1 <= warmup <= steps - 1:
         raise ValueError(f"--warmup_steps must be in [1, --num_inference_steps - 1] = [1, {steps - 1}] with "
                          f"--use_stadi (the warmup measures speeds, then at least one step runs STADI), "
@@ -131,8 +151,22 @@ def stadi_config_from(args: Any) -> StadiConfig:
     return StadiConfig(**values)
 
 
+def _joined_numbers(flag: str, values: list | tuple) -> str:
+    """A list of numbers as `flag` writes them ("1.0,0.5"); one line naming the flag otherwise."""
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{flag} must be a non-empty list of numbers, got {shown_value(values)}")
+    try:
+        return ",".join(repr(float(v)) for v in values)
+    except OverflowError:  # an int beyond float range (str() of one with > 4300 digits would raise too)
+        raise ValueError(f"{flag} values must be finite numbers, got one too large for a float") from None
+
+
 class _StadiArgsBehaviour(xFuserArgs):
     """Methods of `StadiArgs`; its fields are generated below from `StadiConfig`'s metadata."""
+
+    # The STADI pipeline class these args will drive, where the caller knows it (the benchmark): launch
+    # checks then follow its family (Wan bands a clip's rows). Not a flag; the runner finds it by --model.
+    stadi_pipeline_class = None
 
     def __post_init__(self) -> None:
         if self.use_stadi:
@@ -145,8 +179,8 @@ class _StadiArgsBehaviour(xFuserArgs):
             super().__post_init__()
         for name in ("stadi_speeds", "stadi_emulate_slowdown"):
             value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                setattr(self, name, ",".join(str(v) for v in value))
+            if isinstance(value, (list, tuple)):  # a runner dict's list: the flag's text form
+                setattr(self, name, _joined_numbers(f"--{name}", value))
         # Validates every --stadi_* value now, before any process group exists.
         self.stadi = stadi_config_from(self)
         self.use_stadi = self.stadi.use_stadi  # a config file may switch STADI on
@@ -171,8 +205,15 @@ class _StadiArgsBehaviour(xFuserArgs):
         return degree
 
     def _runner_twin(self) -> type | None:
-        """The STADI family serving `--model` as an xDiT runner model (None: any other model name)."""
-        # Imported here: the runner module reads xfuser's runner registry.
+        """The STADI family serving `--model` as an xDiT runner model (None: any other model name).
+
+        Only where xDiT's runner registry is already loaded (the runner and its launcher): importing
+        it elsewhere would print its import-time log lines around a one-line input error.
+        """
+        if self.stadi_pipeline_class is not None:
+            return self.stadi_pipeline_class
+        if RUNNER_REGISTRY_MODULE not in sys.modules:
+            return None
         from stadi_xdit.xdit.runner import runner_twin
 
         return runner_twin(self.model)

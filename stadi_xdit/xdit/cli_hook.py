@@ -159,14 +159,35 @@ def stadi_runner_args(config: Any) -> Any | None:
 
     try:
         check_runner_keys(config)
+        check_runner_switch(config, "use_stadi")  # "no" is truthy: it must not switch STADI on
         if not (config.get("use_stadi") or config.get("stadi_config_file")):
             return None
+        check_runner_switches(config)
         known = {f.name for f in dataclasses.fields(StadiArgs)}
         args = StadiArgs(**{k: v for k, v in with_model_defaults(config).items() if k in known})
         args.validate()  # with the family's own launch checks (e.g. Wan's --num_frames)
     except ValueError as error:
         raise StadiInputError(" ".join(str(error).split())) from None
     return args
+
+
+def check_runner_switch(config: dict[str, Any], key: str) -> None:
+    """A runner dict's on/off key holds a bool (or None for the default): a string such as "no" would
+    read as true."""
+    value = config.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"runner config key {key!r} must be True or False, got {value!r}")
+
+
+def check_runner_switches(config: dict[str, Any]) -> None:
+    """Every boolean xDiT/STADI flag in a STADI runner dict is a bool (STADI's checks read them)."""
+    import dataclasses
+
+    from stadi_xdit.xdit.args import StadiArgs
+
+    for f in dataclasses.fields(StadiArgs):
+        if f.type in (bool, "bool") and f.name in config:
+            check_runner_switch(config, f.name)
 
 
 # --- 3b: runner model choice (xfuser.runner's registry) -------------------------------------------
@@ -289,7 +310,7 @@ def stadi_degree_from_args(args: Sequence[str]) -> int | None:
     settings = _file_settings(flags)
     counts = {}
     if flags.get("--stadi_degree"):
-        counts["--stadi_degree"] = int(flags["--stadi_degree"])
+        counts["--stadi_degree"] = flag_int(flags, "--stadi_degree", minimum=1)
     elif settings is not None and settings.degree is not None:
         counts["--stadi_degree"] = settings.degree
     for flag, field in (("--stadi_speeds", "speeds"), ("--stadi_emulate_slowdown", "emulate_slowdown")):
@@ -300,6 +321,18 @@ def stadi_degree_from_args(args: Sequence[str]) -> int | None:
     if len(set(counts.values())) > 1:
         raise ValueError(f"STADI rank counts disagree: {', '.join(f'{k} -> {v}' for k, v in counts.items())}")
     return next(iter(counts.values()), None)
+
+
+def flag_int(flags: dict[str, str | None], flag: str, minimum: int) -> int:
+    """An integer flag of a script's command line (not parsed by argparse here), named when bad."""
+    text = flags.get(flag) or ""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"{flag} must be an integer >= {minimum}, got {text!r}")
+    return value
 
 
 def _uses_stadi(flags: dict[str, str | None]) -> bool:
@@ -332,7 +365,10 @@ def stadi_nproc_from_args(args: Sequence[str], fallback: Callable[[list[str]], i
         raise ValueError("with --use_stadi the launcher cannot infer the number of ranks: pass "
                          "--nproc_per_node, or --stadi_degree N (ranks per CFG branch), or per-rank --stadi_speeds")
     cfg = 2 if "--use_cfg_parallel" in flags and flags["--use_cfg_parallel"] not in ("False", "false") else 1
-    world = degree * cfg + int(flags.get("--vae_parallel_size") or 0)
+    vae = flag_int(flags, "--vae_parallel_size", minimum=0) if flags.get("--vae_parallel_size") else 0
+    world = degree * cfg + vae
+    if nnodes < 1:
+        raise ValueError(f"--nnodes must be an integer >= 1, got {nnodes}")
     if world % nnodes:
         raise ValueError(f"{world} STADI ranks cannot be spread evenly over --nnodes {nnodes}")
     return world // nnodes

@@ -39,6 +39,20 @@ def check_runner_keys(config: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"unknown STADI key(s) in the runner config: {', '.join(unknown)} "
                          f"(known: {', '.join(sorted(STADI_RUNNER_KEYS))})")
+    for key in config:
+        meant = near_stadi_key(key)
+        if meant is not None:
+            raise ValueError(f"runner config key {key!r} is not a STADI key; did you mean {meant!r}? "
+                             "(keys are case- and space-sensitive)")
+
+
+def near_stadi_key(key: Any) -> str | None:
+    """The STADI key that `key` only misses by case or surrounding whitespace ('STADI_speeds',
+    'use_stadi '), which xDiT would drop silently; None for exact or unrelated keys."""
+    if not isinstance(key, str) or key in STADI_RUNNER_KEYS:
+        return None
+    folded = key.strip().lower()
+    return next((known for known in sorted(STADI_RUNNER_KEYS) if known.lower() == folded), None)
 
 
 def with_model_defaults(config: dict[str, Any]) -> dict[str, Any]:

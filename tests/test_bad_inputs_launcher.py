@@ -1,0 +1,219 @@
+"""Bad inputs to `stadi-xdit` (the `xdit` launcher with the plugin) and to xDiT's runner config dict:
+each ends with one line naming the flag (exit status 2), before torchrun or any process starts.
+
+Cheap: commands are only built and checked (`build_launch_command`, `check_launch_environment`),
+never run; the offline hub cache is a bare `model_index.json` in the hub layout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import socket
+from pathlib import Path
+
+import pytest
+
+import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
+from stadi_xdit.run import build_launch_command, check_launch_environment, failed_rank_status
+from stadi_xdit.testing.hub_cache import HUB_MODELS, hub_snapshot_dir
+
+# xDiT's runner registry binds its log handler to the stderr of the moment it is first imported:
+# import it now, not inside a test whose captured stderr is closed afterwards.
+importlib.import_module("xfuser.model_executor.models.runner_models.base_model")
+
+FLUX = ["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--height", "128", "--width", "128",
+        "--num_inference_steps", "3", "--warmup_steps", "1"]
+SCRIPT = ["ex.py", "--model", "tiny", "--use_stadi"]
+
+
+def _one_line_exit(call, capsys, needle: str) -> str:
+    """`call()` exits with status 2 and exactly one stderr line holding `needle`."""
+    with pytest.raises(SystemExit) as info:
+        call()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1 and needle in lines[0], (info.value.code, lines)
+    assert lines[0].startswith("stadi-xdit: error: ")
+    return lines[0]
+
+
+# --- torchrun's flags (R01-R10, R14) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("torchrun,needle", [
+    (["--nproc_per_node", "x"], "--nproc_per_node must be an integer >= 1, got 'x'"),
+    (["--nproc_per_node=auto"], "--nproc_per_node must be an integer >= 1, got 'auto'"),
+    (["--nproc_per_node", "0"], "--nproc_per_node must be an integer >= 1, got '0'"),
+    (["--nproc_per_node", "-2"], "--nproc_per_node must be an integer >= 1, got '-2'"),
+    (["--nnodes", "x"], "--nnodes must be an integer >= 1, got 'x'"),
+    (["--nnodes", "0"], "--nnodes must be an integer >= 1, got '0'"),
+    (["--nnodes", "1:2"], "--nnodes 1:2: elastic node ranges are not supported"),
+    (["--node_rank", "3"], "--node_rank must be an integer in [0, 0] (--nnodes 1), got '3'"),
+    (["--nnodes", "2", "--node_rank", "-1"], "--node_rank must be an integer in [0, 1]"),
+    (["--master_port", "abc"], "--master_port must be an integer in [1, 65535], got 'abc'"),
+    (["--master_port", "99999"], "--master_port must be an integer in [1, 65535], got '99999'"),
+    (["--master_addr", ""], "--master_addr must name a host"),
+])
+def test_torchrun_flags_are_named(torchrun, needle, capsys):
+    _one_line_exit(lambda: build_launch_command([*torchrun, *FLUX]), capsys, needle)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    ([*FLUX, "--stadi_degree", "-2"], "--stadi_degree must be an integer >= 1, got '-2'"),
+    ([*SCRIPT, "--stadi_degree", "x"], "--stadi_degree must be an integer >= 1, got 'x'"),
+    ([*SCRIPT, "--stadi_degree", "1e3"], "--stadi_degree must be an integer >= 1, got '1e3'"),
+    ([*SCRIPT, "--stadi_degree", "2", "--vae_parallel_size", "x"], "--vae_parallel_size must be an integer >= 0"),
+    ([*SCRIPT, "--stadi_degree", "2", "--vae_parallel_size", "-1"], "--vae_parallel_size must be an integer >= 0"),
+])
+def test_rank_count_flags_are_named(argv, needle, capsys):
+    _one_line_exit(lambda: build_launch_command(argv), capsys, needle)
+
+
+# --- runner checks made once in the launcher (R13, R28) ----------------------------------------
+
+@pytest.mark.parametrize("argv,needle", [
+    ([*FLUX, "--use_cfg_parallel"], "--model FLUX.1-dev does not support --use_cfg_parallel"),
+    (["--model", "Qwen-Image", "--use_stadi", "--stadi_degree", "2", "--use_cfg_parallel", "--height", "128",
+      "--width", "128"], "--model Qwen-Image does not support --use_cfg_parallel"),
+])
+def test_runner_refusals_happen_in_the_launcher(argv, needle, capsys):
+    _one_line_exit(lambda: build_launch_command(argv), capsys, needle)
+
+
+# --- what the ranks would find missing on this machine (R20, R23, R33-R35, R46, R47, R49, R50) ------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_master_must_be_this_machine_with_one_node(capsys):
+    argv = ["--master_addr", "10.255.255.1", "--master_port", str(_free_port()), "ex.py"]
+    _one_line_exit(lambda: check_launch_environment(argv), capsys, "--master_addr 10.255.255.1 is not an address")
+
+
+def test_master_port_in_use(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--master_addr", "127.0.0.1", "--master_port", str(port), "ex.py"]
+        _one_line_exit(lambda: check_launch_environment(argv), capsys, f"--master_port {port} is already in use")
+
+
+@pytest.fixture
+def local(tmp_path, monkeypatch) -> list[str]:
+    """A free local master, the current directory a fresh one."""
+    monkeypatch.chdir(tmp_path)
+    return ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+
+
+@pytest.mark.parametrize("target,needle", [
+    (["missing.py"], "no such script: missing.py"),
+    (["adir"], "script adir is a directory"),
+    (["-m", "no_such_module_xyz"], "-m no_such_module_xyz: no module named"),
+    (["-m", "no_such_pkg_xyz.mod"], "-m no_such_pkg_xyz.mod: no module named"),
+    (["-m", "apkg"], "-m apkg is a package without a __main__ module"),
+])
+def test_script_or_module_must_exist(target, needle, local, tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "apkg").mkdir()
+    (tmp_path / "apkg" / "__init__.py").write_text("")
+    _one_line_exit(lambda: check_launch_environment([*local, *target, "--use_stadi"]), capsys, needle)
+
+
+def test_existing_script_and_module_pass(local, tmp_path):
+    (tmp_path / "ok.py").write_text("")
+    (tmp_path / "okmod.py").write_text("")
+    check_launch_environment([*local, "ok.py", "--use_stadi"])
+    check_launch_environment([*local, "-m", "okmod"])
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An offline hub cache holding FLUX.1-dev's `model_index.json` only (all the launcher reads)."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf_home"
+    snapshot = hub_snapshot_dir(home, HUB_MODELS["FLUX.1-dev"])
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    return home
+
+
+def test_runner_environment_refusals(local, offline_hub, tmp_path, capsys):
+    prompt = ["--prompt", "a cat"]
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (["--model", "Wan2.1-T2V", "--use_stadi", "--stadi_degree", "2", "--height", "64", "--width", "64"],
+         "--model Wan2.1-T2V needs --prompt"),
+        (["--model", "Qwen-Image", *prompt],
+         f"--model Qwen-Image: Qwen/Qwen-Image is not in the Hugging Face cache {offline_hub / 'hub'}"),
+        ([*FLUX, *prompt, "--output_directory", str(tmp_path / "afile" / "sub")],
+         f"--output_directory {tmp_path / 'afile' / 'sub'}: cannot create it"),
+    ]
+    for argv, needle in cases:
+        _one_line_exit(lambda argv=argv: check_launch_environment([*local, *argv]), capsys, needle)
+    out = tmp_path / "new" / "out"
+    check_launch_environment([*local, *FLUX, *prompt, "--output_directory", str(out)])  # resolves; dir made
+    assert out.is_dir()
+
+
+# --- a failed rank: its status, no torchrun traceback (R37) -----------------------------------------
+
+def _child_failed(exitcode: int):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    return ChildFailedError("stadi_xdit.run", {1: ProcessFailure(local_rank=1, pid=1, exitcode=exitcode,
+                                                                  error_file="<N/A>")})
+
+
+def test_failed_rank_status(capsys):
+    assert failed_rank_status(_child_failed(2)) == 2 and capsys.readouterr().err == ""  # rank 0 already spoke
+    for exitcode, status, needle in ((1, 1, "rank 1 exited with status 1"), (-9, 1, "rank 1 was killed by SIGKILL")):
+        with pytest.raises(SystemExit) as info:
+            failed_rank_status(_child_failed(exitcode))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == status and len(lines) == 1 and needle in lines[0], lines
+
+
+# --- xDiT's runner config dict (D04, D12, D17, D25, D26; A41, A42 through the same validate) ---------
+
+@pytest.mark.parametrize("config,needle", [
+    ({"use_stadi": True, "stadi_degree": 2, "STADI_speeds": "1,2"},
+     "runner config key 'STADI_speeds' is not a STADI key; did you mean 'stadi_speeds'?"),
+    ({"use_stadi ": True, "stadi_degree": 2},
+     "runner config key 'use_stadi ' is not a STADI key; did you mean 'use_stadi'?"),
+    ({"use_stadi": True, "stadi_degree": 2, "use_cfg_parallel": "no"},
+     "runner config key 'use_cfg_parallel' must be True or False, got 'no'"),
+    ({"use_stadi": "yes", "stadi_degree": 2}, "runner config key 'use_stadi' must be True or False, got 'yes'"),
+    ({"use_stadi": True, "stadi_degree": 2, "vae_parallel_size": "1"},
+     "--vae_parallel_size must be an integer >= 0, got '1'"),
+    ({"use_stadi": True, "stadi_degree": 2, "vae_parallel_size": -1}, "--vae_parallel_size must be an integer >= 0"),
+    ({"use_stadi": True, "vae_parallel_size": 2}, "--vae_parallel_size 2 leaves no rank for the DiT"),
+    ({"use_stadi": True, "stadi_degree": 2, "height": "128"}, "--height must be a positive multiple of 16 px"),
+])
+def test_runner_config_dict_refusals(config, needle, monkeypatch):
+    from xfuser.config import xFuserArgs
+
+    from stadi_xdit.cli_errors import StadiInputError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(StadiInputError) as info:
+        xFuserArgs.from_runner_args({"model": "FLUX.1-dev", "height": 128, "width": 128, "num_inference_steps": 3,
+                                     "warmup_steps": 1, **config})
+    assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+    if "height" in needle:
+        assert "got '128'" in str(info.value)
+
+
+def test_plain_xdit_dict_keeps_its_own_values(monkeypatch):
+    """Without STADI, xDiT's own keys are xDiT's business: the plugin refuses nothing there."""
+    from xfuser.config import xFuserArgs
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = xFuserArgs.from_runner_args({"model": "FLUX.1-dev", "use_cfg_parallel": False, "vae_parallel_size": 0})
+    assert not getattr(args, "use_stadi", False)
