@@ -47,6 +47,7 @@ EXAMPLE_FLAGS = [
     ["--pipeline", "dalle"], ["--use_cfg_parallel", "--stadi_speeds", "1,2"],
     ["--seed", "1" + "0" * 30], ["--guidance_scale", "nan"], ["--output_type", "nonsense"],
     ["--num_inference_steps", "100000000"], ["--save_latents", "/dev/null/x.pt"], ["--model", TMP],
+    ["--stadi_config_file", ""], ["--stadi_emulate_shift", "9999:1,2"],
 ]
 
 CONFIG_FILES = [

@@ -65,6 +65,8 @@ BAD_FLAGS = [
     (["--save_latents", "/dev/null/x.pt"], "--save_latents"),  # its folder cannot exist
     (["--model", "{tmp}"], "--model"),  # a folder without model_index.json
     (["--model", "{flux}"], "--model"),  # a Flux folder for --pipeline pixart-alpha
+    (["--stadi_config_file", ""], "--stadi_config_file"),  # was silently "no file"
+    (["--stadi_emulate_shift", "9999:1,2"], "--stadi_emulate_shift"),  # past the last step: would never apply
 ]
 
 

@@ -127,6 +127,10 @@ def validate_shape(args: xFuserArgs, stadi_degree: int, exact: bool, image_rows:
     steps, warmup = args.num_inference_steps, args.warmup_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"--num_inference_steps must be an integer >= 1, got {steps!r}")
+    shift = args.stadi.emulated_shift if getattr(args, "stadi", None) is not None else None
+    if shift is not None and shift[0] >= steps:  # it would never apply
+        raise ValueError(f"--stadi_emulate_shift step {shift[0]} is past the last step of --num_inference_steps "
+                         f"{steps} (steps 0..{steps - 1})")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"--warmup_steps must be an integer >= 0, got {warmup!r}")
     if not exact and not 1 <= warmup <= steps - 1:
@@ -143,6 +147,8 @@ def stadi_config_from(args: Any) -> StadiConfig:
     """
     values = {f.name: getattr(args, _arg_name(f.name)) for f in dataclasses.fields(StadiConfig)}
     path = getattr(args, "stadi_config_file", None)
+    if path is not None and not (isinstance(path, str) and path.strip()) and not isinstance(path, os.PathLike):
+        raise ValueError(f"--stadi_config_file must name a file, got {shown_value(path)}")
     if path:
         from_file = StadiConfig.from_file(path)
         for config_field in dataclasses.fields(StadiConfig):
