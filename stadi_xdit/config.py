@@ -6,18 +6,17 @@ The fields' metadata is the one source of truth for the settings: the `--stadi_*
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import math
 import os
 import re
-import stat
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from stadi_xdit.paths import read_regular_file
 from stadi_xdit.planner.plan_types import MODES
 from stadi_xdit.planner.replan import REPLAN_MODES
 from stadi_xdit.planner.validation import MAX_RANKS, MAX_STRIDE_LIMIT
@@ -247,7 +246,7 @@ class StadiConfig:
         path = Path(path)
         source = f"STADI config file {str(path)!r}"
         try:
-            text = _read_regular_file(path).decode("utf-8")
+            text = read_regular_file(path).decode("utf-8")
         except (OSError, UnicodeDecodeError) as error:
             reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
             raise ValueError(f"cannot read {source}: {reason}") from None
@@ -311,22 +310,6 @@ def shown_value(value: Any) -> str:
     except (ValueError, RecursionError):
         return f"a {type(value).__name__} too large to show"
     return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "..."
-
-
-def _read_regular_file(path: Path) -> bytes:
-    """The bytes of a regular file; a FIFO, device or socket is refused, not read (a FIFO blocks forever)."""
-    # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        mode = os.fstat(descriptor).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        with os.fdopen(descriptor, "rb", closefd=False) as handle:
-            return handle.read()
-    finally:
-        os.close(descriptor)
 
 
 class _HugeInt(int):

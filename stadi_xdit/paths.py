@@ -1,4 +1,5 @@
-"""Checking output paths before any work starts. Pure standard library (no torch).
+"""Paths users give: output folders checked before any work starts, input files read without hanging.
+Pure standard library (no torch).
 
 A benchmark or a training run that writes its results at the end must not find out then that its
 output folder cannot exist (under a regular file, in /proc, read-only): these checks create the
@@ -7,8 +8,27 @@ folder up front, or return the one-line reason why they cannot.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
+
+
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file; a FIFO, device or socket raises OSError instead of being read
+    (a FIFO without a writer blocks forever), a directory IsADirectoryError."""
+    # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(descriptor)
 
 
 def output_dir_problem(path: str | os.PathLike) -> str | None:

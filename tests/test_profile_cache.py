@@ -1,7 +1,7 @@
 """The profile cache: stable keys across launches, concurrent writers, poisoned and corrupt files.
 
-The module is loaded from its file, not through `stadi_xdit` (whose import pulls in torch and
-xfuser), so these tests and the processes they spawn stay fast and torch-free.
+The module is loaded from its file; it and its one project import, `stadi_xdit.paths`, are standard
+library only, so these tests and the processes they spawn stay fast and torch-free.
 """
 
 from __future__ import annotations

@@ -37,13 +37,14 @@ import math
 import numbers
 import os
 import re
-import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from stadi_xdit.paths import read_regular_file
 
 __all__ = ["ProfileCache", "check_cache_path", "profile_key"]
 
@@ -235,7 +236,7 @@ class ProfileCache:
     def _read_entries(self) -> dict[str, Any]:
         """The file's object ({} when there is no file); raises _CorruptFile or OSError."""
         try:
-            raw = _read_regular_file(self.path)
+            raw = read_regular_file(self.path)
         except FileNotFoundError:
             return {}
         try:
@@ -312,19 +313,6 @@ class ProfileCache:
             with contextlib.suppress(OSError):
                 os.unlink(temp_name)
             raise
-
-
-def _read_regular_file(path: Path) -> bytes:
-    """The file's bytes; a FIFO, device or socket raises OSError instead of blocking the run."""
-    # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        with os.fdopen(descriptor, "rb", closefd=False) as handle:
-            return handle.read()
-    finally:
-        os.close(descriptor)
 
 
 def _os_reason(error: OSError) -> str:
