@@ -335,12 +335,11 @@ def check_model_files(name: str, repo: str) -> None:
 
 def check_output_directory(path: str) -> None:
     """The runner saves into `--output_directory` after the whole run and does not create it."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as error:
-        fail(LAUNCHER, f"--output_directory {path}: cannot create it ({error.strerror or error})")
-    if not os.access(path, os.W_OK | os.X_OK):
-        fail(LAUNCHER, f"--output_directory {path} is not writable")
+    from stadi_xdit.paths import output_dir_problem
+
+    problem = output_dir_problem(path)
+    if problem:
+        fail(LAUNCHER, f"--output_directory: {problem}")
 
 
 # --- running torchrun ------------------------------------------------------------------------------

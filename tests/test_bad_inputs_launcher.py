@@ -153,7 +153,7 @@ def test_runner_environment_refusals(local, offline_hub, tmp_path, capsys):
         (["--model", "Qwen-Image", *prompt],
          f"--model Qwen-Image: Qwen/Qwen-Image is not in the Hugging Face cache {offline_hub / 'hub'}"),
         ([*FLUX, *prompt, "--output_directory", str(tmp_path / "afile" / "sub")],
-         f"--output_directory {tmp_path / 'afile' / 'sub'}: cannot create it"),
+         f"--output_directory: cannot create the folder {str(tmp_path / 'afile' / 'sub')!r}"),
     ]
     for argv, needle in cases:
         _one_line_exit(lambda argv=argv: check_launch_environment([*local, *argv]), capsys, needle)
