@@ -132,13 +132,9 @@ def _int_flag(flag: str, text: str | None, minimum: int, maximum: int | None = N
     """`text` as an integer in [minimum, maximum], or one line naming the flag (torchrun would
     print its usage block, a traceback, or divide by zero)."""
     try:
-        value = int(text or "")
-    except ValueError:
-        value = None
-    if value is None or value < minimum or (maximum is not None and value > maximum):
-        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        fail(LAUNCHER, f"{flag} must be an integer {bound}{note}, got {text!r}")
-    return value
+        return cli_hook.checked_int(flag, text, minimum, maximum, note)
+    except ValueError as error:
+        fail(LAUNCHER, str(error))
 
 
 def torchrun_ints(torchrun: dict[str, str | None]) -> int:

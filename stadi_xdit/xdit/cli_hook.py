@@ -310,7 +310,7 @@ def stadi_degree_from_args(args: Sequence[str]) -> int | None:
     settings = _file_settings(flags)
     counts = {}
     if flags.get("--stadi_degree"):
-        counts["--stadi_degree"] = flag_int(flags, "--stadi_degree", minimum=1)
+        counts["--stadi_degree"] = checked_int("--stadi_degree", flags["--stadi_degree"], minimum=1)
     elif settings is not None and settings.degree is not None:
         counts["--stadi_degree"] = settings.degree
     for flag, field in (("--stadi_speeds", "speeds"), ("--stadi_emulate_slowdown", "emulate_slowdown")):
@@ -323,15 +323,16 @@ def stadi_degree_from_args(args: Sequence[str]) -> int | None:
     return next(iter(counts.values()), None)
 
 
-def flag_int(flags: dict[str, str | None], flag: str, minimum: int) -> int:
-    """An integer flag of a script's command line (not parsed by argparse here), named when bad."""
-    text = flags.get(flag) or ""
+def checked_int(flag: str, text: str | None, minimum: int, maximum: int | None = None, note: str = "") -> int:
+    """`text` of a command-line flag (not parsed by argparse here) as an integer in [minimum, maximum],
+    or a one-line ValueError naming the flag."""
     try:
-        value = int(text)
+        value = int(text or "")
     except ValueError:
         value = None
-    if value is None or value < minimum:
-        raise ValueError(f"{flag} must be an integer >= {minimum}, got {text!r}")
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{flag} must be an integer {bound}{note}, got {text!r}")
     return value
 
 
@@ -365,7 +366,7 @@ def stadi_nproc_from_args(args: Sequence[str], fallback: Callable[[list[str]], i
         raise ValueError("with --use_stadi the launcher cannot infer the number of ranks: pass "
                          "--nproc_per_node, or --stadi_degree N (ranks per CFG branch), or per-rank --stadi_speeds")
     cfg = 2 if "--use_cfg_parallel" in flags and flags["--use_cfg_parallel"] not in ("False", "false") else 1
-    vae = flag_int(flags, "--vae_parallel_size", minimum=0) if flags.get("--vae_parallel_size") else 0
+    vae = checked_int("--vae_parallel_size", flags["--vae_parallel_size"], minimum=0) if flags.get("--vae_parallel_size") else 0
     world = degree * cfg + vae
     if nnodes < 1:
         raise ValueError(f"--nnodes must be an integer >= 1, got {nnodes}")
