@@ -27,7 +27,7 @@ def is_speaking_rank() -> bool:
     so both RANK and WORLD_SIZE must read as a real launch (torchrun sets both).
     """
     rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
-    return not (rank is not None and world_size is not None and 0 < rank < world_size and world_size > 1)
+    return not (rank is not None and world_size is not None and 0 < rank < world_size)
 
 
 def _env_int(name: str) -> int | None:

@@ -33,7 +33,7 @@ from stadi_xdit.cli_errors import OneLineArgumentParser, fail
 from stadi_xdit.paths import output_dir_problem
 from stadi_xdit.planner.cli import parse_checked, parse_numbers
 from stadi_xdit.planner.gpus import parse_gpu_list
-from stadi_xdit.planner.validation import MAX_RANKS, MAX_ROWS, MAX_STEPS, MAX_STRIDE_LIMIT
+from stadi_xdit.planner.validation import MAX_RANKS, MAX_ROWS, MAX_STEPS, MAX_STRIDE_LIMIT, MIN_RELATIVE_SPEED
 
 PROG = "stadi-bench"
 DEMO_ARGS = ["--preset", "small", "--height", "256", "--steps", "10", "--warmup", "2", "--repeats", "2",
@@ -45,7 +45,6 @@ MAX_SEED = 2**63 - 2  # torch seeds are 64-bit signed here, and the prompts use 
 # One CPU forward at the calibration size; its cost grows with the square of the token count.
 CALIBRATE_HEIGHT_RANGE = (32, 2048)
 # --simulate bounds that keep the planner's rows/s finite and > 0 (it rejects 0 and inf):
-MIN_RELATIVE_SPEED = 1e-6  # slowest rank vs the fastest in --speeds
 ROW_SECONDS_RANGE = (1e-9, 1e4)  # seconds per token row per step on the fastest rank
 MFU_RANGE = (0.01, 1.0)
 LINK_GBPS_RANGE = (1e-3, 1e6)

@@ -32,7 +32,7 @@ from stadi_xdit.testing.tiny import FLUX_PRESETS, PIXART_PRESETS, WAN_PRESETS
 class BenchPreset:
     """An image preset (PixArt, Flux): square images, bands of token rows."""
 
-    name: str  # the bench preset's name (``get_preset`` round-trips it, a frame count included)
+    name: str  # the bench preset's name (a video preset's frame count travels apart: ``num_frames``)
     shape: PresetShape
     spec: Any  # the family's model preset: PixArtPreset | FluxPreset | WanPreset
     num_frames: int | None = None  # video: frames of the clip (the shape's default unless --num-frames)

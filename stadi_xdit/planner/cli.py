@@ -17,6 +17,7 @@ from ..cli_errors import OneLineArgumentParser  # pure standard library, like th
 from .gpus import parse_gpu_list, relative_speeds
 from .plan_types import MODES, Plan
 from .planning import plan
+from .validation import MIN_RELATIVE_SPEED
 
 # Planner arguments named in a ValueError -> the flag the user typed ("speeds" is set per call).
 _FLAG_FOR_ARGUMENT = {
@@ -30,9 +31,8 @@ _FLAG_FOR_ARGUMENT = {
     "exchange_seconds": "--exchange-seconds",
     "step_overhead_seconds": "--step-overhead-seconds",
 }
-# Bounds that keep every predicted time finite, so the table never shows inf/nan and --json stays
-# strict JSON: the same speed ratio as stadi-bench --simulate, and cost terms far beyond a real run.
-MIN_RELATIVE_SPEED = 1e-6  # slowest rank vs the fastest in --speeds
+# With MIN_RELATIVE_SPEED, a bound that keeps every predicted time finite, so the table never shows
+# inf/nan and --json stays strict JSON: cost terms far beyond a real run.
 MAX_COST_SECONDS = 1e6  # --sync-seconds, --exchange-seconds, --step-overhead-seconds (~11 days)
 _COST_FLAGS = ("--sync-seconds", "--exchange-seconds", "--step-overhead-seconds")
 

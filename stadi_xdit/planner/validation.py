@@ -22,6 +22,9 @@ MAX_STRIDE_LIMIT = 16
 # with rows x candidates (water-filling per candidate) and ranks x steps (per-rank step lists).
 MAX_RANKS = 256
 MAX_ROWS = 4096
+# Slowest rank vs the fastest that --speeds may give (stadi-plan, stadi-bench --simulate): below it,
+# predicted times overflow to inf.
+MIN_RELATIVE_SPEED = 1e-6
 MAX_STEPS = 1000
 
 
