@@ -272,7 +272,7 @@ def _timeline_dict(result, run_start: float) -> dict:
         "steps_rows": [s.rows for s in timeline.steps],
         "costs": result.costs,
         "exchange": result.exchange,
-        "replans": [{key: value for key, value in entry.items() if key != "plan"} for entry in result.replans],
+        "replans": [event.to_json() for event in result.replans],
     }
 
 
