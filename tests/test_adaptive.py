@@ -88,3 +88,29 @@ def test_forced_replan_follows_the_executed_plans_and_keeps_the_exchange():
     # Every input is fixed (given and injected speeds), so these numbers repeat exactly (70.2 vs 69.0 dB):
     # the skipped steps dominate the error on random weights, and the exchange still visibly helps.
     assert quality > without_exchange + 0.5
+
+
+def _disturbed_warmup(rank: int, world: int, disturb: bool) -> list[int]:
+    """3:1 measured; with `disturb`, the fast rank's warmup step 2 (of 4) runs 10x slower (emulated)."""
+    from stadi_xdit.config import StadiConfig
+    from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
+    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+
+    if disturb:
+        factor = StadiConfig.emulated_factor
+
+        def stalled(self, rank, base_step):
+            return 10.0 if (rank, base_step) == (0, 2) else factor(self, rank, base_step)
+
+        StadiConfig.emulated_factor = stalled
+    pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, tiny_pixart_pipeline(), size=128, steps=8, warmup_steps=4,
+                                stadi_mode="full", stadi_emulate_slowdown="1,3", stadi_replan="off")
+    pipe(prompt=PROMPT, height=128, width=128, num_inference_steps=8, output_type="latent",
+         generator=torch.Generator().manual_seed(1), use_resolution_binning=False)
+    return [r.stride for r in pipe.last_result.plan.ranks]
+
+
+def test_one_disturbed_warmup_step_does_not_change_the_strides():
+    calm = run_distributed(_disturbed_warmup, 2, False, timeout=300)
+    stalled = run_distributed(_disturbed_warmup, 2, True, timeout=300)
+    assert calm[0] == stalled[0] == [1, 2], (calm, stalled)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -83,7 +84,7 @@ def test_new_evidence_merges_replaces_or_is_set_aside():
     assert how == ["changed"] and changed[0].sizes[0].seconds == pytest.approx(2.0)  # twice: the load changed
     spike, pending, how = combine_evidence(memory, [RankEvidence.of([(8, 10.0)])], 16)
     assert how == ["suspect"] and spike[0] == memory[0]
-    calm, _, how = combine_evidence(memory, [RankEvidence.of([(8, 1.0)] * 3)], 16, pending)
+    _, _, how = combine_evidence(memory, [RankEvidence.of([(8, 1.0)] * 3)], 16, pending)
     assert how == ["merged"]  # the disturbance is forgotten
 
 
@@ -107,7 +108,7 @@ def _estimates(speeds, error=0.02, fixed=0.0):
     return [CostEstimate(fixed / speed, 1.0 / speed, error, 1.0, False) for speed in speeds]
 
 
-TERMS = dict(rows=16, align=1, num_steps=10, warmup_steps=2, mode="full", max_stride=2, tolerance=0.02)
+TERMS = {"rows": 16, "align": 1, "num_steps": 10, "warmup_steps": 2, "mode": "full", "max_stride": 2, "tolerance": 0.02}
 
 
 def test_estimates_within_the_noise_keep_equal_bands_at_stride_one():
@@ -262,7 +263,7 @@ def test_a_load_change_moves_to_the_new_fixed_point_without_oscillating():
         layouts.append(_layout(ran))
     assert layouts[5] == ([8, 8], [1, 2])
     assert layouts[-1] == ([8, 8], [1, 1])
-    changes = sum(1 for a, b in zip(layouts, layouts[1:]) if a != b)
+    changes = sum(1 for a, b in itertools.pairwise(layouts) if a != b)
     assert changes <= 2, layouts  # uniform -> (1, 2) once, back to stride 1 once: no oscillation
 
 

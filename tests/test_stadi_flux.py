@@ -146,8 +146,8 @@ def _run_with_profile_cache(rank: int, world: int, cache: str) -> dict:
     result = pipe.last_result
     key = pipe._profile_key(128, 128)
     torch.distributed.barrier()  # the leader has written the cache
-    return {"warmup_plan": result.warmup_plan, "plan": result.plan, "key": key,
-            "cached": ProfileCache(cache).load(key, world)}
+    return {"warmup_plan": result.warmup_plan, "plan": result.plan, "key": key, "evidence": result.costs["evidence"],
+            "cached": ProfileCache(cache).load(key, world), "memory": ProfileCache(cache).load_entry(key, world)}
 
 
 def test_profile_cache_makes_the_next_launch_warm_up_elastic(tmp_path, monkeypatch):
@@ -167,6 +167,9 @@ def test_profile_cache_makes_the_next_launch_warm_up_elastic(tmp_path, monkeypat
     assert first["cached"] == list(first["plan"].speeds)
     # The second launch starts from the cached speeds: elastic warmup bands, the slowed rank 1 gets fewer rows.
     assert second["warmup_plan"].mode == "spatial"
+    # The entry keeps the cost-model memory of the run's displaced forwards, and the next launch plans on it.
+    assert first["memory"]["memory"]["plan_rows"] == [r.num_rows for r in first["plan"].ranks]
+    assert first["evidence"] == ["warmup", "warmup"] and second["evidence"] == ["memory", "memory"]
     (fast, slow) = second["warmup_plan"].row_bounds()
     assert slow[1] - slow[0] < fast[1] - fast[0]
     # ... and its own warmup measurement replaces the entry.

@@ -273,6 +273,7 @@ def _timeline_dict(result, run_start: float) -> dict:
         "costs": result.costs,
         "exchange": result.exchange,
         "replans": [event.to_json() for event in result.replans],
+        "settle_reasons": result.settle_reasons,
     }
 
 

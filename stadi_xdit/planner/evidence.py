@@ -12,8 +12,9 @@ Why it looks like this:
   sizes a rank has run at separates the two; a rank's speed is then a function of its band.
 * **Robust per size.** A size's time is the *lower* median of its samples: one disturbed forward
   (a stall, a page fault) only ever makes a forward slower, and with two samples the lower median is
-  the undisturbed one. The spread is 1.4826 x the median absolute deviation (a standard deviation for
-  Gaussian noise, unmoved by one outlier among three).
+  the undisturbed one. A forward more than `STALL_FACTOR` times that is a stall and is dropped. The
+  spread is 1.4826 x the median absolute deviation of the rest (a standard deviation for Gaussian
+  noise, unmoved by one outlier among three).
 * **A noise floor.** A rank's relative noise shrinks from a prior (`PRIOR_NOISE`, worth
   `PRIOR_WEIGHT` samples) towards its measured spread as samples accumulate; the relative error of
   its estimate is noise / sqrt(samples). Plans move only on gains beyond that (`planner/anchor.py`).
@@ -43,6 +44,7 @@ MIN_CHANGE_SAMPLES = 3  # fewer contradicting samples are outliers, not a change
 MIN_FIT_SPREAD = 0.2  # smallest spread of band sizes, relative to the largest, a fixed-cost fit is trusted with
 MIN_WEIGHT = 0.05  # evidence decayed below this many samples is dropped
 MAD_TO_SIGMA = 1.4826
+STALL_FACTOR = 2.0  # a forward this many times its size's lower median is a stall: dropped, not noise
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ class RankEvidence:
                 by_rows.setdefault(int(rows), []).append(float(seconds))
         sizes = []
         for rows in sorted(by_rows):
-            times = by_rows[rows]
+            typical = statistics.median_low(by_rows[rows])
+            times = [t for t in by_rows[rows] if t <= STALL_FACTOR * typical]  # a stall is no sample of noise
             middle = statistics.median(times)
             spread = MAD_TO_SIGMA * statistics.median(abs(t - middle) for t in times) / middle
             sizes.append(SizeStats(rows, float(len(times)), statistics.median_low(times), spread, len(times) - 1.0))
