@@ -91,7 +91,7 @@ def test_forced_replan_follows_the_executed_plans_and_keeps_the_exchange():
 
 
 def _disturbed_warmup(rank: int, world: int, disturb: bool) -> list[int]:
-    """3:1 measured; with `disturb`, the fast rank's warmup step 2 (of 4) runs 10x slower (emulated)."""
+    """4:1 measured; with `disturb`, the fast rank's warmup step 2 (of 4) runs 10x slower (emulated)."""
     from stadi_xdit.config import StadiConfig
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
     from stadi_xdit.testing.tiny import tiny_pixart_pipeline
@@ -103,9 +103,9 @@ def _disturbed_warmup(rank: int, world: int, disturb: bool) -> list[int]:
             return 10.0 if (rank, base_step) == (0, 2) else factor(self, rank, base_step)
 
         StadiConfig.emulated_factor = stalled
-    pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, tiny_pixart_pipeline(), size=128, steps=8, warmup_steps=4,
-                                stadi_mode="full", stadi_emulate_slowdown="1,3", stadi_replan="off")
-    pipe(prompt=PROMPT, height=128, width=128, num_inference_steps=8, output_type="latent",
+    pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, tiny_pixart_pipeline(), size=256, steps=8, warmup_steps=4,
+                                stadi_mode="full", stadi_emulate_slowdown="1,4", stadi_replan="off")
+    pipe(prompt=PROMPT, height=256, width=256, num_inference_steps=8, output_type="latent",
          generator=torch.Generator().manual_seed(1), use_resolution_binning=False)
     return [r.stride for r in pipe.last_result.plan.ranks]
 

@@ -64,34 +64,27 @@ class ScheduleSnapshot:
 
 
 class SyncReplanner:
-    """`--stadi_replan sync`: at each sync point the ranks gather their evidence of the last
-    `window` periods; combined with what the call knew before, it gives every rank the same cost
-    models, and the remaining steps are re-planned when `decide_replan` promises the gain at enough
-    consecutive sync points. The window holds enough samples (`planner.evidence.MIN_CHANGE_SAMPLES`)
-    for a change of load to overrule the earlier evidence, and no single period can."""
-
-    window = 3
+    """`--stadi_replan sync`: at each sync point the ranks gather their evidence of the period that just
+    ended; merged into what the call knew (`planner.evidence.combine_evidence`: a change of load must
+    contradict it in consecutive periods with `MIN_CHANGE_SAMPLES` samples, so no single period can)
+    it gives every rank the same cost models, and the remaining steps are re-planned when
+    `decide_replan` promises the gain at enough consecutive sync points."""
 
     def __init__(self, groups: StadiGroups, tolerance: float, evidence: Evidence | None, max_fixed_rows: float,
                  policy: ReplanPolicy | None = None):
         self.groups = groups
         self.tolerance = tolerance
         self.policy = policy or ReplanPolicy()
-        self.evidence = evidence  # what the call knew at the plan (memory and warmup); None: speeds given
+        self.evidence = evidence  # what the call knows (memory or warmup, then every period); None: speeds given
+        self.pending: Evidence | None = None
         self.max_fixed_rows = max_fixed_rows
         self.confirmations = 0
-        self.pending: Evidence | None = None
-        self.periods: list[Sequence[StepRecord]] = []
         self.log: list[ReplanEvent] = []
 
     def period_estimates(self, records: Sequence[StepRecord], device: torch.device) -> list[CostEstimate]:
-        self.periods = [*self.periods, records][-self.window:]
-        recent = gather_evidence(self.groups, rank_evidence([r for p in self.periods for r in p]), device,
-                                 phase="replan")
-        combined, self.pending, _ = recent.combined_with(self.evidence, self.max_fixed_rows, self.pending)
-        if self.evidence is not None and combined is not recent:
-            self.evidence = combined  # a change of load, once confirmed, replaces what the call knew
-        return combined.estimates(self.max_fixed_rows)
+        period = gather_evidence(self.groups, rank_evidence(records), device, phase="replan")
+        self.evidence, self.pending, _ = period.combined_with(self.evidence, self.max_fixed_rows, self.pending)
+        return self.evidence.estimates(self.max_fixed_rows)
 
     def decide(self, current: Plan, next_base_step: int, estimates: list[CostEstimate],
                transition_seconds: float) -> ReplanDecision:
