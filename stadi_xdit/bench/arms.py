@@ -77,7 +77,7 @@ XDIT_RUNNER_TRANSFORMERS = {
 
 def _stadi_pipeline_class(variant: str):
     """STADI's pipeline class for a preset variant, or None where the plugin has none."""
-    from stadi_xdit.models import twin_for
+    from stadi_xdit.registry import twin_for
 
     return twin_for(XDIT_WRAPPERS[variant])
 
