@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from stadi_xdit.testing.checks import build_stadi_pipeline
-from stadi_xdit.testing.spawn import run_distributed
+from stadi_xdit.offline.spawn import run_distributed
+from stadi_xdit.xdit.build import build_stadi_pipeline
 
 PROMPT = "a red cat"
 
 
 def _two_calls(rank: int, world: int, replan: str) -> list[dict]:
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, tiny_pixart_pipeline(), size=128, steps=6, warmup_steps=2,
                                 stadi_mode="full", stadi_emulate_slowdown="1,3", stadi_replan=replan)
@@ -46,10 +46,10 @@ def test_off_mode_measures_afresh_on_uniform_bands_every_call():
 def _forced_replan(rank: int, world: int, break_exchange: bool) -> dict:
     """Planned for equal ranks; from the first sync point on, rank 1 is 'measured' 3x slower."""
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
     from stadi_xdit.planner.evidence import CostEstimate
     from stadi_xdit.runtime import adaptive
     from stadi_xdit.runtime.adaptive import executed_evals
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
 
     def injected(self, records, device):
         return [CostEstimate.given(1.0), CostEstimate.given(1.0 / 3.0)]
@@ -69,7 +69,7 @@ def _forced_replan(rank: int, world: int, break_exchange: bool) -> dict:
 
 def test_forced_replan_follows_the_executed_plans_and_keeps_the_exchange():
     from stadi_xdit.bench.metrics import psnr
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     reference = tiny_pixart_pipeline()(prompt=PROMPT, height=128, width=128, num_inference_steps=10,
                                        output_type="latent", generator=torch.Generator().manual_seed(1),
@@ -94,7 +94,7 @@ def _disturbed_warmup(rank: int, world: int, disturb: bool) -> list[int]:
     """4:1 measured; with `disturb`, the fast rank's warmup step 2 (of 4) runs 10x slower (emulated)."""
     from stadi_xdit.config import StadiConfig
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     if disturb:
         factor = StadiConfig.emulated_factor

@@ -17,14 +17,15 @@ import torch
 
 import stadi_xdit.xdit  # noqa: F401  (compat layer first)
 from stadi_xdit.bench.metrics import psnr
+from stadi_xdit.offline.spawn import run_distributed
 from stadi_xdit.planner import plan, predict_latency
 from stadi_xdit.planner.bands import water_fill_band_rows
 from stadi_xdit.planner.planning import water_fill_with_overheads
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.exchange import FlatKVBuffer, LayerRegistry, choose_method, method_bytes
 from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
-from stadi_xdit.testing.checks import build_stadi_pipeline, relative_error
-from stadi_xdit.testing.spawn import run_distributed
+from stadi_xdit.testing.checks import relative_error
+from stadi_xdit.xdit.build import build_stadi_pipeline
 
 PROMPT = "a red cat"
 SEED = 1
@@ -290,7 +291,7 @@ def test_a_dead_peer_is_named_by_the_exchange_waits():
 
 
 def _reference(size: int, steps: int) -> torch.Tensor:
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     pipe = tiny_pixart_pipeline()
     return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
@@ -300,7 +301,7 @@ def _reference(size: int, steps: int) -> torch.Tensor:
 def _run_pixart(rank: int, world: int, size: int, steps: int, runs: list[dict]) -> list[dict]:
     """One STADI run per entry of `runs` (StadiArgs keywords, plus `group_layers` for the store)."""
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     results = []
     for kwargs in runs:

@@ -108,3 +108,11 @@ def test_the_walker_sees_lazy_relative_and_type_only_imports(tmp_path):
 
 def test_no_import_circle_in_the_package():
     assert _cycles(_graph()) == []
+
+
+def test_no_production_module_imports_the_test_helpers():
+    production = [p for p in PACKAGE.rglob("*.py") if "testing" not in p.relative_to(PACKAGE).parts]
+    production += list((ROOT / "scripts").glob("*.py"))
+    offenders = {str(p.relative_to(ROOT)): sorted(m for m in imports_of(p) if m.startswith("stadi_xdit.testing"))
+                 for p in production}
+    assert {path: found for path, found in offenders.items() if found} == {}

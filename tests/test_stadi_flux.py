@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stadi_xdit.testing.checks import build_stadi_pipeline, relative_error
-from stadi_xdit.testing.spawn import run_distributed
+from stadi_xdit.offline.spawn import run_distributed
+from stadi_xdit.testing.checks import relative_error
+from stadi_xdit.xdit.build import build_stadi_pipeline
 
 PROMPT = "a red cat"
 SEED = 1
@@ -15,7 +16,7 @@ MAX_SEQ = 16  # text tokens; replicated on every rank, kept short for CPU
 
 def _reference(size: int, steps: int, guidance: bool = False) -> torch.Tensor:
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
-    from stadi_xdit.testing.tiny import FLUX_PRESETS, build_flux_pipeline
+    from stadi_xdit.offline.pipelines import FLUX_PRESETS, build_flux_pipeline
 
     preset = FLUX_PRESETS["tiny"]
     if guidance:
@@ -32,7 +33,7 @@ def _run_stadi(rank: int, world: int, size: int, steps: int, runs: list[dict], g
     """Build one STADI Flux pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.models.flux import StadiFluxPipeline
-    from stadi_xdit.testing.tiny import FLUX_PRESETS, build_flux_pipeline
+    from stadi_xdit.offline.pipelines import FLUX_PRESETS, build_flux_pipeline
 
     preset = FLUX_PRESETS["tiny"]
     if guidance:
@@ -135,8 +136,8 @@ def test_stale_modes_follow_the_plan_and_repeat():
 def _run_with_profile_cache(rank: int, world: int, cache: str) -> dict:
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.models.flux import StadiFluxPipeline
+    from stadi_xdit.offline.pipelines import tiny_flux_pipeline
     from stadi_xdit.runtime.profile_cache import ProfileCache
-    from stadi_xdit.testing.tiny import tiny_flux_pipeline
 
     pipe = build_stadi_pipeline(StadiFluxPipeline, tiny_flux_pipeline(), size=128, steps=5, model="tiny-flux",
                                 warmup_steps=3, stadi_mode="spatial", stadi_emulate_slowdown="1,3",

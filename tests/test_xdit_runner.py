@@ -1,7 +1,7 @@
 """STADI through xDiT's own front door: `stadi-xdit` = the `xdit` command (xfuser.runner) with the plugin.
 
 The runner loads tiny pipelines from an offline Hugging Face cache under the registered repo ids
-(`stadi_xdit.testing.hub_cache`), through its own `ModelLoader`, timing and saving code.
+(`stadi_xdit.offline.hub_cache`), through its own `ModelLoader`, timing and saving code.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
-from stadi_xdit.testing.hub_cache import write_hub_cache
-from stadi_xdit.testing.spawn import free_port, run_distributed
+from stadi_xdit.offline.hub_cache import write_hub_cache
+from stadi_xdit.offline.spawn import free_port, run_distributed
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runs of the tiny offline cache")
 

@@ -375,7 +375,7 @@ class ArmJob:
         self._acceptor = threading.Thread(target=self._accept, daemon=True)
 
     def _launch(self) -> None:
-        from stadi_xdit.testing.spawn import run_distributed
+        from stadi_xdit.offline.spawn import run_distributed
 
         try:
             run_distributed(arm_worker, self.num_procs, self.spec, self.listener.address, self.authkey,
