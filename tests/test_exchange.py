@@ -393,11 +393,11 @@ def test_measured_runs_calibrate_a_fixed_cost_on_two_band_sizes():
     assert costs is not None and costs == second["costs"], "every rank must plan on the same costs"
     assert first["plan"] == second["plan"]
     assert list(first["plan"].speeds) == first["measured"]
-    assert len(costs["warmup_rows"]) == 3 and costs["warmup_rows"][0] == [4, 4]
+    assert len(costs.warmup_rows) == 3 and costs.warmup_rows[0] == [4, 4]
     # Step 1 found rank 1 slower, so steps 2.. ran on provisional spatial bands: two sizes per rank.
-    assert costs["warmup_rows"][2][1] < 4 and first["rows"][:3] == [4, 4, costs["warmup_rows"][2][0]]
-    assert all(o >= 0 for o in costs["step_overhead_seconds"])
-    assert costs["exchange_seconds"] >= 0 and costs["warmup_exchange_seconds"] >= 0
+    assert costs.warmup_rows[2][1] < 4 and first["rows"][:3] == [4, 4, costs.warmup_rows[2][0]]
+    assert all(o >= 0 for o in costs.step_overhead_seconds)
+    assert costs.exchange_seconds >= 0 and costs.warmup_exchange_seconds >= 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def _run_with_profile_cache(rank: int, world: int, cache: str) -> dict:
     result = pipe.last_result
     key = pipe._profile_key(128, 128)
     torch.distributed.barrier()  # the leader has written the cache
-    return {"warmup_plan": result.warmup_plan, "plan": result.plan, "key": key, "evidence": result.costs["evidence"],
+    return {"warmup_plan": result.warmup_plan, "plan": result.plan, "key": key, "evidence": result.costs.evidence,
             "cached": ProfileCache(cache).load(key, world), "memory": ProfileCache(cache).load_entry(key, world)}
 
 

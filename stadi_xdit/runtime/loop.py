@@ -15,6 +15,7 @@ the call its displaced forwards update the memory.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -57,6 +58,36 @@ class BandModel(Protocol):
         """Model output for this rank's band (guidance applied), ready for `scheduler.step`."""
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What the plan of a call with measured speeds was planned on (the same on every rank)."""
+
+    step_overhead_seconds: list[float]  # each rank's fixed cost of a forward
+    row_seconds: list[float]  # ... and its cost per token row
+    noise: list[float]  # relative spread of one forward
+    samples: list[float]  # forwards behind each estimate
+    fitted: list[bool]  # the fixed cost came from a line through two or more band sizes
+    warmup_exchange_seconds: float  # the synchronous K/V gathers of one warmup step
+    exchange_seconds: float  # the K/V exchange of one sync point
+    warmup_rows: list[list[int]]  # token rows per rank of each warmup step
+    evidence: list[str]  # per rank: "warmup" (this call's) or "memory" (earlier calls')
+
+    @classmethod
+    def of(cls, estimates: Sequence[CostEstimate], warmup_exchange: float, stale_bytes_ratio: float,
+           warmup_rows: list[list[int]], evidence: list[str]) -> Calibration:
+        return cls([e.fixed_seconds for e in estimates], [e.row_seconds for e in estimates],
+                   [e.noise for e in estimates], [e.weight for e in estimates], [e.fitted for e in estimates],
+                   warmup_exchange, warmup_exchange * stale_bytes_ratio, warmup_rows, evidence)
+
+    def plan_terms(self) -> dict:
+        """The cost terms `plan()` takes."""
+        return {"step_overhead_seconds": self.step_overhead_seconds,
+                "warmup_exchange_seconds": self.warmup_exchange_seconds, "exchange_seconds": self.exchange_seconds}
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class DenoiseResult:
     latents: torch.Tensor  # full latent, on every rank
@@ -65,24 +96,19 @@ class DenoiseResult:
     measured_speeds: list[float] | None  # rows/s per rank, None when speeds were given
     num_evals: int  # model evaluations by this rank
     timeline: RankTimeline = field(repr=False)
-    # The calibrated cost terms the plan used (None: speeds were given, nothing was measured).
-    costs: dict | None = None
+    # What the plan was planned on (None: speeds were given, nothing was measured).
+    costs: Calibration | None = None
     # The K/V store's account of the run: exchange method, collectives per sync point, bytes.
     exchange: dict = field(default_factory=dict)
     # --stadi_replan sync: one entry per mid-run re-plan (base step, old/new speeds, rows, strides, gain).
     replans: list[ReplanEvent] = field(default_factory=list)
     # What the next call of this size starts from (measured speeds only; the same on every rank).
     memory: CallMemory | None = None
-    settle_reasons: dict = field(default_factory=dict)  # phase -> why the plan moved or stayed
+    settle_reasons: dict[str, str] = field(default_factory=dict)  # phase -> why the plan moved or stayed
 
 
 # Fewer warmup steps leave one timed band size: the fixed cost per forward cannot be separated.
 CALIBRATION_WARMUP_STEPS = 3
-
-
-def _cost_terms(estimates: Sequence[CostEstimate], warmup_exchange: float, stale_bytes_ratio: float) -> dict:
-    return {"step_overhead_seconds": [e.fixed_seconds for e in estimates], "warmup_exchange_seconds": warmup_exchange,
-            "exchange_seconds": warmup_exchange * stale_bytes_ratio}
 
 
 def denoise(
@@ -104,184 +130,229 @@ def denoise(
     model (`model.set_band`). `known_speeds` (user-given or cached) make warmup already elastic;
     `memory` (the last calls of this size) makes it elastic on settled estimates, and anchors the plan.
     """
-    comm = groups.band
-    rank, world = comm.rank, comm.world_size
-    rows, align = geometry.rows, geometry.align
-    num_steps = len(scheduler.timesteps)
-    timeline = RankTimeline()
-    clock = work_clock(latents.device)
-    device = latents.device
-    measured = not config.speeds
-    if config.exact or config.mode == "uniform" or not measured:
-        memory = None  # nothing to settle: exact and uniform plans are fixed, given speeds are trusted
-    reasons: dict[str, str] = {}
-    # Stale K/V only exist outside exact mode; there they may be stored narrower (--stadi_kv_dtype).
-    store.configure(kv_dtype=None if config.exact else kv_storage_dtype(config.kv_dtype))
+    call = _Call(latents, scheduler, model, groups, store, config, geometry, warmup_steps, memory)
+    warm = call.warmup(known_speeds)
+    final = call.profile(known_speeds)
+    call.transition(final)
+    ran = call.periods(final)
+    full = call.gather()
+    return DenoiseResult(full, warm, final, [e.speed for e in call.estimates] if call.estimates else None,
+                         len(call.visited), call.timeline, call.calibration, store.stats(), replans=call.replans,
+                         memory=call.remember(ran), settle_reasons=call.reasons)
 
-    def forward_and_step(band: torch.Tensor, schedule_index: int, phase: str, base_step: int) -> torch.Tensor:
-        t = scheduler.timesteps[schedule_index]
+
+class _Call:
+    """One call's state, which its phases read and write in order (one data path, read one way):
+    warmup -> profile -> transition -> periods (with re-plans) -> gather -> remember."""
+
+    def __init__(self, latents: torch.Tensor, scheduler, model: BandModel, groups: StadiGroups,
+                 store: DisplacedKVStore, config: StadiConfig, geometry: BandGeometry, warmup_steps: int,
+                 memory: CallMemory | None):
+        self.scheduler, self.model, self.groups, self.store = scheduler, model, groups, store
+        self.config, self.geometry, self.warmup_steps = config, geometry, warmup_steps
+        self.comm = groups.band
+        self.rank, self.world = self.comm.rank, self.comm.world_size
+        self.rows, self.align = geometry.rows, geometry.align
+        self.num_steps = len(scheduler.timesteps)
+        self.device = latents.device
+        self.timeline = RankTimeline()
+        self.clock = work_clock(latents.device)
+        self.latents = latents
+        self.measured = not config.speeds
+        # Nothing to settle in exact and uniform plans, and given speeds are trusted; a memory of
+        # another layout (rank count, image size) does not apply.
+        if (config.exact or config.mode == "uniform" or not self.measured or memory is None
+                or len(memory.plan_rows) != self.world or sum(memory.plan_rows) != self.rows):
+            memory = None
+        self.memory = memory
+        self.reasons: dict[str, str] = {}
+        self.estimates: list[CostEstimate] | None = None
+        self.calibration: Calibration | None = None
+        self.evidence = None  # what the plan was estimated from (planner.calls.Evidence)
+        self.exchange_now = 0.0  # this call's measured exchange of one warmup step
+        self.warmup_rows: list[list[int]] = []  # token rows per rank of each warmup step
+        self.visited: list[int] = []  # scheduler indices this rank has stepped through
+        self.replans: list[ReplanEvent] = []
+        self.layout: BandLayout | None = None
+        self.band: torch.Tensor | None = None
+        # Stale K/V only exist outside exact mode; there they may be stored narrower (--stadi_kv_dtype).
+        store.configure(kv_dtype=None if config.exact else kv_storage_dtype(config.kv_dtype))
+
+    # --- mechanism shared by the phases ---------------------------------------------------------
+    def _forward_and_step(self, schedule_index: int, phase: str, base_step: int) -> None:
+        t = self.scheduler.timesteps[schedule_index]
+        comm, timeline = self.comm, self.timeline
         comm.enter(phase, base_step)
         waited_before = comm.wait_seconds
-        start, work_start = timeline.now(), clock()
-        output = model.predict(band, t)
+        start, work_start = timeline.now(), self.clock()
+        output = self.model.predict(self.band, t)
         synchronize(output)  # on CUDA, time the kernels rather than their launch
         wait = comm.wait_seconds - waited_before
         # CUDA's clock is wall time, which includes the waits; the CPU clock never does.
-        work = clock() - work_start - (wait if latents.is_cuda else 0.0)
+        work = self.clock() - work_start - (wait if self.band.is_cuda else 0.0)
         # Base steps of the full grid: the emulated load may change at one (--stadi_emulate_shift).
-        slowdown = config.emulated_factor(rank, base_step if phase == "warmup" else warmup_steps + base_step)
+        grid_step = base_step if phase == "warmup" else self.warmup_steps + base_step
+        slowdown = self.config.emulated_factor(self.rank, grid_step)
         emulated = emulate_slowdown(slowdown, work) if slowdown != 1.0 else 0.0
-        band_rows = layout.token_rows[rank][1] - layout.token_rows[rank][0]
-        timeline.steps.append(StepRecord(phase, base_step, start, timeline.now(), wait, emulated, band_rows))
-        return scheduler.step(output, t, band, return_dict=False)[0]
+        start_row, end_row = self.layout.token_rows[self.rank]
+        timeline.steps.append(StepRecord(phase, base_step, start, timeline.now(), wait, emulated, end_row - start_row))
+        self.band = self.scheduler.step(output, t, self.band, return_dict=False)[0]
 
-    def install(layout: BandLayout) -> None:
-        store.set_layout(layout.token_counts(), layout.token_range(rank))
-        model.set_band(layout, rank)
+    def _install(self, layout: BandLayout) -> None:
+        """`layout` is current: the band is re-sliced (gathered on the old bands) where it changed, and the
+        store and the model are told; the model writes xDiT's runtime state from it (`set_band`)."""
+        if self.layout is not None and layout.token_rows != self.layout.token_rows:
+            self.band = self._reband(self.layout, layout)
+        self.layout = layout
+        self.store.set_layout(layout.token_counts(), layout.token_range(self.rank))
+        self.model.set_band(layout, self.rank)
 
-    def reband(band: torch.Tensor, old: BandLayout, new: BandLayout) -> torch.Tensor:
+    def _reband(self, old: BandLayout, new: BandLayout) -> torch.Tensor:
         """Gather the full latent and scheduler history on the old bands, re-slice for the new ones."""
+        model, comm, rank = self.model, self.comm, self.rank
         old_sizes, new_sizes = model.band_sizes(old), model.band_sizes(new)
-        full = comm.all_gather(band, old_sizes, model.band_dim)
+        full = comm.all_gather(self.band, old_sizes, model.band_dim)
 
         def history(tensor: torch.Tensor) -> torch.Tensor:
             gathered = comm.all_gather(tensor.contiguous(), old_sizes, model.band_dim)
             return slice_band(gathered, new_sizes, rank, model.band_dim)
 
-        map_history(scheduler, history)
+        map_history(self.scheduler, history)
         return slice_band(full, new_sizes, rank, model.band_dim)
 
-    # 1. Warmup: synchronous, exact steps that also time each rank.
-    if memory is not None and (len(memory.plan_rows) != world or sum(memory.plan_rows) != rows):
-        memory = None
-    warm, reasons["warmup"] = warmup_layout(memory, num_ranks=world, rows=rows, align=align, num_steps=num_steps,
-                                            warmup_steps=warmup_steps, known_speeds=known_speeds)
-    layout = geometry.layout(warm)
-    install(layout)
-    band = slice_band(latents, model.band_sizes(layout), rank, model.band_dim)
-    calibrate = (measured and memory is None and world > 1 and config.mode != "uniform"
-                 and warmup_steps >= CALIBRATION_WARMUP_STEPS)
-    warmup_rows = []  # token rows per rank of each warmup step
-    for i in range(warmup_steps):
-        # The last warmup step's K/V seed the displaced phase (exact mode never needs them).
-        store.set_phase(synchronous=True, publish=i == warmup_steps - 1 and not config.exact)
-        warmup_rows.append([end - start for start, end in layout.token_rows])
-        band = forward_and_step(band, i, "warmup", i)
-        if calibrate and i == 1:
-            # A second band size for the fit: the settled spatial bands of step 1's timing.
-            first = gather_evidence(groups, rank_evidence(timeline.steps[-1:]), device, phase="profile")
-            settled = settle_plan(first.estimates(rows), anchor_rows=warmup_rows[-1], rows=rows, align=align,
-                                  num_steps=num_steps, warmup_steps=warmup_steps, mode="spatial")
-            reasons["calibration"] = settled.reason
-            second = geometry.layout(settled.plan)
-            if second.token_rows != layout.token_rows:
-                band = reband(band, layout, second)
-                layout = second
-                install(layout)
+    def _settle_spatial(self, estimates: list[CostEstimate], anchor_rows: Sequence[int]):
+        return settle_plan(estimates, anchor_rows=anchor_rows, rows=self.rows, align=self.align,
+                           num_steps=self.num_steps, warmup_steps=self.warmup_steps, mode="spatial")
 
-    # 2. Profile: every rank derives the same estimates, hence the same plan, with no broadcast.
-    estimates, costs, evidence, cost_terms = None, None, None, {}
-    last_warmup_rows = tuple(warmup_rows[-1]) if warmup_rows else tuple(r.num_rows for r in warm.ranks)
-    timed = call_records(timeline.steps)
-    measured = measured and bool(timed)  # exact mode may have no warmup step to time: equal bands then
-    if measured:
+    # --- the phases -----------------------------------------------------------------------------
+    def warmup(self, known_speeds: Sequence[float] | None) -> Plan:
+        """Synchronous, exact steps that also time each rank; returns the warmup's first layout."""
+        warm, self.reasons["warmup"] = warmup_layout(self.memory, num_ranks=self.world, rows=self.rows,
+                                                     align=self.align, num_steps=self.num_steps,
+                                                     warmup_steps=self.warmup_steps, known_speeds=known_speeds)
+        layout = self.geometry.layout(warm)
+        self.band = slice_band(self.latents, self.model.band_sizes(layout), self.rank, self.model.band_dim)
+        self._install(layout)
+        calibrate = (self.measured and self.memory is None and self.world > 1 and self.config.mode != "uniform"
+                     and self.warmup_steps >= CALIBRATION_WARMUP_STEPS)
+        for i in range(self.warmup_steps):
+            # The last warmup step's K/V seed the displaced phase (exact mode never needs them).
+            self.store.set_phase(synchronous=True, publish=i == self.warmup_steps - 1 and not self.config.exact)
+            self.warmup_rows.append([end - start for start, end in self.layout.token_rows])
+            self._forward_and_step(i, "warmup", i)
+            if calibrate and i == 1:
+                # A second band size for the fit: the settled spatial bands of step 1's timing.
+                first = gather_evidence(self.groups, rank_evidence(self.timeline.steps[-1:]), self.device,
+                                        phase="profile")
+                settled = self._settle_spatial(first.estimates(self.rows), self.warmup_rows[-1])
+                self.reasons["calibration"] = settled.reason
+                self._install(self.geometry.layout(settled.plan))
+        return warm
+
+    def profile(self, known_speeds: Sequence[float] | None) -> Plan:
+        """Every rank derives the same estimates, hence the same plan, with no broadcast."""
+        config, rows = self.config, self.rows
+        timed = call_records(self.timeline.steps)
+        if not (self.measured and timed):  # speeds given, or exact mode without a warmup step to time
+            self.measured = False
+            return plan(config.speeds or (1.0,) * self.world, rows=rows, align=self.align, num_steps=self.num_steps,
+                        warmup_steps=self.warmup_steps, mode=config.mode, max_stride=config.effective_max_stride,
+                        tolerance=config.tolerance, warmup_speeds_known=known_speeds is not None)
         # With a memory, its displaced forwards (planner/calls.py: the warmup's are another workload).
-        if memory is not None:
-            evidence, how = memory.evidence, ["memory"] * world
+        if self.memory is not None:
+            self.evidence, how = self.memory.evidence, ["memory"] * self.world
         else:
-            evidence = gather_evidence(groups, rank_evidence(timed), device, phase="profile")
-            how = ["warmup"] * world
-        estimates = evidence.estimates(rows)
+            self.evidence = gather_evidence(self.groups, rank_evidence(timed), self.device, phase="profile")
+            how = ["warmup"] * self.world
+        self.estimates = self.evidence.estimates(rows)
         # The rank that arrives last at a synchronous gather waits for the transfer alone; the others
         # also wait for it. So per step the smallest wait over ranks, and of those the smallest; both
         # CFG branches must plan alike (each group measured its own exchange): the larger.
-        waits = comm.all_gather_float_lists([r.wait for r in timed], device)
-        exchange_now = groups.pair_max(min(min(step) for step in zip(*waits)), device)
-        warmup_exchange = memory.exchange(exchange_now) if memory else exchange_now
-        cost_terms = _cost_terms(estimates, warmup_exchange, store.stale_bytes_ratio())
-        costs = {**cost_terms, "row_seconds": [e.row_seconds for e in estimates],
-                 "fitted": [e.fitted for e in estimates], "warmup_rows": warmup_rows,
-                 "noise": [e.noise for e in estimates], "samples": [e.weight for e in estimates],
-                 "evidence": how}
-        settled = plan_call(estimates, memory, rows=rows, align=align, num_steps=num_steps,
-                            warmup_steps=warmup_steps, mode=config.mode, max_stride=config.effective_max_stride,
-                            tolerance=config.tolerance, warmup_rows=last_warmup_rows, **cost_terms)
-        final = settled.plan
-        reasons["plan"] = settled.reason
-    else:
-        final = plan(config.speeds or (1.0,) * world, rows=rows, align=align, num_steps=num_steps, warmup_steps=warmup_steps,
-                     mode=config.mode, max_stride=config.effective_max_stride, tolerance=config.tolerance,
-                     warmup_speeds_known=known_speeds is not None)
+        waits = self.comm.all_gather_float_lists([r.wait for r in timed], self.device)
+        self.exchange_now = self.groups.pair_max(min(min(step) for step in zip(*waits)), self.device)
+        warmup_exchange = self.memory.exchange(self.exchange_now) if self.memory else self.exchange_now
+        self.calibration = Calibration.of(self.estimates, warmup_exchange, self.store.stale_bytes_ratio(),
+                                          self.warmup_rows, how)
+        settled = plan_call(self.estimates, self.memory, rows=rows, align=self.align, num_steps=self.num_steps,
+                            warmup_steps=self.warmup_steps, mode=config.mode, max_stride=config.effective_max_stride,
+                            tolerance=config.tolerance, warmup_rows=self._last_warmup_rows(),
+                            **self.calibration.plan_terms())
+        self.reasons["plan"] = settled.reason
+        return settled.plan
 
-    # 3. Transition: gather the full latent and scheduler history once, re-slice for the new bands.
-    t0 = timeline.now()
-    comm.enter("transition", warmup_steps)
-    new_layout = geometry.layout(final)
-    if new_layout.token_rows != layout.token_rows:  # every rank plans alike, so all skip alike
-        band = reband(band, layout, new_layout)
-    layout = new_layout
-    install(layout)
-    full_schedule = ScheduleSnapshot.of(scheduler)  # a re-plan may pick other timesteps of the grid
-    visited = rank_schedule_indices(warmup_steps, [])  # scheduler indices this rank has stepped through
-    full_schedule.retime(scheduler, visited + [warmup_steps + k for k in final.ranks[rank].steps])
-    synchronize(band)  # a profiling timestamp: the phase ends when its data has arrived
-    timeline.phases.append(("transition", t0, timeline.now()))
-    transition_seconds = timeline.phases[-1][2] - timeline.phases[-1][1]
+    def _last_warmup_rows(self) -> tuple[int, ...]:
+        return tuple(self.warmup_rows[-1]) if self.warmup_rows else tuple(
+            end - start for start, end in self.layout.token_rows)
 
-    # 4. Sync periods: own steps with displaced K/V; the last step of each period publishes K/V.
-    #    With --stadi_replan sync a sync point may re-plan the remaining steps (runtime/adaptive.py):
-    #    `current` then covers base steps `offset ...` as its own steps 0, 1, ...
-    replanner = None
-    if config.replan == "sync" and not config.exact:
-        replanner = SyncReplanner(groups, config.tolerance, evidence, max_fixed_rows=rows)
-    current, offset, period = final, 0, 0
-    while period < current.num_periods:
-        steps = current.steps_in_period(rank, period)
-        is_last_period = period == current.num_periods - 1
-        first_record = len(timeline.steps)
-        for j, k in enumerate(steps):
-            publish = j == len(steps) - 1 and not is_last_period and not config.exact
-            store.set_phase(synchronous=config.exact, publish=publish)
-            band = forward_and_step(band, len(visited), "stadi", offset + k)
-            visited.append(warmup_steps + offset + k)
-        period += 1
-        if replanner is None or is_last_period:
-            continue
-        next_step = current.sync_points[period]
-        comm.enter("replan", offset + next_step)
-        period_estimates = replanner.period_estimates(timeline.steps[first_record:], device)
-        decision = replanner.decide(current, next_step, period_estimates, transition_seconds)
-        if not decision.replan:
-            continue
-        t0 = timeline.now()
-        store.drain()  # this sync point's K/V land on the old layout; the full-image buffers stay valid
-        new_layout = geometry.layout(decision.new_plan)
-        if new_layout.token_rows != layout.token_rows:
-            band = reband(band, layout, new_layout)
-            layout = new_layout
-            install(layout)
-        replanner.log.append(ReplanEvent.of(current, decision, offset + next_step))
-        current, offset, period = decision.new_plan, offset + next_step, 0
-        full_schedule.retime(scheduler, visited + [warmup_steps + offset + k for k in current.ranks[rank].steps])
-        timeline.phases.append(("replan", t0, timeline.now()))
-    comm.enter("drain", num_steps)
-    store.drain()
+    def transition(self, final: Plan) -> None:
+        """Gather the full latent and scheduler history once, re-slice for the plan's bands, and restrict
+        the scheduler to this rank's sub-sequence of the timestep grid."""
+        t0 = self.timeline.now()
+        self.comm.enter("transition", self.warmup_steps)
+        self._install(self.geometry.layout(final))  # every rank plans alike, so all skip a no-op alike
+        self.full_schedule = ScheduleSnapshot.of(self.scheduler)  # a re-plan may pick other timesteps
+        self.visited = rank_schedule_indices(self.warmup_steps, [])
+        self.full_schedule.retime(self.scheduler, self.visited + [self.warmup_steps + k for k in final.ranks[self.rank].steps])
+        synchronize(self.band)  # a profiling timestamp: the phase ends when its data has arrived
+        self.timeline.phases.append(("transition", t0, self.timeline.now()))
+        self.transition_seconds = self.timeline.phases[-1][2] - t0
 
-    # 5. Gather the bands into the full latent.
-    t0 = timeline.now()
-    comm.enter("gather", num_steps)
-    full = comm.all_gather(band, model.band_sizes(layout), model.band_dim)
-    synchronize(full)
-    timeline.phases.append(("gather", t0, timeline.now()))
+    def periods(self, final: Plan) -> Plan:
+        """Own steps with displaced K/V; the last step of each period publishes K/V. With
+        `--stadi_replan sync` a sync point may re-plan the remaining steps (runtime/adaptive.py):
+        `current` then covers base steps `offset ...` as its own steps 0, 1, .... Returns the plan that
+        ran last."""
+        config, rank = self.config, self.rank
+        replanner = None
+        if config.replan == "sync" and not config.exact:
+            replanner = SyncReplanner(self.groups, config.tolerance, self.evidence, max_fixed_rows=self.rows)
+        current, offset, period = final, 0, 0
+        while period < current.num_periods:
+            steps = current.steps_in_period(rank, period)
+            is_last_period = period == current.num_periods - 1
+            first_record = len(self.timeline.steps)
+            for j, k in enumerate(steps):
+                publish = j == len(steps) - 1 and not is_last_period and not config.exact
+                self.store.set_phase(synchronous=config.exact, publish=publish)
+                self._forward_and_step(len(self.visited), "stadi", offset + k)
+                self.visited.append(self.warmup_steps + offset + k)
+            period += 1
+            if replanner is None or is_last_period:
+                continue
+            next_step = current.sync_points[period]
+            self.comm.enter("replan", offset + next_step)
+            estimates = replanner.period_estimates(self.timeline.steps[first_record:], self.device)
+            decision = replanner.decide(current, next_step, estimates, self.transition_seconds)
+            if not decision.replan:
+                continue
+            t0 = self.timeline.now()
+            self.store.drain()  # this sync point's K/V land on the old layout; the full-image buffers stay valid
+            self._install(self.geometry.layout(decision.new_plan))
+            self.replans.append(ReplanEvent.of(current, decision, offset + next_step))
+            current, offset, period = decision.new_plan, offset + next_step, 0
+            self.full_schedule.retime(self.scheduler, self.visited + [self.warmup_steps + offset + k
+                                                                      for k in current.ranks[rank].steps])
+            self.timeline.phases.append(("replan", t0, self.timeline.now()))
+        self.comm.enter("drain", self.num_steps)
+        self.store.drain()
+        return current
 
-    # 6. What the next call starts from: the whole call's samples, merged into the memory.
-    next_memory = None
-    if measured and not config.exact and config.mode != "uniform":
-        displaced = gather_evidence(groups, rank_evidence([r for r in timeline.steps if r.phase == "stadi"]),
-                                    device, phase="memory")
-        next_memory, how = remember_call(memory, displaced, rows=rows, warmup_rows=last_warmup_rows, ran=current,
-                                         exchange_seconds=exchange_now)
-        reasons["memory"] = ",".join(how)
-    return DenoiseResult(full, warm, final, [e.speed for e in estimates] if estimates else None, len(visited),
-                         timeline, costs, store.stats(), replans=replanner.log if replanner is not None else [],
-                         memory=next_memory, settle_reasons=reasons)
+    def gather(self) -> torch.Tensor:
+        """The bands gathered into the full latent, on every rank."""
+        t0 = self.timeline.now()
+        self.comm.enter("gather", self.num_steps)
+        full = self.comm.all_gather(self.band, self.model.band_sizes(self.layout), self.model.band_dim)
+        synchronize(full)
+        self.timeline.phases.append(("gather", t0, self.timeline.now()))
+        return full
+
+    def remember(self, ran: Plan) -> CallMemory | None:
+        """What the next call starts from: this call's displaced forwards, merged into the memory."""
+        if not self.measured or self.config.exact or self.config.mode == "uniform":
+            return None
+        displaced = gather_evidence(self.groups, rank_evidence([r for r in self.timeline.steps if r.phase == "stadi"]),
+                                    self.device, phase="memory")
+        memory, how = remember_call(self.memory, displaced, rows=self.rows, warmup_rows=self._last_warmup_rows(),
+                                    ran=ran, exchange_seconds=self.exchange_now)
+        self.reasons["memory"] = ",".join(how)
+        return memory

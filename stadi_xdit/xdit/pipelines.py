@@ -98,9 +98,8 @@ def log_plan(result: DenoiseResult) -> None:
         costs = result.costs
         logger.info("STADI cost model per rank (fixed ms + ms/row, noise, samples): %s; evidence %s; %s",
                     ", ".join(f"{1e3 * o:.3g}+{1e3 * c:.3g}/row ±{n:.0%} n={w:.0f}" for o, c, n, w in
-                              zip(costs["step_overhead_seconds"], costs["row_seconds"], costs["noise"],
-                                  costs["samples"])),
-                    ",".join(costs["evidence"]), "; ".join(f"{k}: {v}" for k, v in result.settle_reasons.items()))
+                              zip(costs.step_overhead_seconds, costs.row_seconds, costs.noise, costs.samples)),
+                    ",".join(costs.evidence), "; ".join(f"{k}: {v}" for k, v in result.settle_reasons.items()))
     for event in result.replans:
         logger.info("STADI re-plan at base step %d: speeds %s -> %s, rows %s -> %s, strides %s -> %s, "
                     "predicted gain %.0f%% (%s)", event.offset, [f"{v:.3g}" for v in event.old_speeds],
