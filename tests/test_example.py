@@ -67,6 +67,8 @@ BAD_FLAGS = [
     (["--model", "{flux}"], "--model"),  # a Flux folder for --pipeline pixart-alpha
     (["--stadi_config_file", ""], "--stadi_config_file"),  # was silently "no file"
     (["--stadi_emulate_shift", "9999:1,2"], "--stadi_emulate_shift"),  # past the last step: would never apply
+    (["--use_ray"], "--use_ray cannot be combined with --use_stadi"),  # was silently run without Ray
+    (["--ray_world_size", "2"], "--ray_world_size 2 cannot be combined with --use_stadi"),
 ]
 
 

@@ -168,7 +168,20 @@ def stadi_runner_args(config: Any) -> Any | None:
         args.validate()  # with the family's own launch checks (e.g. Wan's --num_frames)
     except ValueError as error:
         raise StadiInputError(" ".join(str(error).split())) from None
+    show_resolved_settings(config, args.stadi)
     return args
+
+
+def show_resolved_settings(config: dict[str, Any], stadi: Any) -> None:
+    """Write the STADI settings that will run (a --stadi_config_file's included) back into the runner's
+    dict: xDiT's runner logs that same dict after building its args, which would otherwise show the
+    parser's defaults (`use_stadi: False`) for settings that came from the file."""
+    import dataclasses
+
+    from stadi_xdit.xdit.args import stadi_arg_name
+
+    for setting in dataclasses.fields(stadi):
+        config[stadi_arg_name(setting.name)] = getattr(stadi, setting.name)
 
 
 def check_runner_switch(config: dict[str, Any], key: str) -> None:
