@@ -130,8 +130,7 @@ def stadi_output_name(model: Any, input_args: dict[str, Any]) -> str:
     STADI run and a plain run into one --output_directory never write the same file."""
     import os
 
-    stadi = model.config.stadi
-    strategy = f"stadi-{stadi.mode}" + ("-exact" if stadi.exact else "")
+    strategy = model.config.stadi.strategy_label
     ranks = os.environ.get("WORLD_SIZE", "1")  # xDiT's runner reads the launch size from it too
     name = f"{model.settings.output_name}_{strategy}_n{ranks}_{input_args['height']}x{input_args['width']}"
     return f"{name}_{model.config.task}" if model.config.task else name
