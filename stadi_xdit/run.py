@@ -390,6 +390,18 @@ def check_output_directory(path: str) -> None:
         fail(LAUNCHER, f"--output_directory: {problem}")
 
 
+class XditPlugin(cli_hook.XfuserPlugin):
+    """The plugin for an xfuser carrying patches/xfuser-0.7.0-stadi-cli-hook.patch (entry point
+    `stadi_xdit.run:XditPlugin`): the hook's answers, plus this launcher's checks for the literal `xdit`
+    command, so that `xdit ARGS` refuses what `stadi-xdit ARGS` refuses, before torchrun starts, and
+    creates --output_directory (xDiT's runner would fail on a missing one after the whole run)."""
+
+    @staticmethod
+    def check_launch(args: Sequence[str]) -> None:
+        build_launch_command(args)
+        check_launch_environment(args)
+
+
 # --- running torchrun ------------------------------------------------------------------------------
 
 def launch(argv: Sequence[str] | None = None) -> None:

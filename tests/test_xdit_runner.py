@@ -185,14 +185,14 @@ def test_xdit_command_itself_runs_stadi_with_the_upstream_patches(hub, tmp_path)
     dist_info = site / "stadi_plugin_entry-0.0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: stadi-plugin-entry\nVersion: 0.0\n")
-    (dist_info / "entry_points.txt").write_text("[xfuser.plugins]\nstadi = stadi_xdit.xdit.cli_hook:XfuserPlugin\n")
+    (dist_info / "entry_points.txt").write_text("[xfuser.plugins]\nstadi = stadi_xdit.run:XditPlugin\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1",
                PYTHONPATH=f"{site}{os.pathsep}{repo}")
     common = ["--model", "FLUX.1-dev", *SIZE, "--num_inference_steps", "3", "--master_addr", "127.0.0.1"]
     for name, extra in (("plain", []), ("stadi", ["--use_stadi", "--stadi_degree", "2", "--stadi_exact",
                                                   "--stadi_speeds", "3,5", "--warmup_steps", "1"])):
-        (tmp_path / name).mkdir()
+        # The output folders do not exist: the plugin's launch check creates them, as stadi-xdit does.
         proc = subprocess.run([sys.executable, "-m", "xfuser.cli", *common, "--master_port", str(free_port()), *extra,
                                "--output_directory", str(tmp_path / name)], env=env, capture_output=True, text=True,
                               timeout=300, check=False)
@@ -200,6 +200,12 @@ def test_xdit_command_itself_runs_stadi_with_the_upstream_patches(hub, tmp_path)
     assert "STADI plan" in proc.stdout + proc.stderr
     plain, stadi = _image(tmp_path / "plain"), _image(tmp_path / "stadi")
     assert np.linalg.norm(stadi - plain) / np.linalg.norm(plain) <= 1e-4
+    # A bad input ends in the launcher, in one line, before torchrun starts (the plugin's check_launch).
+    proc = subprocess.run([sys.executable, "-m", "xfuser.cli", *common, "--use_stadi", "--stadi_degree", "2",
+                           "--stadi_modee", "full"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    # (Without torchvision, importing xfuser itself prints transformers' notices before any plugin runs.)
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("[transformers]")]
+    assert proc.returncode == 2 and lines == ["stadi-xdit: error: unrecognized arguments: --stadi_modee full"], lines
 
 
 # xDiT's runner with diffusers' own Flux attention processor in place of xDiT's (everything else unchanged).
