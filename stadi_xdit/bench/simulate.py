@@ -101,7 +101,7 @@ def format_memory_fit(fit: dict) -> list[str]:
         refusal = (f"; {fit['refusal']} refuses such a run before denoising, in one line naming the store and the "
                    "remedies (--use_cfg_parallel, --stadi_kv_dtype, fewer --num_frames, a smaller size, --stadi_exact)"
                    if fit["refusal"] else "")
-        lines.append(f"  -> too large for {', '.join(short)}: the latencies below count compute only{refusal}")
+        lines.append(f"  -> too large for {', '.join(short)}: the latencies below assume it ran anyway{refusal}")
     return lines
 
 
