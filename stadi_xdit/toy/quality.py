@@ -247,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = output_dir_problem(args.out)
     if problem:
         parser.error(f"argument --out: {problem}")
+    earlier = sorted(path.name for path in args.out.glob("toy_quality*"))
+    if earlier:  # said before minutes of work, not after
+        print(f"replacing {', '.join(earlier)} in {args.out} at the end of this run")
 
     import stadi_xdit.xdit  # noqa: F401  (xfuser's CPU compat layer before the ranks import it)
 
