@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from stadi_xdit.testing.spawn import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 MARK = "# not run by the docs check:"
@@ -122,6 +124,9 @@ def test_documented_commands_run(tmp_path):
             continue
         seen.add(key)
         started = time.monotonic()
+        # The commands name no --master_port: torchrun takes a free one from its PET_ variable (instead of
+        # 29500, which a concurrent job may hold); stadi-xdit would refuse a busy 29500 in one line.
+        env["PET_MASTER_PORT"] = str(free_port())
         proc = subprocess.run(["bash", "-c", command.text.replace("/tmp/", f"{tmp_path}/")], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=600, check=False)
         report.append(f"{time.monotonic() - started:6.1f} s  exit {proc.returncode}  {command}")
