@@ -21,6 +21,8 @@ from stadi_xdit.bench.scenarios import parse_scenario
 
 def test_bench_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
+    out.mkdir()
+    (out / "results.json").write_text("{}")  # an earlier run's: replaced, and the bench says so up front
     # A 4:1 slowdown, timed on the second warmup step (the first carries one-time costs): a tiny forward
     # takes ~5 ms, so one scheduler hiccup on the fast rank can compress a 2:1 ratio below the 5:3 split's
     # threshold (1.25x; it did in CI: rows 4/4). Measured 4:1 stays above 1.6x, even beside two busy loops.
@@ -29,6 +31,7 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "STADI full" in printed and "vs unif" in printed and "full >= 1.9x uniform" in printed
+    assert f"stadi-bench: {out} holds an earlier run's results.json and plots; this run replaces them" in printed
 
     results = json.loads((out / "results.json").read_text())
     (scenario,) = results["scenarios"]

@@ -359,6 +359,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
     arms, scenarios = args.arm_names, args.scenarios  # validated by parse_args; arms in canonical order
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "results.json").exists():  # said before minutes of work, not after
+        print(f"stadi-bench: {out} holds an earlier run's results.json and plots; this run replaces them")
     settings = BenchSettings(preset=preset, height=height, steps=args.steps, warmup=args.warmup,
                              repeats=args.repeats, world=args.ranks, arms=arms,
                              cores=_cores(args.core_list, args.ranks),
