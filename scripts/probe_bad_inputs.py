@@ -120,7 +120,7 @@ def _alarm(*_):
 
 
 def _load_example():
-    from stadi_xdit.testing.modules import load_module_from_path
+    from stadi_xdit.offline.modules import load_module_from_path
 
     return load_module_from_path("stadi_example", REPO / "scripts" / "stadi_example.py")
 

@@ -4,7 +4,7 @@
         --output_directory /tmp/out
 
 (docs/deployment.md, section 0, form 2; `/tmp/hf` is the tiny offline cache of
-`python -m stadi_xdit.testing.hub_cache`.) The runner's own call sequence, as `xfuser/runner.py` runs it.
+`python -m stadi_xdit.offline.hub_cache`.) The runner's own call sequence, as `xfuser/runner.py` runs it.
 """
 
 import os

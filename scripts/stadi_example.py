@@ -9,7 +9,7 @@ The script builds xDiT's own pipeline wrapper (`xFuserPixArtAlphaPipeline`, ...)
 without it xDiT runs as usual, so exactness can be checked from outside with two commands and
 `--save_latents PATH` (the output rank saves the final latent with `torch.save`).
 
-`--model` is a local diffusers folder, or one of the offline presets of `stadi_xdit.testing.tiny`
+`--model` is a local diffusers folder, or one of the offline presets of `stadi_xdit.offline.pipelines`
 (random weights: `tiny`, `small`; PixArt also `pixart-alpha-1024`/`pixart-sigma-1024`, Flux
 `flux-dev-1024`), since no model hub is reachable from our machines. Presets other than `tiny`
 (and every Qwen-Image preset: no tiny Qwen2.5-VL) get stand-in text embeddings.
@@ -44,11 +44,11 @@ from xfuser.core.distributed import get_world_group
 
 from stadi_xdit.cli_errors import OneLineErrors, fail
 from stadi_xdit.models.qwen_image import xFuserQwenImagePipeline
+from stadi_xdit.offline import pipelines as tiny
+from stadi_xdit.offline.pipelines import random_prompt_embeds
 from stadi_xdit.paths import output_file_problem
 from stadi_xdit.planner.validation import MAX_ROWS, MAX_STEPS
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
-from stadi_xdit.testing import tiny
-from stadi_xdit.testing.tiny import random_prompt_embeds
 from stadi_xdit.toy import data as toy_data
 from stadi_xdit.toy import model as toy_model
 from stadi_xdit.xdit.args import StadiArgs

@@ -113,13 +113,14 @@ class StadiConfig:
                             "Storage type of the stale K/V (auto: as computed; bfloat16/float16 halve the "
                             "K/V store and its exchange when computing in float32). Ignored with "
                             "--stadi_exact, which keeps no stale K/V.", choices=KV_DTYPES)
-    # Default `calls` (docs/benchmarks.md, adaptive section): the second and later calls of a pipeline
-    # warm up on elastic bands at no cost to any guarantee `off` gives (given speeds are never replaced).
+    # Default `calls` (docs/benchmarks.md, adaptive section; docs/method.md, cost models and the noise
+    # floor): later calls of a pipeline start from remembered cost models and reach a fixed plan.
     replan: str = setting("calls", "--stadi_replan", "choice",
-                          "off: plan once per call from its own warmup; calls: a pipeline remembers the "
-                          "speeds it measured, so the next call warms up on elastic bands; sync: also re-plan "
-                          "at sync points when the load changes. With --stadi_speeds, off and calls run alike "
-                          "(bit for bit).", choices=REPLAN_MODES)
+                          "off: plan once per call from its own warmup; calls: a pipeline remembers each "
+                          "rank's cost model (fixed + per-row cost, with its noise), so the next call warms up "
+                          "on elastic bands and its plan moves only on gains beyond the noise; sync: also "
+                          "re-plan at sync points when the load changes. With --stadi_speeds, off and calls "
+                          "run alike (bit for bit).", choices=REPLAN_MODES)
     degree: int | None = setting(None, "--stadi_degree", "count",
                                  "Ranks per CFG branch; launchers start degree x CFG processes "
                                  "(default: every rank of the launch).")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
+from stadi_xdit.offline.hub_cache import HUB_MODELS, hub_snapshot_dir
 from stadi_xdit.run import build_launch_command, check_launch_environment, failed_rank_status
-from stadi_xdit.testing.hub_cache import HUB_MODELS, hub_snapshot_dir
 
 # xDiT's runner registry binds its log handler to the stderr of the moment it is first imported:
 # import it now, not inside a test whose captured stderr is closed afterwards.

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stadi_xdit.testing.spawn import run_distributed
-from stadi_xdit.testing.tiny import tiny_flux_pipeline, tiny_pixart_pipeline
+from stadi_xdit.offline.pipelines import tiny_flux_pipeline, tiny_pixart_pipeline
+from stadi_xdit.offline.spawn import run_distributed
 
 PROMPT = "a red fox in the snow"
 STEPS = 4

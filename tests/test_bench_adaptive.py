@@ -173,3 +173,21 @@ def test_bench_tiny_with_load_changing_mid_call(tmp_path, capsys):
     (switches,) = real["load_switches"][0:1]
     assert len(real["load_switches"]) == 2 and len(switches) == 1 and switches[0] > 0
     assert (out / "timeline_shift_1-0-to-1-at-0.5.png").stat().st_size > 1000
+
+
+def test_a_calls_scenario_reports_every_calls_plan_and_cost_model(tmp_path, capsys):
+    """--calls N: the plan, cost model and latency of every call (cold one included), and a per-call plot."""
+    out = tmp_path / "bench"
+    code = main(["--preset", "tiny", "--steps", "6", "--warmup", "2", "--calls", "3", "--arms", "full-calls",
+                 "--scenario", "slowdown:1,4", "--no-decode", "--out", str(out), "--no-progress", "--run-timeout", "90"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    (summary,) = json.loads((out / "results.json").read_text())["scenarios"]
+    calls = summary["arms"]["full-calls"]["per_call"]
+    assert [c["call"] for c in calls] == ["cold", 1, 2, 3]
+    for call in calls:
+        assert sum(call["rows"]) == 8 and len(call["strides"]) == 2 and len(call["row_ms"]) == 2
+        assert f"call {call['call']!s:>4}: {call['latency']:7.3f} s  rows {call['rows']}" in printed
+    # From the second call on the plan starts from the remembered evidence of the calls before.
+    assert all(c["evidence"] == ["memory", "memory"] for c in calls[1:])
+    assert (out / "calls_slowdown_1_4.png").stat().st_size > 1000

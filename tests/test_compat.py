@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import stadi_xdit.xdit  # noqa: F401  (applies the compat layer: this machine has no CUDA)
 from stadi_xdit import compat
 from stadi_xdit.compat import _hooks, imports, runtime
-from stadi_xdit.testing.spawn import run_distributed
+from stadi_xdit.offline.spawn import run_distributed
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compat layer is CPU-only")
 

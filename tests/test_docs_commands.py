@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stadi_xdit.testing.spawn import free_port
+from stadi_xdit.offline.spawn import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stadi_xdit.testing.modules import load_module_from_path
-from stadi_xdit.testing.spawn import run_distributed
+from stadi_xdit.offline.modules import load_module_from_path
+from stadi_xdit.offline.spawn import run_distributed
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "scripts" / "stadi_example.py"
 

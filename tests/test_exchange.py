@@ -17,15 +17,15 @@ import torch
 
 import stadi_xdit.xdit  # noqa: F401  (compat layer first)
 from stadi_xdit.bench.metrics import psnr
+from stadi_xdit.offline.spawn import run_distributed
 from stadi_xdit.planner import plan, predict_latency
 from stadi_xdit.planner.bands import water_fill_band_rows
 from stadi_xdit.planner.planning import water_fill_with_overheads
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.exchange import FlatKVBuffer, LayerRegistry, choose_method, method_bytes
 from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
-from stadi_xdit.runtime.profile import StepCost, StepRecord, complete_step_costs, fit_step_cost
-from stadi_xdit.testing.checks import build_stadi_pipeline, relative_error
-from stadi_xdit.testing.spawn import run_distributed
+from stadi_xdit.testing.checks import relative_error
+from stadi_xdit.xdit.build import build_stadi_pipeline
 
 PROMPT = "a red cat"
 SEED = 1
@@ -291,7 +291,7 @@ def test_a_dead_peer_is_named_by_the_exchange_waits():
 
 
 def _reference(size: int, steps: int) -> torch.Tensor:
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     pipe = tiny_pixart_pipeline()
     return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
@@ -301,7 +301,7 @@ def _reference(size: int, steps: int) -> torch.Tensor:
 def _run_pixart(rank: int, world: int, size: int, steps: int, runs: list[dict]) -> list[dict]:
     """One STADI run per entry of `runs` (StadiArgs keywords, plus `group_layers` for the store)."""
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     results = []
     for kwargs in runs:
@@ -402,41 +402,6 @@ def test_measured_runs_calibrate_a_fixed_cost_on_two_band_sizes():
 
 # --------------------------------------------------------------------------------------------------
 # the cost fit and the planner's per-rank overheads
-
-
-def _records(points: list[tuple[int, float]]) -> list[StepRecord]:
-    records, clock = [], 0.0
-    for rows, seconds in points:
-        records.append(StepRecord("warmup", len(records), clock, clock + seconds, 0.0, 0.0, rows))
-        clock += seconds
-    return records
-
-
-def test_fit_recovers_fixed_and_row_cost_from_two_band_sizes():
-    fit = fit_step_cost(_records([(16, 9.9), (16, 0.05 + 16 * 0.03), (21, 0.05 + 21 * 0.03), (21, 0.05 + 21 * 0.03)]))
-    assert fit.fitted and fit.sizes == (16, 21)
-    assert fit.fixed_seconds == pytest.approx(0.05) and fit.row_seconds == pytest.approx(0.03)
-    assert fit.speed == pytest.approx(1 / 0.03) and fit.seconds(10) == pytest.approx(0.35)
-    one_size = fit_step_cost(_records([(16, 1.0), (16, 0.5), (16, 0.7)]))
-    assert not one_size.fitted and one_size.fixed_seconds == 0 and one_size.row_seconds == pytest.approx(0.6 / 16)
-    close = fit_step_cost(_records([(16, 9.9), (20, 0.7), (19, 0.6)]))  # 19 vs 20 rows: noise, not a line
-    assert not close.fitted and close.fixed_seconds == 0.0
-    noisy = fit_step_cost(_records([(16, 1.0), (16, 0.5), (8, 0.6)]))  # bigger band faster: not physical
-    assert not noisy.fitted and noisy.fixed_seconds == 0
-
-
-def test_the_fixed_cost_in_rows_is_pooled_and_anchored_at_each_ranks_time():
-    fits = [StepCost(0.05, 0.01, (4, 6), True), StepCost(0.0, 0.03, (4,), False), StepCost(0.3, 0.02, (2, 3), True)]
-    done = complete_step_costs(fits, [(6, 0.11), (4, 0.27), (3, 0.5)], max_fixed_rows=64)
-    # median of 5 and 15 rows = 10 rows of fixed cost; each rank exact at its last size
-    for cost, (rows, seconds) in zip(done, [(6, 0.11), (4, 0.27), (3, 0.5)]):
-        assert cost.fixed_seconds == pytest.approx(10 * cost.row_seconds)
-        assert cost.seconds(rows) == pytest.approx(seconds)
-    capped = complete_step_costs(fits, [(6, 0.11), (4, 0.27), (3, 0.5)], max_fixed_rows=8)
-    assert capped[1].fixed_seconds == pytest.approx(8 * capped[1].row_seconds)
-    # the slowest rank at its size stays the slowest per row
-    assert done[1].speed < done[0].speed
-    assert complete_step_costs(fits[1:2], [(4, 0.27)], max_fixed_rows=64) == fits[1:2]
 
 
 @pytest.mark.parametrize("speeds,overheads,strides", [

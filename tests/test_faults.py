@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from stadi_xdit.testing.checks import build_stadi_pipeline
-from stadi_xdit.testing.spawn import DistributedTestError, run_distributed
+from stadi_xdit.offline.spawn import DistributedTestError, run_distributed
+from stadi_xdit.xdit.build import build_stadi_pipeline
 
 PROMPT = "a red cat"
 TIMEOUT = 5  # --stadi_timeout of the faulty runs
@@ -20,8 +20,8 @@ def _faulty_run(rank: int, world: int, fault: str, stamp_file: str, cache: str |
 
     import stadi_xdit.xdit  # noqa: F401
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
     from stadi_xdit.runtime.faults import PeerFailure
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
     from stadi_xdit.xdit import pipelines
 
     def fail_now() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stadi_xdit.testing.modules import load_module_from_path
+from stadi_xdit.offline.modules import load_module_from_path
 
 PROBE = Path(__file__).resolve().parent.parent / "scripts" / "probe_bad_inputs.py"
 

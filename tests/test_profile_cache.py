@@ -39,7 +39,7 @@ def _load_module():
 profile_cache = _load_module()
 ProfileCache = profile_cache.ProfileCache
 
-# dict(transformer.config) of stadi_xdit.testing.tiny's PixArt transformer under diffusers 0.42.1,
+# dict(transformer.config) of stadi_xdit.offline.pipelines's PixArt transformer under diffusers 0.42.1,
 # without its `_use_default_values` (the tests rebuild that from a set, as diffusers does).
 PIXART_TINY_CONFIG = {
     "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8, "num_layers": 2,
@@ -297,3 +297,25 @@ def test_module_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
                          timeout=60).stdout.strip()
     assert out == "False"
+
+
+def test_an_entry_keeps_the_runs_cost_model_memory(tmp_path):
+    """Adaptive STADI's memory (runtime: planner.calls.CallMemory.to_json) survives the launch."""
+    cache = ProfileCache(tmp_path / "speeds.json")
+    memory = {"evidence": [[[[8, 4.0, 0.01, 0.02, 3.0]], [[8, 2.0, 0.02, 0.01, 1.0]]]], "warmup_rows": [9, 7],
+              "plan_rows": [8, 8], "plan_strides": [1, 2], "exchange_seconds": [0.001], "pending": None}
+    assert cache.store("k", [100.0, 50.0], memory=memory)
+    assert cache.load("k", 2) == [100.0, 50.0]
+    assert cache.load_entry("k", 2) == {"speeds": [100.0, 50.0], "memory": memory}
+    assert cache.store("old", [1.0, 2.0])  # the speeds-only form stays as it was
+    assert json.loads((tmp_path / "speeds.json").read_text())["old"] == [1.0, 2.0]
+    assert cache.load_entry("old", 2) == {"speeds": [1.0, 2.0], "memory": None}
+
+
+@pytest.mark.parametrize("entry", [{"speeds": [1.0, 2.0], "memory": [1]}, {"speeds": [1.0], "memory": {}},
+                                   {"speeds": [1.0, 2.0], "extra": 1}, {"memory": {}}])
+def test_a_malformed_memory_entry_is_ignored_with_one_warning(tmp_path, capsys, entry):
+    path = tmp_path / "speeds.json"
+    path.write_text(json.dumps({"k": entry}))
+    assert ProfileCache(path).load_entry("k", 2) is None
+    assert capsys.readouterr().err.count("stadi: warning:") == 1

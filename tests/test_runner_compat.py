@@ -1,6 +1,6 @@
 """xfuser 0.7.0's model runner (``python -m xfuser.runner``, behind ``xdit``) on CPU under the compat layer.
 
-The tiny pipelines are written once into an offline hub cache (``stadi_xdit.testing.hub_cache``)
+The tiny pipelines are written once into an offline hub cache (``stadi_xdit.offline.hub_cache``)
 under the runners' real repo ids; every run goes through xDiT's own ``MODEL_REGISTRY``,
 ``ModelLoader``, timing, saving and cleanup. The runner never imports stadi_xdit, so a two-line
 launcher imports ``stadi_xdit.xdit`` first and runs ``xfuser.runner`` as ``__main__``.
@@ -23,8 +23,8 @@ from PIL import Image
 
 import stadi_xdit.xdit  # noqa: F401  (applies the compat layer: this machine has no CUDA)
 from stadi_xdit.compat import runner as fixes
-from stadi_xdit.testing.hub_cache import HUB_MODELS, hub_snapshot_dir, main, write_hub_cache
-from stadi_xdit.testing.spawn import free_port
+from stadi_xdit.offline.hub_cache import HUB_MODELS, hub_snapshot_dir, main, write_hub_cache
+from stadi_xdit.offline.spawn import free_port
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compat layer is CPU-only")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from stadi_xdit.testing.spawn import DistributedTestError, run_distributed
+from stadi_xdit.offline.spawn import DistributedTestError, run_distributed
 
 
 def _identity(rank, world_size, base, *, scale=1):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from stadi_xdit.testing.checks import build_stadi_pipeline, relative_error
-from stadi_xdit.testing.spawn import run_distributed
+from stadi_xdit.offline.spawn import run_distributed
+from stadi_xdit.testing.checks import relative_error
+from stadi_xdit.xdit.build import build_stadi_pipeline
 
 PROMPT = "a red cat"
 SEED = 1
@@ -13,7 +14,7 @@ SEED = 1
 
 def _reference(size: int, steps: int) -> torch.Tensor:
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     pipe = tiny_pixart_pipeline("alpha")
     return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
@@ -25,7 +26,7 @@ def _run_cfg_parallel(rank: int, world: int, size: int, steps: int, runs: list[d
 
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     results = []
     for kwargs in runs:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stadi_xdit.testing.checks import build_stadi_pipeline, relative_error
-from stadi_xdit.testing.spawn import run_distributed
+from stadi_xdit.offline.spawn import run_distributed
+from stadi_xdit.testing.checks import relative_error
+from stadi_xdit.xdit.build import build_stadi_pipeline
 
 PROMPT = "a red cat"
 SEED = 1
@@ -15,7 +16,7 @@ MAX_SEQ = 16  # text tokens; replicated on every rank, kept short for CPU
 
 def _reference(size: int, steps: int, guidance: bool = False) -> torch.Tensor:
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
-    from stadi_xdit.testing.tiny import FLUX_PRESETS, build_flux_pipeline
+    from stadi_xdit.offline.pipelines import FLUX_PRESETS, build_flux_pipeline
 
     preset = FLUX_PRESETS["tiny"]
     if guidance:
@@ -32,7 +33,7 @@ def _run_stadi(rank: int, world: int, size: int, steps: int, runs: list[dict], g
     """Build one STADI Flux pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.models.flux import StadiFluxPipeline
-    from stadi_xdit.testing.tiny import FLUX_PRESETS, build_flux_pipeline
+    from stadi_xdit.offline.pipelines import FLUX_PRESETS, build_flux_pipeline
 
     preset = FLUX_PRESETS["tiny"]
     if guidance:
@@ -135,8 +136,8 @@ def test_stale_modes_follow_the_plan_and_repeat():
 def _run_with_profile_cache(rank: int, world: int, cache: str) -> dict:
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.models.flux import StadiFluxPipeline
+    from stadi_xdit.offline.pipelines import tiny_flux_pipeline
     from stadi_xdit.runtime.profile_cache import ProfileCache
-    from stadi_xdit.testing.tiny import tiny_flux_pipeline
 
     pipe = build_stadi_pipeline(StadiFluxPipeline, tiny_flux_pipeline(), size=128, steps=5, model="tiny-flux",
                                 warmup_steps=3, stadi_mode="spatial", stadi_emulate_slowdown="1,3",
@@ -146,8 +147,8 @@ def _run_with_profile_cache(rank: int, world: int, cache: str) -> dict:
     result = pipe.last_result
     key = pipe._profile_key(128, 128)
     torch.distributed.barrier()  # the leader has written the cache
-    return {"warmup_plan": result.warmup_plan, "plan": result.plan, "key": key,
-            "cached": ProfileCache(cache).load(key, world)}
+    return {"warmup_plan": result.warmup_plan, "plan": result.plan, "key": key, "evidence": result.costs["evidence"],
+            "cached": ProfileCache(cache).load(key, world), "memory": ProfileCache(cache).load_entry(key, world)}
 
 
 def test_profile_cache_makes_the_next_launch_warm_up_elastic(tmp_path, monkeypatch):
@@ -167,6 +168,9 @@ def test_profile_cache_makes_the_next_launch_warm_up_elastic(tmp_path, monkeypat
     assert first["cached"] == list(first["plan"].speeds)
     # The second launch starts from the cached speeds: elastic warmup bands, the slowed rank 1 gets fewer rows.
     assert second["warmup_plan"].mode == "spatial"
+    # The entry keeps the cost-model memory of the run's displaced forwards, and the next launch plans on it.
+    assert first["memory"]["memory"]["plan_rows"] == [r.num_rows for r in first["plan"].ranks]
+    assert first["evidence"] == ["warmup", "warmup"] and second["evidence"] == ["memory", "memory"]
     (fast, slow) = second["warmup_plan"].row_bounds()
     assert slow[1] - slow[0] < fast[1] - fast[0]
     # ... and its own warmup measurement replaces the entry.

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from stadi_xdit.bench.metrics import psnr
-from stadi_xdit.testing.checks import build_stadi_pipeline, relative_error
-from stadi_xdit.testing.spawn import run_distributed
+from stadi_xdit.offline.spawn import run_distributed
+from stadi_xdit.testing.checks import relative_error
+from stadi_xdit.xdit.build import build_stadi_pipeline
 
 PROMPT = "a red cat"
 SEED = 1
@@ -15,7 +16,7 @@ SEED = 1
 
 def _reference(variant: str, size: int, steps: int) -> torch.Tensor:
     import stadi_xdit.xdit  # noqa: F401  (compat layer before diffusers/xfuser meet)
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     pipe = tiny_pixart_pipeline(variant)
     return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
@@ -26,7 +27,7 @@ def _run_stadi(rank: int, world: int, variant: str, size: int, steps: int, runs:
     """Build one STADI pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
     import stadi_xdit.xdit  # noqa: F401
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline, StadiPixArtSigmaPipeline
-    from stadi_xdit.testing.tiny import tiny_pixart_pipeline
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     cls = StadiPixArtAlphaPipeline if variant == "alpha" else StadiPixArtSigmaPipeline
     results = []

@@ -11,14 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stadi_xdit.testing.checks import (
-    STALE_MODES,
-    build_stadi_pipeline,
-    check_stale_runs,
-    counted_calls,
-    relative_error,
-)
-from stadi_xdit.testing.spawn import run_distributed
+from stadi_xdit.offline.spawn import run_distributed
+from stadi_xdit.testing.checks import STALE_MODES, check_stale_runs, counted_calls, relative_error
+from stadi_xdit.xdit.build import build_stadi_pipeline
 
 SEED = 1
 HEIGHT, WIDTH = 112, 80
@@ -35,7 +30,7 @@ TWO_RANK_RUNS = [
 
 def _call(output_type: str) -> dict:
     """Pipeline arguments: true CFG with text embeddings of 6 (one padded) and 4 tokens."""
-    from stadi_xdit.testing.tiny import QWEN_IMAGE_PRESETS, random_prompt_embeds
+    from stadi_xdit.offline.pipelines import QWEN_IMAGE_PRESETS, random_prompt_embeds
 
     width = QWEN_IMAGE_PRESETS["tiny"].joint_attention_dim
     return {"prompt_embeds": random_prompt_embeds(width, seq_len=6, seed=2),
@@ -47,7 +42,7 @@ def _call(output_type: str) -> dict:
 
 def _reference(output_type: str):
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
-    from stadi_xdit.testing.tiny import build_qwen_image_pipeline
+    from stadi_xdit.offline.pipelines import build_qwen_image_pipeline
 
     return build_qwen_image_pipeline()(**_call(output_type)).images
 
@@ -56,7 +51,7 @@ def _run_stadi(rank: int, world: int, runs: list[dict]) -> list[dict]:
     """Build one STADI Qwen-Image pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.models.qwen_image import StadiQwenImagePipeline
-    from stadi_xdit.testing.tiny import build_qwen_image_pipeline
+    from stadi_xdit.offline.pipelines import build_qwen_image_pipeline
 
     results = []
     for kwargs in runs:

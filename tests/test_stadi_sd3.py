@@ -9,14 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stadi_xdit.testing.checks import (
-    STALE_MODES,
-    build_stadi_pipeline,
-    check_stale_runs,
-    counted_calls,
-    relative_error,
-)
-from stadi_xdit.testing.spawn import run_distributed
+from stadi_xdit.offline.spawn import run_distributed
+from stadi_xdit.testing.checks import STALE_MODES, check_stale_runs, counted_calls, relative_error
+from stadi_xdit.xdit.build import build_stadi_pipeline
 
 SEED = 1
 HEIGHT, WIDTH = 112, 80
@@ -36,7 +31,7 @@ TWO_RANK_RUNS = [
 
 def _reference(output_type: str):
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
-    from stadi_xdit.testing.tiny import build_sd3_pipeline
+    from stadi_xdit.offline.pipelines import build_sd3_pipeline
 
     return build_sd3_pipeline()(**CALL, output_type=output_type, generator=torch.Generator().manual_seed(SEED)).images
 
@@ -45,7 +40,7 @@ def _run_stadi(rank: int, world: int, runs: list[dict]) -> list[dict]:
     """Build one STADI SD3 pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.models.sd3 import StadiStableDiffusion3Pipeline
-    from stadi_xdit.testing.tiny import build_sd3_pipeline
+    from stadi_xdit.offline.pipelines import build_sd3_pipeline
 
     results = []
     for kwargs in runs:

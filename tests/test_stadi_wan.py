@@ -18,14 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from stadi_xdit.testing.checks import (
-    STALE_MODES,
-    build_stadi_pipeline,
-    check_stale_runs,
-    counted_calls,
-    relative_error,
-)
-from stadi_xdit.testing.spawn import free_port, run_distributed
+from stadi_xdit.offline.spawn import free_port, run_distributed
+from stadi_xdit.testing.checks import STALE_MODES, check_stale_runs, counted_calls, relative_error
+from stadi_xdit.xdit.build import build_stadi_pipeline
 
 SEED = 1
 HEIGHT, WIDTH, FRAMES = 48, 64, 17  # 5 latent frames x (3 x 4) tokens = 15 token rows of 4 tokens
@@ -56,7 +51,7 @@ def _call(output_type: str, **overrides) -> dict:
 
 
 def _pipeline(scheduler: str = "unipc"):
-    from stadi_xdit.testing.tiny import build_wan_pipeline
+    from stadi_xdit.offline.pipelines import build_wan_pipeline
 
     if scheduler == "ddpm":
         from diffusers import DDPMScheduler
@@ -203,8 +198,8 @@ def test_bad_input_is_one_line(two_ranks):
 
 def test_unipc_subsequence_equals_unipc_on_the_sublist():
     """Restricting UniPC after W full-grid steps == UniPC run over the visited sub-list from the start."""
+    from stadi_xdit.offline.pipelines import wan_scheduler
     from stadi_xdit.runtime.schedule import rank_schedule_indices, restrict_to_indices
-    from stadi_xdit.testing.tiny import wan_scheduler
 
     warmup, steps, base_steps = 2, 11, (0, 2, 4, 6, 8)
     indices = rank_schedule_indices(warmup, base_steps)
@@ -232,7 +227,7 @@ def test_unipc_subsequence_equals_unipc_on_the_sublist():
 
 def test_displaced_kv_bytes_and_memory_refusal(monkeypatch):
     from stadi_xdit.models.wan import _check_kv_memory, displaced_kv_bytes, kv_memory_report
-    from stadi_xdit.testing.tiny import wan_transformer_config
+    from stadi_xdit.offline.pipelines import wan_transformer_config
 
     size = displaced_kv_bytes(wan_transformer_config("wan2.1-t2v-14b-720p"), 720, 1280, 81)
     assert size == 75600 * 40 * 2 * 5120 * 2  # 61.9 GB per rank, one CFG branch
@@ -271,8 +266,8 @@ runpy.run_module("xfuser.runner", run_name="__main__", alter_sys=True)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runs of the tiny offline cache")
 def test_exact_stadi_through_the_runner_equals_one_plain_process(tmp_path):
+    from stadi_xdit.offline.hub_cache import write_hub_cache
     from stadi_xdit.run import build_launch_command
-    from stadi_xdit.testing.hub_cache import write_hub_cache
 
     write_hub_cache(tmp_path / "hf_home", ["Wan2.1-T2V"])
     script = tmp_path / "wan_runner.py"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stadi_xdit.testing.modules import load_module_from_path
+from stadi_xdit.offline.modules import load_module_from_path
 from stadi_xdit.toy import data, metrics
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from stadi_xdit.offline.modules import load_module_from_path
+from stadi_xdit.offline.spawn import run_distributed
 from stadi_xdit.testing.checks import relative_error
-from stadi_xdit.testing.modules import load_module_from_path
-from stadi_xdit.testing.spawn import run_distributed
 from stadi_xdit.toy import model
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "scripts" / "stadi_example.py"
@@ -33,7 +33,7 @@ def test_shipped_weights_load_offline_and_reproduce_their_reference_bit_for_bit(
 
 def _stale_runs(rank: int, world: int) -> dict:
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.testing.checks import build_stadi_pipeline
+    from stadi_xdit.xdit.build import build_stadi_pipeline
 
     runs = {}
     for name, extra in (("uniform", {"stadi_mode": "uniform"}), ("spatial", {"stadi_mode": "spatial"}),

@@ -1,7 +1,7 @@
 """STADI through xDiT's own front door: `stadi-xdit` = the `xdit` command (xfuser.runner) with the plugin.
 
 The runner loads tiny pipelines from an offline Hugging Face cache under the registered repo ids
-(`stadi_xdit.testing.hub_cache`), through its own `ModelLoader`, timing and saving code.
+(`stadi_xdit.offline.hub_cache`), through its own `ModelLoader`, timing and saving code.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
-from stadi_xdit.testing.hub_cache import write_hub_cache
-from stadi_xdit.testing.spawn import free_port, run_distributed
+from stadi_xdit.offline.hub_cache import write_hub_cache
+from stadi_xdit.offline.spawn import free_port, run_distributed
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runs of the tiny offline cache")
 
@@ -254,3 +254,30 @@ def test_batched_prompts_exact_mode_differs_from_plain_xdit_only_by_its_attentio
         image = {name: _image(tmp_path / name, f"*_{index}.png") for name in runs}
         assert np.array_equal(image["stadi"], image["diffusers_attention"]), index
         assert 0 < np.abs(image["stadi"] - image["plain"]).max() <= 16, index  # bf16 rounding, not a new image
+
+
+def _plans_per_call(log: str) -> list[tuple[list[int], list[int]]]:
+    found = re.findall(r"re-band after warmup: rows \[.*?\] -> \[(\d+), (\d+)\], strides \[(\d+), (\d+)\]", log)
+    return [([int(a), int(b)], [int(s), int(t)]) for a, b, s, t in found]
+
+
+@pytest.mark.parametrize("load", ["2:1", "none"])
+def test_calls_mode_converges_over_ten_runner_iterations(hub, tmp_path, load):
+    """xDiT's own repeat flag: the default `--stadi_replan calls` remembers cost models between calls."""
+    emulate = ["--stadi_emulate_slowdown", "1,2"] if load == "2:1" else []
+    proc = _stadi_xdit(hub, tmp_path, ["--model", "FLUX.1-dev", "--height", "256", "--width", "256",
+                                       "--max_sequence_length", "16", "--prompt", "a cat", "--num_inference_steps",
+                                       "10", "--warmup_steps", "2", "--use_stadi", "--stadi_degree", "2", *emulate,
+                                       "--num_iterations", "10"])
+    plans = _plans_per_call(proc.stdout + proc.stderr)
+    assert len(plans) == 10, plans
+    if load == "none":
+        # Identical ranks: equal work on every call once a call's displaced forwards are remembered (the
+        # first call plans on one timed warmup forward per rank, which cannot tell noise from load).
+        for rows, strides in plans[1:]:
+            assert strides == [1, 1] and abs(rows[0] - rows[1]) <= 1, plans
+        return
+    assert len({str(p) for p in plans[5:]}) == 1, f"the last 5 plans must be identical: {plans}"
+    rows, strides = plans[-1]
+    share = rows[1] / sum(rows)
+    assert (strides == [1, 2] and share >= 0.4) or (strides == [1, 1] and share >= 0.3), plans

@@ -77,7 +77,7 @@ XDIT_RUNNER_TRANSFORMERS = {
 
 def _stadi_pipeline_class(variant: str):
     """STADI's pipeline class for a preset variant, or None where the plugin has none."""
-    from stadi_xdit.models import twin_for
+    from stadi_xdit.registry import twin_for
 
     return twin_for(XDIT_WRAPPERS[variant])
 
@@ -272,7 +272,8 @@ def _timeline_dict(result, run_start: float) -> dict:
         "steps_rows": [s.rows for s in timeline.steps],
         "costs": result.costs,
         "exchange": result.exchange,
-        "replans": [{key: value for key, value in entry.items() if key != "plan"} for entry in result.replans],
+        "replans": [event.to_json() for event in result.replans],
+        "settle_reasons": result.settle_reasons,
     }
 
 
@@ -374,7 +375,7 @@ class ArmJob:
         self._acceptor = threading.Thread(target=self._accept, daemon=True)
 
     def _launch(self) -> None:
-        from stadi_xdit.testing.spawn import run_distributed
+        from stadi_xdit.offline.spawn import run_distributed
 
         try:
             run_distributed(arm_worker, self.num_procs, self.spec, self.listener.address, self.authkey,

@@ -42,6 +42,7 @@ DEFAULT_SCENARIO = "slowdown:1,2"
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 MAX_RUN_TIMEOUT = 7 * 24 * 3600.0  # a week: beyond any call, and within every timer's range
 MAX_SEED = 2**63 - 2  # torch seeds are 64-bit signed here, and the prompts use seed + 1
+MAX_CALLS = 1000  # a calls scenario's timed calls per arm: far beyond any convergence study
 # One CPU forward at the calibration size; its cost grows with the square of the token count.
 CALIBRATE_HEIGHT_RANGE = (32, 2048)
 # --simulate bounds that keep the planner's rows/s finite and > 0 (it rejects 0 and inf):
@@ -65,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--warmup", type=int, default=2,
                         help="synchronous warm-up steps of STADI and PipeFusion (default 2)")
-    parser.add_argument("--repeats", "-r", type=int, default=3, help="timed runs per arm (median; default 3)")
+    parser.add_argument("--repeats", "-r", type=int, default=None, help="timed runs per arm (median; default 3)")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="a calls scenario: N timed calls per arm (instead of --repeats), with the plan, "
+                             "the measured cost model and the latency of every call (adaptive STADI's "
+                             "convergence), and a per-call plot")
     parser.add_argument("--ranks", "-n", type=int, default=2, help="ranks N of the parallel arms (default 2)")
     parser.add_argument("--scenario", action="append", default=None,
                         help="none | slowdown:k0,k1,... | background:RANK=LOAD[,...]; load changing mid-call: "
@@ -209,7 +214,12 @@ def _validate_run(args: argparse.Namespace) -> None:
         if len(args.core_list) < args.ranks:
             _reject("--cores", f"needs one core per rank (--ranks {args.ranks}), got {len(args.core_list)}: "
                                f"{args.cores!r}")
+    if args.calls is not None and args.repeats is not None:
+        _reject("--calls", "sets the timed calls per arm itself: give --calls or --repeats, not both")
+    _require_range("--calls", args.calls, 2, MAX_CALLS, "an integer")
     _require_range("--repeats", args.repeats, 1, math.inf, "an integer")
+    args.per_call = args.calls is not None
+    args.repeats = args.calls if args.calls is not None else (args.repeats if args.repeats is not None else 3)
     _require_range("--seed", args.seed, 0, MAX_SEED, "an integer")
     _require_range("--run-timeout", args.run_timeout, 1e-3, MAX_RUN_TIMEOUT, "a number of seconds")
     if measured and args.device == "cuda":
@@ -367,7 +377,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
                              seed=args.seed, order=args.order, max_stride=args.max_stride,
                              pipefusion_patches=args.pipefusion_patches, profile_cache=args.profile_cache,
                              device=args.device, dtype=args.dtype, run_timeout=args.run_timeout,
-                             verbose_workers=args.verbose_workers, out_dir=out)
+                             verbose_workers=args.verbose_workers, out_dir=out, per_call=args.per_call)
     print(f"stadi-bench: preset {preset.name} {preset.shape_label(height)}, {args.steps} steps (warmup {args.warmup}), "
           f"{args.ranks} ranks on cores {settings.cores}, arms {', '.join(arms)}, "
           f"scenarios {', '.join(s.text for s in scenarios)}, {args.repeats} timed run(s) each after 1 warm-up")
@@ -405,6 +415,10 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
                 path = plots.timeline_gantt(summary, out / f"timeline_{scenario.label}.png", arms=shown)
                 if path:
                     files.append(path)
+            if settings.per_call:
+                path = plots.per_call(summary, out / f"calls_{scenario.label}.png", title)
+                if path:
+                    files.append(path)
     results = {
         "command": "stadi-bench " + " ".join(argv),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
@@ -412,7 +426,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
                     "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "settings": {"preset": preset.name, "num_frames": preset.num_frames, "height": height, "steps": args.steps,
-                     "warmup": args.warmup, "repeats": args.repeats, "ranks": args.ranks, "arms": list(arms),
+                     "warmup": args.warmup, "repeats": args.repeats, "per_call": args.per_call,
+                     "ranks": args.ranks, "arms": list(arms),
                      "cores": settings.cores, "order": args.order, "seed": args.seed, "max_stride": args.max_stride,
                      "profile_cache": settings.profile_cache, "device": args.device, "dtype": args.dtype},
         "scenarios": summaries,

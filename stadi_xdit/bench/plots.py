@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 COLORS = {"single": "#7f7f7f", "uniform": "#ff7f0e", "ulysses": "#8c564b", "ring": "#bcbd22",
           "pipefusion": "#e377c2", "spatial": "#17becf", "full": "#1f77b4", "full-calls": "#6baed6",
@@ -117,6 +118,42 @@ def timeline_gantt(summary: dict, path: Path, arms: tuple[str, ...] = ("uniform"
     handles = [Patch(color=c, label=label) for label, c in SEGMENTS.items()]
     fig.legend(handles=handles, loc="upper center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def per_call(summary: dict, path: Path, title: str) -> Path | None:
+    """``--calls``: latency of every call of every arm, and a strip per STADI arm with the plan each call
+    ran (rows / strides), marked where it changed: adaptive STADI reaching (or missing) a fixed point."""
+    arms = [(name, arm) for name, arm in summary["arms"].items() if arm["status"] == "ok" and arm["runs"]]
+    strips = [(name, arm) for name, arm in arms if arm.get("per_call")]
+    if not arms:
+        return None
+    fig, axes = plt.subplots(1 + len(strips), 1, figsize=(9, 3.2 + 0.55 * len(strips)), squeeze=False,
+                             gridspec_kw={"height_ratios": [4] + [1] * len(strips)}, sharex=True)
+    ax = axes[0][0]
+    for name, arm in arms:
+        calls = ([arm["warmup_call_seconds"]] if arm.get("warmup_call_seconds") is not None else []) + arm["latencies"]
+        ax.plot(range(len(calls)), calls, marker="o", ms=3, color=COLORS.get(name, "#333333"), label=arm["label"])
+    ax.set_ylabel("latency [s]")
+    ax.set_title(f"{title}: every call, scenario {summary['scenario']} (call 0: cold)", fontsize=10)
+    ax.legend(fontsize=7, ncol=3)
+    for (name, arm), row in zip(strips, axes[1:]):
+        strip = row[0]
+        previous = None
+        for index, call in enumerate(arm["per_call"]):
+            text = "/".join(map(str, call["rows"])) + "\n" + ",".join(map(str, call["strides"]))
+            changed = previous is not None and (call["rows"], call["strides"]) != previous
+            strip.text(index, 0.5, text, ha="center", va="center", fontsize=6,
+                       color="#d62728" if changed else "#222222")
+            previous = (call["rows"], call["strides"])
+        strip.set_yticks([])
+        strip.set_ylabel(arm["label"], rotation=0, ha="right", va="center", fontsize=7)
+        strip.set_ylim(0, 1)
+    axes[-1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1][0].set_xlabel("call (plan strips: rows per rank / strides; red: the plan changed)")
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -1,6 +1,6 @@
 """Model presets of ``stadi-bench``: which offline pipeline, at which size, and what it costs.
 
-Every preset has random, seeded weights (``stadi_xdit.testing.tiny``) and is driven with stand-in
+Every preset has random, seeded weights (``stadi_xdit.offline.pipelines``) and is driven with stand-in
 prompt embeddings (no text encoder), so all arms see exactly the same inputs and weights.
 
 One class per kind of model: ``BenchPreset`` serves the image families (PixArt, Flux; bands are token
@@ -25,7 +25,7 @@ from stadi_xdit.bench.catalog import (
     PresetShape,
     latent_frames,
 )
-from stadi_xdit.testing.tiny import FLUX_PRESETS, PIXART_PRESETS, WAN_PRESETS
+from stadi_xdit.offline.pipelines import FLUX_PRESETS, PIXART_PRESETS, WAN_PRESETS
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class BenchPreset:
 
     def build_pipeline(self, seed: int = 0):
         """The diffusers pipeline (float32, CPU, random weights, no text encoder)."""
-        from stadi_xdit.testing.tiny import build_flux_pipeline, build_pixart_pipeline
+        from stadi_xdit.offline.pipelines import build_flux_pipeline, build_pixart_pipeline
 
         if self.family == "flux":
             return build_flux_pipeline(self.spec, seed=seed, with_text_encoder=False)
@@ -121,7 +121,7 @@ class BenchPreset:
     def call_kwargs(self, height: int, steps: int, seed: int, device: str = "cpu",
                     dtype: torch.dtype = torch.float32) -> dict:
         """Keyword arguments of one pipeline call: same seed, same stand-in prompt on every arm."""
-        from stadi_xdit.testing.tiny import random_prompt_embeds
+        from stadi_xdit.offline.pipelines import random_prompt_embeds
 
         embeds = random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed)
         embeds = embeds.to(device=device, dtype=dtype)
@@ -223,7 +223,7 @@ class WanBenchPreset(BenchPreset):
     def kv_bytes(self, height: int, bytes_per_value: int = 4, batch: int | None = None) -> float:
         """One rank's displaced K/V store for the clip (``models.wan.displaced_kv_bytes``)."""
         from stadi_xdit.models.wan import displaced_kv_bytes
-        from stadi_xdit.testing.tiny import wan_transformer_config
+        from stadi_xdit.offline.pipelines import wan_transformer_config
 
         batch = batch if batch is not None else self.cfg_batch
         return float(displaced_kv_bytes(wan_transformer_config(self.spec), height, self.width(height),
@@ -231,14 +231,14 @@ class WanBenchPreset(BenchPreset):
                                         spatial_scale=VAE_SCALE, temporal_scale=FRAMES_PER_LATENT))
 
     def build_pipeline(self, seed: int = 0):
-        from stadi_xdit.testing.tiny import build_wan_pipeline
+        from stadi_xdit.offline.pipelines import build_wan_pipeline
 
         return build_wan_pipeline(self.spec, seed=seed, with_text_encoder=False)
 
     def call_kwargs(self, height: int, steps: int, seed: int, device: str = "cpu",
                     dtype: torch.dtype = torch.float32) -> dict:
         """WanPipeline's arguments: both prompts as embeddings of one length (Wan pads its prompts alike)."""
-        from stadi_xdit.testing.tiny import random_prompt_embeds
+        from stadi_xdit.offline.pipelines import random_prompt_embeds
 
         embeds, negative = (random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed + i)
                             .to(device=device, dtype=dtype) for i in (0, 1))
@@ -250,7 +250,7 @@ class WanBenchPreset(BenchPreset):
     def construct_on_meta(self) -> int:
         from diffusers import WanTransformer3DModel
 
-        from stadi_xdit.testing.tiny import wan_transformer_config
+        from stadi_xdit.offline.pipelines import wan_transformer_config
 
         with torch.device("meta"):
             model = WanTransformer3DModel(**wan_transformer_config(self.spec))

@@ -126,6 +126,28 @@ def _stadi_details(outcome: ArmOutcome, fast_rank: int, noise_rate: float) -> di
     }
 
 
+def per_call(outcome: ArmOutcome) -> list[dict]:
+    """Every call of a STADI arm, the cold one first: its plan, the cost model it planned on, its latency.
+
+    Adaptive STADI's sequence of calls (``--stadi_replan calls``): does the plan reach a fixed point?"""
+    calls = ([outcome.cold] if outcome.cold else []) + list(outcome.runs)
+    out = []
+    for index, run in enumerate(calls):
+        stadi = run["ranks"][0].get("stadi")
+        if stadi is None:
+            continue
+        p, w = Plan.from_json(stadi["plan"]), Plan.from_json(stadi["warmup_plan"])
+        costs = stadi.get("costs") or {}
+        out.append({"call": "cold" if outcome.cold and index == 0 else len(out) + (0 if outcome.cold else 1),
+                    "latency": run["latency"], "rows": [r.num_rows for r in p.ranks],
+                    "warmup_rows": [e - s for s, e in w.row_bounds()], "strides": [r.stride for r in p.ranks],
+                    "fixed_ms": [1e3 * o for o in costs.get("step_overhead_seconds", [])],
+                    "row_ms": [1e3 * c for c in costs.get("row_seconds", [])],
+                    "noise": costs.get("noise"), "samples": costs.get("samples"),
+                    "evidence": costs.get("evidence"), "settled": stadi.get("settle_reasons") or {}})
+    return out
+
+
 def _quality(reference: torch.Tensor | None, latent: torch.Tensor | None, decoder) -> dict:
     if reference is None or latent is None or reference.shape != latent.shape:
         return {}
@@ -174,6 +196,7 @@ def summarize(settings: BenchSettings, scenario: Scenario, outcomes: dict[str, A
                                   for r in range(len(outcome.runs[0]["ranks"]))] if outcome.runs else None),
             "quality": _quality(reference, outcome.latent, decoder) if name != "single" else {},
             "stadi": _stadi_details(outcome, fast_rank, noise_rate) if ARMS[name].kind == "stadi" else None,
+            "per_call": per_call(outcome) if ARMS[name].kind == "stadi" and settings.per_call else None,
             "runs": outcome.runs,
         }
         stadi = arms[name]["stadi"]
@@ -363,6 +386,16 @@ def format_table(summary: dict, settings: BenchSettings) -> str:
                          f"{stadi['collectives_per_sync_point']} (bound {stadi['collectives_bound']}), "
                          f"{_mb(first.get('bytes_received_per_sync_point'))} received per sync point; "
                          f"K/V store {'/'.join(_mb(b) for b in stadi['kv_store_bytes'])} per rank")
+    for arm in summary["arms"].values():
+        if arm.get("per_call"):
+            lines.append(f"  {arm['label']}, every call (cost model per rank: fixed ms + ms/row, noise, samples):")
+            lines.extend(f"    call {c['call']!s:>4}: {c['latency']:7.3f} s  rows {c['rows']} strides {c['strides']} "
+                         f"(warm-up {c['warmup_rows']})  "
+                         + ", ".join(f"{o:.2f}+{r:.3f}/row ±{100 * (n or 0):.0f}% n={w or 0:.0f}"
+                                     for o, r, n, w in zip(c["fixed_ms"], c["row_ms"], c["noise"] or [],
+                                                           c["samples"] or []))
+                         + (f"  [{c['settled'].get('plan', '')}]" if c["settled"] else "")
+                         for c in arm["per_call"])
     firsts = [f"{a['label']} {_fmt(a['warmup_call_seconds'])} s" for a in summary["arms"].values()
               if a.get("warmup_call_seconds") is not None]
     if firsts:

@@ -54,6 +54,7 @@ class BenchSettings:
     start_timeout: float = 600.0
     verbose_workers: bool = False
     out_dir: Path = field(default_factory=lambda: Path("bench-out"))
+    per_call: bool = False  # --calls: report every call's plan, cost model and latency
 
 
 @dataclass
@@ -63,6 +64,7 @@ class ArmOutcome:
     status: str = "ok"  # ok | skipped | failed
     reason: str | None = None
     warmup_latency: float | None = None  # the first, cold call
+    cold: dict | None = None  # ... and its details (the start of adaptive STADI's sequence of calls)
     reference_latency: float | None = None  # shift scenarios: a second untimed call, under the initial load
     runs: list[dict] = field(default_factory=list)  # per timed run: latency + per-rank details
     latent: torch.Tensor | None = None  # final latent of the last timed run
@@ -262,6 +264,7 @@ def run_scenario(settings: BenchSettings, scenario: Scenario, progress: _Progres
         outcome = outcomes[name]
         if call == "cold":
             outcome.warmup_latency = collected["latency"]
+            outcome.cold = collected
             if timeout["run"] is None:  # auto: generous multiple of the first warm-up call
                 timeout["run"] = max(60.0, 20.0 * collected["latency"])
         elif call == "reference":

@@ -14,7 +14,7 @@ import importlib.metadata
 from stadi_xdit.compat import imports, runner, runtime
 from stadi_xdit.compat._hooks import when_imported
 
-__all__ = ["PINNED_XFUSER_VERSION", "apply_cpu_compat", "check_xfuser_version", "is_applied"]
+__all__ = ["PINNED_XFUSER_VERSION", "apply_cpu_compat", "bootstrap", "check_xfuser_version", "is_applied"]
 
 PINNED_XFUSER_VERSION = "0.7.0"
 
@@ -47,6 +47,15 @@ def apply_cpu_compat() -> None:
         for patch in patches:
             when_imported(module_name, patch)
     _APPLIED = True
+
+
+def bootstrap() -> None:
+    """The CPU fixes where there is no CUDA, nothing on CUDA machines; before anything imports xfuser.
+    (The CLI hook is separate: `stadi_xdit.xdit` installs it.)"""
+    import torch
+
+    if not torch.cuda.is_available():
+        apply_cpu_compat()
 
 
 def is_applied() -> bool:

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
@@ -43,18 +42,14 @@ from xfuser.model_executor.pipelines import xFuserFluxPipeline
 from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrapper
 
 from stadi_xdit.models import register_twin
-from stadi_xdit.runtime.kv import DisplacedKVStore
+from stadi_xdit.runtime.band_attention import BandAttentionProcessor, Stream
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.xdit.injection import InjectionPlan
 from stadi_xdit.xdit.pipelines import StadiPipelineMixin, XditBandModel
 
 
-class StadiFluxAttnProcessor:
+class StadiFluxAttnProcessor(BandAttentionProcessor):
     """One processor for both Flux block kinds; `layer` is the K/V layer id in the store."""
-
-    def __init__(self, store: DisplacedKVStore, layer: int):
-        self.store = store
-        self.layer = layer
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -92,17 +87,13 @@ class StadiFluxAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        # To (batch, heads, tokens, head_dim): the store's layout and SDPA's.
+        # To (batch, heads, tokens, head_dim): the store's layout and SDPA's; the text stream leads.
         query, key, value = (x.transpose(1, 2) for x in (query, key, value))
-        image_key, image_value = self.store.full_kv(self.layer, key[:, :, txt_len:], value[:, :, txt_len:])
-        key = torch.cat([key[:, :, :txt_len], image_key], dim=2)
-        value = torch.cat([value[:, :, :txt_len], image_value], dim=2)
-
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        text = Stream(query[:, :, :txt_len], key[:, :, :txt_len], value[:, :, :txt_len], first=True)
+        image_out, txt_out = self.attend(query[:, :, txt_len:], key[:, :, txt_len:],
+                                            value[:, :, txt_len:], text)
         if not joint:
-            return out
-        txt_out, image_out = out.split_with_sizes([txt_len, out.shape[1] - txt_len], dim=1)
+            return torch.cat([txt_out, image_out], dim=1)
         image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
         txt_out = attn.to_add_out(txt_out.contiguous())
         return image_out, txt_out

@@ -11,7 +11,6 @@ with `--use_cfg_parallel` (`CfgExchange`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
     ASPECT_RATIO_256_BIN,
@@ -23,7 +22,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_
 from xfuser.model_executor.pipelines import xFuserPixArtAlphaPipeline, xFuserPixArtSigmaPipeline
 
 from stadi_xdit.models import register_twin
-from stadi_xdit.runtime.kv import DisplacedKVStore
+from stadi_xdit.runtime.band_attention import BandAttentionProcessor
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.xdit.cfg import CfgExchange
 from stadi_xdit.xdit.injection import InjectionPlan
@@ -34,16 +33,11 @@ _PIXART_BINS = {256: ASPECT_RATIO_2048_BIN, 128: ASPECT_RATIO_1024_BIN, 64: ASPE
 
 
 
-class StadiSelfAttnProcessor(AttnProcessor2_0):
+class StadiSelfAttnProcessor(BandAttentionProcessor, AttnProcessor2_0):
     """Self-attention (PixArt `attn1`) whose K/V come from a `DisplacedKVStore`.
 
     Cross-attention to text is untouched: text tokens are replicated on every rank.
     """
-
-    def __init__(self, store: DisplacedKVStore, layer: int):
-        super().__init__()
-        self.store = store
-        self.layer = layer
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
@@ -66,9 +60,7 @@ class StadiSelfAttnProcessor(AttnProcessor2_0):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        key, value = self.store.full_kv(self.layer, key, value)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out, _ = self.attend(query, key, value)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual

@@ -34,19 +34,15 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, re
 from torch import nn
 
 from stadi_xdit.models import register_twin
-from stadi_xdit.runtime.kv import DisplacedKVStore
+from stadi_xdit.runtime.band_attention import BandAttentionProcessor, Stream
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.xdit.cfg import CfgExchange
 from stadi_xdit.xdit.injection import InjectionPlan
 from stadi_xdit.xdit.pipelines import DiffusersPipelineWrapper, StadiPipelineMixin, XditBandModel
 
 
-class StadiQwenImageAttnProcessor:
+class StadiQwenImageAttnProcessor(BandAttentionProcessor):
     """diffusers' `QwenDoubleStreamAttnProcessor2_0` with the band's RoPE rows and displaced image K/V."""
-
-    def __init__(self, store: DisplacedKVStore, layer: int):
-        self.store = store
-        self.layer = layer
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  encoder_hidden_states_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -87,23 +83,14 @@ class StadiQwenImageAttnProcessor:
             txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
 
         # To (batch, heads, tokens, head_dim), the store's and SDPA's layout; joint order [text, image].
-        image_key, image_value = self.store.full_kv(self.layer, img_key.transpose(1, 2), img_value.transpose(1, 2))
-        query = torch.cat([txt_query, img_query], dim=1).transpose(1, 2)
-        key = torch.cat([txt_key.transpose(1, 2), image_key], dim=2)
-        value = torch.cat([txt_value.transpose(1, 2), image_value], dim=2)
-        mask = None
-        if encoder_hidden_states_mask is not None:  # a key mask: text padding off, every image token on
-            image_mask = torch.ones((hidden_states.shape[0], image_tokens), dtype=torch.bool,
-                                    device=hidden_states.device)
-            mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
-
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        txt_len = encoder_hidden_states.shape[1]
-        img_out = attn.to_out[0](out[:, txt_len:].contiguous())
+        text = Stream(*(x.transpose(1, 2) for x in (txt_query, txt_key, txt_value)), first=True,
+                      key_mask=encoder_hidden_states_mask)
+        img_out, txt_out = self.attend(*(x.transpose(1, 2) for x in
+                                                                    (img_query, img_key, img_value)), text)
+        img_out = attn.to_out[0](img_out.contiguous())
         if len(attn.to_out) > 1:
             img_out = attn.to_out[1](img_out)
-        return img_out, attn.to_add_out(out[:, :txt_len].contiguous())
+        return img_out, attn.to_add_out(txt_out.contiguous())
 
 
 QWEN_IMAGE_INJECTION = InjectionPlan(

@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
     calculate_shift,
@@ -34,25 +33,21 @@ from torch import nn
 from xfuser.model_executor.pipelines import xFuserStableDiffusion3Pipeline
 
 from stadi_xdit.models import register_twin
-from stadi_xdit.runtime.kv import DisplacedKVStore
+from stadi_xdit.runtime.band_attention import BandAttentionProcessor, Stream
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.xdit.cfg import CfgExchange
 from stadi_xdit.xdit.injection import InjectionPlan
 from stadi_xdit.xdit.pipelines import StadiPipelineMixin, XditBandModel
 
 
-class StadiSD3AttnProcessor:
+class StadiSD3AttnProcessor(BandAttentionProcessor):
     """diffusers' `JointAttnProcessor2_0` with displaced image K/V; serves `attn` and `attn2`."""
-
-    def __init__(self, store: DisplacedKVStore, layer: int):
-        self.store = store
-        self.layer = layer
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs):
         if attention_mask is not None:
             raise ValueError("StadiSD3AttnProcessor does not support attention masks")
-        batch, image_tokens = hidden_states.shape[:2]
+        batch = hidden_states.shape[0]
         head_dim = attn.to_k.out_features // attn.heads
 
         def heads(x: torch.Tensor) -> torch.Tensor:  # (batch, heads, tokens, head_dim)
@@ -64,26 +59,19 @@ class StadiSD3AttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         # Queries stay the band's; keys/values cover the full image, other bands from the store.
-        key, value = self.store.full_kv(self.layer, key, value)
-
-        joint = encoder_hidden_states is not None
-        if joint:
+        text = None
+        if encoder_hidden_states is not None:  # joint attention: the text stream follows the image
             txt_query, txt_key, txt_value = (heads(proj(encoder_hidden_states))
                                              for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             if attn.norm_added_q is not None:
                 txt_query = attn.norm_added_q(txt_query)
             if attn.norm_added_k is not None:
                 txt_key = attn.norm_added_k(txt_key)
-            query = torch.cat([query, txt_query], dim=2)
-            key = torch.cat([key, txt_key], dim=2)
-            value = torch.cat([value, txt_value], dim=2)
-
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        image_out = attn.to_out[1](attn.to_out[0](out[:, :image_tokens]))
-        if not joint:
+            text = Stream(txt_query, txt_key, txt_value, first=False)
+        image_out, txt_out = self.attend(query, key, value, text)
+        image_out = attn.to_out[1](attn.to_out[0](image_out))
+        if text is None:
             return image_out
-        txt_out = out[:, image_tokens:]
         if not attn.context_pre_only:
             txt_out = attn.to_add_out(txt_out)
         return image_out, txt_out

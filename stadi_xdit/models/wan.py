@@ -70,7 +70,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import WanPipeline
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
@@ -78,6 +77,7 @@ from torch import nn
 
 from stadi_xdit.models import register_twin
 from stadi_xdit.planner.validation import MAX_ROWS
+from stadi_xdit.runtime.band_attention import BandAttentionProcessor
 from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
 from stadi_xdit.runtime.layout import BandGeometry, BandLayout
 from stadi_xdit.runtime.profile_cache import profile_key
@@ -107,12 +107,8 @@ def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freq
     return out.type_as(hidden_states)
 
 
-class StadiWanAttnProcessor:
+class StadiWanAttnProcessor(BandAttentionProcessor):
     """diffusers' `WanAttnProcessor` for self-attention (`attn1`), keys/values over the whole clip."""
-
-    def __init__(self, store: DisplacedKVStore, layer: int):
-        self.store = store
-        self.layer = layer
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -135,9 +131,7 @@ class StadiWanAttnProcessor:
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
         # (batch, heads, tokens, head_dim): the store's and SDPA's layout; keys/values of the whole clip.
-        key, value = self.store.full_kv(self.layer, key.transpose(1, 2), value.transpose(1, 2))
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        out, _ = self.attend(*(x.transpose(1, 2) for x in (query, key, value)))
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
@@ -272,7 +266,7 @@ def displaced_kv_bytes(transformer_config: Any, height: int, width: int, num_fra
 
 def kv_memory_report(presets: Sequence[str] | None = None, *, bytes_per_value: int = 2) -> list[str]:
     """One line per real-size preset and CFG form: tokens, layers, width and the per-rank store."""
-    from stadi_xdit.testing.tiny import WAN_PRESETS, wan_transformer_config
+    from stadi_xdit.offline.pipelines import WAN_PRESETS, wan_transformer_config
 
     names = presets or [name for name in WAN_PRESETS if name.startswith("wan")]
     lines = []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from .plan_types import Plan
+if TYPE_CHECKING:  # plan_types imports this module (Plan.explain); at run time a Plan is passed in
+    from .plan_types import Plan
 
 _HEADER = (
     f"{'rank':>4}  {'rows [start, end)':<18} {'#rows':>6} {'speed':>9} {'stride':>6} {'evals':>5} "

@@ -144,7 +144,7 @@ class Plan:
 
     def explain(self) -> str:
         """A human-readable table of the plan and its predicted latency."""
-        from .explain import format_plan  # local: explain.py imports this module
+        from .explain import format_plan  # local: rendering is only needed when asked for
 
         return format_plan(self)
 

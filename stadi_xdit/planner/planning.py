@@ -63,11 +63,7 @@ class _Problem:
         )
 
     def step_speeds(self) -> tuple[float, ...]:
-        """What ideal strides compare: the speeds, or with fixed step costs, 1 / (time of an equal band)."""
-        if not any(self.step_overhead_seconds):
-            return self.speeds
-        share = self.rows / self.num_ranks
-        return tuple(1.0 / (share / speed + overhead) for speed, overhead in zip(self.speeds, self.step_overhead_seconds))
+        return step_speeds(self.speeds, self.step_overhead_seconds, self.rows)
 
     def uniform_rows(self) -> tuple[int, ...]:
         return uniform_band_rows(self.num_ranks, self.rows, self.align)
@@ -120,6 +116,9 @@ def plan(
     step_overhead_seconds: float | Sequence[float] = 0.0,
     warmup_speeds_known: bool = False,
     warmup_exchange_seconds: float = 0.0,
+    warmup_rows: Sequence[int] | None = None,
+    strides: Sequence[int] | None = None,
+    band_rows: Sequence[int] | None = None,
 ) -> Plan:
     """Plan bands and strides for ranks with throughputs ``speeds`` (token rows per second).
 
@@ -128,6 +127,10 @@ def plan(
     ``step_overhead_seconds``: a fixed cost per computed step, one number or one per rank (a calibrated
     runtime measures it per rank); elastic bands account for it. ``exchange_seconds``: the K/V exchange
     per sync period; ``warmup_exchange_seconds``: the synchronous K/V gathers of one warmup step.
+
+    ``warmup_rows``: the warmup layout that ran (overrides ``warmup_speeds_known``). ``strides``: plan
+    only the bands, for these strides; ``band_rows`` too: score this very layout (the noise floor in
+    ``planner/anchor.py`` compares the plan it keeps with the plan it could move to).
     """
     speeds = require_speeds(speeds)
     rows, align = require_layout(len(speeds), rows, align)
@@ -148,15 +151,47 @@ def plan(
     )
 
     ones = (1,) * problem.num_ranks
-    elastic_warmup = warmup_speeds_known and mode != "uniform"
-    warmup_rows = problem.elastic_rows(ones) if elastic_warmup else problem.uniform_rows()
-    if mode == "uniform":
+    if warmup_rows is not None:
+        warmup_rows = _require_bands("warmup_rows", warmup_rows, problem)
+    elif warmup_speeds_known and mode != "uniform":
+        warmup_rows = problem.elastic_rows(ones)
+    else:
+        warmup_rows = problem.uniform_rows()
+    if strides is not None:
+        strides = tuple(require_int(f"strides[{i}]", s, minimum=1, maximum=max_stride)
+                        for i, s in enumerate(strides))
+        if len(strides) != problem.num_ranks or (mode != "full" and any(s != 1 for s in strides)):
+            raise ValueError(f"strides must be {problem.num_ranks} integers (all 1 unless mode is 'full'), "
+                             f"got {strides!r}")
+        band_rows = problem.elastic_rows(strides) if band_rows is None else _require_bands("band_rows", band_rows,
+                                                                                            problem)
+    elif band_rows is not None:
+        raise ValueError("band_rows needs strides")
+    elif mode == "uniform":
         strides, band_rows = ones, problem.uniform_rows()
     elif mode == "spatial":
         strides, band_rows = ones, problem.elastic_rows(ones)
     else:
         strides, band_rows = _search_strides(problem, warmup_rows, max_stride, tolerance)
     return _assemble_plan(problem, mode, max_stride, strides, band_rows, warmup_rows)
+
+
+def _require_bands(name: str, band_rows: Sequence[int], problem: _Problem) -> tuple[int, ...]:
+    """Rows per rank: multiples of align, at least one unit each, covering every row."""
+    values = tuple(require_int(f"{name}[{i}]", r, minimum=problem.align) for i, r in enumerate(band_rows))
+    if (len(values) != problem.num_ranks or sum(values) != problem.rows
+            or any(r % problem.align for r in values)):
+        raise ValueError(f"{name} must be {problem.num_ranks} multiples of align={problem.align} summing to "
+                         f"rows={problem.rows}, got {values!r}")
+    return values
+
+
+def step_speeds(speeds: Sequence[float], overheads: Sequence[float], rows: int) -> tuple[float, ...]:
+    """What ideal strides compare: the speeds, or with fixed step costs, 1 / (time of an equal band)."""
+    if not any(overheads):
+        return tuple(speeds)
+    share = rows / len(speeds)
+    return tuple(1.0 / (share / speed + overhead) for speed, overhead in zip(speeds, overheads))
 
 
 def plan_warmup(

@@ -18,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .anchor import settle_plan
 from .cost import predict_latency
+from .evidence import CostEstimate
 from .plan_types import Plan
-from .planning import plan as make_plan
 from .validation import require_int, require_seconds, require_speeds
 
 REPLAN_MODES = ("off", "calls", "sync")
@@ -55,24 +56,34 @@ def skipped_row_steps(rows: Sequence[int], strides: Sequence[int]) -> float:
     return sum(r * (1.0 - 1.0 / s) for r, s in zip(rows, strides))
 
 
-def decide_replan(current: Plan, *, next_base_step: int, speeds: Sequence[float], confirmations: int,
-                  policy: ReplanPolicy, tolerance: float = 0.02, transition_seconds: float = 0.0) -> ReplanDecision:
+def decide_replan(current: Plan, *, next_base_step: int, confirmations: int, policy: ReplanPolicy,
+                  speeds: Sequence[float] | None = None, estimates: Sequence[CostEstimate] | None = None,
+                  tolerance: float = 0.02, transition_seconds: float = 0.0) -> ReplanDecision:
     """The decision at the sync point before base step `next_base_step` of `current`.
 
-    `speeds` are the rows/s every rank measured over the last period (the same list on every rank);
-    `confirmations` is the previous decision's count. The new plan covers base steps
-    `next_base_step .. T'` as its own steps 0 .. T' - k, with no warmup (all ranks are aligned).
+    `estimates`: every rank's cost model from the evidence so far (the same list on every rank), or
+    `speeds`: rows/s taken as exact. `confirmations` is the previous decision's count. The new plan
+    covers base steps `next_base_step .. T'` as its own steps 0 .. T' - k, with no warmup (all ranks
+    are aligned). It is settled against the current plan (`planner/anchor.py`): a fresh plan that
+    the noise could explain is no fresh plan.
     """
-    speeds = require_speeds(speeds)
+    if estimates is None:
+        estimates = [CostEstimate.given(v) for v in require_speeds(speeds if speeds is not None else ())]
+    speeds = [e.speed for e in estimates]
     remaining = current.num_steps - current.warmup_steps - require_int("next_base_step", next_base_step, minimum=0)
     if len(speeds) != len(current.ranks) or remaining < 2:
         return ReplanDecision(False, 0, 0.0, 0.0, None)
     rows = [rank.num_rows for rank in current.ranks]
     strides = [rank.stride for rank in current.ranks]
-    now = predict_latency(rows, strides, speeds, num_steps=remaining, warmup_steps=0).total_seconds
-    fresh = make_plan(speeds, rows=current.rows, align=current.align, num_steps=remaining, warmup_steps=0,
-                      mode=current.mode, max_stride=current.max_stride, tolerance=tolerance,
-                      warmup_speeds_known=True)
+    overheads = [e.fixed_seconds for e in estimates]
+    now = predict_latency(rows, strides, speeds, num_steps=remaining, warmup_steps=0,
+                          step_overhead_seconds=overheads).total_seconds
+    settled = settle_plan(estimates, anchor_rows=rows, anchor_strides=strides, rows=current.rows,
+                          align=current.align, num_steps=remaining, warmup_steps=0, mode=current.mode,
+                          max_stride=current.max_stride, tolerance=tolerance)
+    if not settled.moved:
+        return ReplanDecision(False, 0, now, now, None)
+    fresh = settled.plan
     replanned = fresh.predicted.total_seconds + transition_seconds
     faster = replanned < (1.0 - policy.threshold) * now
     skipped = skipped_row_steps(rows, strides)

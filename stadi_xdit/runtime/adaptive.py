@@ -1,34 +1,43 @@
-"""Adaptive STADI: what a rank measured over a call or a sync period, and the mid-run re-plan.
+"""Adaptive STADI: the timing evidence of a call, the memory between calls, and the mid-run re-plan.
 
 Every forward is already timed (`StepRecord`: compute net of collective waits, emulated slowdown
-included, band rows). The speed of a rank over a span of forwards is the rows it computed per
-second of its own compute; the first forward of a call carries one-time costs and is left out.
+included, band rows). Each is one sample ``(rows, seconds)`` of the rank's cost model; the first
+forward of a call carries one-time costs and is left out. Ranks exchange their evidence (summaries
+per band size, `planner.evidence.RankEvidence`) so that every rank holds the same numbers and takes
+the same decisions with no broadcast.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from stadi_xdit.planner import Plan
+from stadi_xdit.planner.calls import Evidence
+from stadi_xdit.planner.evidence import CostEstimate, RankEvidence
 from stadi_xdit.planner.replan import ReplanDecision, ReplanPolicy, decide_replan
 from stadi_xdit.runtime.groups import StadiGroups
 from stadi_xdit.runtime.profile import StepRecord
 from stadi_xdit.runtime.schedule import restrict_to_indices
 
 
-def row_speed(steps: Sequence[StepRecord]) -> float | None:
-    """Token rows per second over `steps` (None when nothing usable was timed)."""
-    usable = [step for step in steps if step.rows]
-    seconds = sum(step.compute for step in usable)
-    return sum(step.rows for step in usable) / seconds if seconds > 0 else None
+def rank_evidence(records: Sequence[StepRecord]) -> RankEvidence:
+    """This rank's samples ``(band rows, compute seconds)`` from `records`."""
+    return RankEvidence.of((r.rows, r.compute) for r in records if r.rows)
 
 
-def call_row_speed(steps: Sequence[StepRecord]) -> float | None:
-    """This rank's speed over a whole call, its first (warm-up of caches) forward left out."""
-    return row_speed(steps[1:])
+def call_records(records: Sequence[StepRecord]) -> Sequence[StepRecord]:
+    """The forwards of a call usable for timing: all but its first (one-time costs: allocation, caches)."""
+    return records[1:] if len(records) > 1 else records
+
+
+def gather_evidence(groups: StadiGroups, mine: RankEvidence, device: torch.device, phase: str) -> Evidence:
+    """Every rank's evidence on every rank (one list per CFG branch, in band-rank order)."""
+    texts = groups.gather_text(json.dumps(mine.to_json()), device, phase=phase)
+    return Evidence(tuple(tuple(RankEvidence.from_json(json.loads(t)) for t in branch) for branch in texts))
 
 
 @dataclass
@@ -55,48 +64,70 @@ class ScheduleSnapshot:
 
 
 class SyncReplanner:
-    """`--stadi_replan sync`: at each sync point every rank's speed over the last period is gathered
-    (the same list everywhere, so every rank takes the same decision), and the remaining steps are
-    re-planned when `decide_replan` promises the gain at enough consecutive sync points."""
+    """`--stadi_replan sync`: at each sync point the ranks gather their evidence of the period that just
+    ended; merged into what the call knew (`planner.evidence.combine_evidence`: a change of load must
+    contradict it in consecutive periods with `MIN_CHANGE_SAMPLES` samples, so no single period can)
+    it gives every rank the same cost models, and the remaining steps are re-planned when
+    `decide_replan` promises the gain at enough consecutive sync points."""
 
-    def __init__(self, groups: StadiGroups, tolerance: float, policy: ReplanPolicy | None = None):
+    def __init__(self, groups: StadiGroups, tolerance: float, evidence: Evidence | None, max_fixed_rows: float,
+                 policy: ReplanPolicy | None = None):
         self.groups = groups
         self.tolerance = tolerance
         self.policy = policy or ReplanPolicy()
+        self.evidence = evidence  # what the call knows (memory or warmup, then every period); None: speeds given
+        self.pending: Evidence | None = None
+        self.max_fixed_rows = max_fixed_rows
         self.confirmations = 0
-        self.log: list[dict] = []  # one entry per re-plan, for logs and the benchmark
+        self.log: list[ReplanEvent] = []
 
-    def period_speeds(self, records: Sequence[StepRecord], device: torch.device) -> list[float] | None:
-        mine = row_speed(records) or 0.0
-        speeds = self.groups.band.all_gather_floats(mine, device)
-        if not all(speed > 0 for speed in speeds):
-            return None  # a rank computed nothing timed this period: no evidence
-        return self.groups.shared_speeds(speeds, device)
+    def period_estimates(self, records: Sequence[StepRecord], device: torch.device) -> list[CostEstimate]:
+        period = gather_evidence(self.groups, rank_evidence(records), device, phase="replan")
+        self.evidence, self.pending, _ = period.combined_with(self.evidence, self.max_fixed_rows, self.pending)
+        return self.evidence.estimates(self.max_fixed_rows)
 
-    def decide(self, current: Plan, next_base_step: int, speeds: list[float] | None,
-               transition_seconds: float) -> ReplanDecision | None:
-        if speeds is None:
-            return None
-        decision = decide_replan(current, next_base_step=next_base_step, speeds=speeds,
+    def decide(self, current: Plan, next_base_step: int, estimates: list[CostEstimate],
+               transition_seconds: float) -> ReplanDecision:
+        decision = decide_replan(current, next_base_step=next_base_step, estimates=estimates,
                                  confirmations=self.confirmations, policy=self.policy, tolerance=self.tolerance,
                                  transition_seconds=transition_seconds)
         self.confirmations = decision.confirmations
-        if decision.replan:
-            self.log.append({"base_step": next_base_step, "old_speeds": list(current.speeds), "new_speeds": speeds,
-                             "old_rows": [r.num_rows for r in current.ranks],
-                             "new_rows": [r.num_rows for r in decision.new_plan.ranks],
-                             "old_strides": [r.stride for r in current.ranks],
-                             "new_strides": [r.stride for r in decision.new_plan.ranks],
-                             "predicted_gain": decision.gain, "reason": decision.reason, "plan": decision.new_plan})
         return decision
 
 
-def executed_evals(final: Plan, replans: Sequence[dict], rank: int) -> int:
+@dataclass(frozen=True)
+class ReplanEvent:
+    """One mid-run re-plan: where it starts (absolute base step), what changed and why."""
+
+    offset: int
+    old_speeds: list[float]
+    new_speeds: list[float]
+    old_rows: list[int]
+    new_rows: list[int]
+    old_strides: list[int]
+    new_strides: list[int]
+    predicted_gain: float
+    reason: str
+    plan: Plan
+
+    @classmethod
+    def of(cls, current: Plan, decision: ReplanDecision, offset: int) -> ReplanEvent:
+        new = decision.new_plan
+        return cls(offset, list(current.speeds), list(new.speeds), [r.num_rows for r in current.ranks],
+                   [r.num_rows for r in new.ranks], [r.stride for r in current.ranks],
+                   [r.stride for r in new.ranks], decision.gain, decision.reason, new)
+
+    def to_json(self) -> dict:
+        """Everything but the plan (for logs and the benchmark)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "plan"}
+
+
+def executed_evals(final: Plan, replans: Sequence[ReplanEvent], rank: int) -> int:
     """Model evaluations `rank` runs under `final` and the re-plans that followed it (absolute base
     steps: each re-plan covers the steps from its `offset` on)."""
     evals, plan, offset = final.warmup_steps, final, 0
-    for entry in replans:
-        stop = entry["offset"]
+    for event in replans:
+        stop = event.offset
         evals += sum(1 for k in plan.ranks[rank].steps if offset + k < stop)
-        plan, offset = entry["plan"], stop
+        plan, offset = event.plan, stop
     return evals + len(plan.ranks[rank].steps)

@@ -26,9 +26,10 @@ class StadiGroups:
         """STADI rank 0 of CFG branch 0: the one rank that reads and writes the profile cache."""
         return self.band.rank == 0 and self.cfg.rank == 0
 
-    def gather_text(self, text: str, device: torch.device) -> list[list[str]]:
-        """`text` of every rank: one list per CFG branch, each in band-rank order."""
-        self.band.enter("profile-cache")
+    def gather_text(self, text: str, device: torch.device, phase: str = "profile-cache") -> list[list[str]]:
+        """`text` of every rank: one list per CFG branch, each in band-rank order (`phase` names the
+        step in the progress a failed peer is reported with)."""
+        self.band.enter(phase)
         branch = self.band.all_gather_text(text, device)
         return [json.loads(b) for b in self.cfg.all_gather_text(json.dumps(branch), device)]
 
@@ -41,7 +42,14 @@ class StadiGroups:
 
         Guidance mixes both branches of a band every step, so neither may run ahead.
         """
+        return self._pair_reduce(speeds, device, torch.minimum)
+
+    def pair_max(self, value: float, device: torch.device) -> float:
+        """The larger of the CFG pair's values (a cost both branches must plan on alike)."""
+        return self._pair_reduce([value], device, torch.maximum)[0]
+
+    def _pair_reduce(self, values: list[float], device: torch.device, reduce) -> list[float]:
         if self.cfg.world_size == 1:
-            return speeds
-        both = self.cfg.all_gather(torch.tensor([speeds], dtype=torch.float64, device=device), [1, 1], dim=0)
-        return torch.minimum(both[0], both[1]).tolist()
+            return values
+        both = self.cfg.all_gather(torch.tensor([values], dtype=torch.float64, device=device), [1, 1], dim=0)
+        return reduce(both[0], both[1]).tolist()

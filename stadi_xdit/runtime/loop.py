@@ -3,13 +3,14 @@
 Model-specific work (CFG, learned sigma, packing, RoPE ids) lives behind `BandModel`; this file
 only decides which band each rank holds, which timesteps it visits and when K/V are exchanged.
 
-Calibration (when speeds are measured): warmup times every forward. With at least 3 warmup steps
-in `spatial`/`full` mode, the first timed step (step 1, on the initial bands) gives provisional
-speeds; the remaining warmup steps run on the spatial bands of those speeds. Each rank thus times
-two band sizes, and a line through them (`profile.fit_step_cost`) splits its forward into a fixed
-cost and a cost per token row. The planner gets the per-row speeds, the fixed costs
-(`step_overhead_seconds`, per rank) and the exchange measured in warmup (`warmup_exchange_seconds`
-per warmup step; `exchange_seconds` per sync period of the displaced phase).
+Measured speeds (no `--stadi_speeds`): every forward is a sample of its rank's cost model
+``t(rows) = fixed + rows * row`` (`planner/evidence.py`). The profile after warmup fits every
+rank's model from what the pipeline remembers of earlier calls (`CallMemory`, with
+``--stadi_replan calls|sync``: their displaced forwards), or else from this call's warmup, and
+settles the plan against the plan in use (`planner/anchor.py`): a plan moves only on gains the
+measured noise cannot explain. With at least 3 warmup steps and no memory, the first timed step's
+(settled) spatial bands give the rest of the warmup a second band size for the fit. At the end of
+the call its displaced forwards update the memory.
 """
 
 from __future__ import annotations
@@ -21,23 +22,23 @@ from typing import Protocol
 import torch
 
 from stadi_xdit.config import StadiConfig
-from stadi_xdit.planner import Plan, plan, plan_warmup
-from stadi_xdit.runtime.adaptive import ScheduleSnapshot, SyncReplanner
+from stadi_xdit.planner import Plan, plan
+from stadi_xdit.planner.anchor import settle_plan
+from stadi_xdit.planner.calls import CallMemory, plan_call, remember_call, warmup_layout
+from stadi_xdit.planner.evidence import CostEstimate
+from stadi_xdit.runtime.adaptive import (
+    ReplanEvent,
+    ScheduleSnapshot,
+    SyncReplanner,
+    call_records,
+    gather_evidence,
+    rank_evidence,
+)
 from stadi_xdit.runtime.comm import synchronize
 from stadi_xdit.runtime.groups import StadiGroups
 from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
 from stadi_xdit.runtime.layout import BandGeometry, BandLayout, slice_band
-from stadi_xdit.runtime.profile import (
-    RankTimeline,
-    StepCost,
-    StepRecord,
-    complete_step_costs,
-    emulate_slowdown,
-    fit_step_cost,
-    last_size_seconds,
-    timed_warmup,
-    work_clock,
-)
+from stadi_xdit.runtime.profile import RankTimeline, StepRecord, emulate_slowdown, work_clock
 from stadi_xdit.runtime.schedule import map_history, rank_schedule_indices
 
 
@@ -69,19 +70,19 @@ class DenoiseResult:
     # The K/V store's account of the run: exchange method, collectives per sync point, bytes.
     exchange: dict = field(default_factory=dict)
     # --stadi_replan sync: one entry per mid-run re-plan (base step, old/new speeds, rows, strides, gain).
-    replans: list[dict] = field(default_factory=list)
+    replans: list[ReplanEvent] = field(default_factory=list)
+    # What the next call of this size starts from (measured speeds only; the same on every rank).
+    memory: CallMemory | None = None
+    settle_reasons: dict = field(default_factory=dict)  # phase -> why the plan moved or stayed
 
 
 # Fewer warmup steps leave one timed band size: the fixed cost per forward cannot be separated.
 CALIBRATION_WARMUP_STEPS = 3
 
 
-def _pair_max(groups: StadiGroups, values: list[float], device: torch.device) -> list[float]:
-    """With CFG parallelism, the larger of each pair's values (both branches must plan alike)."""
-    if groups.cfg.world_size == 1:
-        return values
-    both = groups.cfg.all_gather(torch.tensor([values], dtype=torch.float64, device=device), [1, 1], dim=0)
-    return torch.maximum(both[0], both[1]).tolist()
+def _cost_terms(estimates: Sequence[CostEstimate], warmup_exchange: float, stale_bytes_ratio: float) -> dict:
+    return {"step_overhead_seconds": [e.fixed_seconds for e in estimates], "warmup_exchange_seconds": warmup_exchange,
+            "exchange_seconds": warmup_exchange * stale_bytes_ratio}
 
 
 def denoise(
@@ -95,11 +96,13 @@ def denoise(
     geometry: BandGeometry,
     warmup_steps: int,
     known_speeds: Sequence[float] | None = None,
+    memory: CallMemory | None = None,
 ) -> DenoiseResult:
     """Run every denoising step of `scheduler` (already set up for the full run) on this rank's bands.
 
     `geometry` turns plans into band layouts; each new layout goes to the K/V store and to the
-    model (`model.set_band`). `known_speeds` (user-given or cached) make warmup already elastic.
+    model (`model.set_band`). `known_speeds` (user-given or cached) make warmup already elastic;
+    `memory` (the last calls of this size) makes it elastic on settled estimates, and anchors the plan.
     """
     comm = groups.band
     rank, world = comm.rank, comm.world_size
@@ -107,6 +110,11 @@ def denoise(
     num_steps = len(scheduler.timesteps)
     timeline = RankTimeline()
     clock = work_clock(latents.device)
+    device = latents.device
+    measured = not config.speeds
+    if config.exact or config.mode == "uniform" or not measured:
+        memory = None  # nothing to settle: exact and uniform plans are fixed, given speeds are trusted
+    reasons: dict[str, str] = {}
     # Stale K/V only exist outside exact mode; there they may be stored narrower (--stadi_kv_dtype).
     store.configure(kv_dtype=None if config.exact else kv_storage_dtype(config.kv_dtype))
 
@@ -144,13 +152,14 @@ def denoise(
         return slice_band(full, new_sizes, rank, model.band_dim)
 
     # 1. Warmup: synchronous, exact steps that also time each rank.
-    warm = plan_warmup(world, rows=rows, align=align, num_steps=num_steps, warmup_steps=warmup_steps,
-                       speeds=known_speeds)
+    if memory is not None and (len(memory.plan_rows) != world or sum(memory.plan_rows) != rows):
+        memory = None
+    warm, reasons["warmup"] = warmup_layout(memory, num_ranks=world, rows=rows, align=align, num_steps=num_steps,
+                                            warmup_steps=warmup_steps, known_speeds=known_speeds)
     layout = geometry.layout(warm)
     install(layout)
     band = slice_band(latents, model.band_sizes(layout), rank, model.band_dim)
-    speeds = list(config.speeds) if config.speeds else None
-    calibrate = (speeds is None and world > 1 and config.mode != "uniform"
+    calibrate = (measured and memory is None and world > 1 and config.mode != "uniform"
                  and warmup_steps >= CALIBRATION_WARMUP_STEPS)
     warmup_rows = []  # token rows per rank of each warmup step
     for i in range(warmup_steps):
@@ -159,44 +168,50 @@ def denoise(
         warmup_rows.append([end - start for start, end in layout.token_rows])
         band = forward_and_step(band, i, "warmup", i)
         if calibrate and i == 1:
-            # A second band size for the fit: the spatial bands of step 1's provisional speeds.
-            comm.enter("profile", i)
-            record = timeline.steps[-1]
-            seconds = comm.all_gather_floats(record.compute, band.device)
-            provisional = groups.shared_speeds([n / s for n, s in zip(warmup_rows[-1], seconds)], band.device)
-            second = geometry.layout(plan_warmup(world, rows=rows, align=align, num_steps=num_steps,
-                                                 warmup_steps=warmup_steps, speeds=provisional))
+            # A second band size for the fit: the settled spatial bands of step 1's timing.
+            first = gather_evidence(groups, rank_evidence(timeline.steps[-1:]), device, phase="profile")
+            settled = settle_plan(first.estimates(rows), anchor_rows=warmup_rows[-1], rows=rows, align=align,
+                                  num_steps=num_steps, warmup_steps=warmup_steps, mode="spatial")
+            reasons["calibration"] = settled.reason
+            second = geometry.layout(settled.plan)
             if second.token_rows != layout.token_rows:
                 band = reband(band, layout, second)
                 layout = second
                 install(layout)
 
-    # 2. Profile: every rank derives the same speeds and costs, hence the same plan, with no broadcast.
-    measured, costs, cost_terms = None, None, {}
-    if speeds is None:
-        comm.enter("profile")
-        fit = fit_step_cost(timeline.steps)
-        waits = [r.wait for r in timed_warmup(timeline.steps)]  # as many on every rank
-        last_rows, last_seconds = last_size_seconds(timeline.steps)
-        per_rank = comm.all_gather_float_lists([fit.fixed_seconds, fit.row_seconds, float(fit.fitted),
-                                                last_rows, last_seconds, *waits], band.device)
-        fits = complete_step_costs([StepCost(r[0], r[1], (), bool(r[2])) for r in per_rank],
-                                   [(int(r[3]), r[4]) for r in per_rank], max_fixed_rows=rows)
-        measured = [fit.speed for fit in fits]
-        speeds = groups.shared_speeds(measured, band.device)
-        fixed = _pair_max(groups, [fit.fixed_seconds for fit in fits], band.device)
+    # 2. Profile: every rank derives the same estimates, hence the same plan, with no broadcast.
+    estimates, costs, evidence, cost_terms = None, None, None, {}
+    last_warmup_rows = tuple(warmup_rows[-1]) if warmup_rows else tuple(r.num_rows for r in warm.ranks)
+    timed = call_records(timeline.steps)
+    measured = measured and bool(timed)  # exact mode may have no warmup step to time: equal bands then
+    if measured:
+        # With a memory, its displaced forwards (planner/calls.py: the warmup's are another workload).
+        if memory is not None:
+            evidence, how = memory.evidence, ["memory"] * world
+        else:
+            evidence = gather_evidence(groups, rank_evidence(timed), device, phase="profile")
+            how = ["warmup"] * world
+        estimates = evidence.estimates(rows)
         # The rank that arrives last at a synchronous gather waits for the transfer alone; the others
-        # also wait for it. So per step the smallest wait over ranks, and of those the smallest.
-        warmup_exchange = min(min(step) for step in zip(*(r[5:] for r in per_rank)))
-        # Both CFG branches must plan alike: each group measured its own exchange.
-        warmup_exchange = _pair_max(groups, [warmup_exchange], band.device)[0]
-        cost_terms = {"step_overhead_seconds": fixed, "warmup_exchange_seconds": warmup_exchange,
-                      "exchange_seconds": warmup_exchange * store.stale_bytes_ratio()}
-        costs = {**cost_terms, "row_seconds": [1.0 / v for v in speeds],
-                 "fitted": [bool(r[2]) for r in per_rank], "warmup_rows": warmup_rows}
-    final = plan(speeds, rows=rows, align=align, num_steps=num_steps, warmup_steps=warmup_steps,
-                 mode=config.mode, max_stride=config.effective_max_stride, tolerance=config.tolerance,
-                 warmup_speeds_known=known_speeds is not None, **cost_terms)
+        # also wait for it. So per step the smallest wait over ranks, and of those the smallest; both
+        # CFG branches must plan alike (each group measured its own exchange): the larger.
+        waits = comm.all_gather_float_lists([r.wait for r in timed], device)
+        exchange_now = groups.pair_max(min(min(step) for step in zip(*waits)), device)
+        warmup_exchange = memory.exchange(exchange_now) if memory else exchange_now
+        cost_terms = _cost_terms(estimates, warmup_exchange, store.stale_bytes_ratio())
+        costs = {**cost_terms, "row_seconds": [e.row_seconds for e in estimates],
+                 "fitted": [e.fitted for e in estimates], "warmup_rows": warmup_rows,
+                 "noise": [e.noise for e in estimates], "samples": [e.weight for e in estimates],
+                 "evidence": how}
+        settled = plan_call(estimates, memory, rows=rows, align=align, num_steps=num_steps,
+                            warmup_steps=warmup_steps, mode=config.mode, max_stride=config.effective_max_stride,
+                            tolerance=config.tolerance, warmup_rows=last_warmup_rows, **cost_terms)
+        final = settled.plan
+        reasons["plan"] = settled.reason
+    else:
+        final = plan(config.speeds or (1.0,) * world, rows=rows, align=align, num_steps=num_steps, warmup_steps=warmup_steps,
+                     mode=config.mode, max_stride=config.effective_max_stride, tolerance=config.tolerance,
+                     warmup_speeds_known=known_speeds is not None)
 
     # 3. Transition: gather the full latent and scheduler history once, re-slice for the new bands.
     t0 = timeline.now()
@@ -216,7 +231,9 @@ def denoise(
     # 4. Sync periods: own steps with displaced K/V; the last step of each period publishes K/V.
     #    With --stadi_replan sync a sync point may re-plan the remaining steps (runtime/adaptive.py):
     #    `current` then covers base steps `offset ...` as its own steps 0, 1, ...
-    replanner = SyncReplanner(groups, config.tolerance) if config.replan == "sync" and not config.exact else None
+    replanner = None
+    if config.replan == "sync" and not config.exact:
+        replanner = SyncReplanner(groups, config.tolerance, evidence, max_fixed_rows=rows)
     current, offset, period = final, 0, 0
     while period < current.num_periods:
         steps = current.steps_in_period(rank, period)
@@ -232,9 +249,9 @@ def denoise(
             continue
         next_step = current.sync_points[period]
         comm.enter("replan", offset + next_step)
-        speeds = replanner.period_speeds(timeline.steps[first_record:], band.device)
-        decision = replanner.decide(current, next_step, speeds, transition_seconds)
-        if decision is None or not decision.replan:
+        period_estimates = replanner.period_estimates(timeline.steps[first_record:], device)
+        decision = replanner.decide(current, next_step, period_estimates, transition_seconds)
+        if not decision.replan:
             continue
         t0 = timeline.now()
         store.drain()  # this sync point's K/V land on the old layout; the full-image buffers stay valid
@@ -243,8 +260,8 @@ def denoise(
             band = reband(band, layout, new_layout)
             layout = new_layout
             install(layout)
+        replanner.log.append(ReplanEvent.of(current, decision, offset + next_step))
         current, offset, period = decision.new_plan, offset + next_step, 0
-        replanner.log[-1]["offset"] = offset  # absolute base step where the new plan starts
         full_schedule.retime(scheduler, visited + [warmup_steps + offset + k for k in current.ranks[rank].steps])
         timeline.phases.append(("replan", t0, timeline.now()))
     comm.enter("drain", num_steps)
@@ -256,5 +273,15 @@ def denoise(
     full = comm.all_gather(band, model.band_sizes(layout), model.band_dim)
     synchronize(full)
     timeline.phases.append(("gather", t0, timeline.now()))
-    return DenoiseResult(full, warm, final, measured, len(visited), timeline, costs, store.stats(),
-                         replans=replanner.log if replanner is not None else [])
+
+    # 6. What the next call starts from: the whole call's samples, merged into the memory.
+    next_memory = None
+    if measured and not config.exact and config.mode != "uniform":
+        displaced = gather_evidence(groups, rank_evidence([r for r in timeline.steps if r.phase == "stadi"]),
+                                    device, phase="memory")
+        next_memory, how = remember_call(memory, displaced, rows=rows, warmup_rows=last_warmup_rows, ran=current,
+                                         exchange_seconds=exchange_now)
+        reasons["memory"] = ",".join(how)
+    return DenoiseResult(full, warm, final, [e.speed for e in estimates] if estimates else None, len(visited),
+                         timeline, costs, store.stats(), replans=replanner.log if replanner is not None else [],
+                         memory=next_memory, settle_reasons=reasons)

@@ -6,8 +6,11 @@ Why it looks like this:
   canonical JSON. diffusers adds private keys such as `_use_default_values`, a list built from a
   set whose order changes with PYTHONHASHSEED; hashing them made every launch miss the cache and
   append a new entry forever.
-* File format. One UTF-8 JSON object, `{key: [speed of rank 0, speed of rank 1, ...]}`, each speed a
-  finite number > 0, written with sorted keys so diffs stay readable. The file is shared by every
+* File format. One UTF-8 JSON object, `{key: entry}`, written with sorted keys so diffs stay
+  readable. An entry is `[speed of rank 0, speed of rank 1, ...]`, each speed a finite number > 0,
+  or `{"speeds": [...], "memory": {...}}`, where the memory is the cost-model evidence of the run
+  (`runtime/adaptive.CallMemory.to_json`: per rank and band size, samples, time and spread) that
+  the next launch starts from; the memory is validated where it is used. The file is shared by every
   run that names it, so one bad entry must never break the others: `load` ignores an invalid entry
   (one warning line) and the next `store` drops invalid entries from the file (one warning line).
 * Quarantine. A file that is not a JSON object at all (garbage, a top-level list/null/number,
@@ -145,7 +148,14 @@ class _CorruptFile(Exception):
 
 
 def _speeds_problem(speeds: Any, num_ranks: int | None) -> str | None:
-    """Why `speeds` is not a usable entry (None when it is): a list of finite numbers > 0."""
+    """Why `speeds` is not a usable entry (None when it is): a list of finite numbers > 0, or an
+    object with such a list under "speeds" (and optionally a "memory" object)."""
+    if isinstance(speeds, Mapping):
+        if set(speeds) - {"speeds", "memory"}:
+            return f"unknown fields {sorted(set(speeds) - {'speeds', 'memory'})}"
+        if not isinstance(speeds.get("memory", {}), Mapping):
+            return "memory is not an object"
+        speeds = speeds.get("speeds")
     if isinstance(speeds, (str, bytes)) or not isinstance(speeds, Sequence):
         return f"not a list but {type(speeds).__name__}"
     if not speeds:
@@ -173,6 +183,11 @@ class ProfileCache:
 
     def load(self, key: str, num_ranks: int) -> list[float] | None:
         """The cached speeds for `key` if they are `num_ranks` finite numbers > 0, else None."""
+        entry = self.load_entry(key, num_ranks)
+        return None if entry is None else entry["speeds"]
+
+    def load_entry(self, key: str, num_ranks: int) -> dict[str, Any] | None:
+        """`{"speeds": [...], "memory": object or None}` for `key`, or None (see `load`)."""
         try:
             entries = self._read_entries()
         except OSError as error:
@@ -194,10 +209,14 @@ class ProfileCache:
             _warn(f"ignoring profile cache entry {key} in {self.path} ({problem}); "
                   "it is measured again and replaced, and invalid entries are dropped at the next store")
             return None
-        return [float(speed) for speed in entries[key]]
+        entry = entries[key]
+        speeds = entry["speeds"] if isinstance(entry, Mapping) else entry
+        memory = entry.get("memory") if isinstance(entry, Mapping) else None
+        return {"speeds": [float(speed) for speed in speeds], "memory": memory}
 
-    def store(self, key: str, speeds: Sequence[float]) -> bool:
-        """Record `speeds` for `key`; False (and one warning line) when it could not be written."""
+    def store(self, key: str, speeds: Sequence[float], memory: Mapping[str, Any] | None = None) -> bool:
+        """Record `speeds` (and the run's cost-model `memory`) for `key`; False (and one warning line)
+        when it could not be written."""
         if isinstance(speeds, (str, bytes, Mapping)) or not hasattr(speeds, "__iter__"):
             values: Any = speeds
         else:
@@ -222,6 +241,8 @@ class ProfileCache:
                 for name in dropped:
                     del entries[name]
                 entries[key] = [float(speed) for speed in values]
+                if memory is not None:
+                    entries[key] = {"speeds": entries[key], "memory": dict(memory)}
                 self._replace_file(entries)
         except OSError as error:
             _warn(f"cannot write profile cache {self.path}: {_os_reason(error)}; speeds not cached")

@@ -1,1 +1,2 @@
-"""Test helpers: the multi-process harness (``spawn``), offline tiny pipelines (``tiny``), loading scripts (``modules``)."""
+"""Test helpers only: comparisons and stale-mode checks (``checks``). What production code also uses
+(offline pipelines, the hub cache, the multi-process harness) lives in ``stadi_xdit.offline``."""

@@ -7,32 +7,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from stadi_xdit.runtime.kv import DisplacedKVStore
-
 
 def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
     """||test - reference|| / ||reference||."""
     return ((test - reference).norm() / reference.norm()).item()
-
-
-def ignore_foreign_bands(store: DisplacedKVStore) -> None:
-    """Fault injection: displaced attention sees zeros instead of the other bands' K/V.
-
-    Synchronous steps stay exact, so the damage is exactly what a broken exchange would do.
-    """
-    exact = store.full_kv
-
-    def own_band_only(layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        full_key, full_value = exact(layer, key, value)
-        if store.synchronous:
-            return full_key, full_value
-        start, end = store.own_range
-        masked = [torch.zeros_like(t) for t in (full_key, full_value)]
-        for dst, src in zip(masked, (full_key, full_value)):
-            dst[:, :, start:end] = src[:, :, start:end]
-        return masked[0], masked[1]
-
-    store.full_kv = own_band_only
 
 
 @contextlib.contextmanager
@@ -60,24 +38,6 @@ def counted_calls(transformer: torch.nn.Module,
     finally:
         for hook in hooks:
             hook.remove()
-
-
-def build_stadi_pipeline(pipeline_cls: type, diffusers_pipeline, *, size: int, steps: int, model: str = "tiny",
-                         **stadi_args):
-    """A float32 STADI pipeline configured from `StadiArgs` keywords, as the tests run it.
-
-    `ignore_foreign_bands=True` among the keywords also injects the broken-exchange fault.
-    """
-    from stadi_xdit.xdit.args import StadiArgs
-
-    corrupt = stadi_args.pop("ignore_foreign_bands", False)
-    args = StadiArgs(model=model, use_stadi=True, height=size, width=size, num_inference_steps=steps, **stadi_args)
-    engine_config, _ = args.create_config()
-    engine_config.runtime_config.dtype = torch.float32
-    pipe = pipeline_cls(diffusers_pipeline, engine_config)
-    if corrupt:
-        ignore_foreign_bands(pipe.kv_store)
-    return pipe
 
 
 STALE_MODES = ("uniform", "spatial", "full")

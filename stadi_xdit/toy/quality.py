@@ -83,7 +83,7 @@ def _stadi_worker(rank: int, world: int, arms: list[QualityArm], class_ids: list
     import torch.distributed as dist
 
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.testing.checks import build_stadi_pipeline
+    from stadi_xdit.xdit.build import build_stadi_pipeline
 
     out = []
     for arm in arms:
@@ -102,7 +102,7 @@ def _stadi_worker(rank: int, world: int, arms: list[QualityArm], class_ids: list
 def run_arms(arms: Sequence[QualityArm], class_ids: Sequence[int], *, seed: int = 0, steps: int = model.DEFAULT_STEPS,
              warmup: int = 3, repeats: int = 2, timeout: float = 1800.0) -> dict[str, dict]:
     """Latents, latencies and plans of every arm (the single rank here, the others on 2 spawned ranks)."""
-    from stadi_xdit.testing.spawn import run_distributed
+    from stadi_xdit.offline.spawn import run_distributed
 
     results = {}
     if any(arm.name == "single" for arm in arms):

@@ -5,11 +5,8 @@ layer when CUDA is absent, then installs the CLI hook (`--use_stadi` in xDiT's p
 before any xfuser module is imported here. `STADI_XDIT_NO_CLI_HOOK=1` skips the hook.
 """
 
-import torch as _torch
+from stadi_xdit.compat import bootstrap as _bootstrap
 
-if not _torch.cuda.is_available():
-    from stadi_xdit.compat import apply_cpu_compat as _apply_cpu_compat
-
-    _apply_cpu_compat()
+_bootstrap()
 
 from stadi_xdit.xdit import cli_hook as _cli_hook  # noqa: F401  (registers --use_stadi in xDiT's CLI)

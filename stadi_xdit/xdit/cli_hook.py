@@ -256,7 +256,7 @@ def stadi_requested(engine_config: Any) -> bool:
 
 def stadi_twin(cls: type) -> type | None:
     """The STADI pipeline class for xFuser wrapper `cls` (from the family registry), or None."""
-    from stadi_xdit.models import twin_for
+    from stadi_xdit.registry import twin_for
 
     twin = twin_for(cls.__name__)
     return twin if twin is not None and issubclass(twin, cls) else None
@@ -272,7 +272,7 @@ def stadi_pipeline_class(cls: type, engine_config: Any) -> type | None:
         return cls
     twin = stadi_twin(cls)
     if twin is None:
-        from stadi_xdit.models import twins
+        from stadi_xdit.registry import twins
 
         supported = ", ".join(sorted(twins()))
         raise ValueError(f"--use_stadi does not support {cls.__name__}; STADI runs {supported}")

@@ -26,7 +26,8 @@ from xfuser.logger import init_logger
 from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrapper
 
 from stadi_xdit.config import StadiConfig
-from stadi_xdit.runtime.adaptive import call_row_speed, executed_evals
+from stadi_xdit.planner.calls import CallMemory
+from stadi_xdit.runtime.adaptive import executed_evals
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.faults import PeerWatch
 from stadi_xdit.runtime.groups import StadiGroups
@@ -93,11 +94,18 @@ def log_plan(result: DenoiseResult) -> None:
                 [rank.stride for rank in result.plan.ranks])
     if result.exchange:
         logger.info("STADI exchange: %s", ", ".join(f"{key}={value}" for key, value in result.exchange.items()))
-    for entry in result.replans:
+    if result.costs:
+        costs = result.costs
+        logger.info("STADI cost model per rank (fixed ms + ms/row, noise, samples): %s; evidence %s; %s",
+                    ", ".join(f"{1e3 * o:.3g}+{1e3 * c:.3g}/row ±{n:.0%} n={w:.0f}" for o, c, n, w in
+                              zip(costs["step_overhead_seconds"], costs["row_seconds"], costs["noise"],
+                                  costs["samples"])),
+                    ",".join(costs["evidence"]), "; ".join(f"{k}: {v}" for k, v in result.settle_reasons.items()))
+    for event in result.replans:
         logger.info("STADI re-plan at base step %d: speeds %s -> %s, rows %s -> %s, strides %s -> %s, "
-                    "predicted gain %.0f%% (%s)", entry["offset"], [f"{v:.3g}" for v in entry["old_speeds"]],
-                    [f"{v:.3g}" for v in entry["new_speeds"]], entry["old_rows"], entry["new_rows"],
-                    entry["old_strides"], entry["new_strides"], 100 * entry["predicted_gain"], entry["reason"])
+                    "predicted gain %.0f%% (%s)", event.offset, [f"{v:.3g}" for v in event.old_speeds],
+                    [f"{v:.3g}" for v in event.new_speeds], event.old_rows, event.new_rows,
+                    event.old_strides, event.new_strides, 100 * event.predicted_gain, event.reason)
 
 
 class StadiPipelineMixin:
@@ -113,9 +121,9 @@ class StadiPipelineMixin:
         self.runner_parallelises_vae = runner_parallelises_vae
         self.injection = None
         self.last_result: DenoiseResult | None = None
-        # --stadi_replan calls/sync: the speeds measured over the last call, per (height, width); the
-        # next call of that size warms up on elastic bands. In memory only (the cache file is optional).
-        self._call_speeds: dict[tuple[int, int], list[float]] = {}
+        # --stadi_replan calls/sync: per (height, width), the evidence of the last calls of that size
+        # (runtime/adaptive.CallMemory); the next call warms up and plans from it.
+        self._call_memory: dict[tuple[int, int], CallMemory] = {}
         super().__init__(pipeline, engine_config, cache_args)
 
     bands_are_image_rows = True  # False where bands are rows of something taller (a video clip's frames)
@@ -191,36 +199,45 @@ class StadiPipelineMixin:
         hardware = self.groups.gather_text(hardware_identity(), self.module._execution_device)
         return profile_key(type(transformer).__name__, transformer.config, height, width, hardware)
 
-    def _known_speeds(self, key: str | None, size: tuple[int, int]) -> list[float] | None:
+    def _known_speeds(self, cached: dict | None) -> list[float] | None:
         if self.stadi_config.speeds:
             return list(self.stadi_config.speeds)
-        if size in self._call_speeds:  # the same on every rank: gathered at the end of the last call
-            return list(self._call_speeds[size])
-        if self.stadi_config.profile_cache and key is not None:
-            # One rank reads, everyone uses its answer: ranks must agree on the warmup bands even
-            # when the file is not on a shared filesystem or is being replaced.
-            speeds = None
-            if self.groups.is_leader:
-                speeds = ProfileCache(self.stadi_config.profile_cache).load(key, self.groups.band.world_size)
-            return self.groups.from_leader(speeds, self.module._execution_device)
-        return None
+        return None if cached is None else cached["speeds"]
 
-    def _remember_call_speeds(self, size: tuple[int, int], result: DenoiseResult) -> None:
-        """--stadi_replan calls/sync: every rank's speed over the whole call, gathered so that all ranks
-        keep the same list (and the same next warmup layout), combined over CFG pairs."""
-        if self.stadi_config.replan == "off" or self.stadi_config.speeds:
-            return
-        device = self.module._execution_device
-        speeds = self.groups.band.all_gather_floats(call_row_speed(result.timeline.steps) or 0.0, device)
-        if all(speed > 0 for speed in speeds):
-            self._call_speeds[size] = self.groups.shared_speeds(speeds, device)
+    def _cached_entry(self, key: str | None) -> dict | None:
+        """The profile cache's entry for `key`: {"speeds": [...], "memory": {...} or None}.
 
-    def _remember_speeds(self, key: str | None, result: DenoiseResult) -> None:
-        # The plan's speeds: the measured ones, combined over CFG pairs; the newest measurement wins.
-        # A storage error only warns (inside `store`): the finished run's output is not lost.
+        One rank reads, everyone uses its answer: ranks must agree on the warmup bands even when
+        the file is not on a shared filesystem or is being replaced."""
+        if self.stadi_config.speeds or not self.stadi_config.profile_cache or key is None:
+            return None
+        entry = None
+        if self.groups.is_leader:
+            entry = ProfileCache(self.stadi_config.profile_cache).load_entry(key, self.groups.band.world_size)
+        return self.groups.from_leader(entry, self.module._execution_device)
+
+    def _memory(self, size: tuple[int, int], cached: dict | None) -> CallMemory | None:
+        """What this call starts from: the last calls of this size in this process, else the cache's."""
+        if size in self._call_memory:
+            return self._call_memory[size]
+        if cached is None or cached.get("memory") is None:
+            return None
+        try:
+            return CallMemory.from_json(cached["memory"], self.groups.band.world_size, self.groups.cfg.world_size)
+        except ValueError as error:
+            logger.warning("STADI: ignoring the profile cache's cost models (%s); measuring afresh", error)
+            return None
+
+    def _remember(self, key: str | None, size: tuple[int, int], result: DenoiseResult) -> None:
+        """--stadi_replan calls/sync keep the call's memory for the next call of this size; the profile
+        cache keeps the plan's speeds and the memory for later launches. A storage error only warns
+        (inside `store`): the finished run's output is not lost."""
+        if result.memory is not None and self.stadi_config.replan != "off":
+            self._call_memory[size] = result.memory
         if (self.stadi_config.profile_cache and key is not None and result.measured_speeds
                 and self.groups.is_leader):
-            ProfileCache(self.stadi_config.profile_cache).store(key, list(result.plan.speeds))
+            memory = result.memory.to_json() if result.memory is not None else None
+            ProfileCache(self.stadi_config.profile_cache).store(key, list(result.plan.speeds), memory=memory)
 
     def _geometry(self, height: int, width: int) -> BandGeometry:
         """Token rows of this image size, from xDiT's runtime state (VAE scale, backbone patch)."""
@@ -293,12 +310,12 @@ class StadiPipelineMixin:
         """`denoise()` with this pipeline's groups, geometry and profile cache; sets `last_result`."""
         geometry = self._geometry(height, width)
         key = self._profile_key(height, width) if self.stadi_config.profile_cache else None
+        cached = self._cached_entry(key)
         result = denoise(latents, scheduler, model, groups=self.groups, store=self.kv_store, config=self.stadi_config,
                          geometry=geometry, warmup_steps=self._warmup_steps(num_steps),
-                         known_speeds=self._known_speeds(key, (height, width)))
+                         known_speeds=self._known_speeds(cached), memory=self._memory((height, width), cached))
         self.kv_store.reset()
-        self._remember_speeds(key, result)
-        self._remember_call_speeds((height, width), result)
+        self._remember(key, (height, width), result)
         self.last_result = result
         if self.is_dp_last_group():
             log_plan(result)

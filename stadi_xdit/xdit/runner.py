@@ -76,7 +76,7 @@ def runner_twin(model_name: str | None) -> type | None:
     """The STADI twin serving registered runner model `model_name`, or None."""
     from xfuser.model_executor.models.runner_models.base_model import MODEL_REGISTRY
 
-    from stadi_xdit.models import twin_for_runner_model
+    from stadi_xdit.registry import twin_for_runner_model
 
     model = MODEL_REGISTRY.get(model_name)
     return None if model is None else twin_for_runner_model(model.__name__)
@@ -90,14 +90,14 @@ def supported_runner_models() -> list[str]:
     """Registry names (as `xdit --model` takes them) whose model class has a STADI family."""
     from xfuser.model_executor.models.runner_models.base_model import MODEL_REGISTRY
 
-    from stadi_xdit.models import twin_for_runner_model
+    from stadi_xdit.registry import twin_for_runner_model
 
     return sorted(name for name, cls in MODEL_REGISTRY.items() if twin_for_runner_model(cls.__name__) is not None)
 
 
 def as_stadi_pipeline(pipe: Any, engine_config: Any) -> Any:
     """The STADI twin of what a runner model's `_load_model` returned."""
-    from stadi_xdit.models import twin_for_diffusers
+    from stadi_xdit.registry import twin_for_diffusers
     from stadi_xdit.xdit.pipelines import StadiPipelineMixin
 
     if isinstance(pipe, StadiPipelineMixin):  # built through an xFuser wrapper: the CLI hook made the twin
@@ -115,7 +115,7 @@ def as_stadi_pipeline(pipe: Any, engine_config: Any) -> Any:
 def stadi_runner_model(model_cls: type, model_name: str | None = None) -> type:
     """The STADI form of runner model class `model_cls` (registered as `model_name`, as the user typed
     it), or a one-line error naming the supported models."""
-    from stadi_xdit.models import twin_for_runner_model
+    from stadi_xdit.registry import twin_for_runner_model
 
     if twin_for_runner_model(model_cls.__name__) is None:
         name = model_name or getattr(getattr(model_cls, "settings", None), "model_name", model_cls.__name__)

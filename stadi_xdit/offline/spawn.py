@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stadi_xdit.testing.modules import load_module_from_path
+from stadi_xdit.offline.modules import load_module_from_path
 
 __all__ = ["DistributedTestError", "free_port", "run_distributed"]
 
@@ -70,8 +70,8 @@ def _resolve_fn(module_name: str, path: str | None, qualname: str):
 
 
 # Imported once in the forkserver, so every forked rank starts with them (and the compat layer) loaded.
-FORKSERVER_PRELOAD = ["torch", "torch.distributed", "stadi_xdit.xdit", "stadi_xdit.testing.tiny",
-                      "stadi_xdit.testing.checks"]
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "stadi_xdit.xdit", "stadi_xdit.offline.pipelines",
+                      "stadi_xdit.xdit.build"]
 
 
 def _context(fresh_interpreter: bool):

@@ -6,7 +6,7 @@ console script) loads each model by its real hub id through ``from_pretrained``.
 (``refs/main`` names REV), so writing tiny pipelines there lets the runner's own loading code run
 offline, on CPU, in seconds::
 
-    python -m stadi_xdit.testing.hub_cache --out DIR --models FLUX.1-dev,SD3.5,Qwen-Image,Wan2.1-T2V
+    python -m stadi_xdit.offline.hub_cache --out DIR --models FLUX.1-dev,SD3.5,Qwen-Image,Wan2.1-T2V
 
 Every component each runner model loads is present: Flux's CLIP + T5, SD3.5's two CLIPs + T5,
 Qwen-Image's Qwen2.5-VL text encoder and its tokenizer (built here; ``tiny.py`` skips it),
@@ -81,7 +81,7 @@ def _tiny_qwen2_5_vl(hidden_size: int):
 
 
 def _flux():
-    from stadi_xdit.testing.tiny import build_flux_pipeline
+    from stadi_xdit.offline.pipelines import build_flux_pipeline
 
     return build_flux_pipeline("tiny")
 
@@ -89,7 +89,7 @@ def _flux():
 def _sd3():
     from dataclasses import replace
 
-    from stadi_xdit.testing.tiny import SD3_PRESETS, build_sd3_pipeline
+    from stadi_xdit.offline.pipelines import SD3_PRESETS, build_sd3_pipeline
 
     # SD3.5-large has no dual-attention (attn2) blocks; the tiny preset has one, SD3.5-medium style
     return build_sd3_pipeline(replace(SD3_PRESETS["tiny"], dual_attention_layers=()))
@@ -98,7 +98,7 @@ def _sd3():
 def _qwen_image():
     from diffusers import QwenImagePipeline
 
-    from stadi_xdit.testing.tiny import QWEN_IMAGE_PRESETS, build_qwen_image_pipeline
+    from stadi_xdit.offline.pipelines import QWEN_IMAGE_PRESETS, build_qwen_image_pipeline
 
     pipe = build_qwen_image_pipeline("tiny")
     tokenizer, text_encoder = _tiny_qwen2_5_vl(QWEN_IMAGE_PRESETS["tiny"].joint_attention_dim)
@@ -107,7 +107,7 @@ def _qwen_image():
 
 
 def _wan():
-    from stadi_xdit.testing.tiny import build_wan_pipeline
+    from stadi_xdit.offline.pipelines import build_wan_pipeline
 
     return build_wan_pipeline("tiny")
 
@@ -140,7 +140,7 @@ def write_hub_cache(out: Path, models: Sequence[str]) -> dict[str, Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineArgumentParser(
-        prog="python -m stadi_xdit.testing.hub_cache",
+        prog="python -m stadi_xdit.offline.hub_cache",
         description="Write tiny random-weight pipelines as an offline Hugging Face hub cache (use DIR as HF_HOME).",
     )
     parser.add_argument("--out", type=Path, required=True, help="directory to use as HF_HOME")

@@ -1,0 +1,76 @@
+"""Attention over bands: the one place where a rank's band attends to the whole image.
+
+A family's attention processor keeps what is its own (projections, norms, RoPE, output
+projections) and hands this helper its band's projected queries, keys and values, plus an
+optional replicated stream (the text of a joint-attention block) in its place in the joint
+sequence. The keys and values of the whole image come from the displaced K/V store: the own band
+fresh, the other bands from the latest exchange (or gathered fresh in synchronous steps). What is
+added to attention under STADI later (a sequence-parallel all-to-all, a compile boundary, a cache
+hook) is added here, once, not in each family.
+
+Layouts: every tensor in is (batch, heads, tokens, head_dim), the store's and SDPA's layout; the
+outputs are (batch, tokens, heads * head_dim), split back into the band's and the stream's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stadi_xdit.runtime.kv import DisplacedKVStore
+
+
+class BandAttentionProcessor:
+    """Base of the families' processors: the store, and this attention's layer id in it (the order
+    in which the injection plan lists the displaced attention modules)."""
+
+    def __init__(self, store: DisplacedKVStore, layer: int):
+        super().__init__()  # cooperative: PixArt's processor is also diffusers' AttnProcessor2_0
+        self.store = store
+        self.layer = layer
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               stream: Stream | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return band_attention(self.store, self.layer, query, key, value, stream)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A replicated stream's projected queries, keys and values, and where it sits in the joint sequence."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    first: bool  # before the image tokens (Flux, Qwen-Image) or after them (SD3)
+    key_mask: torch.Tensor | None = None  # (batch, stream tokens) bool: False = padding, never attended
+
+
+def band_attention(store: DisplacedKVStore, layer: int, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor, stream: Stream | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of the band's queries (and the stream's) over the whole image's K/V (and the stream's).
+
+    Returns the band's output and the stream's (None without a stream)."""
+    image_key, image_value = store.full_kv(layer, key, value)
+    if stream is None:
+        out = F.scaled_dot_product_attention(query, image_key, image_value, dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).flatten(2, 3).to(query.dtype), None
+
+    def joint(stream_part: torch.Tensor, image_part: torch.Tensor) -> torch.Tensor:
+        return torch.cat([stream_part, image_part] if stream.first else [image_part, stream_part], dim=2)
+
+    mask = None
+    if stream.key_mask is not None:  # a key mask: the stream's padding off, every image token on
+        image_on = torch.ones((query.shape[0], image_key.shape[2]), dtype=torch.bool, device=query.device)
+        mask = joint(stream.key_mask[:, None, :], image_on[:, None, :])[:, None]
+    out = F.scaled_dot_product_attention(joint(stream.query, query), joint(stream.key, image_key),
+                                         joint(stream.value, image_value), attn_mask=mask, dropout_p=0.0,
+                                         is_causal=False)
+    out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+    stream_tokens = stream.query.shape[2]
+    if stream.first:
+        stream_out, image_out = out.split_with_sizes([stream_tokens, out.shape[1] - stream_tokens], dim=1)
+    else:
+        image_out, stream_out = out.split_with_sizes([out.shape[1] - stream_tokens, stream_tokens], dim=1)
+    return image_out, stream_out
