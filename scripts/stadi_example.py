@@ -17,7 +17,7 @@ without it xDiT runs as usual, so exactness can be checked from outside with two
 `--pipeline pixart-alpha --model toy-trained` is the small PixArt-α trained here on a procedural data
 set (`stadi_xdit.toy`, 256 px only): `--prompt` names one of its classes (e.g. "disc on dusk"; default
 by `--seed`), and the output is the data set's 4-channel latent image, saved as a PNG through its
-fixed decode (`results/<pipeline>.png`).
+fixed decode (`results/<pipeline class>_<STADI strategy>_n<ranks>.png`).
 """
 
 from __future__ import annotations
@@ -283,17 +283,22 @@ def run(engine_args: StadiArgs, example: Example, save_latents: str | None) -> N
         elif toy:
             from PIL import Image
 
-            os.makedirs("results", exist_ok=True)
-            path = f"results/{type(pipe).__name__}.png"
             rgb = toy_data.decode_to_rgb(output.images.float().cpu())[0]
-            Image.fromarray((rgb.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
-            print("saved", path)
+            image = Image.fromarray((rgb.permute(1, 2, 0) * 255).round().byte().numpy())
+            image.save(_result_path(pipe, engine_args))
         elif output_type == "pil":
-            os.makedirs("results", exist_ok=True)
-            path = f"results/{type(pipe).__name__}.png"
-            output.images[0].save(path)
-            print("saved", path)
+            output.images[0].save(_result_path(pipe, engine_args))
     dist.destroy_process_group()
+
+
+def _result_path(pipe, engine_args: StadiArgs) -> str:
+    """results/<pipeline class>[_<STADI strategy>]_n<ranks>.png: runs of different strategies or rank counts
+    never share a name; a run that replaces an earlier one says so."""
+    strategy = f"_{engine_args.stadi.strategy_label}" if engine_args.use_stadi else ""
+    path = f"results/{type(pipe).__name__}{strategy}_n{get_world_group().world_size}.png"
+    os.makedirs("results", exist_ok=True)
+    print(("replacing" if os.path.exists(path) else "saving"), path)
+    return path
 
 
 if __name__ == "__main__":

@@ -40,10 +40,19 @@ def _env_int(name: str) -> int | None:
 
 def fail(prog: str, message: str, status: int = USAGE_ERROR) -> NoReturn:
     """Exit with `prog: error: message` on one line (rank 0 only); never a traceback."""
-    if is_speaking_rank():
-        sys.stderr.write(f"{prog}: error: {' '.join(str(message).split())}\n")
-        sys.stderr.flush()
+    _say(prog, "error", message)
     raise SystemExit(status)
+
+
+def warn(prog: str, message: str) -> None:
+    """`prog: warning: message` on one line (rank 0 only); the run goes on."""
+    _say(prog, "warning", message)
+
+
+def _say(prog: str, kind: str, message: str) -> None:
+    if is_speaking_rank():
+        sys.stderr.write(f"{prog}: {kind}: {' '.join(str(message).split())}\n")
+        sys.stderr.flush()
 
 
 class OneLineErrors:

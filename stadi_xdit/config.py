@@ -190,6 +190,12 @@ class StadiConfig:
             if values is not None and len(values) != stadi_world_size:
                 raise ValueError(f"{flag} has {len(values)} values but the STADI group has {stadi_world_size} ranks")
 
+    @property
+    def strategy_label(self) -> str:
+        """`stadi-full`, `stadi-spatial-exact`, ...: what output names carry, so that runs of different
+        strategies into one folder never write the same file."""
+        return f"stadi-{self.mode}" + ("-exact" if self.exact else "")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -29,7 +29,7 @@ import os
 import runpy
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook, before the script imports xfuser)
 from stadi_xdit.cli_errors import USAGE_ERROR, StadiInputError, fail
@@ -197,6 +197,7 @@ def check_runner_args(args: Sequence[str], world_size: int) -> None:
         if getattr(config, "use_stadi", False):
             model = stadi_runner_model(model, config.model)
         check_model_capabilities(model, config)
+        warn_if_output_exists(model, config)
     except ValueError as error:
         fail(LAUNCHER, str(error))
     finally:
@@ -204,6 +205,26 @@ def check_runner_args(args: Sequence[str], world_size: int) -> None:
             os.environ.pop("WORLD_SIZE", None)
         else:
             os.environ["WORLD_SIZE"] = saved
+
+
+def warn_if_output_exists(model: type, config: Any) -> None:
+    """One line before the run when --output_directory already holds what this run will save under the
+    same names (xDiT's runner replaces files silently): its outputs, named by the model's own
+    `get_output_name` (the STADI form's names carry the strategy), and timings.json."""
+    from pathlib import Path
+
+    from stadi_xdit.cli_errors import warn
+
+    probe = settings_probe(model, config)
+    defaults = getattr(model, "default_input_values", None)
+    size = {key: getattr(config, key, None) or getattr(defaults, key, None) for key in ("height", "width")}
+    name = probe.get_output_name(size)
+    folder = Path(config.output_directory)
+    existing = sorted(path.name for path in folder.glob(f"{name}_*.*") if path.suffix in (".png", ".mp4"))
+    existing += ["timings.json"] if (folder / "timings.json").is_file() else []  # every run writes this name
+    if existing:
+        warn(LAUNCHER, f"--output_directory {config.output_directory} already holds {', '.join(existing)}; "
+                       f"this run replaces {'it' if len(existing) == 1 else 'them'}")
 
 
 def check_model_capabilities(model: type, config: object) -> None:
@@ -307,10 +328,31 @@ def check_runner_environment(namespace) -> None:
     if namespace.prompt is None and getattr(namespace, "dataset_path", None) is None:
         fail(LAUNCHER, f"--model {namespace.model} needs --prompt (or --dataset_path)")
     model = MODEL_REGISTRY.get(namespace.model)
-    repo = getattr(getattr(model, "settings", None), "model_name", None)
-    if repo:
+    for repo in model_repos(model, namespace) if model is not None else ():
         check_model_files(namespace.model, repo)
     check_output_directory(namespace.output_directory)
+    if getattr(getattr(model, "settings", None), "model_output_type", None) == "video":
+        check_video_writer(namespace.model)
+
+
+def model_repos(model: type, namespace) -> list[str]:
+    """The hub repos runner model `model` loads for these arguments: its settings' `model_name` as the
+    model's own `_customize_settings` leaves it (Wan2.2-T2V, HunyuanVideo and Qwen-Image-Edit pick it
+    there, from --model and --task), and a separate `pipe_name` where the model sets one."""
+    probe = settings_probe(model, namespace)
+    repos = [probe.settings.model_name, getattr(probe, "pipe_name", None)]
+    return [repo for repo in dict.fromkeys(repos) if repo]
+
+
+def settings_probe(model: type, config: Any) -> Any:
+    """A bare instance of runner model `model` with its settings as its `_customize_settings` leaves them
+    for `config` (parsed runner args): only that hook runs, no loading and no validation."""
+    import copy
+
+    probe = object.__new__(model)
+    probe.settings, probe.config = copy.deepcopy(model.settings), config
+    probe._customize_settings(config)
+    return probe
 
 
 def check_model_files(name: str, repo: str) -> None:
@@ -329,6 +371,16 @@ def check_model_files(name: str, repo: str) -> None:
                        "and HF_HUB_OFFLINE is set")
 
 
+def check_video_writer(name: str) -> None:
+    """A video model's runner saves an MP4 through diffusers' `export_to_video` after the whole run;
+    without imageio or OpenCV that save fails and the finished video is lost."""
+    from diffusers.utils.import_utils import is_imageio_available, is_opencv_available
+
+    if not (is_imageio_available() or is_opencv_available()):
+        fail(LAUNCHER, f"--model {name} saves an MP4, which needs imageio (pip install imageio imageio-ffmpeg) "
+                       "or OpenCV; neither is installed")
+
+
 def check_output_directory(path: str) -> None:
     """The runner saves into `--output_directory` after the whole run and does not create it."""
     from stadi_xdit.paths import output_dir_problem
@@ -336,6 +388,18 @@ def check_output_directory(path: str) -> None:
     problem = output_dir_problem(path)
     if problem:
         fail(LAUNCHER, f"--output_directory: {problem}")
+
+
+class XditPlugin(cli_hook.XfuserPlugin):
+    """The plugin for an xfuser carrying patches/xfuser-0.7.0-stadi-cli-hook.patch (entry point
+    `stadi_xdit.run:XditPlugin`): the hook's answers, plus this launcher's checks for the literal `xdit`
+    command, so that `xdit ARGS` refuses what `stadi-xdit ARGS` refuses, before torchrun starts, and
+    creates --output_directory (xDiT's runner would fail on a missing one after the whole run)."""
+
+    @staticmethod
+    def check_launch(args: Sequence[str]) -> None:
+        build_launch_command(args)
+        check_launch_environment(args)
 
 
 # --- running torchrun ------------------------------------------------------------------------------

@@ -152,6 +152,9 @@ def test_runner_environment_refusals(local, offline_hub, tmp_path, capsys):
          "--model Wan2.1-T2V needs --prompt"),
         (["--model", "Qwen-Image", *prompt],
          f"--model Qwen-Image: Qwen/Qwen-Image is not in the Hugging Face cache {offline_hub / 'hub'}"),
+        # Wan2.2-T2V names its repo in `_customize_settings`, not in its class settings
+        (["--model", "Wan2.2-T2V", *prompt],
+         f"--model Wan2.2-T2V: Wan-AI/Wan2.2-T2V-A14B-Diffusers is not in the Hugging Face cache {offline_hub / 'hub'}"),
         ([*FLUX, *prompt, "--output_directory", str(tmp_path / "afile" / "sub")],
          f"--output_directory: cannot create the folder {str(tmp_path / 'afile' / 'sub')!r}"),
     ]
@@ -160,6 +163,24 @@ def test_runner_environment_refusals(local, offline_hub, tmp_path, capsys):
     out = tmp_path / "new" / "out"
     check_launch_environment([*local, *FLUX, *prompt, "--output_directory", str(out)])  # resolves; dir made
     assert out.is_dir()
+
+
+def test_video_model_needs_a_video_writer_before_the_run(local, offline_hub, tmp_path, monkeypatch, capsys):
+    """The runner saves Wan's MP4 after the whole run; without imageio or OpenCV that save would fail."""
+    from diffusers.utils import import_utils
+
+    snapshot = hub_snapshot_dir(offline_hub, HUB_MODELS["Wan2.1-T2V"])
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(snapshot.name)
+    argv = [*local, "--model", "Wan2.1-T2V", "--prompt", "a cat", "--output_directory", str(tmp_path / "out")]
+    for writer in ("is_imageio_available", "is_opencv_available"):
+        monkeypatch.setattr(import_utils, writer, lambda: False)
+    _one_line_exit(lambda: check_launch_environment(argv), capsys,
+                   "--model Wan2.1-T2V saves an MP4, which needs imageio (pip install imageio imageio-ffmpeg) or OpenCV")
+    monkeypatch.setattr(import_utils, "is_imageio_available", lambda: True)
+    check_launch_environment(argv)
 
 
 # --- a failed rank: its status, no torchrun traceback (R37) -----------------------------------------
@@ -194,6 +215,7 @@ def test_failed_rank_status(capsys):
      "--vae_parallel_size must be an integer >= 0, got '1'"),
     ({"use_stadi": True, "stadi_degree": 2, "vae_parallel_size": -1}, "--vae_parallel_size must be an integer >= 0"),
     ({"use_stadi": True, "vae_parallel_size": 2}, "--vae_parallel_size 2 leaves no rank for the DiT"),
+    ({"use_stadi": True, "stadi_degree": 2, "use_ray": True}, "--use_ray cannot be combined with --use_stadi"),
     ({"use_stadi": True, "stadi_degree": 2, "height": "128"}, "--height must be a positive multiple of 16 px"),
 ])
 def test_runner_config_dict_refusals(config, needle, monkeypatch):
@@ -217,3 +239,19 @@ def test_plain_xdit_dict_keeps_its_own_values(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     args = xFuserArgs.from_runner_args({"model": "FLUX.1-dev", "use_cfg_parallel": False, "vae_parallel_size": 0})
     assert not getattr(args, "use_stadi", False)
+
+
+def test_runner_dict_shows_the_settings_that_run(tmp_path, monkeypatch):
+    """xDiT's runner logs its config dict after building its args: STADI settings from a
+    --stadi_config_file are written back into it (the log read `use_stadi: False` before)."""
+    from xfuser.config import xFuserArgs
+
+    settings = tmp_path / "stadi.yaml"
+    settings.write_text("use_stadi: true\nmode: full\ndegree: 2\nemulate_slowdown: [1, 2]\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = {"model": "FLUX.1-dev", "height": 128, "width": 128, "num_inference_steps": 3, "warmup_steps": 1,
+              "use_stadi": False, "stadi_mode": "full", "stadi_degree": None, "stadi_config_file": str(settings)}
+    args = xFuserArgs.from_runner_args(config)
+    assert args.stadi.use_stadi and args.stadi.degree == 2
+    assert config["use_stadi"] is True and config["stadi_degree"] == 2
+    assert config["stadi_mode"] == "full" and config["stadi_emulate_slowdown"] == (1.0, 2.0)

@@ -207,6 +207,20 @@ def test_xdit_style_script_picks_stadi_up_only_with_the_flag(tmp_path):
         assert error <= 1e-4, (rank, error)
 
 
+def test_xdit_example_saves_a_stadi_batch_under_its_batch_indices(tmp_path):
+    """xDiT's example numbers images `dp rank * per-group batch + i` on its output rank: STADI's output rank
+    is STADI rank 0, so two prompts are `..._0.png` and `..._1.png` (from rank 1 they read `_1`, `_2`)."""
+    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
+
+    model_dir = tmp_path / "tiny-pixart"
+    tiny_pixart_pipeline().save_pretrained(model_dir)
+    _torchrun_example(model_dir, tmp_path / "out", "--use_stadi", "--stadi_exact", "--stadi_speeds", "3,5",
+                      "--output_type", "pil", "--prompt", "a red cat", "a blue dog")
+    info = "dp1_cfg1_ulysses1_ring1_pp1_patchNone_tc_False"  # xDiT prints the unset patch count as None
+    assert sorted(path.name for path in (tmp_path / "out").glob("*.png")) == [
+        f"pixart_alpha_result_{info}_{index}.png" for index in (0, 1)]
+
+
 # --- the upstream form of the hook --------------------------------------------------------------
 
 def test_upstream_patch_applies_and_drives_stadi_through_the_plugin(tmp_path):

@@ -67,6 +67,8 @@ BAD_FLAGS = [
     (["--model", "{flux}"], "--model"),  # a Flux folder for --pipeline pixart-alpha
     (["--stadi_config_file", ""], "--stadi_config_file"),  # was silently "no file"
     (["--stadi_emulate_shift", "9999:1,2"], "--stadi_emulate_shift"),  # past the last step: would never apply
+    (["--use_ray"], "--use_ray cannot be combined with --use_stadi"),  # was silently run without Ray
+    (["--ray_world_size", "2"], "--ray_world_size 2 cannot be combined with --use_stadi"),
 ]
 
 
@@ -125,3 +127,17 @@ def test_exactness_checked_from_outside_with_two_commands(pipeline, tmp_path):
     reference, stadi = (torch.load(tmp_path / name) for name in ("xdit.pt", "stadi.pt"))
     assert reference.shape == stadi.shape
     assert ((stadi - reference).norm() / reference.norm()).item() <= 1e-4
+
+
+def _run_example_in(rank: int, world: int, folder: str, argv: list[str]) -> None:
+    import os
+
+    os.chdir(folder)  # the script saves into ./results, as xDiT's examples do
+    _run_example(rank, world, argv)
+
+
+def test_saved_image_is_named_by_its_strategy(tmp_path):
+    argv = ["--pipeline", "pixart-alpha", "--model", "tiny", "--height", "112", "--width", "80",
+            "--num_inference_steps", "3", "--warmup_steps", "1", "--use_stadi", "--stadi_exact", "--stadi_speeds", "3,5"]
+    run_distributed(_run_example_in, 2, str(tmp_path), argv, timeout=300)
+    assert [path.name for path in (tmp_path / "results").iterdir()] == ["StadiPixArtAlphaPipeline_stadi-full-exact_n2.png"]

@@ -178,3 +178,19 @@ def test_quality_benchmark_refuses_bad_flags_in_one_line(argv, flag, tmp_path, c
     assert info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "error: argument " + flag in lines[0], lines
+
+
+def test_quality_benchmark_writes_untracked_files_by_default():
+    """`python -m stadi_xdit.toy.quality` without --out must not rewrite the docs' tracked figures."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from stadi_xdit.toy import quality
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    repo = Path(__file__).resolve().parents[1]
+    names = [str(quality.DEFAULT_OUT / name) for name in ("toy_quality.json", "toy_quality_tradeoff.png")]
+    ignored = subprocess.run(["git", "check-ignore", *names], cwd=repo, capture_output=True, text=True, check=False)
+    assert ignored.stdout.split() == names, ignored

@@ -45,22 +45,42 @@ def _stadi_xdit(hub: Path, out: Path, args: list[str]) -> subprocess.CompletedPr
     return proc
 
 
-def _image(out: Path) -> np.ndarray:
-    (path,) = out.glob("*.png")
+def _image(out: Path, pattern: str = "*.png") -> np.ndarray:
+    (path,) = out.glob(pattern)
     return np.asarray(Image.open(path).convert("RGB")).astype(np.float64)
 
 
-@pytest.mark.parametrize("model", ["FLUX.1-dev", "Qwen-Image"])
-def test_exact_stadi_through_the_runner_equals_one_plain_process(hub, tmp_path, model):
+@pytest.mark.parametrize("model,stem", [("FLUX.1-dev", "flux_1_dev"), ("Qwen-Image", "qwen_image")])
+def test_exact_stadi_through_the_runner_equals_one_plain_process(hub, tmp_path, model, stem):
     common = ["--model", model, *SIZE, "--num_inference_steps", "3"]
-    _stadi_xdit(hub, tmp_path / "plain", common)  # xDiT's runner on 1 process, no STADI
-    proc = _stadi_xdit(hub, tmp_path / "stadi", [*common, "--use_stadi", "--stadi_degree", "2", "--stadi_exact",
-                                                  "--stadi_speeds", "3,5", "--warmup_steps", "1"])
+    first = _stadi_xdit(hub, tmp_path, common)  # xDiT's runner on 1 process, no STADI
+    proc = _stadi_xdit(hub, tmp_path, [*common, "--use_stadi", "--stadi_degree", "2", "--stadi_exact",
+                                        "--stadi_speeds", "3,5", "--warmup_steps", "1"])
     assert "STADI plan" in proc.stderr + proc.stdout
-    plain, stadi = _image(tmp_path / "plain"), _image(tmp_path / "stadi")
+    # One folder: the STADI output's name carries the strategy, so it does not replace the plain one; the
+    # shared timings.json is replaced, and the launcher says so before the run (the first run said nothing).
+    assert "warning:" not in first.stderr
+    assert f"stadi-xdit: warning: --output_directory {tmp_path} already holds timings.json; this run replaces it" \
+        in proc.stderr.splitlines()
+    plain = _image(tmp_path, f"{stem}_u1r1_tc_False_112x80_0.png")
+    stadi = _image(tmp_path, f"{stem}_stadi-full-exact_n2_112x80_0.png")
     assert np.linalg.norm(stadi - plain) / np.linalg.norm(plain) <= 1e-4
-    timings = json.loads((tmp_path / "stadi" / "timings.json").read_text())  # the runner's own format
+    timings = json.loads((tmp_path / "timings.json").read_text())  # the runner's own format
     assert timings
+
+
+def test_parallel_vae_under_stadi_decodes_on_every_rank(hub, tmp_path):
+    """--use_parallel_vae: the runner shards the VAE decoder (its VAEManager) and the STADI twin leaves it
+    to it (it used to shard it first, and the runner then refused the sharded decoder)."""
+    common = ["--model", "FLUX.1-dev", *SIZE, "--num_inference_steps", "3"]
+    _stadi_xdit(hub, tmp_path / "plain", common)
+    proc = _stadi_xdit(hub, tmp_path / "stadi", [*common, "--use_stadi", "--stadi_degree", "2", "--stadi_exact",
+                                                  "--stadi_speeds", "3,5", "--warmup_steps", "1", "--use_parallel_vae"])
+    assert "Parallel VAE decoder enabled" in proc.stdout + proc.stderr
+    plain, stadi = _image(tmp_path / "plain"), _image(tmp_path / "stadi")
+    # DistVAE decodes row shards with halos and all-reduced GroupNorm statistics in bf16: not bit-exact
+    # (7/255 at most on this tiny model), but the same image.
+    assert np.abs(stadi - plain).max() <= 16 and np.linalg.norm(stadi - plain) / np.linalg.norm(plain) <= 1e-2
 
 
 def test_stale_full_mode_plans_strides_from_measured_speeds(hub, tmp_path):
@@ -165,14 +185,14 @@ def test_xdit_command_itself_runs_stadi_with_the_upstream_patches(hub, tmp_path)
     dist_info = site / "stadi_plugin_entry-0.0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: stadi-plugin-entry\nVersion: 0.0\n")
-    (dist_info / "entry_points.txt").write_text("[xfuser.plugins]\nstadi = stadi_xdit.xdit.cli_hook:XfuserPlugin\n")
+    (dist_info / "entry_points.txt").write_text("[xfuser.plugins]\nstadi = stadi_xdit.run:XditPlugin\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1",
                PYTHONPATH=f"{site}{os.pathsep}{repo}")
     common = ["--model", "FLUX.1-dev", *SIZE, "--num_inference_steps", "3", "--master_addr", "127.0.0.1"]
     for name, extra in (("plain", []), ("stadi", ["--use_stadi", "--stadi_degree", "2", "--stadi_exact",
                                                   "--stadi_speeds", "3,5", "--warmup_steps", "1"])):
-        (tmp_path / name).mkdir()
+        # The output folders do not exist: the plugin's launch check creates them, as stadi-xdit does.
         proc = subprocess.run([sys.executable, "-m", "xfuser.cli", *common, "--master_port", str(free_port()), *extra,
                                "--output_directory", str(tmp_path / name)], env=env, capture_output=True, text=True,
                               timeout=300, check=False)
@@ -180,6 +200,60 @@ def test_xdit_command_itself_runs_stadi_with_the_upstream_patches(hub, tmp_path)
     assert "STADI plan" in proc.stdout + proc.stderr
     plain, stadi = _image(tmp_path / "plain"), _image(tmp_path / "stadi")
     assert np.linalg.norm(stadi - plain) / np.linalg.norm(plain) <= 1e-4
+    # A bad input ends in the launcher, in one line, before torchrun starts (the plugin's check_launch).
+    proc = subprocess.run([sys.executable, "-m", "xfuser.cli", *common, "--use_stadi", "--stadi_degree", "2",
+                           "--stadi_modee", "full"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    # (Without torchvision, importing xfuser itself prints transformers' notices before any plugin runs.)
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("[transformers]")]
+    assert proc.returncode == 2 and lines == ["stadi-xdit: error: unrecognized arguments: --stadi_modee full"], lines
+
+
+# xDiT's runner with diffusers' own Flux attention processor in place of xDiT's (everything else unchanged).
+DIFFUSERS_ATTENTION_RUNNER = """\
+import runpy
+import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from xfuser.model_executor.models.runner_models import flux
+load = flux.xFuserFluxModel._load_model
+def _load_model(self):
+    pipe = load(self)
+    for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks):
+        block.attn.processor = FluxAttnProcessor()
+    return pipe
+flux.xFuserFluxModel._load_model = _load_model
+runpy.run_module("xfuser.runner", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_batched_prompts_exact_mode_differs_from_plain_xdit_only_by_its_attention_kernel(hub, tmp_path):
+    """Two prompts (batch 2), bf16: exact STADI differs from xDiT's plain runner by a few levels of 255,
+    while it equals it at batch 1. The difference is xDiT's own `xFuserFluxAttnProcessor` (its USP
+    attention path), which rounds differently from diffusers' `FluxAttnProcessor` for batch > 1: with
+    diffusers' processor swapped into the plain runner, plain and exact STADI are bit-identical (and
+    both equal diffusers' own FluxPipeline). STADI's attention follows diffusers'."""
+    from stadi_xdit.run import build_launch_command
+
+    script = tmp_path / "diffusers_attention_runner.py"
+    script.write_text(DIFFUSERS_ATTENTION_RUNNER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
+    common = ["--model", "FLUX.1-dev", *SIZE[:-2], "--prompt", "a cat", "a dog", "--num_inference_steps", "3"]
+    runs = {"plain": ["-m", "xfuser.runner", *common], "diffusers_attention": [str(script), *common],
+            "stadi": ["-m", "xfuser.runner", *common, "--use_stadi", "--stadi_degree", "2", "--stadi_exact",
+                      "--stadi_speeds", "3,5", "--warmup_steps", "1"]}
+    procs = {}
+    for name, args in runs.items():  # all at once: most of each run is start-up
+        (tmp_path / name).mkdir()
+        command = build_launch_command(["--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args,
+                                        "--output_directory", str(tmp_path / name)])
+        procs[name] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = {name: proc.communicate(timeout=300)[0] for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, logs[name][-4000:]
+    for index in (0, 1):
+        image = {name: _image(tmp_path / name, f"*_{index}.png") for name in runs}
+        assert np.array_equal(image["stadi"], image["diffusers_attention"]), index
+        assert 0 < np.abs(image["stadi"] - image["plain"]).max() <= 16, index  # bf16 rounding, not a new image
 
 
 def _plans_per_call(log: str) -> list[tuple[list[int], list[int]]]:

@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds per token row per step on the fastest rank (default: from FLOPs)")
     sim.add_argument("--mfu", type=float, default=0.35, help="assumed GPU FLOPs utilisation (default 0.35)")
     sim.add_argument("--link-gbps", type=float, default=None,
-                     help="GB/s per rank for K/V exchange; given: exchange is exposed, else hidden")
+                     help="GB/s per rank for the K/V exchange (default: NVLink inside a node of one GPU type, "
+                          "PCIe for cards without NVLink, a 100 Gb/s network between nodes of mixed types or "
+                          "for --speeds; the line 'K/V exchange per sync' names the one assumed)")
     sim.add_argument("--calibrate-height", type=int, default=256,
                      help="px of the forward measured on this machine (default 256)")
     sim.add_argument("--no-measure", action="store_true", help="--simulate without the calibration forward")
@@ -367,6 +369,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
     arms, scenarios = args.arm_names, args.scenarios  # validated by parse_args; arms in canonical order
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "results.json").exists():  # said before minutes of work, not after
+        print(f"stadi-bench: {out} holds an earlier run's results.json and plots; this run replaces them")
     settings = BenchSettings(preset=preset, height=height, steps=args.steps, warmup=args.warmup,
                              repeats=args.repeats, world=args.ranks, arms=arms,
                              cores=_cores(args.core_list, args.ranks),

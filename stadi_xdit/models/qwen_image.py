@@ -189,13 +189,11 @@ class StadiQwenImagePipeline(StadiPipelineMixin, xFuserQwenImagePipeline):
 
     injection_plan = QWEN_IMAGE_INJECTION
 
-    def __init__(self, pipeline, engine_config, cache_args=None, stadi_config=None):
+    def __init__(self, pipeline, engine_config, cache_args=None, stadi_config=None, **options):
         config = pipeline.transformer.config
         if config.get("zero_cond_t", False) or config.get("use_layer3d_rope", False):
             raise ValueError("--use_stadi serves text-to-image Qwen-Image only (no zero_cond_t / layered RoPE)")
-        if engine_config.runtime_config.use_parallel_vae:
-            raise ValueError("--use_parallel_vae does not support Qwen-Image's video VAE")
-        super().__init__(pipeline, engine_config, cache_args, stadi_config)
+        super().__init__(pipeline, engine_config, cache_args, stadi_config, **options)
 
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, true_cfg_scale: float = 4.0, height: int | None = None,

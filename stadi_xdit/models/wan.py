@@ -319,7 +319,7 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
     injection_plan = WAN_INJECTION
     bands_are_image_rows = False  # token rows of the whole clip: `check_launch` counts them
 
-    def __init__(self, pipeline, engine_config, cache_args=None, stadi_config=None):
+    def __init__(self, pipeline, engine_config, cache_args=None, stadi_config=None, **options):
         if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("boundary_ratio") is not None:
             raise ValueError("--use_stadi serves Wan 2.1 text-to-video only, not Wan 2.2's two-expert pipelines "
                              "(transformer_2 / boundary_ratio)")
@@ -327,11 +327,9 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
             raise ValueError("--use_stadi does not serve Wan 2.2 TI2V's per-token timesteps (expand_timesteps)")
         if pipeline.transformer.config.patch_size[0] != 1:
             raise ValueError("--use_stadi needs Wan's temporal patch size 1 (bands are token rows of the clip)")
-        if engine_config.runtime_config.use_parallel_vae:
-            raise ValueError("--use_parallel_vae does not support Wan's video VAE under --use_stadi")
         self.band_rope: BandRope | None = None
         self._latent_frames: int | None = None
-        super().__init__(pipeline, engine_config, cache_args, stadi_config)
+        super().__init__(pipeline, engine_config, cache_args, stadi_config, **options)
 
     # --- STADI hooks ---------------------------------------------------------------------------
     def _convert_transformer_backbone(self, transformer, **kwargs):
@@ -455,11 +453,12 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
         if output_type == "latent":
             video = latents
         else:
-            if not self.is_dp_last_group():
+            decoded = self._decode(latents) if self._decodes_here() else None
+            if not self._returns_output_here():
                 if not self.outputs_on_every_rank:
                     return None
                 return WanPipelineOutput(frames=[]) if return_dict else ([],)
-            video = pipe.video_processor.postprocess_video(self._decode(latents), output_type=output_type)
+            video = pipe.video_processor.postprocess_video(decoded, output_type=output_type)
         pipe.maybe_free_model_hooks()
         return WanPipelineOutput(frames=video) if return_dict else (video,)
 

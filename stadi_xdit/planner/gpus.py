@@ -24,6 +24,34 @@ DENSE_TENSOR_TFLOPS: dict[str, float] = {
     "T4": 65.0,  # fp16
 }
 
+# K/V exchange links, GB/s per GPU and direction, for what-ifs that are not given one (`default_link`).
+# NVLink where the card has an NVLink switch fabric in its usual node (datasheets: 18 NVLink 4 links =
+# 900 GB/s both ways on H100/H200, 12 NVLink 3 links = 600 GB/s on A100, 300 GB/s on V100); the others
+# talk over PCIe 4.0 x16 (32 GB/s raw, about 25 GB/s achieved). Between nodes: a 100 Gb/s network.
+NVLINK_GBYTES_PER_S: dict[str, float] = {"H200": 450.0, "H100": 450.0, "A100": 300.0, "V100": 150.0}
+PCIE4_X16_GBYTES_PER_S = 25.0
+NETWORK_GBYTES_PER_S = 100 / 8  # 100 Gb/s
+
+
+def default_link(names: tuple[str, ...] | None) -> tuple[float, str]:
+    """(GB/s, what it is) of the link a what-if assumes for the K/V exchange when none is given.
+
+    One GPU type is taken as one node: its NVLink, or PCIe for cards without an NVLink fabric. Mixed
+    types (A100x4,RTX3090x4) are taken as separate nodes, joined by a 100 Gb/s network, and so are
+    bare relative speeds, which name no hardware.
+    """
+    network = (NETWORK_GBYTES_PER_S, f"a 100 Gb/s network between nodes ({NETWORK_GBYTES_PER_S:g} GB/s)")
+    if not names:
+        return network[0], network[1] + ": no GPUs named"
+    kinds = sorted(set(names))
+    if len(kinds) > 1:
+        return network[0], network[1] + f": {' and '.join(kinds)} taken as separate nodes"
+    gpu = kinds[0]
+    if gpu in NVLINK_GBYTES_PER_S:
+        return NVLINK_GBYTES_PER_S[gpu], f"NVLink inside one {gpu} node ({NVLINK_GBYTES_PER_S[gpu]:g} GB/s per direction)"
+    return PCIE4_X16_GBYTES_PER_S, f"PCIe 4.0 x16 inside one {gpu} node ({PCIE4_X16_GBYTES_PER_S:g} GB/s, no NVLink fabric)"
+
+
 # The count after the last "x", read before _normalise drops "-": "A100x-1" must not become "A100X1".
 _COUNT = re.compile(r"[\s_]*(?P<count>[-+]?\d+)\s*")
 

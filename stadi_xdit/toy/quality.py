@@ -1,7 +1,7 @@
 """What stale K/V and skipped steps do to real samples: STADI's modes on the trained toy DiT.
 
-    python -m stadi_xdit.toy.quality                 # 2 ranks, writes docs/img/toy_quality_*.png
-    python -m stadi_xdit.toy.quality --out /tmp/q    # elsewhere
+    python -m stadi_xdit.toy.quality                 # 2 ranks, writes results/toy_quality/
+    python -m stadi_xdit.toy.quality --out docs/img  # refresh the plots and json the docs show
 
 Every arm denoises the same batch (one image per class, the same initial noise) and is compared
 with the one-process output: latent PSNR/SSIM, the data set's coherence metrics (against the
@@ -35,7 +35,7 @@ from stadi_xdit.paths import output_dir_problem
 from stadi_xdit.planner.validation import MAX_STEPS
 from stadi_xdit.toy import data, metrics, model
 
-REPO = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = Path("results") / "toy_quality"  # under the current folder, as the example's results/
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stadi_xdit.cli_errors import OneLineArgumentParser
 
     parser = OneLineArgumentParser(prog="python -m stadi_xdit.toy.quality", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "img", help="folder of the plots and json")
+    # Not docs/img by default: a run must not rewrite tracked files (the docs' own figures) unasked.
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"folder of the plots and json (default {DEFAULT_OUT}; --out docs/img refreshes the docs)")
     parser.add_argument("--steps", type=int, default=model.DEFAULT_STEPS)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
@@ -245,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = output_dir_problem(args.out)
     if problem:
         parser.error(f"argument --out: {problem}")
+    earlier = sorted(path.name for path in args.out.glob("toy_quality*"))
+    if earlier:  # said before minutes of work, not after
+        print(f"replacing {', '.join(earlier)} in {args.out} at the end of this run")
 
     import stadi_xdit.xdit  # noqa: F401  (xfuser's CPU compat layer before the ranks import it)
 

@@ -41,7 +41,7 @@ class StadiEngineConfig(EngineConfig):
     stadi_config: StadiConfig = field(default_factory=StadiConfig)
 
 
-def _arg_name(config_field: str) -> str:
+def stadi_arg_name(config_field: str) -> str:
     """`timeout_seconds` -> `stadi_timeout`: the xFuserArgs attribute behind the field's flag."""
     return SETTINGS[config_field]["flag"].removeprefix("--")
 
@@ -84,6 +84,10 @@ def validate_degrees(args: xFuserArgs, world_size: int) -> int:
     for name in UNSUPPORTED_FEATURES:
         if getattr(args, name, False):
             raise ValueError(f"--{name} cannot be combined with --use_stadi (STADI runs its own denoising loop)")
+    if getattr(args, "use_ray", False) or getattr(args, "ray_world_size", 1) not in (None, 1):
+        flag = "--use_ray" if getattr(args, "use_ray", False) else f"--ray_world_size {args.ray_world_size}"
+        raise ValueError(f"{flag} cannot be combined with --use_stadi (STADI runs on torchrun's processes, not on "
+                         "xDiT's Ray workers: launch with stadi-xdit or torchrun --nproc_per_node N)")
     if args.cache_method is not None:
         raise ValueError(f"--cache_method {args.cache_method} cannot be combined with --use_stadi "
                          "(STADI runs its own denoising loop)")
@@ -145,7 +149,7 @@ def stadi_config_from(args: Any) -> StadiConfig:
     A flag overrides the file when its value differs from the flag's default (argparse cannot
     tell an explicit default from an omitted flag).
     """
-    values = {f.name: getattr(args, _arg_name(f.name)) for f in dataclasses.fields(StadiConfig)}
+    values = {f.name: getattr(args, stadi_arg_name(f.name)) for f in dataclasses.fields(StadiConfig)}
     path = getattr(args, "stadi_config_file", None)
     if path is not None and not (isinstance(path, str) and path.strip()) and not isinstance(path, os.PathLike):
         raise ValueError(f"--stadi_config_file must name a file, got {shown_value(path)}")
@@ -244,7 +248,7 @@ def _stadi_arg_fields() -> list[tuple[str, Any, Any]]:
         kind = config_field.metadata["kind"]
         annotation = {"bool": bool, "int": int, "count": "int | None", "float": float, "choice": str}.get(
             kind, "str | None")
-        out.append((_arg_name(config_field.name), annotation, field(default=config_field.default)))
+        out.append((stadi_arg_name(config_field.name), annotation, field(default=config_field.default)))
     out.append(("stadi_config_file", "str | None", field(default=None)))
     return out
 

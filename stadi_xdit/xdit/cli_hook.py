@@ -18,13 +18,17 @@ With the hook installed, and only when `--use_stadi` is given, that same script 
    direct construction and `xDiTParallel` all go through it. A model without a STADI twin is
    refused instead of silently running plain data parallelism;
 4. `xfuser.cli.get_nproc_from_args` (the `xdit` launcher's rank count) counts STADI ranks
-   (`stadi_nproc_from_args`).
+   (`stadi_nproc_from_args`);
+5. `xFuserArgs.add_runner_args` gives xDiT's model runner the STADI flags and `--warmup_steps`;
+6. `xFuserArgs.from_runner_args` turns a runner config dict with STADI keys into a validated `StadiArgs`;
+7. constructing a registered runner model (`xFuserModel.__new__`) with such a config builds its STADI form.
 
 Every patch is applied right after its xfuser module is imported (so `import stadi_xdit` stays
 light), is idempotent, and `uninstall()` restores the originals. Set `STADI_XDIT_NO_CLI_HOOK=1`
 to import `stadi_xdit` without it. `add_stadi_cli_args` itself skips a parser that already has the
 STADI flags, so `StadiArgs.add_cli_args` composes with a hooked `xFuserArgs.add_cli_args`. `patches/xfuser-0.7.0-stadi-cli-hook.patch` is the upstream
-form: a plugin entry-point group `xfuser.plugins` consulted at the same four places.
+form: a plugin entry-point group `xfuser.plugins` consulted at the same seven places (and, for the
+`xdit` command, at one more: `check_launch`, see `stadi_xdit.run.XditPlugin`).
 """
 
 from __future__ import annotations
@@ -168,7 +172,20 @@ def stadi_runner_args(config: Any) -> Any | None:
         args.validate()  # with the family's own launch checks (e.g. Wan's --num_frames)
     except ValueError as error:
         raise StadiInputError(" ".join(str(error).split())) from None
+    show_resolved_settings(config, args.stadi)
     return args
+
+
+def show_resolved_settings(config: dict[str, Any], stadi: Any) -> None:
+    """Write the STADI settings that will run (a --stadi_config_file's included) back into the runner's
+    dict: xDiT's runner logs that same dict after building its args, which would otherwise show the
+    parser's defaults (`use_stadi: False`) for settings that came from the file."""
+    import dataclasses
+
+    from stadi_xdit.xdit.args import stadi_arg_name
+
+    for setting in dataclasses.fields(stadi):
+        config[stadi_arg_name(setting.name)] = getattr(stadi, setting.name)
 
 
 def check_runner_switch(config: dict[str, Any], key: str) -> None:
@@ -395,7 +412,8 @@ def patch_launcher(cli: ModuleType) -> None:
 class XfuserPlugin:
     """STADI as an xDiT plugin, for xfuser with `patches/xfuser-0.7.0-stadi-cli-hook.patch`.
 
-    Register as `[project.entry-points."xfuser.plugins"] stadi = "stadi_xdit.xdit.cli_hook:XfuserPlugin"`.
+    Registered through its subclass `stadi_xdit.run:XditPlugin` (`[project.entry-points."xfuser.plugins"]`),
+    which adds the launcher's checks for the `xdit` command.
     """
 
     add_cli_args = staticmethod(add_flags)

@@ -112,8 +112,12 @@ class StadiPipelineMixin:
 
     injection_plan: InjectionPlan
 
-    def __init__(self, pipeline, engine_config, cache_args=None, stadi_config: StadiConfig | None = None):
+    def __init__(self, pipeline, engine_config, cache_args=None, stadi_config: StadiConfig | None = None,
+                 runner_parallelises_vae: bool = False):
         self.stadi_config = stadi_config or stadi_config_of(engine_config)
+        # xDiT's model runner shards the VAE decoder itself after loading (VAEManager.setup_parallel_vae);
+        # sharding it here as well would hand the runner an already sharded decoder, which it refuses.
+        self.runner_parallelises_vae = runner_parallelises_vae
         self.injection = None
         self.last_result: DenoiseResult | None = None
         # --stadi_replan calls/sync: per (height, width), the evidence of the last calls of that size
@@ -144,6 +148,9 @@ class StadiPipelineMixin:
         self.injection = apply_injection(transformer, self.injection_plan, self.kv_store)
         return transformer
 
+    def _convert_vae(self, vae):
+        return vae if self.runner_parallelises_vae else super()._convert_vae(vae)
+
     def _convert_scheduler(self, scheduler):
         return to_subsequence_capable(scheduler)
 
@@ -151,10 +158,17 @@ class StadiPipelineMixin:
         return False
 
     def is_dp_last_group(self) -> bool:
-        """The one rank that returns decoded images (xDiT example scripts save on it)."""
+        """The one rank that returns decoded images.
+
+        xDiT's example scripts save on it and number its images `get_data_parallel_rank() * per-group
+        batch + i`, as data-parallel groups hold different prompts. A STADI group shares one batch, so
+        this is STADI rank 0, whose images number 0..B-1 (rank 1's read as the second image of a batch).
+        xDiT's model runner saves on its last process instead: under it, the last STADI rank.
+        """
         if self.engine_config.runtime_config.use_parallel_vae:
             return get_world_group().rank == 0
-        return (self.groups.band.rank == self.groups.band.world_size - 1
+        output_rank = self.groups.band.world_size - 1 if self.outputs_on_every_rank else 0
+        return (self.groups.band.rank == output_rank
                 and get_classifier_free_guidance_rank() == get_classifier_free_guidance_world_size() - 1)
 
     def remove_stadi(self) -> None:
@@ -257,10 +271,9 @@ class StadiPipelineMixin:
         if output_type == "latent":
             image = latents
         else:
-            # distvae's decoder is collective: with --use_parallel_vae every rank decodes its part.
-            if self.engine_config.runtime_config.use_parallel_vae or self.is_dp_last_group():
+            if self._decodes_here():
                 image = self._decode(latents)
-            if not self.is_dp_last_group():
+            if not self._returns_output_here():
                 if not self.outputs_on_every_rank:
                     return None
                 return self._pipeline_output([]) if return_dict else ([],)
@@ -269,6 +282,16 @@ class StadiPipelineMixin:
             image = pipe.image_processor.postprocess(image, output_type=output_type)
         pipe.maybe_free_model_hooks()
         return self._pipeline_output(image) if return_dict else (image,)
+
+    def _decodes_here(self) -> bool:
+        # distvae's decoder is collective: with --use_parallel_vae every rank decodes its part.
+        return self.engine_config.runtime_config.use_parallel_vae or self.is_dp_last_group()
+
+    def _returns_output_here(self) -> bool:
+        """The output rank; with --use_parallel_vae under xDiT's runner every rank, since the runner saves
+        on its last rank and after the collective decode every rank holds the whole image."""
+        return self.is_dp_last_group() or (self.outputs_on_every_rank
+                                           and self.engine_config.runtime_config.use_parallel_vae)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The full latent decoded to an image batch."""

@@ -106,7 +106,7 @@ def as_stadi_pipeline(pipe: Any, engine_config: Any) -> Any:
     twin = twin_for_diffusers(type(pipeline).__name__)
     if twin is None:
         raise ValueError(f"--use_stadi has no STADI family for {type(pipeline).__name__}")
-    stadi = twin(pipeline, engine_config)
+    stadi = twin(pipeline, engine_config, runner_parallelises_vae=True)
     # The model's `_run_pipe` was written for a diffusers pipeline, which returns an output on every rank.
     stadi.outputs_on_every_rank = pipeline is pipe
     return stadi
@@ -124,6 +124,18 @@ def stadi_runner_model(model_cls: type, model_name: str | None = None) -> type:
     return _stadi_form(model_cls)
 
 
+def stadi_output_name(model: Any, input_args: dict[str, Any]) -> str:
+    """The runner's output name for a STADI run: the strategy, its mode and the process count where xDiT's
+    `get_output_name` has `u<ulysses>r<ring>_tc_<compile>` (always `u1r1_tc_False` under STADI), so a
+    STADI run and a plain run into one --output_directory never write the same file."""
+    import os
+
+    strategy = model.config.stadi.strategy_label
+    ranks = os.environ.get("WORLD_SIZE", "1")  # xDiT's runner reads the launch size from it too
+    name = f"{model.settings.output_name}_{strategy}_n{ranks}_{input_args['height']}x{input_args['width']}"
+    return f"{name}_{model.config.task}" if model.config.task else name
+
+
 @functools.cache
 def _stadi_form(model_cls: type) -> type:
     capabilities = dataclasses.replace(model_cls.capabilities, **dict.fromkeys(_NOT_WITH_STADI, False))
@@ -133,4 +145,5 @@ def _stadi_form(model_cls: type) -> type:
 
     return type(f"Stadi{model_cls.__name__}", (model_cls,), {
         "__module__": __name__, "__doc__": f"{model_cls.__name__} under STADI (pipeline wrapped into its twin).",
-        "capabilities": capabilities, "_load_model": _load_model, "__stadi_runner_model__": True})
+        "capabilities": capabilities, "_load_model": _load_model, "get_output_name": stadi_output_name,
+        "__stadi_runner_model__": True})
