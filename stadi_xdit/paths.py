@@ -14,9 +14,10 @@ import stat
 from pathlib import Path
 
 
-def read_regular_file(path: str | os.PathLike) -> bytes:
-    """The bytes of a regular file; a FIFO, device or socket raises OSError instead of being read
-    (a FIFO without a writer blocks forever), a directory IsADirectoryError."""
+def read_regular_file(path: str | os.PathLike, limit: int = -1) -> bytes:
+    """The bytes of a regular file (at most `limit` of them when >= 0); a FIFO, device or socket
+    raises OSError instead of being read (a FIFO without a writer blocks forever), a directory
+    IsADirectoryError."""
     # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
@@ -26,7 +27,7 @@ def read_regular_file(path: str | os.PathLike) -> bytes:
         if not stat.S_ISREG(mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         with os.fdopen(descriptor, "rb", closefd=False) as handle:
-            return handle.read()
+            return handle.read(limit)
     finally:
         os.close(descriptor)
 
