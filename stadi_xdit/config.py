@@ -28,9 +28,11 @@ KV_DTYPES = ("auto", "bfloat16", "float16")
 # A week: far beyond any denoising run, and small enough for every backend's millisecond timers
 # (gloo and NCCL overflow on values like 1e300).
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0
-# The backends turn the timeout into whole milliseconds: 1e-9 s became a 0 ms socket timeout that failed
-# the rendezvous with a DistNetworkError traceback. 0.1 s is 100 ms, enough to connect on one host.
-MIN_TIMEOUT_SECONDS = 0.1
+# The timeout tells a stalled peer from a slow one, so it must exceed any healthy wait: with 0.1 s (then
+# accepted) two healthy ranks blamed each other for one slow step. 5 s also covers the profile cache's
+# bounded lock wait (2 s) and the launcher's heartbeat (one beat a second), and is whole milliseconds for
+# the backends (1e-9 s became a 0 ms socket timeout that failed the rendezvous with a traceback).
+MIN_TIMEOUT_SECONDS = 5.0
 # Longest repr() an error line shows of a value; a 5000-digit number or a huge list is cut.
 MAX_SHOWN_CHARS = 120
 # Largest settings file read: a few hundred bytes hold every setting; a 200 MB file is not one.

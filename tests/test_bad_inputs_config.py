@@ -164,7 +164,11 @@ def test_tiny_timeout_in_a_file_is_refused(tmp_path):
 
 def test_minimum_timeout_is_accepted():
     assert StadiConfig(timeout_seconds=MIN_TIMEOUT_SECONDS).timeout_seconds == MIN_TIMEOUT_SECONDS
-    assert StadiConfig(timeout_seconds=1).timeout_seconds == 1
+    assert StadiConfig(timeout_seconds=60).timeout_seconds == 60
+
+
+def test_a_timeout_too_short_to_tell_slow_from_stalled_is_refused():
+    _one_line_error(lambda: StadiConfig(timeout_seconds=0.1), "--stadi_timeout", "got 0.1")
 
 
 # --- 5. only a real non-zero rank of a multi-process launch stays silent ------------------------------
