@@ -20,7 +20,6 @@ Standard library only.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -35,6 +34,9 @@ from stadi_xdit.runtime import heartbeat
 
 POLL_SECONDS = 0.1
 STOP_GRACE_SECONDS = 2.0  # torchrun's own grace between SIGTERM and SIGKILL is 30 s
+# Once a launch is failing (a stall found here, or a rank that exited because of a peer), torchrun
+# ends it; should it not have within this time, the supervisor kills every rank and exits itself.
+ENDING_SECONDS = STOP_GRACE_SECONDS + 2.0
 MARGIN_SECONDS = 5.0  # what the launcher may take beyond --stadi_timeout to end a stalled launch
 NO_LIMIT_PHASES = ("startup", "idle")  # imports and parsing; a rank that only waits for the output rank
 SAVE_PHASE = "save"
@@ -57,6 +59,7 @@ class Supervisor:
         self.culprit: Culprit | None = None
         self.died_at: dict[int, float] = {}
         self._paused_until = 0.0
+        self._failing_since: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stadi-supervisor", daemon=True)
 
@@ -79,21 +82,7 @@ class Supervisor:
 
     # --- reading -------------------------------------------------------------------------------
     def records(self) -> dict[int, dict]:
-        found = {}
-        try:
-            names = os.listdir(self.folder)
-        except OSError:
-            return found
-        for name in names:
-            if not name.startswith("rank-"):
-                continue
-            try:
-                with open(os.path.join(self.folder, name)) as handle:
-                    record = json.load(handle)
-                found[int(name.removeprefix("rank-"))] = record
-            except (OSError, ValueError):
-                continue  # being replaced right now: read it next time
-        return found
+        return heartbeat.read_beats(self.folder)
 
     def _watch(self) -> None:
         while not self._stop.wait(POLL_SECONDS):
@@ -119,6 +108,24 @@ class Supervisor:
                                             f"(--stadi_timeout {self.timeout:g} s)", records)
             if self.culprit is not None:
                 self._kill_idle(records)
+            self._bound_the_ending(records, now)
+
+    def _bound_the_ending(self, records: dict[int, dict], now: float) -> None:
+        """The backstop for the launcher's own exit: a failing launch that torchrun has not ended
+        within `ENDING_SECONDS` is ended here (every rank killed, exit status 1)."""
+        peer_exit = any(record.get("cause") == "peer" and rank in self.died_at for rank, record in records.items())
+        if self._failing_since is None and (self.culprit is not None or peer_exit):
+            self._failing_since = now
+        if self._failing_since is None or now - self._failing_since <= ENDING_SECONDS:
+            return
+        if self.culprit is None:
+            first = self.first_failure(records)
+            who = f"rank {first} failed first (its peers reported it)" if first is not None else "a rank failed"
+            sys.stderr.write(f"{self.prog}: error: {who}; ending the launch\n")
+            sys.stderr.flush()
+        for pid in child_pids():
+            _kill(pid)
+        os._exit(1)
 
     def _end(self, rank: int, phase: str, line: str, records: dict[int, dict]) -> None:
         self.culprit = Culprit(rank, phase, line)

@@ -8,7 +8,6 @@ The subprocess timeout is only a hang guard; no test asserts elapsed seconds.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import torch
 
 from stadi_xdit.supervisor import MARGIN_SECONDS
 from stadi_xdit.testing.hub_cache import write_hub_cache
+from stadi_xdit.testing.processes import ranks_denoising, reap_leftovers
 from stadi_xdit.testing.spawn import free_port
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runs of the tiny offline cache")
@@ -54,28 +54,9 @@ def _env(hub: Path, tmp_path: Path, tag: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def _tagged(tag: str) -> list[int]:
-    """Processes still alive (not zombies) that carry this test's tag in their environment."""
-    found = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if f"STADI_TEST_TAG={tag}".encode() in Path(f"/proc/{name}/environ").read_bytes():
-                state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    found.append(int(name))
-        except OSError:
-            continue
-    return found
-
-
 def _no_leftovers(tag: str) -> None:
-    """Every process of the launch ends; polling stops at a hang guard, then kills what is left."""
-    deadline = time.monotonic() + 30
-    while _tagged(tag) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = _tagged(tag)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
+    """Every process of the launch ends (within a hang guard; what is left is killed and reported)."""
+    left = reap_leftovers("STADI_TEST_TAG", tag)
     assert not left, f"processes left behind: {left}"
 
 
@@ -114,13 +95,7 @@ def _started(tmp_path: Path, proc: subprocess.Popen) -> None:
     """Wait (hang guard) until both ranks are in STADI's denoising loop, from their heartbeats."""
     deadline = time.monotonic() + STARTUP_GUARD
     while time.monotonic() < deadline and proc.poll() is None:
-        records = []
-        for path in tmp_path.glob("stadi-heartbeat-*/rank-*"):
-            try:
-                records.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                pass
-        if len(records) == 2 and all(" step " in record["phase"] for record in records):
+        if ranks_denoising(tmp_path):
             return
         time.sleep(0.05)
     pytest.fail(f"the ranks did not reach the denoising loop (launcher status {proc.poll()})")

@@ -69,6 +69,23 @@ def beat_path(folder: str | os.PathLike, rank: int) -> Path:
     return Path(folder) / f"rank-{rank}"
 
 
+def read_beats(folder: str | os.PathLike) -> dict[int, dict]:
+    """Every rank's last heartbeat in `folder` ({global rank: record}); a file being replaced is skipped."""
+    found = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return found
+    for name in names:
+        if not name.startswith("rank-") or not name[5:].isdigit():
+            continue
+        try:
+            found[int(name[5:])] = json.loads(Path(folder, name).read_text())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def start() -> None:
     """Start this rank's heartbeat thread (idempotent; only under a launcher that watches)."""
     global _thread
