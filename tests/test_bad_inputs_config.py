@@ -282,3 +282,14 @@ def test_error_lines_show_a_bounded_part_of_a_huge_value():
         nested = [nested, nested]
     text = shown_value(nested)
     assert len(text) <= MAX_SHOWN_CHARS + 3 and text.startswith("[[")
+
+
+def test_stadi_plan_speaks_inside_a_pytorchjob_pod(monkeypatch, capsys):
+    """RANK=1 WORLD_SIZE=4 (a Kubernetes PyTorchJob pod) must not silence a command that is never a rank."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit) as info:
+        plan_main(["--speeds", "x", "--height", "1024"])
+    lines = capsys.readouterr().err.splitlines()
+    assert info.value.code == 2 and len(lines) == 1 and lines[0].startswith("stadi-plan: error: argument --speeds")
+    assert not cli_errors.is_speaking_rank()  # the process-wide rule for ranks is unchanged
