@@ -531,11 +531,19 @@ def launch_timeout(argv: Sequence[str]) -> float | None:
     from stadi_xdit.config import StadiConfig
 
     flags = cli_hook._flag_values(split_launch_args(argv)[2])
-    if not cli_hook._uses_stadi(flags):
-        return None
-    if flags.get("--stadi_timeout"):
-        return float(flags["--stadi_timeout"])
-    settings = cli_hook._file_settings(flags)
+    try:  # a script's flags reach no parser in the launcher: checked here as the ranks will
+        if not cli_hook._uses_stadi(flags):
+            return None
+        if flags.get("--stadi_timeout") is not None:
+            try:
+                seconds = float(flags["--stadi_timeout"])
+            except ValueError:
+                raise ValueError(f"--stadi_timeout must be a number of seconds, got "
+                                 f"{flags['--stadi_timeout']!r}") from None
+            return StadiConfig(use_stadi=True, timeout_seconds=seconds).timeout_seconds
+        settings = cli_hook._file_settings(flags)
+    except ValueError as error:
+        fail(LAUNCHER, str(error))
     return (settings or StadiConfig()).timeout_seconds
 
 

@@ -345,6 +345,18 @@ def test_the_launcher_speaks_whatever_rank_its_environment_claims(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and "--stadi_mode" in lines[0], proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["ex.py", "--use_stadi", "--stadi_degree", "2", "--stadi_timeout", "abc"], "--stadi_timeout must be a number"),
+    (["ex.py", "--use_stadi", "--stadi_degree", "2", "--stadi_timeout", "1"], "seconds in [5"),
+    (["--nproc_per_node", "2", "ex.py", "--use_stadi", "--stadi_config_file", "{tmp}/bad.json"], "not valid JSON"),
+])
+def test_the_launchers_own_timeout_is_checked_in_script_mode(argv, needle, tmp_path, capsys):
+    from stadi_xdit.run import launch_timeout
+
+    (tmp_path / "bad.json").write_text("{")
+    _one_line_exit(lambda: launch_timeout([a.replace("{tmp}", str(tmp_path)) for a in argv]), capsys, needle)
+
+
 def test_malformed_fault_injection_is_refused(monkeypatch, capsys):
     from stadi_xdit.run import check_fault_injection
 
