@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from stadi_xdit.paths import read_regular_file
+from stadi_xdit.runtime import heartbeat
 
 __all__ = ["ProfileCache", "check_cache_path", "profile_key"]
 
@@ -213,7 +214,9 @@ class ProfileCache:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except FileExistsError as error:  # an ancestor is a file: say that, not "File exists"
                 raise NotADirectoryError(errno.ENOTDIR, "Not a directory", error.filename) from None
-            with self._exclusive_lock():
+            # A named phase: under stadi-xdit a write that hangs (a wedged filesystem) ends the launch
+            # naming it, instead of a peer blaming this rank for its next collective.
+            with heartbeat.in_phase("profile-cache write"), self._exclusive_lock():
                 entries = self._read_entries_quarantining_corrupt()
                 if entries is None:  # corrupt and could not be moved aside: never overwrite it
                     return False
