@@ -11,7 +11,7 @@ may already have exited or may wait in a gloo call with a 30-minute default. So 
 * each rank runs a daemon thread that rewrites `rank-<RANK>` in that folder every
   `min(1 s, timeout / 4)`: its pid, its current phase, when the phase began and the time of
   the beat; `phase()` names the phase (`process-group`, `load`, `<STADI phase> step <n>`,
-  `decode`, `save`, `profile-cache`, `cleanup`);
+  `decode`, `save`, `profile-cache write`, `cleanup`, `idle`);
 * the launcher's supervisor (`stadi_xdit.supervisor`) ends the launch when a rank's beat is older
   than the timeout (a stopped or wedged process) or its phase has lasted longer than the timeout
   (a live stall), naming that rank and phase in one line.
