@@ -690,6 +690,10 @@ def failed_rank_status(error: ChildFailedError, supervisor=None) -> int:
     code = failure.exitcode
     if code == USAGE_ERROR:  # the rank has reported the input in one line
         return USAGE_ERROR
+    phase = supervisor.ended_after_its_peers(rank) if supervisor is not None and code < 0 else None
+    if phase is not None:  # torchrun's SIGTERM ended it after its peers' bounded waits gave up
+        fail(LAUNCHER, f"rank {rank} stopped responding in {phase} (its peers gave up after --stadi_timeout "
+                       f"{supervisor.timeout:g} s)", status=1)
     if code < 0:
         try:
             how = f"was killed by {signal.Signals(-code).name}"

@@ -154,6 +154,24 @@ class Supervisor:
         return min(candidates, key=lambda rank: (self.died_at.get(rank, float("inf")), rank))
 
 
+    def ended_after_its_peers(self, rank: int) -> str | None:
+        """The phase `rank` was stuck in when a peer's bounded wait gave up on it (torchrun then killed
+        it, so its signal is the launch's, not the fault); None when it died on its own.
+
+        Stuck: it had been in that phase for about the timeout when the first peer exited (a killed
+        rank closes its sockets, and its peers report it at once, while it was in a fresh phase).
+        """
+        records = self.records()
+        reported = [self.died_at[r] for r, record in records.items()
+                    if record.get("cause") == "peer" and r in self.died_at]
+        record = records.get(rank)
+        if not reported or record is None:
+            return None
+        if float(record.get("since", float("inf"))) > min(reported) - 0.8 * self.timeout:
+            return None
+        return str(record.get("phase", "?"))
+
+
 def _is_child(pid: int) -> bool:
     """`pid` is a running (not zombie) child of this process: only those are ever signalled."""
     stat = _stat(pid)

@@ -84,6 +84,20 @@ def test_the_rank_that_failed_first_is_not_the_one_that_reported_it():
         supervisor.close()
 
 
+def test_a_rank_ended_by_the_launch_after_its_peers_gave_up_is_named_with_its_phase():
+    supervisor = Supervisor(timeout=5.0)
+    try:
+        now = time.time()
+        _beat(supervisor, 1, 1, "gather step 4", 0, 0, cause="peer")
+        supervisor.died_at = {1: now, 0: now}  # seen dead in the same poll
+        _beat(supervisor, 0, 1, "profile-cache write", beat_age=0, phase_age=5.2)  # stuck since before the wait
+        assert supervisor.ended_after_its_peers(0) == "profile-cache write"
+        _beat(supervisor, 0, 1, "stadi step 3", beat_age=0, phase_age=0.1)  # killed mid-step: reported at once
+        assert supervisor.ended_after_its_peers(0) is None
+    finally:
+        supervisor.close()
+
+
 def test_a_failing_launch_that_torchrun_does_not_end_is_ended_by_the_supervisor(tmp_path):
     """The backstop: a survivor exited because of a peer, and the launch still runs past the grace."""
     script = textwrap.dedent("""
