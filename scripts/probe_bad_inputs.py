@@ -1,13 +1,22 @@
 """Feed known-bad inputs to every entry point and count how each one ends.
 
-    python scripts/probe_bad_inputs.py
+    python scripts/probe_bad_inputs.py            # in-process groups (the test suite runs these)
+    python scripts/probe_bad_inputs.py --faults   # also real launches under faults (minutes)
 
 Entry points: the example's flags (parsed and validated as under torchrun with 2 ranks), STADI
-config files, `stadi-plan` and `stadi-bench` (parse and validate only). Each input is run
-in-process with a 20 s alarm. Outcomes: `clean` (exit 2, exactly one stderr line naming a flag
-or key), `traceback` (any other exception, or more than one line), `hang` (the alarm fired),
-`accepted` (it returned normally although the input is bad). Exit status 1 unless every input
-is clean.
+config files, `stadi-plan` and `stadi-bench` (parse and validate only), `stadi-xdit`'s checks
+before launch (against a tiny offline hub cache, some of it damaged on purpose), and the training
+script's `--out`. Each input is run in-process with a 20 s alarm. Outcomes: `clean` (exit 2,
+exactly one stderr line naming a flag or key), `traceback` (any other exception, or more than one
+line), `hang` (the alarm fired), `silent` (an error exit with no line), `accepted` (it returned
+normally although the input is bad).
+
+`--faults` runs the real launcher with the tiny FLUX.1-dev under the faults of issue 21 (a rank
+stopped in model load, in a STADI step, in VAE decode; a rank killed; Ctrl-C, SIGTERM and SIGKILL
+of the launcher; a full disk at save time): `clean` there means the launcher ended within
+--stadi_timeout plus its margin, named the failed rank in one line, left no process behind and,
+where the run had finished, kept the image; `lost` means a finished image is nowhere. Exit
+status 1 unless every case is clean.
 """
 
 from __future__ import annotations
@@ -48,6 +57,15 @@ EXAMPLE_FLAGS = [
     ["--seed", "1" + "0" * 30], ["--guidance_scale", "nan"], ["--output_type", "nonsense"],
     ["--num_inference_steps", "100000000"], ["--save_latents", "/dev/null/x.pt"], ["--model", TMP],
     ["--stadi_config_file", ""], ["--stadi_emulate_shift", "9999:1,2"],
+    # issue 21
+    ["--stadi_timeout", "0.1"], ["--stadi_profile_cache", "x\0.json"],
+    ["--stadi_config_file", f"{TMP}/settings.json", "--stadi_profile_cache", f"{TMP}/settings.json"],
+    ["--stadi_profile_cache", f"{TMP}/w.safetensors"],
+]
+
+# --stadi_* flags without --use_stadi: a plain run would ignore them
+EXAMPLE_FLAGS_WITHOUT_STADI = [
+    ["--stadi_speeds", "1,2", "--stadi_mode", "spatial"], ["--stadi_degree", "2"], ["--stadi_exact"],
 ]
 
 CONFIG_FILES = [
@@ -66,6 +84,12 @@ CONFIG_FILES = [
     ("[" * 100_000 + "]" * 100_000, "json"), ("a:\n" + " " * 2 + "- " * 20_000 + "1\n", "yaml"),
     ('{"timeout_seconds": ' + "9" * 401 + "}", "json"), ("tolerance: " + "9" * 401 + "\n", "yaml"),
     ('{"speeds": [1, ' + "9" * 5000 + "]}", "json"), ('{"timeout_seconds": 1e-9}', "json"),
+    # issue 21: alias bombs (8 and 10 levels), a 200 MB file (sparse), a NUL byte in a path
+    ("l0: &l0 [x,x,x,x,x,x,x,x,x]\n" + "".join(f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]\n"
+                                                for i in range(1, 8)) + "speeds: *l7\n", "yaml"),
+    ("l0: &l0 [x,x,x,x,x,x,x,x,x]\n" + "".join(f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]\n"
+                                                for i in range(1, 10)) + "speeds: [*l9]\n", "yaml"),
+    (None, "yaml"), ('profile_cache: "x\\0.json"\n', "yaml"), ('{"profile_cache": "a\\u0000b"}', "json"),
 ]
 
 PLAN_ARGS = [
@@ -111,6 +135,36 @@ BENCH_ARGS = [
 ]
 
 
+# stadi-xdit's checks before launch (xDiT's runner form; a script form for the flag order)
+FLUX = ["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--height", "128", "--width", "128",
+        "--num_inference_steps", "3", "--warmup_steps", "1"]
+SD3 = ["--model", "SD3.5", "--use_stadi", "--stadi_degree", "2", "--height", "128", "--width", "128",
+       "--num_inference_steps", "3", "--warmup_steps", "1", "--prompt", "a cat"]
+LAUNCHER_ARGS = [
+    (["--model", "FLUX.1-dev", "--stadi_speeds", "1,2", "--stadi_mode", "spatial", "--prompt", "a"], None),
+    (["ex.py", "--model", "tiny", "--stadi_degree", "2"], None),
+    ([*FLUX, "--prompt", "a cat", "--negative_prompt", "dog"], None),
+    ([*SD3, "--guidance_scale", "nan"], None),
+    ([*SD3, "--negative_prompt", "dog"], None),
+    ([*FLUX, "--prompt"], None),
+    ([*FLUX, "--prompt", "caf\udcff"], None),
+    ([*SD3, "--height", "256"], None),
+    (SD3, "truncate transformer/diffusion_pytorch_model.safetensors"),
+    (SD3, "remove vae/diffusion_pytorch_model.safetensors"),
+    (SD3, "break model_index.json"),
+    (SD3, "num_layers -3"),
+    (SD3, "empty cache, offline"),
+    (SD3, "empty cache, online"),
+    ([*FLUX, "--prompt", "a cat"], "port in use"),
+    ([*FLUX, "--prompt", "a cat", "--stadi_mode", "fast"], "RANK=1 WORLD_SIZE=4"),
+    ([*FLUX, "--prompt", "a cat"], "STADI_FAULT=decode:x"),
+    ([*FLUX, "--prompt", "a cat", "--output_directory", "/dev/null/x"], None),
+]
+
+TRAIN_OUT = ["w.json", "toy_reference.safetensors", "{weights}/toy_reference.safetensors",
+             "{weights}/other.safetensors"]
+
+
 class Hang(Exception):
     pass
 
@@ -138,7 +192,10 @@ def outcome(call: Callable[[], object], seconds: int = 20) -> tuple[str, str]:
         result = "hang"
     except SystemExit as exit_:
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        result = "clean" if exit_.code == 2 and len(lines) == 1 and "error:" in lines[0] else "traceback"
+        if exit_.code not in (0, None) and not lines:
+            result = "silent"
+        else:
+            result = "clean" if exit_.code == 2 and len(lines) == 1 and "error:" in lines[0] else "traceback"
     except ValueError as error:  # library entry points (config files): one line is the contract
         result = "clean" if "\n" not in str(error) and str(error) else "traceback"
         err.write(str(error))
@@ -150,9 +207,73 @@ def outcome(call: Callable[[], object], seconds: int = 20) -> tuple[str, str]:
     return result, err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else ""
 
 
-def main() -> int:
+def _launcher_case(argv: list[str], setup: str | None, hub: Path) -> None:
+    """`stadi-xdit`'s checks before launch for `argv`, with `setup` applied to a copy of the hub."""
+    import shutil
+    import socket
+
+    from huggingface_hub import constants
+
+    from stadi_xdit import cli_errors
+    from stadi_xdit.run import build_launch_command, check_fault_injection, check_launch_environment
+    from stadi_xdit.offline.hub_cache import HUB_MODELS, hub_snapshot_dir
+
+    home = Path(tempfile.mkdtemp(prefix="hub-", dir=TMP))
+    saved = (constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE, dict(os.environ), cli_errors._ALWAYS_SPEAKS)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        if setup and setup.startswith("empty cache"):
+            (home / "hub").mkdir()
+        else:
+            shutil.copytree(hub, home, dirs_exist_ok=True)
+        snapshot = hub_snapshot_dir(home, HUB_MODELS["SD3.5"])
+        if setup == "truncate transformer/diffusion_pytorch_model.safetensors":
+            with open(snapshot / "transformer" / "diffusion_pytorch_model.safetensors", "r+b") as handle:
+                handle.truncate(50_000)
+        elif setup == "remove vae/diffusion_pytorch_model.safetensors":
+            (snapshot / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+        elif setup == "break model_index.json":
+            (snapshot / "model_index.json").write_text("{broken")
+        elif setup == "num_layers -3":
+            config = snapshot / "transformer" / "config.json"
+            config.write_text(config.read_text().replace('"num_layers": 2', '"num_layers": -3'))
+        elif setup == "RANK=1 WORLD_SIZE=4":  # what launch() does with a pod's environment
+            os.environ.update(RANK="1", WORLD_SIZE="4")
+            cli_errors.speak_always()
+        elif setup == "STADI_FAULT=decode:x":
+            os.environ["STADI_FAULT"] = "decode:x"
+        constants.HF_HUB_OFFLINE = setup != "empty cache, online"
+        constants.HF_HUB_CACHE = str(home / "hub")
+        if setup == "port in use":
+            listener.listen()
+        local = ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+        if "--output_directory" not in argv:
+            local += ["--output_directory", str(home / "out")]
+        build_launch_command([*local, *argv])
+        check_launch_environment([*local, *argv])
+        check_fault_injection()
+    finally:
+        listener.close()
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = saved[0], saved[1]
+        os.environ.clear()
+        os.environ.update(saved[2])
+        cli_errors._ALWAYS_SPEAKS = saved[3]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     os.environ.update(WORLD_SIZE="2", RANK="0")
     example = _load_example()
+    import stadi_xdit.xdit  # noqa: F401  (compat layer before xfuser)
+    from stadi_xdit.offline.hub_cache import write_hub_cache
+
+    hub = Path(TMP) / "hub-base"
+    write_hub_cache(hub, ["FLUX.1-dev", "SD3.5"])
+    (Path(TMP) / "settings.json").write_text('{"use_stadi": true}')
+    (Path(TMP) / "w.safetensors").write_bytes(b"weights")
+    train = None
     from stadi_xdit.bench.cli import parse_args as bench_parse
     from stadi_xdit.config import StadiConfig
     from stadi_xdit.planner.cli import main as plan_main
@@ -161,31 +282,57 @@ def main() -> int:
         sys.argv = ["stadi_example.py", *BASE, *flags]
         return example.parse_args()
 
+    def run_example_plain(flags):
+        sys.argv = ["stadi_example.py", *[a for a in BASE if a != "--use_stadi"], *flags]
+        return example.parse_args()
+
     def read_config(text, suffix):
         path = Path(TMP) / f"config.{suffix}"
-        path.write_bytes(text.encode("utf-8", "surrogateescape") if "\xff" not in text else b"\xff\xfe")
+        if text is None:  # 200 MB: sparse, the size check must not read it
+            path.unlink(missing_ok=True)
+            with open(path, "wb") as handle:
+                handle.truncate(200 << 20)
+        else:
+            path.write_bytes(text.encode("utf-8", "surrogateescape") if "\xff" not in text else b"\xff\xfe")
         return StadiConfig.from_file(path)
+
+    def train_out(out):
+        from stadi_xdit.offline.modules import load_module_from_path
+        from stadi_xdit.toy import model
+
+        nonlocal train
+        train = train or load_module_from_path("train_toy_dit_probe", REPO / "scripts" / "train_toy_dit.py")
+        return train.parse_args(["--out", out.format(weights=model.WEIGHTS_DIR)])
 
     groups = {
         "example flags": [lambda f=f: run_example(f) for f in EXAMPLE_FLAGS],
         "config files": [lambda t=t, s=s: read_config(t, s) for t, s in CONFIG_FILES],
         "stadi-plan": [lambda a=a: plan_main(a) for a in PLAN_ARGS],
         "stadi-bench": [lambda a=a: bench_parse(a) for a in BENCH_ARGS],
+        "example without --use_stadi": [lambda f=f: run_example_plain(f) for f in EXAMPLE_FLAGS_WITHOUT_STADI],
+        "stadi-xdit checks": [lambda a=a, s=s: _launcher_case(a, s, hub) for a, s in LAUNCHER_ARGS],
+        "train_toy_dit --out": [lambda o=o: train_out(o) for o in TRAIN_OUT],
     }
-    print("| | bad inputs | clean one line | traceback | hang | wrongly accepted |")
-    print("|---|---|---|---|---|---|")
+    if "--faults" in argv:
+        from probe_launcher_faults import fault_cases  # scripts/, beside this file
+
+        groups["stadi-xdit faults"] = fault_cases(hub)
+    print("| | bad inputs | clean one line | traceback | hang | silent | wrongly accepted | lost work |")
+    print("|---|---|---|---|---|---|---|---|")
     total = Counter()
     failures = []
     for name, calls in groups.items():
         counts = Counter()
         for index, call in enumerate(calls):
-            result, last = outcome(call)
+            result, last = call() if getattr(call, "is_fault", False) else outcome(call)
             counts[result] += 1
+            if getattr(call, "is_fault", False):
+                print(f"  {call.label}: {result}: {last}", file=sys.stderr)
             if result != "clean":
                 failures.append(f"{name} #{index}: {result}: {last}")
         total.update(counts)
         print(f"| {name} | {len(calls)} | {counts['clean']} | {counts['traceback']} | {counts['hang']} "
-              f"| {counts['accepted']} |")
+              f"| {counts['silent']} | {counts['accepted']} | {counts['lost']} |")
     for line in failures:
         print(line, file=sys.stderr)
     return 0 if total["clean"] == sum(total.values()) else 1

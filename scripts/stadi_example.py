@@ -46,8 +46,9 @@ from stadi_xdit.cli_errors import OneLineErrors, fail
 from stadi_xdit.models.qwen_image import xFuserQwenImagePipeline
 from stadi_xdit.offline import pipelines as tiny
 from stadi_xdit.offline.pipelines import random_prompt_embeds
-from stadi_xdit.paths import output_file_problem
+from stadi_xdit.paths import output_file_problem, save_with_fallback
 from stadi_xdit.planner.validation import MAX_ROWS, MAX_STEPS
+from stadi_xdit.runtime import heartbeat
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.toy import data as toy_data
 from stadi_xdit.toy import model as toy_model
@@ -238,15 +239,18 @@ def main() -> None:
 
 
 def run(engine_args: StadiArgs, example: Example, save_latents: str | None) -> None:
+    heartbeat.phase("process-group")  # each phase under --stadi_timeout when the launcher watches
     device = init_distributed(engine_args.stadi_timeout)
     engine_config, input_config = engine_args.create_config()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine_config.runtime_config.dtype = dtype
 
+    heartbeat.phase("load")
     pipeline, needs_embeds = load_pipeline(example, engine_args.model)
     pipeline = pipeline.to(device=device, dtype=dtype)
     # xDiT's wrapper; with --use_stadi its constructor returns the STADI twin.
     pipe = example.wrapper(pipeline, engine_config)
+    heartbeat.phase("setup")
     toy = engine_args.model == TOY_PRESET
     if toy:
         prompt = input_config.prompt[0] if isinstance(input_config.prompt, list) else input_config.prompt
@@ -277,17 +281,29 @@ def run(engine_args: StadiArgs, example: Example, save_latents: str | None) -> N
     if get_world_group().rank == 0:
         print(f"{type(pipe).__name__}: end-to-end latency {elapsed:.2f} s")
     if pipe.is_dp_last_group() and output is not None:
+        heartbeat.phase("save")
+        # Atomic writes; a result that cannot be saved where asked goes to the launch or temp folder.
+        saved = True
         if save_latents:
-            torch.save(output.images.cpu(), save_latents)
-            print("saved latents to", save_latents)
-        elif toy:
+            latents = output.images.cpu()
+            saved = save_with_fallback(save_latents, lambda temp: torch.save(latents, temp), "latents")
+            if saved:
+                print("saved latents to", saved)
+        elif toy or output_type == "pil":
             from PIL import Image
 
-            rgb = toy_data.decode_to_rgb(output.images.float().cpu())[0]
-            image = Image.fromarray((rgb.permute(1, 2, 0) * 255).round().byte().numpy())
-            image.save(_result_path(pipe, engine_args))
-        elif output_type == "pil":
-            output.images[0].save(_result_path(pipe, engine_args))
+            if toy:
+                rgb = toy_data.decode_to_rgb(output.images.float().cpu())[0]
+                image = Image.fromarray((rgb.permute(1, 2, 0) * 255).round().byte().numpy())
+            else:
+                image = output.images[0]
+            saved = save_with_fallback(_result_path(pipe, engine_args),
+                                       lambda temp: image.save(temp, format="PNG"), "image")
+            if saved:
+                print("saved", saved)
+        if not saved:
+            raise SystemExit(1)
+    heartbeat.phase("cleanup")
     dist.destroy_process_group()
 
 
@@ -297,7 +313,8 @@ def _result_path(pipe, engine_args: StadiArgs) -> str:
     strategy = f"_{engine_args.stadi.strategy_label}" if engine_args.use_stadi else ""
     path = f"results/{type(pipe).__name__}{strategy}_n{get_world_group().world_size}.png"
     os.makedirs("results", exist_ok=True)
-    print(("replacing" if os.path.exists(path) else "saving"), path)
+    if os.path.exists(path):
+        print("replacing", path)
     return path
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from stadi_xdit.cli_errors import OneLineArgumentParser
-from stadi_xdit.paths import output_file_problem
+from stadi_xdit.paths import is_inside, is_same_file, output_file_problem, save_figure, save_with_fallback
 from stadi_xdit.toy import data, metrics, model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,15 +92,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     problem = output_file_problem(args.out)
     if problem:
         p.error(f"argument --out: {problem}")
+    problem = out_collision(args.out)
+    if problem:
+        p.error(f"argument --out: {problem}")
     # Plots go to the docs only with the shipped weights; a run elsewhere keeps them beside its weights.
     plots = REPO / "docs" / "img" if args.out.resolve() == model.WEIGHTS_PATH.resolve() else args.out.parent
     for attr, name in (("loss_plot", "toy_train_loss.png"), ("samples_plot", "toy_train_samples.png")):
         value = getattr(args, attr)
         setattr(args, attr, plots / name if value is None else (Path(value) if value else None))
         problem = getattr(args, attr) and output_file_problem(getattr(args, attr))
+        if not problem and getattr(args, attr) is not None and any(
+                is_same_file(getattr(args, attr), written) for written in outputs_of(args.out)):
+            problem = f"{getattr(args, attr)} is one of the files written for --out {args.out}"
         if problem:
             p.error(f"argument --{attr.replace('_', '-')}: {problem}")
     return args
+
+
+def outputs_of(out: Path) -> tuple[Path, Path, Path]:
+    """What a run with `--out` writes: the weights, their json, and the reference latents beside them."""
+    return out, out.with_suffix(".json"), out.with_name(model.REFERENCE_PATH.name)
+
+
+def out_collision(out: Path) -> str | None:
+    """Why `--out` would make the run overwrite its own outputs or the shipped reference (None: fine).
+
+    `--out w.json` wrote the weights, then the run's json over them; `--out .../toy_reference.safetensors`
+    wrote the weights, then the reference latents over them, and exited 0.
+    """
+    if out.suffix != ".safetensors":
+        return f"must be a .safetensors file (its json is written beside it), got {out}"
+    weights, info, reference = outputs_of(out)
+    if is_same_file(weights, reference):
+        return (f"{out} is the name of the reference latents written beside the weights; name the weights "
+                "differently, e.g. toy_dit.safetensors")
+    for shipped in (model.REFERENCE_PATH, model.INFO_PATH):
+        if is_same_file(weights, shipped):
+            return f"{out} is the shipped {shipped.name}, not a weights file"
+    if out.resolve() != model.WEIGHTS_PATH.resolve() and any(
+            is_inside(path, model.WEIGHTS_DIR) for path in (weights, info, reference)):
+        return (f"{out} would write beside the shipped weights in {model.WEIGHTS_DIR} (their json and reference "
+                "would be replaced); use the default --out to retrain them, or another folder")
+    return None
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -220,8 +253,7 @@ def save_loss_plot(path: Path, losses: list[float], mses: list[float], title: st
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, "loss plot")
     plt.close(fig)
 
 
@@ -255,10 +287,12 @@ def main(argv=None) -> int:
     wall_start = time.perf_counter()
     run = train(args)
     transformer = run["transformer"]
-    out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous() for k, v in transformer.state_dict().items()}
-    save_file(state, str(out), metadata={"format": "pt", "model": "stadi_xdit toy DiT (PixArtTransformer2DModel)"})
+    # The weights first (hours of training), atomically, elsewhere if --out fails now: then the rest.
+    out = save_with_fallback(args.out, lambda temp: save_file(state, str(temp), metadata={
+        "format": "pt", "model": "stadi_xdit toy DiT (PixArtTransformer2DModel)"}), "trained weights")
+    if out is None:
+        return 1
     params = sum(v.numel() for v in state.values())
 
     steps_done = run["steps_done"]
@@ -325,9 +359,10 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
-    json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps(info, indent=2) + "\n")
-    reference = model.write_reference(out, out.with_name(model.REFERENCE_PATH.name))
+    text = json.dumps(info, indent=2) + "\n"
+    json_path = save_with_fallback(out.with_suffix(".json"), lambda temp: temp.write_text(text), "training json")
+    reference = save_with_fallback(out.with_name(model.REFERENCE_PATH.name),
+                                   lambda temp: model.write_reference(out, temp), "reference latents")
     print(f"wrote {out} ({info['weights_bytes'] / 1e6:.1f} MB, {params / 1e6:.2f} M params), {json_path} "
           f"and {reference}")
     print(f"{steps_done} steps in {run['train_s'] / 60:.1f} min ({info['s_per_step']:.3f} s/step, "
@@ -338,7 +373,7 @@ def main(argv=None) -> int:
         for name in ("trained", "random_weights", "ground_truth"):
             row = ", ".join(f"{k} {v:.3f}" for k, v in evaluation[name].items())
             print(f"  {name:>14}: {row}")
-    return 0
+    return 0 if json_path and reference else 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import reprlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,11 +28,15 @@ KV_DTYPES = ("auto", "bfloat16", "float16")
 # A week: far beyond any denoising run, and small enough for every backend's millisecond timers
 # (gloo and NCCL overflow on values like 1e300).
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0
-# The backends turn the timeout into whole milliseconds: 1e-9 s became a 0 ms socket timeout that failed
-# the rendezvous with a DistNetworkError traceback. 0.1 s is 100 ms, enough to connect on one host.
-MIN_TIMEOUT_SECONDS = 0.1
+# The timeout tells a stalled peer from a slow one, so it must exceed any healthy wait: with 0.1 s (then
+# accepted) two healthy ranks blamed each other for one slow step. 5 s also covers the profile cache's
+# bounded lock wait (2 s) and the launcher's heartbeat (one beat a second), and is whole milliseconds for
+# the backends (1e-9 s became a 0 ms socket timeout that failed the rendezvous with a traceback).
+MIN_TIMEOUT_SECONDS = 5.0
 # Longest repr() an error line shows of a value; a 5000-digit number or a huge list is cut.
 MAX_SHOWN_CHARS = 120
+# Largest settings file read: a few hundred bytes hold every setting; a 200 MB file is not one.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def setting(default: Any, flag: str, kind: str, help: str, **extra: Any) -> Any:
@@ -159,6 +164,9 @@ class StadiConfig:
                              f"got {shown_value(self.degree)}")
         if self.profile_cache is not None and not self.profile_cache.strip():
             raise ValueError("--stadi_profile_cache must be a file path, got an empty string")
+        if self.profile_cache is not None and "\0" in self.profile_cache:
+            raise ValueError(f"--stadi_profile_cache must be a file path, got one holding a NUL byte: "
+                             f"{shown_value(self.profile_cache)}")
 
     @property
     def emulated_shift(self) -> tuple[int, tuple[float, ...]] | None:
@@ -250,10 +258,19 @@ class StadiConfig:
         if not isinstance(path, (str, os.PathLike)):  # xDiT's runner dict can hold anything
             raise ValueError(  # noqa: TRY004 (one exception type for every bad input)
                 f"--stadi_config_file must be a file path, got {shown_value(path)} ({type(path).__name__})")
+        if "\0" in os.fspath(path):
+            raise ValueError(f"--stadi_config_file must be a file path, got one holding a NUL byte: "
+                             f"{shown_value(os.fspath(path))}")
         path = Path(path)
         source = f"STADI config file {str(path)!r}"
         try:
-            text = read_regular_file(path).decode("utf-8")
+            size = os.stat(path).st_size
+            if size > MAX_CONFIG_BYTES:
+                raise ValueError(f"{source} is {size} bytes, more than a settings file can be "
+                                 f"({MAX_CONFIG_BYTES} bytes at most)")
+            text = read_regular_file(path, limit=MAX_CONFIG_BYTES + 1).decode("utf-8")
+            if len(text.encode("utf-8")) > MAX_CONFIG_BYTES:  # it grew while being read
+                raise ValueError(f"{source} is more than {MAX_CONFIG_BYTES} bytes, more than a settings file can be")
         except (OSError, UnicodeDecodeError) as error:
             reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
             raise ValueError(f"cannot read {source}: {reason}") from None
@@ -313,10 +330,20 @@ def shown_value(value: Any) -> str:
     if isinstance(value, int) and value.bit_length() > 4 * MAX_SHOWN_CHARS:
         return f"an integer of about {int(value.bit_length() * math.log10(2))} digits"
     try:
-        text = repr(value)
-    except (ValueError, RecursionError):
+        text = _BOUNDED_REPR.repr(value)  # bounded work: a few items per level, a few levels deep
+    except (ValueError, RecursionError, MemoryError):
         return f"a {type(value).__name__} too large to show"
     return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "..."
+
+
+def _bounded_repr() -> reprlib.Repr:
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxlist, shown.maxtuple, shown.maxdict, shown.maxset = 3, 8, 8, 8, 8
+    shown.maxstring = shown.maxother = shown.maxlong = MAX_SHOWN_CHARS
+    return shown
+
+
+_BOUNDED_REPR = _bounded_repr()
 
 
 class _HugeInt(int):
@@ -371,6 +398,16 @@ def _strict_yaml_loader() -> type:
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            # An alias re-uses a node; nested aliases expand exponentially (a 300-byte file held
+            # gigabytes). No STADI setting needs one.
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in a "
+                                                  "STADI config", event.start_mark)
+            node = super().compose_node(parent, index)
+            return node
+
         def construct_mapping(self, node, deep=False):
             keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
             hashable = [key for key in keys if isinstance(key, (str, int, float, bool)) or key is None]

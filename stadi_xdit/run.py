@@ -25,6 +25,7 @@ here, once, before any process starts.
 
 from __future__ import annotations
 
+import math
 import os
 import runpy
 import sys
@@ -32,7 +33,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook, before the script imports xfuser)
-from stadi_xdit.cli_errors import USAGE_ERROR, StadiInputError, fail
+from stadi_xdit.cli_errors import USAGE_ERROR, StadiInputError, fail, speak_always
+from stadi_xdit.runtime import heartbeat
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.xdit import cli_hook
 
@@ -49,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(USAGE, file=sys.stderr)
         raise SystemExit(0 if argv else 2)
     cli_hook.install()  # no-op unless STADI_XDIT_NO_CLI_HOOK turned the import-time install off
+    _as_a_rank()
     if argv[0] == "-m":
         if len(argv) < 2:
             raise SystemExit(USAGE)
@@ -64,6 +67,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     # As `python script.py` does: the script's folder first on sys.path.
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     _run_reporting_faults(lambda: runpy.run_path(script, run_name="__main__"))
+
+
+def _as_a_rank() -> None:
+    """This process is one rank of a launch: it beats for the launcher's supervisor, dies with the
+    launcher (never an orphan), and ends on Ctrl-C without a traceback (torchrun forwards SIGINT)."""
+    import signal
+
+    heartbeat.start()
+    launcher = os.environ.get("STADI_LAUNCHER_PID")
+    if launcher and launcher.isdigit() and sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != int(launcher):  # the launcher died before the line above ran
+            os._exit(1)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, lambda *_: os._exit(128 + signal.SIGINT))
 
 
 def _run_reporting_faults(run: Callable[[], object]) -> None:
@@ -96,6 +119,7 @@ def build_launch_command(argv: Sequence[str]) -> list[str]:
     if runner_mode:
         runner_namespace(script_args)  # unknown or malformed flags first, before counting ranks
     nnodes = torchrun_ints(torchrun)
+    check_stadi_flags_need_use_stadi(script_args)
     try:
         inferred = cli_hook.stadi_nproc_from_args(script_args, get_nproc_from_args, nnodes=nnodes)
     except ValueError as error:
@@ -114,18 +138,47 @@ def build_launch_command(argv: Sequence[str]) -> list[str]:
             "-m", "stadi_xdit.run", *target, *script_args]
 
 
+LAUNCHER_FLAGS = ("--stadi_degree",)  # STADI flags the launcher reads too, wherever they stand
+
+
 def split_launch_args(argv: Sequence[str]) -> tuple[dict[str, str | None], list[str], list[str]]:
-    """(torchrun's values, the target `-m xfuser.runner` / `-m MODULE` / `SCRIPT`, the target's args)."""
+    """(torchrun's values, the target `-m xfuser.runner` / `-m MODULE` / `SCRIPT`, the target's args).
+
+    torchrun's flags and `--stadi_degree` may come before or after the script (docs/deployment.md
+    shows both orders). torchrun's are removed; `--stadi_degree` is passed on to the script (its
+    STADI flags check the degree against the launch), after the script's name.
+    """
     from xfuser.cli import extract_torchrun_args
 
     torchrun, rest = extract_torchrun_args(list(argv))
+    leading: list[str] = []
+    while rest and _is_launcher_flag(rest[0]):
+        width = 1 if "=" in rest[0] or len(rest) == 1 else 2
+        leading, rest = [*leading, *rest[:width]], rest[width:]
     if not rest or rest[0].startswith("--"):
-        return torchrun, ["-m", "xfuser.runner"], rest
+        return torchrun, ["-m", "xfuser.runner"], [*leading, *rest]
     if rest[0] == "-m":
         if len(rest) < 2:
             fail(LAUNCHER, "-m needs a module name")
-        return torchrun, rest[:2], rest[2:]
-    return torchrun, rest[:1], rest[1:]
+        return torchrun, rest[:2], [*leading, *rest[2:]]
+    return torchrun, rest[:1], [*leading, *rest[1:]]
+
+
+def _is_launcher_flag(arg: str) -> bool:
+    name = arg.partition("=")[0]
+    return name.startswith("--") and "--" + name[2:].replace("-", "_") in LAUNCHER_FLAGS
+
+
+def check_stadi_flags_need_use_stadi(args: Sequence[str]) -> None:
+    """`--stadi_*` flags without `--use_stadi` (nor a config file that switches it on) would run
+    plain xDiT and ignore them: one line instead."""
+    flags = cli_hook._flag_values(args)
+    if "--stadi_config_file" in flags or cli_hook._uses_stadi(flags):
+        return  # a config file is read, and checked, by the rank count below
+    named = sorted(flag for flag in flags if flag.startswith("--stadi_"))
+    if named:
+        fail(LAUNCHER, f"{', '.join(named)} need{'s' if len(named) == 1 else ''} --use_stadi (without it this is a "
+                       "plain xDiT run, which would ignore them)")
 
 
 def _int_flag(flag: str, text: str | None, minimum: int, maximum: int | None = None, note: str = "") -> int:
@@ -322,15 +375,20 @@ def _find_spec(name: str):
 
 def check_runner_environment(namespace) -> None:
     """What xDiT's runner refuses in every rank, or fails on after the run: no prompt, model files
-    not in an offline Hugging Face cache, an output directory that cannot be written."""
+    missing, truncated or not in an offline Hugging Face cache, a size past the model's position
+    table, an output directory that cannot be written or has no room for the images."""
     from xfuser.model_executor.models.runner_models.base_model import MODEL_REGISTRY
 
     if namespace.prompt is None and getattr(namespace, "dataset_path", None) is None:
         fail(LAUNCHER, f"--model {namespace.model} needs --prompt (or --dataset_path)")
     model = MODEL_REGISTRY.get(namespace.model)
-    for repo in model_repos(model, namespace) if model is not None else ():
-        check_model_files(namespace.model, repo)
-    check_output_directory(namespace.output_directory)
+    check_call_inputs(namespace, model)
+    # The model's own repo first (its transformer config holds the position limit), then a pipe_name.
+    folders = [check_model_files(namespace.model, repo) for repo in (model_repos(model, namespace) if model else ())]
+    size = _call_size(namespace, model)
+    if folders and folders[0] is not None and size is not None:
+        check_position_limit(namespace.model, folders[0], *size)
+    check_output_directory(namespace.output_directory, _output_bytes(namespace, size))
     if getattr(getattr(model, "settings", None), "model_output_type", None) == "video":
         check_video_writer(namespace.model)
 
@@ -355,20 +413,115 @@ def settings_probe(model: type, config: Any) -> Any:
     return probe
 
 
-def check_model_files(name: str, repo: str) -> None:
-    """With HF_HUB_OFFLINE, the runner model's hub repo must already be in the cache (online, the
-    ranks download it)."""
+def check_call_inputs(namespace, model: type | None) -> None:
+    """The call's own inputs, which xDiT's parser takes as given: a bare `--prompt`, text that is
+    not UTF-8 (the tokenizer fails in every rank), a NaN guidance (CFG silently off), a negative
+    prompt that the model's runner never passes to its pipeline."""
+    for flag in ("--prompt", "--negative_prompt"):
+        values = getattr(namespace, flag[2:], None)
+        if values is None:
+            continue
+        items = values if isinstance(values, list) else [values]
+        if not items:
+            fail(LAUNCHER, f"{flag} needs a value (text in quotes)")
+        for item in items:
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as error:
+                fail(LAUNCHER, f"{flag} is not valid UTF-8 text (byte {_bad_byte(item, error)} at position "
+                               f"{error.start}); pass it in the terminal's UTF-8 encoding")
+    guidance = getattr(namespace, "guidance_scale", None)
+    if guidance is not None and not math.isfinite(guidance):
+        fail(LAUNCHER, f"--guidance_scale must be a finite number, got {guidance}")
+    if getattr(namespace, "negative_prompt", None) and model is not None and not _passes(model, "negative_prompt"):
+        fail(LAUNCHER, f"--model {namespace.model} does not use --negative_prompt (its pipeline call takes none); "
+                       "drop it")
+
+
+def _bad_byte(text: str, error: UnicodeEncodeError) -> str:
+    char = text[error.start]
+    return f"0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else repr(char)
+
+
+def _passes(model: type, argument: str) -> bool:
+    """Whether the runner model's `_run_pipe` hands `argument` to its pipeline (read from its source;
+    True when the source cannot be read, so nothing is refused on a guess)."""
+    import inspect
+
+    try:
+        return argument in inspect.getsource(model._run_pipe)
+    except (OSError, TypeError):
+        return True
+
+
+def _call_size(namespace, model: type | None) -> tuple[int, int] | None:
+    defaults = getattr(model, "default_input_values", None)
+    height = namespace.height or getattr(defaults, "height", None)
+    width = namespace.width or getattr(defaults, "width", None)
+    return (height, width) if isinstance(height, int) and isinstance(width, int) else None
+
+
+def _output_bytes(namespace, size: tuple[int, int] | None) -> int:
+    """What the saved images need at most (an RGB PNG is at most about its raw size); 0 for video."""
+    if size is None or getattr(namespace, "num_frames", None):
+        return 0
+    prompts = namespace.prompt if isinstance(namespace.prompt, list) else [namespace.prompt]
+    images = max(1, len(prompts)) * max(1, getattr(namespace, "num_images_per_prompt", None) or 1)
+    return images * size[0] * size[1] * 3 + (1 << 16)
+
+
+def check_position_limit(name: str, folder: str, height: int, width: int) -> None:
+    """A transformer with a fixed position table (SD3's `pos_embed_max_size`) refuses larger images
+    in every rank after loading; the limit is in its config."""
+    import json
+
+    from stadi_xdit.paths import read_regular_file
+
+    try:
+        config = json.loads(read_regular_file(os.path.join(folder, "transformer", "config.json"), limit=1 << 20))
+        vae = json.loads(read_regular_file(os.path.join(folder, "vae", "config.json"), limit=1 << 20))
+    except (OSError, ValueError):
+        return
+    limit, patch = config.get("pos_embed_max_size"), config.get("patch_size") or 1
+    if not isinstance(limit, int) or not isinstance(patch, int) or patch < 1:
+        return
+    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    largest = limit * patch * scale
+    for flag, value in (("--height", height), ("--width", width)):
+        if value > largest:
+            fail(LAUNCHER, f"{flag} {value} is past --model {name}'s position table (pos_embed_max_size {limit} x "
+                           f"patch {patch} x VAE scale {scale}): at most {largest} px")
+
+
+def check_model_files(name: str, repo: str) -> str | None:
+    """The model folder (a local one, or the hub repo's snapshot in the Hugging Face cache) holds
+    every file the pipeline loads, whole; returns it (None: online and not cached yet)."""
+    from stadi_xdit.paths import model_folder_problem
+
     if os.path.isdir(repo):
         if not os.path.isfile(os.path.join(repo, "model_index.json")):
             fail(LAUNCHER, f"--model {name}: {repo} has no model_index.json (not a diffusers pipeline folder)")
-        return
-    from huggingface_hub import constants, try_to_load_from_cache
+        folder = repo
+    else:
+        from huggingface_hub import constants, try_to_load_from_cache
 
-    if not constants.HF_HUB_OFFLINE:
-        return
-    if not isinstance(try_to_load_from_cache(repo, "model_index.json"), str):
-        fail(LAUNCHER, f"--model {name}: {repo} is not in the Hugging Face cache {constants.HF_HUB_CACHE} "
-                       "and HF_HUB_OFFLINE is set")
+        cached = try_to_load_from_cache(repo, "model_index.json")
+        if not isinstance(cached, str):
+            fill = (f"fill it with `huggingface-cli download {repo}` on a machine with network access, or point "
+                    "HF_HOME at a cache that holds it")
+            if constants.HF_HUB_OFFLINE:
+                fail(LAUNCHER, f"--model {name}: {repo} is not in the Hugging Face cache {constants.HF_HUB_CACHE} "
+                               f"and HF_HUB_OFFLINE is set; {fill}")
+            problem = _hub_unreachable(repo)
+            if problem:
+                fail(LAUNCHER, f"--model {name}: {repo} is not in the Hugging Face cache {constants.HF_HUB_CACHE} "
+                               f"and the hub cannot be reached ({problem}); {fill}")
+            return None
+        folder = os.path.dirname(cached)
+    problem = model_folder_problem(folder)
+    if problem:
+        fail(LAUNCHER, f"--model {name}: the model folder {folder} {problem}")
+    return folder
 
 
 def check_video_writer(name: str) -> None:
@@ -381,11 +534,26 @@ def check_video_writer(name: str) -> None:
                        "or OpenCV; neither is installed")
 
 
-def check_output_directory(path: str) -> None:
-    """The runner saves into `--output_directory` after the whole run and does not create it."""
-    from stadi_xdit.paths import output_dir_problem
+HUB_PROBE_SECONDS = 5.0
 
-    problem = output_dir_problem(path)
+
+def _hub_unreachable(repo: str) -> str | None:
+    """Why the ranks could not download `repo` (no network, no such repo, a gated one), or None."""
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(repo, timeout=HUB_PROBE_SECONDS)
+    except Exception as error:  # noqa: BLE001 - requests' and the hub's errors alike end the launch here
+        return " ".join(f"{type(error).__name__}: {error}".split())[:160]
+    return None
+
+
+def check_output_directory(path: str, needed_bytes: int = 0) -> None:
+    """The runner saves into `--output_directory` after the whole run and does not create it; the
+    images must fit there (a full disk would end a finished run with a 0-byte PNG)."""
+    from stadi_xdit.paths import free_space_problem, output_dir_problem
+
+    problem = output_dir_problem(path) or (free_space_problem(path, needed_bytes) if needed_bytes else None)
     if problem:
         fail(LAUNCHER, f"--output_directory: {problem}")
 
@@ -404,39 +572,193 @@ class XditPlugin(cli_hook.XfuserPlugin):
 
 # --- running torchrun ------------------------------------------------------------------------------
 
+# Variables a launcher may inherit (a Kubernetes PyTorchJob pod sets them) that describe a rank,
+# which the launcher is not: they would silence its errors (cli_errors.is_speaking_rank).
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+
+
 def launch(argv: Sequence[str] | None = None) -> None:
     """Console script `stadi-xdit`: torchrun with the right process count, plugin loaded first."""
+    speak_always()  # the launcher is never a rank, whatever RANK its environment holds
+    for name in RANK_VARIABLES:
+        os.environ.pop(name, None)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = build_launch_command(argv)
     check_launch_environment(argv)
-    raise SystemExit(run_torchrun(command[command.index("torch.distributed.run") + 1:]))
+    check_fault_injection()
+    os.environ["STADI_LAUNCHER_PID"] = str(os.getpid())  # the ranks die with this process
+    raise SystemExit(run_torchrun(command[command.index("torch.distributed.run") + 1:], launch_timeout(argv),
+                                  bind_store=int(split_launch_args(argv)[0]["--nnodes"] or 1) == 1))
 
 
-def run_torchrun(args: Sequence[str]) -> int:
+def launch_timeout(argv: Sequence[str]) -> float | None:
+    """`--stadi_timeout` of a STADI launch (flag, else config file, else its default); None without STADI."""
+    from stadi_xdit.config import StadiConfig
+
+    flags = cli_hook._flag_values(split_launch_args(argv)[2])
+    try:  # a script's flags reach no parser in the launcher: checked here as the ranks will
+        if not cli_hook._uses_stadi(flags):
+            return None
+        if flags.get("--stadi_timeout") is not None:
+            try:
+                seconds = float(flags["--stadi_timeout"])
+            except ValueError:
+                raise ValueError(f"--stadi_timeout must be a number of seconds, got "
+                                 f"{flags['--stadi_timeout']!r}") from None
+            return StadiConfig(use_stadi=True, timeout_seconds=seconds).timeout_seconds
+        settings = cli_hook._file_settings(flags)
+    except ValueError as error:
+        fail(LAUNCHER, str(error))
+    return (settings or StadiConfig()).timeout_seconds
+
+
+def check_fault_injection() -> None:
+    """`STADI_FAULT` (tests' stall hooks, `runtime/heartbeat.py`) is refused in one line when malformed."""
+    text = os.environ.get(heartbeat.ENV_FAULT)
+    if text:
+        try:
+            heartbeat.parse_faults(text)
+        except ValueError as error:
+            fail(LAUNCHER, str(error))
+
+
+def run_torchrun(args: Sequence[str], timeout: float | None = None, bind_store: bool = False) -> int:
     """torchrun in this process, so that a failed rank ends the launch with that rank's status (2: an
-    input error its rank 0 already printed in one line) instead of torchrun's ChildFailedError traceback."""
+    input error its rank 0 already printed in one line) instead of torchrun's ChildFailedError traceback.
+
+    With a STADI `timeout`, a supervisor (`stadi_xdit.supervisor`) watches every rank's heartbeat and
+    ends a stalled launch within `timeout` + `MARGIN_SECONDS`; torchrun's 30 s stop grace becomes
+    `STOP_GRACE_SECONDS`. With one node the rendezvous store listens on the master address only.
+    """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from stadi_xdit.supervisor import Supervisor
+
     _quiet_torchrun_logs()
+    supervisor = Supervisor(timeout, LAUNCHER) if timeout else None
+    restore = _patch_torchrun(bind_store)
+    if supervisor is not None:
+        os.environ.update(supervisor.env())
+        supervisor.start()
+    _forward_job_control(supervisor)
     try:
         run(parse_args(list(args)))
     except ChildFailedError as error:
-        return failed_rank_status(error)
+        return failed_rank_status(error, supervisor)
     except SignalException as error:  # Ctrl-C / SIGTERM: the workers are already stopped
+        import signal
+
+        sys.stderr.write(f"{LAUNCHER}: stopped by {signal.Signals(int(error.sigval)).name}; every rank ended\n")
         return 128 + int(error.sigval)
+    finally:
+        restore()
+        if supervisor is not None:
+            supervisor.close()
     return 0
 
 
-def failed_rank_status(error: ChildFailedError) -> int:
-    """The exit status for a failed launch, with at most one line of our own."""
+def _patch_torchrun(bind_store: bool) -> Callable[[], None]:
+    """torchrun's agent, in this process only: a short stop grace (a stopped rank ignores SIGTERM,
+    and torchrun would wait 30 s for it), and with one node a rendezvous store bound to the master
+    address instead of every interface. Returns the undo."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.rendezvous import static_tcp_rendezvous
+
+    from stadi_xdit.supervisor import STOP_GRACE_SECONDS
+
+    shutdown, store = LocalElasticAgent._shutdown, static_tcp_rendezvous.TCPStore
+
+    def short_shutdown(self, death_sig=None, timeout=30):
+        import signal
+
+        return shutdown(self, death_sig or signal.SIGTERM, min(timeout, STOP_GRACE_SECONDS))
+
+    LocalElasticAgent._shutdown = short_shutdown
+    if bind_store:
+        static_tcp_rendezvous.TCPStore = _bound_store_factory(store)
+
+    def restore() -> None:
+        LocalElasticAgent._shutdown = shutdown
+        static_tcp_rendezvous.TCPStore = store
+
+    return restore
+
+
+def _bound_store_factory(store_class):
+    """A TCPStore constructor whose server listens on its host address only: torch binds the
+    store's port on every interface, where anyone who can reach it could write to it."""
+    import socket
+
+    def make(host, port, world_size=None, is_master=False, timeout=None, **kwargs):
+        if not is_master:
+            return store_class(host, port, world_size, is_master, timeout, **kwargs)
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind(address)
+        except OSError as error:
+            listener.close()
+            fail(LAUNCHER, f"--master_port {port} cannot be opened on {host}: {error.strerror or error}")
+        listener.listen(1024)
+        try:
+            server = store_class(host, port, world_size, is_master, timeout, master_listen_fd=listener.detach(),
+                                 **kwargs)
+        except TypeError:  # a torch without master_listen_fd
+            return store_class(host, port, world_size, is_master, timeout, **kwargs)
+        return server
+
+    return make
+
+
+def _forward_job_control(supervisor) -> None:
+    """Ctrl-Z stops the ranks too (they run in their own sessions), and `fg` resumes them; the time
+    stopped does not count against --stadi_timeout."""
     import signal
 
-    rank, failure = error.get_first_failure()
+    from stadi_xdit.supervisor import child_pids, signal_children
+
+    if threading_is_main() and hasattr(signal, "SIGTSTP"):
+        def on_stop(*_):
+            ranks = child_pids()
+            signal_children(ranks, signal.SIGSTOP)
+            signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTSTP)  # stop here; returns after SIGCONT
+            signal.signal(signal.SIGTSTP, on_stop)
+            if supervisor is not None:
+                supervisor.resumed()
+            signal_children(ranks, signal.SIGCONT)
+
+        signal.signal(signal.SIGTSTP, on_stop)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def failed_rank_status(error: ChildFailedError, supervisor=None) -> int:
+    """The exit status for a failed launch, with at most one line of our own, naming the rank that
+    failed first: the one the supervisor ended, else one that did not exit because of a peer."""
+    import signal
+
+    if supervisor is not None and supervisor.culprit is not None:
+        return 1  # its line is printed
+    first = supervisor.first_failure(error.failures) if supervisor is not None else None
+    if first is not None and first in error.failures:
+        rank, failure = first, error.failures[first]
+    else:
+        rank, failure = error.get_first_failure()
     code = failure.exitcode
     if code == USAGE_ERROR:  # the rank has reported the input in one line
         return USAGE_ERROR
+    phase = supervisor.ended_after_its_peers(rank) if supervisor is not None and code < 0 else None
+    if phase is not None:  # torchrun's SIGTERM ended it after its peers' bounded waits gave up
+        fail(LAUNCHER, f"rank {rank} stopped responding in {phase} (its peers gave up after --stadi_timeout "
+                       f"{supervisor.timeout:g} s)", status=1)
     if code < 0:
         try:
             how = f"was killed by {signal.Signals(-code).name}"

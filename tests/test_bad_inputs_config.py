@@ -164,7 +164,11 @@ def test_tiny_timeout_in_a_file_is_refused(tmp_path):
 
 def test_minimum_timeout_is_accepted():
     assert StadiConfig(timeout_seconds=MIN_TIMEOUT_SECONDS).timeout_seconds == MIN_TIMEOUT_SECONDS
-    assert StadiConfig(timeout_seconds=1).timeout_seconds == 1
+    assert StadiConfig(timeout_seconds=60).timeout_seconds == 60
+
+
+def test_a_timeout_too_short_to_tell_slow_from_stalled_is_refused():
+    _one_line_error(lambda: StadiConfig(timeout_seconds=0.1), "--stadi_timeout", "got 0.1")
 
 
 # --- 5. only a real non-zero rank of a multi-process launch stays silent ------------------------------
@@ -237,3 +241,55 @@ def test_plan_json_at_the_bounds_is_strict(capsys, speeds):
     assert plan_main(argv) == 0
     plan = json.loads(capsys.readouterr().out, parse_constant=_refuse_constant)
     assert plan["predicted"]["total_seconds"] > 0
+
+
+# --- 7. config files as a denial of service: alias bombs, huge files, unbounded reprs (issue 21) ----
+
+ALIAS_BOMB = "".join(f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]\n" for i in range(1, 10))
+ALIAS_BOMB = "l0: &l0 [x,x,x,x,x,x,x,x,x]\n" + ALIAS_BOMB + "speeds: *l9\n"
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    assert len(ALIAS_BOMB) < 1000  # 9**10 items once expanded
+    path = _write(tmp_path, "bomb.yaml", ALIAS_BOMB)
+    _one_line_error(lambda: StadiConfig.from_file(path), path, "aliases")
+
+
+def test_a_harmless_anchor_without_alias_still_reads():
+    assert StadiConfig.from_yaml("speeds: &s [1, 2]\n").speeds == (1.0, 2.0)
+
+
+def test_oversized_config_file_is_refused_by_its_size(tmp_path):
+    from stadi_xdit.config import MAX_CONFIG_BYTES
+
+    path = tmp_path / "big.yaml"
+    with open(path, "wb") as handle:
+        handle.truncate(MAX_CONFIG_BYTES + 1)  # sparse: the check must not read it
+    _one_line_error(lambda: StadiConfig.from_file(path), str(path), f"{MAX_CONFIG_BYTES} bytes at most")
+
+
+def test_nul_byte_paths_are_refused_by_name():
+    _one_line_error(lambda: StadiConfig.from_file("a\0b.json"), "--stadi_config_file", "NUL")
+    _one_line_error(lambda: StadiConfig(use_stadi=True, profile_cache="x\0.json"), "--stadi_profile_cache", "NUL")
+    _one_line_error(lambda: StadiConfig.from_yaml('profile_cache: "x\\0.json"\n'), "--stadi_profile_cache", "NUL")
+
+
+def test_error_lines_show_a_bounded_part_of_a_huge_value():
+    from stadi_xdit.config import MAX_SHOWN_CHARS, shown_value
+
+    nested = [1]
+    for _ in range(40):  # 2**40 leaves through shared references: repr() would never finish
+        nested = [nested, nested]
+    text = shown_value(nested)
+    assert len(text) <= MAX_SHOWN_CHARS + 3 and text.startswith("[[")
+
+
+def test_stadi_plan_speaks_inside_a_pytorchjob_pod(monkeypatch, capsys):
+    """RANK=1 WORLD_SIZE=4 (a Kubernetes PyTorchJob pod) must not silence a command that is never a rank."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit) as info:
+        plan_main(["--speeds", "x", "--height", "1024"])
+    lines = capsys.readouterr().err.splitlines()
+    assert info.value.code == 2 and len(lines) == 1 and lines[0].startswith("stadi-plan: error: argument --speeds")
+    assert not cli_errors.is_speaking_rank()  # the process-wide rule for ranks is unchanged

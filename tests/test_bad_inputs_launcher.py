@@ -8,6 +8,7 @@ never run; the offline hub cache is a bare `model_index.json` in the hub layout.
 from __future__ import annotations
 
 import importlib
+import os
 import socket
 from pathlib import Path
 
@@ -255,3 +256,147 @@ def test_runner_dict_shows_the_settings_that_run(tmp_path, monkeypatch):
     assert args.stadi.use_stadi and args.stadi.degree == 2
     assert config["use_stadi"] is True and config["stadi_degree"] == 2
     assert config["stadi_mode"] == "full" and config["stadi_emulate_slowdown"] == (1.0, 2.0)
+
+
+# --- issue 21: checked before launch what the loaded model or the ranks would refuse ----------------
+
+@pytest.fixture(scope="module")
+def real_hub(tmp_path_factory) -> Path:
+    """A writable offline hub cache with the tiny FLUX.1-dev and SD3.5 pipelines (real files)."""
+    from stadi_xdit.offline.hub_cache import write_hub_cache
+
+    home = tmp_path_factory.mktemp("hf_real")
+    write_hub_cache(home, ["FLUX.1-dev", "SD3.5"])
+    return home
+
+
+@pytest.fixture
+def use_hub(real_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(real_hub / "hub"))
+    return real_hub
+
+
+SD3 = ["--model", "SD3.5", "--use_stadi", "--stadi_degree", "2", "--width", "128", "--num_inference_steps", "3",
+       "--warmup_steps", "1", "--prompt", "a cat"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    ([*FLUX, "--prompt", "a cat", "--negative_prompt", "dog"],
+     "--model FLUX.1-dev does not use --negative_prompt"),
+    ([*SD3, "--height", "128", "--negative_prompt", "dog"], "--model SD3.5 does not use --negative_prompt"),
+    ([*SD3, "--height", "128", "--guidance_scale", "nan"], "--guidance_scale must be a finite number, got nan"),
+    ([*FLUX, "--prompt"], "--prompt needs a value"),
+    ([*FLUX, "--prompt", "caf\udcff"], "--prompt is not valid UTF-8 text (byte 0xff"),
+    ([*SD3, "--height", "256"], "--height 256 is past --model SD3.5's position table (pos_embed_max_size 12"),
+])
+def test_call_inputs_and_model_limits_are_checked_before_launch(argv, needle, local, use_hub, tmp_path, capsys):
+    _one_line_exit(lambda: check_launch_environment([*local, *argv, "--output_directory", str(tmp_path)]),
+                   capsys, needle)
+
+
+def test_a_good_tiny_model_passes_the_file_checks(local, use_hub, tmp_path):
+    check_launch_environment([*local, *SD3, "--height", "128", "--output_directory", str(tmp_path)])
+    check_launch_environment([*local, *FLUX, "--prompt", "a cat", "--output_directory", str(tmp_path)])
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda snap: (snap / "transformer" / "diffusion_pytorch_model.safetensors").open("r+b").truncate(50000),
+     "transformer/diffusion_pytorch_model.safetensors is truncated (50000 of"),
+    (lambda snap: (snap / "vae" / "diffusion_pytorch_model.safetensors").unlink(), "vae/has no weights file"),
+    (lambda snap: __import__("shutil").rmtree(snap / "text_encoder"), "has no text_encoder/ folder"),
+    (lambda snap: (snap / "model_index.json").write_text("{broken"), "model_index.json cannot be read"),
+    (lambda snap: (snap / "transformer" / "config.json").write_text(
+        (snap / "transformer" / "config.json").read_text().replace('"num_layers": 2', '"num_layers": -3')),
+     "transformer/config.json: num_layers must be >= 0, got -3"),
+])
+def test_a_damaged_model_folder_is_named_before_launch(damage, needle, real_hub, local, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf"
+    shutil.copytree(real_hub, home)
+    snapshot = hub_snapshot_dir(home, HUB_MODELS["SD3.5"])
+    damage(snapshot)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    line = _one_line_exit(lambda: check_launch_environment(
+        [*local, *SD3, "--height", "128", "--output_directory", str(tmp_path / "out")]), capsys, needle)
+    assert str(snapshot) in line
+
+
+def test_a_cache_miss_names_the_folder_and_how_to_fill_it(local, offline_hub, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi, constants
+
+    argv = [*local, "--model", "SD3.5", "--prompt", "a cat", "--output_directory", str(tmp_path)]
+    line = _one_line_exit(lambda: check_launch_environment(argv), capsys, f"{offline_hub / 'hub'}")
+    assert "HF_HUB_OFFLINE is set" in line and "huggingface-cli download" in line
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*_, **__):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(HfApi, "model_info", unreachable)
+    line = _one_line_exit(lambda: check_launch_environment(argv), capsys, "the hub cannot be reached")
+    assert f"{offline_hub / 'hub'}" in line and "Network is unreachable" in line
+
+
+def test_no_room_for_the_images_is_said_before_the_run(local, use_hub, tmp_path, monkeypatch, capsys):
+    import collections
+
+    stat = collections.namedtuple("statvfs", "f_bavail f_frsize")
+    monkeypatch.setattr(os, "statvfs", lambda _: stat(1, 4096))  # 4 KiB free
+    _one_line_exit(lambda: check_launch_environment([*local, *FLUX, "--prompt", "a cat", "--output_directory",
+                                                     str(tmp_path)]), capsys, "4.0 KiB free, the output needs about")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "FLUX.1-dev", "--stadi_speeds", "1,2", "--stadi_mode", "spatial"],
+     "--stadi_mode, --stadi_speeds need --use_stadi"),
+    (["ex.py", "--model", "tiny", "--stadi_degree", "2"], "--stadi_degree needs --use_stadi"),
+    (["--stadi_degree", "2", "ex.py", "--model", "tiny"], "--stadi_degree needs --use_stadi"),
+])
+def test_stadi_flags_without_use_stadi_are_refused(argv, needle, capsys):
+    _one_line_exit(lambda: build_launch_command(argv), capsys, needle)
+
+
+def test_launcher_flags_before_the_script_as_the_docs_show():
+    command = build_launch_command(["--master_port", "29999", "--stadi_degree", "2", "ex.py", "--use_stadi"])
+    assert "--nproc_per_node=2" in command
+    assert command[-4:] == ["ex.py", "--stadi_degree", "2", "--use_stadi"]  # the script's own args, script first
+    after = build_launch_command(["ex.py", "--use_stadi", "--stadi_degree", "2", "--master_port", "29999"])
+    assert "--nproc_per_node=2" in after and "--master_port=29999" in after
+
+
+def test_the_launcher_speaks_whatever_rank_its_environment_claims(tmp_path):
+    """A Kubernetes PyTorchJob pod exports RANK=1 WORLD_SIZE=4; the launcher is no rank."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", "from stadi_xdit.run import launch; launch()", *FLUX,
+                           "--stadi_mode", "fast"], env=env, capture_output=True, text=True, timeout=300, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--stadi_mode" in lines[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["ex.py", "--use_stadi", "--stadi_degree", "2", "--stadi_timeout", "abc"], "--stadi_timeout must be a number"),
+    (["ex.py", "--use_stadi", "--stadi_degree", "2", "--stadi_timeout", "1"], "seconds in [5"),
+    (["--nproc_per_node", "2", "ex.py", "--use_stadi", "--stadi_config_file", "{tmp}/bad.json"], "not valid JSON"),
+])
+def test_the_launchers_own_timeout_is_checked_in_script_mode(argv, needle, tmp_path, capsys):
+    from stadi_xdit.run import launch_timeout
+
+    (tmp_path / "bad.json").write_text("{")
+    _one_line_exit(lambda: launch_timeout([a.replace("{tmp}", str(tmp_path)) for a in argv]), capsys, needle)
+
+
+def test_malformed_fault_injection_is_refused(monkeypatch, capsys):
+    from stadi_xdit.run import check_fault_injection
+
+    monkeypatch.setenv("STADI_FAULT", "decode:x")
+    _one_line_exit(check_fault_injection, capsys, "STADI_FAULT entries are PHASE:RANK")

@@ -20,8 +20,8 @@ configs = st.builds(
     tolerance=st.floats(0, 0.99),
     speeds=speeds,
     emulate_slowdown=st.none() | st.lists(st.floats(1, 10), min_size=1, max_size=8).map(tuple),
-    profile_cache=st.none() | st.text(min_size=1, max_size=20).filter(str.strip),  # blank paths are refused
-    timeout_seconds=st.floats(0.1, 1e5),
+    profile_cache=st.none() | st.text(min_size=1, max_size=20).filter(lambda t: t.strip() and "\0" not in t),  # blank or NUL paths are refused
+    timeout_seconds=st.floats(5, 1e5),
     replan=st.sampled_from(("off", "calls", "sync")),
     emulate_shift=st.none() | st.builds("{}:{}".format, st.integers(0, 999), st.sampled_from(("1,2", "1.5"))),
 )

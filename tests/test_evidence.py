@@ -7,7 +7,7 @@ import math
 import random
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from stadi_xdit.planner import plan, predict_latency
@@ -178,7 +178,22 @@ def _layout(p):
 
 def _true_seconds(p, costs):
     """The displaced phase of `p` under the true costs."""
+    return _layout_seconds(*_layout(p), p, costs)
+
+
+def _one_unit_neighbours(p):
+    """The layouts the one-unit band hysteresis may keep instead of `p`'s: one row moved between two ranks."""
     rows, strides = _layout(p)
+    for giver in range(len(rows)):
+        for taker in range(len(rows)):
+            if giver != taker and rows[giver] > 1:
+                moved = list(rows)
+                moved[giver] -= 1
+                moved[taker] += 1
+                yield moved, strides
+
+
+def _layout_seconds(rows, strides, p, costs):
     return predict_latency(rows, strides, [1 / c for _, c in costs], num_steps=p.num_base_steps, warmup_steps=0,
                            step_overhead_seconds=[o for o, _ in costs]).total_seconds
 
@@ -191,6 +206,7 @@ def _truth(costs, rows=16, steps=10, warmup=2):
 @settings(max_examples=60, deadline=None)
 @given(st.floats(0.0, 0.4), st.lists(st.sampled_from([1.0, 1.1, 1.8, 2.0, 2.5, 3.0]), min_size=2, max_size=2),
        st.integers(0, 2 ** 31))
+@example(share=0.1875, slowdowns=[3.0, 1.0], seed=1)  # kept one row off the true plan by the hysteresis
 def test_repeated_calls_converge_to_the_plan_of_the_true_costs_and_stay(share, slowdowns, seed):
     """Rank i is `slow` times slower at every band size, the fixed part too (the model's pooled fixed cost
     in rows; a fixed cost whose share differs per rank cannot be told apart at a fixed point, where every
@@ -203,10 +219,12 @@ def test_repeated_calls_converge_to_the_plan_of_the_true_costs_and_stay(share, s
     plans = _simulate(costs, 0.05, 10, seed=seed)
     true_rows, true_strides = _layout(truth)
     best = _true_seconds(truth, costs)
+    # The hysteresis may keep a layout one unit off the true plan's: that is as good as it must be.
+    kept = max(_layout_seconds(rows, strides, truth, costs) for rows, strides in _one_unit_neighbours(truth))
     for later in plans[3:]:
         rows, strides = _layout(later)
         # As fast as the plan of the true costs (within the one-unit hysteresis and a 16-row granularity) ...
-        assert _true_seconds(later, costs) <= 1.12 * best, (rows, strides, true_rows, true_strides)
+        assert _true_seconds(later, costs) <= max(1.12 * best, kept), (rows, strides, true_rows, true_strides)
         # ... and the same plan wherever strides are clear-cut and fixed costs do not decide a tie.
         if share == 0.0:
             assert strides == true_strides and max(abs(a - b) for a, b in zip(rows, true_rows)) <= 1

@@ -250,14 +250,16 @@ def test_displaced_kv_bytes_and_memory_refusal(monkeypatch):
 # --- through xDiT's runner (`xdit --model Wan2.1-T2V`) on the offline hub cache -------------------
 
 # The runner saves videos with diffusers' export_to_video, which needs imageio or OpenCV; neither is a
-# dependency here, so the launched script stores the frames as .npy and then runs xfuser.runner.
+# dependency here, so the launched script stores the frames in NumPy's format under the path it is given
+# (STADI's runner form writes to a temp file and renames it) and then runs xfuser.runner.
 RUNNER_SCRIPT = """\
 import runpy
 import numpy as np
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
 from xfuser.model_executor.models.runner_models import base_model
 def _save_frames(video, output_video_path, fps=10, **_):
-    np.save(output_video_path.removesuffix(".mp4") + ".npy", np.asarray(video))
+    with open(output_video_path, "wb") as out:
+        np.save(out, np.asarray(video))
     return output_video_path
 base_model.export_to_video = _save_frames
 runpy.run_module("xfuser.runner", run_name="__main__", alter_sys=True)
@@ -294,11 +296,11 @@ def test_exact_stadi_through_the_runner_equals_one_plain_process(tmp_path):
     assert "STADI plan" in logs["stadi"] and "STADI plan" not in logs["plain"]
     assert "Parallel VAE decoder enabled on AutoencoderKLWan" in logs["parallel_vae"]
     assert "STADI rank 1: 3 model evaluations (plan: 3)" in logs["stadi"], logs["stadi"][-3000:]
-    (plain,) = (tmp_path / "plain").glob("*.npy")
+    (plain,) = (tmp_path / "plain").glob("*.mp4")
     plain = np.load(plain).astype(np.float64)
     assert plain.shape == (FRAMES, HEIGHT, WIDTH, 3)
     for name in ("stadi", "parallel_vae"):
-        (stadi,) = (tmp_path / name).glob("*.npy")
+        (stadi,) = (tmp_path / name).glob("*.mp4")
         error = np.linalg.norm(np.load(stadi).astype(np.float64) - plain) / np.linalg.norm(plain)
         print(f"[stadi-wan] runner Wan2.1-T2V, exact STADI ({name}) on 2 ranks vs 1 plain process: "
               f"rel. error = {error:.2e}")

@@ -139,7 +139,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _reject(flag: str, message: str) -> NoReturn:
-    fail(PROG, f"argument {flag}: {message}")
+    fail(PROG, f"argument {flag}: {message}", always=True)  # the driver is never a rank
 
 
 def _require_range(flag: str, value: float | None, low: float, high: float, what: str = "a number") -> None:
@@ -386,6 +386,24 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
     decoder = None if args.no_decode else _decoder(preset, args.seed)
     summaries = []
     started = time.time()
+
+    def results(files: list, complete: bool) -> dict:
+        return {
+            "command": "stadi-bench " + " ".join(argv),
+            "complete": complete,  # False: written after a scenario, before the run ended
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+            "wall_seconds": time.time() - started,
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+                        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+            "settings": {"preset": preset.name, "num_frames": preset.num_frames, "height": height, "steps": args.steps,
+                         "warmup": args.warmup, "repeats": args.repeats, "per_call": args.per_call,
+                         "ranks": args.ranks, "arms": list(arms),
+                         "cores": settings.cores, "order": args.order, "seed": args.seed, "max_stride": args.max_stride,
+                         "profile_cache": settings.profile_cache, "device": args.device, "dtype": args.dtype},
+            "scenarios": summaries,
+            "plots": [str(p) for p in files],
+        }
+
     try:
         for scenario in scenarios:
             load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -402,6 +420,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
             if comparison:
                 progress.note(format_comparison(comparison))
             progress.note(format_checks(summary["checks"]) + "\n")
+            # Saved after every scenario: a failure later (a full disk, a crash, Ctrl-C) keeps these.
+            _save_json(out / "results.json", results([], complete=False), quiet=True)
     finally:
         progress.close()
 
@@ -416,30 +436,33 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
                 if path:
                     files.append(path)
             if settings.per_call:
-                path = plots.per_call(summary, out / f"calls_{scenario.label}.png", title)
-                if path:
-                    files.append(path)
-    results = {
-        "command": "stadi-bench " + " ".join(argv),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-        "wall_seconds": time.time() - started,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
-                    "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "settings": {"preset": preset.name, "num_frames": preset.num_frames, "height": height, "steps": args.steps,
-                     "warmup": args.warmup, "repeats": args.repeats, "per_call": args.per_call,
-                     "ranks": args.ranks, "arms": list(arms),
-                     "cores": settings.cores, "order": args.order, "seed": args.seed, "max_stride": args.max_stride,
-                     "profile_cache": settings.profile_cache, "device": args.device, "dtype": args.dtype},
-        "scenarios": summaries,
-        "plots": [str(p) for p in files],
-    }
-    (out / "results.json").write_text(json.dumps(_finite(results), indent=1, default=str, allow_nan=False))
-    print(f"wrote {out / 'results.json'}" + "".join(f", {p}" for p in files))
+                files.append(plots.per_call(summary, out / f"calls_{scenario.label}.png", title))
+        files = [path for path in files if path]  # a plot that could not be saved has said so
+    saved = _save_json(out / "results.json", results(files, complete=True))
+    if saved is None:
+        return 1
+    print(f"wrote {saved}" + "".join(f", {p}" for p in files))
     skipped = [arm for summary in summaries for arm in summary["arms"].values()]
     if skipped and all(arm["status"] == "skipped" for arm in skipped):  # asked for nothing that can run
         reasons = sorted({arm["reason"] for arm in skipped})
-        fail("stadi-bench", f"--arms: none of {', '.join(arms)} can run this setup: {'; '.join(reasons)}")
+        fail("stadi-bench", f"--arms: none of {', '.join(arms)} can run this setup: {'; '.join(reasons)}", always=True)
     return 0
+
+
+def _save_json(path: Path, results: dict, quiet: bool = False) -> Path | None:
+    """`results` as strict JSON, written atomically; elsewhere (said in one line) when `path` fails."""
+    from stadi_xdit.paths import save_with_fallback
+
+    text = json.dumps(_finite(results), indent=1, default=str, allow_nan=False)
+    if quiet:  # an intermediate save: the final one reports (and falls back) if the folder stays broken
+        try:
+            from stadi_xdit.paths import write_bytes_atomically
+
+            write_bytes_atomically(path, text.encode())
+            return path
+        except OSError:
+            return None
+    return save_with_fallback(path, lambda temp: temp.write_text(text), "benchmark results")
 
 
 def _finite(value):

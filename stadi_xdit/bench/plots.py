@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from stadi_xdit.paths import save_figure
+
 COLORS = {"single": "#7f7f7f", "uniform": "#ff7f0e", "ulysses": "#8c564b", "ring": "#bcbd22",
           "pipefusion": "#e377c2", "spatial": "#17becf", "full": "#1f77b4", "full-calls": "#6baed6",
           "full-sync": "#9467bd"}
@@ -20,7 +22,7 @@ SEGMENTS = {"compute": "#1f77b4", "emulated slowdown": "#9ecae1", "wait in colle
             "other (profiling sync, scheduler, prompt prep)": "#dddddd"}
 
 
-def latency_bars(summaries: list[dict], path: Path, title: str) -> Path:
+def latency_bars(summaries: list[dict], path: Path, title: str) -> Path | None:
     """One panel per scenario: median latency per arm (whiskers: min-max), speedup vs uniform on top."""
     fig, axes = plt.subplots(1, len(summaries), figsize=(5.2 * len(summaries), 4.2), squeeze=False)
     for ax, summary in zip(axes[0], summaries):
@@ -46,9 +48,9 @@ def latency_bars(summaries: list[dict], path: Path, title: str) -> Path:
         ax.margins(y=0.12)
     fig.suptitle(title + "  (labels: speedup vs STADI uniform)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    saved = save_figure(fig, path, "plot")
     plt.close(fig)
-    return path
+    return saved
 
 
 def _median_run(arm: dict) -> dict:
@@ -118,9 +120,9 @@ def timeline_gantt(summary: dict, path: Path, arms: tuple[str, ...] = ("uniform"
     handles = [Patch(color=c, label=label) for label, c in SEGMENTS.items()]
     fig.legend(handles=handles, loc="upper center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
-    fig.savefig(path, dpi=110)
+    saved = save_figure(fig, path, "plot")
     plt.close(fig)
-    return path
+    return saved
 
 
 def per_call(summary: dict, path: Path, title: str) -> Path | None:
@@ -154,6 +156,6 @@ def per_call(summary: dict, path: Path, title: str) -> Path | None:
     axes[-1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1][0].set_xlabel("call (plan strips: rows per rank / strides; red: the plan changed)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    saved = save_figure(fig, path, "plot")
     plt.close(fig)
-    return path
+    return saved

@@ -20,6 +20,8 @@ from typing import NoReturn, TypeVar
 
 import torch.distributed as dist
 
+from stadi_xdit.runtime import heartbeat
+
 T = TypeVar("T")
 
 _KEY_PREFIX = "stadi/progress/"
@@ -64,13 +66,13 @@ class PeerWatch:
         """This rank starts `phase` (warmup / exchange / transition / gather / ...) at `step`."""
         self.phase, self.step = phase, step
         self._sequence += 1
-        if self._store is None:
-            return
-        try:
-            self._store.set(f"{_KEY_PREFIX}{self.global_ranks[self.rank]}",
-                            f"{self._sequence} {phase} {step} {time.time():.3f}")
-        except (RuntimeError, ValueError):
-            self._store = None  # the store is gone: keep running, diagnose without it
+        if self._store is not None:
+            try:
+                self._store.set(f"{_KEY_PREFIX}{self.global_ranks[self.rank]}",
+                                f"{self._sequence} {phase} {step} {time.time():.3f}")
+            except (RuntimeError, ValueError):
+                self._store = None  # the store is gone: keep running, diagnose without it
+        heartbeat.phase(f"{phase} step {step}")  # the launcher's per-phase time limit restarts
 
     def _progress(self, global_rank: int) -> tuple[int, str, int] | None:
         if self._store is None:
@@ -128,6 +130,7 @@ def report_and_exit(error: PeerFailure, status: int = 1) -> NoReturn:
     """Print the one line and exit non-zero; with STADI_DEBUG=1 re-raise for the full traceback."""
     if debug_enabled():
         raise error
+    heartbeat.mark_exit("peer")  # the launcher then names the peer, not this survivor
     sys.stderr.write(f"{error}\n")
     sys.stderr.flush()
     os._exit(status)  # process groups of a failed job cannot be torn down cleanly; do not hang in atexit

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from stadi_xdit.paths import read_regular_file
+from stadi_xdit.runtime import heartbeat
 
 __all__ = ["ProfileCache", "check_cache_path", "profile_key"]
 
@@ -232,7 +233,9 @@ class ProfileCache:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except FileExistsError as error:  # an ancestor is a file: say that, not "File exists"
                 raise NotADirectoryError(errno.ENOTDIR, "Not a directory", error.filename) from None
-            with self._exclusive_lock():
+            # A named phase: under stadi-xdit a write that hangs (a wedged filesystem) ends the launch
+            # naming it, instead of a peer blaming this rank for its next collective.
+            with heartbeat.in_phase("profile-cache write"), self._exclusive_lock():
                 entries = self._read_entries_quarantining_corrupt()
                 if entries is None:  # corrupt and could not be moved aside: never overwrite it
                     return False
@@ -297,19 +300,25 @@ class ProfileCache:
 
     @contextlib.contextmanager
     def _exclusive_lock(self) -> Iterator[None]:
+        # O_NOFOLLOW: a symlink planted at the lock path must not make us create or lock its target;
+        # 0600: nobody else needs to open our lock file (flock works on any descriptor of it).
+        nofollow = getattr(os, "O_NOFOLLOW", 0)
         try:
-            descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | nofollow, 0o600)
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "the lock file is a symbolic link; refusing to follow it",
+                              str(self.lock_path)) from None
             if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             # Someone else's lock file, or a read-only filesystem: flock works on a read-only
             # descriptor too (and if the file is missing there, nothing can be written anyway).
             try:
-                descriptor = os.open(self.lock_path, os.O_RDONLY)
+                descriptor = os.open(self.lock_path, os.O_RDONLY | nofollow)
             except OSError:
                 raise error from None  # the first failure says why
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            _bounded_flock(descriptor, self.lock_path)
             yield
         finally:
             os.close(descriptor)  # closing releases the lock
@@ -334,6 +343,28 @@ class ProfileCache:
             with contextlib.suppress(OSError):
                 os.unlink(temp_name)
             raise
+
+
+# Longest wait for another process's lock: a stalled holder must not stall a finished run (its peers
+# would blame this rank for the wait). Well below the smallest useful --stadi_timeout.
+LOCK_WAIT_SECONDS = 2.0
+_LOCK_POLL_SECONDS = 0.05
+
+
+def _bounded_flock(descriptor: int, path: Path) -> None:
+    """An exclusive flock, waiting at most `LOCK_WAIT_SECONDS`; then an OSError saying who holds it."""
+    import time
+
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise OSError(errno.EWOULDBLOCK, f"locked by another process for more than {LOCK_WAIT_SECONDS:g} s",
+                              str(path)) from None
+            time.sleep(_LOCK_POLL_SECONDS)
 
 
 def _os_reason(error: OSError) -> str:

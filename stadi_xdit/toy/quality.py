@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from stadi_xdit.paths import output_dir_problem
+from stadi_xdit.paths import output_dir_problem, save_figure
 from stadi_xdit.planner.validation import MAX_STEPS
 from stadi_xdit.toy import data, metrics, model
 
@@ -191,7 +191,7 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_tradeoff(summary: dict, path: Path) -> Path:
+def plot_tradeoff(summary: dict, path: Path) -> Path | None:
     """Left: PSNR vs single against latency; right: per-row error vs single with band boundaries."""
     import matplotlib
 
@@ -218,10 +218,9 @@ def plot_tradeoff(summary: dict, path: Path) -> Path:
     right.set_title("where the error is: per-row profile (seams would peak at boundaries)", fontsize=10)
     right.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    saved = save_figure(fig, path, "plot")
     plt.close(fig)
-    return path
+    return saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -261,8 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["settings"] = {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed,
                            "wall_seconds": time.time() - started}
     print(format_table(summary))
+    from stadi_xdit.paths import save_with_fallback
     from stadi_xdit.toy import viz
 
+    # The numbers first, then each figure: a figure that cannot be saved loses nothing else.
+    text = json.dumps(summary, indent=1, default=str)
+    saved_json = save_with_fallback(args.out / "toy_quality.json", lambda temp: temp.write_text(text), "quality results")
     grid_arms = ("single", "uniform", "spatial", "full", "full-3to1-s3", "fault")
     grid = viz.save_image_grid(args.out / "toy_quality_grid.png", [results[n]["latents"] for n in grid_arms],
                                labels=[summary["arms"][n]["label"] for n in grid_arms],
@@ -271,9 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "boundary of full 2:1",
                                boundaries=summary["arms"]["full"]["boundaries"])
     plot = plot_tradeoff(summary, args.out / "toy_quality_tradeoff.png")
-    (args.out / "toy_quality.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(f"wrote {grid}, {plot}, {args.out / 'toy_quality.json'}")
-    return 0
+    print(f"wrote {', '.join(str(path) for path in (grid, plot, saved_json) if path)}")
+    return 0 if saved_json and grid and plot else 1
 
 
 if __name__ == "__main__":

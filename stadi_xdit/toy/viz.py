@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from stadi_xdit.paths import save_figure
 from stadi_xdit.toy import data
 
 __all__ = ["latents_grid", "save_image_grid"]
@@ -83,8 +84,6 @@ def save_image_grid(path: str | Path, rows_of_latents: Sequence[torch.Tensor], l
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    saved = save_figure(fig, Path(path), "image grid", dpi=dpi)
     plt.close(fig)
-    return path
+    return saved

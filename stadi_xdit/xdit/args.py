@@ -71,6 +71,42 @@ def add_stadi_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def stadi_flags_without_use_stadi(values: Any) -> None:
+    """A `--stadi_*` flag set away from its default while STADI is off is refused: the run would be
+    plain xDiT and the flag silently ignored. `values` is a namespace, args or a runner dict."""
+    get = values.get if isinstance(values, dict) else lambda name, default=None: getattr(values, name, default)
+    if get("use_stadi") or get("stadi_config_file"):
+        return
+    for config_field in dataclasses.fields(StadiConfig):
+        if config_field.name == "use_stadi":
+            continue
+        name = stadi_arg_name(config_field.name)
+        value = get(name, config_field.default)
+        if value is not None and value != config_field.default:
+            raise ValueError(f"--{name} needs --use_stadi (without it this is a plain xDiT run, which would "
+                             "ignore the flag)")
+
+
+# Files a profile cache must never be: it rewrites its file, and moves aside one it cannot read.
+_NOT_A_CACHE_SUFFIXES = (".yaml", ".yml", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".py", ".png")
+
+
+def check_cache_is_not_an_input(cache: str, config_file: Any, model: Any) -> None:
+    """The profile cache is written at the end of every measured run: it must not be the settings
+    file, a file of the model folder, or a file that is plainly not a speeds cache."""
+    from stadi_xdit.paths import is_inside, is_same_file
+
+    if isinstance(config_file, (str, os.PathLike)) and config_file and is_same_file(cache, config_file):
+        raise ValueError(f"--stadi_profile_cache {cache} is the --stadi_config_file: the cache would overwrite "
+                         "your settings; name a separate file, e.g. speeds.json")
+    if isinstance(model, str) and os.path.isdir(model) and is_inside(cache, model):
+        raise ValueError(f"--stadi_profile_cache {cache} lies inside the model folder {model}; name a file "
+                         "outside it")
+    if os.path.exists(cache) and cache.lower().endswith(_NOT_A_CACHE_SUFFIXES):
+        raise ValueError(f"--stadi_profile_cache {cache} is an existing {os.path.splitext(cache)[1]} file, not a "
+                         "speeds cache; name a .json file")
+
+
 def validate_degrees(args: xFuserArgs, world_size: int) -> int:
     """The STADI degree (ranks per CFG branch), or a one-line error naming the flag."""
     for flag, value in (("--ulysses_degree", args.ulysses_degree), ("--ring_degree", args.ring_degree),
@@ -194,6 +230,8 @@ class _StadiArgsBehaviour(xFuserArgs):
         # Validates every --stadi_* value now, before any process group exists.
         self.stadi = stadi_config_from(self)
         self.use_stadi = self.stadi.use_stadi  # a config file may switch STADI on
+        if not self.use_stadi:
+            stadi_flags_without_use_stadi({**vars(self), "stadi_config_file": None})
 
     @staticmethod
     def add_cli_args(parser):
@@ -212,6 +250,8 @@ class _StadiArgsBehaviour(xFuserArgs):
             twin.check_launch(self, degree)
         if self.stadi.profile_cache is not None:
             check_cache_path(self.stadi.profile_cache)
+            check_cache_is_not_an_input(self.stadi.profile_cache, getattr(self, "stadi_config_file", None),
+                                        self.model)
         return degree
 
     def _runner_twin(self) -> type | None:

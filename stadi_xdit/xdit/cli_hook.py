@@ -68,8 +68,9 @@ def _marked(fn: Callable) -> Callable:
 # --- 1 + 2: flags and args class ----------------------------------------------------------------
 
 def stadi_args_class(base: type, klass: type, args: Any) -> type | None:
-    """The args class `from_cli_args` should build: StadiArgs when `--use_stadi` was given."""
-    if not getattr(args, "use_stadi", False):
+    """The args class `from_cli_args` should build: StadiArgs when `--use_stadi` was given (or a
+    `--stadi_config_file`, which may switch STADI on)."""
+    if not (getattr(args, "use_stadi", False) or getattr(args, "stadi_config_file", None)):
         return None
     from stadi_xdit.xdit.args import StadiArgs
 
@@ -121,7 +122,15 @@ def patch_xfuser_args(module: ModuleType) -> None:
 
     @_marked
     def from_cli_args(klass, args):
-        if not _ENABLED or not (getattr(args, "use_stadi", False) or getattr(args, "stadi_config_file", None)):
+        if not _ENABLED:
+            return original_from(klass, args)
+        if not (getattr(args, "use_stadi", False) or getattr(args, "stadi_config_file", None)):
+            from stadi_xdit.xdit.args import stadi_flags_without_use_stadi
+
+            try:
+                stadi_flags_without_use_stadi(args)
+            except ValueError as error:
+                fail(os.path.basename(sys.argv[0]) or "xfuser", str(error))
             return original_from(klass, args)
         # A command line is being read: a bad STADI input is one line naming the flag, printed
         # once (rank 0), before the script creates any process group; never a traceback.
@@ -165,6 +174,9 @@ def stadi_runner_args(config: Any) -> Any | None:
         check_runner_keys(config)
         check_runner_switch(config, "use_stadi")  # "no" is truthy: it must not switch STADI on
         if not (config.get("use_stadi") or config.get("stadi_config_file")):
+            from stadi_xdit.xdit.args import stadi_flags_without_use_stadi
+
+            stadi_flags_without_use_stadi(config)
             return None
         check_runner_switches(config)
         known = {f.name for f in dataclasses.fields(StadiArgs)}

@@ -27,6 +27,7 @@ from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrap
 
 from stadi_xdit.config import StadiConfig
 from stadi_xdit.planner.calls import CallMemory
+from stadi_xdit.runtime import heartbeat
 from stadi_xdit.runtime.adaptive import executed_evals
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.faults import PeerWatch
@@ -135,6 +136,7 @@ class StadiPipelineMixin:
     # --- xDiT override points -------------------------------------------------------------
     def _init_runtime_state(self, pipeline, engine_config) -> None:
         # Building the runtime state creates xDiT's process groups; STADI's group is the dp group.
+        heartbeat.phase("process-group")
         state = StadiRuntimeState(pipeline, engine_config)
         install_runtime_state(state)
         self._stadi_runtime_state = state
@@ -272,14 +274,17 @@ class StadiPipelineMixin:
             image = latents
         else:
             if self._decodes_here():
+                heartbeat.phase("decode")
                 image = self._decode(latents)
             if not self._returns_output_here():
+                heartbeat.phase("idle")  # only waits for the output rank from here on
                 if not self.outputs_on_every_rank:
                     return None
                 return self._pipeline_output([]) if return_dict else ([],)
             if orig_size is not None:
                 image = pipe.image_processor.resize_and_crop_tensor(image, *orig_size)
             image = pipe.image_processor.postprocess(image, output_type=output_type)
+            heartbeat.phase("output")
         pipe.maybe_free_model_hooks()
         return self._pipeline_output(image) if return_dict else (image,)
 

@@ -20,6 +20,7 @@ import functools
 from typing import Any
 
 from stadi_xdit.config import SETTINGS, shown_key
+from stadi_xdit.runtime import heartbeat
 
 # Capabilities of xDiT's runner models that STADI's own loop cannot combine with.
 _NOT_WITH_STADI = ("ulysses_degree", "ring_degree", "pipefusion_parallel_degree", "tensor_parallel_degree",
@@ -136,14 +137,69 @@ def stadi_output_name(model: Any, input_args: dict[str, Any]) -> str:
     return f"{name}_{model.config.task}" if model.config.task else name
 
 
+def save_runner_output(model: Any, output: Any) -> None:
+    """xDiT's `xFuserModel.save_output` (same names, same folder), but every file is written
+    atomically, and a result that cannot be saved there (a full disk, the folder removed mid-run)
+    is saved in the launch folder or the system temp folder instead, with one line saying where."""
+    import os
+
+    from xfuser.core.utils.runner_utils import log
+
+    from stadi_xdit.paths import save_with_fallback
+
+    heartbeat.phase("save")
+    lost = 0
+    for index, (item, pipe_args) in enumerate(output.get_outputs()):
+        name = model.get_output_name(pipe_args)
+        if output.images:
+            path, what = os.path.join(model.config.output_directory, f"{name}_{index}.png"), "image"
+            saved = save_with_fallback(path, lambda temp, image=item: image.save(temp, format="PNG"), what)
+        else:
+            # xDiT's own writer (its module's name), as its save_output calls it.
+            from xfuser.model_executor.models.runner_models.base_model import export_to_video
+
+            path, what = os.path.join(model.config.output_directory, f"{name}_{index}.mp4"), "video"
+            saved = save_with_fallback(path, lambda temp, video=item: export_to_video(video, str(temp),
+                                                                                         fps=model.settings.fps), what)
+        if saved is None:
+            lost += 1
+        else:
+            log(f"Output {what} saved to {saved}")
+    if not output.images and not output.videos:
+        raise NotImplementedError("No output to save.")
+    heartbeat.phase("cleanup")
+    if lost:
+        raise SystemExit(1)  # the line saying why was printed; the launch must not end with status 0
+
+
+def save_runner_timings(model: Any, timings: list) -> None:
+    """xDiT's `save_timings`, written atomically (a lost timings file is only warned about)."""
+    import json
+    import os
+
+    from stadi_xdit.paths import save_with_fallback
+
+    path = os.path.join(model.config.output_directory, "timings.json")
+    text = json.dumps(timings, indent=2)
+    save_with_fallback(path, lambda temp: temp.write_text(text), "timings")
+
+
 @functools.cache
 def _stadi_form(model_cls: type) -> type:
     capabilities = dataclasses.replace(model_cls.capabilities, **dict.fromkeys(_NOT_WITH_STADI, False))
 
+    def initialize(self, input_args):
+        heartbeat.phase("process-group")  # xDiT creates its world group first, then loads the model
+        return model_cls.initialize(self, input_args)
+
     def _load_model(self):
-        return as_stadi_pipeline(model_cls._load_model(self), self.engine_config)
+        heartbeat.phase("load")
+        pipe = as_stadi_pipeline(model_cls._load_model(self), self.engine_config)
+        heartbeat.phase("setup")  # xDiT's runtime state and model-parallel groups, then the run
+        return pipe
 
     return type(f"Stadi{model_cls.__name__}", (model_cls,), {
         "__module__": __name__, "__doc__": f"{model_cls.__name__} under STADI (pipeline wrapped into its twin).",
-        "capabilities": capabilities, "_load_model": _load_model, "get_output_name": stadi_output_name,
+        "capabilities": capabilities, "initialize": initialize, "_load_model": _load_model,
+        "get_output_name": stadi_output_name, "save_output": save_runner_output, "save_timings": save_runner_timings,
         "__stadi_runner_model__": True})

@@ -1,0 +1,196 @@
+"""Every phase of a rank under a timeout: heartbeats for the launcher, and fault-injection hooks.
+
+STADI's own collectives are bounded (`runtime/faults.py`), but a rank can also stall where no
+STADI collective runs: loading the model, creating xDiT's process groups, decoding, saving, or
+writing the profile cache. A stopped (SIGSTOP) or wedged rank cannot report itself, and its peers
+may already have exited or may wait in a gloo call with a 30-minute default. So the launcher
+(`stadi-xdit`) watches its ranks from outside:
+
+* the launcher sets `STADI_HEARTBEAT_DIR` (a private folder) and `STADI_PHASE_TIMEOUT`
+  (`--stadi_timeout`) for its ranks;
+* each rank runs a daemon thread that rewrites `rank-<RANK>` in that folder every
+  `min(1 s, timeout / 4)`: its pid, its current phase, when the phase began and the time of
+  the beat; `phase()` names the phase (`process-group`, `load`, `<STADI phase> step <n>`,
+  `decode`, `save`, `profile-cache write`, `cleanup`, `idle`);
+* the launcher's supervisor (`stadi_xdit.supervisor`) ends the launch when a rank's beat is older
+  than the timeout (a stopped or wedged process) or its phase has lasted longer than the timeout
+  (a live stall), naming that rank and phase in one line.
+
+A rank that exits because a peer failed marks itself (`mark_exit("peer")`), so the launcher names
+the rank that failed first, not a survivor.
+
+`STADI_FAULT=PHASE:RANK[:HOW][,...]` injects a fault for tests: when global rank RANK enters a
+phase whose name starts with PHASE, it stops itself with SIGSTOP (`stop`, the default), sleeps
+forever (`sleep`: a live stall), exits with status 1 (`exit`) or raises (`raise`);
+`STADI_FAULT_STAMP=FILE` records when (and in which phase) it fired.
+
+Standard library only; without `STADI_HEARTBEAT_DIR` nothing runs but the fault hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ENV_DIR = "STADI_HEARTBEAT_DIR"
+ENV_TIMEOUT = "STADI_PHASE_TIMEOUT"
+ENV_FAULT = "STADI_FAULT"
+ENV_FAULT_STAMP = "STADI_FAULT_STAMP"
+FAULT_KINDS = ("stop", "sleep", "exit", "raise")
+MAX_BEAT_SECONDS = 1.0
+
+_lock = threading.Lock()
+_state = {"phase": "startup", "since": time.time(), "cause": None}
+_thread: threading.Thread | None = None
+
+
+class InjectedFault(RuntimeError):
+    """`STADI_FAULT=...:raise`: the exception a rank raises at the named phase."""
+
+
+def beat_seconds(timeout: float) -> float:
+    return max(0.02, min(MAX_BEAT_SECONDS, timeout / 4))
+
+
+def global_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def beat_path(folder: str | os.PathLike, rank: int) -> Path:
+    return Path(folder) / f"rank-{rank}"
+
+
+def read_beats(folder: str | os.PathLike) -> dict[int, dict]:
+    """Every rank's last heartbeat in `folder` ({global rank: record}); a file being replaced is skipped."""
+    found = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return found
+    for name in names:
+        if not name.startswith("rank-") or not name[5:].isdigit():
+            continue
+        try:
+            found[int(name[5:])] = json.loads(Path(folder, name).read_text())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def start() -> None:
+    """Start this rank's heartbeat thread (idempotent; only under a launcher that watches)."""
+    global _thread
+    folder = os.environ.get(ENV_DIR)
+    if not folder or _thread is not None:
+        return
+    try:
+        timeout = float(os.environ.get(ENV_TIMEOUT, "600"))
+    except ValueError:
+        timeout = 600.0
+    _write(folder)
+    _thread = threading.Thread(target=_beat, args=(folder, beat_seconds(timeout)), name="stadi-heartbeat",
+                               daemon=True)
+    _thread.start()
+
+
+def _beat(folder: str, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        _write(folder)
+
+
+def _write(folder: str) -> None:
+    with _lock:
+        record = {"pid": os.getpid(), "phase": _state["phase"], "since": _state["since"], "beat": time.time(),
+                  "cause": _state["cause"]}
+    path = beat_path(folder, global_rank())
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        temp.write_text(json.dumps(record))
+        os.replace(temp, path)
+    except OSError:
+        pass  # the launcher's folder is gone: the launcher is ending the job anyway
+
+
+def phase(name: str) -> None:
+    """This rank now runs `name` (its time limit starts now); injected faults fire here."""
+    with _lock:
+        _state["phase"], _state["since"] = name, time.time()
+    folder = os.environ.get(ENV_DIR)
+    if folder and _thread is not None:
+        _write(folder)
+    _maybe_fault(name)
+
+
+def current_phase() -> str:
+    return _state["phase"]
+
+
+@contextlib.contextmanager
+def in_phase(name: str) -> Iterator[None]:
+    """`phase(name)` for the block, then back to the phase before it (with a fresh time limit)."""
+    before = _state["phase"]
+    phase(name)
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["phase"], _state["since"] = before, time.time()
+
+
+def mark_exit(cause: str) -> None:
+    """Say why this rank is about to exit (`peer`: a peer failed first); written at once."""
+    with _lock:
+        _state["cause"] = cause
+    folder = os.environ.get(ENV_DIR)
+    if folder:
+        _write(folder)
+
+
+def parse_faults(text: str) -> list[tuple[str, int, str]]:
+    """`PHASE:RANK[:HOW],...` -> [(phase, rank, how)]; a ValueError names what is wrong."""
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1].isdigit():
+            raise ValueError(f"{ENV_FAULT} entries are PHASE:RANK[:{'|'.join(FAULT_KINDS)}], got {item!r}")
+        how = parts[2] if len(parts) == 3 else "stop"
+        if how not in FAULT_KINDS:
+            raise ValueError(f"{ENV_FAULT}: {how!r} is not one of {', '.join(FAULT_KINDS)}")
+        faults.append((parts[0], int(parts[1]), how))
+    return faults
+
+
+def _maybe_fault(name: str) -> None:
+    text = os.environ.get(ENV_FAULT)
+    if not text:
+        return
+    try:
+        faults = parse_faults(text)
+    except ValueError:
+        return  # the launcher refuses a malformed value before any rank starts
+    rank = global_rank()
+    for fault_phase, fault_rank, how in faults:
+        if fault_rank == rank and name.startswith(fault_phase):
+            stamp = os.environ.get(ENV_FAULT_STAMP)
+            if stamp:  # when the fault began, for tests and measurements of the time to exit
+                with contextlib.suppress(OSError):
+                    Path(stamp).write_text(f"{time.time():.3f} {name}")
+            if how == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            elif how == "sleep":
+                while True:
+                    time.sleep(3600)
+            elif how == "exit":
+                os._exit(1)
+            else:
+                raise InjectedFault(f"injected fault at {name} on rank {rank}")

@@ -1,0 +1,211 @@
+"""The launcher's watch over its ranks: a stall anywhere ends the launch in bounded time.
+
+`stadi-xdit` runs torchrun's agent in its own process; this module runs beside it. The ranks post
+heartbeats (`stadi_xdit.runtime.heartbeat`) into a private folder; a thread here reads them every
+`POLL_SECONDS` and ends the launch when a rank
+
+* has not beaten for `timeout` seconds (stopped with SIGSTOP, or wedged): it is not running, or
+* has been in one phase for longer than `timeout` (a live stall: a lock, a hung read).
+
+It prints one line naming the rank and the phase, kills the stalled rank and then every other
+rank of this node that is not saving a result (a rank in `save` may finish, within its own time
+limit), and torchrun's agent then ends the launch. The launcher's exit is thus bounded by the
+timeout plus `MARGIN_SECONDS` (polling, torchrun's monitor interval, its shortened stop grace).
+
+It also records when each rank was first seen dead and why it exited (a rank that exited
+because a peer failed says so in its heartbeat), so the launcher names the rank that failed first.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from stadi_xdit.runtime import heartbeat
+
+POLL_SECONDS = 0.1
+STOP_GRACE_SECONDS = 2.0  # torchrun's own grace between SIGTERM and SIGKILL is 30 s
+# Once a launch is failing (a stall found here, or a rank that exited because of a peer), torchrun
+# ends it; should it not have within this time, the supervisor kills every rank and exits itself.
+ENDING_SECONDS = STOP_GRACE_SECONDS + 2.0
+MARGIN_SECONDS = 5.0  # what the launcher may take beyond --stadi_timeout to end a stalled launch
+NO_LIMIT_PHASES = ("startup", "idle")  # imports and parsing; a rank that only waits for the output rank
+SAVE_PHASE = "save"
+
+
+@dataclass
+class Culprit:
+    rank: int
+    phase: str
+    line: str
+
+
+class Supervisor:
+    """Watch the heartbeats in a fresh private folder; `env()` is what the ranks need to beat."""
+
+    def __init__(self, timeout: float, prog: str = "stadi-xdit"):
+        self.timeout = timeout
+        self.prog = prog
+        self.folder = tempfile.mkdtemp(prefix="stadi-heartbeat-")  # mode 0700
+        self.culprit: Culprit | None = None
+        self.died_at: dict[int, float] = {}
+        self._paused_until = 0.0
+        self._failing_since: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="stadi-supervisor", daemon=True)
+
+    def env(self) -> dict[str, str]:
+        return {heartbeat.ENV_DIR: self.folder, heartbeat.ENV_TIMEOUT: repr(float(self.timeout)),
+                "STADI_LAUNCHER_PID": str(os.getpid())}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def resumed(self) -> None:
+        """After Ctrl-Z and `fg`: the time stopped does not count against any rank."""
+        self._paused_until = time.time() + self.timeout
+
+    # --- reading -------------------------------------------------------------------------------
+    def records(self) -> dict[int, dict]:
+        return heartbeat.read_beats(self.folder)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(POLL_SECONDS):
+            now = time.time()
+            records = self.records()
+            for rank, record in sorted(records.items()):
+                pid = record.get("pid")
+                if not isinstance(pid, int) or not _is_child(pid):
+                    self.died_at.setdefault(rank, now)
+                    continue
+                if self.culprit is not None:
+                    continue
+                if now < self._paused_until:
+                    continue
+                silent = now - float(record.get("beat", now))
+                in_phase = now - float(record.get("since", now))
+                phase = str(record.get("phase", "?"))
+                if silent > self.timeout:
+                    self._end(rank, phase, f"rank {rank} stopped responding in {phase} (no heartbeat for "
+                                            f"{silent:.1f} s, --stadi_timeout {self.timeout:g} s)", records)
+                elif in_phase > self.timeout and phase not in NO_LIMIT_PHASES:
+                    self._end(rank, phase, f"rank {rank} stalled in {phase} for {in_phase:.1f} s "
+                                            f"(--stadi_timeout {self.timeout:g} s)", records)
+            if self.culprit is not None:
+                self._kill_idle(records)
+            self._bound_the_ending(records, now)
+
+    def _bound_the_ending(self, records: dict[int, dict], now: float) -> None:
+        """The backstop for the launcher's own exit: a failing launch that torchrun has not ended
+        within `ENDING_SECONDS` is ended here (every rank killed, exit status 1)."""
+        peer_exit = any(record.get("cause") == "peer" and rank in self.died_at for rank, record in records.items())
+        if self._failing_since is None and (self.culprit is not None or peer_exit):
+            self._failing_since = now
+        if self._failing_since is None or now - self._failing_since <= ENDING_SECONDS:
+            return
+        if self.culprit is None:
+            first = self.first_failure(records)
+            who = f"rank {first} failed first (its peers reported it)" if first is not None else "a rank failed"
+            sys.stderr.write(f"{self.prog}: error: {who}; ending the launch\n")
+            sys.stderr.flush()
+        for pid in child_pids():
+            _kill(pid)
+        os._exit(1)
+
+    def _end(self, rank: int, phase: str, line: str, records: dict[int, dict]) -> None:
+        self.culprit = Culprit(rank, phase, line)
+        sys.stderr.write(f"{self.prog}: error: {line}; ending the launch\n")
+        sys.stderr.flush()
+        _kill(records[rank].get("pid"))
+
+    def _kill_idle(self, records: dict[int, dict]) -> None:
+        """Every other rank of this node, except one still saving a finished result."""
+        for rank, record in records.items():
+            if rank != self.culprit.rank and record.get("phase") == SAVE_PHASE and \
+                    time.time() - float(record.get("since", 0)) <= self.timeout:
+                continue
+            _kill(record.get("pid"))
+
+    # --- after the launch --------------------------------------------------------------------------
+    def first_failure(self, failed: Iterable[int]) -> int | None:
+        """Of the failed global ranks, the one that failed first: the rank this supervisor ended,
+        else the earliest seen dead among those that did not exit because of a peer."""
+        if self.culprit is not None:
+            return self.culprit.rank
+        records = self.records()
+        candidates = [rank for rank in failed if records.get(rank, {}).get("cause") != "peer"]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda rank: (self.died_at.get(rank, float("inf")), rank))
+
+
+    def ended_after_its_peers(self, rank: int) -> str | None:
+        """The phase `rank` was stuck in when a peer's bounded wait gave up on it (torchrun then killed
+        it, so its signal is the launch's, not the fault); None when it died on its own.
+
+        Stuck: it had been in that phase for about the timeout when the first peer exited (a killed
+        rank closes its sockets, and its peers report it at once, while it was in a fresh phase).
+        """
+        records = self.records()
+        reported = [self.died_at[r] for r, record in records.items()
+                    if record.get("cause") == "peer" and r in self.died_at]
+        record = records.get(rank)
+        if not reported or record is None:
+            return None
+        if float(record.get("since", float("inf"))) > min(reported) - 0.8 * self.timeout:
+            return None
+        return str(record.get("phase", "?"))
+
+
+def _is_child(pid: int) -> bool:
+    """`pid` is a running (not zombie) child of this process: only those are ever signalled."""
+    stat = _stat(pid)
+    return stat is not None and stat[1] == os.getpid() and stat[0] not in ("Z", "X")
+
+
+def _stat(pid: int | str) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, from /proc; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _kill(pid: object) -> None:
+    if isinstance(pid, int) and _is_child(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def signal_children(pids: Iterable[int], sig: int) -> None:
+    for pid in pids:
+        if _is_child(pid):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+
+def child_pids() -> list[int]:
+    """This process's running children (the ranks torchrun started)."""
+    names = os.listdir("/proc") if os.path.isdir("/proc") else []
+    return [int(name) for name in names if name.isdigit() and _is_child(int(name))]

@@ -1,0 +1,123 @@
+"""The launcher's supervisor on its own (stadi_xdit/supervisor.py): cheap, with stand-in ranks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+from stadi_xdit.runtime import heartbeat
+from stadi_xdit.supervisor import Supervisor
+
+
+def _beat(supervisor: Supervisor, rank: int, pid: int, phase: str, beat_age: float, phase_age: float,
+          cause: str | None = None) -> None:
+    now = time.time()
+    record = {"pid": pid, "phase": phase, "since": now - phase_age, "beat": now - beat_age, "cause": cause}
+    heartbeat.beat_path(supervisor.folder, rank).write_text(json.dumps(record))
+
+
+@contextlib.contextmanager
+def _watched(timeout: float, ranks: int = 1):
+    """A supervisor and `ranks` stand-in rank processes (its children), all ended afterwards."""
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(ranks)]
+    supervisor = Supervisor(timeout=timeout)
+    try:
+        yield supervisor, procs
+    finally:
+        supervisor.close()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_for(condition, guard: float = 30.0) -> None:
+    deadline = time.monotonic() + guard  # a hang guard only
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_a_silent_rank_is_named_and_killed_a_beating_one_in_save_is_spared(capsys):
+    with _watched(1.0, ranks=2) as (supervisor, (stalled, saving)):
+        _beat(supervisor, 1, stalled.pid, "decode", beat_age=5, phase_age=5)
+        _beat(supervisor, 0, saving.pid, "save", beat_age=0, phase_age=0)
+        supervisor.start()
+        _wait_for(lambda: stalled.poll() is not None)
+        assert stalled.poll() is not None and saving.poll() is None  # the saver may finish its file
+        assert supervisor.culprit.rank == 1 and supervisor.culprit.phase == "decode"
+        lines = capsys.readouterr().err.splitlines()
+        assert lines == [f"stadi-xdit: error: {supervisor.culprit.line}; ending the launch"]
+        assert "rank 1 stopped responding in decode" in lines[0]
+
+
+def test_a_live_stall_past_the_timeout_is_named(capsys):
+    with _watched(1.0) as (supervisor, (stuck,)):
+        _beat(supervisor, 0, stuck.pid, "load", beat_age=0, phase_age=5)
+        supervisor.start()
+        _wait_for(lambda: supervisor.culprit is not None)
+        assert "rank 0 stalled in load" in supervisor.culprit.line
+
+
+def test_startup_and_idle_have_no_phase_limit(capsys):
+    with _watched(1.0) as (supervisor, (waiting,)):
+        _beat(supervisor, 0, waiting.pid, "idle", beat_age=0, phase_age=60)
+        supervisor.start()
+        for _ in range(25):  # several polls while the stand-in beats, long in its phase: nothing happens
+            _beat(supervisor, 0, waiting.pid, "idle", beat_age=0, phase_age=60)
+            time.sleep(0.1)
+        assert supervisor.culprit is None and waiting.poll() is None
+
+
+def test_the_rank_that_failed_first_is_not_the_one_that_reported_it():
+    supervisor = Supervisor(timeout=5.0)
+    try:
+        _beat(supervisor, 0, 1, "stadi step 3", 0, 0, cause="peer")
+        _beat(supervisor, 1, 1, "stadi step 2", 0, 0)
+        _beat(supervisor, 2, 1, "stadi step 3", 0, 0)
+        supervisor.died_at = {0: 10.0, 1: 11.0, 2: 12.0}
+        assert supervisor.first_failure([0, 1, 2]) == 1  # rank 0 only reported rank 1
+        assert supervisor.first_failure([0]) is None  # nothing but a report: torchrun's own order
+    finally:
+        supervisor.close()
+
+
+def test_a_rank_ended_by_the_launch_after_its_peers_gave_up_is_named_with_its_phase():
+    supervisor = Supervisor(timeout=5.0)
+    try:
+        now = time.time()
+        _beat(supervisor, 1, 1, "gather step 4", 0, 0, cause="peer")
+        supervisor.died_at = {1: now, 0: now}  # seen dead in the same poll
+        _beat(supervisor, 0, 1, "profile-cache write", beat_age=0, phase_age=5.2)  # stuck since before the wait
+        assert supervisor.ended_after_its_peers(0) == "profile-cache write"
+        _beat(supervisor, 0, 1, "stadi step 3", beat_age=0, phase_age=0.1)  # killed mid-step: reported at once
+        assert supervisor.ended_after_its_peers(0) is None
+    finally:
+        supervisor.close()
+
+
+def test_a_failing_launch_that_torchrun_does_not_end_is_ended_by_the_supervisor(tmp_path):
+    """The backstop: a survivor exited because of a peer, and the launch still runs past the grace."""
+    script = textwrap.dedent("""
+        import json, subprocess, sys, time
+        from stadi_xdit.runtime import heartbeat
+        from stadi_xdit.supervisor import Supervisor
+        stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        supervisor = Supervisor(timeout=30.0)
+        now = time.time()
+        for rank, pid, cause in ((0, 999999, "peer"), (1, stopped.pid, None)):
+            record = {"pid": pid, "phase": "stadi step 1", "since": now, "beat": now, "cause": cause}
+            heartbeat.beat_path(supervisor.folder, rank).write_text(json.dumps(record))
+        print(stopped.pid, flush=True)
+        supervisor.start()
+        time.sleep(60)  # a wedged torchrun agent
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "stadi-xdit: error: rank 1 failed first (its peers reported it); ending the launch"
+    pid = int(proc.stdout.split()[0])
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, check=False)
+    assert state.stdout.strip()[:1] in ("", "Z"), state.stdout  # the stand-in rank was killed
