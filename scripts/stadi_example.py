@@ -312,8 +312,7 @@ def _result_path(pipe, engine_args: StadiArgs) -> str:
     never share a name; a run that replaces an earlier one says so."""
     strategy = f"_{engine_args.stadi.strategy_label}" if engine_args.use_stadi else ""
     path = f"results/{type(pipe).__name__}{strategy}_n{get_world_group().world_size}.png"
-    os.makedirs("results", exist_ok=True)
-    if os.path.exists(path):
+    if os.path.exists(path):  # the atomic save creates results/ itself
         print("replacing", path)
     return path
 
