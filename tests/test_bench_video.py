@@ -47,8 +47,8 @@ def test_wan_presets_know_their_band_units_and_shape():
 
 
 def test_wan_cost_model_and_displaced_kv_memory():
-    from stadi_xdit.models.wan import displaced_kv_bytes
     from stadi_xdit.offline.pipelines import wan_transformer_config
+    from stadi_xdit.runtime.video_bands import displaced_kv_bytes
 
     big = get_preset("wan2.1-t2v-14b-720p")  # 21 latent frames x 45 x 80 = 75,600 tokens, 40 blocks
     assert big.band_units(720) == 21 * 45 and big.tokens(720) == 75_600 and big.width(720) == 1280

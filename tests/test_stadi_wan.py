@@ -226,8 +226,9 @@ def test_unipc_subsequence_equals_unipc_on_the_sublist():
 
 
 def test_displaced_kv_bytes_and_memory_refusal(monkeypatch):
-    from stadi_xdit.models.wan import _check_kv_memory, displaced_kv_bytes, kv_memory_report
+    from stadi_xdit.models.wan import kv_memory_report
     from stadi_xdit.offline.pipelines import wan_transformer_config
+    from stadi_xdit.runtime.video_bands import check_kv_memory, displaced_kv_bytes
 
     size = displaced_kv_bytes(wan_transformer_config("wan2.1-t2v-14b-720p"), 720, 1280, 81)
     assert size == 75600 * 40 * 2 * 5120 * 2  # 61.9 GB per rank, one CFG branch
@@ -241,10 +242,10 @@ def test_displaced_kv_bytes_and_memory_refusal(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 1024**3, 80 * 1024**3))
     with pytest.raises(ValueError) as info:
-        _check_kv_memory(Store(), size, torch.device("cuda", 0), "75600 tokens")
+        check_kv_memory(Store(), size, torch.device("cuda", 0), "75600 tokens")
     assert "needs 57.7 GiB" in str(info.value) and "\n" not in str(info.value)
-    _check_kv_memory(Store(), 30 * 1024**3, torch.device("cuda", 0), "fits")
-    _check_kv_memory(Store(), size, torch.device("cpu"), "CPU is not checked")
+    check_kv_memory(Store(), 30 * 1024**3, torch.device("cuda", 0), "fits")
+    check_kv_memory(Store(), size, torch.device("cpu"), "CPU is not checked")
 
 
 # --- through xDiT's runner (`xdit --model Wan2.1-T2V`) on the offline hub cache -------------------

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stadi_xdit.geometry import TOKEN_ROW_PX, latent_frames
+
 PATCH_SIZE = 2  # PixArt patchify / Flux 2x2 packing, in latent rows
-VAE_SCALE = 8
-ROW_PX = VAE_SCALE * PATCH_SIZE  # image px per token row (Wan: VAE 8 x spatial patch 2 as well)
-FRAMES_PER_LATENT = 4  # Wan's VAE: num_frames = 4k + 1 give k + 1 latent frames
+VAE_SCALE = 8  # VAE_SCALE x PATCH_SIZE = TOKEN_ROW_PX (Wan: VAE 8 x spatial patch 2 as well)
 
 
 @dataclass(frozen=True)
@@ -77,19 +77,14 @@ class PresetShape:
         """Width in px at ``height``: the preset's aspect ratio, on whole token columns (>= 1)."""
         if self.width is None:
             return height
-        return max(1, round(height * self.width / self.height / ROW_PX)) * ROW_PX
+        return max(1, round(height * self.width / self.height / TOKEN_ROW_PX)) * TOKEN_ROW_PX
 
     def band_units(self, height: int, num_frames: int | None = None) -> int:
         """The planner's rows: token rows of the image, or of the whole clip (latent frames of ``num_frames``,
         or the preset's, x token rows per frame); the band granularity and the limit on STADI ranks."""
         if self.video:
-            return latent_frames(num_frames or self.num_frames) * (height // ROW_PX)
-        return height // ROW_PX
-
-
-def latent_frames(num_frames: int) -> int:
-    """Wan's VAE: the first frame, then one latent frame per FRAMES_PER_LATENT frames."""
-    return (num_frames - 1) // FRAMES_PER_LATENT + 1
+            return latent_frames(num_frames or self.num_frames) * (height // TOKEN_ROW_PX)
+        return height // TOKEN_ROW_PX
 
 
 PRESET_SHAPES: dict[str, PresetShape] = {

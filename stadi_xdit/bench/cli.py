@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from stadi_xdit.bench.catalog import ARM_ORDER, DEFAULT_ARMS, FRAMES_PER_LATENT, PRESET_SHAPES, ROW_PX
+from stadi_xdit.bench.catalog import ARM_ORDER, DEFAULT_ARMS, PRESET_SHAPES
 from stadi_xdit.bench.scenarios import parse_scenario
 from stadi_xdit.cli_errors import OneLineArgumentParser, fail
+from stadi_xdit.geometry import FRAMES_PER_LATENT, TOKEN_ROW_PX
 from stadi_xdit.paths import output_dir_problem
 from stadi_xdit.planner.cli import parse_checked, parse_numbers
 from stadi_xdit.planner.gpus import parse_gpu_list
@@ -154,16 +155,16 @@ def _validate_shape(args: argparse.Namespace) -> None:
     """Image or clip size, steps and ranks: what every mode (run, --simulate, --construct-only) uses."""
     shape = PRESET_SHAPES[args.preset]
     args.height = shape.height if args.height is None else args.height
-    if args.height % ROW_PX or not ROW_PX <= args.height <= MAX_ROWS * ROW_PX:
-        _reject("--height", f"must be a multiple of {ROW_PX} px (one token row: VAE 8 x patch 2) in "
-                            f"[{ROW_PX}, {MAX_ROWS * ROW_PX}] (at most {MAX_ROWS} token rows are supported), "
+    if args.height % TOKEN_ROW_PX or not TOKEN_ROW_PX <= args.height <= MAX_ROWS * TOKEN_ROW_PX:
+        _reject("--height", f"must be a multiple of {TOKEN_ROW_PX} px (one token row: VAE 8 x patch 2) in "
+                            f"[{TOKEN_ROW_PX}, {MAX_ROWS * TOKEN_ROW_PX}] (at most {MAX_ROWS} token rows are supported), "
                             f"got {args.height}")
     _require_range("--steps", args.steps, 1, MAX_STEPS, "an integer (denoising steps)")
     _require_range("--warmup", args.warmup, 0, args.steps - 1, "an integer below --steps")
     _require_range("--ranks", args.ranks, 1, MAX_RANKS, "an integer")
     if shape.video:
         per, frames = FRAMES_PER_LATENT, shape.num_frames if args.num_frames is None else args.num_frames
-        most = per * (MAX_ROWS // (args.height // ROW_PX) - 1) + 1  # the clip's token rows within MAX_ROWS
+        most = per * (MAX_ROWS // (args.height // TOKEN_ROW_PX) - 1) + 1  # the clip's token rows within MAX_ROWS
         if frames % per != 1 or not 1 <= frames <= most:
             _reject("--num-frames", f"must be {per}k+1 (Wan's VAE packs {per} frames per latent frame after the "
                                     f"first) in [1, {most}], got {frames}")
@@ -256,8 +257,8 @@ def _validate_simulate(args: argparse.Namespace) -> None:
     _require_range("--mfu", args.mfu, *MFU_RANGE, "a fraction")
     _require_range("--link-gbps", args.link_gbps, *LINK_GBPS_RANGE, "a number of GB/s")
     low, high = CALIBRATE_HEIGHT_RANGE
-    if args.calibrate_height % ROW_PX or not low <= args.calibrate_height <= high:
-        _reject("--calibrate-height", f"must be a multiple of {ROW_PX} px in [{low}, {high}], "
+    if args.calibrate_height % TOKEN_ROW_PX or not low <= args.calibrate_height <= high:
+        _reject("--calibrate-height", f"must be a multiple of {TOKEN_ROW_PX} px in [{low}, {high}], "
                                       f"got {args.calibrate_height}")
     if not args.simulate:
         return
@@ -314,7 +315,7 @@ def _construct_only(args, preset, height) -> int:
           f"{time.perf_counter() - start:.1f} s; {preset.forward_flops(height) / 1e12:.2f} TFLOP per denoising step "
           f"at {preset.shape_label(height)} ({preset.band_units(height)} {preset.band_unit}s), "
           f"K/V {preset.kv_bytes(height, 2) / 1e9:.2f} GB per exchange (fp16)")
-    if preset.video:  # every rank holds the whole clip's K/V (models.wan.displaced_kv_bytes)
+    if preset.video:  # every rank holds the whole clip's K/V (runtime.video_bands.displaced_kv_bytes)
         branch = preset.kv_bytes(height, 2, batch=1)
         print(f"  = the displaced K/V store of every STADI rank (bf16, batched CFG pair); {branch / 1e9:.2f} GB "
               f"({branch / 2**30:.2f} GiB) with --use_cfg_parallel")

@@ -16,15 +16,8 @@ from typing import Any
 
 import torch
 
-from stadi_xdit.bench.catalog import (
-    FRAMES_PER_LATENT,
-    PATCH_SIZE,
-    PRESET_SHAPES,
-    ROW_PX,
-    VAE_SCALE,
-    PresetShape,
-    latent_frames,
-)
+from stadi_xdit.bench.catalog import PATCH_SIZE, PRESET_SHAPES, VAE_SCALE, PresetShape
+from stadi_xdit.geometry import FRAMES_PER_LATENT, TOKEN_ROW_PX, latent_frames
 from stadi_xdit.offline.pipelines import FLUX_PRESETS, PIXART_PRESETS, WAN_PRESETS
 
 
@@ -76,7 +69,7 @@ class BenchPreset:
 
     def tokens(self, height: int) -> int:
         """Image (or clip) tokens of one sample."""
-        return (height // ROW_PX) * (self.width(height) // ROW_PX)
+        return (height // TOKEN_ROW_PX) * (self.width(height) // TOKEN_ROW_PX)
 
     def shape_label(self, height: int) -> str:
         """The size in tables: ``512px`` for square images."""
@@ -213,7 +206,7 @@ class WanBenchPreset(BenchPreset):
         """
         width = width or self.width(height)
         batch = batch if batch is not None else self.cfg_batch
-        tokens = self.latent_frames * (height // ROW_PX) * (width // ROW_PX)
+        tokens = self.latent_frames * (height // TOKEN_ROW_PX) * (width // TOKEN_ROW_PX)
         h, text, ffn = self.hidden, self.text_tokens, self.spec.ffn_dim
         per_token = 2 * (6 * h * h + 2 * tokens * h + 2 * text * h + 2 * h * ffn)
         per_layer = 2 * 2 * text * h * h
@@ -221,9 +214,9 @@ class WanBenchPreset(BenchPreset):
         return float(batch * (self.layers * (tokens * per_token + per_layer) + text_embedding))
 
     def kv_bytes(self, height: int, bytes_per_value: int = 4, batch: int | None = None) -> float:
-        """One rank's displaced K/V store for the clip (``models.wan.displaced_kv_bytes``)."""
-        from stadi_xdit.models.wan import displaced_kv_bytes
+        """One rank's displaced K/V store for the clip (``runtime.video_bands.displaced_kv_bytes``)."""
         from stadi_xdit.offline.pipelines import wan_transformer_config
+        from stadi_xdit.runtime.video_bands import displaced_kv_bytes
 
         batch = batch if batch is not None else self.cfg_batch
         return float(displaced_kv_bytes(wan_transformer_config(self.spec), height, self.width(height),

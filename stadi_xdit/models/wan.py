@@ -29,7 +29,8 @@ clip's token rows (e.g. 630 at 480p, 81 frames) rather than its 21 latent frames
 
 **Positions.** Wan's 3D RoPE (`WanRotaryPosEmbed`) depends on the absolute (frame, row, column) of
 each token. The transformer would build it from the band's own shape, i.e. as one frame of the
-band's rows (and fail beyond its 1024 precomputed rows). `BandRope` replaces `transformer.rope` while
+band's rows (and fail beyond its 1024 precomputed rows). `BandRope` (the video-bands toolkit,
+`runtime/video_bands.py`, with the twin side in `xdit/video.py`) replaces `transformer.rope` while
 STADI is on: it builds the rope of the *full* clip with diffusers' own module (from the clip's shape)
 and slices it by the band's global token range. It serves diffusers' transformer and xfuser's
 runner wrapper alike (both call `self.rope(hidden_states)`), and `pipe.remove_stadi()` puts the
@@ -52,7 +53,7 @@ step sub-sequences like DPM-Solver (`runtime/schedule.py`: its `model_outputs` a
 schedulers.
 
 **Memory.** Every rank holds the displaced K/V of the whole clip for every layer:
-tokens x layers x 2 x inner dim x batch x bytes (`displaced_kv_bytes`); Wan2.1-14B at 720p with 81
+tokens x layers x 2 x inner dim x batch x bytes (`video_bands.displaced_kv_bytes`); Wan2.1-14B at 720p with 81
 frames is 75,600 tokens x 40 x 2 x 5120 x 2 bytes = 62 GB per rank for one CFG branch, twice that
 with the batched CFG pair. Before denoising on CUDA the twin compares it with the free device
 memory and refuses in one line naming the remedies (`--use_cfg_parallel`, `--stadi_kv_dtype`,
@@ -75,25 +76,16 @@ from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from torch import nn
 
+from stadi_xdit.geometry import TOKEN_ROW_PX, latent_frames
 from stadi_xdit.models import register_twin
-from stadi_xdit.planner.validation import MAX_ROWS
 from stadi_xdit.runtime.band_attention import BandAttentionProcessor
-from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
-from stadi_xdit.runtime.layout import BandGeometry, BandLayout
-from stadi_xdit.runtime.profile_cache import profile_key
+from stadi_xdit.runtime.video_bands import GIB, BandRope, displaced_kv_bytes
 from stadi_xdit.xdit.cfg import CfgExchange
 from stadi_xdit.xdit.injection import InjectionPlan
-from stadi_xdit.xdit.pipelines import (
-    DiffusersPipelineWrapper,
-    StadiPipelineMixin,
-    XditBandModel,
-    hardware_identity,
-)
+from stadi_xdit.xdit.pipelines import DiffusersPipelineWrapper
+from stadi_xdit.xdit.video import StadiVideoPipelineMixin, VideoBandModel
 
-__all__ = ["BandRope", "StadiWanAttnProcessor", "StadiWanPipeline", "WanBandModel", "displaced_kv_bytes",
-           "kv_memory_report", "latent_frames", "xFuserWanPipeline"]
-
-GIB = 1024**3
+__all__ = ["StadiWanAttnProcessor", "StadiWanPipeline", "WanBandModel", "kv_memory_report", "xFuserWanPipeline"]
 
 
 def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -143,53 +135,8 @@ WAN_INJECTION = InjectionPlan(
 )
 
 
-class BandRope(nn.Module):
-    """Stands in for `transformer.rope`: the full clip's 3D RoPE, sliced to the band's global tokens.
-
-    Passes through to the original module until `set_clip` names the full clip's latent shape.
-    """
-
-    def __init__(self, rope: nn.Module):
-        super().__init__()
-        self.original = rope  # a submodule, so it moves with the transformer (its buffers are not persistent)
-        self.clip_shape: tuple[int, int] | None = None  # (latent frames, latent rows per frame)
-        self.token_range: tuple[int, int] | None = None
-
-    @classmethod
-    def attach(cls, transformer: nn.Module) -> BandRope:
-        band_rope = cls(transformer.rope)
-        transformer.rope = band_rope
-        return band_rope
-
-    def detach(self, transformer: nn.Module) -> None:
-        if transformer.rope is self:
-            transformer.rope = self.original
-
-    def set_clip(self, clip_shape: tuple[int, int] | None) -> None:
-        self.clip_shape = clip_shape
-
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.clip_shape is None:
-            return self.original(hidden_states)
-        if self.token_range is None:
-            raise RuntimeError("BandRope: no band set (set_band) before the transformer ran")
-        batch, channels, _, _, width = hidden_states.shape
-        frames, height = self.clip_shape
-        # diffusers' own rope on the full clip's shape (the module reads the shape only).
-        freqs_cos, freqs_sin = self.original(torch.empty((batch, channels, frames, height, width), device="meta"))
-        start, end = self.token_range
-        p_t, p_h, p_w = self.original.patch_size
-        band_tokens = hidden_states.shape[2] // p_t * (hidden_states.shape[3] // p_h) * (width // p_w)
-        if end - start != band_tokens or end > freqs_cos.shape[1]:
-            raise RuntimeError(f"band tokens [{start}, {end}) do not fit a band of {band_tokens} tokens in a "
-                               f"clip of {freqs_cos.shape[1]}")
-        return freqs_cos[:, start:end], freqs_sin[:, start:end]
-
-
-class WanBandModel(XditBandModel):
+class WanBandModel(VideoBandModel):
     """Wan on one band of the clip's token rows: CFG batch or pair, the rank's own timestep, global RoPE."""
-
-    band_dim = 2  # latents are merged to (batch, channels, frames x height, width): the clip as one tall image
 
     def __init__(self, transformer: nn.Module, prompt_embeds: torch.Tensor, guidance_scale: float, cfg: CfgExchange,
                  rope: BandRope, attention_kwargs: dict[str, Any] | None = None):
@@ -200,14 +147,6 @@ class WanBandModel(XditBandModel):
         self.rope = rope
         self.attention_kwargs = attention_kwargs
         self.dtype = transformer.dtype
-
-    def band_sizes(self, layout: BandLayout) -> list[int]:
-        return layout.latent_row_counts()  # latent rows of the merged clip per rank
-
-    def set_band(self, layout: BandLayout, rank: int) -> None:
-        # No image-shaped xDiT runtime state for video: the band's global token range is all we keep.
-        self.token_range = layout.token_range(rank)
-        self.rope.token_range = self.token_range
 
     def predict(self, band_latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         # The band as one tall frame: temporal patch 1, so patches and tokens are those of the clip's rows.
@@ -225,45 +164,6 @@ class WanBandModel(XditBandModel):
 # --- memory ---------------------------------------------------------------------------------------
 
 
-def latent_frames(num_frames: int, temporal_scale: int = 4) -> int:
-    return (num_frames - 1) // temporal_scale + 1
-
-
-def check_num_frames(num_frames: object, temporal_scale: int = 4) -> int:
-    """Latent frames of a clip, or a one-line error naming `--num_frames` (Wan's VAE takes 4k+1)."""
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 \
-            or num_frames % temporal_scale != 1:
-        raise ValueError(f"--num_frames must be {temporal_scale}k+1 (Wan's VAE packs {temporal_scale} frames per "
-                         f"latent frame after the first), got {num_frames}")
-    return latent_frames(num_frames, temporal_scale)
-
-
-def check_clip_rows(num_frames: int, height: int, ranks: int, row_px: int = 16, temporal_scale: int = 4) -> int:
-    """Token rows of the clip (the band unit), or a one-line error when there are fewer than the ranks."""
-    frames = latent_frames(num_frames, temporal_scale)
-    rows = frames * (height // row_px)
-    if not ranks <= rows <= MAX_ROWS:
-        limit = f"fewer than the {ranks} STADI ranks" if rows < ranks else f"more than the planner's {MAX_ROWS}"
-        raise ValueError(f"--num_frames {num_frames} at --height {height} gives {rows} token rows of the clip "
-                         f"({frames} latent frames x {height // row_px}), {limit}")
-    return rows
-
-
-def displaced_kv_bytes(transformer_config: Any, height: int, width: int, num_frames: int, *, batch: int = 1,
-                       bytes_per_value: int = 2, spatial_scale: int = 8, temporal_scale: int = 4) -> int:
-    """Bytes of one rank's displaced K/V store for a clip: the K and V of every token of the whole clip,
-    for every self-attention layer, in the batch each forward runs (2 for the batched CFG pair).
-
-    `transformer_config` is a `WanTransformer3DModel` config (or the dict of `wan_transformer_config`).
-    """
-    get = transformer_config.get if isinstance(transformer_config, dict) else transformer_config.__getitem__
-    p_t, p_h, p_w = get("patch_size")
-    tokens = (latent_frames(num_frames, temporal_scale) // p_t) * (height // spatial_scale // p_h) \
-        * (width // spatial_scale // p_w)
-    inner = get("num_attention_heads") * get("attention_head_dim")
-    return tokens * get("num_layers") * 2 * inner * batch * bytes_per_value
-
-
 def kv_memory_report(presets: Sequence[str] | None = None, *, bytes_per_value: int = 2) -> list[str]:
     """One line per real-size preset and CFG form: tokens, layers, width and the per-rank store."""
     from stadi_xdit.offline.pipelines import WAN_PRESETS, wan_transformer_config
@@ -273,7 +173,7 @@ def kv_memory_report(presets: Sequence[str] | None = None, *, bytes_per_value: i
     for name in names:
         spec = WAN_PRESETS[name]
         config = wan_transformer_config(spec)
-        tokens = latent_frames(spec.num_frames) * (spec.height // 16) * (spec.width // 16)
+        tokens = latent_frames(spec.num_frames) * (spec.height // TOKEN_ROW_PX) * (spec.width // TOKEN_ROW_PX)
         for batch, form in ((1, "one CFG branch per rank (--use_cfg_parallel)"), (2, "batched CFG pair")):
             size = displaced_kv_bytes(config, spec.height, spec.width, spec.num_frames, batch=batch,
                                       bytes_per_value=bytes_per_value)
@@ -281,22 +181,6 @@ def kv_memory_report(presets: Sequence[str] | None = None, *, bytes_per_value: i
                          f"{config['num_layers']} layers x 2 x {config['num_attention_heads'] * config['attention_head_dim']}"
                          f" x {batch} x {bytes_per_value} B = {size / 1e9:.1f} GB ({size / GIB:.1f} GiB) per rank, {form}")
     return lines
-
-
-def _check_kv_memory(store: DisplacedKVStore, need: int, device: torch.device, detail: str,
-                     remedies: Sequence[str] = ("--use_cfg_parallel", "--stadi_kv_dtype bfloat16")) -> None:
-    """One-line refusal before denoising when the displaced K/V cannot fit the free device memory.
-
-    A lower bound: the store alone, activations come on top. Skipped off CUDA (no reliable free figure).
-    """
-    if device.type != "cuda":
-        return
-    free, _ = torch.cuda.mem_get_info(device)
-    free += store.memory_bytes()  # what the store already holds is reused
-    if need > free:
-        options = ", ".join([*remedies, "fewer --num_frames", "a smaller --height/--width", "--stadi_exact"])
-        raise ValueError(f"--use_stadi: the displaced K/V store needs {need / GIB:.1f} GiB per rank ({detail}), more "
-                         f"than the {free / GIB:.1f} GiB free on {device}; use {options}")
 
 
 # --- pipelines ------------------------------------------------------------------------------------
@@ -309,7 +193,7 @@ class xFuserWanPipeline(DiffusersPipelineWrapper):
 
 
 @register_twin
-class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
+class StadiWanPipeline(StadiVideoPipelineMixin, xFuserWanPipeline):
     """Wan 2.1 text-to-video under STADI; construct it like the other twins (`from_pretrained` or
     `cls(pipe, config)`)."""
 
@@ -317,7 +201,7 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
     runner_models = ("xFuserWan21T2VModel",)  # xfuser.runner's "Wan2.1-T2V" / Wan-AI/Wan2.1-T2V-14B-Diffusers
 
     injection_plan = WAN_INJECTION
-    bands_are_image_rows = False  # token rows of the whole clip: `check_launch` counts them
+    video_output = WanPipelineOutput
 
     def __init__(self, pipeline, engine_config, cache_args=None, stadi_config=None, **options):
         if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("boundary_ratio") is not None:
@@ -325,52 +209,7 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
                              "(transformer_2 / boundary_ratio)")
         if pipeline.config.get("expand_timesteps", False):
             raise ValueError("--use_stadi does not serve Wan 2.2 TI2V's per-token timesteps (expand_timesteps)")
-        if pipeline.transformer.config.patch_size[0] != 1:
-            raise ValueError("--use_stadi needs Wan's temporal patch size 1 (bands are token rows of the clip)")
-        self.band_rope: BandRope | None = None
-        self._latent_frames: int | None = None
         super().__init__(pipeline, engine_config, cache_args, stadi_config, **options)
-
-    # --- STADI hooks ---------------------------------------------------------------------------
-    def _convert_transformer_backbone(self, transformer, **kwargs):
-        transformer = super()._convert_transformer_backbone(transformer, **kwargs)
-        self.band_rope = BandRope.attach(transformer)
-        return transformer
-
-    def remove_stadi(self) -> None:
-        if self.band_rope is not None:
-            self.band_rope.detach(self.module.transformer)
-        super().remove_stadi()
-
-    @classmethod
-    def check_launch(cls, args: Any, stadi_degree: int) -> None:
-        check_num_frames(args.num_frames)  # Wan 2.1's VAE: 4 frames per latent frame
-        check_clip_rows(args.num_frames, args.height, stadi_degree)
-
-    def _geometry(self, height: int, width: int) -> BandGeometry:
-        """The clip's token rows, frame after frame, are the planner's rows (frames set by `__call__`)."""
-        pipe = self.module
-        _, p_h, p_w = pipe.transformer.config.patch_size
-        scale = pipe.vae_scale_factor_spatial
-        if height % (scale * p_h) or width % (scale * p_w):
-            raise ValueError(f"--height/--width must be multiples of {scale * p_h} px "
-                             f"(VAE scale {scale} x patch {p_h}), got {height}x{width}")
-        frames = self._latent_frames
-        if frames is None:
-            raise RuntimeError("StadiWanPipeline._geometry needs the clip's frame count (call the pipeline)")
-        rows = frames * (height // scale // p_h)
-        ranks = self.groups.band.world_size
-        if not ranks <= rows <= MAX_ROWS:
-            limit = f"fewer than the {ranks} STADI ranks" if rows < ranks else f"more than the planner's {MAX_ROWS}"
-            raise ValueError(f"--num_frames/--height give {rows} token rows of the clip ({frames} latent frames x "
-                             f"{height // scale // p_h}), {limit}")
-        return BandGeometry(rows=rows, patch_rows=p_h, tokens_per_row=width // scale // p_w)
-
-    def _profile_key(self, height: int, width: int) -> str:
-        transformer = self.module.transformer
-        hardware = self.groups.gather_text(hardware_identity(), self.module._execution_device)
-        return profile_key(f"{type(transformer).__name__}-{self._latent_frames}f", transformer.config, height, width,
-                           hardware)
 
     # --- the call ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -385,9 +224,8 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
         if callback_on_step_end is not None:
             raise ValueError("callback_on_step_end is not supported with --use_stadi (ranks hold bands)")
         pipe = self.module
-        temporal = pipe.vae_scale_factor_temporal
-        self._latent_frames = check_num_frames(num_frames, temporal)
-        geometry = self._geometry(height, width)  # size and frame-count errors first, naming the flags
+        self._set_clip_frames(num_frames)
+        self._geometry(height, width)  # size and frame-count errors first, naming the flags
         pipe.check_inputs(prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
                           list(callback_on_step_end_tensor_inputs), guidance_scale_2)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
@@ -399,18 +237,7 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
                                                     split_text_embed_in_sp=False)
         transformer = pipe.transformer
         forward_batch = batch_size * num_videos_per_prompt * (2 if cfg.batched else 1)
-        kv_dtype = None if self.stadi_config.exact else kv_storage_dtype(self.stadi_config.kv_dtype)
-        if not self.stadi_config.exact:
-            value_bytes = (kv_dtype or transformer.dtype).itemsize
-            need = displaced_kv_bytes(transformer.config, height, width, num_frames, batch=forward_batch,
-                                      bytes_per_value=value_bytes, spatial_scale=pipe.vae_scale_factor_spatial,
-                                      temporal_scale=temporal)
-            inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-            remedies = (["--use_cfg_parallel"] if cfg.batched else []) + \
-                (["--stadi_kv_dtype bfloat16"] if value_bytes > 2 else [])
-            _check_kv_memory(self.kv_store, need, torch.device(device),
-                             f"{geometry.rows * geometry.tokens_per_row} tokens x {transformer.config.num_layers} "
-                             f"layers x 2 x {inner} x batch {forward_batch} x {value_bytes} B", remedies)
+        self._check_clip_memory(height, width, num_frames, forward_batch, cfg.batched)
 
         embeds, negative = pipe.encode_prompt(prompt=prompt, negative_prompt=negative_prompt,
                                               do_classifier_free_guidance=do_cfg,
@@ -437,31 +264,10 @@ class StadiWanPipeline(StadiPipelineMixin, xFuserWanPipeline):
         scheduler.set_begin_index(0)
 
         model = WanBandModel(transformer, embeds, guidance_scale, cfg, self.band_rope, attention_kwargs)
-        frames, latent_height = latents.shape[2], latents.shape[3]
-        self.band_rope.set_clip((frames, latent_height))
-        try:
-            # The clip as one tall image, (batch, C, frames x height, W): bands are ranges of its token rows.
-            result = self._stadi_denoise(latents.flatten(2, 3), scheduler, model, height=height, width=width,
-                                         num_steps=len(scheduler.timesteps))
-        finally:
-            self.band_rope.set_clip(None)
-        return self._finish_video(result.latents.unflatten(2, (frames, latent_height)), output_type, return_dict)
+        result = self._denoise_clip(latents, scheduler, model, height=height, width=width)
+        return self._finish(result.latents, output_type, return_dict)
 
     # --- output -------------------------------------------------------------------------------
-    def _finish_video(self, latents: torch.Tensor, output_type: str, return_dict: bool):
-        pipe = self.module
-        if output_type == "latent":
-            video = latents
-        else:
-            decoded = self._decode(latents) if self._decodes_here() else None
-            if not self._returns_output_here():
-                if not self.outputs_on_every_rank:
-                    return None
-                return WanPipelineOutput(frames=[]) if return_dict else ([],)
-            video = pipe.video_processor.postprocess_video(decoded, output_type=output_type)
-        pipe.maybe_free_model_hooks()
-        return WanPipelineOutput(frames=video) if return_dict else (video,)
-
     def _latents_for_vae(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.module.vae
         latents = latents.to(vae.dtype)

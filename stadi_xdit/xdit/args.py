@@ -23,11 +23,8 @@ from typing import Any
 from xfuser.config import EngineConfig, xFuserArgs
 
 from stadi_xdit.config import SETTINGS, StadiConfig, shown_value
+from stadi_xdit.geometry import TOKEN_ROW_PX
 from stadi_xdit.runtime.profile_cache import check_cache_path
-
-# Every model family STADI serves has 16 px token rows (PixArt, SD3, Qwen-Image: VAE 8 x patch 2;
-# Flux: packed latents, VAE 16 x patch 1), so the row count is known before any model is loaded.
-PIXELS_PER_TOKEN_ROW = 16
 
 # xDiT features STADI does not run under its own loop yet: refused instead of silently dropped.
 UNSUPPORTED_FEATURES = ("use_fast_attn", "use_torch_compile", "use_onediff", "use_teacache", "use_fbcache",
@@ -157,13 +154,13 @@ def validate_shape(args: xFuserArgs, stadi_degree: int, exact: bool, image_rows:
     """Image size and step counts STADI can band and schedule, named by flag. `image_rows`: the bands are
     the image's token rows, so there must be one per rank (a video family checks its clip's rows itself)."""
     for flag, value in (("--height", args.height), ("--width", args.width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % PIXELS_PER_TOKEN_ROW:
-            raise ValueError(f"{flag} must be a positive multiple of {PIXELS_PER_TOKEN_ROW} px with --use_stadi "
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % TOKEN_ROW_PX:
+            raise ValueError(f"{flag} must be a positive multiple of {TOKEN_ROW_PX} px with --use_stadi "
                              f"(one token row), got {value!r}")
-    rows = args.height // PIXELS_PER_TOKEN_ROW
+    rows = args.height // TOKEN_ROW_PX
     if image_rows and rows < stadi_degree:
-        raise ValueError(f"--height {args.height} gives {rows} token rows of {PIXELS_PER_TOKEN_ROW} px, fewer than "
-                         f"the {stadi_degree} STADI ranks: use --height >= {stadi_degree * PIXELS_PER_TOKEN_ROW}")
+        raise ValueError(f"--height {args.height} gives {rows} token rows of {TOKEN_ROW_PX} px, fewer than "
+                         f"the {stadi_degree} STADI ranks: use --height >= {stadi_degree * TOKEN_ROW_PX}")
     steps, warmup = args.num_inference_steps, args.warmup_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"--num_inference_steps must be an integer >= 1, got {steps!r}")

@@ -268,7 +268,8 @@ class StadiPipelineMixin:
     outputs_on_every_rank = False
 
     def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool,
-                orig_size: tuple[int, int] | None):
+                orig_size: tuple[int, int] | None = None):
+        """The full latent decoded on the decoding rank(s), post-processed and returned on the output rank."""
         pipe = self.module
         if output_type == "latent":
             image = latents
@@ -281,12 +282,17 @@ class StadiPipelineMixin:
                 if not self.outputs_on_every_rank:
                     return None
                 return self._pipeline_output([]) if return_dict else ([],)
-            if orig_size is not None:
-                image = pipe.image_processor.resize_and_crop_tensor(image, *orig_size)
-            image = pipe.image_processor.postprocess(image, output_type=output_type)
+            image = self._postprocess(image, output_type, orig_size)
             heartbeat.phase("output")
         pipe.maybe_free_model_hooks()
         return self._pipeline_output(image) if return_dict else (image,)
+
+    def _postprocess(self, decoded: torch.Tensor, output_type: str, orig_size: tuple[int, int] | None):
+        """Decoded images as `output_type` (PixArt's resolution binning: cropped back to `orig_size`)."""
+        processor = self.module.image_processor
+        if orig_size is not None:
+            decoded = processor.resize_and_crop_tensor(decoded, *orig_size)
+        return processor.postprocess(decoded, output_type=output_type)
 
     def _decodes_here(self) -> bool:
         # distvae's decoder is collective: with --use_parallel_vae every rank decodes its part.
