@@ -215,8 +215,8 @@ def _launcher_case(argv: list[str], setup: str | None, hub: Path) -> None:
     from huggingface_hub import constants
 
     from stadi_xdit import cli_errors
-    from stadi_xdit.run import build_launch_command, check_fault_injection, check_launch_environment
     from stadi_xdit.offline.hub_cache import HUB_MODELS, hub_snapshot_dir
+    from stadi_xdit.run import build_launch_command, check_fault_injection, check_launch_environment
 
     home = Path(tempfile.mkdtemp(prefix="hub-", dir=TMP))
     saved = (constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE, dict(os.environ), cli_errors._ALWAYS_SPEAKS)

@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stadi_xdit.supervisor import MARGIN_SECONDS
 from stadi_xdit.offline.processes import beats_under, ranks_denoising, reap_leftovers
+from stadi_xdit.supervisor import MARGIN_SECONDS
 
 TIMEOUT = 5.0
 STARTUP_GUARD = 300.0

@@ -9,10 +9,11 @@ The script builds xDiT's own pipeline wrapper (`xFuserPixArtAlphaPipeline`, ...)
 without it xDiT runs as usual, so exactness can be checked from outside with two commands and
 `--save_latents PATH` (the output rank saves the final latent with `torch.save`).
 
-`--model` is a local diffusers folder, or one of the offline presets of `stadi_xdit.offline.pipelines`
-(random weights: `tiny`, `small`; PixArt also `pixart-alpha-1024`/`pixart-sigma-1024`, Flux
-`flux-dev-1024`), since no model hub is reachable from our machines. Presets other than `tiny`
-(and every Qwen-Image preset: no tiny Qwen2.5-VL) get stand-in text embeddings.
+`--pipeline` is any family's example choice (`ExampleChoice`, declared in `stadi_xdit/families/`).
+`--model` is a local diffusers folder, or one of that family's offline presets (random weights:
+`tiny`, `small`; PixArt also `pixart-alpha-1024`/`pixart-sigma-1024`, Flux `flux-dev-1024`), since no
+model hub is reachable from our machines. Presets other than `tiny` (and every Qwen-Image preset: no
+tiny Qwen2.5-VL) get stand-in text embeddings.
 
 `--pipeline pixart-alpha --model toy-trained` is the small PixArt-α trained here on a procedural data
 set (`stadi_xdit.toy`, 256 px only): `--prompt` names one of its classes (e.g. "disc on dusk"; default
@@ -33,19 +34,14 @@ import stadi_xdit.xdit  # noqa: F401  (first: the CPU compat layer must be in pl
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import xfuser
 from xfuser.config import FlexibleArgumentParser
 from xfuser.core.distributed import get_world_group
 
 from stadi_xdit.cli_errors import OneLineErrors, fail
-from stadi_xdit.models.qwen_image import xFuserQwenImagePipeline
-from stadi_xdit.offline import pipelines as tiny
-from stadi_xdit.offline.pipelines import random_prompt_embeds
+from stadi_xdit.families import ExampleChoice, example_choices, families
 from stadi_xdit.paths import output_file_problem, save_with_fallback
 from stadi_xdit.planner.validation import MAX_ROWS, MAX_STEPS
 from stadi_xdit.runtime import heartbeat
@@ -55,56 +51,9 @@ from stadi_xdit.toy import model as toy_model
 from stadi_xdit.xdit.args import StadiArgs
 from stadi_xdit.xdit.distributed import init_distributed
 
-
-@dataclass(frozen=True)
-class Example:
-    """One `--pipeline` choice: xDiT's wrapper, the offline presets, and stand-in text inputs."""
-
-    wrapper: type
-    presets: tuple[str, ...]
-    build: Callable[[str, bool], object]  # (preset, with_text_encoder) -> diffusers pipeline
-    text_presets: tuple[str, ...]  # presets that carry a tiny text encoder
-    stand_in_text: Callable[[object, int], dict]  # (diffusers pipeline, seed) -> embeddings
-    diffusers_class: str = ""  # `_class_name` of a local folder's model_index.json
-    has_cfg: bool = True
-    call_kwargs: tuple[tuple[str, object], ...] = ()
-    tiny_text_tokens: int | None = None  # max_sequence_length with the tiny T5 (keeps tiny runs tiny)
-
-
-def _pixart_embeds(pipeline, seed: int) -> dict:
-    channels = pipeline.transformer.config.caption_channels
-    # negative_prompt=None: diffusers refuses a negative prompt and negative embeddings together.
-    return {"negative_prompt": None, "prompt_embeds": random_prompt_embeds(channels, seed=seed),
-            "prompt_attention_mask": torch.ones(1, 8), "negative_prompt_embeds": torch.zeros(1, 8, channels),
-            "negative_prompt_attention_mask": torch.ones(1, 8)}
-
-
-def _flux_embeds(pipeline, seed: int) -> dict:
-    config = pipeline.transformer.config
-    return {"prompt_embeds": random_prompt_embeds(config.joint_attention_dim, seed=seed),
-            "pooled_prompt_embeds": random_prompt_embeds(config.pooled_projection_dim, seq_len=1, seed=seed)[:, 0]}
-
-
-def _sd3_embeds(pipeline, seed: int) -> dict:
-    config = pipeline.transformer.config
-    text = random_prompt_embeds(config.joint_attention_dim, seed=seed)
-    pooled = random_prompt_embeds(config.pooled_projection_dim, seq_len=1, seed=seed)[:, 0]
-    return {"prompt_embeds": text, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": torch.zeros_like(text),
-            "negative_pooled_prompt_embeds": torch.zeros_like(pooled)}
-
-
-def _qwen_embeds(pipeline, seed: int) -> dict:
-    text = random_prompt_embeds(pipeline.transformer.config.joint_attention_dim, seed=seed)
-    return {"prompt_embeds": text, "prompt_embeds_mask": torch.ones(text.shape[:2], dtype=torch.long)}
-
-
 TOY_PRESET = "toy-trained"  # the trained toy DiT (PixArt-α architecture, stadi_xdit.toy)
-
-
-def _pixart_alpha(preset: str, text: bool):
-    if preset == TOY_PRESET:
-        return toy_model.load_toy_pipeline()
-    return tiny.build_pixart_pipeline(preset, "alpha", with_text_encoder=text)
+# --pipeline value -> the family's example choice (its declaration in stadi_xdit/families/)
+EXAMPLES: dict[str, ExampleChoice] = example_choices()
 
 
 def _toy_class(prompt: str | None, seed: int) -> int:
@@ -114,30 +63,17 @@ def _toy_class(prompt: str | None, seed: int) -> int:
     return toy_data.CLASS_NAMES.index(prompt)
 
 
-PIXART_PRESETS = tuple(tiny.PIXART_PRESETS)
-EXAMPLES = {
-    "pixart-alpha": Example(xfuser.xFuserPixArtAlphaPipeline, (*PIXART_PRESETS, TOY_PRESET), _pixart_alpha,
-                            ("tiny",), _pixart_embeds, "PixArtAlphaPipeline",
-                            call_kwargs=(("use_resolution_binning", False),)),
-    "pixart-sigma": Example(xfuser.xFuserPixArtSigmaPipeline, PIXART_PRESETS,
-                            lambda p, text: tiny.build_pixart_pipeline(p, "sigma", with_text_encoder=text),
-                            ("tiny",), _pixart_embeds, "PixArtSigmaPipeline",
-                            call_kwargs=(("use_resolution_binning", False),)),
-    "flux": Example(xfuser.xFuserFluxPipeline, tuple(tiny.FLUX_PRESETS),
-                    lambda p, text: tiny.build_flux_pipeline(p, with_text_encoder=text), ("tiny",), _flux_embeds,
-                    "FluxPipeline", has_cfg=False, tiny_text_tokens=16),
-    "sd3": Example(xfuser.xFuserStableDiffusion3Pipeline, tuple(tiny.SD3_PRESETS),
-                   lambda p, text: tiny.build_sd3_pipeline(p, with_text_encoder=text), ("tiny",), _sd3_embeds,
-                   "StableDiffusion3Pipeline", tiny_text_tokens=16),
-    "qwen-image": Example(xFuserQwenImagePipeline, tuple(tiny.QWEN_IMAGE_PRESETS),
-                          lambda p, text: tiny.build_qwen_image_pipeline(p), (), _qwen_embeds, "QwenImagePipeline",
-                          has_cfg=False),
-}
+def _presets(example: ExampleChoice) -> tuple[str, ...]:
+    """The --model names the choice builds offline: its family's presets, then its extra ones."""
+    family = next(spec for spec in families() if example in spec.examples)
+    return (*family.presets, *example.extra_presets)
 
 
-def load_pipeline(example: Example, model: str):
+def load_pipeline(example: ExampleChoice, model: str):
     """The diffusers pipeline, and whether it needs stand-in text embeddings."""
-    if model in example.presets:
+    if model == TOY_PRESET and TOY_PRESET in example.extra_presets:
+        return toy_model.load_toy_pipeline(), False
+    if model in _presets(example):
         with_text = model in example.text_presets
         return example.build(model, with_text), not with_text
     from diffusers import DiffusionPipeline
@@ -173,10 +109,11 @@ def parse_args() -> tuple[StadiArgs, str, str | None]:
         parser.error(str(error))
     if engine_args.use_cfg_parallel and not example.has_cfg:
         parser.error(f"--use_cfg_parallel does not apply to --pipeline {args.pipeline} (no CFG branches)")
-    if engine_args.model not in example.presets and not os.path.isdir(engine_args.model):
-        parser.error(f"--model must be a local diffusers folder or one of {', '.join(example.presets)}, "
+    presets = _presets(example)
+    if engine_args.model not in presets and not os.path.isdir(engine_args.model):
+        parser.error(f"--model must be a local diffusers folder or one of {', '.join(presets)}, "
                      f"got {engine_args.model!r}")
-    if engine_args.model not in example.presets:
+    if engine_args.model not in presets:
         problem = _folder_problem(engine_args.model, example.diffusers_class)
         if problem:
             parser.error(f"--model {engine_args.model!r} {problem} (--pipeline {args.pipeline})")
@@ -238,7 +175,7 @@ def main() -> None:
         fail("stadi_example.py", str(error))
 
 
-def run(engine_args: StadiArgs, example: Example, save_latents: str | None) -> None:
+def run(engine_args: StadiArgs, example: ExampleChoice, save_latents: str | None) -> None:
     heartbeat.phase("process-group")  # each phase under --stadi_timeout when the launcher watches
     device = init_distributed(engine_args.stadi_timeout)
     engine_config, input_config = engine_args.create_config()
@@ -249,7 +186,7 @@ def run(engine_args: StadiArgs, example: Example, save_latents: str | None) -> N
     pipeline, needs_embeds = load_pipeline(example, engine_args.model)
     pipeline = pipeline.to(device=device, dtype=dtype)
     # xDiT's wrapper; with --use_stadi its constructor returns the STADI twin.
-    pipe = example.wrapper(pipeline, engine_config)
+    pipe = example.wrapper_class()(pipeline, engine_config)
     heartbeat.phase("setup")
     toy = engine_args.model == TOY_PRESET
     if toy:

@@ -5,15 +5,15 @@ A *twin* is the STADI form of an xFuser pipeline wrapper: a subclass of it (so x
 unchanged) whose `__call__` runs STADI's loop. Each family module in `stadi_xdit/models/` registers
 its twins with `@register_twin`; the glue (the CLI hook, the runner) and the benchmark look them up
 here. This module imports neither torch nor xfuser, and no family module until a look-up needs
-them (by name, from `FAMILY_MODULES`), so the glue and the families both import it and neither
-imports the other.
+them (the runtime modules the family declarations name, `stadi_xdit.families`), so the glue and
+the families both import it and neither imports the other.
 """
 
 from __future__ import annotations
 
 import importlib
 
-FAMILY_MODULES = ("pixart", "flux", "sd3", "qwen_image", "wan")
+from stadi_xdit.families import families
 
 _TWINS: dict[str, type] = {}  # xFuser pipeline wrapper class name -> twin
 _BY_DIFFUSERS: dict[str, type] = {}  # diffusers pipeline class name -> twin
@@ -37,8 +37,8 @@ def register_twin(twin: type) -> type:
 
 def twins() -> dict[str, type]:
     """xFuser wrapper class name -> STADI twin, for every family (imports the family modules)."""
-    for name in FAMILY_MODULES:
-        importlib.import_module(f"stadi_xdit.models.{name}")
+    for spec in families():
+        importlib.import_module(spec.runtime)
     return dict(_TWINS)
 
 

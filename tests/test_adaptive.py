@@ -11,11 +11,12 @@ PROMPT = "a red cat"
 
 
 def _two_calls(rank: int, world: int, replan: str) -> list[dict]:
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
+    # 8x: the measured order must survive a contended machine (evidence is wall time net of waits).
     pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, tiny_pixart_pipeline(), size=128, steps=6, warmup_steps=2,
-                                stadi_mode="full", stadi_emulate_slowdown="1,3", stadi_replan=replan)
+                                stadi_mode="full", stadi_emulate_slowdown="1,8", stadi_replan=replan)
     out = []
     for _ in range(2):
         latents = pipe(prompt=PROMPT, height=128, width=128, num_inference_steps=6, output_type="latent",
@@ -32,7 +33,7 @@ def test_calls_mode_makes_the_next_warmup_elastic():
     assert first["warmup_mode"] == "uniform" and first["warmup_rows"] == [4, 4]
     assert second["warmup_mode"] == "spatial"
     fast, slow = second["warmup_rows"]
-    assert slow < fast, second["warmup_rows"]  # rank 1 runs 3x slower: fewer rows from the start
+    assert slow < fast, second["warmup_rows"]  # rank 1 runs 8x slower: fewer rows from the start
     assert results[1][1]["warmup_rows"] == second["warmup_rows"], "ranks must agree on the warmup layout"
 
 
@@ -45,8 +46,8 @@ def test_off_mode_measures_afresh_on_uniform_bands_every_call():
 
 def _forced_replan(rank: int, world: int, break_exchange: bool) -> dict:
     """Planned for equal ranks; from the first sync point on, rank 1 is 'measured' 3x slower."""
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
     from stadi_xdit.planner.evidence import CostEstimate
     from stadi_xdit.runtime import adaptive
     from stadi_xdit.runtime.adaptive import executed_evals
@@ -69,7 +70,7 @@ def _forced_replan(rank: int, world: int, break_exchange: bool) -> dict:
 
 def test_forced_replan_follows_the_executed_plans_and_keeps_the_exchange():
     from stadi_xdit.bench.metrics import psnr
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
 
     reference = tiny_pixart_pipeline()(prompt=PROMPT, height=128, width=128, num_inference_steps=10,
                                        output_type="latent", generator=torch.Generator().manual_seed(1),
@@ -93,8 +94,8 @@ def test_forced_replan_follows_the_executed_plans_and_keeps_the_exchange():
 def _disturbed_warmup(rank: int, world: int, disturb: bool) -> list[int]:
     """4:1 measured; with `disturb`, the fast rank's warmup step 2 (of 4) runs 10x slower (emulated)."""
     from stadi_xdit.config import StadiConfig
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     if disturb:
         factor = StadiConfig.emulated_factor

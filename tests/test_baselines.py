@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stadi_xdit.offline.pipelines import tiny_flux_pipeline, tiny_pixart_pipeline
+from stadi_xdit.families.flux import tiny_flux_pipeline
+from stadi_xdit.families.pixart import tiny_pixart_pipeline
 from stadi_xdit.offline.spawn import run_distributed
 
 PROMPT = "a red fox in the snow"

@@ -47,7 +47,7 @@ def test_wan_presets_know_their_band_units_and_shape():
 
 
 def test_wan_cost_model_and_displaced_kv_memory():
-    from stadi_xdit.offline.pipelines import wan_transformer_config
+    from stadi_xdit.families.wan import wan_transformer_config
     from stadi_xdit.runtime.video_bands import displaced_kv_bytes
 
     big = get_preset("wan2.1-t2v-14b-720p")  # 21 latent frames x 45 x 80 = 75,600 tokens, 40 blocks

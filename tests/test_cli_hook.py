@@ -186,7 +186,7 @@ def _torchrun_example(model_dir: Path, out_dir: Path, *flags: str) -> subprocess
 
 
 def test_xdit_style_script_picks_stadi_up_only_with_the_flag(tmp_path):
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
 
     model_dir = tmp_path / "tiny-pixart"
     tiny_pixart_pipeline().save_pretrained(model_dir)  # from_pretrained works offline from a folder
@@ -210,7 +210,7 @@ def test_xdit_style_script_picks_stadi_up_only_with_the_flag(tmp_path):
 def test_xdit_example_saves_a_stadi_batch_under_its_batch_indices(tmp_path):
     """xDiT's example numbers images `dp rank * per-group batch + i` on its output rank: STADI's output rank
     is STADI rank 0, so two prompts are `..._0.png` and `..._1.png` (from rank 1 they read `_1`, `_2`)."""
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
 
     model_dir = tmp_path / "tiny-pixart"
     tiny_pixart_pipeline().save_pretrained(model_dir)

@@ -291,7 +291,7 @@ def test_a_dead_peer_is_named_by_the_exchange_waits():
 
 
 def _reference(size: int, steps: int) -> torch.Tensor:
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
 
     pipe = tiny_pixart_pipeline()
     return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
@@ -300,8 +300,8 @@ def _reference(size: int, steps: int) -> torch.Tensor:
 
 def _run_pixart(rank: int, world: int, size: int, steps: int, runs: list[dict]) -> list[dict]:
     """One STADI run per entry of `runs` (StadiArgs keywords, plus `group_layers` for the store)."""
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     results = []
     for kwargs in runs:

@@ -19,8 +19,8 @@ def _faulty_run(rank: int, world: int, fault: str, stamp_file: str, cache: str |
     import os
 
     import stadi_xdit.xdit  # noqa: F401
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
     from stadi_xdit.runtime.faults import PeerFailure
     from stadi_xdit.xdit import pipelines
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stadi_xdit.supervisor import MARGIN_SECONDS
 from stadi_xdit.offline.hub_cache import write_hub_cache
 from stadi_xdit.offline.processes import ranks_denoising, reap_leftovers
 from stadi_xdit.offline.spawn import free_port
+from stadi_xdit.supervisor import MARGIN_SECONDS
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runs of the tiny offline cache")
 

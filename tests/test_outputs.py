@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from stadi_xdit.offline.modules import load_module_from_path
 from stadi_xdit.paths import atomic_output, model_folder_problem, safetensors_problem, save_with_fallback
 from stadi_xdit.runtime.profile_cache import ProfileCache
-from stadi_xdit.offline.modules import load_module_from_path
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -39,7 +39,7 @@ def _load_module():
 profile_cache = _load_module()
 ProfileCache = profile_cache.ProfileCache
 
-# dict(transformer.config) of stadi_xdit.offline.pipelines's PixArt transformer under diffusers 0.42.1,
+# dict(transformer.config) of stadi_xdit.families.pixart's PixArt transformer under diffusers 0.42.1,
 # without its `_use_default_values` (the tests rebuild that from a set, as diffusers does).
 PIXART_TINY_CONFIG = {
     "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8, "num_layers": 2,

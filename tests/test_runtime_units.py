@@ -144,8 +144,8 @@ def test_displaced_store_hands_attention_contiguous_kv_on_cpu():
 
 
 def test_injection_is_removable():
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
     from stadi_xdit.models.pixart import PIXART_INJECTION
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
     from stadi_xdit.xdit.injection import apply_injection
 
     transformer = tiny_pixart_pipeline().transformer

@@ -14,7 +14,7 @@ SEED = 1
 
 def _reference(size: int, steps: int) -> torch.Tensor:
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
 
     pipe = tiny_pixart_pipeline("alpha")
     return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
@@ -25,8 +25,8 @@ def _run_cfg_parallel(rank: int, world: int, size: int, steps: int, runs: list[d
     from xfuser.core.distributed import get_cfg_group, get_dp_group
 
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     results = []
     for kwargs in runs:

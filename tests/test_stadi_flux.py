@@ -16,7 +16,7 @@ MAX_SEQ = 16  # text tokens; replicated on every rank, kept short for CPU
 
 def _reference(size: int, steps: int, guidance: bool = False) -> torch.Tensor:
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
-    from stadi_xdit.offline.pipelines import FLUX_PRESETS, build_flux_pipeline
+    from stadi_xdit.families.flux import FLUX_PRESETS, build_flux_pipeline
 
     preset = FLUX_PRESETS["tiny"]
     if guidance:
@@ -32,8 +32,8 @@ def _reference(size: int, steps: int, guidance: bool = False) -> torch.Tensor:
 def _run_stadi(rank: int, world: int, size: int, steps: int, runs: list[dict], guidance: bool = False) -> list[dict]:
     """Build one STADI Flux pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.families.flux import FLUX_PRESETS, build_flux_pipeline
     from stadi_xdit.models.flux import StadiFluxPipeline
-    from stadi_xdit.offline.pipelines import FLUX_PRESETS, build_flux_pipeline
 
     preset = FLUX_PRESETS["tiny"]
     if guidance:
@@ -135,12 +135,12 @@ def test_stale_modes_follow_the_plan_and_repeat():
 
 def _run_with_profile_cache(rank: int, world: int, cache: str) -> dict:
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.families.flux import tiny_flux_pipeline
     from stadi_xdit.models.flux import StadiFluxPipeline
-    from stadi_xdit.offline.pipelines import tiny_flux_pipeline
     from stadi_xdit.runtime.profile_cache import ProfileCache
 
     pipe = build_stadi_pipeline(StadiFluxPipeline, tiny_flux_pipeline(), size=128, steps=5, model="tiny-flux",
-                                warmup_steps=3, stadi_mode="spatial", stadi_emulate_slowdown="1,3",
+                                warmup_steps=3, stadi_mode="spatial", stadi_emulate_slowdown="1,8",
                                 stadi_profile_cache=cache)
     pipe(prompt=PROMPT, height=128, width=128, num_inference_steps=5, output_type="latent",
          max_sequence_length=MAX_SEQ, generator=torch.Generator().manual_seed(SEED))

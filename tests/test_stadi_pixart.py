@@ -16,7 +16,7 @@ SEED = 1
 
 def _reference(variant: str, size: int, steps: int) -> torch.Tensor:
     import stadi_xdit.xdit  # noqa: F401  (compat layer before diffusers/xfuser meet)
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
 
     pipe = tiny_pixart_pipeline(variant)
     return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
@@ -26,8 +26,8 @@ def _reference(variant: str, size: int, steps: int) -> torch.Tensor:
 def _run_stadi(rank: int, world: int, variant: str, size: int, steps: int, runs: list[dict]) -> list[dict]:
     """Build one STADI pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
     import stadi_xdit.xdit  # noqa: F401
+    from stadi_xdit.families.pixart import tiny_pixart_pipeline
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline, StadiPixArtSigmaPipeline
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
 
     cls = StadiPixArtAlphaPipeline if variant == "alpha" else StadiPixArtSigmaPipeline
     results = []

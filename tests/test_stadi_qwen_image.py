@@ -30,7 +30,8 @@ TWO_RANK_RUNS = [
 
 def _call(output_type: str) -> dict:
     """Pipeline arguments: true CFG with text embeddings of 6 (one padded) and 4 tokens."""
-    from stadi_xdit.offline.pipelines import QWEN_IMAGE_PRESETS, random_prompt_embeds
+    from stadi_xdit.families.qwen_image import QWEN_IMAGE_PRESETS
+    from stadi_xdit.offline.components import random_prompt_embeds
 
     width = QWEN_IMAGE_PRESETS["tiny"].joint_attention_dim
     return {"prompt_embeds": random_prompt_embeds(width, seq_len=6, seed=2),
@@ -42,7 +43,7 @@ def _call(output_type: str) -> dict:
 
 def _reference(output_type: str):
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
-    from stadi_xdit.offline.pipelines import build_qwen_image_pipeline
+    from stadi_xdit.families.qwen_image import build_qwen_image_pipeline
 
     return build_qwen_image_pipeline()(**_call(output_type)).images
 
@@ -50,8 +51,8 @@ def _reference(output_type: str):
 def _run_stadi(rank: int, world: int, runs: list[dict]) -> list[dict]:
     """Build one STADI Qwen-Image pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.families.qwen_image import build_qwen_image_pipeline
     from stadi_xdit.models.qwen_image import StadiQwenImagePipeline
-    from stadi_xdit.offline.pipelines import build_qwen_image_pipeline
 
     results = []
     for kwargs in runs:

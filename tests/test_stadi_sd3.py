@@ -31,7 +31,7 @@ TWO_RANK_RUNS = [
 
 def _reference(output_type: str):
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
-    from stadi_xdit.offline.pipelines import build_sd3_pipeline
+    from stadi_xdit.families.sd3 import build_sd3_pipeline
 
     return build_sd3_pipeline()(**CALL, output_type=output_type, generator=torch.Generator().manual_seed(SEED)).images
 
@@ -39,8 +39,8 @@ def _reference(output_type: str):
 def _run_stadi(rank: int, world: int, runs: list[dict]) -> list[dict]:
     """Build one STADI SD3 pipeline per entry of `runs` (StadiArgs keywords) and run it once."""
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.families.sd3 import build_sd3_pipeline
     from stadi_xdit.models.sd3 import StadiStableDiffusion3Pipeline
-    from stadi_xdit.offline.pipelines import build_sd3_pipeline
 
     results = []
     for kwargs in runs:

@@ -51,7 +51,7 @@ def _call(output_type: str, **overrides) -> dict:
 
 
 def _pipeline(scheduler: str = "unipc"):
-    from stadi_xdit.offline.pipelines import build_wan_pipeline
+    from stadi_xdit.families.wan import build_wan_pipeline
 
     if scheduler == "ddpm":
         from diffusers import DDPMScheduler
@@ -198,7 +198,7 @@ def test_bad_input_is_one_line(two_ranks):
 
 def test_unipc_subsequence_equals_unipc_on_the_sublist():
     """Restricting UniPC after W full-grid steps == UniPC run over the visited sub-list from the start."""
-    from stadi_xdit.offline.pipelines import wan_scheduler
+    from stadi_xdit.families.wan import wan_scheduler
     from stadi_xdit.runtime.schedule import rank_schedule_indices, restrict_to_indices
 
     warmup, steps, base_steps = 2, 11, (0, 2, 4, 6, 8)
@@ -226,8 +226,8 @@ def test_unipc_subsequence_equals_unipc_on_the_sublist():
 
 
 def test_displaced_kv_bytes_and_memory_refusal(monkeypatch):
+    from stadi_xdit.families.wan import wan_transformer_config
     from stadi_xdit.models.wan import kv_memory_report
-    from stadi_xdit.offline.pipelines import wan_transformer_config
     from stadi_xdit.runtime.video_bands import check_kv_memory, displaced_kv_bytes
 
     size = displaced_kv_bytes(wan_transformer_config("wan2.1-t2v-14b-720p"), 720, 1280, 81)

@@ -20,7 +20,7 @@ CLASS_IDS = (1, 4, 8, 11)
 STEPS, WARMUP = 8, 2
 
 
-def test_shipped_weights_load_offline_and_reproduce_their_reference_bit_for_bit():
+def test_shipped_weights_load_offline_and_reproduce_their_reference():
     from safetensors.torch import load_file
 
     weights = model.WEIGHTS_PATH.read_bytes()
@@ -28,7 +28,12 @@ def test_shipped_weights_load_offline_and_reproduce_their_reference_bit_for_bit(
     info = model.training_info()
     assert info["weights_sha256"] == hashlib.sha256(weights).hexdigest()
     stored = load_file(str(model.REFERENCE_PATH))["latents"]
-    assert torch.equal(model.reference_latents(), stored)
+    pipe = model.load_toy_pipeline()
+    latents = model.reference_latents(pipe)
+    # Bit for bit on one machine; across CPUs the kernels' float sums differ (AMD EPYC vs the machine
+    # that stored the reference: 1.5e-4 at most on latents of magnitude 15).
+    assert torch.equal(latents, model.reference_latents(pipe))
+    assert relative_error(latents, stored) <= 1e-4
 
 
 def _stale_runs(rank: int, world: int) -> dict:

@@ -53,7 +53,7 @@ class PresetShape:
     variant: str  # PixArt: "alpha" | "sigma"; Flux: "dev"; Wan: "t2v"
     height: int  # default height in px
     text_tokens: int  # length of the stand-in prompt embeddings
-    model: str | None = None  # the family's model preset in stadi_xdit.offline.pipelines (default: this preset's name)
+    model: str | None = None  # the family's model preset (stadi_xdit.families.<family>; default: this preset's name)
     width: int | None = None  # default width in px (None: square); --height keeps the aspect ratio
     num_frames: int | None = None  # video: default frames of the clip (4k+1); None: an image preset
     decode: bool = False  # small enough to decode every arm's output for image/video PSNR

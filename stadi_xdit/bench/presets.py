@@ -1,6 +1,6 @@
 """Model presets of ``stadi-bench``: which offline pipeline, at which size, and what it costs.
 
-Every preset has random, seeded weights (``stadi_xdit.offline.pipelines``) and is driven with stand-in
+Every preset has random, seeded weights (the families' offline presets, ``stadi_xdit.families``) and is driven with stand-in
 prompt embeddings (no text encoder), so all arms see exactly the same inputs and weights.
 
 One class per kind of model: ``BenchPreset`` serves the image families (PixArt, Flux; bands are token
@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from stadi_xdit.bench.catalog import PATCH_SIZE, PRESET_SHAPES, VAE_SCALE, PresetShape
+from stadi_xdit.families.flux import FLUX_PRESETS
+from stadi_xdit.families.pixart import PIXART_PRESETS
+from stadi_xdit.families.wan import WAN_PRESETS
 from stadi_xdit.geometry import FRAMES_PER_LATENT, TOKEN_ROW_PX, latent_frames
-from stadi_xdit.offline.pipelines import FLUX_PRESETS, PIXART_PRESETS, WAN_PRESETS
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ class BenchPreset:
 
     def build_pipeline(self, seed: int = 0):
         """The diffusers pipeline (float32, CPU, random weights, no text encoder)."""
-        from stadi_xdit.offline.pipelines import build_flux_pipeline, build_pixart_pipeline
+        from stadi_xdit.families.flux import build_flux_pipeline
+        from stadi_xdit.families.pixart import build_pixart_pipeline
 
         if self.family == "flux":
             return build_flux_pipeline(self.spec, seed=seed, with_text_encoder=False)
@@ -114,7 +117,7 @@ class BenchPreset:
     def call_kwargs(self, height: int, steps: int, seed: int, device: str = "cpu",
                     dtype: torch.dtype = torch.float32) -> dict:
         """Keyword arguments of one pipeline call: same seed, same stand-in prompt on every arm."""
-        from stadi_xdit.offline.pipelines import random_prompt_embeds
+        from stadi_xdit.offline.components import random_prompt_embeds
 
         embeds = random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed)
         embeds = embeds.to(device=device, dtype=dtype)
@@ -132,25 +135,11 @@ class BenchPreset:
 
     def construct_on_meta(self) -> int:
         """Build the transformer on the meta device (no memory); returns its parameter count."""
-        from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
+        from stadi_xdit.families.flux import flux_transformer
+        from stadi_xdit.families.pixart import pixart_transformer
 
-        spec = self.spec
         with torch.device("meta"):
-            if self.family == "flux":
-                model = FluxTransformer2DModel(
-                    patch_size=1, in_channels=spec.latent_channels * 4, num_layers=spec.num_layers,
-                    num_single_layers=spec.num_single_layers, attention_head_dim=spec.attention_head_dim,
-                    num_attention_heads=spec.num_attention_heads, joint_attention_dim=spec.joint_attention_dim,
-                    pooled_projection_dim=spec.pooled_projection_dim, guidance_embeds=spec.guidance_embeds,
-                    axes_dims_rope=spec.axes_dims_rope)
-            else:
-                model = PixArtTransformer2DModel(
-                    num_attention_heads=spec.num_attention_heads, attention_head_dim=spec.attention_head_dim,
-                    in_channels=4, out_channels=8, num_layers=spec.num_layers,
-                    cross_attention_dim=spec.num_attention_heads * spec.attention_head_dim,
-                    caption_channels=spec.caption_channels, sample_size=spec.sample_size, patch_size=2,
-                    norm_num_groups=32, interpolation_scale=spec.interpolation_scale,
-                    use_additional_conditions=spec.use_additional_conditions)
+            model = (flux_transformer if self.family == "flux" else pixart_transformer)(self.spec)
         return sum(p.numel() for p in model.parameters())
 
     def decode(self, vae, latent: torch.Tensor) -> torch.Tensor:
@@ -215,7 +204,7 @@ class WanBenchPreset(BenchPreset):
 
     def kv_bytes(self, height: int, bytes_per_value: int = 4, batch: int | None = None) -> float:
         """One rank's displaced K/V store for the clip (``runtime.video_bands.displaced_kv_bytes``)."""
-        from stadi_xdit.offline.pipelines import wan_transformer_config
+        from stadi_xdit.families.wan import wan_transformer_config
         from stadi_xdit.runtime.video_bands import displaced_kv_bytes
 
         batch = batch if batch is not None else self.cfg_batch
@@ -224,14 +213,14 @@ class WanBenchPreset(BenchPreset):
                                         spatial_scale=VAE_SCALE, temporal_scale=FRAMES_PER_LATENT))
 
     def build_pipeline(self, seed: int = 0):
-        from stadi_xdit.offline.pipelines import build_wan_pipeline
+        from stadi_xdit.families.wan import build_wan_pipeline
 
         return build_wan_pipeline(self.spec, seed=seed, with_text_encoder=False)
 
     def call_kwargs(self, height: int, steps: int, seed: int, device: str = "cpu",
                     dtype: torch.dtype = torch.float32) -> dict:
         """WanPipeline's arguments: both prompts as embeddings of one length (Wan pads its prompts alike)."""
-        from stadi_xdit.offline.pipelines import random_prompt_embeds
+        from stadi_xdit.offline.components import random_prompt_embeds
 
         embeds, negative = (random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed + i)
                             .to(device=device, dtype=dtype) for i in (0, 1))
@@ -243,7 +232,7 @@ class WanBenchPreset(BenchPreset):
     def construct_on_meta(self) -> int:
         from diffusers import WanTransformer3DModel
 
-        from stadi_xdit.offline.pipelines import wan_transformer_config
+        from stadi_xdit.families.wan import wan_transformer_config
 
         with torch.device("meta"):
             model = WanTransformer3DModel(**wan_transformer_config(self.spec))

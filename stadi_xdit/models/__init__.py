@@ -1,4 +1,4 @@
-"""Model families under STADI: one self-contained module each.
+"""Model families under STADI: the runtime module of each (its declaration: `stadi_xdit/families/`).
 
 A family module holds its attention processor(s) (on the one band-attention helper,
 `runtime/band_attention.py`), its `InjectionPlan` (which attention modules get displaced K/V,
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from stadi_xdit.compat import bootstrap
 from stadi_xdit.registry import (
-    FAMILY_MODULES,
     register_twin,
     twin_for,
     twin_for_diffusers,
@@ -21,4 +20,4 @@ from stadi_xdit.registry import (
 
 bootstrap()  # before any family module (they import xfuser)
 
-__all__ = ["FAMILY_MODULES", "register_twin", "twin_for", "twin_for_diffusers", "twin_for_runner_model", "twins"]
+__all__ = ["register_twin", "twin_for", "twin_for_diffusers", "twin_for_runner_model", "twins"]

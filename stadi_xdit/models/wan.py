@@ -166,7 +166,7 @@ class WanBandModel(VideoBandModel):
 
 def kv_memory_report(presets: Sequence[str] | None = None, *, bytes_per_value: int = 2) -> list[str]:
     """One line per real-size preset and CFG form: tokens, layers, width and the per-rank store."""
-    from stadi_xdit.offline.pipelines import WAN_PRESETS, wan_transformer_config
+    from stadi_xdit.families.wan import WAN_PRESETS, wan_transformer_config
 
     names = presets or [name for name in WAN_PRESETS if name.startswith("wan")]
     lines = []

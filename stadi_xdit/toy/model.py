@@ -4,12 +4,12 @@ Architecture: diffusers' `PixArtTransformer2DModel` exactly as PixArt-alpha uses
 self-attention over all image tokens, cross-attention to the caption, 2D sincos positions, patch
 2), sized to train in about 30 minutes on 2 CPU cores. It is driven by the stock
 `PixArtAlphaPipeline` with the stock `DPMSolverMultistepScheduler` (same config as
-`stadi_xdit.offline.pipelines`), at 256x256 "pixels" = 32x32 latents = 16x16 tokens.
+`stadi_xdit.families.pixart`), at 256x256 "pixels" = 32x32 latents = 16x16 tokens.
 
 * ``out_channels = 4``: epsilon only, no learned-sigma half (the pipeline and `PixArtBandModel`
   both keep the whole output when ``out_channels // 2 != in_channels``).
 * No text encoder: pass the class's caption embedding (`toy_call_kwargs`).
-* The VAE is a tiny **random** `AutoencoderKL` (the same kind `stadi_xdit.offline.pipelines` builds), kept
+* The VAE is a tiny **random** `AutoencoderKL` (the same kind `stadi_xdit.offline.components` builds), kept
   only so the pipeline is complete and has the usual 8x VAE scale. The model is trained on the
   latents directly (no autoencoder: see `stadi_xdit.toy.data`), so call it with
   ``output_type="latent"`` and show results with `stadi_xdit.toy.data.decode_to_rgb`; a decoded

@@ -1,0 +1,93 @@
+"""What each model family declares, in one place and one form: its `FamilySpec`.
+
+A family is two modules and its tests:
+
+- `stadi_xdit/models/<name>.py`, the runtime: its attention processor(s) on the band-attention
+  helper, its injection plan, its band model and its xFuser pipeline twin(s), registered with
+  `@register_twin` (`stadi_xdit.registry`);
+- `stadi_xdit/families/<name>.py`, the declaration (this package): `SPEC = FamilySpec(...)` names the
+  runtime module, the offline model presets (tiny, small, real sizes) and how to build them with
+  random weights, the xDiT runner models it serves with the hub repo each loads and its tiny
+  hub-cache recipe, and its `--pipeline` choices in `scripts/stadi_example.py`.
+
+Everything else finds families here: the registry (which runtime modules to import), the hub cache
+and the example script. This package
+imports no torch: a declaration builds its pipelines through functions that import what they need
+when called, so argument checks read the specs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """An xDiT runner model the family serves (`xdit --model NAME`) and the tiny pipeline written for it."""
+
+    runner_model: str  # the name in xfuser's runner registry
+    repo_id: str  # the hub repo its ModelSettings(model_name=...) loads
+    build: Callable[[], Any]  # a tiny pipeline with every component that runner model loads
+
+
+@dataclass(frozen=True)
+class ExampleChoice:
+    """One `--pipeline` of `scripts/stadi_example.py`: xDiT's wrapper, the offline presets, stand-in text."""
+
+    pipeline: str  # the --pipeline value
+    wrapper: str  # "module:Class" of the xFuser pipeline wrapper the script builds
+    diffusers_class: str  # `_class_name` a local --model folder's model_index.json must have
+    build: Callable[[str, bool], Any]  # (preset, with_text_encoder) -> diffusers pipeline
+    stand_in_text: Callable[[Any, int], dict]  # (diffusers pipeline, seed) -> embeddings
+    text_presets: tuple[str, ...] = ("tiny",)  # presets that carry a tiny text encoder
+    has_cfg: bool = True
+    call_kwargs: tuple[tuple[str, object], ...] = ()
+    tiny_text_tokens: int | None = None  # max_sequence_length with the tiny text encoder (keeps tiny runs tiny)
+    extra_presets: tuple[str, ...] = ()  # further --model names the script resolves itself (e.g. "toy-trained")
+
+    def wrapper_class(self) -> type:
+        module, _, name = self.wrapper.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    runtime: str  # the module holding the family's twins ("stadi_xdit.models.<name>")
+    presets: Mapping[str, Any]  # offline model presets by name: tiny, small, real sizes
+    hub_models: tuple[HubModel, ...] = ()
+    examples: tuple[ExampleChoice, ...] = ()
+
+
+@functools.cache
+def families() -> tuple[FamilySpec, ...]:
+    """Every declared family, in module name order (each module of this package with a `SPEC`)."""
+    specs = []
+    for module in sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")):
+        spec = getattr(importlib.import_module(f"{__name__}.{module}"), "SPEC", None)
+        if not isinstance(spec, FamilySpec):
+            raise TypeError(f"{__name__}.{module} must declare SPEC = FamilySpec(...)")
+        specs.append(spec)
+    return tuple(specs)
+
+
+def family(name: str) -> FamilySpec:
+    for spec in families():
+        if spec.name == name:
+            return spec
+    raise KeyError(f"no model family {name!r} (known: {', '.join(s.name for s in families())})")
+
+
+def hub_models() -> dict[str, HubModel]:
+    """Runner model name -> its hub repo and tiny recipe, over every family."""
+    return {hub.runner_model: hub for spec in families() for hub in spec.hub_models}
+
+
+def example_choices() -> dict[str, ExampleChoice]:
+    """`--pipeline` value -> its example choice, over every family."""
+    return {choice.pipeline: choice for spec in families() for choice in spec.examples}

@@ -1,0 +1,115 @@
+"""PixArt-α and PixArt-Σ: the family's declaration (runtime: `stadi_xdit.models.pixart`).
+
+Model presets: `tiny` for tests, `small` for the CPU benchmark, and the released transformers'
+shapes (`pixart-alpha-1024`, `pixart-sigma-1024`). xfuser 0.7.0's runner has no PixArt model, so
+the family serves xDiT's pipeline wrappers only (no hub-cache recipe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stadi_xdit.families import ExampleChoice, FamilySpec
+
+
+@dataclass(frozen=True)
+class PixArtPreset:
+    """Transformer shape of a PixArt model; the real ones match the released checkpoints."""
+
+    num_layers: int
+    num_attention_heads: int
+    attention_head_dim: int
+    caption_channels: int
+    sample_size: int
+    interpolation_scale: int | None = None
+    use_additional_conditions: bool = False
+    # The tiny text encoder width; real presets skip text encoding and use prompt_embeds.
+    text_encoder_layers: int = 1
+
+
+PIXART_PRESETS: dict[str, PixArtPreset] = {
+    "tiny": PixArtPreset(num_layers=2, num_attention_heads=2, attention_head_dim=8, caption_channels=32,
+                         sample_size=16),
+    # Calibrated for stadi-bench: one step (CFG batch 2) at 512 px takes 0.60-0.72 s on one core of the
+    # 2-vCPU dev machine (20.3 M params, ~133 GFLOP/s); K/V exchange is ~10 % of a 2-rank step.
+    "small": PixArtPreset(num_layers=8, num_attention_heads=6, attention_head_dim=64, caption_channels=64,
+                          sample_size=64),
+    "pixart-alpha-1024": PixArtPreset(num_layers=28, num_attention_heads=16, attention_head_dim=72,
+                                      caption_channels=4096, sample_size=128,
+                                      use_additional_conditions=True),
+    "pixart-sigma-1024": PixArtPreset(num_layers=28, num_attention_heads=16, attention_head_dim=72,
+                                      caption_channels=4096, sample_size=128, interpolation_scale=2),
+}
+
+
+def pixart_transformer(preset: str | PixArtPreset = "tiny"):
+    """The preset's `PixArtTransformer2DModel` with random weights (none allocated on the meta device)."""
+    from diffusers import PixArtTransformer2DModel
+
+    spec = PIXART_PRESETS[preset] if isinstance(preset, str) else preset
+    return PixArtTransformer2DModel(
+        num_attention_heads=spec.num_attention_heads, attention_head_dim=spec.attention_head_dim,
+        in_channels=4, out_channels=8, num_layers=spec.num_layers,
+        cross_attention_dim=spec.num_attention_heads * spec.attention_head_dim,
+        caption_channels=spec.caption_channels, sample_size=spec.sample_size, patch_size=2,
+        norm_num_groups=32, interpolation_scale=spec.interpolation_scale,
+        use_additional_conditions=spec.use_additional_conditions)
+
+
+def build_pixart_pipeline(preset: str | PixArtPreset = "tiny", variant: str = "alpha", seed: int = 0,
+                          with_text_encoder: bool = True):
+    """A float32 CPU PixArt-α/Σ pipeline with random weights seeded by ``seed``.
+
+    With ``with_text_encoder=False`` the tokenizer and T5 are left out (pass ``prompt_embeds``).
+    """
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
+
+    from stadi_xdit.offline.components import tiny_t5, tiny_vae
+
+    if variant not in ("alpha", "sigma"):
+        raise ValueError(f"variant must be 'alpha' or 'sigma', got {variant!r}")
+    spec = PIXART_PRESETS[preset] if isinstance(preset, str) else preset
+    torch.manual_seed(seed)
+    transformer = pixart_transformer(spec).eval()
+    tokenizer, text_encoder = (tiny_t5(spec.caption_channels, spec.text_encoder_layers)
+                               if with_text_encoder else (None, None))
+    scheduler = DPMSolverMultistepScheduler()
+    pipeline_cls = PixArtAlphaPipeline if variant == "alpha" else PixArtSigmaPipeline
+    return pipeline_cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(4),
+                        transformer=transformer, scheduler=scheduler)
+
+
+def tiny_pixart_pipeline(variant: str = "alpha", seed: int = 0):
+    return build_pixart_pipeline("tiny", variant=variant, seed=seed)
+
+
+def pixart_stand_in_text(pipeline, seed: int) -> dict:
+    """Stand-in prompt and empty negative embeddings of PixArt's caption width, with their masks."""
+    import torch
+
+    from stadi_xdit.offline.components import random_prompt_embeds
+
+    channels = pipeline.transformer.config.caption_channels
+    # negative_prompt=None: diffusers refuses a negative prompt and negative embeddings together.
+    return {"negative_prompt": None, "prompt_embeds": random_prompt_embeds(channels, seed=seed),
+            "prompt_attention_mask": torch.ones(1, 8), "negative_prompt_embeds": torch.zeros(1, 8, channels),
+            "negative_prompt_attention_mask": torch.ones(1, 8)}
+
+
+def _example(variant: str, diffusers_class: str, extra_presets: tuple[str, ...] = ()) -> ExampleChoice:
+    return ExampleChoice(
+        f"pixart-{variant}", f"xfuser:xFuserPixArt{variant.capitalize()}Pipeline", diffusers_class,
+        lambda preset, text: build_pixart_pipeline(preset, variant, with_text_encoder=text),
+        pixart_stand_in_text,
+        call_kwargs=(("use_resolution_binning", False),), extra_presets=extra_presets)
+
+
+SPEC = FamilySpec(
+    name="pixart",
+    runtime="stadi_xdit.models.pixart",
+    presets=PIXART_PRESETS,
+    # The example script's trained toy DiT has PixArt-α's architecture (stadi_xdit.toy).
+    examples=(_example("alpha", "PixArtAlphaPipeline", extra_presets=("toy-trained",)),
+              _example("sigma", "PixArtSigmaPipeline")),
+)

@@ -1,0 +1,111 @@
+"""Wan 2.1 text-to-video: the family's declaration (runtime: `stadi_xdit.models.wan`).
+
+Model presets: `tiny` (17 frames at 48x64 px: 5 latent frames of 3x4 tokens) and `small` for tests
+and CPU runs, and the released 1.3B and 14B transformers' shapes at their model cards' clips. The
+runner model "Wan2.1-T2V" loads Wan-AI/Wan2.1-T2V-14B-Diffusers: its tiny hub-cache recipe has the
+UMT5 text encoder, the video VAE and Wan's UniPC scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stadi_xdit.families import FamilySpec, HubModel
+
+
+@dataclass(frozen=True)
+class WanPreset:
+    """Transformer shape of a Wan 2.1 text-to-video model; the real ones match the released checkpoints."""
+
+    num_layers: int
+    num_attention_heads: int
+    attention_head_dim: int  # split by Wan's 3D RoPE into (t, h, w) = (d - 4(d // 6), 2(d // 6), 2(d // 6))
+    ffn_dim: int
+    text_dim: int  # UMT5 width (4096 for umt5-xxl)
+    latent_channels: int = 16  # VAE z_dim = transformer in/out channels
+    # Default clip of the model card: what the real-size presets are sized for.
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    # The tiny text encoder (real presets skip text encoding and use prompt_embeds).
+    text_encoder_layers: int = 1
+
+
+WAN_PRESETS: dict[str, WanPreset] = {
+    # 17 frames -> 5 latent frames (odd), 48x64 px -> 3x4 tokens per latent frame.
+    "tiny": WanPreset(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=48, text_dim=32,
+                      latent_channels=4, height=48, width=64, num_frames=17),
+    "small": WanPreset(num_layers=4, num_attention_heads=4, attention_head_dim=48, ffn_dim=384, text_dim=64,
+                       latent_channels=16, height=128, width=192, num_frames=21),
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers transformer configs (patch (1, 2, 2), RoPE 1024).
+    "wan2.1-t2v-1.3b": WanPreset(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
+                                 text_dim=4096, height=480, width=832, num_frames=81),
+    "wan2.1-t2v-14b": WanPreset(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824,
+                                text_dim=4096, height=480, width=832, num_frames=81),
+    "wan2.1-t2v-14b-720p": WanPreset(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824,
+                                     text_dim=4096, height=720, width=1280, num_frames=81),
+}
+
+
+def wan_transformer_config(preset: str | WanPreset) -> dict:
+    """`WanTransformer3DModel` keyword arguments of a preset (config only: nothing is allocated)."""
+    spec = WAN_PRESETS[preset] if isinstance(preset, str) else preset
+    return {"patch_size": (1, 2, 2), "num_attention_heads": spec.num_attention_heads,
+            "attention_head_dim": spec.attention_head_dim, "in_channels": spec.latent_channels,
+            "out_channels": spec.latent_channels, "text_dim": spec.text_dim, "freq_dim": 256 if spec.text_dim >= 256
+            else 16, "ffn_dim": spec.ffn_dim, "num_layers": spec.num_layers, "cross_attn_norm": True,
+            "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024}
+
+
+def wan_scheduler(flow_shift: float = 3.0):
+    """Wan 2.1's released scheduler: UniPC (bh2, order 2) on flow-matching sigmas, flow prediction."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift,
+                                   num_train_timesteps=1000, solver_order=2, solver_type="bh2", predict_x0=True,
+                                   lower_order_final=True, final_sigmas_type="zero")
+
+
+def build_wan_pipeline(preset: str | WanPreset = "tiny", seed: int = 0, with_text_encoder: bool = True,
+                       scheduler: str = "unipc"):
+    """A float32 CPU Wan 2.1 text-to-video pipeline with random weights seeded by ``seed``.
+
+    ``scheduler``: ``"unipc"`` (Wan's own, `wan_scheduler`) or ``"flow_euler"``
+    (FlowMatchEulerDiscreteScheduler with the same shift). With ``with_text_encoder=False`` the
+    tokenizer and UMT5 are left out (pass ``prompt_embeds`` and ``negative_prompt_embeds``).
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+
+    from stadi_xdit.offline.components import tiny_umt5
+
+    spec = WAN_PRESETS[preset] if isinstance(preset, str) else preset
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**wan_transformer_config(spec)).eval()
+    # Four stages with two temporal downsamples: Wan's 8x spatial / 4x temporal scale, very few channels.
+    vae = AutoencoderKLWan(base_dim=8, z_dim=spec.latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * spec.latent_channels,
+                           latents_std=[1.0] * spec.latent_channels).eval()
+    tokenizer, text_encoder = (tiny_umt5(spec.text_dim, spec.text_encoder_layers) if with_text_encoder
+                               else (None, None))
+    if scheduler == "unipc":
+        sched = wan_scheduler()
+    elif scheduler == "flow_euler":
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    else:
+        raise ValueError(f"scheduler must be 'unipc' or 'flow_euler', got {scheduler!r}")
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=sched)
+
+
+SPEC = FamilySpec(
+    name="wan",
+    runtime="stadi_xdit.models.wan",
+    presets=WAN_PRESETS,
+    hub_models=(HubModel("Wan2.1-T2V", "Wan-AI/Wan2.1-T2V-14B-Diffusers", build_wan_pipeline),),
+)
