@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from stadi_xdit.planner.validation import MAX_ROWS
 
-TOKEN_ROW_PX = 16  # image px per token row
+VAE_SCALE = 8  # latent rows per image px: every served family's VAE
+PATCH_SIZE = 2  # latent rows per token row: patchify, or Flux's and Qwen-Image's 2x2 packing
+TOKEN_ROW_PX = VAE_SCALE * PATCH_SIZE  # image px per token row
 FRAMES_PER_LATENT = 4  # Wan's and HunyuanVideo's causal VAEs: num_frames = 4k + 1 give k + 1 latent frames
 
 

@@ -68,3 +68,14 @@ def test_runner_models_match_xdit_and_are_served_by_the_declaring_family():
             model_cls = base_model.MODEL_REGISTRY[hub.runner_model]
             assert model_cls.settings.model_name == hub.repo_id
             assert twin_for_runner_model(model_cls.__name__).__module__ == spec.runtime
+
+
+@pytest.mark.parametrize("spec", [s for s in families() if s.bench], ids=lambda spec: spec.name)
+def test_bench_presets_are_the_family_model_presets_it_declares(spec):
+    from stadi_xdit.bench.presets import BenchPreset, get_preset
+
+    for name, shape in spec.bench.shapes.items():
+        preset = get_preset(name)
+        assert isinstance(preset, BenchPreset) and preset.family == spec.name
+        assert preset.spec is spec.presets[shape.model or name]
+        assert shape.variant in spec.bench.xdit_wrappers

@@ -21,8 +21,9 @@ from types import SimpleNamespace
 
 import torch
 
-from stadi_xdit.bench.catalog import ARMS, PATCH_SIZE, VAE_SCALE, Arm
+from stadi_xdit.bench.catalog import ARMS, Arm
 from stadi_xdit.bench.presets import BenchPreset, get_preset
+from stadi_xdit.geometry import PATCH_SIZE, VAE_SCALE
 from stadi_xdit.runtime.profile import work_clock
 
 
@@ -38,14 +39,14 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
     if world < 2:
         return "needs at least 2 ranks"
     if arm.kind == "stadi":
-        if _stadi_pipeline_class(preset.variant) is None:
+        if _stadi_pipeline_class(preset) is None:
             return f"no STADI pipeline for {preset.family} ({preset.variant}) in stadi_xdit.models"
         if units < world:
             return f"{units} {unit}s < {world} ranks"
         if not 1 <= warmup < steps:
             return f"STADI needs 1 <= warmup ({warmup}) < steps ({steps})"
         return None
-    runner = XDIT_RUNNER_TRANSFORMERS.get(preset.variant)
+    runner = preset.xdit_runner_transformer
     if runner and arm.name not in ("ulysses", "ring"):
         return (f"xfuser 0.7.0 serves {preset.family} only through its runner ({runner.rpartition('.')[2]} in the "
                 f"diffusers pipeline): Ulysses/Ring, no {arm.name}")
@@ -62,24 +63,11 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
     return None
 
 
-# Preset variant -> the xFuser pipeline wrapper xDiT's arms use; STADI's twin comes from the family registry.
-# xfuser 0.7.0 has none for Wan text-to-video: "t2v" names the plugin's (stadi_xdit.models.wan), whose twin
-# is StadiWanPipeline, and xDiT's arms follow XDIT_RUNNER_TRANSFORMERS instead.
-XDIT_WRAPPERS = {"alpha": "xFuserPixArtAlphaPipeline", "sigma": "xFuserPixArtSigmaPipeline", "dev": "xFuserFluxPipeline",
-                 "t2v": "xFuserWanPipeline"}
-# Preset variant -> the sequence-parallel transformer that xfuser's runner puts into the diffusers pipeline
-# (its "Wan2.1-T2V" model: WanPipeline with xFuserWanTransformer3DWrapper, Ulysses/Ring on the flat token
-# sequence, padded to a multiple of the ranks). xDiT's arms for these variants do the same, with the same weights.
-XDIT_RUNNER_TRANSFORMERS = {
-    "t2v": "xfuser.model_executor.models.transformers.transformer_wan.xFuserWanTransformer3DWrapper",
-}
-
-
-def _stadi_pipeline_class(variant: str):
-    """STADI's pipeline class for a preset variant, or None where the plugin has none."""
+def _stadi_pipeline_class(preset: BenchPreset):
+    """STADI's pipeline class for a preset (the twin of its xFuser wrapper), or None where the plugin has none."""
     from stadi_xdit.registry import twin_for
 
-    return twin_for(XDIT_WRAPPERS[variant])
+    return twin_for(preset.xdit_wrapper)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +122,7 @@ class ForwardTimer:
 
 class _RunnerPipeline:
     """xDiT as xfuser's runner serves a family it has no pipeline wrapper for (Wan2.1-T2V): the diffusers
-    pipeline with the runner's sequence-parallel transformer (``XDIT_RUNNER_TRANSFORMERS``), same weights."""
+    pipeline with the runner's sequence-parallel transformer (``preset.xdit_runner_transformer``), same weights."""
 
     def __init__(self, base, engine_config, transformer_path: str):
         import importlib
@@ -196,7 +184,7 @@ def _build(spec: dict, rank: int, world: int):
                          stadi_emulate_slowdown=spec["emulate"], stadi_emulate_shift=spec.get("emulate_shift"),
                          stadi_max_stride=spec["max_stride"], stadi_profile_cache=spec["profile_cache"],
                          stadi_kv_dtype=spec.get("kv_dtype") or "auto", **common)
-        cls = _stadi_pipeline_class(preset.variant)
+        cls = _stadi_pipeline_class(preset)
         args.stadi_pipeline_class = cls  # checks follow the family (a Wan clip's rows, not the frame's)
     else:
         import xfuser
@@ -207,11 +195,11 @@ def _build(spec: dict, rank: int, world: int):
                    "pipefusion": {"pipefusion_parallel_degree": world,
                                       "num_pipeline_patch": spec["pipefusion_patches"] or world}}[arm.name]
         args = xFuserArgs(**common, **degrees)
-        runner = XDIT_RUNNER_TRANSFORMERS.get(preset.variant)
+        runner = preset.xdit_runner_transformer
         if runner:
             cls = functools.partial(_RunnerPipeline, transformer_path=runner)
         else:
-            cls = getattr(xfuser, XDIT_WRAPPERS[preset.variant])
+            cls = getattr(xfuser, preset.xdit_wrapper)
     engine_config, _ = args.create_config()
     engine_config.runtime_config.dtype = dtype
     pipe = cls(base, engine_config)

@@ -8,12 +8,13 @@ A family is two modules and its tests:
 - `stadi_xdit/families/<name>.py`, the declaration (this package): `SPEC = FamilySpec(...)` names the
   runtime module, the offline model presets (tiny, small, real sizes) and how to build them with
   random weights, the xDiT runner models it serves with the hub repo each loads and its tiny
-  hub-cache recipe, and its `--pipeline` choices in `scripts/stadi_example.py`.
+  hub-cache recipe, its `--pipeline` choices in `scripts/stadi_example.py`, and its `stadi-bench`
+  presets.
 
-Everything else finds families here: the registry (which runtime modules to import), the hub cache
-and the example script. This package
-imports no torch: a declaration builds its pipelines through functions that import what they need
-when called, so argument checks read the specs in milliseconds.
+Everything else finds families here: the registry (which runtime modules to import), the hub
+cache, the example script and the benchmark. This package imports no torch: a declaration builds
+its pipelines through functions that import what they need when called, so argument checks read
+the declarations in milliseconds.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import functools
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from stadi_xdit.geometry import TOKEN_ROW_PX, latent_frames
 
 
 @dataclass(frozen=True)
@@ -56,12 +59,67 @@ class ExampleChoice:
 
 
 @dataclass(frozen=True)
+class BenchShape:
+    """One `stadi-bench --preset`: which model preset, at which default size, with which stand-in text."""
+
+    variant: str  # the family's own variant key (PixArt: "alpha" | "sigma"), a key of its xdit_wrappers
+    height: int  # default height in px
+    text_tokens: int  # length of the stand-in prompt embeddings
+    model: str | None = None  # the family's model preset (default: this bench preset's name)
+    width: int | None = None  # default width in px (None: square); --height keeps the aspect ratio
+    num_frames: int | None = None  # video: default frames of the clip (4k+1); None: an image preset
+    decode: bool = False  # small enough to decode every arm's output for image/video PSNR
+    calibrates: bool = False  # `--simulate` can measure a forward of it on this CPU
+    family: str = ""  # the declaring family (`bench_shapes` fills it in)
+
+    @property
+    def video(self) -> bool:
+        return self.num_frames is not None
+
+    @property
+    def band_unit(self) -> str:
+        """What a STADI band is made of, and the planner's row: token rows of an image, or of a clip (its
+        frames' rows one after the other)."""
+        return "token row"
+
+    def width_for(self, height: int) -> int:
+        """Width in px at ``height``: the preset's aspect ratio, on whole token columns (>= 1)."""
+        if self.width is None:
+            return height
+        return max(1, round(height * self.width / self.height / TOKEN_ROW_PX)) * TOKEN_ROW_PX
+
+    def band_units(self, height: int, num_frames: int | None = None) -> int:
+        """The planner's rows: token rows of the image, or of the whole clip (latent frames of ``num_frames``,
+        or the preset's, x token rows per frame); the band granularity and the limit on STADI ranks."""
+        if self.video:
+            return latent_frames(num_frames or self.num_frames) * (height // TOKEN_ROW_PX)
+        return height // TOKEN_ROW_PX
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """How `stadi-bench` runs the family.
+
+    `preset` is "module:Class" of the family's `stadi_xdit.bench.presets.BenchPreset` subclass (imported
+    when the bench needs it), built as ``Class(name, shape, model_preset)`` for each of `shapes`.
+    """
+
+    preset: str
+    shapes: Mapping[str, BenchShape]
+    xdit_wrappers: Mapping[str, str]  # variant -> the xFuser pipeline wrapper class xDiT's arms build
+    # variant -> the sequence-parallel transformer ("module.Class") xfuser's runner puts into the diffusers
+    # pipeline, where xfuser serves the family only through its runner (xDiT's arms then do the same)
+    xdit_runner_transformers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     name: str
     runtime: str  # the module holding the family's twins ("stadi_xdit.models.<name>")
     presets: Mapping[str, Any]  # offline model presets by name: tiny, small, real sizes
     hub_models: tuple[HubModel, ...] = ()
     examples: tuple[ExampleChoice, ...] = ()
+    bench: BenchModel | None = None
 
 
 @functools.cache
@@ -91,3 +149,9 @@ def hub_models() -> dict[str, HubModel]:
 def example_choices() -> dict[str, ExampleChoice]:
     """`--pipeline` value -> its example choice, over every family."""
     return {choice.pipeline: choice for spec in families() for choice in spec.examples}
+
+
+def bench_shapes() -> dict[str, BenchShape]:
+    """`stadi-bench --preset` name -> its shape, over every family with bench presets."""
+    return {name: replace(shape, family=spec.name)
+            for spec in families() if spec.bench for name, shape in spec.bench.shapes.items()}

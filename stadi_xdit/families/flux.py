@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stadi_xdit.families import ExampleChoice, FamilySpec, HubModel
+from stadi_xdit.bench.presets import BenchPreset
+from stadi_xdit.families import BenchModel, BenchShape, ExampleChoice, FamilySpec, HubModel
+from stadi_xdit.geometry import TOKEN_ROW_PX
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,54 @@ def flux_stand_in_text(pipeline, seed: int) -> dict:
     return {"prompt_embeds": text, "pooled_prompt_embeds": pooled}
 
 
+class FluxBench(BenchPreset):
+    """Flux under `stadi-bench`: joint attention over image and text tokens, guidance distilled (one branch)."""
+
+    @property
+    def layers(self) -> int:
+        return self.spec.num_layers + self.spec.num_single_layers
+
+    @property
+    def text_channels(self) -> int:
+        return self.spec.joint_attention_dim
+
+    @property
+    def cfg_batch(self) -> int:
+        return 1
+
+    def forward_flops(self, height: int, width: int | None = None, batch: int | None = None) -> float:
+        """FLOPs (2 per multiply-add) of one denoising step's transformer work.
+
+        Joint attention runs the S text tokens through every block with the N image tokens: per token
+        of the joint sequence and layer, projections and MLP ``2 * 12 h^2`` and attention ``2 * 2 (N + S) h``.
+        Norms, embeddings and the final layer are left out (a few %).
+        """
+        width = width or self.width(height)
+        batch = batch if batch is not None else self.cfg_batch
+        seq = (height // TOKEN_ROW_PX) * (width // TOKEN_ROW_PX) + self.text_tokens
+        h = self.hidden
+        return float(batch * self.layers * seq * 2 * (12 * h * h + 2 * seq * h))
+
+    def build_pipeline(self, seed: int = 0):
+        return build_flux_pipeline(self.spec, seed=seed, with_text_encoder=False)
+
+    def call_kwargs(self, height: int, steps: int, seed: int, device: str = "cpu", dtype=None) -> dict:
+        import torch
+
+        from stadi_xdit.offline.components import random_prompt_embeds
+
+        dtype = dtype or torch.float32
+        embeds = random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed)
+        pooled = random_prompt_embeds(self.spec.pooled_projection_dim, seq_len=1, seed=seed + 1)[:, 0]
+        return {"height": height, "width": self.width(height), "num_inference_steps": steps, "output_type": "latent",
+                "generator": torch.Generator("cpu").manual_seed(seed),
+                "prompt_embeds": embeds.to(device=device, dtype=dtype),
+                "pooled_prompt_embeds": pooled.to(device=device, dtype=dtype), "guidance_scale": 3.5}
+
+    def transformer(self):
+        return flux_transformer(self.spec)
+
+
 SPEC = FamilySpec(
     name="flux",
     runtime="stadi_xdit.models.flux",
@@ -97,4 +147,7 @@ SPEC = FamilySpec(
     examples=(ExampleChoice("flux", "xfuser:xFuserFluxPipeline", "FluxPipeline",
                             lambda preset, text: build_flux_pipeline(preset, with_text_encoder=text),
                             flux_stand_in_text, has_cfg=False, tiny_text_tokens=16),),
+    bench=BenchModel(preset="stadi_xdit.families.flux:FluxBench",
+                     shapes={"flux-dev-1024": BenchShape("dev", 1024, 512)},
+                     xdit_wrappers={"dev": "xFuserFluxPipeline"}),
 )

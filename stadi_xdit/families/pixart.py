@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stadi_xdit.families import ExampleChoice, FamilySpec
+from stadi_xdit.bench.presets import BenchPreset
+from stadi_xdit.families import BenchModel, BenchShape, ExampleChoice, FamilySpec
+from stadi_xdit.geometry import TOKEN_ROW_PX
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,55 @@ def _example(variant: str, diffusers_class: str, extra_presets: tuple[str, ...] 
         call_kwargs=(("use_resolution_binning", False),), extra_presets=extra_presets)
 
 
+class PixArtBench(BenchPreset):
+    """PixArt under `stadi-bench`: caption cross-attention, CFG as a batch of two."""
+
+    @property
+    def text_channels(self) -> int:
+        return self.spec.caption_channels
+
+    @property
+    def cfg_batch(self) -> int:
+        return 2
+
+    def forward_flops(self, height: int, width: int | None = None, batch: int | None = None) -> float:
+        """FLOPs (2 per multiply-add) of one denoising step's transformer work.
+
+        Per image token and layer: projections and MLP ``2 * 12 h^2`` (q,k,v,o = 4h^2, MLP 8h^2),
+        cross-attention q,o ``2 * 2 h^2`` plus ``2 * 2 S h`` against S text tokens, self-attention
+        ``2 * 2 N h`` over all N image tokens. Per layer, independent of the image: the text K/V
+        projections ``2 * 2 S h^2``; per forward: the caption projection ``2 * S (C h + h^2)``.
+        Norms, embeddings and the final layer are left out (a few %).
+        """
+        width = width or self.width(height)
+        batch = batch if batch is not None else self.cfg_batch
+        tokens, h, text = (height // TOKEN_ROW_PX) * (width // TOKEN_ROW_PX), self.hidden, self.text_tokens
+        per_token = 2 * (12 * h * h + 2 * h * h + 2 * text * h + 2 * tokens * h)
+        per_layer = 2 * 2 * text * h * h
+        caption = 2 * text * (self.text_channels * h + h * h)
+        return float(batch * (self.layers * (tokens * per_token + per_layer) + caption))
+
+    def build_pipeline(self, seed: int = 0):
+        return build_pixart_pipeline(self.spec, variant=self.variant, seed=seed, with_text_encoder=False)
+
+    def call_kwargs(self, height: int, steps: int, seed: int, device: str = "cpu", dtype=None) -> dict:
+        import torch
+
+        from stadi_xdit.offline.components import random_prompt_embeds
+
+        dtype = dtype or torch.float32
+        embeds, negative = (random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed + i)
+                            .to(device=device, dtype=dtype) for i in (0, 1))
+        mask = torch.ones(1, self.text_tokens, device=device, dtype=dtype)
+        return {"height": height, "width": self.width(height), "num_inference_steps": steps, "output_type": "latent",
+                "generator": torch.Generator("cpu").manual_seed(seed), "prompt_embeds": embeds,
+                "prompt_attention_mask": mask, "negative_prompt": None, "negative_prompt_embeds": negative,
+                "negative_prompt_attention_mask": mask, "guidance_scale": 4.5, "use_resolution_binning": False}
+
+    def transformer(self):
+        return pixart_transformer(self.spec)
+
+
 SPEC = FamilySpec(
     name="pixart",
     runtime="stadi_xdit.models.pixart",
@@ -112,4 +163,13 @@ SPEC = FamilySpec(
     # The example script's trained toy DiT has PixArt-α's architecture (stadi_xdit.toy).
     examples=(_example("alpha", "PixArtAlphaPipeline", extra_presets=("toy-trained",)),
               _example("sigma", "PixArtSigmaPipeline")),
+    bench=BenchModel(
+        preset="stadi_xdit.families.pixart:PixArtBench",
+        # `tiny` and `small` are the CPU presets (their arms' outputs are decoded); every PixArt preset
+        # can calibrate `--simulate` with a measured forward on this machine.
+        shapes={"tiny": BenchShape("alpha", 128, 8, decode=True, calibrates=True),
+                "small": BenchShape("alpha", 512, 8, decode=True, calibrates=True),
+                "pixart-alpha-1024": BenchShape("alpha", 1024, 120, calibrates=True),
+                "pixart-sigma-1024": BenchShape("sigma", 1024, 300, calibrates=True)},
+        xdit_wrappers={"alpha": "xFuserPixArtAlphaPipeline", "sigma": "xFuserPixArtSigmaPipeline"}),
 )

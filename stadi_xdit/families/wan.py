@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stadi_xdit.families import FamilySpec, HubModel
+from stadi_xdit.bench.presets import VideoBenchPreset
+from stadi_xdit.families import BenchModel, BenchShape, FamilySpec, HubModel
+from stadi_xdit.geometry import TOKEN_ROW_PX
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,93 @@ def build_wan_pipeline(preset: str | WanPreset = "tiny", seed: int = 0, with_tex
                        scheduler=sched)
 
 
+class WanBench(VideoBenchPreset):
+    """Wan 2.1 text-to-video under `stadi-bench`: clips of ``num_frames`` (4k+1) frames.
+
+    Tokens are latent frames x (H/16) x (W/16) (patch (1, 2, 2)); every block runs self-attention over
+    all tokens of the clip, cross-attention to the text and an FFN of ``ffn_dim``. Guidance runs both
+    branches every step (diffusers: two forwards; STADI: one batch of two).
+    """
+
+    @property
+    def text_channels(self) -> int:
+        return self.spec.text_dim
+
+    @property
+    def cfg_batch(self) -> int:
+        return 2
+
+    def transformer_config(self) -> dict:
+        return wan_transformer_config(self.spec)
+
+    def forward_flops(self, height: int, width: int | None = None, batch: int | None = None) -> float:
+        """FLOPs (2 per multiply-add) of one denoising step's transformer work (both CFG branches).
+
+        Per token and block: self-attention q,k,v,o ``2 * 4 h^2`` and ``2 * 2 N h`` over all N tokens of
+        the clip, cross-attention q,o ``2 * 2 h^2`` and ``2 * 2 S h`` against S text tokens, FFN
+        ``2 * 2 h F``. Per block: the text K/V projections ``2 * 2 S h^2``; per forward: the text
+        embedding ``2 * S (T h + h^2)`` (T = text width). Patch embedding, norms, modulation and the
+        output projection are left out (< 1 % at real sizes).
+        """
+        width = width or self.width(height)
+        batch = batch if batch is not None else self.cfg_batch
+        tokens = self.latent_frames * (height // TOKEN_ROW_PX) * (width // TOKEN_ROW_PX)
+        h, text, ffn = self.hidden, self.text_tokens, self.spec.ffn_dim
+        per_token = 2 * (6 * h * h + 2 * tokens * h + 2 * text * h + 2 * h * ffn)
+        per_layer = 2 * 2 * text * h * h
+        text_embedding = 2 * text * (self.text_channels * h + h * h)
+        return float(batch * (self.layers * (tokens * per_token + per_layer) + text_embedding))
+
+    def build_pipeline(self, seed: int = 0):
+        return build_wan_pipeline(self.spec, seed=seed, with_text_encoder=False)
+
+    def call_kwargs(self, height: int, steps: int, seed: int, device: str = "cpu", dtype=None) -> dict:
+        """WanPipeline's arguments: both prompts as embeddings of one length (Wan pads its prompts alike)."""
+        import torch
+
+        from stadi_xdit.offline.components import random_prompt_embeds
+
+        dtype = dtype or torch.float32
+        embeds, negative = (random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed + i)
+                            .to(device=device, dtype=dtype) for i in (0, 1))
+        return {"height": height, "width": self.width(height), "num_frames": self.clip_frames,
+                "num_inference_steps": steps, "output_type": "latent",
+                "generator": torch.Generator("cpu").manual_seed(seed), "prompt_embeds": embeds,
+                "negative_prompt_embeds": negative, "guidance_scale": 5.0}
+
+    def transformer(self):
+        from diffusers import WanTransformer3DModel
+
+        return WanTransformer3DModel(**wan_transformer_config(self.spec))
+
+    def decode(self, vae, latent):
+        """Latent clip -> video (batch, 3, frames, H, W) in [0, 1], de-normalised as WanPipeline does."""
+        import torch
+
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latent.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latent.dtype)
+        with torch.no_grad():
+            video = vae.decode((latent * std + mean).to(vae.dtype), return_dict=False)[0]
+        return (video.float() / 2 + 0.5).clamp(0, 1)
+
+
 SPEC = FamilySpec(
     name="wan",
     runtime="stadi_xdit.models.wan",
     presets=WAN_PRESETS,
     hub_models=(HubModel("Wan2.1-T2V", "Wan-AI/Wan2.1-T2V-14B-Diffusers", build_wan_pipeline),),
+    bench=BenchModel(
+        preset="stadi_xdit.families.wan:WanBench",
+        # 17 frames = 5 latent frames; the real sizes at their model cards' clips.
+        shapes={"wan-tiny": BenchShape("t2v", 48, 8, model="tiny", width=64, num_frames=17, decode=True),
+                "wan-small": BenchShape("t2v", 192, 16, model="small", width=256, num_frames=41, decode=True),
+                "wan2.1-t2v-1.3b": BenchShape("t2v", 480, 512, width=832, num_frames=81),
+                "wan2.1-t2v-14b": BenchShape("t2v", 480, 512, width=832, num_frames=81),
+                "wan2.1-t2v-14b-720p": BenchShape("t2v", 720, 512, width=1280, num_frames=81)},
+        # xfuser 0.7.0 has no Wan text-to-video wrapper: the plugin's (models.wan), whose twin is
+        # StadiWanPipeline; xDiT's arms run the runner's sequence-parallel transformer instead.
+        xdit_wrappers={"t2v": "xFuserWanPipeline"},
+        xdit_runner_transformers={
+            "t2v": "xfuser.model_executor.models.transformers.transformer_wan.xFuserWanTransformer3DWrapper"}),
 )
