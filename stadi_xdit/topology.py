@@ -77,7 +77,8 @@ class Topology:
 
     def __post_init__(self) -> None:
         counts = {"--stadi_degree": self.stadi_degree, "--ulysses_degree": self.ulysses_degree,
-                  "--ring_degree": self.ring_degree, "world size": self.world_size}
+                  "--ring_degree": self.ring_degree,
+                  "the world size (--nproc_per_node x --nnodes)": self.world_size}
         for name, value in counts.items():
             if not _is_count(value, 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

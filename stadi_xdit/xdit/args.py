@@ -4,7 +4,8 @@ Where STADI sits in xDiT's degree tuple: on the data-parallel slot. xDiT's data-
 already hold full model replicas and exchange nothing, and `initialize_model_parallel` builds the
 dp group as exactly the ranks that share a CFG branch ("tp-sp-pp-cfg-dp" order), which is the
 STADI group. So a STADI run is `dp_degree = world / cfg_degree` and xDiT's product rule holds
-without touching `ParallelConfig`; the plugin only refuses degrees it cannot compose with.
+without touching `ParallelConfig`; the plugin only refuses degrees it cannot compose with. The
+layout itself (product rule, refused degrees) is `stadi_xdit.topology.Topology`'s.
 
 The `--stadi_*` flags and the `StadiArgs` fields are generated from `StadiConfig`'s field metadata
 (`stadi_xdit.config.SETTINGS`): one declaration per setting.
