@@ -48,7 +48,7 @@ from stadi_xdit.runtime import heartbeat
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.toy import data as toy_data
 from stadi_xdit.toy import model as toy_model
-from stadi_xdit.xdit.args import StadiArgs
+from stadi_xdit.xdit.args import StadiArgs, launch_world_size
 from stadi_xdit.xdit.distributed import init_distributed
 
 TOY_PRESET = "toy-trained"  # the trained toy DiT (PixArt-α architecture, stadi_xdit.toy)
@@ -104,7 +104,7 @@ def parse_args() -> tuple[StadiArgs, str, str | None]:
     try:
         engine_args = StadiArgs.from_cli_args(args)
         if engine_args.use_stadi:
-            engine_args.validate()
+            engine_args.validate(launch_world_size())
     except ValueError as error:
         parser.error(str(error))
     if engine_args.use_cfg_parallel and not example.has_cfg:

@@ -21,6 +21,7 @@ from stadi_xdit.paths import read_regular_file
 from stadi_xdit.planner.plan_types import MODES
 from stadi_xdit.planner.replan import REPLAN_MODES
 from stadi_xdit.planner.validation import MAX_RANKS, MAX_STRIDE_LIMIT
+from stadi_xdit.topology import check_stadi_degree
 
 # --stadi_kv_dtype: storage of the stale K/V (runtime/kv.py maps the names to torch dtypes).
 KV_DTYPES = ("auto", "bfloat16", "float16")
@@ -189,9 +190,7 @@ class StadiConfig:
 
     def check_world(self, stadi_world_size: int) -> None:
         """`--stadi_degree` and the per-rank lists must match the number of ranks in one STADI group."""
-        if self.degree is not None and self.degree != stadi_world_size:
-            raise ValueError(f"--stadi_degree {self.degree} does not match the launch: {stadi_world_size} "
-                             "ranks per CFG branch (world size / CFG degree)")
+        check_stadi_degree(self.degree, stadi_world_size)
         shift = self.emulated_shift[1] if self.emulate_shift else None
         for flag, values in (("--stadi_speeds", self.speeds), ("--stadi_emulate_slowdown", self.emulate_slowdown),
                              ("--stadi_emulate_shift", shift)):

@@ -240,10 +240,10 @@ def check_runner_args(args: Sequence[str], world_size: int) -> None:
     from stadi_xdit.xdit.runner import stadi_runner_model
 
     namespace = runner_namespace(args)
-    saved = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(world_size)  # what `validate` checks the degrees against
     try:
-        config = xFuserArgs.from_runner_args(vars(namespace))
+        # STADI's args checked against the launch this command starts, not this process's own size
+        config = cli_hook.stadi_runner_args(vars(namespace), world_size) or xFuserArgs.from_runner_args(
+            vars(namespace))
         model = base_model.MODEL_REGISTRY.get(config.model)
         if model is None:
             fail(LAUNCHER, f"--model {config.model} is not in xDiT's model registry")
@@ -253,11 +253,6 @@ def check_runner_args(args: Sequence[str], world_size: int) -> None:
         warn_if_output_exists(model, config)
     except ValueError as error:
         fail(LAUNCHER, str(error))
-    finally:
-        if saved is None:
-            os.environ.pop("WORLD_SIZE", None)
-        else:
-            os.environ["WORLD_SIZE"] = saved
 
 
 def warn_if_output_exists(model: type, config: Any) -> None:

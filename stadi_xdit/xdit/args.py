@@ -4,7 +4,8 @@ Where STADI sits in xDiT's degree tuple: on the data-parallel slot. xDiT's data-
 already hold full model replicas and exchange nothing, and `initialize_model_parallel` builds the
 dp group as exactly the ranks that share a CFG branch ("tp-sp-pp-cfg-dp" order), which is the
 STADI group. So a STADI run is `dp_degree = world / cfg_degree` and xDiT's product rule holds
-without touching `ParallelConfig`; the plugin only refuses degrees it cannot compose with.
+without touching `ParallelConfig`; the plugin only refuses degrees it cannot compose with. The
+layout itself (product rule, refused degrees) is `stadi_xdit.topology.Topology`'s.
 
 The `--stadi_*` flags and the `StadiArgs` fields are generated from `StadiConfig`'s field metadata
 (`stadi_xdit.config.SETTINGS`): one declaration per setting.
@@ -25,6 +26,7 @@ from xfuser.config import EngineConfig, xFuserArgs
 from stadi_xdit.config import SETTINGS, StadiConfig, shown_value
 from stadi_xdit.geometry import TOKEN_ROW_PX
 from stadi_xdit.runtime.profile_cache import check_cache_path
+from stadi_xdit.topology import Topology
 
 # xDiT features STADI does not run under its own loop yet: refused instead of silently dropped.
 UNSUPPORTED_FEATURES = ("use_fast_attn", "use_torch_compile", "use_onediff", "use_teacache", "use_fbcache",
@@ -104,16 +106,9 @@ def check_cache_is_not_an_input(cache: str, config_file: Any, model: Any) -> Non
                          "speeds cache; name a .json file")
 
 
-def validate_degrees(args: xFuserArgs, world_size: int) -> int:
-    """The STADI degree (ranks per CFG branch), or a one-line error naming the flag."""
-    for flag, value in (("--ulysses_degree", args.ulysses_degree), ("--ring_degree", args.ring_degree),
-                        ("--pipefusion_parallel_degree", args.pipefusion_parallel_degree),
-                        ("--tensor_parallel_degree", args.tensor_parallel_degree),
-                        ("--data_parallel_degree", args.data_parallel_degree),
-                        ("--fully_shard_degree", args.fully_shard_degree)):
-        if value not in (None, 1):
-            raise ValueError(f"{flag} {value} cannot be combined with --use_stadi "
-                             "(STADI uses every rank of a CFG branch)")
+def refuse_unsupported_features(args: xFuserArgs) -> None:
+    """xDiT features STADI's loop cannot run, as a one-line error naming the flag (the degrees are
+    `Topology.from_args`'s)."""
     for name in UNSUPPORTED_FEATURES:
         if getattr(args, name, False):
             raise ValueError(f"--{name} cannot be combined with --use_stadi (STADI runs its own denoising loop)")
@@ -124,26 +119,13 @@ def validate_degrees(args: xFuserArgs, world_size: int) -> int:
     if args.cache_method is not None:
         raise ValueError(f"--cache_method {args.cache_method} cannot be combined with --use_stadi "
                          "(STADI runs its own denoising loop)")
-    vae = vae_ranks(args.vae_parallel_size)
-    dit_world = world_size - vae
-    if vae and dit_world < 1:
-        raise ValueError(f"--vae_parallel_size {vae} leaves no rank for the DiT: the launch has {world_size} "
-                         f"ranks, so --vae_parallel_size must be at most {world_size - 1}")
-    cfg = 2 if args.use_cfg_parallel else 1
-    if dit_world < cfg or dit_world % cfg:
-        of = f" (world size {world_size} minus --vae_parallel_size {vae})" if vae else ""
-        raise ValueError(f"{dit_world} DiT ranks{of} must be a multiple of {cfg} with --use_cfg_parallel")
-    return dit_world // cfg
 
 
-def vae_ranks(value: Any) -> int:
-    """`--vae_parallel_size` checked: ranks taken from the DiT for xDiT's VAE (0: none)."""
-    if value is None:
-        return 0
-    # A runner dict may carry "1" or True; a negative count would enlarge the DiT world.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"--vae_parallel_size must be an integer >= 0, got {value!r}")
-    return value
+def launch_world_size() -> int:
+    """The launch size of this process as torchrun exports it to every rank (xDiT's
+    `init_distributed_environment` reads the same variable); 1 outside a launch. Read only by the
+    entry points inside a rank, which hand it to `StadiArgs.validate`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 # xDiT's runner model registry (`MODEL_REGISTRY`); see `StadiArgs._runner_twin`.
@@ -210,6 +192,8 @@ class _StadiArgsBehaviour(xFuserArgs):
     # The STADI pipeline class these args will drive, where the caller knows it (the benchmark): launch
     # checks then follow its family (Wan bands a clip's rows). Not a flag; the runner finds it by --model.
     stadi_pipeline_class = None
+    # The launch layout `validate` checked (a `Topology`), for what is named or counted after it.
+    topology = None
 
     def __post_init__(self) -> None:
         if self.use_stadi:
@@ -235,11 +219,12 @@ class _StadiArgsBehaviour(xFuserArgs):
         xFuserArgs.add_cli_args(parser)
         return add_stadi_cli_args(parser)
 
-    def validate(self, world_size: int | None = None) -> int:
-        """Check the flags against the launch size before any process group exists; returns the degree."""
-        if world_size is None:
-            world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        degree = validate_degrees(self, world_size)
+    def validate(self, world_size: int) -> int:
+        """Check the flags against a launch of `world_size` processes before any process group exists;
+        returns the STADI degree (ranks per CFG branch). The checked layout is kept as `topology`."""
+        refuse_unsupported_features(self)
+        self.topology = Topology.from_args(self, world_size)
+        degree = self.topology.stadi_degree
         self.stadi.check_world(degree)
         twin = self._runner_twin()
         validate_shape(self, degree, self.stadi.exact, image_rows=twin is None or twin.bands_are_image_rows)
@@ -269,7 +254,7 @@ class _StadiArgsBehaviour(xFuserArgs):
         if not self.use_stadi:
             return super().create_config()
         # STADI occupies the data-parallel slot (see module docstring).
-        self.data_parallel_degree = self.validate()
+        self.data_parallel_degree = self.validate(launch_world_size())
         try:
             engine_config, input_config = super().create_config()
         finally:

@@ -41,10 +41,7 @@ from typing import Any
 
 from stadi_xdit.cli_errors import StadiInputError, fail
 from stadi_xdit.compat._hooks import when_imported
-
-# Degree flags STADI replaces (it uses every rank of a CFG branch).
-EXCLUSIVE_DEGREES = ("--ulysses_degree", "--ring_degree", "--pipefusion_parallel_degree",
-                     "--tensor_parallel_degree", "--data_parallel_degree")
+from stadi_xdit.topology import CFG_BRANCHES, REFUSED_WITH_STADI, Topology, refuse_degrees
 
 _ENABLED = False
 # (owner, attribute) -> original value (or _ABSENT), for uninstall()
@@ -135,8 +132,10 @@ def patch_xfuser_args(module: ModuleType) -> None:
         # A command line is being read: a bad STADI input is one line naming the flag, printed
         # once (rank 0), before the script creates any process group; never a traceback.
         try:
+            from stadi_xdit.xdit.args import launch_world_size
+
             parsed = original_from(stadi_args_class(cls, klass, args), args)
-            parsed.validate()
+            parsed.validate(launch_world_size())
         except ValueError as error:
             fail(os.path.basename(sys.argv[0]) or "xfuser", str(error))
         return parsed
@@ -157,17 +156,18 @@ def add_runner_flags(parser):
     return add_flags(parser)
 
 
-def stadi_runner_args(config: Any) -> Any | None:
+def stadi_runner_args(config: Any, world_size: int | None = None) -> Any | None:
     """STADI's args for a runner config dict, or None when it asks for no STADI.
 
     Misspelled `stadi_*` keys and bad values raise `StadiInputError` (one line) instead of being
-    dropped; the shape is checked with the model's default size where the dict gives none.
+    dropped; the shape is checked with the model's default size where the dict gives none, and the
+    degrees against a launch of `world_size` processes (None: this process's own launch, as a rank).
     """
     if not isinstance(config, dict):
         return None
     import dataclasses
 
-    from stadi_xdit.xdit.args import StadiArgs
+    from stadi_xdit.xdit.args import StadiArgs, launch_world_size
     from stadi_xdit.xdit.runner import check_runner_keys, with_model_defaults
 
     try:
@@ -181,7 +181,8 @@ def stadi_runner_args(config: Any) -> Any | None:
         check_runner_switches(config)
         known = {f.name for f in dataclasses.fields(StadiArgs)}
         args = StadiArgs(**{k: v for k, v in with_model_defaults(config).items() if k in known})
-        args.validate()  # with the family's own launch checks (e.g. Wan's --num_frames)
+        # with the family's own launch checks (e.g. Wan's --num_frames)
+        args.validate(launch_world_size() if world_size is None else world_size)
     except ValueError as error:
         raise StadiInputError(" ".join(str(error).split())) from None
     show_resolved_settings(config, args.stadi)
@@ -375,6 +376,7 @@ def _uses_stadi(flags: dict[str, str | None]) -> bool:
 def stadi_nproc_from_args(args: Sequence[str], fallback: Callable[[list[str]], int] | None = None,
                           nnodes: int = 1) -> int:
     """Processes per node for a launch: xDiT's degree product, or with `--use_stadi` the STADI rule
+    (`Topology.for_stadi_degree`)
 
         world = stadi_degree x (2 if --use_cfg_parallel else 1) [+ --vae_parallel_size]
 
@@ -387,21 +389,15 @@ def stadi_nproc_from_args(args: Sequence[str], fallback: Callable[[list[str]], i
         if fallback is None:
             raise ValueError("no --use_stadi and no fallback rule")
         return fallback(list(args))
-    for flag in EXCLUSIVE_DEGREES:
-        if flags.get(flag) not in (None, "1"):
-            raise ValueError(f"{flag} {flags[flag]} cannot be combined with --use_stadi")
+    refuse_degrees({name: flags.get(f"--{name}") for name in REFUSED_WITH_STADI})
     degree = stadi_degree_from_args(args)
     if degree is None:
         raise ValueError("with --use_stadi the launcher cannot infer the number of ranks: pass "
                          "--nproc_per_node, or --stadi_degree N (ranks per CFG branch), or per-rank --stadi_speeds")
-    cfg = 2 if "--use_cfg_parallel" in flags and flags["--use_cfg_parallel"] not in ("False", "false") else 1
+    cfg_on = "--use_cfg_parallel" in flags and flags["--use_cfg_parallel"] not in ("False", "false")
+    cfg = CFG_BRANCHES if cfg_on else 1
     vae = checked_int("--vae_parallel_size", flags["--vae_parallel_size"], minimum=0) if flags.get("--vae_parallel_size") else 0
-    world = degree * cfg + vae
-    if nnodes < 1:
-        raise ValueError(f"--nnodes must be an integer >= 1, got {nnodes}")
-    if world % nnodes:
-        raise ValueError(f"{world} STADI ranks cannot be spread evenly over --nnodes {nnodes}")
-    return world // nnodes
+    return Topology.for_stadi_degree(degree, cfg_degree=cfg, vae_ranks=vae).processes_per_node(nnodes)
 
 
 def patch_launcher(cli: ModuleType) -> None:

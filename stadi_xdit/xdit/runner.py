@@ -21,12 +21,14 @@ from typing import Any
 
 from stadi_xdit.config import SETTINGS, shown_key
 from stadi_xdit.runtime import heartbeat
+from stadi_xdit.topology import REFUSED_WITH_STADI, STADI_SLOT
 
-# Capabilities of xDiT's runner models that STADI's own loop cannot combine with.
-_NOT_WITH_STADI = ("ulysses_degree", "ring_degree", "pipefusion_parallel_degree", "tensor_parallel_degree",
-                   "fully_shard_degree", "supports_step_caching", "use_fp8_comms", "use_hybrid_attn_schedule",
-                   "use_hybrid_gemm_schedule", "supports_sparse_attention_backends",
-                   "supports_sparge_attention_backends")
+# Capabilities of xDiT's runner models that STADI's own loop cannot combine with: the refused degrees
+# (but STADI's own slot, which a STADI run fills) and these features.
+_FEATURES_NOT_WITH_STADI = ("supports_step_caching", "use_fp8_comms", "use_hybrid_attn_schedule",
+                            "use_hybrid_gemm_schedule", "supports_sparse_attention_backends",
+                            "supports_sparge_attention_backends")
+_NOT_WITH_STADI = (*(name for name in REFUSED_WITH_STADI if name != STADI_SLOT), *_FEATURES_NOT_WITH_STADI)
 
 # Keys a runner config dict may carry for STADI: every StadiArgs field.
 STADI_RUNNER_KEYS = frozenset({meta["flag"].removeprefix("--") for meta in SETTINGS.values()}
@@ -129,10 +131,8 @@ def stadi_output_name(model: Any, input_args: dict[str, Any]) -> str:
     """The runner's output name for a STADI run: the strategy, its mode and the process count where xDiT's
     `get_output_name` has `u<ulysses>r<ring>_tc_<compile>` (always `u1r1_tc_False` under STADI), so a
     STADI run and a plain run into one --output_directory never write the same file."""
-    import os
-
     strategy = model.config.stadi.strategy_label
-    ranks = os.environ.get("WORLD_SIZE", "1")  # xDiT's runner reads the launch size from it too
+    ranks = model.config.topology.world_size  # the launch `validate` checked the flags against
     name = f"{model.settings.output_name}_{strategy}_n{ranks}_{input_args['height']}x{input_args['width']}"
     return f"{name}_{model.config.task}" if model.config.task else name
 

@@ -1,0 +1,134 @@
+"""How a STADI launch's processes are used: one frozen `Topology`, one product rule. Pure Python.
+
+Modelled on torchtitan's `ParallelDims`: the degrees are ruled here once, from the parsed arguments
+and the launch size (always passed in, never read from the environment), and every place that
+counts ranks (the `stadi-xdit` launcher, xDiT's `xdit` launcher hook, `StadiArgs.validate`, the
+runner's capabilities) asks this module instead of keeping its own list.
+
+    world_size = stadi_degree x cfg_degree x ulysses_degree x ring_degree + vae_ranks
+
+Ulysses and Ring are always 1 today (STADI uses every rank of a CFG branch); their fields are
+where a composed STADI x sequence-parallel layout will go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# xDiT's degrees (its flag names without `--`) that cannot be above 1 with --use_stadi: STADI uses
+# every rank of a CFG branch itself.
+REFUSED_WITH_STADI = ("ulysses_degree", "ring_degree", "pipefusion_parallel_degree", "tensor_parallel_degree",
+                      "data_parallel_degree", "fully_shard_degree")
+# Where STADI sits in xDiT's degree tuple (see stadi_xdit.xdit.args): refused as a user's flag, but
+# the slot itself stays on, since a STADI run fills it.
+STADI_SLOT = "data_parallel_degree"
+CFG_BRANCHES = 2  # --use_cfg_parallel: a conditional and an unconditional branch
+
+
+def refuse_degrees(values: Mapping[str, Any]) -> None:
+    """A one-line error for the first degree in REFUSED_WITH_STADI set above 1 in `values` (degree
+    name -> parsed value, or the flag's text as a command line spells it)."""
+    for name in REFUSED_WITH_STADI:
+        value = values.get(name)
+        if value not in (None, 1, "1"):
+            raise ValueError(f"--{name} {value} cannot be combined with --use_stadi "
+                             "(STADI uses every rank of a CFG branch)")
+
+
+def checked_vae_ranks(value: Any) -> int:
+    """`--vae_parallel_size` checked: ranks taken from the DiT for xDiT's VAE (0: none)."""
+    if value is None:
+        return 0
+    # A runner dict may carry "1" or True; a negative count would enlarge the DiT world.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"--vae_parallel_size must be an integer >= 0, got {value!r}")
+    return value
+
+
+def check_stadi_degree(requested: int | None, ranks_per_branch: int) -> None:
+    """`--stadi_degree`, where given, must be the number of ranks one CFG branch has."""
+    if requested is not None and requested != ranks_per_branch:
+        raise ValueError(f"--stadi_degree {requested} does not match the launch: {ranks_per_branch} "
+                         "ranks per CFG branch (world size / CFG degree)")
+
+
+def _degree_product(stadi_degree: int, cfg_degree: int, ulysses_degree: int = 1, ring_degree: int = 1) -> int:
+    """The product rule's left side: the DiT ranks these degrees take."""
+    return stadi_degree * cfg_degree * ulysses_degree * ring_degree
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A launch's ranks: `stadi_degree` per CFG branch, `cfg_degree` branches, `vae_ranks` for xDiT's
+    parallel VAE. Constructing one checks the product rule, so every Topology is a valid layout."""
+
+    world_size: int
+    stadi_degree: int
+    cfg_degree: int = 1
+    vae_ranks: int = 0
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+
+    def __post_init__(self) -> None:
+        counts = {"--stadi_degree": self.stadi_degree, "--ulysses_degree": self.ulysses_degree,
+                  "--ring_degree": self.ring_degree,
+                  "the world size (--nproc_per_node x --nnodes)": self.world_size}
+        for name, value in counts.items():
+            if not _is_count(value, 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.cfg_degree not in (1, CFG_BRANCHES) or isinstance(self.cfg_degree, bool):
+            raise ValueError(f"the CFG degree must be 1 or {CFG_BRANCHES} (--use_cfg_parallel), "
+                             f"got {self.cfg_degree!r}")
+        checked_vae_ranks(self.vae_ranks)
+        refuse_degrees({"ulysses_degree": self.ulysses_degree, "ring_degree": self.ring_degree})
+        if self.dit_ranks != self.degree_product:
+            raise ValueError(f"the degrees do not fill the launch: --stadi_degree {self.stadi_degree} x CFG "
+                             f"{self.cfg_degree} x Ulysses {self.ulysses_degree} x Ring {self.ring_degree} = "
+                             f"{self.degree_product} DiT ranks, but world size {self.world_size} minus "
+                             f"--vae_parallel_size {self.vae_ranks} is {self.dit_ranks}")
+
+    @property
+    def degree_product(self) -> int:
+        """The DiT ranks the degrees describe (the product rule's left side)."""
+        return _degree_product(self.stadi_degree, self.cfg_degree, self.ulysses_degree, self.ring_degree)
+
+    @property
+    def dit_ranks(self) -> int:
+        """Ranks that run the DiT: the launch minus the parallel VAE's."""
+        return self.world_size - self.vae_ranks
+
+    @classmethod
+    def from_args(cls, args: Any, world_size: int) -> Topology:
+        """The topology of parsed arguments (xDiT's attribute names: args, a namespace) on a launch of
+        `world_size` processes; a one-line error naming the flag when they cannot share it."""
+        refuse_degrees({name: getattr(args, name, None) for name in REFUSED_WITH_STADI})
+        vae = checked_vae_ranks(getattr(args, "vae_parallel_size", None))
+        dit = world_size - vae
+        if vae and dit < 1:
+            raise ValueError(f"--vae_parallel_size {vae} leaves no rank for the DiT: the launch has "
+                             f"{world_size} ranks, so --vae_parallel_size must be at most {world_size - 1}")
+        cfg = CFG_BRANCHES if getattr(args, "use_cfg_parallel", False) else 1
+        if dit < cfg or dit % cfg:
+            of = f" (world size {world_size} minus --vae_parallel_size {vae})" if vae else ""
+            raise ValueError(f"{dit} DiT ranks{of} must be a multiple of {cfg} with --use_cfg_parallel")
+        return cls(world_size, stadi_degree=dit // cfg, cfg_degree=cfg, vae_ranks=vae)
+
+    @classmethod
+    def for_stadi_degree(cls, stadi_degree: int, cfg_degree: int = 1, vae_ranks: int = 0) -> Topology:
+        """The launch that `stadi_degree` ranks per CFG branch need (the launcher's process count)."""
+        world_size = _degree_product(stadi_degree, cfg_degree) + vae_ranks
+        return cls(world_size, stadi_degree=stadi_degree, cfg_degree=cfg_degree, vae_ranks=vae_ranks)
+
+    def processes_per_node(self, nnodes: int) -> int:
+        """The world spread evenly over `nnodes` machines (torchrun's --nproc_per_node)."""
+        if not _is_count(nnodes, 1):
+            raise ValueError(f"--nnodes must be an integer >= 1, got {nnodes}")
+        if self.world_size % nnodes:
+            raise ValueError(f"{self.world_size} STADI ranks cannot be spread evenly over --nnodes {nnodes}")
+        return self.world_size // nnodes

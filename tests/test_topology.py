@@ -1,0 +1,143 @@
+"""`stadi_xdit.topology`: the one place a launch's degrees are ruled (pure Python, no torch)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stadi_xdit.topology import (
+    REFUSED_WITH_STADI,
+    STADI_SLOT,
+    Topology,
+    check_stadi_degree,
+    checked_vae_ranks,
+    refuse_degrees,
+)
+
+
+def _args(**values):
+    """Parsed arguments as xDiT names them; unset degrees are 1, as its parser leaves them."""
+    return SimpleNamespace(**{**dict.fromkeys(REFUSED_WITH_STADI, 1), "use_cfg_parallel": False,
+                              "vae_parallel_size": 0, **values})
+
+
+def test_the_module_imports_neither_torch_nor_xfuser():
+    code = ("import sys, stadi_xdit.topology; "
+            "print(sorted(m for m in ('torch', 'xfuser') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("values,world,expected", [
+    ({}, 4, Topology(4, stadi_degree=4)),
+    ({"use_cfg_parallel": True}, 4, Topology(4, stadi_degree=2, cfg_degree=2)),
+    ({"vae_parallel_size": 1}, 3, Topology(3, stadi_degree=2, vae_ranks=1)),
+    ({"use_cfg_parallel": True, "vae_parallel_size": 2}, 6,
+     Topology(6, stadi_degree=2, cfg_degree=2, vae_ranks=2)),
+    ({"vae_parallel_size": None, "ulysses_degree": None}, 1, Topology(1, stadi_degree=1)),
+])
+def test_from_args_reads_the_layout(values, world, expected):
+    topology = Topology.from_args(_args(**values), world)
+    assert topology == expected
+    assert topology.degree_product == topology.dit_ranks == world - topology.vae_ranks
+
+
+def test_a_topology_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Topology(2, stadi_degree=2).world_size = 3
+
+
+@pytest.mark.parametrize("values,world,message", [
+    ({"vae_parallel_size": 2}, 2, "--vae_parallel_size 2 leaves no rank for the DiT: the launch has 2 ranks, "
+                                  "so --vae_parallel_size must be at most 1"),
+    ({"use_cfg_parallel": True}, 3, "3 DiT ranks must be a multiple of 2 with --use_cfg_parallel"),
+    ({"use_cfg_parallel": True, "vae_parallel_size": 2}, 5,
+     "3 DiT ranks (world size 5 minus --vae_parallel_size 2) must be a multiple of 2 "
+     "with --use_cfg_parallel"),
+    ({"vae_parallel_size": -1}, 2, "--vae_parallel_size must be an integer >= 0, got -1"),
+    ({"vae_parallel_size": "1"}, 2, "--vae_parallel_size must be an integer >= 0, got '1'"),
+    ({"fully_shard_degree": 2}, 2, "--fully_shard_degree 2 cannot be combined with --use_stadi"),
+])
+def test_from_args_refuses_in_one_line(values, world, message):
+    with pytest.raises(ValueError) as info:
+        Topology.from_args(_args(**values), world)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"world_size": 3, "stadi_degree": 2}, "the degrees do not fill the launch"),
+    ({"world_size": 0, "stadi_degree": 1},
+     r"the world size \(--nproc_per_node x --nnodes\) must be an integer >= 1, got 0"),
+    ({"world_size": 2, "stadi_degree": True}, "--stadi_degree must be an integer >= 1, got True"),
+    ({"world_size": 3, "stadi_degree": 1, "cfg_degree": 3}, "the CFG degree must be 1 or 2"),
+    ({"world_size": 2, "stadi_degree": 1, "ulysses_degree": 2}, "--ulysses_degree 2 cannot be combined"),
+    ({"world_size": 2, "stadi_degree": 1, "ring_degree": 2}, "--ring_degree 2 cannot be combined"),
+    ({"world_size": 2, "stadi_degree": 2, "vae_ranks": -1}, "--vae_parallel_size must be an integer >= 0"),
+])
+def test_construction_checks_the_product_rule(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Topology(**fields)
+
+
+def test_for_stadi_degree_counts_the_launch_and_spreads_it_over_nodes():
+    topology = Topology.for_stadi_degree(3, cfg_degree=2, vae_ranks=2)
+    assert topology.world_size == 8 and topology.processes_per_node(2) == 4
+    with pytest.raises(ValueError, match=r"^8 STADI ranks cannot be spread evenly over --nnodes 3$"):
+        topology.processes_per_node(3)
+    with pytest.raises(ValueError, match=r"^--nnodes must be an integer >= 1, got 0$"):
+        topology.processes_per_node(0)
+
+
+def test_the_stadi_degree_must_match_the_launch():
+    check_stadi_degree(None, 3)
+    check_stadi_degree(3, 3)
+    with pytest.raises(ValueError, match=r"^--stadi_degree 2 does not match the launch: 3 ranks per CFG "):
+        check_stadi_degree(2, 3)
+
+
+def test_refused_degrees_accept_one_as_a_number_or_as_command_line_text():
+    refuse_degrees({name: 1 for name in REFUSED_WITH_STADI})
+    refuse_degrees({name: "1" for name in REFUSED_WITH_STADI})
+    refuse_degrees({})
+    assert checked_vae_ranks(None) == 0
+    with pytest.raises(ValueError, match=r"^--tensor_parallel_degree 4 cannot be combined with --use_stadi"):
+        refuse_degrees({"tensor_parallel_degree": "4"})
+
+
+def test_the_refused_list_holds_every_xdit_degree_and_stadis_slot():
+    assert {"ulysses_degree", "ring_degree", "pipefusion_parallel_degree", "tensor_parallel_degree",
+            "fully_shard_degree"} < set(REFUSED_WITH_STADI)
+    assert STADI_SLOT in REFUSED_WITH_STADI  # as a user's flag; the slot itself is STADI's
+
+
+# --- properties ----------------------------------------------------------------------------------------
+
+layouts = st.fixed_dictionaries({"use_cfg_parallel": st.booleans(),
+                                 "vae_parallel_size": st.one_of(st.none(), st.integers(0, 8))})
+
+
+@given(layouts, st.integers(-2, 64))
+def test_an_accepted_topology_fills_the_launch_exactly(values, world):
+    try:
+        topology = Topology.from_args(_args(**values), world)
+    except ValueError as error:
+        assert "\n" not in str(error)
+        return
+    assert topology.world_size == world
+    assert topology.degree_product + topology.vae_ranks == world
+    assert topology.stadi_degree >= 1 and topology.cfg_degree == (2 if values["use_cfg_parallel"] else 1)
+    assert Topology(**dataclasses.asdict(topology)) == topology  # the product rule accepts it again
+
+
+@given(st.sampled_from(REFUSED_WITH_STADI), st.one_of(st.integers(2, 1 << 20), st.integers(2, 64).map(str)),
+       layouts, st.integers(1, 64))
+def test_every_refused_degree_above_one_is_rejected_naming_its_flag(name, value, values, world):
+    with pytest.raises(ValueError) as info:
+        Topology.from_args(_args(**{**values, name: value}), world)
+    assert str(info.value).startswith(f"--{name} {value} cannot be combined with --use_stadi")
