@@ -112,8 +112,10 @@ def test_readme_small_preset_runs(pipeline, tmp_path):
     """The README's `--model small` (stand-in text embeddings, negative embeddings too) runs."""
     argv = ["--pipeline", pipeline, "--model", "small", "--use_stadi", "--height", "128", "--width", "128",
             "--num_inference_steps", "3", "--warmup_steps", "1", "--output_type", "latent",
-            "--stadi_speeds", "1,0.5"]
+            "--stadi_speeds", "1,0.5", "--save_latents", str(tmp_path / "latents.pt")]
     run_distributed(_run_example, 2, argv, timeout=300)
+    latents = torch.load(tmp_path / "latents.pt")  # the output rank's final latent: 128 px -> 16 x 16
+    assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
 
 
 @pytest.mark.parametrize("pipeline", ["pixart-alpha", "qwen-image"])
