@@ -12,6 +12,7 @@ import torch
 
 from stadi_xdit.offline.pipelines import tiny_flux_pipeline, tiny_pixart_pipeline
 from stadi_xdit.offline.spawn import run_distributed
+from stadi_xdit.testing.checks import relative_error
 
 PROMPT = "a red fox in the snow"
 STEPS = 4
@@ -105,10 +106,6 @@ def _reference(model: str) -> torch.Tensor:
     return _REFERENCE[model]
 
 
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
 @pytest.mark.xdit_baseline
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("model", list(MODELS))
@@ -131,7 +128,7 @@ def test_xdit_strategy_matches_single_process(model, strategy):
     expected = _reference(model)
     latents = last["outputs"][0]
     assert latents.shape == expected.shape
-    err = _rel_err(latents, expected)
+    err = relative_error(latents, expected)
     print(f"{model} {strategy}: relative error {err:.3e}")
     if stale:
         assert 0 < err <= STALE_RTOL  # > 0: the stale path really ran

@@ -22,7 +22,7 @@ from stadi_xdit import compat
 from stadi_xdit.compat import _hooks, imports, runtime
 from stadi_xdit.offline.spawn import run_distributed
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compat layer is CPU-only")
+pytestmark = pytest.mark.cpu_only("the compat layer is CPU-only")
 
 
 def test_fresh_process_imports_xfuser_after_stadi_xdit():

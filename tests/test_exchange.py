@@ -25,10 +25,7 @@ from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.exchange import FlatKVBuffer, LayerRegistry, choose_method, method_bytes
 from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
 from stadi_xdit.testing.checks import relative_error
-from stadi_xdit.xdit.build import build_stadi_pipeline
 
-PROMPT = "a red cat"
-SEED = 1
 BATCH, HEADS, HEAD_DIM = 2, 2, 4
 
 
@@ -290,47 +287,17 @@ def test_a_dead_peer_is_named_by_the_exchange_waits():
 # tiny PixArt on 2-3 ranks
 
 
-def _reference(size: int, steps: int) -> torch.Tensor:
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
-
-    pipe = tiny_pixart_pipeline()
-    return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
-                generator=torch.Generator().manual_seed(SEED), use_resolution_binning=False).images
-
-
-def _run_pixart(rank: int, world: int, size: int, steps: int, runs: list[dict]) -> list[dict]:
-    """One STADI run per entry of `runs` (StadiArgs keywords, plus `group_layers` for the store)."""
-    from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-    from stadi_xdit.offline.pipelines import tiny_pixart_pipeline
-
-    results = []
-    for kwargs in runs:
-        kwargs = dict(kwargs)
-        group_layers = kwargs.pop("group_layers", None)
-        pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, tiny_pixart_pipeline(), size=size, steps=steps,
-                                    **kwargs)
-        if group_layers is not None:
-            pipe.kv_store.configure(group_layers=group_layers)
-        out = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
-                   generator=torch.Generator().manual_seed(SEED), use_resolution_binning=False)
-        result = pipe.last_result
-        results.append({"latents": out.images, "plan": result.plan, "exchange": result.exchange,
-                        "costs": result.costs, "measured": result.measured_speeds,
-                        "rows": [record.rows for record in result.timeline.steps]})
-    return results
-
-
 @pytest.mark.parametrize("world,speeds,size,bands", [
     (2, "3,5", 128, [(0, 3), (3, 8)]),
     (3, "2,3,5", 160, [(0, 2), (2, 5), (5, 10)]),
 ])
-def test_exact_mode_equals_one_process_and_keeps_no_stale_kv(world, speeds, size, bands):
+def test_exact_mode_equals_one_process_and_keeps_no_stale_kv(tiny_pixart, world, speeds, size, bands):
     steps = 4
-    reference = _reference(size, steps)
+    reference = tiny_pixart.reference(size, steps)
     # --stadi_kv_dtype is ignored in exact mode: there are no stale K/V to store.
     runs = [{"stadi_exact": True, "stadi_mode": "spatial", "stadi_speeds": speeds, "warmup_steps": 2,
              "stadi_kv_dtype": "bfloat16", "group_layers": 1}]
-    results = run_distributed(_run_pixart, world, size, steps, runs, timeout=300)
+    results = tiny_pixart.run(world, "alpha", size, steps, runs)
     for rank, (result,) in enumerate(results):
         assert result["plan"].row_bounds() == bands
         assert relative_error(result["latents"], reference) <= 1e-4, f"rank {rank}"
@@ -339,9 +306,9 @@ def test_exact_mode_equals_one_process_and_keeps_no_stale_kv(world, speeds, size
         assert exchange["collectives_per_synchronous_step"] == 2 * world  # 2 layers x one broadcast per source
 
 
-def test_grouping_does_not_change_the_result_and_runs_repeat_bit_for_bit(capsys):
+def test_grouping_does_not_change_the_result_and_runs_repeat_bit_for_bit(tiny_pixart, report):
     steps, size = 6, 128
-    reference = _reference(size, steps)
+    reference = tiny_pixart.reference(size, steps)
     runs = []
     for mode in ("uniform", "spatial", "full"):
         for group_layers in (1, 2, 1):  # the last repeats the first
@@ -350,7 +317,7 @@ def test_grouping_does_not_change_the_result_and_runs_repeat_bit_for_bit(capsys)
     runs.append({"stadi_mode": "spatial", "stadi_speeds": "1,0.5", "warmup_steps": 2, "stadi_kv_dtype": "bfloat16"})
     runs.append({"stadi_mode": "uniform", "stadi_speeds": "1,0.5", "warmup_steps": 2, "stadi_kv_dtype": "bfloat16"})
     runs.append({"stadi_mode": "uniform", "stadi_speeds": "1,0.5", "warmup_steps": 2, "ignore_foreign_bands": True})
-    results = run_distributed(_run_pixart, 2, size, steps, runs, timeout=400)
+    results = tiny_pixart.run(2, "alpha", size, steps, runs, timeout=400)
     fault = psnr(reference, results[0][-1]["latents"])
     lines = [f"[exchange] foreign K/V ignored (fault injection): PSNR vs 1 process {fault:.1f} dB"]
     for index in range(0, 9, 3):
@@ -380,21 +347,20 @@ def test_grouping_does_not_change_the_result_and_runs_repeat_bit_for_bit(capsys)
                      f"(float32 stale K/V: {full_precision:.1f} dB)")
         assert quality >= 40.0 and quality >= fault + 6.0, (mode, quality, fault)
         assert torch.equal(narrow["latents"], results[1][index]["latents"])
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    report("\n" + "\n".join(lines))
 
 
-def test_measured_runs_calibrate_a_fixed_cost_on_two_band_sizes():
+def test_measured_runs_calibrate_a_fixed_cost_on_two_band_sizes(tiny_pixart):
     steps, size = 6, 128
     # Rank 1 is made 8x slower so that the measured order survives a contended CI machine: the
     # evidence is wall time net of waits, and another tenant can stretch rank 0's forwards ~4x.
     runs = [{"stadi_mode": "spatial", "stadi_emulate_slowdown": "1,8", "warmup_steps": 3}]
-    results = run_distributed(_run_pixart, 2, size, steps, runs, timeout=300)
+    results = tiny_pixart.run(2, "alpha", size, steps, runs)
     (first,), (second,) = results
     costs = first["costs"]
     assert costs is not None and costs == second["costs"], "every rank must plan on the same costs"
     assert first["plan"] == second["plan"]
-    assert list(first["plan"].speeds) == first["measured"]
+    assert list(first["plan"].speeds) == first["measured_speeds"]
     assert len(costs.warmup_rows) == 3 and costs.warmup_rows[0] == [4, 4]
     # Step 1 found rank 1 slower, so steps 2.. ran on provisional spatial bands: two sizes per rank.
     assert costs.warmup_rows[2][1] < 4 and first["rows"][:3] == [4, 4, costs.warmup_rows[2][0]]

@@ -23,10 +23,10 @@ from PIL import Image
 
 import stadi_xdit.xdit  # noqa: F401  (applies the compat layer: this machine has no CUDA)
 from stadi_xdit.compat import runner as fixes
-from stadi_xdit.offline.hub_cache import HUB_MODELS, hub_snapshot_dir, main, write_hub_cache
+from stadi_xdit.offline.hub_cache import HUB_MODELS, hub_snapshot_dir, main
 from stadi_xdit.offline.spawn import free_port
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compat layer is CPU-only")
+pytestmark = pytest.mark.cpu_only("the compat layer is CPU-only")
 
 REPO = Path(__file__).resolve().parents[1]
 PATCHES = [REPO / "patches" / "xfuser-0.7.0-cpu-gloo.patch", REPO / "patches" / "xfuser-0.7.0-runner-cpu.patch"]
@@ -45,9 +45,8 @@ LAUNCHER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("hf_home")
-    write_hub_cache(home, list(HUB_MODELS))
+def hub(make_hub_cache) -> Path:
+    home = make_hub_cache(HUB_MODELS)
     (home / "launch_runner.py").write_text(LAUNCHER)
     return home
 
