@@ -1,10 +1,10 @@
-"""The batched K/V exchange (runtime/exchange.py, runtime/kv.py) and the calibrated cost model.
+"""The batched K/V exchange (runtime/exchange.py, runtime/kv.py).
 
-Single-process: the flat buffer's layout, buffer reuse, the method rule, the cost fit, the planner's
-per-rank overheads. Multi-process (gloo): collectives per sync point (counted by wrapping torch's
-collectives), what arrives where, a dead peer named through the new waits, and tiny PixArt runs
-for exactness, grouping invariance, determinism and the quality cost of `--stadi_kv_dtype`.
-No timing assertions.
+Single-process: the flat buffer's layout, buffer reuse, the method rule. Multi-process (gloo): collectives
+per sync point (counted by wrapping torch's collectives), what arrives where, a dead peer named through
+the new waits, and tiny PixArt runs for exactness, grouping invariance, determinism and the quality cost
+of `--stadi_kv_dtype`. The calibrated cost model: test_calibration.py; the planner's per-rank overheads:
+test_planner_overheads.py. No timing assertions.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ import torch
 import stadi_xdit.xdit  # noqa: F401  (compat layer first)
 from stadi_xdit.bench.metrics import psnr
 from stadi_xdit.offline.spawn import run_distributed
-from stadi_xdit.planner import plan, predict_latency
-from stadi_xdit.planner.bands import water_fill_band_rows
-from stadi_xdit.planner.planning import water_fill_with_overheads
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.exchange import FlatKVBuffer, LayerRegistry, choose_method, method_bytes
 from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
@@ -348,68 +345,3 @@ def test_grouping_does_not_change_the_result_and_runs_repeat_bit_for_bit(tiny_pi
         assert quality >= 40.0 and quality >= fault + 6.0, (mode, quality, fault)
         assert torch.equal(narrow["latents"], results[1][index]["latents"])
     report("\n" + "\n".join(lines))
-
-
-def test_measured_runs_calibrate_a_fixed_cost_on_two_band_sizes(tiny_pixart):
-    steps, size = 6, 128
-    # Rank 1 is made 8x slower so that the measured order survives a contended CI machine: the
-    # evidence is wall time net of waits, and another tenant can stretch rank 0's forwards ~4x.
-    runs = [{"stadi_mode": "spatial", "stadi_emulate_slowdown": "1,8", "warmup_steps": 3}]
-    results = tiny_pixart.run(2, "alpha", size, steps, runs)
-    (first,), (second,) = results
-    costs = first["costs"]
-    assert costs is not None and costs == second["costs"], "every rank must plan on the same costs"
-    assert first["plan"] == second["plan"]
-    assert list(first["plan"].speeds) == first["measured_speeds"]
-    assert len(costs.warmup_rows) == 3 and costs.warmup_rows[0] == [4, 4]
-    # Step 1 found rank 1 slower, so steps 2.. ran on provisional spatial bands: two sizes per rank.
-    assert costs.warmup_rows[2][1] < 4 and first["rows"][:3] == [4, 4, costs.warmup_rows[2][0]]
-    assert all(o >= 0 for o in costs.step_overhead_seconds)
-    assert costs.exchange_seconds >= 0 and costs.warmup_exchange_seconds >= 0
-
-
-# --------------------------------------------------------------------------------------------------
-# the cost fit and the planner's per-rank overheads
-
-
-@pytest.mark.parametrize("speeds,overheads,strides", [
-    ((1.0, 0.5), (0.05, 0.1), (1, 1)),
-    ((1.0, 0.5, 0.25), (0.3, 0.0, 1.0), (1, 2, 4)),
-    ((2.0, 2.0), (0.0, 3.0), (1, 1)),
-])
-def test_overhead_water_filling_is_exact(speeds, overheads, strides):
-    rows, align = 12, 1
-    band_rows = water_fill_with_overheads(speeds, strides, overheads, rows, align)
-
-    def worst(bands):
-        return max((r / v + o) / s for r, v, o, s in zip(bands, speeds, overheads, strides))
-
-    best = min(worst(b) for b in itertools.product(range(1, rows), repeat=len(speeds)) if sum(b) == rows)
-    assert sum(band_rows) == rows and worst(band_rows) == pytest.approx(best)
-
-
-def test_zero_overheads_plan_exactly_as_before_and_fixed_costs_move_rows():
-    speeds = [1.0, 0.5]
-    assert water_fill_with_overheads(speeds, (1, 1), (0.0, 0.0), 32, 1) == water_fill_band_rows(speeds, 32, 1)
-    base = plan(speeds, rows=32, align=1, num_steps=20, warmup_steps=2, mode="spatial")
-    # A fixed cost per forward that scales with the device (the slow rank pays twice as much) makes
-    # the slow rank's band smaller still: it pays its larger fixed cost whatever its band.
-    calibrated = plan(speeds, rows=32, align=1, num_steps=20, warmup_steps=2, mode="spatial",
-                      step_overhead_seconds=[4.0, 8.0])
-    assert calibrated.ranks[1].num_rows < base.ranks[1].num_rows
-    # Ideal strides compare the time of an equal band, fixed costs included.
-    fixed_heavy = plan([1.0, 1.0], rows=32, align=1, num_steps=20, warmup_steps=2, mode="full",
-                       step_overhead_seconds=[0.0, 40.0])
-    assert [r.stride for r in fixed_heavy.ranks] == [1, 2]
-
-
-def test_predict_latency_takes_per_rank_overheads_and_warmup_exchange():
-    latency = predict_latency([4, 4], [1, 1], [2.0, 1.0], num_steps=4, warmup_steps=1,
-                              step_overhead_seconds=[0.5, 1.0], warmup_exchange_seconds=0.25, exchange_seconds=0.1)
-    # warmup: max(2 + 0.5, 4 + 1) + 0.25; 3 periods of max(2.5, 5) + 0.1
-    assert latency.total_seconds == pytest.approx(5.25 + 3 * 5.1)
-    assert latency.busy_seconds == pytest.approx((4 * 2.5, 4 * 5.0))
-    with pytest.raises(ValueError, match=r"^step_overhead_seconds\[1\] "):
-        predict_latency([4, 4], [1, 1], [2.0, 1.0], num_steps=4, warmup_steps=1, step_overhead_seconds=[0.5, -1])
-    with pytest.raises(ValueError, match="one per rank"):
-        predict_latency([4, 4], [1, 1], [2.0, 1.0], num_steps=4, warmup_steps=1, step_overhead_seconds=[0.5])
