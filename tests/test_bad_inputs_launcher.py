@@ -261,13 +261,9 @@ def test_runner_dict_shows_the_settings_that_run(tmp_path, monkeypatch):
 # --- issue 21: checked before launch what the loaded model or the ranks would refuse ----------------
 
 @pytest.fixture(scope="module")
-def real_hub(tmp_path_factory) -> Path:
+def real_hub(make_hub_cache) -> Path:
     """A writable offline hub cache with the tiny FLUX.1-dev and SD3.5 pipelines (real files)."""
-    from stadi_xdit.offline.hub_cache import write_hub_cache
-
-    home = tmp_path_factory.mktemp("hf_real")
-    write_hub_cache(home, ["FLUX.1-dev", "SD3.5"])
-    return home
+    return make_hub_cache(["FLUX.1-dev", "SD3.5"], "hf_real")
 
 
 @pytest.fixture

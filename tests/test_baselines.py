@@ -13,6 +13,7 @@ import torch
 from stadi_xdit.families.flux import tiny_flux_pipeline
 from stadi_xdit.families.pixart import tiny_pixart_pipeline
 from stadi_xdit.offline.spawn import run_distributed
+from stadi_xdit.testing.checks import relative_error
 
 PROMPT = "a red fox in the snow"
 STEPS = 4
@@ -106,10 +107,6 @@ def _reference(model: str) -> torch.Tensor:
     return _REFERENCE[model]
 
 
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
 @pytest.mark.xdit_baseline
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("model", list(MODELS))
@@ -132,7 +129,7 @@ def test_xdit_strategy_matches_single_process(model, strategy):
     expected = _reference(model)
     latents = last["outputs"][0]
     assert latents.shape == expected.shape
-    err = _rel_err(latents, expected)
+    err = relative_error(latents, expected)
     print(f"{model} {strategy}: relative error {err:.3e}")
     if stale:
         assert 0 < err <= STALE_RTOL  # > 0: the stale path really ran

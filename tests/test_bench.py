@@ -37,24 +37,34 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     (scenario,) = results["scenarios"]
     assert scenario["scenario"] == "slowdown:1,4"
     assert list(scenario["arms"]) == list(DEFAULT_ARMS)
+    # Every arm ran, or was skipped for the reason its shape gives (2 ranks, 128 px, 4 steps, 2 warmup): none failed.
+    tiny = get_preset("tiny")
     for name, arm in scenario["arms"].items():
+        reason = skip_reason(ARMS[name], tiny, 128, 2, 4, 2)
+        assert (arm["status"], arm["reason"]) == (("ok", None) if reason is None else ("skipped", reason)), name
         if arm["status"] == "ok":
             assert len(arm["latencies"]) == 1
             assert all(math.isfinite(t) and t > 0 for t in arm["latencies"]), name
-        else:
-            assert arm["reason"], f"{name} is {arm['status']} without a reason"
     arms = scenario["arms"]
     for name in ("single", "uniform", "spatial", "full"):  # ours must run
         assert arms[name]["status"] == "ok", arms[name]["reason"]
-    # Rank 1 runs 4x slower: with equal bands it is the busy one and rank 0 waits for it.
-    uniform_busy = arms["uniform"]["busy_fraction"]
-    assert uniform_busy[1] > uniform_busy[0], uniform_busy
-    # The planner saw it (never told): the slowed rank measured slower, and the spatial plan gives it fewer rows.
-    for name in ("spatial", "full"):
-        speeds = arms[name]["stadi"]["measured_speeds"]
-        assert speeds[1] < speeds[0], (name, speeds)
-    rows = arms["spatial"]["stadi"]["rows"]
-    assert rows[1] < rows[0], (rows, arms["spatial"]["stadi"]["measured_speeds"])
+    # Rank 1 runs 4x slower: the emulated sleep is rank 1's, after every one of its forwards, in every arm.
+    # (That it then measures slower and gets fewer rows is a timing claim: stadi-bench's own report.)
+    for name, arm in arms.items():
+        (run,) = arm["runs"]
+        assert [entry["emulated"] > 0 for entry in run["ranks"]] == [r == 1 for r in range(len(run["ranks"]))], name
+        for rank, entry in enumerate(run["ranks"]):
+            steps = entry["stadi"]["steps"] if "stadi" in entry else []
+            assert [s["emulated"] > 0 for s in steps] == [rank == 1] * len(steps), (name, rank)
+    # With equal bands (uniform) both ranks take half; the planner is never told the speeds: STADI plans on the
+    # speeds it measured, one per rank, for bands that cover the 8 latent rows.
+    assert arms["uniform"]["stadi"]["rows"] == [4, 4]
+    for name in ("uniform", "spatial", "full"):
+        stadi = arms[name]["stadi"]
+        speeds = stadi["measured_speeds"]
+        assert stadi["speeds"] == speeds and len(speeds) == 2, (name, stadi["speeds"])
+        assert all(math.isfinite(v) and v > 0 for v in speeds), (name, speeds)
+        assert sum(stadi["rows"]) == 8 and stadi["warmup_rows"] == [4, 4], (name, stadi["rows"])
     # Quality vs the single rank: stale K/V alone (uniform, spatial) is a small perturbation (~90 dB in the
     # PixArt tests, 81 dB with the exchange broken); skipped steps (full) cost more but stay an image.
     for name, floor in (("uniform", 40.0), ("spatial", 40.0), ("full", 20.0)):

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from stadi_xdit.bench import runner as bench_runner
 from stadi_xdit.bench.arms import ForwardTimer
 from stadi_xdit.bench.cli import main
 from stadi_xdit.bench.report import checks
@@ -118,17 +120,30 @@ class _FakeLoad:
         self.resets += 1
 
 
-def test_load_shifter_switches_during_timed_calls_only():
+def test_load_shifter_switches_during_timed_calls_only(monkeypatch):
     load = _FakeLoad()
     shifter = LoadShifter(parse_scenario("shift:1=0->1@0.5"), load)
     with shifter.during_call(None) as (on_start, switches):  # the warm-up call: the reference
         on_start(time.perf_counter())
     assert switches == [] and load.resets == 0
+    # The shifter's clock, stepped by hand: armed 4 ms after the release, switched at 10.5 ms.
+    readings = iter([100.004, 100.0105])
+    monkeypatch.setattr(bench_runner, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
+    delays = []
+
+    class RecordingTimer(threading.Timer):
+        def __init__(self, interval, function):
+            delays.append(interval)
+            super().__init__(0.0, function)  # fires at once: the delay it was given is what is checked
+
+    monkeypatch.setattr(bench_runner, "threading", SimpleNamespace(Timer=RecordingTimer))
     with shifter.during_call(0.02) as (on_start, switches):
-        released = time.perf_counter()
+        released = 100.0
         on_start(released)
-        assert load.switched.wait(10)
-    assert len(switches) == 1 and switches[0] >= released + 0.01 and load.resets == 1
+        assert load.switched.wait(10)  # a hang guard: it switches during the call
+    # armed for 0.5 x the 20 ms reference after the release, on the call's clock; one switch, one reset
+    assert delays == [pytest.approx(released + 0.5 * 0.02 - 100.004)]
+    assert switches == [100.0105] and load.resets == 1
 
 
 def _summary(kind: str, varying: bool, medians: dict, before=(1.0, 1.0), after=(1.0, 0.5), replans=None) -> dict:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from stadi_xdit.offline.spawn import free_port
 
@@ -112,7 +111,7 @@ def _venv_path() -> str:
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the documented commands are the CPU ones")
+@pytest.mark.cpu_only("the documented commands are the CPU ones")
 def test_documented_commands_run(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "HF_HOME", "HF_HUB_OFFLINE")}

@@ -1,10 +1,10 @@
-"""The batched K/V exchange (runtime/exchange.py, runtime/kv.py) and the calibrated cost model.
+"""The batched K/V exchange (runtime/exchange.py, runtime/kv.py).
 
-Single-process: the flat buffer's layout, buffer reuse, the method rule, the cost fit, the planner's
-per-rank overheads. Multi-process (gloo): collectives per sync point (counted by wrapping torch's
-collectives), what arrives where, a dead peer named through the new waits, and tiny PixArt runs
-for exactness, grouping invariance, determinism and the quality cost of `--stadi_kv_dtype`.
-No timing assertions.
+Single-process: the flat buffer's layout, buffer reuse, the method rule. Multi-process (gloo): collectives
+per sync point (counted by wrapping torch's collectives), what arrives where, a dead peer named through
+the new waits, and tiny PixArt runs for exactness, grouping invariance, determinism and the quality cost
+of `--stadi_kv_dtype`. The calibrated cost model: test_calibration.py; the planner's per-rank overheads:
+test_planner_overheads.py. No timing assertions.
 """
 
 from __future__ import annotations
@@ -18,17 +18,11 @@ import torch
 import stadi_xdit.xdit  # noqa: F401  (compat layer first)
 from stadi_xdit.bench.metrics import psnr
 from stadi_xdit.offline.spawn import run_distributed
-from stadi_xdit.planner import plan, predict_latency
-from stadi_xdit.planner.bands import water_fill_band_rows
-from stadi_xdit.planner.planning import water_fill_with_overheads
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.exchange import FlatKVBuffer, LayerRegistry, choose_method, method_bytes
 from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
 from stadi_xdit.testing.checks import relative_error
-from stadi_xdit.xdit.build import build_stadi_pipeline
 
-PROMPT = "a red cat"
-SEED = 1
 BATCH, HEADS, HEAD_DIM = 2, 2, 4
 
 
@@ -290,47 +284,17 @@ def test_a_dead_peer_is_named_by_the_exchange_waits():
 # tiny PixArt on 2-3 ranks
 
 
-def _reference(size: int, steps: int) -> torch.Tensor:
-    from stadi_xdit.families.pixart import tiny_pixart_pipeline
-
-    pipe = tiny_pixart_pipeline()
-    return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
-                generator=torch.Generator().manual_seed(SEED), use_resolution_binning=False).images
-
-
-def _run_pixart(rank: int, world: int, size: int, steps: int, runs: list[dict]) -> list[dict]:
-    """One STADI run per entry of `runs` (StadiArgs keywords, plus `group_layers` for the store)."""
-    from stadi_xdit.families.pixart import tiny_pixart_pipeline
-    from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
-
-    results = []
-    for kwargs in runs:
-        kwargs = dict(kwargs)
-        group_layers = kwargs.pop("group_layers", None)
-        pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, tiny_pixart_pipeline(), size=size, steps=steps,
-                                    **kwargs)
-        if group_layers is not None:
-            pipe.kv_store.configure(group_layers=group_layers)
-        out = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
-                   generator=torch.Generator().manual_seed(SEED), use_resolution_binning=False)
-        result = pipe.last_result
-        results.append({"latents": out.images, "plan": result.plan, "exchange": result.exchange,
-                        "costs": result.costs, "measured": result.measured_speeds,
-                        "rows": [record.rows for record in result.timeline.steps]})
-    return results
-
-
 @pytest.mark.parametrize("world,speeds,size,bands", [
     (2, "3,5", 128, [(0, 3), (3, 8)]),
     (3, "2,3,5", 160, [(0, 2), (2, 5), (5, 10)]),
 ])
-def test_exact_mode_equals_one_process_and_keeps_no_stale_kv(world, speeds, size, bands):
+def test_exact_mode_equals_one_process_and_keeps_no_stale_kv(tiny_pixart, world, speeds, size, bands):
     steps = 4
-    reference = _reference(size, steps)
+    reference = tiny_pixart.reference(size, steps)
     # --stadi_kv_dtype is ignored in exact mode: there are no stale K/V to store.
     runs = [{"stadi_exact": True, "stadi_mode": "spatial", "stadi_speeds": speeds, "warmup_steps": 2,
              "stadi_kv_dtype": "bfloat16", "group_layers": 1}]
-    results = run_distributed(_run_pixart, world, size, steps, runs, timeout=300)
+    results = tiny_pixart.run(world, "alpha", size, steps, runs)
     for rank, (result,) in enumerate(results):
         assert result["plan"].row_bounds() == bands
         assert relative_error(result["latents"], reference) <= 1e-4, f"rank {rank}"
@@ -339,9 +303,9 @@ def test_exact_mode_equals_one_process_and_keeps_no_stale_kv(world, speeds, size
         assert exchange["collectives_per_synchronous_step"] == 2 * world  # 2 layers x one broadcast per source
 
 
-def test_grouping_does_not_change_the_result_and_runs_repeat_bit_for_bit(capsys):
+def test_grouping_does_not_change_the_result_and_runs_repeat_bit_for_bit(tiny_pixart, report):
     steps, size = 6, 128
-    reference = _reference(size, steps)
+    reference = tiny_pixart.reference(size, steps)
     runs = []
     for mode in ("uniform", "spatial", "full"):
         for group_layers in (1, 2, 1):  # the last repeats the first
@@ -350,7 +314,7 @@ def test_grouping_does_not_change_the_result_and_runs_repeat_bit_for_bit(capsys)
     runs.append({"stadi_mode": "spatial", "stadi_speeds": "1,0.5", "warmup_steps": 2, "stadi_kv_dtype": "bfloat16"})
     runs.append({"stadi_mode": "uniform", "stadi_speeds": "1,0.5", "warmup_steps": 2, "stadi_kv_dtype": "bfloat16"})
     runs.append({"stadi_mode": "uniform", "stadi_speeds": "1,0.5", "warmup_steps": 2, "ignore_foreign_bands": True})
-    results = run_distributed(_run_pixart, 2, size, steps, runs, timeout=400)
+    results = tiny_pixart.run(2, "alpha", size, steps, runs, timeout=400)
     fault = psnr(reference, results[0][-1]["latents"])
     lines = [f"[exchange] foreign K/V ignored (fault injection): PSNR vs 1 process {fault:.1f} dB"]
     for index in range(0, 9, 3):
@@ -380,70 +344,4 @@ def test_grouping_does_not_change_the_result_and_runs_repeat_bit_for_bit(capsys)
                      f"(float32 stale K/V: {full_precision:.1f} dB)")
         assert quality >= 40.0 and quality >= fault + 6.0, (mode, quality, fault)
         assert torch.equal(narrow["latents"], results[1][index]["latents"])
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
-
-
-def test_measured_runs_calibrate_a_fixed_cost_on_two_band_sizes():
-    steps, size = 6, 128
-    # Rank 1 is made 8x slower so that the measured order survives a contended CI machine: the
-    # evidence is wall time net of waits, and another tenant can stretch rank 0's forwards ~4x.
-    runs = [{"stadi_mode": "spatial", "stadi_emulate_slowdown": "1,8", "warmup_steps": 3}]
-    results = run_distributed(_run_pixart, 2, size, steps, runs, timeout=300)
-    (first,), (second,) = results
-    costs = first["costs"]
-    assert costs is not None and costs == second["costs"], "every rank must plan on the same costs"
-    assert first["plan"] == second["plan"]
-    assert list(first["plan"].speeds) == first["measured"]
-    assert len(costs.warmup_rows) == 3 and costs.warmup_rows[0] == [4, 4]
-    # Step 1 found rank 1 slower, so steps 2.. ran on provisional spatial bands: two sizes per rank.
-    assert costs.warmup_rows[2][1] < 4 and first["rows"][:3] == [4, 4, costs.warmup_rows[2][0]]
-    assert all(o >= 0 for o in costs.step_overhead_seconds)
-    assert costs.exchange_seconds >= 0 and costs.warmup_exchange_seconds >= 0
-
-
-# --------------------------------------------------------------------------------------------------
-# the cost fit and the planner's per-rank overheads
-
-
-@pytest.mark.parametrize("speeds,overheads,strides", [
-    ((1.0, 0.5), (0.05, 0.1), (1, 1)),
-    ((1.0, 0.5, 0.25), (0.3, 0.0, 1.0), (1, 2, 4)),
-    ((2.0, 2.0), (0.0, 3.0), (1, 1)),
-])
-def test_overhead_water_filling_is_exact(speeds, overheads, strides):
-    rows, align = 12, 1
-    band_rows = water_fill_with_overheads(speeds, strides, overheads, rows, align)
-
-    def worst(bands):
-        return max((r / v + o) / s for r, v, o, s in zip(bands, speeds, overheads, strides))
-
-    best = min(worst(b) for b in itertools.product(range(1, rows), repeat=len(speeds)) if sum(b) == rows)
-    assert sum(band_rows) == rows and worst(band_rows) == pytest.approx(best)
-
-
-def test_zero_overheads_plan_exactly_as_before_and_fixed_costs_move_rows():
-    speeds = [1.0, 0.5]
-    assert water_fill_with_overheads(speeds, (1, 1), (0.0, 0.0), 32, 1) == water_fill_band_rows(speeds, 32, 1)
-    base = plan(speeds, rows=32, align=1, num_steps=20, warmup_steps=2, mode="spatial")
-    # A fixed cost per forward that scales with the device (the slow rank pays twice as much) makes
-    # the slow rank's band smaller still: it pays its larger fixed cost whatever its band.
-    calibrated = plan(speeds, rows=32, align=1, num_steps=20, warmup_steps=2, mode="spatial",
-                      step_overhead_seconds=[4.0, 8.0])
-    assert calibrated.ranks[1].num_rows < base.ranks[1].num_rows
-    # Ideal strides compare the time of an equal band, fixed costs included.
-    fixed_heavy = plan([1.0, 1.0], rows=32, align=1, num_steps=20, warmup_steps=2, mode="full",
-                       step_overhead_seconds=[0.0, 40.0])
-    assert [r.stride for r in fixed_heavy.ranks] == [1, 2]
-
-
-def test_predict_latency_takes_per_rank_overheads_and_warmup_exchange():
-    latency = predict_latency([4, 4], [1, 1], [2.0, 1.0], num_steps=4, warmup_steps=1,
-                              step_overhead_seconds=[0.5, 1.0], warmup_exchange_seconds=0.25, exchange_seconds=0.1)
-    # warmup: max(2 + 0.5, 4 + 1) + 0.25; 3 periods of max(2.5, 5) + 0.1
-    assert latency.total_seconds == pytest.approx(5.25 + 3 * 5.1)
-    assert latency.busy_seconds == pytest.approx((4 * 2.5, 4 * 5.0))
-    with pytest.raises(ValueError, match=r"^step_overhead_seconds\[1\] "):
-        predict_latency([4, 4], [1, 1], [2.0, 1.0], num_steps=4, warmup_steps=1, step_overhead_seconds=[0.5, -1])
-    with pytest.raises(ValueError, match="one per rank"):
-        predict_latency([4, 4], [1, 1], [2.0, 1.0], num_steps=4, warmup_steps=1, step_overhead_seconds=[0.5])
+    report("\n" + "\n".join(lines))

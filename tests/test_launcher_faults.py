@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from stadi_xdit.offline.hub_cache import write_hub_cache
 from stadi_xdit.offline.processes import ranks_denoising, reap_leftovers
 from stadi_xdit.offline.spawn import free_port
 from stadi_xdit.supervisor import MARGIN_SECONDS
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runs of the tiny offline cache")
+pytestmark = pytest.mark.cpu_only("CPU runs of the tiny offline cache")
 
 TIMEOUT = 5  # --stadi_timeout: the smallest accepted
 STARTUP_GUARD = 240  # imports and the tiny model on 2 shared cores, generously: only a hang guard
@@ -32,10 +30,8 @@ RUN = ["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--height"
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("hf_home")
-    write_hub_cache(home, ["FLUX.1-dev"])
-    return home
+def hub(make_hub_cache) -> Path:
+    return make_hub_cache(["FLUX.1-dev"])
 
 
 def _command(tmp_path: Path, steps: int, extra: list[str] = ()) -> list[str]:

@@ -71,18 +71,8 @@ def test_gpu_list_parsing():
         (["--height", "1024"], "--speeds"),
     ],
 )
-def test_bad_flags_exit_2_naming_the_flag(capsys, argv, flag):
-    assert flag in one_error_line(capsys, argv)
-
-
-def one_error_line(capsys, argv: list[str]) -> str:
-    """The single stderr line of a rejected command line (no usage block, no traceback)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("stadi-plan: error: "), err
-    return err.strip()
+def test_bad_flags_exit_2_naming_the_flag(one_error_line, argv, flag):
+    assert flag in one_error_line(main, argv, "stadi-plan: error: ")
 
 
 GEO_SPEEDS = ",".join(f"{20 ** (-i / (MAX_RANKS - 1)):.6g}" for i in range(MAX_RANKS))  # 1 .. 1/20
@@ -120,8 +110,8 @@ ONE = ["--speeds", "1", "--height", "1024"]
         ([*ONE, "--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
-def test_bad_input_fails_fast_with_one_line_that_states_the_limit(capsys, argv, says):
-    assert says in one_error_line(capsys, argv)
+def test_bad_input_fails_fast_with_one_line_that_states_the_limit(one_error_line, argv, says):
+    assert says in one_error_line(main, argv, "stadi-plan: error: ")
 
 
 def test_planning_at_every_limit_at_once_succeeds(capsys):

@@ -13,8 +13,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,10 +23,10 @@ from PIL import Image
 
 import stadi_xdit.xdit  # noqa: F401  (applies the compat layer: this machine has no CUDA)
 from stadi_xdit.compat import runner as fixes
-from stadi_xdit.offline.hub_cache import HUB_MODELS, hub_snapshot_dir, main, write_hub_cache
+from stadi_xdit.offline.hub_cache import HUB_MODELS, hub_snapshot_dir, main
 from stadi_xdit.offline.spawn import free_port
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compat layer is CPU-only")
+pytestmark = pytest.mark.cpu_only("the compat layer is CPU-only")
 
 REPO = Path(__file__).resolve().parents[1]
 PATCHES = [REPO / "patches" / "xfuser-0.7.0-cpu-gloo.patch", REPO / "patches" / "xfuser-0.7.0-runner-cpu.patch"]
@@ -45,9 +45,8 @@ LAUNCHER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("hf_home")
-    write_hub_cache(home, list(HUB_MODELS))
+def hub(make_hub_cache) -> Path:
+    home = make_hub_cache(HUB_MODELS)
     (home / "launch_runner.py").write_text(LAUNCHER)
     return home
 
@@ -124,7 +123,7 @@ def test_runner_other_models_one_process(hub, tmp_path, model, output_name):
     assert _image(tmp_path / f"{output_name}_u1r1_tc_False_64x64_0.png").shape == (64, 64, 3)
 
 
-def test_runner_patches_in_process():
+def test_runner_patches_in_process(monkeypatch):
     from xfuser.envs import PACKAGES_CHECKER
     from xfuser.model_executor.models.runner_models import base_model
     from xfuser.model_executor.models.runner_models.loading import placement
@@ -137,11 +136,13 @@ def test_runner_patches_in_process():
     torch.cuda.synchronize()  # a no-op without CUDA, not an AssertionError
     start, end = base_model.torch.cuda.Event(enable_timing=True), base_model.torch.cuda.Event(enable_timing=True)
     assert isinstance(start, fixes.HostEvent)
-    start.record()
-    time.sleep(0.01)
-    end.record()
+    # the host clock the events read, stepped by hand: elapsed_time is the milliseconds between the records
+    with monkeypatch.context() as clock:
+        clock.setattr(fixes, "time", SimpleNamespace(perf_counter=iter([7.0, 7.25]).__next__))
+        start.record()
+        end.record()
     end.synchronize()
-    assert 5.0 <= start.elapsed_time(end) < 5000.0
+    assert start.elapsed_time(end) == 250.0 and end.elapsed_time(start) == -250.0
     assert base_model.torch.float32 is torch.float32  # everything but cuda.Event is torch's own
     # idempotent
     before = (placement.place_pipeline_components, base_model.torch, torch.cuda.synchronize,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,10 +26,21 @@ def _identity(rank, world_size, base, *, scale=1):
     }
 
 
-def _fail_on_rank_1(rank, world_size):
+def _write_pid(folder, rank) -> None:
+    temp = Path(folder) / f"rank{rank}.pid.tmp"
+    temp.write_text(str(os.getpid()))
+    os.replace(temp, temp.with_suffix(""))  # whole or absent, even if the rank is stopped mid-write
+
+
+def _fail_on_rank_1(rank, world_size, folder):
     if rank == 1:
+        deadline = time.monotonic() + 60  # a hang guard only: rank 1 fails once rank 0 is running
+        while not (Path(folder) / "rank0.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         raise ValueError("boom from the failing rank")
+    _write_pid(folder, rank)
     time.sleep(60)  # must be terminated, not waited for
+    (Path(folder) / "rank0.finished").write_text("awaited")
 
 
 def _all_reduce(rank, world_size):
@@ -37,7 +49,8 @@ def _all_reduce(rank, world_size):
     return t.item()
 
 
-def _recv_never_sent(rank, world_size):
+def _recv_never_sent(rank, world_size, folder):
+    _write_pid(folder, rank)
     dist.init_process_group("gloo")  # env:// from the harness' variables
     if rank == 0:
         dist.recv(torch.zeros(1), src=1)  # rank 1 never sends
@@ -59,22 +72,32 @@ def test_harness_can_init_the_process_group():
     assert run_distributed(_all_reduce, 2, init_process_group=True, timeout=120) == [3.0, 3.0]
 
 
-def test_failing_rank_is_reported_with_traceback():
-    start = time.monotonic()
+def _gone(pid: int) -> bool:
+    """The process has exited: no such process, or a zombie its parent (the forkserver) has yet to reap."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_failing_rank_is_reported_with_traceback(tmp_path):
     with pytest.raises(DistributedTestError) as info:
-        run_distributed(_fail_on_rank_1, 2, timeout=120)
+        run_distributed(_fail_on_rank_1, 2, str(tmp_path), timeout=120)
     msg = str(info.value)
     assert "rank 1" in msg
     assert "Traceback" in msg and "ValueError: boom from the failing rank" in msg
     assert "_fail_on_rank_1" in msg
-    assert time.monotonic() - start < 50  # rank 0 was terminated, not awaited
+    # rank 0 was terminated, not awaited: it is gone, and it never got past its sleep
+    assert _gone(int((tmp_path / "rank0.pid").read_text()))
+    assert not (tmp_path / "rank0.finished").exists()
 
 
-def test_deadlock_hits_the_timeout():
-    start = time.monotonic()
+def test_deadlock_hits_the_timeout(tmp_path):
     with pytest.raises(DistributedTestError, match=r"timeout after 10s: rank\(s\) \[0, 1\]"):
-        run_distributed(_recv_never_sent, 2, timeout=10)
-    assert time.monotonic() - start < 30
+        run_distributed(_recv_never_sent, 2, str(tmp_path), timeout=10)
+    # the deadlocked ranks were stopped when the harness gave up on them (each that got as far as its pid)
+    assert all(_gone(int(path.read_text())) for path in tmp_path.glob("rank*.pid"))
 
 
 def test_rejects_local_functions():

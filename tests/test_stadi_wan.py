@@ -267,16 +267,15 @@ runpy.run_module("xfuser.runner", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runs of the tiny offline cache")
-def test_exact_stadi_through_the_runner_equals_one_plain_process(tmp_path):
-    from stadi_xdit.offline.hub_cache import write_hub_cache
+@pytest.mark.cpu_only("CPU runs of the tiny offline cache")
+def test_exact_stadi_through_the_runner_equals_one_plain_process(tmp_path, make_hub_cache):
     from stadi_xdit.run import build_launch_command
 
-    write_hub_cache(tmp_path / "hf_home", ["Wan2.1-T2V"])
+    hub = make_hub_cache(["Wan2.1-T2V"])
     script = tmp_path / "wan_runner.py"
     script.write_text(RUNNER_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+    env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                OMP_NUM_THREADS="1")
     common = ["--model", "Wan2.1-T2V", "--height", str(HEIGHT), "--width", str(WIDTH), "--num_frames", str(FRAMES),
               "--max_sequence_length", "16", "--prompt", "a cat", "--num_inference_steps", "3"]

@@ -15,23 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
-from stadi_xdit.offline.hub_cache import write_hub_cache
 from stadi_xdit.offline.spawn import free_port, run_distributed
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runs of the tiny offline cache")
+pytestmark = pytest.mark.cpu_only("CPU runs of the tiny offline cache")
 
 SIZE = ["--height", "112", "--width", "80", "--max_sequence_length", "16", "--prompt", "a cat"]
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("hf_home")
-    write_hub_cache(home, ["FLUX.1-dev", "Qwen-Image"])
-    return home
+def hub(make_hub_cache) -> Path:
+    return make_hub_cache(["FLUX.1-dev", "Qwen-Image"])
 
 
 def _stadi_xdit(hub: Path, out: Path, args: list[str]) -> subprocess.CompletedProcess:
