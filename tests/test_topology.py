@@ -54,12 +54,12 @@ def test_a_topology_is_frozen():
 
 
 @pytest.mark.parametrize("values,world,message", [
-    ({"vae_parallel_size": 2}, 2, "--vae_parallel_size 2 leaves no rank for the DiT: the launch has 2 ranks, "
-                                  "so --vae_parallel_size must be at most 1"),
+    ({"vae_parallel_size": 2}, 2, ("--vae_parallel_size 2 leaves no rank for the DiT: the launch has 2 ranks, "
+                                  "so --vae_parallel_size must be at most 1")),
     ({"use_cfg_parallel": True}, 3, "3 DiT ranks must be a multiple of 2 with --use_cfg_parallel"),
     ({"use_cfg_parallel": True, "vae_parallel_size": 2}, 5,
-     "3 DiT ranks (world size 5 minus --vae_parallel_size 2) must be a multiple of 2 "
-     "with --use_cfg_parallel"),
+     ("3 DiT ranks (world size 5 minus --vae_parallel_size 2) must be a multiple of 2 "
+     "with --use_cfg_parallel")),
     ({"vae_parallel_size": -1}, 2, "--vae_parallel_size must be an integer >= 0, got -1"),
     ({"vae_parallel_size": "1"}, 2, "--vae_parallel_size must be an integer >= 0, got '1'"),
     ({"fully_shard_degree": 2}, 2, "--fully_shard_degree 2 cannot be combined with --use_stadi"),
