@@ -25,6 +25,7 @@ from stadi_xdit.topology import check_stadi_degree
 
 # --stadi_kv_dtype: storage of the stale K/V (runtime/kv.py maps the names to torch dtypes).
 KV_DTYPES = ("auto", "bfloat16", "float16")
+TIMINGS = ("wall", "work")
 
 # A week: far beyond any denoising run, and small enough for every backend's millisecond timers
 # (gloo and NCCL overflow on values like 1e300).
@@ -111,6 +112,11 @@ class StadiConfig:
         None, "--stadi_emulate_shift", "text",
         "Testing aid: STEP:k0,k1,... emulates these slowdown factors from base step STEP on "
         "(a load change mid-call; before it, --stadi_emulate_slowdown or full speed).")
+    timing: str = setting("wall", "--stadi_timing", "choice",
+                          "What a forward's measured cost is: wall (the rank's elapsed time net of waits, other "
+                          "tenants' load included, what STADI balances) or work (the rank's own work: CPU time "
+                          "of its compute thread plus any emulated slowdown; on CUDA the same as wall). work "
+                          "makes CPU tests and emulated benchmarks immune to co-tenants.", choices=TIMINGS)
     profile_cache: str | None = setting(None, "--stadi_profile_cache", "path",
                                         "JSON file to store and reuse measured speeds.")
     timeout_seconds: float = setting(600.0, "--stadi_timeout", "float",

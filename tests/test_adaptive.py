@@ -16,7 +16,8 @@ def _two_calls(rank: int, world: int, replan: str) -> list[dict]:
 
     # 8x: the measured order must survive a contended machine (evidence is wall time net of waits).
     pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, tiny_pixart_pipeline(), size=128, steps=6, warmup_steps=2,
-                                stadi_mode="full", stadi_emulate_slowdown="1,8", stadi_replan=replan)
+                                stadi_mode="full", stadi_emulate_slowdown="1,8", stadi_replan=replan,
+                                stadi_timing="work")
     out = []
     for _ in range(2):
         latents = pipe(prompt=PROMPT, height=128, width=128, num_inference_steps=6, output_type="latent",
@@ -105,7 +106,8 @@ def _disturbed_warmup(rank: int, world: int, disturb: bool) -> list[int]:
 
         StadiConfig.emulated_factor = stalled
     pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, tiny_pixart_pipeline(), size=256, steps=8, warmup_steps=4,
-                                stadi_mode="full", stadi_emulate_slowdown="1,4", stadi_replan="off")
+                                stadi_mode="full", stadi_emulate_slowdown="1,4", stadi_replan="off",
+                                stadi_timing="work")
     pipe(prompt=PROMPT, height=256, width=256, num_inference_steps=8, output_type="latent",
          generator=torch.Generator().manual_seed(1), use_resolution_binning=False)
     return [r.stride for r in pipe.last_result.plan.ranks]

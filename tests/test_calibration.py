@@ -11,7 +11,8 @@ def test_measured_runs_calibrate_a_fixed_cost_on_two_band_sizes(tiny_pixart):
     steps, size = 6, 128
     # Rank 1 is made 8x slower so that the measured order survives a contended CI machine: the
     # evidence is wall time net of waits, and another tenant can stretch rank 0's forwards ~4x.
-    runs = [{"stadi_mode": "spatial", "stadi_emulate_slowdown": "1,8", "warmup_steps": 3}]
+    runs = [{"stadi_mode": "spatial", "stadi_emulate_slowdown": "1,8", "warmup_steps": 3,
+             "stadi_timing": "work"}]
     results = tiny_pixart.run(2, "alpha", size, steps, runs)
     (first,), (second,) = results
     costs = first["costs"]

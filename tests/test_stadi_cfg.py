@@ -51,7 +51,7 @@ def test_cfg_parallel_exact_and_stale(tiny_pixart):
         # Measured speeds (emulated 1:4 slowdown inside each branch) must become one plan on all 4 ranks.
         # 4 ranks share 2 cores, so a rank's wall-clock compute is inflated at random by the others;
         # a 4x factor and 2 timed warmup steps keep the slowed rank measurably slower despite that.
-        {"stadi_mode": "full", "stadi_emulate_slowdown": "1,4", "warmup_steps": 3},
+        {"stadi_mode": "full", "stadi_emulate_slowdown": "1,4", "warmup_steps": 3, "stadi_timing": "work"},
     ]
     results = run_distributed(_run_cfg_parallel, 4, size, steps, runs, timeout=400)
 

@@ -140,7 +140,7 @@ def _run_with_profile_cache(rank: int, world: int, cache: str) -> dict:
     from stadi_xdit.runtime.profile_cache import ProfileCache
 
     pipe = build_stadi_pipeline(StadiFluxPipeline, tiny_flux_pipeline(), size=128, steps=5, model="tiny-flux",
-                                warmup_steps=3, stadi_mode="spatial", stadi_emulate_slowdown="1,8",
+                                warmup_steps=3, stadi_mode="spatial", stadi_emulate_slowdown="1,8", stadi_timing="work",
                                 stadi_profile_cache=cache)
     pipe(prompt=PROMPT, height=128, width=128, num_inference_steps=5, output_type="latent",
          max_sequence_length=MAX_SEQ, generator=torch.Generator().manual_seed(SEED))

@@ -195,7 +195,8 @@ class _Call:
         slowdown = self.config.emulated_factor(self.rank, grid_step)
         emulated = emulate_slowdown(slowdown, work) if slowdown != 1.0 else 0.0
         start_row, end_row = self.layout.token_rows[self.rank]
-        timeline.steps.append(StepRecord(phase, base_step, start, timeline.now(), wait, emulated, end_row - start_row))
+        timeline.steps.append(StepRecord(phase, base_step, start, timeline.now(), wait, emulated, end_row - start_row,
+                                         work=work if self.config.timing == "work" else None))
         self.band = self.scheduler.step(output, t, self.band, return_dict=False)[0]
 
     def _install(self, layout: BandLayout) -> None:

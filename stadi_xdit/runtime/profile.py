@@ -20,10 +20,14 @@ class StepRecord:
     wait: float  # blocked in collectives inside the forward
     emulated: float  # sleep added by --stadi_emulate_slowdown
     rows: int | None = None  # token rows of the band this forward computed
+    work: float | None = None  # --stadi_timing work: the rank's own work clock over the forward
 
     @property
     def compute(self) -> float:
-        """Time the device was busy: the forward minus its communication waits."""
+        """The forward's cost: the rank's work clock plus the emulated sleep (--stadi_timing work), or
+        the time it took minus its communication waits (wall)."""
+        if self.work is not None:
+            return self.work + self.emulated
         return self.end - self.start - self.wait
 
 
@@ -44,7 +48,7 @@ class RankTimeline:
 
 
 def work_clock(device: torch.device) -> Callable[[], float]:
-    """A clock of this rank's own device work, for the slowdown emulation.
+    """A clock of this rank's own device work, for the slowdown emulation and `--stadi_timing work`.
 
     On CPU it is the compute thread's CPU time: ranks run single-threaded, a blocked collective
     burns none of it, and gloo's transfer threads and other tenants are not counted (emulating
