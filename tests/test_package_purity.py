@@ -1,4 +1,5 @@
-"""`import stadi_xdit` patches nothing; the planner and the settings need neither torch nor xfuser."""
+"""`import stadi_xdit` patches nothing; the planner, the settings, the topology, the geometry and the family
+declarations need neither torch nor xfuser."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def test_planner_and_config_import_with_torch_and_xfuser_blocked():
         sys.modules['torch'] = None  # any `import torch` now raises ImportError
         sys.modules['xfuser'] = None
         import stadi_xdit, stadi_xdit.planner, stadi_xdit.config, stadi_xdit.cli_errors
+        import stadi_xdit.topology, stadi_xdit.geometry, stadi_xdit.families, stadi_xdit.registry
         import stadi_xdit.planner.cli
         from stadi_xdit.config import StadiConfig
         print(StadiConfig(use_stadi=True, speeds="1,0.5").speeds)

@@ -8,7 +8,8 @@ from one period to the next.
 Two ways a layer's foreign K/V are refreshed:
 
 - synchronous steps (warmup and `--stadi_exact`): each layer gathers the fresh K/V of every band
-  before its attention (one all-gather for equal bands, else one broadcast per source) into a
+  before its attention (on CUDA one in-place all-gather for equal bands; otherwise, and always on
+  gloo, one broadcast per source: `exchange.choose_method`) into a
   one-layer staging buffer, so attention is exactly that of one process. The step flagged
   `publish` (the last warmup step) also copies them into the flat buffer: they are the stale K/V
   the first displaced period starts from. Exact mode never publishes, so it never allocates the
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from stadi_xdit.config import KV_DTYPES
 from stadi_xdit.runtime.comm import BandComm, PendingWorks
 from stadi_xdit.runtime.exchange import (
     DEFAULT_GROUP_LAYERS,
@@ -50,15 +52,11 @@ TOKEN_DIM = 2
 
 _UNSET = object()
 
-# --stadi_kv_dtype -> the dtype stale K/V are stored and exchanged in (None: as computed).
-KV_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def kv_storage_dtype(name: str) -> torch.dtype | None:
-    try:
-        return KV_DTYPES[name]
-    except KeyError:
-        raise ValueError(f"--stadi_kv_dtype must be one of {', '.join(KV_DTYPES)}, got {name!r}") from None
+    """The dtype a --stadi_kv_dtype choice (config.KV_DTYPES) stores and exchanges stale K/V in; None: as computed."""
+    if name not in KV_DTYPES:
+        raise ValueError(f"--stadi_kv_dtype must be one of {', '.join(KV_DTYPES)}, got {name!r}")
+    return None if name == "auto" else getattr(torch, name)
 
 
 class DisplacedKVStore:

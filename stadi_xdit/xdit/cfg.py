@@ -2,7 +2,8 @@
 
 With `--use_cfg_parallel`, xDiT's CFG group pairs rank r of the unconditional STADI group with
 rank r of the conditional one. Both halves of a band must be denoised in lockstep (guidance mixes
-them every step), so the pair plans on the slower of the two speeds.
+them every step); `CfgExchange` pairs the model inputs and outputs of one forward, and the pair's
+shared plan (the slower speed, the larger cost) is `runtime/groups.py`'s (`StadiGroups`).
 """
 
 from __future__ import annotations

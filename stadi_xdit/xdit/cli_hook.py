@@ -224,9 +224,9 @@ def check_runner_switches(config: dict[str, Any]) -> None:
 
 def stadi_model_class(cls: type, config: Any) -> type | None:
     """The runner model class to build instead of `cls` for `config` (None: `cls`)."""
-    from stadi_xdit.xdit.runner import stadi_requested, stadi_runner_model
+    from stadi_xdit.xdit.runner import runner_config_uses_stadi, stadi_runner_model
 
-    if not stadi_requested(config) or getattr(cls, "__stadi_runner_model__", False):
+    if not runner_config_uses_stadi(config) or getattr(cls, "__stadi_runner_model__", False):
         return None
     try:
         return stadi_runner_model(cls, getattr(config, "model", None))
@@ -262,7 +262,8 @@ def patch_runner_model_choice(base_model: ModuleType) -> None:
 
 # --- 3: pipeline choice -------------------------------------------------------------------------
 
-def stadi_requested(engine_config: Any) -> bool:
+def engine_config_uses_stadi(engine_config: Any) -> bool:
+    """Whether an xDiT engine config carries STADI's settings with --use_stadi on."""
     stadi = getattr(engine_config, "stadi_config", None)
     return bool(stadi is not None and stadi.use_stadi)
 
@@ -277,7 +278,7 @@ def stadi_twin(cls: type) -> type | None:
 
 def stadi_pipeline_class(cls: type, engine_config: Any) -> type | None:
     """The class to construct instead of xFuser wrapper `cls` for `engine_config` (None: `cls`)."""
-    if not stadi_requested(engine_config):
+    if not engine_config_uses_stadi(engine_config):
         return None
     from stadi_xdit.xdit.pipelines import StadiPipelineMixin
 
@@ -488,5 +489,5 @@ if os.environ.get("STADI_XDIT_NO_CLI_HOOK", "") in ("", "0"):
     install()
 
 __all__ = ["XfuserPlugin", "add_flags", "install", "is_installed", "stadi_args_class",
-           "stadi_degree_from_args", "stadi_nproc_from_args", "stadi_pipeline_class", "stadi_requested",
+           "stadi_degree_from_args", "stadi_nproc_from_args", "stadi_pipeline_class", "engine_config_uses_stadi",
            "stadi_twin", "uninstall"]

@@ -85,7 +85,8 @@ def runner_twin(model_name: str | None) -> type | None:
     return None if model is None else twin_for_runner_model(model.__name__)
 
 
-def stadi_requested(config: Any) -> bool:
+def runner_config_uses_stadi(config: Any) -> bool:
+    """Whether xDiT's runner config (its dict as a namespace) turns STADI on."""
     return bool(getattr(config, "use_stadi", False))
 
 
