@@ -25,6 +25,7 @@ from xfuser.config import EngineConfig, xFuserArgs
 
 from stadi_xdit.config import SETTINGS, StadiConfig, shown_value
 from stadi_xdit.geometry import TOKEN_ROW_PX
+from stadi_xdit.planner.validation import require_int
 from stadi_xdit.runtime.profile_cache import check_cache_path
 from stadi_xdit.topology import Topology
 
@@ -143,15 +144,12 @@ def validate_shape(args: xFuserArgs, stadi_degree: int, exact: bool, image_rows:
     if image_rows and rows < stadi_degree:
         raise ValueError(f"--height {args.height} gives {rows} token rows of {TOKEN_ROW_PX} px, fewer than "
                          f"the {stadi_degree} STADI ranks: use --height >= {stadi_degree * TOKEN_ROW_PX}")
-    steps, warmup = args.num_inference_steps, args.warmup_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"--num_inference_steps must be an integer >= 1, got {steps!r}")
+    steps = require_int("--num_inference_steps", args.num_inference_steps, minimum=1)
     shift = args.stadi.emulated_shift if getattr(args, "stadi", None) is not None else None
     if shift is not None and shift[0] >= steps:  # it would never apply
         raise ValueError(f"--stadi_emulate_shift step {shift[0]} is past the last step of --num_inference_steps "
                          f"{steps} (steps 0..{steps - 1})")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"--warmup_steps must be an integer >= 0, got {warmup!r}")
+    warmup = require_int("--warmup_steps", args.warmup_steps, minimum=0)
     if not exact and not 1 <= warmup <= steps - 1:
         raise ValueError(f"--warmup_steps must be in [1, --num_inference_steps - 1] = [1, {steps - 1}] with "
                          f"--use_stadi (the warmup measures speeds, then at least one step runs STADI), "
