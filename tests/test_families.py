@@ -36,7 +36,9 @@ def test_every_declaration_names_a_runtime_module_with_its_twins():
     for spec in families():
         assert spec.runtime == f"stadi_xdit.models.{spec.name}"
         assert (ROOT / "stadi_xdit" / "families" / f"{spec.name}.py").is_file()
-        assert "tiny" in spec.presets  # the conformance tests' size
+        assert "tiny" in spec.presets
+        assert spec.conformance is not None, f"{spec.name} declares no conformance case"
+        assert spec.conformance.rows % 2 == 1 and spec.conformance.twin_class().__module__ == spec.runtime
 
 
 def test_names_are_unique_across_families():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from stadi_xdit.offline.spawn import run_distributed
@@ -70,25 +69,8 @@ def _run_stadi(rank: int, world: int, size: int, steps: int, runs: list[dict], g
     return results
 
 
-# Exact mode: every layer gathers fresh image K/V every step, so any band split equals one process.
-@pytest.mark.parametrize("world,speeds,size,bands", [
-    (2, "3,5", 128, [(0, 3), (3, 8)]),             # 3/5 of 8 token rows (16 px each)
-    (3, "2,3,5", 160, [(0, 2), (2, 5), (5, 10)]),  # 2/3/5 of 10 token rows
-])
-def test_exact_mode_equals_one_process(world, speeds, size, bands):
-    steps = 4
-    reference = _reference(size, steps)
-    runs = [{"stadi_exact": True, "stadi_mode": "spatial", "stadi_speeds": speeds, "warmup_steps": 2}]
-    results = run_distributed(_run_stadi, world, size, steps, runs, timeout=300)
-    for rank, (result,) in enumerate(results):
-        assert result["vae_scale"] == 16
-        assert result["processors"] == ["StadiFluxAttnProcessor"]
-        assert result["plan"].row_bounds() == bands
-        # 1 double-stream and 2 single-stream attentions per forward, all through STADI.
-        assert result["attention_calls"] == {"double": steps, "single": 2 * steps}
-        assert relative_error(result["latents"], reference) <= 1e-4, f"rank {rank}"
-
-
+# Exact and stale modes on tiny Flux are the conformance suite's (tests/test_conformance.py, families/flux.py's
+# case); here what is Flux's own: the guidance embedding, xDiT's packed-latent VAE scale, the profile cache.
 def test_exact_mode_with_guidance_embedding_equals_one_process():
     """Flux.1-dev style: a guidance embedding instead of CFG branches."""
     steps, size = 3, 128
@@ -96,41 +78,9 @@ def test_exact_mode_with_guidance_embedding_equals_one_process():
     runs = [{"stadi_exact": True, "stadi_mode": "spatial", "stadi_speeds": "1,3", "warmup_steps": 1}]
     results = run_distributed(_run_stadi, 2, size, steps, runs, True, timeout=300)
     for rank, (result,) in enumerate(results):
+        assert result["vae_scale"] == 16  # xDiT's view of packed latents: VAE 8 x 2x2 packing
+        assert result["attention_calls"] == {"double": steps, "single": 2 * steps}
         assert relative_error(result["latents"], reference) <= 1e-4, f"rank {rank}"
-
-
-def test_stale_modes_follow_the_plan_and_repeat():
-    steps, size = 6, 128
-    reference = _reference(size, steps)
-    modes = ("uniform", "spatial", "full")
-    runs = [{"stadi_mode": mode, "stadi_speeds": "1,0.5", "warmup_steps": 2} for mode in modes]
-    runs.append({"stadi_mode": "full", "stadi_speeds": "1,0.5", "warmup_steps": 2})  # determinism
-    runs.append({"stadi_mode": "uniform", "stadi_speeds": "1,0.5", "warmup_steps": 2, "ignore_foreign_bands": True})
-    results = run_distributed(_run_stadi, 2, size, steps, runs, timeout=300)
-    without_exchange = relative_error(results[0][4]["latents"], reference)
-    print(f"[stadi-flux] foreign K/V ignored (fault injection): rel. error = {without_exchange:.2e}")
-    for index, mode in enumerate(modes):
-        per_rank = [results[rank][index] for rank in range(2)]
-        plan = per_rank[0]["plan"]
-        assert plan.mode == mode
-        for rank, result in enumerate(per_rank):
-            assert result["plan"] == plan, "every rank must derive the same plan"
-            assert result["num_evals"] == plan.ranks[rank].num_evals, (mode, rank)
-            assert result["forwards"] == plan.ranks[rank].num_evals, (mode, rank)
-            assert result["attention_calls"]["single"] == 2 * result["forwards"]
-            assert torch.isfinite(result["latents"]).all()
-            assert torch.equal(result["latents"], per_rank[0]["latents"]), "ranks disagree on the final latent"
-        error = relative_error(per_rank[0]["latents"], reference)
-        print(f"[stadi-flux] mode={mode} evals={[r['forwards'] for r in per_rank]} rel. error vs 1 process "
-              f"= {error:.2e}")
-        if mode != "full":  # full also skips steps, a different error source
-            # The displaced exchange must matter: stale K/V are far closer than no foreign K/V.
-            assert error * 4 < without_exchange, (mode, error, without_exchange)
-        assert error < 0.1, (mode, error)
-    full_plan = results[0][2]["plan"]
-    assert [r.stride for r in full_plan.ranks] == [1, 2]
-    for rank in range(2):
-        assert torch.equal(results[rank][2]["latents"], results[rank][3]["latents"]), "runs must repeat bit for bit"
 
 
 def _run_with_profile_cache(rank: int, world: int, cache: str) -> dict:

@@ -8,8 +8,8 @@ A family is two modules and its tests:
 - `stadi_xdit/families/<name>.py`, the declaration (this package): `SPEC = FamilySpec(...)` names the
   runtime module, the offline model presets (tiny, small, real sizes) and how to build them with
   random weights, the xDiT runner models it serves with the hub repo each loads and its tiny
-  hub-cache recipe, its `--pipeline` choices in `scripts/stadi_example.py`, and its `stadi-bench`
-  presets.
+  hub-cache recipe, its `--pipeline` choices in `scripts/stadi_example.py`, its `stadi-bench`
+  presets, and its conformance case (the tiny call every family's checks run on).
 
 Everything else finds families here: the registry (which runtime modules to import), the hub
 cache, the example script and the benchmark. This package imports no torch: a declaration builds
@@ -113,6 +113,27 @@ class BenchModel:
 
 
 @dataclass(frozen=True)
+class ConformanceCase:
+    """The family's tiny model as the conformance suite runs it (`tests/test_conformance.py`): one seeded
+    call on an image (or clip) with an odd number of token rows."""
+
+    twin: str  # "module:Class" of the STADI twin the suite builds around `build()`
+    build: Callable[[], Any]  # the seeded tiny diffusers pipeline (also the one-process reference)
+    call: Callable[[str], dict]  # output_type -> the call's keyword arguments, its seeded generator included
+    height: int  # the call's height in px
+    steps: int  # the call's denoising steps
+    rows: int  # its token rows (odd): the planner's rows
+    output: str = "images"  # the output's field: "images", or "frames" for a video
+    # Samples per forward: 2 for classifier-free guidance as one batch (its CFG-parallel pair is checked
+    # too), 1 for a guidance-distilled model (Flux.1-dev) with no CFG branches
+    guidance_branches: int = 2
+
+    def twin_class(self) -> type:
+        module, _, name = self.twin.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     name: str
     runtime: str  # the module holding the family's twins ("stadi_xdit.models.<name>")
@@ -120,6 +141,7 @@ class FamilySpec:
     hub_models: tuple[HubModel, ...] = ()
     examples: tuple[ExampleChoice, ...] = ()
     bench: BenchModel | None = None
+    conformance: ConformanceCase | None = None
 
 
 @functools.cache
@@ -139,6 +161,11 @@ def family(name: str) -> FamilySpec:
         if spec.name == name:
             return spec
     raise KeyError(f"no model family {name!r} (known: {', '.join(s.name for s in families())})")
+
+
+def conformance_cases() -> dict[str, ConformanceCase]:
+    """Family name -> its conformance case, over every family that declares one."""
+    return {spec.name: spec.conformance for spec in families() if spec.conformance}
 
 
 def hub_models() -> dict[str, HubModel]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stadi_xdit.bench.presets import BenchPreset
-from stadi_xdit.families import BenchModel, BenchShape, ExampleChoice, FamilySpec, HubModel
+from stadi_xdit.families import BenchModel, BenchShape, ConformanceCase, ExampleChoice, FamilySpec, HubModel
 from stadi_xdit.geometry import TOKEN_ROW_PX
 
 
@@ -139,6 +139,15 @@ class FluxBench(BenchPreset):
         return flux_transformer(self.spec)
 
 
+def flux_conformance_call(output_type: str) -> dict:
+    """112x80 px: 7 packed token rows (odd) by 5 columns; Flux's RoPE ids are sliced per band, so wrong
+    band positions would show. One guidance-distilled branch; 16 text tokens."""
+    import torch
+
+    return {"prompt": "a red cat", "height": 112, "width": 80, "num_inference_steps": 6, "max_sequence_length": 16,
+            "guidance_scale": 3.5, "output_type": output_type, "generator": torch.Generator().manual_seed(1)}
+
+
 SPEC = FamilySpec(
     name="flux",
     runtime="stadi_xdit.models.flux",
@@ -150,4 +159,6 @@ SPEC = FamilySpec(
     bench=BenchModel(preset="stadi_xdit.families.flux:FluxBench",
                      shapes={"flux-dev-1024": BenchShape("dev", 1024, 512)},
                      xdit_wrappers={"dev": "xFuserFluxPipeline"}),
+    conformance=ConformanceCase("stadi_xdit.models.flux:StadiFluxPipeline", tiny_flux_pipeline, flux_conformance_call,
+                                height=112, steps=6, rows=7, guidance_branches=1),
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stadi_xdit.bench.presets import BenchPreset
-from stadi_xdit.families import BenchModel, BenchShape, ExampleChoice, FamilySpec
+from stadi_xdit.families import BenchModel, BenchShape, ConformanceCase, ExampleChoice, FamilySpec
 from stadi_xdit.geometry import TOKEN_ROW_PX
 
 
@@ -156,6 +156,15 @@ class PixArtBench(BenchPreset):
         return pixart_transformer(self.spec)
 
 
+def pixart_conformance_call(output_type: str) -> dict:
+    """112x80 px: 7 token rows (odd) by 5 columns; xDiT's patch embedding slices the full image's sincos
+    table by the band's global tokens. CFG (empty negative prompt) as a batch of two."""
+    import torch
+
+    return {"prompt": "a red cat", "height": 112, "width": 80, "num_inference_steps": 6,
+            "use_resolution_binning": False, "output_type": output_type, "generator": torch.Generator().manual_seed(1)}
+
+
 SPEC = FamilySpec(
     name="pixart",
     runtime="stadi_xdit.models.pixart",
@@ -172,4 +181,7 @@ SPEC = FamilySpec(
                 "pixart-alpha-1024": BenchShape("alpha", 1024, 120, calibrates=True),
                 "pixart-sigma-1024": BenchShape("sigma", 1024, 300, calibrates=True)},
         xdit_wrappers={"alpha": "xFuserPixArtAlphaPipeline", "sigma": "xFuserPixArtSigmaPipeline"}),
+    # PixArt-α; PixArt-Σ's own exact runs are in tests/test_stadi_pixart.py
+    conformance=ConformanceCase("stadi_xdit.models.pixart:StadiPixArtAlphaPipeline", tiny_pixart_pipeline,
+                                pixart_conformance_call, height=112, steps=6, rows=7),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from stadi_xdit.families import ExampleChoice, FamilySpec, HubModel
+from stadi_xdit.families import ConformanceCase, ExampleChoice, FamilySpec, HubModel
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,16 @@ def sd35_large_hub_pipeline():
     return build_sd3_pipeline(replace(SD3_PRESETS["tiny"], dual_attention_layers=()))
 
 
+def sd3_conformance_call(output_type: str) -> dict:
+    """112x80 px: 7 token rows (odd) by 5 columns; the tiny 12x12 position table is cropped at an offset, so
+    wrong band positions would show. CFG as a batch of two; text = 16 CLIP + 8 T5 tokens."""
+    import torch
+
+    return {"prompt": "a red cat", "negative_prompt": "blurry", "height": 112, "width": 80, "num_inference_steps": 6,
+            "guidance_scale": 4.0, "max_sequence_length": 8, "output_type": output_type,
+            "generator": torch.Generator().manual_seed(1)}
+
+
 SPEC = FamilySpec(
     name="sd3",
     runtime="stadi_xdit.models.sd3",
@@ -97,4 +107,6 @@ SPEC = FamilySpec(
     examples=(ExampleChoice("sd3", "xfuser:xFuserStableDiffusion3Pipeline", "StableDiffusion3Pipeline",
                             lambda preset, text: build_sd3_pipeline(preset, with_text_encoder=text),
                             sd3_stand_in_text, tiny_text_tokens=16),),
+    conformance=ConformanceCase("stadi_xdit.models.sd3:StadiStableDiffusion3Pipeline", build_sd3_pipeline,
+                                sd3_conformance_call, height=112, steps=6, rows=7),
 )

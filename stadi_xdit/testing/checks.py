@@ -26,8 +26,9 @@ def counted_calls(transformer: torch.nn.Module,
             calls[kind] += 1
         return hook
 
-    def see_batch(_module, _args, kwargs):
-        batches.add(kwargs["hidden_states"].shape[0])
+    def see_batch(_module, args, kwargs):
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # PixArt: positional
+        batches.add(hidden_states.shape[0])
 
     hooks = [transformer.register_forward_pre_hook(counter("forward")),
              transformer.register_forward_pre_hook(see_batch, with_kwargs=True)]
