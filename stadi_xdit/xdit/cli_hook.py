@@ -488,6 +488,16 @@ def is_installed() -> bool:
 if os.environ.get("STADI_XDIT_NO_CLI_HOOK", "") in ("", "0"):
     install()
 
-__all__ = ["XfuserPlugin", "add_flags", "install", "is_installed", "stadi_args_class",
-           "stadi_degree_from_args", "stadi_nproc_from_args", "stadi_pipeline_class", "engine_config_uses_stadi",
-           "stadi_twin", "uninstall"]
+__all__ = [
+    "XfuserPlugin",
+    "add_flags",
+    "engine_config_uses_stadi",
+    "install",
+    "is_installed",
+    "stadi_args_class",
+    "stadi_degree_from_args",
+    "stadi_nproc_from_args",
+    "stadi_pipeline_class",
+    "stadi_twin",
+    "uninstall",
+]
