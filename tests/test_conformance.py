@@ -14,6 +14,8 @@ One 2-rank job (7 runs) and one 3-rank job serve each family; the CFG-parallel r
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -71,7 +73,7 @@ def _reference(family: str, output_type: str):
 
 def _check_proportional(bands: list[tuple[int, int]], rows: int, speeds: tuple[int, ...]) -> None:
     """Exact spatial bands: contiguous, covering every row, each within one row of its speed's share."""
-    assert bands[0][0] == 0 and bands[-1][1] == rows and all(a[1] == b[0] for a, b in zip(bands, bands[1:]))
+    assert bands[0][0] == 0 and bands[-1][1] == rows and all(a[1] == b[0] for a, b in itertools.pairwise(bands))
     for (start, end), speed in zip(bands, speeds):
         assert abs((end - start) - rows * speed / sum(speeds)) < 1, (bands, speeds)
 
