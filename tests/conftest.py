@@ -114,7 +114,7 @@ def run_pixart_stadi(rank: int, world: int, variant: str, size: int, steps: int,
         steps_run = result.timeline.steps
         results.append({"latents": out.images, "plan": result.plan, "warmup_plan": result.warmup_plan,
                         "forwards": len(forwards), "measured_speeds": result.measured_speeds,
-                        "exchange": result.exchange, "costs": result.costs,
+                        "exchange": result.kv_exchange, "costs": result.costs,
                         "rows": [record.rows for record in steps_run],
                         "steps": [(s.phase, s.base_step) for s in steps_run],
                         "slowed": [(s.phase, s.base_step) for s in steps_run if s.emulated > 0]})

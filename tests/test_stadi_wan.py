@@ -101,7 +101,7 @@ def _run_stadi(rank: int, world: int, runs: list[dict]) -> list[dict]:
         results.append({"images": None if out is None else out.frames, "plan": result.plan, "restored": restored,
                         "num_evals": result.num_evals, "calls": calls, "batches": sorted(batches),
                         "processors": processors,
-                        "exchange": result.exchange})
+                        "exchange": result.kv_exchange})
     return results
 
 

@@ -259,7 +259,7 @@ def _timeline_dict(result, run_start: float) -> dict:
                    for label, start, end in timeline.phases],
         "steps_rows": [s.rows for s in timeline.steps],
         "costs": result.costs.to_json() if result.costs else None,
-        "exchange": result.exchange,
+        "exchange": result.kv_exchange,
         "replans": [event.to_json() for event in result.replans],
         "settle_reasons": result.settle_reasons,
     }

@@ -5,7 +5,7 @@ so `band_dim` is 2. Positions: xDiT's `xFuserPatchEmbedWrapper` regenerates the 
 the full image and slices the band's global token range. Self-attention (`attn1`) sees the
 other bands through the displaced K/V store; cross-attention to the text is replicated. Each
 rank feeds its own timestep to AdaLN-single. CFG runs as a batch of two, or one branch per rank
-with `--use_cfg_parallel` (`CfgExchange`).
+with `--use_cfg_parallel` (`CfgPair`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from xfuser.model_executor.pipelines import xFuserPixArtAlphaPipeline, xFuserPix
 from stadi_xdit.models import register_twin
 from stadi_xdit.runtime.band_attention import BandAttentionProcessor
 from stadi_xdit.runtime.layout import BandLayout
-from stadi_xdit.xdit.cfg import CfgExchange
+from stadi_xdit.xdit.cfg import CfgPair
 from stadi_xdit.xdit.injection import InjectionPlan
 from stadi_xdit.xdit.pipelines import StadiPipelineMixin, XditBandModel
 
@@ -80,7 +80,7 @@ class PixArtBandModel(XditBandModel):
     band_dim = 2  # latents are (batch, channels, height, width)
 
     def __init__(self, pipe, scheduler, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
-                 added_cond_kwargs: dict, guidance_scale: float, cfg: CfgExchange):
+                 added_cond_kwargs: dict, guidance_scale: float, cfg: CfgPair):
         self.pipe = pipe
         self.scheduler = scheduler
         self.prompt_embeds = prompt_embeds
@@ -157,7 +157,7 @@ class StadiPixArtMixin(StadiPipelineMixin):
             device=device, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             prompt_attention_mask=prompt_attention_mask, negative_prompt_attention_mask=negative_prompt_attention_mask,
             clean_caption=clean_caption, max_sequence_length=max_sequence_length)
-        cfg = CfgExchange.create(do_cfg, self.groups.cfg)
+        cfg = CfgPair.create(do_cfg, self.groups.cfg)
         embeds, mask = cfg.text_batch(neg_embeds, embeds, neg_mask, mask)
 
         scheduler = pipe.scheduler

@@ -36,7 +36,7 @@ from torch import nn
 from stadi_xdit.models import register_twin
 from stadi_xdit.runtime.band_attention import BandAttentionProcessor, Stream
 from stadi_xdit.runtime.layout import BandLayout
-from stadi_xdit.xdit.cfg import CfgExchange
+from stadi_xdit.xdit.cfg import CfgPair
 from stadi_xdit.xdit.injection import InjectionPlan
 from stadi_xdit.xdit.pipelines import DiffusersPipelineWrapper, StadiPipelineMixin, XditBandModel
 
@@ -100,8 +100,8 @@ QWEN_IMAGE_INJECTION = InjectionPlan(
 )
 
 
-class TrueCfgExchange(CfgExchange):
-    """`CfgExchange` that also hands back both branches: Qwen-Image rescales by the conditional norm."""
+class TrueCfgExchange(CfgPair):
+    """`CfgPair` that also hands back both branches: Qwen-Image rescales by the conditional norm."""
 
     def branches(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(unconditional, conditional) predictions for this band."""
@@ -119,7 +119,7 @@ def _pad_text(embeds: torch.Tensor, mask: torch.Tensor | None, length: int) -> t
     return F.pad(embeds, (0, 0, 0, pad)), F.pad(mask, (0, pad))
 
 
-def branch_text(cfg: CfgExchange, negative: torch.Tensor | None, negative_mask: torch.Tensor | None,
+def branch_text(cfg: CfgPair, negative: torch.Tensor | None, negative_mask: torch.Tensor | None,
                 positive: torch.Tensor, positive_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This rank's text batch; a batched pair is padded to one length, padding masked out."""
     if cfg.batched:

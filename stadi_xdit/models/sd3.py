@@ -16,7 +16,7 @@ in `dual_attention_layers` also have `attn2`, an image-only self-attention. Both
 `StadiSD3AttnProcessor`: image K/V of the other bands come from the displaced K/V store, text K/V
 are always fresh (text is replicated on every rank). The last block is `context_pre_only`: its
 text output is dropped, as in diffusers. CFG runs as a batch of two or, with
-`--use_cfg_parallel`, one branch per rank (`CfgExchange`).
+`--use_cfg_parallel`, one branch per rank (`CfgPair`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from xfuser.model_executor.pipelines import xFuserStableDiffusion3Pipeline
 from stadi_xdit.models import register_twin
 from stadi_xdit.runtime.band_attention import BandAttentionProcessor, Stream
 from stadi_xdit.runtime.layout import BandLayout
-from stadi_xdit.xdit.cfg import CfgExchange
+from stadi_xdit.xdit.cfg import CfgPair
 from stadi_xdit.xdit.injection import InjectionPlan
 from stadi_xdit.xdit.pipelines import StadiPipelineMixin, XditBandModel
 
@@ -96,7 +96,7 @@ class SD3BandModel(XditBandModel):
     band_dim = 2  # latents are (batch, channels, height, width)
 
     def __init__(self, transformer: nn.Module, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
-                 guidance_scale: float, cfg: CfgExchange, joint_attention_kwargs: dict[str, Any] | None = None):
+                 guidance_scale: float, cfg: CfgPair, joint_attention_kwargs: dict[str, Any] | None = None):
         self.transformer = transformer
         self.prompt_embeds = prompt_embeds
         self.pooled_prompt_embeds = pooled_prompt_embeds
@@ -182,7 +182,7 @@ class StadiStableDiffusion3Pipeline(StadiPipelineMixin, xFuserStableDiffusion3Pi
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device, clip_skip=clip_skip,
             num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
             lora_scale=(joint_attention_kwargs or {}).get("scale"))
-        cfg = CfgExchange.create(do_cfg, self.groups.cfg)
+        cfg = CfgPair.create(do_cfg, self.groups.cfg)
         # text_batch pairs any per-branch tensors; SD3's second one is the pooled embedding, not a mask.
         embeds, pooled = cfg.text_batch(neg_embeds, embeds, neg_pooled, pooled)
 

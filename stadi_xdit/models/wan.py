@@ -43,7 +43,7 @@ RoPE, SDPA) with the key/value over the whole clip from the displaced store. Cro
 need nothing from other bands.
 
 **Guidance.** Wan runs CFG with a negative prompt: both branches as one batch of two per rank, or
-with `--use_cfg_parallel` one branch per rank (`CfgExchange`). Wan's encoder pads every prompt to
+with `--use_cfg_parallel` one branch per rank (`CfgPair`). Wan's encoder pads every prompt to
 `max_sequence_length`, so the two branches' text has one length; user-given embeddings of unequal
 length are refused in the batched form (padding would change the attention over text).
 
@@ -80,7 +80,7 @@ from stadi_xdit.geometry import TOKEN_ROW_PX, latent_frames
 from stadi_xdit.models import register_twin
 from stadi_xdit.runtime.band_attention import BandAttentionProcessor
 from stadi_xdit.runtime.video_bands import GIB, BandRope, displaced_kv_bytes
-from stadi_xdit.xdit.cfg import CfgExchange
+from stadi_xdit.xdit.cfg import CfgPair
 from stadi_xdit.xdit.injection import InjectionPlan
 from stadi_xdit.xdit.pipelines import DiffusersPipelineWrapper
 from stadi_xdit.xdit.video import StadiVideoPipelineMixin, VideoBandModel
@@ -138,7 +138,7 @@ WAN_INJECTION = InjectionPlan(
 class WanBandModel(VideoBandModel):
     """Wan on one band of the clip's token rows: CFG batch or pair, the rank's own timestep, global RoPE."""
 
-    def __init__(self, transformer: nn.Module, prompt_embeds: torch.Tensor, guidance_scale: float, cfg: CfgExchange,
+    def __init__(self, transformer: nn.Module, prompt_embeds: torch.Tensor, guidance_scale: float, cfg: CfgPair,
                  rope: BandRope, attention_kwargs: dict[str, Any] | None = None):
         self.transformer = transformer
         self.prompt_embeds = prompt_embeds
@@ -231,7 +231,7 @@ class StadiWanPipeline(StadiVideoPipelineMixin, xFuserWanPipeline):
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = pipe._execution_device
         do_cfg = guidance_scale > 1.0
-        cfg = CfgExchange.create(do_cfg, self.groups.cfg)
+        cfg = CfgPair.create(do_cfg, self.groups.cfg)
         self.stadi_state.set_video_input_parameters(height=height, width=width, num_frames=num_frames,
                                                     batch_size=batch_size, num_inference_steps=num_inference_steps,
                                                     split_text_embed_in_sp=False)

@@ -104,7 +104,7 @@ class CallMemory:
     def with_exchange(self, measured: float) -> tuple[float, ...]:
         return (*self.exchange_seconds, measured)[-EXCHANGE_MEMORY_CALLS:]
 
-    def exchange(self, measured: float) -> float:
+    def typical_exchange_seconds(self, measured: float) -> float:
         """This call's measured warmup exchange, or the median with the remembered calls' (one
         disturbed warmup must not decide the plan)."""
         return statistics.median(self.with_exchange(measured))

@@ -99,7 +99,7 @@ class DenoiseResult:
     # What the plan was planned on (None: speeds were given, nothing was measured).
     costs: Calibration | None = None
     # The K/V store's account of the run: exchange method, collectives per sync point, bytes.
-    exchange: dict = field(default_factory=dict)
+    kv_exchange: dict = field(default_factory=dict)
     # --stadi_replan sync: one entry per mid-run re-plan (base step, old/new speeds, rows, strides, gain).
     replans: list[ReplanEvent] = field(default_factory=list)
     # What the next call of this size starts from (measured speeds only; the same on every rank).
@@ -271,7 +271,7 @@ class _Call:
         # CFG branches must plan alike (each group measured its own exchange): the larger.
         waits = self.comm.all_gather_float_lists([r.wait for r in timed], self.device)
         self.exchange_now = self.groups.pair_max(min(min(step) for step in zip(*waits)), self.device)
-        warmup_exchange = self.memory.exchange(self.exchange_now) if self.memory else self.exchange_now
+        warmup_exchange = self.memory.typical_exchange_seconds(self.exchange_now) if self.memory else self.exchange_now
         self.calibration = Calibration.of(self.estimates, warmup_exchange, self.store.stale_bytes_ratio(),
                                           self.warmup_rows, how)
         settled = plan_call(self.estimates, self.memory, rows=rows, align=self.align, num_steps=self.num_steps,

@@ -2,7 +2,7 @@
 
 With `--use_cfg_parallel`, xDiT's CFG group pairs rank r of the unconditional STADI group with
 rank r of the conditional one. Both halves of a band must be denoised in lockstep (guidance mixes
-them every step); `CfgExchange` pairs the model inputs and outputs of one forward, and the pair's
+them every step); `CfgPair` pairs the model inputs and outputs of one forward, and the pair's
 shared plan (the slower speed, the larger cost) is `runtime/groups.py`'s (`StadiGroups`).
 """
 
@@ -16,14 +16,17 @@ from stadi_xdit.runtime.comm import BandComm
 
 
 @dataclass(frozen=True)
-class CfgExchange:
+class CfgPair:
+    """This rank's part of classifier-free guidance: both branches as one batch, or (CFG parallel) one
+    branch, its model inputs and outputs paired with the other branch's rank every forward."""
+
     enabled: bool  # guidance_scale > 1
     parallel: bool  # one branch per rank (cfg degree 2)
     branch: int  # 0: unconditional (negative prompt), 1: conditional; xDiT's convention
     comm: BandComm | None = None  # the CFG pair's collectives when parallel
 
     @classmethod
-    def create(cls, do_cfg: bool, cfg_comm: BandComm) -> CfgExchange:
+    def create(cls, do_cfg: bool, cfg_comm: BandComm) -> CfgPair:
         parallel = cfg_comm.world_size == 2
         if parallel and not do_cfg:
             raise ValueError("--use_cfg_parallel needs guidance_scale > 1")

@@ -93,8 +93,8 @@ def log_plan(result: DenoiseResult) -> None:
                 [end - start for start, end in result.warmup_plan.row_bounds()],
                 [end - start for start, end in result.plan.row_bounds()],
                 [rank.stride for rank in result.plan.ranks])
-    if result.exchange:
-        logger.info("STADI exchange: %s", ", ".join(f"{key}={value}" for key, value in result.exchange.items()))
+    if result.kv_exchange:
+        logger.info("STADI K/V exchange: %s", ", ".join(f"{key}={value}" for key, value in result.kv_exchange.items()))
     if result.costs:
         costs = result.costs
         logger.info("STADI cost model per rank (fixed ms + ms/row, noise, samples): %s; evidence %s; %s",
