@@ -44,7 +44,7 @@ EXAMPLE_FLAGS = [
     ["--stadi_speeds", "1,nan"], ["--stadi_speeds", "a"], ["--stadi_emulate_slowdown", "1,x"],
     ["--stadi_emulate_slowdown", "1,0.5"], ["--stadi_emulate_slowdown", "1"], ["--stadi_mode", "fast"],
     ["--stadi_emulate_shift", "4"], ["--stadi_emulate_shift", "4:1"], ["--stadi_emulate_shift", "x:1,2"],
-    ["--stadi_replan", "always"],
+    ["--stadi_replan", "always"], ["--stadi_timing", "fast"],
     ["--stadi_max_stride", "0"], ["--stadi_max_stride", "100"], ["--stadi_max_stride", "x"],
     ["--stadi_tolerance", "nan"], ["--stadi_tolerance", "1"], ["--stadi_tolerance", "-0.1"],
     ["--stadi_timeout", "nan"], ["--stadi_timeout", "inf"], ["--stadi_timeout", "1e300"],

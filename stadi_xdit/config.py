@@ -144,12 +144,10 @@ class StadiConfig:
         # Accept the CLI's string forms so configs built from flags or files validate the same way.
         object.__setattr__(self, "speeds", parse_floats(self.speeds, "--stadi_speeds"))
         object.__setattr__(self, "emulate_slowdown", parse_floats(self.emulate_slowdown, "--stadi_emulate_slowdown"))
-        if self.replan not in REPLAN_MODES:
-            raise ValueError(f"--stadi_replan must be one of {', '.join(REPLAN_MODES)}, got {self.replan!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"--stadi_mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.kv_dtype not in KV_DTYPES:
-            raise ValueError(f"--stadi_kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+        for name, meta in SETTINGS.items():  # --stadi_mode, --stadi_replan, --stadi_kv_dtype, --stadi_timing
+            value = getattr(self, name)
+            if meta["kind"] == "choice" and value not in meta["choices"]:
+                raise ValueError(f"{meta['flag']} must be one of {', '.join(meta['choices'])}, got {value!r}")
         if (isinstance(self.max_stride, bool) or not isinstance(self.max_stride, int)
                 or not 1 <= self.max_stride <= MAX_STRIDE_LIMIT):
             raise ValueError(f"--stadi_max_stride must be an integer in [1, {MAX_STRIDE_LIMIT}] "

@@ -134,6 +134,9 @@ def test_fifo_profile_cache_is_refused_and_never_read(tmp_path, capsys):
     ("mode", ["full"], "--stadi_mode"),
     ("replan", 0, "--stadi_replan"),
     ("kv_dtype", b"auto", "--stadi_kv_dtype"),
+    ("kv_dtype", "int8", "--stadi_kv_dtype"),
+    ("timing", "fast", "--stadi_timing"),
+    ("timing", 0, "--stadi_timing"),
 ], ids=_case_id)
 def test_runner_dict_values_are_type_checked(field, value, flag):
     message = _one_line_error(lambda: StadiConfig(**{field: value}), flag)
