@@ -1,7 +1,7 @@
-"""The conformance suite: every family that declares a `ConformanceCase` passes the same checks.
+"""The conformance suite: every twin of every family passes the same checks on its `ConformanceCase`.
 
-A family's case (`stadi_xdit/families/<name>.py`) is one seeded call of its tiny model on an image or
-clip with an odd number of token rows. On it:
+A case (`FamilySpec.conformance`, `stadi_xdit/families/<name>.py`) is one seeded call of the tiny model
+on an image or clip with an odd number of token rows. On it:
 
 - exact mode equals one process on 2 and on 3 ranks with uneven bands, and decodes like it;
 - one CFG branch per rank (`--use_cfg_parallel`) equals one process too, where the family has CFG;
@@ -9,7 +9,7 @@ clip with an odd number of token rows. On it:
   full mode repeats bit for bit, and stale K/V beat no foreign K/V at all (fault injection) by far;
 - every displaced attention module runs the family's STADI processor, once per forward.
 
-One 2-rank job (7 runs) and one 3-rank job serve each family; the CFG-parallel run is a third job.
+One 2-rank job (7 runs) and one 3-rank job serve each case; the CFG-parallel run is a third job.
 """
 
 from __future__ import annotations
@@ -40,17 +40,17 @@ def _output(case, out):
     return None if out is None else getattr(out, case.output)
 
 
-def _run(rank: int, world: int, family: str, runs: list[dict]) -> list[dict]:
-    """One STADI pipeline of `family`'s case per entry of `runs` (StadiArgs keywords), run once each."""
+def _run(rank: int, world: int, twin_name: str, runs: list[dict]) -> list[dict]:
+    """One STADI pipeline of `twin_name`'s case per entry of `runs` (StadiArgs keywords), run once each."""
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
 
-    case = conformance_cases()[family]
+    case = conformance_cases()[twin_name]
     twin = case.twin_class()
     results = []
     for kwargs in runs:
         kwargs = dict(kwargs)
         output_type = kwargs.pop("output_type", "latent")
-        pipe = build_stadi_pipeline(twin, case.build(), size=case.height, steps=case.steps, model=f"tiny-{family}",
+        pipe = build_stadi_pipeline(twin, case.build(), size=case.height, steps=case.steps, model=f"tiny-{twin_name}",
                                     **kwargs)
         transformer = pipe.module.transformer
         displaced = twin.injection_plan.displaced_attention(transformer)
@@ -64,10 +64,10 @@ def _run(rank: int, world: int, family: str, runs: list[dict]) -> list[dict]:
     return results
 
 
-def _reference(family: str, output_type: str):
+def _reference(twin_name: str, output_type: str):
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
 
-    case = CASES[family]
+    case = CASES[twin_name]
     return _output(case, case.build()(**case.call(output_type)))
 
 
@@ -80,6 +80,7 @@ def _check_proportional(bands: list[tuple[int, int]], rows: int, speeds: tuple[i
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def family(request) -> str:
+    """The case's twin class name (a family has one case per twin)."""
     return request.param
 
 
@@ -136,7 +137,7 @@ def test_cfg_parallel_exact_equals_one_process(family, reference):
     one rank per branch keeps each family's branch split cheap to check.
     """
     if CASES[family].guidance_branches == 1:
-        pytest.skip(f"{family} has no CFG branches (guidance distilled)")
+        pytest.skip(f"{family} runs no CFG branches (guidance distilled)")
     results = run_distributed(_run, 2, family, [{**EXACT, "stadi_speeds": "1", "use_cfg_parallel": True}],
                               timeout=300)
     for rank, (result,) in enumerate(results):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stadi_xdit.families import families, family, hub_models
+from stadi_xdit.families import conformance_cases, families, family, hub_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +37,9 @@ def test_every_declaration_names_a_runtime_module_with_its_twins():
         assert spec.runtime == f"stadi_xdit.models.{spec.name}"
         assert (ROOT / "stadi_xdit" / "families" / f"{spec.name}.py").is_file()
         assert "tiny" in spec.presets
-        assert spec.conformance is not None, f"{spec.name} declares no conformance case"
-        assert spec.conformance.rows % 2 == 1 and spec.conformance.twin_class().__module__ == spec.runtime
+    cases = conformance_cases()  # every twin has a conformance case with an odd number of token rows
+    assert set(cases) == {twin.__name__ for twin in twins().values()}
+    assert all(case.rows % 2 == 1 and case.twin_class().__name__ == name for name, case in cases.items())
 
 
 def test_names_are_unique_across_families():

@@ -1,29 +1,13 @@
-"""STADI on tiny PixArt-α/Σ across 2-3 gloo ranks, compared with one plain diffusers process."""
+"""STADI on tiny PixArt-α (128 px, 2 gloo ranks): the documented stale-mode figures, profiling, determinism."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from stadi_xdit.bench.metrics import psnr
-from stadi_xdit.testing.checks import relative_error
 
-
-# Exact mode: every layer gathers fresh K/V every step, so any band split equals one process. PixArt-α
-# passes the conformance suite (tests/test_conformance.py); PixArt-Σ, the family's second twin, here.
-@pytest.mark.parametrize("variant", ["sigma"])
-@pytest.mark.parametrize("world,speeds,size,bands", [
-    (2, "3,5", 128, [(0, 3), (3, 8)]),          # 3/5 of 8 token rows
-    (3, "2,3,5", 160, [(0, 2), (2, 5), (5, 10)]),  # 2/3/5 of 10 token rows
-])
-def test_exact_mode_equals_one_process(tiny_pixart, variant, world, speeds, size, bands):
-    steps = 5
-    reference = tiny_pixart.reference(size, steps, variant)
-    runs = [{"stadi_exact": True, "stadi_mode": "spatial", "stadi_speeds": speeds, "warmup_steps": 2}]
-    results = tiny_pixart.run(world, variant, size, steps, runs)
-    for rank, (result,) in enumerate(results):
-        assert result["plan"].row_bounds() == bands
-        assert relative_error(result["latents"], reference) <= 1e-4, f"rank {rank}"
+# Exact mode for PixArt-α and PixArt-Σ is the conformance suite's (tests/test_conformance.py); here the
+# documented stale-mode figures, profiling and determinism on the 128 px model.
 
 
 # Measured on this model (8 steps, 2 warmup, speeds 1:0.5), PSNR against one process:

@@ -9,7 +9,7 @@ A family is two modules and its tests:
   runtime module, the offline model presets (tiny, small, real sizes) and how to build them with
   random weights, the xDiT runner models it serves with the hub repo each loads and its tiny
   hub-cache recipe, its `--pipeline` choices in `scripts/stadi_example.py`, its `stadi-bench`
-  presets, and its conformance case (the tiny call every family's checks run on).
+  presets, and its conformance cases (one tiny call per twin, which every family's checks run on).
 
 Everything else finds families here: the registry (which runtime modules to import), the hub
 cache, the example script and the benchmark. This package imports no torch: a declaration builds
@@ -141,7 +141,7 @@ class FamilySpec:
     hub_models: tuple[HubModel, ...] = ()
     examples: tuple[ExampleChoice, ...] = ()
     bench: BenchModel | None = None
-    conformance: ConformanceCase | None = None
+    conformance: tuple[ConformanceCase, ...] = ()  # one per twin
 
 
 @functools.cache
@@ -164,8 +164,8 @@ def family(name: str) -> FamilySpec:
 
 
 def conformance_cases() -> dict[str, ConformanceCase]:
-    """Family name -> its conformance case, over every family that declares one."""
-    return {spec.name: spec.conformance for spec in families() if spec.conformance}
+    """Twin class name -> its conformance case, over every family."""
+    return {case.twin.partition(":")[2]: case for spec in families() for case in spec.conformance}
 
 
 def hub_models() -> dict[str, HubModel]:

@@ -159,6 +159,6 @@ SPEC = FamilySpec(
     bench=BenchModel(preset="stadi_xdit.families.flux:FluxBench",
                      shapes={"flux-dev-1024": BenchShape("dev", 1024, 512)},
                      xdit_wrappers={"dev": "xFuserFluxPipeline"}),
-    conformance=ConformanceCase("stadi_xdit.models.flux:StadiFluxPipeline", tiny_flux_pipeline, flux_conformance_call,
-                                height=112, steps=6, rows=7, guidance_branches=1),
+    conformance=(ConformanceCase("stadi_xdit.models.flux:StadiFluxPipeline", tiny_flux_pipeline, flux_conformance_call,
+                                height=112, steps=6, rows=7, guidance_branches=1),),
 )

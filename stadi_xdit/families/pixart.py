@@ -7,6 +7,7 @@ the family serves xDiT's pipeline wrappers only (no hub-cache recipe).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from stadi_xdit.bench.presets import BenchPreset
@@ -181,7 +182,7 @@ SPEC = FamilySpec(
                 "pixart-alpha-1024": BenchShape("alpha", 1024, 120, calibrates=True),
                 "pixart-sigma-1024": BenchShape("sigma", 1024, 300, calibrates=True)},
         xdit_wrappers={"alpha": "xFuserPixArtAlphaPipeline", "sigma": "xFuserPixArtSigmaPipeline"}),
-    # PixArt-α; PixArt-Σ's own exact runs are in tests/test_stadi_pixart.py
-    conformance=ConformanceCase("stadi_xdit.models.pixart:StadiPixArtAlphaPipeline", tiny_pixart_pipeline,
-                                pixart_conformance_call, height=112, steps=6, rows=7),
+    conformance=tuple(ConformanceCase(f"stadi_xdit.models.pixart:StadiPixArt{variant.capitalize()}Pipeline",
+                                      functools.partial(tiny_pixart_pipeline, variant), pixart_conformance_call,
+                                      height=112, steps=6, rows=7) for variant in ("alpha", "sigma")),
 )

@@ -145,6 +145,6 @@ SPEC = FamilySpec(
     examples=(ExampleChoice("qwen-image", "stadi_xdit.models.qwen_image:xFuserQwenImagePipeline",
                             "QwenImagePipeline", lambda preset, text: build_qwen_image_pipeline(preset),
                             qwen_image_stand_in_text, text_presets=(), has_cfg=False),),
-    conformance=ConformanceCase("stadi_xdit.models.qwen_image:StadiQwenImagePipeline", build_qwen_image_pipeline,
-                                qwen_image_conformance_call, height=112, steps=6, rows=7),
+    conformance=(ConformanceCase("stadi_xdit.models.qwen_image:StadiQwenImagePipeline", build_qwen_image_pipeline,
+                                qwen_image_conformance_call, height=112, steps=6, rows=7),),
 )

@@ -107,6 +107,6 @@ SPEC = FamilySpec(
     examples=(ExampleChoice("sd3", "xfuser:xFuserStableDiffusion3Pipeline", "StableDiffusion3Pipeline",
                             lambda preset, text: build_sd3_pipeline(preset, with_text_encoder=text),
                             sd3_stand_in_text, tiny_text_tokens=16),),
-    conformance=ConformanceCase("stadi_xdit.models.sd3:StadiStableDiffusion3Pipeline", build_sd3_pipeline,
-                                sd3_conformance_call, height=112, steps=6, rows=7),
+    conformance=(ConformanceCase("stadi_xdit.models.sd3:StadiStableDiffusion3Pipeline", build_sd3_pipeline,
+                                sd3_conformance_call, height=112, steps=6, rows=7),),
 )

@@ -205,6 +205,6 @@ SPEC = FamilySpec(
         xdit_wrappers={"t2v": "xFuserWanPipeline"},
         xdit_runner_transformers={
             "t2v": "xfuser.model_executor.models.transformers.transformer_wan.xFuserWanTransformer3DWrapper"}),
-    conformance=ConformanceCase("stadi_xdit.models.wan:StadiWanPipeline", build_wan_pipeline, wan_conformance_call,
-                                height=48, steps=8, rows=15, output="frames"),
+    conformance=(ConformanceCase("stadi_xdit.models.wan:StadiWanPipeline", build_wan_pipeline, wan_conformance_call,
+                                height=48, steps=8, rows=15, output="frames"),),
 )
