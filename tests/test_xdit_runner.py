@@ -30,13 +30,15 @@ def hub(make_hub_cache) -> Path:
     return make_hub_cache(["FLUX.1-dev", "Qwen-Image"])
 
 
-def _stadi_xdit(hub: Path, out: Path, args: list[str]) -> subprocess.CompletedProcess:
+def _stadi_xdit(hub: Path, out: Path, args: list[str], one_core: bool = False) -> subprocess.CompletedProcess:
+    """`stadi-xdit ARGS` on the tiny hub cache; `one_core` pins the launch (its ranks too) to one CPU."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-c", "from stadi_xdit.run import launch; launch()", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), *args, "--output_directory", str(out)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    pin = (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if one_core else None
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False, preexec_fn=pin)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
@@ -260,13 +262,17 @@ def _plans_per_call(log: str) -> list[tuple[list[int], list[int]]]:
 
 @pytest.mark.parametrize("load", ["2:1", "none"])
 def test_calls_mode_converges_over_ten_runner_iterations(hub, tmp_path, load):
-    """xDiT's own repeat flag: the default `--stadi_replan calls` remembers cost models between calls."""
+    """xDiT's own repeat flag: the default `--stadi_replan calls` remembers cost models between calls.
+
+    Both ranks run on one core and are measured on their work clocks (--stadi_timing work): identical
+    ranks must then cost alike. On this 2-vCPU VM the two cores themselves run identical work up to 60 %
+    apart for seconds at a time (a neighbour's load: what STADI is for), which a plan rightly follows.
+    """
     emulate = ["--stadi_emulate_slowdown", "1,2"] if load == "2:1" else []
     proc = _stadi_xdit(hub, tmp_path, ["--model", "FLUX.1-dev", "--height", "256", "--width", "256",
                                        "--max_sequence_length", "16", "--prompt", "a cat", "--num_inference_steps",
                                        "10", "--warmup_steps", "2", "--use_stadi", "--stadi_degree", "2", *emulate,
-                                       "--stadi_timing", "work",
-                                       "--num_iterations", "10"])
+                                       "--stadi_timing", "work", "--num_iterations", "10"], one_core=True)
     plans = _plans_per_call(proc.stdout + proc.stderr)
     assert len(plans) == 10, plans
     if load == "none":
@@ -278,6 +284,4 @@ def test_calls_mode_converges_over_ten_runner_iterations(hub, tmp_path, load):
     assert len({str(p) for p in plans[5:]}) == 1, f"the last 5 plans must be identical: {plans}"
     rows, strides = plans[-1]
     share = rows[1] / sum(rows)
-    # Not degenerate: the 2x slower rank keeps a real band. With stride 2 an even split of the work would be
-    # half the rows; the fixed cost of each of its (twice as slow) forwards moves a few rows to rank 0.
-    assert (strides == [1, 2] and share >= 1 / 3) or (strides == [1, 1] and share >= 0.3), plans
+    assert (strides == [1, 2] and share >= 0.4) or (strides == [1, 1] and share >= 0.3), plans
