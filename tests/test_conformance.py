@@ -40,6 +40,11 @@ def _output(case, out):
     return None if out is None else getattr(out, case.output)
 
 
+def _call(case, output_type: str) -> dict:
+    """The case's inputs with `output_type` and its seeded generator: the same call on every rank."""
+    return {**case.inputs(), "output_type": output_type, "generator": torch.Generator().manual_seed(case.seed)}
+
+
 def _run(rank: int, world: int, twin_name: str, runs: list[dict]) -> list[dict]:
     """One STADI pipeline of `twin_name`'s case per entry of `runs` (StadiArgs keywords), run once each."""
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
@@ -50,12 +55,13 @@ def _run(rank: int, world: int, twin_name: str, runs: list[dict]) -> list[dict]:
     for kwargs in runs:
         kwargs = dict(kwargs)
         output_type = kwargs.pop("output_type", "latent")
-        pipe = build_stadi_pipeline(twin, case.build(), size=case.height, steps=case.steps, model=f"tiny-{twin_name}",
-                                    **kwargs)
+        inputs = case.inputs()
+        pipe = build_stadi_pipeline(twin, case.build(), size=inputs["height"], steps=inputs["num_inference_steps"],
+                                    model=f"tiny-{twin_name}", **kwargs)
         transformer = pipe.module.transformer
         displaced = twin.injection_plan.displaced_attention(transformer)
         with counted_calls(transformer, {"displaced": displaced}) as (calls, batches):
-            out = pipe(**case.call(output_type))
+            out = pipe(**_call(case, output_type))
         result = pipe.last_result
         results.append({"images": _output(case, out), "plan": result.plan, "num_evals": result.num_evals,
                         "calls": calls, "batches": sorted(batches), "displaced": len(displaced),
@@ -68,7 +74,7 @@ def _reference(twin_name: str, output_type: str):
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
 
     case = CASES[twin_name]
-    return _output(case, case.build()(**case.call(output_type)))
+    return _output(case, case.build()(**_call(case, output_type)))
 
 
 def _check_proportional(bands: list[tuple[int, int]], rows: int, speeds: tuple[int, ...]) -> None:
@@ -103,7 +109,8 @@ def _check_exact(family: str, per_rank: list[dict], reference: torch.Tensor) -> 
         assert result["processors"] == [result["expected_processor"]]
         assert result["plan"].row_bounds() == bands, "every rank must derive the same bands"
         assert result["batches"] == [case.guidance_branches], "a CFG pair runs as one batch"
-        assert result["calls"] == {"forward": case.steps, "displaced": result["displaced"] * case.steps}
+        steps = case.inputs()["num_inference_steps"]
+        assert result["calls"] == {"forward": steps, "displaced": result["displaced"] * steps}
         error = relative_error(result["images"], reference)
         print(f"[conformance {family}] exact, {len(per_rank)} ranks, rank {rank}: rel. error vs 1 process = "
               f"{error:.2e}")

@@ -119,14 +119,15 @@ class ConformanceCase:
 
     twin: str  # "module:Class" of the STADI twin the suite builds around `build()`
     build: Callable[[], Any]  # the seeded tiny diffusers pipeline (also the one-process reference)
-    call: Callable[[str], dict]  # output_type -> the call's keyword arguments, its seeded generator included
-    height: int  # the call's height in px
-    steps: int  # the call's denoising steps
+    # The call's keyword arguments, `height` and `num_inference_steps` among them; the suite adds
+    # `output_type` and a generator seeded with `seed`.
+    inputs: Callable[[], dict]
     rows: int  # its token rows (odd): the planner's rows
     output: str = "images"  # the output's field: "images", or "frames" for a video
     # Samples per forward: 2 for classifier-free guidance as one batch (its CFG-parallel pair is checked
     # too), 1 for a guidance-distilled model (Flux.1-dev) with no CFG branches
     guidance_branches: int = 2
+    seed: int = 1
 
     def twin_class(self) -> type:
         module, _, name = self.twin.partition(":")

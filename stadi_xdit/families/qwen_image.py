@@ -120,7 +120,7 @@ def qwen_image_hub_pipeline():
                              text_encoder=text_encoder, tokenizer=tokenizer)
 
 
-def qwen_image_conformance_call(output_type: str) -> dict:
+def qwen_image_conformance_inputs() -> dict:
     """112x80 px: 7 packed token rows (odd) by 5 columns; Qwen's centred RoPE makes every row's position
     depend on the full image. True CFG with text of 6 (one padded) and 4 tokens: the batched pair is
     padded and masked."""
@@ -132,8 +132,7 @@ def qwen_image_conformance_call(output_type: str) -> dict:
     return {"prompt_embeds": random_prompt_embeds(width, seq_len=6, seed=2),
             "prompt_embeds_mask": torch.tensor([[1, 1, 1, 1, 1, 0]]),
             "negative_prompt_embeds": random_prompt_embeds(width, seq_len=4, seed=3),
-            "true_cfg_scale": 4.0, "height": 112, "width": 80, "num_inference_steps": 6,
-            "output_type": output_type, "generator": torch.Generator().manual_seed(1)}
+            "true_cfg_scale": 4.0, "height": 112, "width": 80, "num_inference_steps": 6}
 
 
 SPEC = FamilySpec(
@@ -146,5 +145,5 @@ SPEC = FamilySpec(
                             "QwenImagePipeline", lambda preset, text: build_qwen_image_pipeline(preset),
                             qwen_image_stand_in_text, text_presets=(), has_cfg=False),),
     conformance=(ConformanceCase("stadi_xdit.models.qwen_image:StadiQwenImagePipeline", build_qwen_image_pipeline,
-                                qwen_image_conformance_call, height=112, steps=6, rows=7),),
+                                qwen_image_conformance_inputs, rows=7),),
 )

@@ -225,7 +225,7 @@ class StadiWanPipeline(StadiVideoPipelineMixin, xFuserWanPipeline):
             raise ValueError("callback_on_step_end is not supported with --use_stadi (ranks hold bands)")
         pipe = self.module
         self._set_clip_frames(num_frames)
-        self._geometry(height, width)  # size and frame-count errors first, naming the flags
+        geometry = self._geometry(height, width)  # size and frame-count errors first, naming the flags
         pipe.check_inputs(prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
                           list(callback_on_step_end_tensor_inputs), guidance_scale_2)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
@@ -237,7 +237,7 @@ class StadiWanPipeline(StadiVideoPipelineMixin, xFuserWanPipeline):
                                                     split_text_embed_in_sp=False)
         transformer = pipe.transformer
         forward_batch = batch_size * num_videos_per_prompt * (2 if cfg.batched else 1)
-        self._check_clip_memory(height, width, num_frames, forward_batch, cfg.batched)
+        self._check_clip_memory(geometry, height, width, num_frames, forward_batch, cfg.batched)
 
         embeds, negative = pipe.encode_prompt(prompt=prompt, negative_prompt=negative_prompt,
                                               do_classifier_free_guidance=do_cfg,

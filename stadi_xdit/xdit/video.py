@@ -94,9 +94,9 @@ class StadiVideoPipelineMixin(StadiPipelineMixin):
         return profile_key(f"{type(transformer).__name__}-{self._latent_frames}f", transformer.config, height, width,
                            hardware)
 
-    def _check_clip_memory(self, height: int, width: int, num_frames: int, forward_batch: int,
-                           cfg_batched: bool) -> None:
-        """Refuse in one line, before denoising, a clip whose displaced K/V cannot fit the device."""
+    def _check_clip_memory(self, geometry: BandGeometry, height: int, width: int, num_frames: int,
+                           forward_batch: int, cfg_batched: bool) -> None:
+        """Refuse in one line, before denoising, a clip (of `geometry`) whose displaced K/V cannot fit the device."""
         if self.stadi_config.exact:
             return  # no stale K/V are kept
         pipe = self.module
@@ -105,7 +105,6 @@ class StadiVideoPipelineMixin(StadiPipelineMixin):
         need = displaced_kv_bytes(config, height, width, num_frames, batch=forward_batch, bytes_per_value=value_bytes,
                                   spatial_scale=pipe.vae_scale_factor_spatial,
                                   temporal_scale=pipe.vae_scale_factor_temporal)
-        geometry = self._geometry(height, width)
         remedies = (["--use_cfg_parallel"] if cfg_batched else []) + \
             (["--stadi_kv_dtype bfloat16"] if value_bytes > 2 else [])
         check_kv_memory(self.kv_store, need, torch.device(pipe._execution_device),
