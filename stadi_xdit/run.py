@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 LAUNCHER = "stadi-xdit"
+LAUNCHER_PID = "STADI_LAUNCHER_PID"  # set for the ranks: they die with the launcher
 USAGE = "usage: python -m stadi_xdit.run (SCRIPT.py | -m MODULE) [ARGS ...]"
 
 
@@ -75,7 +76,7 @@ def _as_a_rank() -> None:
     import signal
 
     heartbeat.start()
-    launcher = os.environ.get("STADI_LAUNCHER_PID")
+    launcher = os.environ.pop(LAUNCHER_PID, None)  # not inherited by the processes this rank starts
     if launcher and launcher.isdigit() and sys.platform.startswith("linux"):
         import ctypes
 
@@ -428,7 +429,8 @@ def check_call_inputs(namespace, model: type | None) -> None:
     guidance = getattr(namespace, "guidance_scale", None)
     if guidance is not None and not math.isfinite(guidance):
         fail(LAUNCHER, f"--guidance_scale must be a finite number, got {guidance}")
-    if getattr(namespace, "negative_prompt", None) and model is not None and not _passes(model, "negative_prompt"):
+    if getattr(namespace, "negative_prompt", None) and model is not None \
+            and not runner_passes(model, "negative_prompt"):
         fail(LAUNCHER, f"--model {namespace.model} does not use --negative_prompt (its pipeline call takes none); "
                        "drop it")
 
@@ -438,7 +440,7 @@ def _bad_byte(text: str, error: UnicodeEncodeError) -> str:
     return f"0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else repr(char)
 
 
-def _passes(model: type, argument: str) -> bool:
+def runner_passes(model: type, argument: str) -> bool:
     """Whether the runner model's `_run_pipe` hands `argument` to its pipeline (read from its source;
     True when the source cannot be read, so nothing is refused on a guess)."""
     import inspect
@@ -581,7 +583,7 @@ def launch(argv: Sequence[str] | None = None) -> None:
     command = build_launch_command(argv)
     check_launch_environment(argv)
     check_fault_injection()
-    os.environ["STADI_LAUNCHER_PID"] = str(os.getpid())  # the ranks die with this process
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the ranks die with this process
     raise SystemExit(run_torchrun(command[command.index("torch.distributed.run") + 1:], launch_timeout(argv),
                                   bind_store=int(split_launch_args(argv)[0]["--nnodes"] or 1) == 1))
 
@@ -742,7 +744,8 @@ def failed_rank_status(error: ChildFailedError, supervisor=None) -> int:
 
     if supervisor is not None and supervisor.culprit is not None:
         return 1  # its line is printed
-    first = supervisor.first_failure(error.failures) if supervisor is not None else None
+    stopped = [rank for rank, failure in error.failures.items() if failure.exitcode == -signal.SIGTERM]
+    first = supervisor.first_failure(error.failures, stopped) if supervisor is not None else None
     if first is not None and first in error.failures:
         rank, failure = first, error.failures[first]
     else:

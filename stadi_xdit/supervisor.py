@@ -5,7 +5,11 @@ heartbeats (`stadi_xdit.runtime.heartbeat`) into a private folder; a thread here
 `POLL_SECONDS` and ends the launch when a rank
 
 * has not beaten for `timeout` seconds (stopped with SIGSTOP, or wedged): it is not running, or
-* has been in one phase for longer than `timeout` (a live stall: a lock, a hung read).
+* has made no progress for longer than `timeout` (a live stall: a lock, a hung read). Progress is
+  a phase change or a model block starting (`heartbeat.watch_progress`), so slow work (a long VAE
+  decode, a slow step) is never taken for a stall; or
+* is `idle` (done, waiting for the output rank or tearing down) for longer than `timeout` after
+  no rank of the launch works any more: teardown after the output is saved is bounded too.
 
 It prints one line naming the rank and the phase, kills the stalled rank and then every other
 rank of this node that is not saving a result (a rank in `save` may finish, within its own time
@@ -38,7 +42,8 @@ STOP_GRACE_SECONDS = 2.0  # torchrun's own grace between SIGTERM and SIGKILL is 
 # ends it; should it not have within this time, the supervisor kills every rank and exits itself.
 ENDING_SECONDS = STOP_GRACE_SECONDS + 2.0
 MARGIN_SECONDS = 5.0  # what the launcher may take beyond --stadi_timeout to end a stalled launch
-NO_LIMIT_PHASES = ("startup", "idle")  # imports and parsing; a rank that only waits for the output rank
+IDLE_PHASE = "idle"  # done with its part: waits for the output rank, then tears down
+NO_LIMIT_PHASES = ("startup", IDLE_PHASE)  # imports and parsing; idle while another rank still works
 SAVE_PHASE = "save"
 
 
@@ -60,12 +65,13 @@ class Supervisor:
         self.died_at: dict[int, float] = {}
         self._paused_until = 0.0
         self._failing_since: float | None = None
+        self._nobody_works_since: float | None = None
+        self._known: dict[int, dict] = {}  # the last record read of each rank
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stadi-supervisor", daemon=True)
 
     def env(self) -> dict[str, str]:
-        return {heartbeat.ENV_DIR: self.folder, heartbeat.ENV_TIMEOUT: repr(float(self.timeout)),
-                "STADI_LAUNCHER_PID": str(os.getpid())}
+        return {heartbeat.ENV_DIR: self.folder, heartbeat.ENV_TIMEOUT: repr(float(self.timeout))}
 
     def start(self) -> None:
         self._thread.start()
@@ -82,33 +88,47 @@ class Supervisor:
 
     # --- reading -------------------------------------------------------------------------------
     def records(self) -> dict[int, dict]:
-        return heartbeat.read_beats(self.folder)
+        """Every rank's last heartbeat. A record that vanished (its folder deleted under the launch; the
+        rank makes it again at its next beat) stays as last read, so its silence still counts."""
+        self._known.update(heartbeat.read_beats(self.folder))
+        return dict(self._known)
 
     def _watch(self) -> None:
         while not self._stop.wait(POLL_SECONDS):
             now = time.time()
             records = self.records()
-            for rank, record in sorted(records.items()):
-                pid = record.get("pid")
-                if not isinstance(pid, int) or not _is_child(pid):
-                    self.died_at.setdefault(rank, now)
-                    continue
-                if self.culprit is not None:
-                    continue
-                if now < self._paused_until:
-                    continue
-                silent = now - float(record.get("beat", now))
-                in_phase = now - float(record.get("since", now))
-                phase = str(record.get("phase", "?"))
-                if silent > self.timeout:
-                    self._end(rank, phase, f"rank {rank} stopped responding in {phase} (no heartbeat for "
-                                            f"{silent:.1f} s, --stadi_timeout {self.timeout:g} s)", records)
-                elif in_phase > self.timeout and phase not in NO_LIMIT_PHASES:
-                    self._end(rank, phase, f"rank {rank} stalled in {phase} for {in_phase:.1f} s "
-                                            f"(--stadi_timeout {self.timeout:g} s)", records)
+            live = {rank: record for rank, record in records.items()
+                    if isinstance(record.get("pid"), int) and _is_child(record["pid"])}
+            for rank in records.keys() - live.keys():
+                self.died_at.setdefault(rank, now)
+            self._nobody_works_since = (None if any(r.get("phase") not in NO_LIMIT_PHASES for r in live.values())
+                                        else self._nobody_works_since or now)
+            if self.culprit is None and now >= self._paused_until:
+                for rank, record in sorted(live.items()):
+                    self._check(rank, record, now, records)
+                    if self.culprit is not None:
+                        break
             if self.culprit is not None:
                 self._kill_idle(records)
             self._bound_the_ending(records, now)
+
+    def _check(self, rank: int, record: dict, now: float, records: dict[int, dict]) -> None:
+        """End the launch if `rank` is silent, makes no progress in a working phase, or idles past the end."""
+        since = float(record.get("since", now))
+        silent = now - float(record.get("beat", now))
+        no_progress = now - max(since, float(record.get("progress", since)))
+        phase = str(record.get("phase", "?"))
+        if silent > self.timeout:
+            self._end(rank, phase, f"rank {rank} stopped responding in {phase} (no heartbeat for "
+                                    f"{silent:.1f} s, --stadi_timeout {self.timeout:g} s)", records)
+        elif phase not in NO_LIMIT_PHASES and no_progress > self.timeout:
+            self._end(rank, phase, f"rank {rank} stalled in {phase} for {no_progress:.1f} s without progress "
+                                    f"(--stadi_timeout {self.timeout:g} s)", records)
+        elif phase == IDLE_PHASE and self._nobody_works_since is not None \
+                and now - max(since, self._nobody_works_since) > self.timeout:
+            self._end(rank, phase, f"rank {rank} stalled in {phase} for "
+                                    f"{now - max(since, self._nobody_works_since):.1f} s after every rank "
+                                    f"finished its work (--stadi_timeout {self.timeout:g} s)", records)
 
     def _bound_the_ending(self, records: dict[int, dict], now: float) -> None:
         """The backstop for the launcher's own exit: a failing launch that torchrun has not ended
@@ -142,16 +162,19 @@ class Supervisor:
             _kill(record.get("pid"))
 
     # --- after the launch --------------------------------------------------------------------------
-    def first_failure(self, failed: Iterable[int]) -> int | None:
+    def first_failure(self, failed: Iterable[int], stopped_by_the_agent: Iterable[int] = ()) -> int | None:
         """Of the failed global ranks, the one that failed first: the rank this supervisor ended,
-        else the earliest seen dead among those that did not exit because of a peer."""
+        else the earliest seen dead among those that did not exit because of a peer. Ranks ended by
+        torchrun's own SIGTERM (`stopped_by_the_agent`) come last: the agent stops the survivors once
+        one rank has failed, often within the same poll, so their deaths can look as early."""
         if self.culprit is not None:
             return self.culprit.rank
         records = self.records()
         candidates = [rank for rank in failed if records.get(rank, {}).get("cause") != "peer"]
         if not candidates:
             return None
-        return min(candidates, key=lambda rank: (self.died_at.get(rank, float("inf")), rank))
+        stopped = set(stopped_by_the_agent)
+        return min(candidates, key=lambda rank: (rank in stopped, self.died_at.get(rank, float("inf")), rank))
 
 
     def ended_after_its_peers(self, rank: int) -> str | None:

@@ -96,8 +96,47 @@ def test_a_memory_round_trips_through_json_and_refuses_another_launch():
         CallMemory.from_json(memory.to_json(), num_ranks=2, num_branches=2)
     broken = memory.to_json()
     broken["evidence"][0][0][0][2] = -1.0
-    with pytest.raises(ValueError, match="seconds > 0"):
+    with pytest.raises(ValueError, match=r"seconds in \[1e-07, 100000\]"):
         CallMemory.from_json(broken, num_ranks=2, num_branches=1)
+
+
+def _damaged(path: tuple, value) -> dict:
+    memory = CallMemory(Evidence(((RankEvidence.of([(8, 0.5), (8, 0.6)]), RankEvidence.of([(8, 1.0)])),)),
+                        (9, 7), (8, 8), (1, 2), (0.01,)).to_json()
+    target = memory
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return memory
+
+
+@pytest.mark.parametrize("path,value,needle", [
+    (("evidence", 0, 0, 0, 0), float("inf"), "rows in [1, 4096]"),  # an infinite row count (was OverflowError)
+    (("evidence", 0, 0, 0, 0), 2.5, "rows in [1, 4096]"),
+    (("evidence", 0, 0, 0, 1), 1e300, "weight in (0, 1e+06]"),  # a huge evidence weight
+    (("evidence", 0, 0, 0, 2), 1e-301, "seconds in [1e-07"),  # a row cost of 1e-298 ms
+    (("evidence", 0, 0, 0), "8,1,1,0,0", "not a list|must be"),
+    (("exchange_seconds", 0), 1e308, "exchange_seconds"),
+    (("plan_strides", 1), 0, "plan_strides[1] must be an integer in [1, 16]"),
+    (("plan_strides", 1), 10**9, "plan_strides[1]"),
+    (("plan_rows", 0), -3, "plan_rows[0]"),
+    (("warmup_rows",), None, "warmup_rows must be a list"),
+    (("evidence",), [], "non-empty list"),
+    (("pending",), [[[[8, 1, 1, 0, 0]]]], "not for 1 CFG branch(es) of 2 ranks"),
+    (("plan_strides",), [1, 2, 3], "not for 1 CFG branch(es) of 2 ranks"),
+])
+def test_a_damaged_memory_is_one_value_error_never_another_exception(path, value, needle):
+    with pytest.raises(ValueError) as info:
+        CallMemory.from_json(_damaged(path, value), num_ranks=2, num_branches=1)
+    message = str(info.value)
+    assert "\n" not in message and any(part in message for part in needle.split("|")), message
+
+
+def test_strides_past_this_launchs_max_stride_are_refused():
+    memory = _damaged(("plan_strides", 1), 3)
+    assert CallMemory.from_json(memory, num_ranks=2).plan_strides == (1, 3)
+    with pytest.raises(ValueError, match=r"plan_strides\[1\] must be an integer in \[1, 2\]"):
+        CallMemory.from_json(memory, num_ranks=2, max_stride=2)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -150,3 +150,72 @@ def test_sigkill_of_the_launcher_leaves_no_rank_behind(hub, tmp_path):
             proc.kill()
     _no_leftovers(tag)
     assert not list((tmp_path / "out").glob("*.png"))  # the ranks did not run on to the end
+
+
+def _fault_run(hub: Path, tmp_path: Path, tag: str, fault: str, steps: int = 4) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_command(tmp_path, steps), env=_env(hub, tmp_path, tag, STADI_FAULT=fault),
+                          capture_output=True, text=True, timeout=STARTUP_GUARD + 4 * TIMEOUT + MARGIN_SECONDS,
+                          check=False)
+    _no_leftovers(tag)
+    return proc
+
+
+def test_a_slow_but_working_decode_longer_than_the_timeout_finishes_and_saves(hub, tmp_path):
+    """Rank 1 (the runner's output rank) decodes for twice --stadi_timeout, its blocks reporting progress:
+    work, not a stall. It used to be ended as 'stalled in decode', losing the finished denoise."""
+    proc = _fault_run(hub, tmp_path, "slow-decode", "decode:1:slow")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "fault").read_text().split(" ", 1)[1].startswith("decode")  # the slow decode did run
+    assert not _launcher_lines(proc.stderr) and len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def test_a_rank_wedged_after_the_output_is_saved_is_ended_and_the_output_kept(hub, tmp_path):
+    """Rank 0 is done with its part (idle) and wedges there, never reaching its teardown: once rank 1 has
+    saved and no rank works any more, the launch ends within the timeout, naming rank 0; the image stays."""
+    proc = _fault_run(hub, tmp_path, "wedged-teardown", "idle:0:sleep")
+    lines = _launcher_lines(proc.stderr)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert len(lines) == 1 and "rank 0 stalled in idle" in lines[0] and "finished its work" in lines[0], lines
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def test_supervision_survives_its_folder_deleted_mid_run(hub, tmp_path):
+    """A /tmp cleaner deletes the heartbeat folder while the ranks denoise; a later stall is still found."""
+    import shutil
+
+    tag = "folder-deleted"
+    proc = subprocess.Popen(_command(tmp_path, 40), env=_env(hub, tmp_path, tag, STADI_FAULT="decode:1:sleep"),
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        _started(tmp_path, proc)
+        (folder,) = tmp_path.glob("stadi-heartbeat-*")
+        shutil.rmtree(folder)
+        _, stderr = proc.communicate(timeout=STARTUP_GUARD + TIMEOUT + MARGIN_SECONDS)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _no_leftovers(tag)
+    lines = _launcher_lines(stderr)
+    assert proc.returncode == 1 and len(lines) == 1 and "rank 1 stalled in decode" in lines[0], stderr[-3000:]
+
+
+NESTED_SCRIPT = """\
+import subprocess, sys
+inner = subprocess.run([sys.executable, "-m", "stadi_xdit.run", sys.argv[1]], capture_output=True, text=True)
+print("inner:", inner.returncode, inner.stdout.strip(), flush=True)
+"""
+
+
+def test_the_launchers_variables_do_not_leak_into_what_a_rank_starts(tmp_path):
+    """A script run by stadi-xdit runs `python -m stadi_xdit.run other.py` itself: the inner run is not taken
+    for a rank of the launch (it used to exit 1 with no output, its parent not being the launcher)."""
+    outer, inner = tmp_path / "outer.py", tmp_path / "inner.py"
+    outer.write_text(NESTED_SCRIPT)
+    inner.write_text("import os\nprint('ran', os.environ.get('STADI_LAUNCHER_PID'), os.environ.get('STADI_HEARTBEAT_DIR'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", "from stadi_xdit.run import launch; launch()", "--nproc_per_node", "1",
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(outer), str(inner)],
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=STARTUP_GUARD,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "inner: 0 ran None None" in proc.stdout, proc.stdout[-2000:]

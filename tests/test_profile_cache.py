@@ -52,6 +52,17 @@ PIXART_TINY_CONFIG = {
 HARDWARE = [["NVIDIA H200", "NVIDIA A100"], ["NVIDIA H200", "NVIDIA A100"]]
 
 
+def _write_cache(path: Path, entries: dict) -> None:
+    """A profile cache file in its own format (the marker field, then the entries)."""
+    path.write_text(json.dumps({"stadi_profile_cache": 1, "entries": entries}))
+
+
+def _entries(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert data["stadi_profile_cache"] == 1 and set(data) == {"stadi_profile_cache", "entries"}
+    return data["entries"]
+
+
 def _warning_lines(captured_err: str) -> list[str]:
     lines = captured_err.splitlines()
     assert all(line.startswith("stadi: warning:") for line in lines), lines
@@ -127,7 +138,7 @@ def test_concurrent_writers_lose_no_entries(tmp_path):
     writers = [subprocess.Popen([sys.executable, "-c", script, str(writer), str(cache)])
                for writer in range(4)]
     assert [writer.wait(timeout=120) for writer in writers] == [0, 0, 0, 0]
-    entries = json.loads(cache.read_text())
+    entries = _entries(cache)
     assert len(entries) == 400
     reader = ProfileCache(cache)
     for writer in range(4):
@@ -148,7 +159,7 @@ def test_concurrent_writers_lose_no_entries(tmp_path):
 def test_poisoned_entry_is_ignored_then_replaced(tmp_path, capsys, poison):
     cache = tmp_path / "speeds.json"
     # json.dumps writes NaN/Infinity literals, which json.loads accepts: a real risk, not a fiction.
-    cache.write_text(json.dumps({"bad": poison, "good": [1.0, 2.0]}))
+    _write_cache(cache, {"bad": poison, "good": [1.0, 2.0]})
     store = ProfileCache(cache)
     assert store.load("bad", 2) is None
     lines = _warning_lines(capsys.readouterr().err)
@@ -163,11 +174,11 @@ def test_poisoned_entry_is_ignored_then_replaced(tmp_path, capsys, poison):
 
 def test_store_drops_other_invalid_entries_with_one_warning(tmp_path, capsys):
     cache = tmp_path / "speeds.json"
-    cache.write_text(json.dumps({"nan": [float("nan")], "text": "x", "good": [1.0, 2.0]}))
+    _write_cache(cache, {"nan": [float("nan")], "text": "x", "good": [1.0, 2.0]})
     assert ProfileCache(cache).store("new", [5.0]) is True
     lines = _warning_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "dropped 2 invalid entries" in lines[0]
-    assert json.loads(cache.read_text()) == {"good": [1.0, 2.0], "new": [5.0]}
+    assert _entries(cache) == {"good": [1.0, 2.0], "new": [5.0]}
 
 
 @pytest.mark.parametrize("speeds", [[float("nan"), 1.0], [0.0], [-2.0], [True], ["1.0"], [], "12", None])
@@ -205,7 +216,7 @@ def test_corrupt_file_is_quarantined(tmp_path, capsys, content):
     assert not cache.exists()
     assert store.store("key", [1.0, 2.0]) is True
     assert capsys.readouterr().err == ""
-    assert json.loads(cache.read_text()) == {"key": [1.0, 2.0]}
+    assert _entries(cache) == {"key": [1.0, 2.0]}
     assert store.load("key", 2) == [1.0, 2.0]
 
 
@@ -217,7 +228,7 @@ def test_store_quarantines_corrupt_file_without_loading_first(tmp_path, capsys):
     assert len(_warning_lines(capsys.readouterr().err)) == 1
     quarantined = sorted(p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name)
     assert len(quarantined) == 2
-    assert json.loads(cache.read_text()) == {"key": [1.0]}
+    assert _entries(cache) == {"key": [1.0]}
 
 
 def test_quarantine_names_never_collide(tmp_path, capsys):
@@ -308,7 +319,7 @@ def test_an_entry_keeps_the_runs_cost_model_memory(tmp_path):
     assert cache.load("k", 2) == [100.0, 50.0]
     assert cache.load_entry("k", 2) == {"speeds": [100.0, 50.0], "memory": memory}
     assert cache.store("old", [1.0, 2.0])  # the speeds-only form stays as it was
-    assert json.loads((tmp_path / "speeds.json").read_text())["old"] == [1.0, 2.0]
+    assert _entries(tmp_path / "speeds.json")["old"] == [1.0, 2.0]
     assert cache.load_entry("old", 2) == {"speeds": [1.0, 2.0], "memory": None}
 
 
@@ -316,6 +327,116 @@ def test_an_entry_keeps_the_runs_cost_model_memory(tmp_path):
                                    {"speeds": [1.0, 2.0], "extra": 1}, {"memory": {}}])
 def test_a_malformed_memory_entry_is_ignored_with_one_warning(tmp_path, capsys, entry):
     path = tmp_path / "speeds.json"
-    path.write_text(json.dumps({"k": entry}))
+    _write_cache(path, {"k": entry})
     assert ProfileCache(path).load_entry("k", 2) is None
     assert capsys.readouterr().err.count("stadi: warning:") == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Only its own files (issue 36): other JSON, oversized files, model folders, bad memories
+
+
+KEY = "FluxTransformer2DModel-0123456789abcdef-112x80-[cpu0,cpu1]"
+MODEL_CONFIG = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1", "num_layers": 2}
+
+
+@pytest.mark.parametrize("content", [MODEL_CONFIG, {"scenario": "x", "arms": []}, {"key": [1.0, 2.0]},
+                                     {"stadi_profile_cache": 2, "entries": {}},
+                                     {"stadi_profile_cache": 1, "entries": {}, "extra": 1}],
+                         ids=["model-config", "bench-results", "plain-key", "newer-version", "extra-field"])
+def test_a_json_file_that_is_not_a_cache_is_refused_and_never_rewritten(tmp_path, capsys, content):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(content))
+    before = path.read_bytes()
+    with pytest.raises(ValueError) as info:
+        profile_cache.check_cache_path(path)
+    assert "\n" not in str(info.value) and "--stadi_profile_cache" in str(info.value)
+    assert "profile cache" in str(info.value)
+    cache = ProfileCache(path)
+    assert cache.load_entry(KEY, 2) is None
+    assert cache.store(KEY, [1.0, 2.0]) is False
+    lines = _warning_lines(capsys.readouterr().err)
+    assert len(lines) == 2 and all(str(path) in line for line in lines)
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.corrupt-*"))
+
+
+def test_the_earlier_form_is_read_and_rewritten_in_the_marked_one(tmp_path):
+    path = tmp_path / "speeds.json"
+    path.write_text(json.dumps({KEY: [1.0, 2.0]}))
+    profile_cache.check_cache_path(path)
+    cache = ProfileCache(path)
+    assert cache.load(KEY, 2) == [1.0, 2.0]
+    assert cache.store(KEY.replace("112x80", "64x64"), [3.0, 4.0])
+    assert _entries(path) == {KEY: [1.0, 2.0], KEY.replace("112x80", "64x64"): [3.0, 4.0]}
+    path.write_text("{}")  # an empty object holds no one's data
+    profile_cache.check_cache_path(path)
+
+
+def test_an_oversized_cache_is_refused_before_parsing(tmp_path, capsys):
+    path = tmp_path / "speeds.json"
+    path.write_bytes(b'{"stadi_profile_cache": 1, "entries": {}, "pad": "' + b"x" * profile_cache.MAX_CACHE_BYTES
+                     + b'"}')
+    with pytest.raises(ValueError, match="larger than 8 MiB"):
+        profile_cache.check_cache_path(path)
+    assert ProfileCache(path).load_entry(KEY, 2) is None
+    assert ProfileCache(path).store(KEY, [1.0]) is False
+    assert len(_warning_lines(capsys.readouterr().err)) == 2
+
+
+def test_paths_inside_model_files_are_refused(tmp_path, monkeypatch, capsys):
+    hub = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(hub))
+    for env in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(env, raising=False)
+    snapshot = hub / "hub" / "models--org--model" / "snapshots" / "abc"
+    (snapshot / "transformer").mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    local = tmp_path / "my_model"
+    (local / "unet").mkdir(parents=True)
+    (local / "model_index.json").write_text("{}")
+    weights = tmp_path / "weights_only"
+    weights.mkdir()
+    (weights / "config.json").write_text("{}")
+    (weights / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    for path, words in ((snapshot / "transformer" / "config.json", "Hugging Face cache"),
+                        (hub / "hub" / "speeds.json", "Hugging Face cache"),
+                        (local / "unet" / "speeds.json", "model folder"), (local / "speeds.json", "model folder"),
+                        (weights / "speeds.json", "model folder")):
+        with pytest.raises(ValueError, match=words):
+            profile_cache.check_cache_path(path)
+        assert ProfileCache(path).store(KEY, [1.0, 2.0]) is False
+        assert not path.exists() or path.name == "config.json"
+    assert len(_warning_lines(capsys.readouterr().err)) == 5
+    profile_cache.check_cache_path(tmp_path / "elsewhere" / "speeds.json")  # beside them is fine
+
+
+GOOD_MEMORY = {"evidence": [[[[8, 4.0, 0.01, 0.02, 3.0]], [[8, 2.0, 0.02, 0.01, 1.0]]]], "warmup_rows": [9, 7],
+               "plan_rows": [8, 8], "plan_strides": [1, 2], "exchange_seconds": [0.001], "pending": None}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("plan_rows", [float("inf"), 8]), ("plan_rows", [-1, 8]), ("exchange_seconds", [1e308]),
+    ("evidence", [[[[8, 1e300, 0.01, 0.02, 3.0]], [[8, 2.0, 0.02, 0.01, 1.0]]]]),
+    ("evidence", [[[[8, 4.0, 1e-301, 0.02, 3.0]], [[8, 2.0, 0.02, 0.01, 1.0]]]]),
+    ("plan_strides", [0, 1]), ("plan_strides", [1, 10**9]), ("warmup_rows", [9]),
+], ids=["inf-rows", "negative-rows", "huge-exchange", "huge-weight", "tiny-row-cost", "stride-0", "stride-1e9",
+        "short"])
+def test_a_bad_memory_is_dropped_with_one_warning_and_replaced_never_kept(tmp_path, capsys, field, value):
+    """Each of these gave a traceback in every rank, and since the failed run never replaced the entry,
+    every later launch with the cache failed too (issue 36); or was planned on silently."""
+    path = tmp_path / "speeds.json"
+    _write_cache(path, {KEY: {"speeds": [1.0, 2.0], "memory": {**GOOD_MEMORY, field: value}},
+                        "other": {"speeds": [1.0, 2.0], "memory": {**GOOD_MEMORY, field: value}}})
+    cache = ProfileCache(path)
+    assert cache.load_entry(KEY, 2) is None
+    assert len(_warning_lines(capsys.readouterr().err)) == 1
+    assert cache.store(KEY, [3.0, 4.0], memory=GOOD_MEMORY)
+    assert "dropped 1 invalid entry" in capsys.readouterr().err  # "other": the same damage
+    assert _entries(path) == {KEY: {"speeds": [3.0, 4.0], "memory": GOOD_MEMORY}}
+
+
+def test_speeds_a_million_times_apart_are_not_an_entry(tmp_path, capsys):
+    path = tmp_path / "speeds.json"
+    _write_cache(path, {KEY: [1e-300, 1.0]})
+    assert ProfileCache(path).load(KEY, 2) is None
+    assert "differ by more than" in capsys.readouterr().err

@@ -125,6 +125,6 @@ def test_profile_cache_makes_the_next_launch_warm_up_elastic(tmp_path, monkeypat
     assert slow[1] - slow[0] < fast[1] - fast[0]
     # ... and its own warmup measurement replaces the entry.
     assert second["cached"] == list(second["plan"].speeds)
-    entries = json.loads(cache.read_text())  # valid JSON, one entry for this model/size/hardware
+    entries = json.loads(cache.read_text())["entries"]  # valid JSON, one entry for this model/size/hardware
     assert list(entries) == [first["key"]]
     assert not list(tmp_path.glob("*.tmp")), "no temp file left behind"

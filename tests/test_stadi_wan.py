@@ -10,15 +10,10 @@ are the conformance suite's (tests/test_conformance.py); one 2-rank job serves W
 
 from __future__ import annotations
 
-import os
-import subprocess
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
-from stadi_xdit.offline.spawn import free_port, run_distributed
+from stadi_xdit.offline.spawn import run_distributed
 from stadi_xdit.testing.checks import counted_calls, relative_error
 from stadi_xdit.xdit.build import build_stadi_pipeline
 
@@ -202,62 +197,4 @@ def test_displaced_kv_bytes_and_memory_refusal(monkeypatch):
     check_kv_memory(Store(), 30 * 1024**3, torch.device("cuda", 0), "fits")
     check_kv_memory(Store(), size, torch.device("cpu"), "CPU is not checked")
 
-
-# --- through xDiT's runner (`xdit --model Wan2.1-T2V`) on the offline hub cache -------------------
-
-# The runner saves videos with diffusers' export_to_video, which needs imageio or OpenCV; neither is a
-# dependency here, so the launched script stores the frames in NumPy's format under the path it is given
-# (STADI's runner form writes to a temp file and renames it) and then runs xfuser.runner.
-RUNNER_SCRIPT = """\
-import runpy
-import numpy as np
-import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
-from xfuser.model_executor.models.runner_models import base_model
-def _save_frames(video, output_video_path, fps=10, **_):
-    with open(output_video_path, "wb") as out:
-        np.save(out, np.asarray(video))
-    return output_video_path
-base_model.export_to_video = _save_frames
-runpy.run_module("xfuser.runner", run_name="__main__", alter_sys=True)
-"""
-
-
-@pytest.mark.cpu_only("CPU runs of the tiny offline cache")
-def test_exact_stadi_through_the_runner_equals_one_plain_process(tmp_path, make_hub_cache):
-    from stadi_xdit.run import build_launch_command
-
-    hub = make_hub_cache(["Wan2.1-T2V"])
-    script = tmp_path / "wan_runner.py"
-    script.write_text(RUNNER_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-               OMP_NUM_THREADS="1")
-    common = ["--model", "Wan2.1-T2V", "--height", str(HEIGHT), "--width", str(WIDTH), "--num_frames", str(FRAMES),
-              "--max_sequence_length", "16", "--prompt", "a cat", "--num_inference_steps", "3"]
-    runs = {"plain": [], "stadi": ["--use_stadi", "--stadi_degree", "2", "--stadi_exact", "--stadi_speeds", "1,2",
-                                   "--warmup_steps", "1"]}
-    runs["parallel_vae"] = [*runs["stadi"], "--use_parallel_vae"]  # DistVAE's Wan adapter, set up by the runner
-    procs = {}
-    for name, extra in runs.items():  # both at once: most of each run is start-up
-        (tmp_path / name).mkdir()
-        # What `stadi-xdit ARGS` runs (its `launch` is `subprocess.call(build_launch_command(ARGS))`).
-        command = build_launch_command(["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
-                                        *common, *extra, "--output_directory", str(tmp_path / name)])
-        assert command[command.index("--nproc_per_node=" + ("2" if extra else "1"))]
-        procs[name] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    logs = {name: proc.communicate(timeout=300)[0] for name, proc in procs.items()}
-    for name, proc in procs.items():
-        assert proc.returncode == 0, logs[name][-4000:]
-    assert "STADI plan" in logs["stadi"] and "STADI plan" not in logs["plain"]
-    assert "Parallel VAE decoder enabled on AutoencoderKLWan" in logs["parallel_vae"]
-    assert "STADI rank 1: 3 model evaluations (plan: 3)" in logs["stadi"], logs["stadi"][-3000:]
-    (plain,) = (tmp_path / "plain").glob("*.mp4")
-    plain = np.load(plain).astype(np.float64)
-    assert plain.shape == (FRAMES, HEIGHT, WIDTH, 3)
-    for name in ("stadi", "parallel_vae"):
-        (stadi,) = (tmp_path / name).glob("*.mp4")
-        error = np.linalg.norm(np.load(stadi).astype(np.float64) - plain) / np.linalg.norm(plain)
-        print(f"[stadi-wan] runner Wan2.1-T2V, exact STADI ({name}) on 2 ranks vs 1 plain process: "
-              f"rel. error = {error:.2e}")
-        assert error <= 1e-4
-    assert Path(tmp_path / "stadi" / "timings.json").is_file()
+# Through xDiT's runner (`xdit --model Wan2.1-T2V`), exact and with DistVAE: tests/test_runner_conformance.py.

@@ -61,14 +61,59 @@ def test_a_live_stall_past_the_timeout_is_named(capsys):
         assert "rank 0 stalled in load" in supervisor.culprit.line
 
 
-def test_startup_and_idle_have_no_phase_limit(capsys):
-    with _watched(1.0) as (supervisor, (waiting,)):
-        _beat(supervisor, 0, waiting.pid, "idle", beat_age=0, phase_age=60)
+def _beat_record(supervisor: Supervisor, rank: int, pid: int, phase: str, phase_age: float, progress_age: float):
+    now = time.time()
+    record = {"pid": pid, "phase": phase, "since": now - phase_age, "beat": now, "progress": now - progress_age,
+              "cause": None}
+    heartbeat.beat_path(supervisor.folder, rank).write_text(json.dumps(record))
+
+
+def test_idle_is_unbounded_while_a_peer_works_and_bounded_once_none_does(capsys):
+    """Rank 0 idles (done) while rank 1 decodes long past the timeout, reporting progress: neither is ended.
+    Once rank 1 has exited (its output saved), rank 0's teardown is bounded by the timeout."""
+    with _watched(1.0, ranks=2) as (supervisor, (waiting, decoding)):
         supervisor.start()
-        for _ in range(25):  # several polls while the stand-in beats, long in its phase: nothing happens
-            _beat(supervisor, 0, waiting.pid, "idle", beat_age=0, phase_age=60)
+        for _ in range(25):  # 2.5 s of polls: rank 1 is 60 s into its decode, its last block began just now
+            _beat_record(supervisor, 0, waiting.pid, "idle", phase_age=60, progress_age=60)
+            _beat_record(supervisor, 1, decoding.pid, "decode", phase_age=60, progress_age=0)
             time.sleep(0.1)
-        assert supervisor.culprit is None and waiting.poll() is None
+        assert supervisor.culprit is None and waiting.poll() is None and decoding.poll() is None
+        decoding.kill()
+        decoding.wait()
+        ended = time.monotonic()
+        while waiting.poll() is None and time.monotonic() - ended < 30:  # rank 0 still beats, idle
+            _beat_record(supervisor, 0, waiting.pid, "idle", phase_age=60, progress_age=60)
+            time.sleep(0.1)
+        assert waiting.poll() is not None and time.monotonic() - ended >= 1.0
+        assert supervisor.culprit.rank == 0 and "rank 0 stalled in idle" in supervisor.culprit.line
+        assert "after every rank finished its work" in capsys.readouterr().err
+
+
+def test_a_phase_without_progress_is_a_stall_and_startup_has_no_limit(capsys):
+    with _watched(1.0, ranks=2) as (supervisor, (importing, stuck)):
+        supervisor.start()
+        for _ in range(15):
+            _beat_record(supervisor, 0, importing.pid, "startup", phase_age=60, progress_age=60)
+            _beat_record(supervisor, 1, stuck.pid, "decode", phase_age=0.5, progress_age=0.5)
+            time.sleep(0.1)  # 1.5 s in a fresh decode: the beats keep its phase young, so no stall yet
+        assert supervisor.culprit is None
+        _beat_record(supervisor, 1, stuck.pid, "decode", phase_age=5, progress_age=5)
+        _wait_for(lambda: supervisor.culprit is not None)
+        assert supervisor.culprit.rank == 1 and "without progress" in supervisor.culprit.line
+
+
+def test_a_deleted_heartbeat_folder_does_not_switch_supervision_off(capsys):
+    """A /tmp cleaner removes the folder: the last records still count (a silent rank is still found), and a
+    rank's next beat makes the folder again."""
+    import shutil
+
+    with _watched(1.0) as (supervisor, (stopped,)):
+        _beat(supervisor, 0, stopped.pid, "stadi step 3", beat_age=0, phase_age=0)
+        supervisor.start()
+        time.sleep(0.3)
+        shutil.rmtree(supervisor.folder)
+        _wait_for(lambda: supervisor.culprit is not None)
+        assert supervisor.culprit.rank == 0 and "stopped responding in stadi step 3" in supervisor.culprit.line
 
 
 def test_the_rank_that_failed_first_is_not_the_one_that_reported_it():
@@ -80,6 +125,22 @@ def test_the_rank_that_failed_first_is_not_the_one_that_reported_it():
         supervisor.died_at = {0: 10.0, 1: 11.0, 2: 12.0}
         assert supervisor.first_failure([0, 1, 2]) == 1  # rank 0 only reported rank 1
         assert supervisor.first_failure([0]) is None  # nothing but a report: torchrun's own order
+    finally:
+        supervisor.close()
+
+
+def test_a_rank_stopped_by_torchrun_in_the_same_poll_is_not_named_before_the_one_that_failed():
+    """Rank 1 raised (exit 1) and torchrun's SIGTERM ended rank 0 within one poll: both were first seen
+    dead at once, and rank 1 is the one that failed (it used to be rank 0, the lower number)."""
+    supervisor = Supervisor(timeout=5.0)
+    try:
+        _beat(supervisor, 0, 1, "idle", 0, 0)
+        _beat(supervisor, 1, 1, "save", 0, 0)
+        supervisor.died_at = {0: 10.0, 1: 10.0}
+        assert supervisor.first_failure([0, 1], stopped_by_the_agent=[0]) == 1
+        assert supervisor.first_failure([0, 1]) == 0  # no signal known: the lower rank of a tie
+        supervisor.died_at = {0: 10.0, 1: 11.0}  # both stopped by a signal: the earlier death
+        assert supervisor.first_failure([0, 1], stopped_by_the_agent=[0, 1]) == 0
     finally:
         supervisor.close()
 

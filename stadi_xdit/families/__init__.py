@@ -36,6 +36,9 @@ class HubModel:
     runner_model: str  # the name in xfuser's runner registry
     repo_id: str  # the hub repo its ModelSettings(model_name=...) loads
     build: Callable[[], Any]  # a tiny pipeline with every component that runner model loads
+    # The runner's size flags for one tiny call of that pipeline, on an odd number of token rows (the
+    # runner conformance cases, tests/test_runner_conformance.py, launch it in every mode users use)
+    tiny_call: tuple[str, ...] = ("--height", "112", "--width", "80")
 
 
 @dataclass(frozen=True)

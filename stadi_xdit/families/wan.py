@@ -188,7 +188,9 @@ SPEC = FamilySpec(
     name="wan",
     runtime="stadi_xdit.models.wan",
     presets=WAN_PRESETS,
-    hub_models=(HubModel("Wan2.1-T2V", "Wan-AI/Wan2.1-T2V-14B-Diffusers", build_wan_pipeline),),
+    hub_models=(HubModel("Wan2.1-T2V", "Wan-AI/Wan2.1-T2V-14B-Diffusers", build_wan_pipeline,
+                         # 5 latent frames x 3 token rows: 15 rows of the clip
+                         tiny_call=("--height", "48", "--width", "64", "--num_frames", "17")),),
     bench=BenchModel(
         preset="stadi_xdit.families.wan:WanBench",
         # 17 frames = 5 latent frames; the real sizes at their model cards' clips.

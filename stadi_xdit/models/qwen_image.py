@@ -49,9 +49,10 @@ class StadiQwenImageAttnProcessor(BandAttentionProcessor):
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
         if encoder_hidden_states is None:
             raise ValueError("StadiQwenImageAttnProcessor needs encoder_hidden_states (the text stream)")
-        if attention_mask is not None:
-            raise ValueError("StadiQwenImageAttnProcessor builds its mask from encoder_hidden_states_mask only")
         start, end = self.store.own_range
+        if attention_mask is not None:
+            encoder_hidden_states_mask = _text_mask_of_joint_mask(attention_mask, encoder_hidden_states.shape[1],
+                                                                  end - start, encoder_hidden_states_mask)
         image_tokens = sum(self.store.token_counts)
         if hidden_states.shape[1] != end - start:
             raise RuntimeError(f"band has {hidden_states.shape[1]} image tokens, the layout says {end - start}")
@@ -91,6 +92,21 @@ class StadiQwenImageAttnProcessor(BandAttentionProcessor):
         if len(attn.to_out) > 1:
             img_out = attn.to_out[1](img_out)
         return img_out, attn.to_add_out(txt_out.contiguous())
+
+
+def _text_mask_of_joint_mask(joint: torch.Tensor, text_tokens: int, band_tokens: int,
+                             text_mask: torch.Tensor | None) -> torch.Tensor:
+    """The text key mask inside the joint `[text, image]` mask that xDiT's Qwen-Image transformer
+    (`xFuserQwenImageTransformer2DWrapper`, the runner's) builds once per forward in place of
+    `encoder_hidden_states_mask`: text mask, then ones over this band's image tokens. The processor keeps
+    the text part and masks the other bands' stale keys itself; any other mask is refused."""
+    if text_mask is not None:
+        raise ValueError("StadiQwenImageAttnProcessor takes encoder_hidden_states_mask or xDiT's joint "
+                         "attention_mask, not both")
+    if joint.dim() != 2 or joint.shape[1] != text_tokens + band_tokens:
+        raise ValueError(f"StadiQwenImageAttnProcessor takes a joint [text, image] key mask of shape "
+                         f"(batch, {text_tokens + band_tokens}), got {tuple(joint.shape)}")
+    return joint[:, :text_tokens]
 
 
 QWEN_IMAGE_INJECTION = InjectionPlan(

@@ -18,15 +18,22 @@ within the call).
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .anchor import Settled, settle_plan
-from .evidence import CostEstimate, RankEvidence, combine_evidence, estimate_costs, paired
+from .evidence import (
+    MAX_FORWARD_SECONDS,
+    CostEstimate,
+    RankEvidence,
+    combine_evidence,
+    estimate_costs,
+    paired,
+)
 from .plan_types import Plan
 from .planning import plan_warmup
+from .validation import MAX_ROWS, MAX_STRIDE_LIMIT, require_int
 
 # Calls whose measured warmup exchange a memory keeps (their median is planned on).
 EXCHANGE_MEMORY_CALLS = 5
@@ -82,24 +89,54 @@ class CallMemory:
                                                               for branch in self.pending.branches]}
 
     @classmethod
-    def from_json(cls, data: object, num_ranks: int, num_branches: int) -> CallMemory:
-        """A memory read back (the profile cache); ValueError when it does not fit this launch."""
+    def from_json(cls, data: object, num_ranks: int | None = None, num_branches: int | None = None,
+                  max_stride: int = MAX_STRIDE_LIMIT) -> CallMemory:
+        """A memory read back (the profile cache), every field checked: a ValueError (one line) when it is
+        malformed, out of range, or not for `num_ranks` ranks in `num_branches` CFG branches (None: any)."""
+        try:
+            return cls._from_json(data, num_ranks, num_branches, max_stride)
+        except (KeyError, TypeError, OverflowError, RecursionError) as error:
+            raise ValueError(f"memory is malformed ({type(error).__name__}: {str(error)[:200]})") from None
+
+    @classmethod
+    def _from_json(cls, data: object, num_ranks: int | None, num_branches: int | None, max_stride: int
+                   ) -> CallMemory:
         if not isinstance(data, dict):
             raise ValueError(f"memory must be an object, got {type(data).__name__}")  # noqa: TRY004
-        try:
-            branches = tuple(tuple(RankEvidence.from_json(rank) for rank in branch) for branch in data["evidence"])
-            lists = [tuple(int(v) for v in data[name]) for name in ("warmup_rows", "plan_rows", "plan_strides")]
-            exchange = tuple(float(v) for v in data.get("exchange_seconds", ()))
-            pending = data.get("pending")
-            pending = None if pending is None else Evidence(tuple(tuple(RankEvidence.from_json(rank) for rank in b)
-                                                                  for b in pending))
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"memory is missing or mistypes {error}") from None
-        if (len(branches) != num_branches or any(len(b) != num_ranks or not all(r.sizes for r in b) for b in branches)
-                or any(len(values) != num_ranks for values in lists)
-                or not all(math.isfinite(v) and v >= 0 for v in exchange)):
-            raise ValueError(f"memory is not for {num_branches} CFG branch(es) of {num_ranks} ranks")
-        return cls(Evidence(branches), *lists, exchange_seconds=exchange[-EXCHANGE_MEMORY_CALLS:], pending=pending)
+        unknown = set(data) - {"evidence", "warmup_rows", "plan_rows", "plan_strides", "exchange_seconds", "pending"}
+        if unknown:
+            raise ValueError(f"memory has unknown fields {sorted(map(str, unknown))[:5]}")
+
+        def evidence(value: object, name: str) -> Evidence:
+            if not isinstance(value, list) or not value or not all(isinstance(branch, list) for branch in value):
+                raise ValueError(f"memory {name} must be a non-empty list of CFG branches")
+            return Evidence(tuple(tuple(RankEvidence.from_json(rank) for rank in branch) for branch in value))
+
+        def integers(name: str, minimum: int, maximum: int) -> tuple[int, ...]:
+            values = data[name]
+            if not isinstance(values, list):
+                raise ValueError(f"memory {name} must be a list")  # noqa: TRY004
+            return tuple(require_int(f"memory {name}[{i}]", v, minimum=minimum, maximum=maximum)
+                         for i, v in enumerate(values))
+
+        branches = evidence(data["evidence"], "evidence")
+        lists = [integers("warmup_rows", 1, MAX_ROWS), integers("plan_rows", 1, MAX_ROWS),
+                 integers("plan_strides", 1, max_stride)]
+        exchange = data.get("exchange_seconds", [])
+        if not isinstance(exchange, list) or not all(
+                not isinstance(v, bool) and isinstance(v, (int, float)) and 0 <= v <= MAX_FORWARD_SECONDS
+                for v in exchange):
+            raise ValueError(f"memory exchange_seconds must be a list of seconds in [0, {MAX_FORWARD_SECONDS:g}]")
+        pending = None if data.get("pending") is None else evidence(data["pending"], "pending")
+        ranks = num_ranks if num_ranks is not None else len(lists[0])
+        count = num_branches if num_branches is not None else len(branches.branches)
+        if (len(branches.branches) != count or any(len(b) != ranks or not all(r.sizes for r in b)
+                                                   for b in branches.branches)
+                or any(len(values) != ranks for values in lists)
+                or (pending is not None and any(len(b) != ranks for b in pending.branches))):
+            raise ValueError(f"memory is not for {count} CFG branch(es) of {ranks} ranks")
+        return cls(branches, *lists, exchange_seconds=tuple(float(v) for v in exchange[-EXCHANGE_MEMORY_CALLS:]),
+                   pending=pending)
 
     def with_exchange(self, measured: float) -> tuple[float, ...]:
         return (*self.exchange_seconds, measured)[-EXCHANGE_MEMORY_CALLS:]

@@ -36,6 +36,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .validation import MAX_ROWS
+
 PRIOR_NOISE = 0.05  # relative spread of one forward assumed before any spread is measured
 PRIOR_WEIGHT = 2.0  # ... worth this many samples of measured spread
 DECAY = 0.8  # weight older evidence keeps each time a newer call's evidence is merged
@@ -45,6 +47,13 @@ MIN_FIT_SPREAD = 0.2  # smallest spread of band sizes, relative to the largest, 
 MIN_WEIGHT = 0.05  # evidence decayed below this many samples is dropped
 MAD_TO_SIGMA = 1.4826
 STALL_FACTOR = 2.0  # a forward this many times its size's lower median is a stall: dropped, not noise
+# What evidence read back (the profile cache) may hold: a forward of 100 ns to ~1 day, at most a million
+# samples' weight, a spread of at most 100x. Beyond them a number is damage, not a measurement, and
+# planning on it would overflow or starve a rank (a 1e-298 ms row cost).
+MIN_FORWARD_SECONDS = 1e-7
+MAX_FORWARD_SECONDS = 1e5
+MAX_EVIDENCE_WEIGHT = 1e6
+MAX_SPREAD = 100.0
 
 
 @dataclass(frozen=True)
@@ -62,13 +71,26 @@ class SizeStats:
 
     @classmethod
     def from_json(cls, item: Sequence[float]) -> SizeStats:
-        rows, weight, seconds, spread, dof = item
-        stats = cls(int(rows), float(weight), float(seconds), float(spread), float(dof))
-        if not (stats.rows >= 1 and stats.weight > 0 and stats.seconds > 0 and stats.spread >= 0 and stats.dof >= 0
-                and all(math.isfinite(v) for v in (stats.weight, stats.seconds, stats.spread, stats.dof))):
-            raise ValueError(f"evidence entry must be [rows >= 1, weight > 0, seconds > 0, spread >= 0, dof >= 0], "
-                             f"got {list(item)!r}")
-        return stats
+        """One size's stats read back; a ValueError for anything a measurement cannot be."""
+        def number(value: object) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{value!r} is not a number")  # noqa: TRY004 (callers catch one type)
+            return float(value)
+
+        expected = (f"[rows in [1, {MAX_ROWS}], weight in (0, {MAX_EVIDENCE_WEIGHT:g}], seconds in "
+                    f"[{MIN_FORWARD_SECONDS:g}, {MAX_FORWARD_SECONDS:g}], spread in [0, {MAX_SPREAD:g}], dof in "
+                    f"[0, {MAX_EVIDENCE_WEIGHT:g}]]")
+        try:
+            if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 5:
+                raise ValueError("not a list of five numbers")
+            rows, weight, seconds, spread, dof = (number(value) for value in item)
+        except (ValueError, OverflowError):
+            raise ValueError(f"evidence entry must be {expected}, got {item!r:.200}") from None
+        if not (rows.is_integer() and 1 <= rows <= MAX_ROWS and 0 < weight <= MAX_EVIDENCE_WEIGHT
+                and MIN_FORWARD_SECONDS <= seconds <= MAX_FORWARD_SECONDS and 0 <= spread <= MAX_SPREAD
+                and 0 <= dof <= MAX_EVIDENCE_WEIGHT):
+            raise ValueError(f"evidence entry must be {expected}, got {list(item)!r:.200}")
+        return cls(int(rows), weight, seconds, spread, dof)
 
 
 @dataclass(frozen=True)
@@ -183,6 +205,8 @@ class RankEvidence:
     def from_json(cls, items: Sequence[Sequence[float]]) -> RankEvidence:
         if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
             raise ValueError(f"evidence must be a list of size entries, got {type(items).__name__}")  # noqa: TRY004
+        if len(items) > MAX_ROWS:
+            raise ValueError(f"evidence lists {len(items)} band sizes, more than {MAX_ROWS} rows can have")
         sizes = sorted((SizeStats.from_json(item) for item in items), key=lambda s: s.rows)
         if len({s.rows for s in sizes}) != len(sizes):
             raise ValueError("evidence lists a band size twice")

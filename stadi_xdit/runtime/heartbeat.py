@@ -12,16 +12,25 @@ may already have exited or may wait in a gloo call with a 30-minute default. So 
   `min(1 s, timeout / 4)`: its pid, its current phase, when the phase began and the time of
   the beat; `phase()` names the phase (`process-group`, `load`, `<STADI phase> step <n>`,
   `decode`, `save`, `profile-cache write`, `cleanup`, `idle`);
+* work reports progress (`progress()`): every block of the pipeline's models (transformer blocks,
+  VAE decoder blocks, text-encoder layers) reports as it starts (`watch_progress`), and so does a
+  phase change; the beat carries the time of the last progress;
 * the launcher's supervisor (`stadi_xdit.supervisor`) ends the launch when a rank's beat is older
-  than the timeout (a stopped or wedged process) or its phase has lasted longer than the timeout
-  (a live stall), naming that rank and phase in one line.
+  than the timeout (a stopped or wedged process) or it has made no progress for longer than the
+  timeout (a live stall: a lock, a hung read), naming that rank and phase in one line. A rank that
+  works slowly (a long VAE decode) keeps reporting progress and is never ended for it.
+
+The launcher's variables are read once, when the rank starts, and taken out of its environment:
+processes a rank starts (a script's own subprocesses) are not ranks of this launch. Should the
+folder be deleted under the running launch (a /tmp cleaner), the next beat creates it again.
 
 A rank that exits because a peer failed marks itself (`mark_exit("peer")`), so the launcher names
 the rank that failed first, not a survivor.
 
 `STADI_FAULT=PHASE:RANK[:HOW][,...]` injects a fault for tests: when global rank RANK enters a
 phase whose name starts with PHASE, it stops itself with SIGSTOP (`stop`, the default), sleeps
-forever (`sleep`: a live stall), exits with status 1 (`exit`) or raises (`raise`);
+forever (`sleep`: a live stall), exits with status 1 (`exit`), raises (`raise`) or works on for
+twice the timeout, reporting progress, before it goes on (`slow`: slow work, not a stall);
 `STADI_FAULT_STAMP=FILE` records when (and in which phase) it fired.
 
 Standard library only; without `STADI_HEARTBEAT_DIR` nothing runs but the fault hooks.
@@ -42,12 +51,15 @@ ENV_DIR = "STADI_HEARTBEAT_DIR"
 ENV_TIMEOUT = "STADI_PHASE_TIMEOUT"
 ENV_FAULT = "STADI_FAULT"
 ENV_FAULT_STAMP = "STADI_FAULT_STAMP"
-FAULT_KINDS = ("stop", "sleep", "exit", "raise")
+FAULT_KINDS = ("stop", "sleep", "exit", "raise", "slow")
 MAX_BEAT_SECONDS = 1.0
 
 _lock = threading.Lock()
 _state = {"phase": "startup", "since": time.time(), "cause": None}
+_last_progress = [0.0]  # a list: `progress()` only stores into it, no lock on the hot path
 _thread: threading.Thread | None = None
+_folder: str | None = None  # the launcher's heartbeat folder, once `start()` has read it
+_timeout = [600.0]  # the launcher's --stadi_timeout, once `start()` has read it
 
 
 class InjectedFault(RuntimeError):
@@ -87,15 +99,19 @@ def read_beats(folder: str | os.PathLike) -> dict[int, dict]:
 
 
 def start() -> None:
-    """Start this rank's heartbeat thread (idempotent; only under a launcher that watches)."""
-    global _thread
-    folder = os.environ.get(ENV_DIR)
+    """Start this rank's heartbeat thread (idempotent; only under a launcher that watches). The
+    launcher's variables leave the environment here, so a process this rank starts is not taken
+    for a rank of the launch."""
+    global _thread, _folder
+    folder = os.environ.pop(ENV_DIR, None)
+    timeout_text = os.environ.pop(ENV_TIMEOUT, None)
     if not folder or _thread is not None:
         return
     try:
-        timeout = float(os.environ.get(ENV_TIMEOUT, "600"))
+        timeout = float(timeout_text or "600")
     except ValueError:
         timeout = 600.0
+    _folder, _timeout[0] = folder, timeout
     _write(folder)
     _thread = threading.Thread(target=_beat, args=(folder, beat_seconds(timeout)), name="stadi-heartbeat",
                                daemon=True)
@@ -111,28 +127,74 @@ def _beat(folder: str, interval: float) -> None:
 def _write(folder: str) -> None:
     with _lock:
         record = {"pid": os.getpid(), "phase": _state["phase"], "since": _state["since"], "beat": time.time(),
-                  "cause": _state["cause"]}
+                  "progress": max(_state["since"], _last_progress[0]), "cause": _state["cause"]}
     path = beat_path(folder, global_rank())
     temp = path.with_name(f".{path.name}.{os.getpid()}")
+    for _ in range(2):
+        try:
+            temp.write_text(json.dumps(record))
+            os.replace(temp, path)
+            return
+        except FileNotFoundError:  # deleted under us (a /tmp cleaner): make it again, private, and retry
+            if not _make_private_folder(folder):
+                return
+        except OSError:
+            return  # a full disk: the supervisor reads the beat as silence
+
+
+def _make_private_folder(folder: str) -> bool:
+    """`folder` exists again as this user's own directory (mode 0700); False if something else holds the name."""
+    import stat
+
     try:
-        temp.write_text(json.dumps(record))
-        os.replace(temp, path)
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
     except OSError:
-        pass  # the launcher's folder is gone: the launcher is ending the job anyway
+        return False
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
 
 
 def phase(name: str) -> None:
     """This rank now runs `name` (its time limit starts now); injected faults fire here."""
     with _lock:
         _state["phase"], _state["since"] = name, time.time()
-    folder = os.environ.get(ENV_DIR)
-    if folder and _thread is not None:
-        _write(folder)
+    if _folder and _thread is not None:
+        _write(_folder)
     _maybe_fault(name)
 
 
-def current_phase() -> str:
-    return _state["phase"]
+def progress() -> None:
+    """This rank is working: the supervisor measures a live stall from the last call (cheap: one store)."""
+    _last_progress[0] = time.time()
+
+
+def watching() -> bool:
+    """Whether a launcher's supervisor watches this rank (progress reports are read)."""
+    return _thread is not None
+
+
+def watch_progress(modules) -> list:
+    """Report `progress()` as each block of `modules` (torch modules) starts: every element of their
+    `ModuleList`s (transformer blocks, VAE up-blocks and resnets, encoder layers). Returns the hook
+    handles (`.remove()`); none where no supervisor watches."""
+    if not watching():
+        return []
+    from torch import nn
+
+    def on_block(_module, _inputs):
+        progress()
+
+    handles = []
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, nn.ModuleList):
+                handles.extend(block.register_forward_pre_hook(on_block) for block in sub)
+    return handles
 
 
 @contextlib.contextmanager
@@ -151,9 +213,8 @@ def mark_exit(cause: str) -> None:
     """Say why this rank is about to exit (`peer`: a peer failed first); written at once."""
     with _lock:
         _state["cause"] = cause
-    folder = os.environ.get(ENV_DIR)
-    if folder:
-        _write(folder)
+    if _folder:
+        _write(_folder)
 
 
 def parse_faults(text: str) -> list[tuple[str, int, str]]:
@@ -192,5 +253,10 @@ def _maybe_fault(name: str) -> None:
                     time.sleep(3600)
             elif how == "exit":
                 os._exit(1)
+            elif how == "slow":
+                end = time.time() + 2 * _timeout[0]
+                while time.time() < end:
+                    progress()
+                    time.sleep(0.05)
             else:
                 raise InjectedFault(f"injected fault at {name} on rank {rank}")

@@ -6,13 +6,21 @@ Why it looks like this:
   canonical JSON. diffusers adds private keys such as `_use_default_values`, a list built from a
   set whose order changes with PYTHONHASHSEED; hashing them made every launch miss the cache and
   append a new entry forever.
-* File format. One UTF-8 JSON object, `{key: entry}`, written with sorted keys so diffs stay
-  readable. An entry is `[speed of rank 0, speed of rank 1, ...]`, each speed a finite number > 0,
-  or `{"speeds": [...], "memory": {...}}`, where the memory is the cost-model evidence of the run
-  (`runtime/adaptive.CallMemory.to_json`: per rank and band size, samples, time and spread) that
-  the next launch starts from; the memory is validated where it is used. The file is shared by every
-  run that names it, so one bad entry must never break the others: `load` ignores an invalid entry
-  (one warning line) and the next `store` drops invalid entries from the file (one warning line).
+* File format. One UTF-8 JSON object, `{"stadi_profile_cache": 1, "entries": {key: entry}}`, written
+  with sorted keys so diffs stay readable; the first field marks the file as ours. An entry is
+  `[speed of rank 0, speed of rank 1, ...]`, each speed a finite number > 0, or
+  `{"speeds": [...], "memory": {...}}`, where the memory is the cost-model evidence of the run
+  (`planner.calls.CallMemory.to_json`: per rank and band size, samples, time and spread) that the
+  next launch starts from. Every field is validated (`CallMemory.from_json`: finite, in range, one
+  value per rank, integer rows >= 1, strides <= 16). The file is shared by every run that names it,
+  so one bad entry must never break the others: `load` ignores an invalid entry (one warning line)
+  and the next `store` drops invalid entries from the file (one warning line). A file of the
+  earlier form, `{key: entry}` with every key a profile key, is read and rewritten in this one.
+* Only our own files are written. A file that is neither (a model's `config.json`, a benchmark's
+  `results.json`), one larger than `MAX_CACHE_BYTES`, and any path inside a model folder (a
+  folder with `model_index.json`, or with a `config.json` beside weights) or the Hugging Face
+  cache is refused: `check_cache_path` before launch, in one line; `load`/`store` with one warning,
+  leaving the file untouched.
 * Quarantine. A file that is not a JSON object at all (garbage, a top-level list/null/number,
   non-UTF-8 bytes, empty) is renamed to `<name>.corrupt-<UTC timestamp>[-n]` beside it, never
   overwritten: it may be a user's file given by mistake, or evidence of a bug.
@@ -48,11 +56,18 @@ from pathlib import Path
 from typing import Any
 
 from stadi_xdit.paths import read_regular_file
+from stadi_xdit.planner.validation import MIN_RELATIVE_SPEED
 from stadi_xdit.runtime import heartbeat
 
-__all__ = ["ProfileCache", "check_cache_path", "profile_key"]
+__all__ = ["ProfileCache", "check_cache_path", "model_files_holding", "profile_key"]
 
 FLAG = "--stadi_profile_cache"
+FORMAT_FIELD, FORMAT_VERSION = "stadi_profile_cache", 1
+# Thousands of entries with their memories fit; parsing a larger JSON file holds the GIL long enough to
+# starve the rank's heartbeat (a 300 MB file did), and no cache grows that large.
+MAX_CACHE_BYTES = 8 << 20
+_KEY_SHAPE = re.compile(r".+-[0-9a-f]{16}-\d+x\d+-\[.*\]", re.DOTALL)  # what `profile_key` returns
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 _DIGEST_CHARS = 16  # 64 bits of sha256: collisions between model configs are not a concern
 _MEMORY_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
 
@@ -122,7 +137,8 @@ def profile_key(model_class: str, model_config: Mapping[str, Any], height: int, 
 
 
 def check_cache_path(path: str | os.PathLike) -> None:
-    """Refuse a cache path that can never be a file, before any process group starts.
+    """Refuse a cache path that can never be a file, or that is not ours to write (see the module
+    docstring), before any process group starts.
 
     An unwritable location is not refused: it only costs the cache, and `store` says so.
     """
@@ -132,6 +148,17 @@ def check_cache_path(path: str | os.PathLike) -> None:
         raise ValueError(f"{FLAG} {shown} is a directory; name a file, e.g. {shown}/speeds.json")
     if target.exists() and not target.is_file():  # a FIFO would block every rank's read forever
         raise ValueError(f"{FLAG} {shown} is not a regular file (a FIFO, device or socket); name a JSON file")
+    inside = model_files_holding(target)
+    if inside is not None:
+        raise ValueError(f"{FLAG} {shown} is inside {inside}; keep the cache outside model files, "
+                         "e.g. ~/.cache/stadi/speeds.json")
+    if target.is_file():
+        try:
+            ProfileCache(target)._read_entries()
+        except _ForeignFile as foreign:
+            raise ValueError(f"{FLAG} {shown} {foreign}; name a new file or an existing profile cache") from None
+        except (_CorruptFile, OSError):
+            pass  # moved aside (corrupt) or warned about (unreadable) when used: it only costs the cache
     # The nearest existing ancestor must be a directory, or the file can never be created.
     for ancestor in target.absolute().parents:
         if ancestor.exists():
@@ -144,18 +171,66 @@ def check_cache_path(path: str | os.PathLike) -> None:
 # Cache file
 
 
+def model_files_holding(path: Path) -> str | None:
+    """What model files `path` is inside, in words ("the model folder X", "the Hugging Face cache"), or None."""
+    try:
+        absolute = Path(os.path.abspath(path))
+        resolved = absolute.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    hub = _hugging_face_cache()
+    for candidate in dict.fromkeys((absolute, resolved)):
+        if hub is not None and (candidate == hub or hub in candidate.parents):
+            return f"the Hugging Face cache ({hub})"
+        parts = candidate.parts
+        if any(part.startswith(("models--", "datasets--")) for part in parts) and "snapshots" in parts:
+            return "a Hugging Face cache snapshot"
+        for folder in candidate.parents:
+            if (folder / "model_index.json").is_file():
+                return f"the model folder {folder}"
+        folder = candidate.parent
+        try:
+            weights = any(name.endswith(_WEIGHT_SUFFIXES) for name in os.listdir(folder))
+        except OSError:
+            weights = False
+        if weights and (folder / "config.json").is_file():
+            return f"the model folder {folder}"
+    return None
+
+
+def _hugging_face_cache() -> Path | None:
+    """The hub cache folder as huggingface_hub resolves it (HF_HUB_CACHE, HF_HOME/hub, XDG, ~/.cache)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        folder = Path(explicit)
+    elif os.environ.get("HF_HOME"):
+        folder = Path(os.environ["HF_HOME"]) / "hub"
+    else:
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface" / "hub"
+    try:
+        return Path(os.path.abspath(folder.expanduser())).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
 class _CorruptFile(Exception):
     """The file exists but is not a JSON object; the message says why."""
+
+
+class _ForeignFile(Exception):
+    """The file is not ours (another JSON object, or too large); the message says why, after the path."""
 
 
 def _speeds_problem(speeds: Any, num_ranks: int | None) -> str | None:
     """Why `speeds` is not a usable entry (None when it is): a list of finite numbers > 0, or an
     object with such a list under "speeds" (and optionally a "memory" object)."""
+    memory = None
     if isinstance(speeds, Mapping):
         if set(speeds) - {"speeds", "memory"}:
-            return f"unknown fields {sorted(set(speeds) - {'speeds', 'memory'})}"
+            return f"unknown fields {sorted(map(str, set(speeds) - {'speeds', 'memory'}))[:5]}"
         if not isinstance(speeds.get("memory", {}), Mapping):
             return "memory is not an object"
+        memory = speeds.get("memory")
         speeds = speeds.get("speeds")
     if isinstance(speeds, (str, bytes)) or not isinstance(speeds, Sequence):
         return f"not a list but {type(speeds).__name__}"
@@ -172,6 +247,15 @@ def _speeds_problem(speeds: Any, num_ranks: int | None) -> str | None:
             return f"speed {speed!r} is not a finite number"
         if not math.isfinite(number) or number <= 0:
             return f"speed {speed!r} is not a finite number > 0"
+    if max(speeds) > min(speeds) / MIN_RELATIVE_SPEED:
+        return f"speeds {min(speeds):g} and {max(speeds):g} differ by more than {1 / MIN_RELATIVE_SPEED:g}x"
+    if memory is not None:
+        from stadi_xdit.planner.calls import CallMemory  # pure Python, like this module
+
+        try:
+            CallMemory.from_json(memory, num_ranks=len(speeds))
+        except ValueError as error:
+            return str(error)
     return None
 
 
@@ -194,6 +278,9 @@ class ProfileCache:
         except OSError as error:
             _warn(f"cannot read profile cache {self.path}: {_os_reason(error)}; measuring speeds instead")
             return None
+        except _ForeignFile as foreign:
+            _warn(f"{FLAG} {self.path} {foreign}; not using it, and not writing it")
+            return None
         except _CorruptFile:
             try:
                 # Re-read under the writers' lock: a writer may have replaced the file meanwhile.
@@ -202,6 +289,9 @@ class ProfileCache:
             except OSError as error:
                 _warn(f"profile cache {self.path} is corrupt and cannot be locked to move it aside "
                       f"({_os_reason(error)}); ignoring it and leaving it untouched")
+                return None
+            except _ForeignFile as foreign:  # replaced meanwhile by something not ours
+                _warn(f"{FLAG} {self.path} {foreign}; not using it, and not writing it")
                 return None
         if entries is None or key not in entries:
             return None
@@ -228,6 +318,10 @@ class ProfileCache:
         if problem is not None:
             _warn(f"not caching speeds for {key} in {self.path}: {problem}")
             return False
+        inside = model_files_holding(self.path)
+        if inside is not None:
+            _warn(f"not caching speeds in {self.path}: it is inside {inside}")
+            return False
         try:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +330,11 @@ class ProfileCache:
             # A named phase: under stadi-xdit a write that hangs (a wedged filesystem) ends the launch
             # naming it, instead of a peer blaming this rank for its next collective.
             with heartbeat.in_phase("profile-cache write"), self._exclusive_lock():
-                entries = self._read_entries_quarantining_corrupt()
+                try:
+                    entries = self._read_entries_quarantining_corrupt()
+                except _ForeignFile as foreign:
+                    _warn(f"not caching speeds: {FLAG} {self.path} {foreign}; it is left as it is")
+                    return False
                 if entries is None:  # corrupt and could not be moved aside: never overwrite it
                     return False
                 dropped = sorted(name for name, value in entries.items()
@@ -258,20 +356,32 @@ class ProfileCache:
     # -- internals ----------------------------------------------------------------------------
 
     def _read_entries(self) -> dict[str, Any]:
-        """The file's object ({} when there is no file); raises _CorruptFile or OSError."""
+        """The file's entries ({} when there is no file); raises _CorruptFile, _ForeignFile or OSError."""
         try:
-            raw = read_regular_file(self.path)
+            raw = read_regular_file(self.path, limit=MAX_CACHE_BYTES + 1)
         except FileNotFoundError:
             return {}
+        if len(raw) > MAX_CACHE_BYTES:
+            raise _ForeignFile(f"is larger than {MAX_CACHE_BYTES >> 20} MiB, more than a profile cache grows to")
         try:
-            entries = json.loads(raw.decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise _CorruptFile("not UTF-8 text") from None
         except (ValueError, RecursionError) as error:
             raise _CorruptFile(f"not JSON: {error}") from None
-        if not isinstance(entries, dict):
-            raise _CorruptFile(f"top level is {type(entries).__name__}, not an object")
-        return entries
+        if not isinstance(data, dict):
+            raise _CorruptFile(f"top level is {type(data).__name__}, not an object")
+        if FORMAT_FIELD in data:
+            if data[FORMAT_FIELD] != FORMAT_VERSION or not isinstance(data.get("entries"), dict) or len(data) != 2:
+                raise _ForeignFile(f"is not a version {FORMAT_VERSION} profile cache (it has {FORMAT_FIELD}: "
+                                   f"{data[FORMAT_FIELD]!r:.40} and fields {sorted(map(str, data))[:4]})")
+            return data["entries"]
+        # The earlier form, {key: entry}: ours only if every key is a profile key.
+        foreign = [key for key in data if not (isinstance(key, str) and _KEY_SHAPE.fullmatch(key))]
+        if foreign:
+            raise _ForeignFile(f"is not a STADI profile cache (a JSON object with keys such as "
+                               f"{', '.join(repr(k)[:40] for k in foreign[:3])})")
+        return data
 
     def _read_entries_quarantining_corrupt(self) -> dict[str, Any] | None:
         """Under the lock: the entries, {} after moving a corrupt file aside, None if that failed."""
@@ -333,7 +443,8 @@ class ProfileCache:
                                                  suffix=".tmp")
         try:
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(entries, handle, indent=1, sort_keys=True, allow_nan=False)
+                json.dump({FORMAT_FIELD: FORMAT_VERSION, "entries": dict(entries)}, handle, indent=1, sort_keys=True,
+                          allow_nan=False)
                 handle.write("\n")
                 handle.flush()
                 os.fsync(handle.fileno())  # the rename must not publish an empty file after a crash

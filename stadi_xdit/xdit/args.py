@@ -39,6 +39,9 @@ class StadiEngineConfig(EngineConfig):
     """xDiT's engine config plus the STADI settings; STADI pipelines read `stadi_config`."""
 
     stadi_config: StadiConfig = field(default_factory=StadiConfig)
+    # xDiT's model runner loads the pipeline (`stadi_xdit.xdit.runner`): it saves on its last process
+    # and shards the VAE decoder itself, so the twin it builds must do neither its own way.
+    served_by_runner: bool = False
 
 
 def stadi_arg_name(config_field: str) -> str:

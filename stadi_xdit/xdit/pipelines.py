@@ -113,18 +113,22 @@ class StadiPipelineMixin:
 
     injection_plan: InjectionPlan
 
-    def __init__(self, pipeline, engine_config, cache_args=None, stadi_config: StadiConfig | None = None,
-                 runner_parallelises_vae: bool = False):
+    def __init__(self, pipeline, engine_config, cache_args=None, stadi_config: StadiConfig | None = None):
         self.stadi_config = stadi_config or stadi_config_of(engine_config)
-        # xDiT's model runner shards the VAE decoder itself after loading (VAEManager.setup_parallel_vae);
+        # Under xDiT's model runner (StadiEngineConfig.served_by_runner): the runner saves on its last
+        # process, and shards the VAE decoder itself after loading (VAEManager.setup_parallel_vae);
         # sharding it here as well would hand the runner an already sharded decoder, which it refuses.
-        self.runner_parallelises_vae = runner_parallelises_vae
+        self.served_by_runner = bool(getattr(engine_config, "served_by_runner", False))
         self.injection = None
         self.last_result: DenoiseResult | None = None
         # --stadi_replan calls/sync: per (height, width), the evidence of the last calls of that size
         # (runtime/adaptive.CallMemory); the next call warms up and plans from it.
         self._call_memory: dict[tuple[int, int], CallMemory] = {}
         super().__init__(pipeline, engine_config, cache_args)
+        # Each block of every model reports progress to the launcher's supervisor (when one watches):
+        # a long decode or a slow step is work, not a stall.
+        self._progress_hooks = heartbeat.watch_progress(
+            [component for component in self.module.components.values() if isinstance(component, torch.nn.Module)])
 
     bands_are_image_rows = True  # False where bands are rows of something taller (a video clip's frames)
 
@@ -151,7 +155,7 @@ class StadiPipelineMixin:
         return transformer
 
     def _convert_vae(self, vae):
-        return vae if self.runner_parallelises_vae else super()._convert_vae(vae)
+        return vae if self.served_by_runner else super()._convert_vae(vae)
 
     def _convert_scheduler(self, scheduler):
         return to_subsequence_capable(scheduler)
@@ -169,7 +173,7 @@ class StadiPipelineMixin:
         """
         if self.engine_config.runtime_config.use_parallel_vae:
             return get_world_group().rank == 0
-        output_rank = self.groups.band.world_size - 1 if self.outputs_on_every_rank else 0
+        output_rank = self.groups.band.world_size - 1 if self.served_by_runner else 0
         return (self.groups.band.rank == output_rank
                 and get_classifier_free_guidance_rank() == get_classifier_free_guidance_world_size() - 1)
 
@@ -178,6 +182,9 @@ class StadiPipelineMixin:
         if self.injection is not None:
             self.injection.remove()
             self.injection = None
+        for handle in self._progress_hooks:
+            handle.remove()
+        self._progress_hooks = []
 
     # --- helpers --------------------------------------------------------------------------
     @property
@@ -224,7 +231,8 @@ class StadiPipelineMixin:
         if cached is None or cached.get("memory") is None:
             return None
         try:
-            return CallMemory.from_json(cached["memory"], self.groups.band.world_size, self.groups.cfg.world_size)
+            return CallMemory.from_json(cached["memory"], self.groups.band.world_size, self.groups.cfg.world_size,
+                                        max_stride=self.stadi_config.max_stride)
         except ValueError as error:
             logger.warning("STADI: ignoring the profile cache's cost models (%s); measuring afresh", error)
             return None
@@ -301,7 +309,7 @@ class StadiPipelineMixin:
     def _returns_output_here(self) -> bool:
         """The output rank; with --use_parallel_vae under xDiT's runner every rank, since the runner saves
         on its last rank and after the collective decode every rank holds the whole image."""
-        return self.is_dp_last_group() or (self.outputs_on_every_rank
+        return self.is_dp_last_group() or (self.served_by_runner
                                            and self.engine_config.runtime_config.use_parallel_vae)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ def as_stadi_pipeline(pipe: Any, engine_config: Any) -> Any:
     twin = twin_for_diffusers(type(pipeline).__name__)
     if twin is None:
         raise ValueError(f"--use_stadi has no STADI family for {type(pipeline).__name__}")
-    stadi = twin(pipeline, engine_config, runner_parallelises_vae=True)
+    stadi = twin(pipeline, engine_config)
     # The model's `_run_pipe` was written for a diffusers pipeline, which returns an output on every rank.
     stadi.outputs_on_every_rank = pipeline is pipe
     return stadi
@@ -195,6 +195,9 @@ def _stadi_form(model_cls: type) -> type:
 
     def _load_model(self):
         heartbeat.phase("load")
+        # Told before the model's own loading code builds anything: a twin built there through an xFuser
+        # wrapper (SD3.5) must already save on the runner's last process and leave it the VAE.
+        self.engine_config = dataclasses.replace(self.engine_config, served_by_runner=True)
         pipe = as_stadi_pipeline(model_cls._load_model(self), self.engine_config)
         heartbeat.phase("setup")  # xDiT's runtime state and model-parallel groups, then the run
         return pipe
