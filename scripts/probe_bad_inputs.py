@@ -61,6 +61,12 @@ EXAMPLE_FLAGS = [
     ["--stadi_timeout", "0.1"], ["--stadi_profile_cache", "x\0.json"],
     ["--stadi_config_file", f"{TMP}/settings.json", "--stadi_profile_cache", f"{TMP}/settings.json"],
     ["--stadi_profile_cache", f"{TMP}/w.safetensors"],
+    # issue 36: flags without effect in a combination, factors past a sleep, the planner's caps, model files
+    ["--stadi_timing", "work", "--stadi_speeds", "1,2"], ["--stadi_exact", "--stadi_kv_dtype", "bfloat16"],
+    ["--stadi_emulate_slowdown", "1,1e300"], ["--stadi_emulate_shift", "2:1,1e300"],
+    ["--num_inference_steps", "1001"], ["--height", "65552"], ["--model", f"{TMP}/pixart-missing"],
+    ["--model", f"{TMP}/pixart-truncated"], ["--stadi_profile_cache", f"{TMP}/results.json"],
+    ["--stadi_profile_cache", f"{TMP}/big-cache.json"], ["--stadi_profile_cache", f"{TMP}/pixart-missing/speeds.json"],
 ]
 
 # --stadi_* flags without --use_stadi: a plain run would ignore them
@@ -90,6 +96,9 @@ CONFIG_FILES = [
     ("l0: &l0 [x,x,x,x,x,x,x,x,x]\n" + "".join(f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]\n"
                                                 for i in range(1, 10)) + "speeds: [*l9]\n", "yaml"),
     (None, "yaml"), ('profile_cache: "x\\0.json"\n', "yaml"), ('{"profile_cache": "a\\u0000b"}', "json"),
+    # issue 36
+    ('{"timing": "work", "speeds": [1, 2]}', "json"), ('{"kv_dtype": "bfloat16", "exact": true}', "json"),
+    ('{"emulate_slowdown": [1, 1e300]}', "json"), ("emulate_shift: '2:1,5000'\n", "yaml"),
 ]
 
 PLAN_ARGS = [
@@ -159,7 +168,24 @@ LAUNCHER_ARGS = [
     ([*FLUX, "--prompt", "a cat", "--stadi_mode", "fast"], "RANK=1 WORLD_SIZE=4"),
     ([*FLUX, "--prompt", "a cat"], "STADI_FAULT=decode:x"),
     ([*FLUX, "--prompt", "a cat", "--output_directory", "/dev/null/x"], None),
+    # issue 36: what every rank refused with a traceback; a profile cache that is not the cache's to write
+    ([*FLUX, "--prompt", "a cat", "--num_iterations", "0"], None),
+    ([*FLUX, "--prompt", "a cat", "--num_iterations", "-3"], None),
+    ([*FLUX, "--prompt", "a cat", "--num_inference_steps", "1001"], None),
+    ([*FLUX, "--prompt", "a cat", "--height", "65552"], None),
+    ([*FLUX, "--prompt", "a cat", "--stadi_emulate_slowdown", "1,1e300"], None),
+    ([*FLUX, "--prompt", "a cat", "--stadi_timing", "work", "--stadi_speeds", "1,2"], None),
+    ([*SD3, "--stadi_profile_cache", "{snapshot}/transformer/config.json"], None),
+    ([*SD3, "--stadi_profile_cache", "{snapshot}/new-cache.json"], None),
+    ([*FLUX, "--prompt", "a cat", "--stadi_profile_cache", f"{TMP}/results.json"], None),
+    ([f"{TMP}/fifo.py", "--model", "tiny", "--output_directory", f"{TMP}/out"], None),
 ]
+
+# xDiT's runner config dict (the runner's own process: no launcher checks it first)
+RUNNER_DICTS = [{"prompt": None}, {"prompt": 5}, {"prompt": b"a cat"}, {"seed": "42"},
+                {"guidance_scale": float("nan")}, {"output_directory": None}, {"num_iterations": 0},
+                {"num_inference_steps": 5000}, {"height": 80000}, {"negative_prompt": 3},
+                {"stadi_timing": "work", "stadi_speeds": "1,2"}]
 
 TRAIN_OUT = ["w.json", "toy_reference.safetensors", "{weights}/toy_reference.safetensors",
              "{weights}/other.safetensors"]
@@ -248,6 +274,9 @@ def _launcher_case(argv: list[str], setup: str | None, hub: Path) -> None:
         constants.HF_HUB_CACHE = str(home / "hub")
         if setup == "port in use":
             listener.listen()
+        else:  # free again: the case's own input must be what stops it
+            listener.close()
+        argv = [arg.replace("{snapshot}", str(snapshot)) for arg in argv]
         local = ["--master_addr", "127.0.0.1", "--master_port", str(port)]
         if "--output_directory" not in argv:
             local += ["--output_directory", str(home / "out")]
@@ -262,6 +291,30 @@ def _launcher_case(argv: list[str], setup: str | None, hub: Path) -> None:
         cli_errors._ALWAYS_SPEAKS = saved[3]
 
 
+def _write_issue_36_files(tmp: Path) -> None:
+    """Local model folders with a missing and a truncated component, a benchmark's results.json, an oversized
+    profile cache (sparse), and a FIFO where a script should be."""
+    for name in ("pixart-missing", "pixart-truncated"):
+        (tmp / name).mkdir()
+        (tmp / name / "model_index.json").write_text(
+            '{"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}')
+    (tmp / "pixart-truncated" / "transformer").mkdir()
+    (tmp / "pixart-truncated" / "transformer" / "config.json").write_text("{}")
+    (tmp / "pixart-truncated" / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x40\x00")
+    (tmp / "results.json").write_text('{"scenario": "slowdown:1,2", "arms": []}')
+    with open(tmp / "big-cache.json", "wb") as handle:
+        handle.truncate(300 << 20)
+    os.mkfifo(tmp / "fifo.py")
+
+
+def _runner_dict(config: dict) -> None:
+    from xfuser.config import xFuserArgs
+
+    xFuserArgs.from_runner_args({"model": "FLUX.1-dev", "use_stadi": True, "stadi_degree": 2, "height": 128,
+                                 "width": 128, "num_inference_steps": 3, "warmup_steps": 1, "prompt": "a cat",
+                                 **config})
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.update(WORLD_SIZE="2", RANK="0")
@@ -273,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     write_hub_cache(hub, ["FLUX.1-dev", "SD3.5"])
     (Path(TMP) / "settings.json").write_text('{"use_stadi": true}')
     (Path(TMP) / "w.safetensors").write_bytes(b"weights")
+    _write_issue_36_files(Path(TMP))
     train = None
     from stadi_xdit.bench.cli import parse_args as bench_parse
     from stadi_xdit.config import StadiConfig
@@ -311,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "stadi-bench": [lambda a=a: bench_parse(a) for a in BENCH_ARGS],
         "example without --use_stadi": [lambda f=f: run_example_plain(f) for f in EXAMPLE_FLAGS_WITHOUT_STADI],
         "stadi-xdit checks": [lambda a=a, s=s: _launcher_case(a, s, hub) for a, s in LAUNCHER_ARGS],
+        "runner config dict": [lambda c=c: _runner_dict(c) for c in RUNNER_DICTS],
         "train_toy_dit --out": [lambda o=o: train_out(o) for o in TRAIN_OUT],
     }
     if "--faults" in argv:

@@ -76,7 +76,7 @@ def launch(hub: Path, tag: str, *, fault: str | None = None, action: Callable[[P
         proc.wait()
     ended = time.time()
     reader.join(10)
-    if fault_time is None and stamp.exists():
+    if stamp.exists() and (fault_time is None or fault):  # an injected fault's own moment beats the action's
         fault_time = float(stamp.read_text().split()[0])
     left = reap_leftovers("STADI_PROBE_TAG", tag, guard_seconds=15)
     return {"rc": rc, "lines": [line for _, line in lines], "leftovers": left, "out": out, "private": private,
@@ -116,6 +116,12 @@ def _signal_rank(sig: int) -> Callable[[Path, subprocess.Popen], None]:
 
 def _signal_launcher(sig: int) -> Callable[[Path, subprocess.Popen], None]:
     return lambda private, proc: proc.send_signal(sig)
+
+
+def _delete_heartbeat_folder(private: Path, proc: subprocess.Popen) -> None:
+    """What a /tmp cleaner does: the launcher's heartbeat folder is deleted mid-run."""
+    for folder in private.glob("stadi-heartbeat-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _stop_and_resume(private: Path, proc: subprocess.Popen) -> None:
@@ -202,6 +208,12 @@ def fault_cases(hub: Path) -> list[Callable[[], tuple[str, str]]]:
              needle="stopped by SIGTERM"),
         case("launcher-sigkill", action=_signal_launcher(signal.SIGKILL), steps=30, status=-9, needle=None),
         case("launcher-ctrl-z-then-fg", action=_stop_and_resume, steps=30, status=0, needle=None, image=True),
+        # issue 36: slow work is not a stall; teardown is bounded; a deleted heartbeat folder; two failing ranks
+        case("slow-decode-finishes", fault="decode:1:slow", status=0, needle=None, image=True),
+        case("teardown-wedged", fault="idle:0:sleep", status=1, needle="rank 0 stalled in idle", image=True),
+        case("stall-after-heartbeat-folder-deleted", fault="decode:1:sleep", action=_delete_heartbeat_folder,
+             status=1, needle="rank 1 stalled in decode"),
+        case("saving-rank-exits-peer-stopped", fault="save:1:exit", status=1, needle="rank 1 exited with status 1"),
     ]
     for label, function in (("full-disk", _full_disk_case), ("folder-removed", _folder_removed_case),
                             ("lock-held", _lock_held_case)):

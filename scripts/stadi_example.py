@@ -42,7 +42,7 @@ from xfuser.core.distributed import get_world_group
 
 from stadi_xdit.cli_errors import OneLineErrors, fail
 from stadi_xdit.families import ExampleChoice, example_choices, families
-from stadi_xdit.paths import output_file_problem, save_with_fallback
+from stadi_xdit.paths import model_folder_problem, output_file_problem, save_with_fallback
 from stadi_xdit.planner.validation import MAX_ROWS, MAX_STEPS
 from stadi_xdit.runtime import heartbeat
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
@@ -146,7 +146,9 @@ def _folder_problem(folder: str, diffusers_class: str) -> str | None:
     name = index.get("_class_name") if isinstance(index, dict) else None
     if diffusers_class and name != diffusers_class:
         return f"holds a {name!r}, not a {diffusers_class}"
-    return None
+    # A listed component without its folder or weights, a truncated safetensors file: one line here,
+    # before any process group, as the runner's launcher says it (it was a traceback per rank).
+    return model_folder_problem(folder)
 
 
 def _call_problem(args: StadiArgs) -> str | None:

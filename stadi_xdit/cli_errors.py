@@ -8,8 +8,12 @@ others exit with the same status in silence.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import io
 import os
 import sys
+from collections.abc import Iterator
 from typing import NoReturn
 
 USAGE_ERROR = 2  # argparse's exit status for bad input
@@ -84,3 +88,45 @@ class OneLineArgumentParser(OneLineErrors, argparse.ArgumentParser):
     For single-process commands, which are never a rank: they speak whatever RANK says."""
 
     always_speaks = True
+
+
+class _GuardedStdout(io.TextIOBase):
+    """Standard output that turns a failed write (a full device, a closed pipe) into one error line."""
+
+    def __init__(self, stream, prog: str):
+        super().__init__()
+        self._stream, self._prog = stream, prog
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError) as error:
+            self._lost(error)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError) as error:
+            self._lost(error)
+
+    def _lost(self, error: Exception) -> NoReturn:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (what is still buffered goes nowhere at exit)
+        reason = (error.strerror or errno.errorcode.get(error.errno or 0, "")) if isinstance(error, OSError) else ""
+        fail(self._prog, f"cannot write to standard output ({reason or error})", status=1, always=True)
+
+
+@contextlib.contextmanager
+def stdout_guard(prog: str) -> Iterator[None]:
+    """The command's output must reach its reader: a closed standard output, or one that fails while
+    written or flushed, ends the command with one `prog: error:` line and exit status 1 (it used to be
+    a traceback, or exit 0 with nothing printed)."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`): print() would drop everything silently
+        fail(prog, "standard output is closed; nothing could be printed", status=1, always=True)
+    real = sys.stdout
+    sys.stdout = _GuardedStdout(real, prog)
+    try:
+        yield
+        sys.stdout.flush()
+    finally:
+        if isinstance(sys.stdout, _GuardedStdout):
+            sys.stdout = real

@@ -39,6 +39,9 @@ MIN_TIMEOUT_SECONDS = 5.0
 MAX_SHOWN_CHARS = 120
 # Largest settings file read: a few hundred bytes hold every setting; a 200 MB file is not one.
 MAX_CONFIG_BYTES = 1 << 20
+# Largest --stadi_emulate_slowdown / --stadi_emulate_shift factor: a rank 1000x slower is far past any
+# card mix, and a larger factor's sleep can overflow time.sleep.
+MAX_EMULATED_SLOWDOWN = 1000.0
 
 
 def setting(default: Any, flag: str, kind: str, help: str, **extra: Any) -> Any:
@@ -78,14 +81,14 @@ def _normalize_shift(text: object) -> str | None:
     if not colon or not re.fullmatch(r"\d{1,4}", step.strip()):
         _bad_shift(text)
     values = parse_floats(factors, "--stadi_emulate_shift")
-    if values is None or any(k < 1 for k in values):
+    if values is None or any(not 1 <= k <= MAX_EMULATED_SLOWDOWN for k in values):
         _bad_shift(text)
     return f"{int(step)}:" + ",".join(f"{k:g}" for k in values)
 
 
 def _bad_shift(text: object) -> None:
     raise ValueError(f"--stadi_emulate_shift must be STEP:k0,k1,... (a base step, then one slowdown factor "
-                     f">= 1 per rank), got {text!r}")
+                     f"in [1, {MAX_EMULATED_SLOWDOWN:g}] per rank), got {text!r}")
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class StadiConfig:
                                      "Seconds before a stalled or dead peer makes the run fail.")
     kv_dtype: str = setting("auto", "--stadi_kv_dtype", "choice",
                             "Storage type of the stale K/V (auto: as computed; bfloat16/float16 halve the "
-                            "K/V store and its exchange when computing in float32). Ignored with "
+                            "K/V store and its exchange when computing in float32). Refused with "
                             "--stadi_exact, which keeps no stale K/V.", choices=KV_DTYPES)
     # Default `calls` (docs/benchmarks.md, adaptive section; docs/method.md, cost models and the noise
     # floor): later calls of a pipeline start from remembered cost models and reach a fixed plan.
@@ -159,10 +162,19 @@ class StadiConfig:
                 and MIN_TIMEOUT_SECONDS <= self.timeout_seconds <= MAX_TIMEOUT_SECONDS):
             raise ValueError(f"--stadi_timeout must be a number of seconds in [{MIN_TIMEOUT_SECONDS:g}, "
                              f"{MAX_TIMEOUT_SECONDS:.0f}], got {shown_value(self.timeout_seconds)}")
-        if self.emulate_slowdown is not None and any(k < 1 for k in self.emulate_slowdown):
-            raise ValueError("--stadi_emulate_slowdown factors must be >= 1 (1 = full speed)")
+        if self.emulate_slowdown is not None and any(not 1 <= k <= MAX_EMULATED_SLOWDOWN
+                                                     for k in self.emulate_slowdown):
+            raise ValueError(f"--stadi_emulate_slowdown factors must be in [1, {MAX_EMULATED_SLOWDOWN:g}] "
+                             f"(1 = full speed), got {shown_value(self.emulate_slowdown)}")
         if self.emulate_shift is not None:
             object.__setattr__(self, "emulate_shift", _normalize_shift(self.emulate_shift))
+        # Settings that a combination leaves without effect are refused, not accepted without a word.
+        if self.timing != "wall" and self.speeds is not None:
+            raise ValueError(f"--stadi_timing {self.timing} has no effect with --stadi_speeds (nothing is "
+                             "timed); drop one of them")
+        if self.kv_dtype != "auto" and self.exact:
+            raise ValueError(f"--stadi_kv_dtype {self.kv_dtype} has no effect with --stadi_exact (exact mode "
+                             "keeps no stale K/V); drop one of them")
         if self.degree is not None and (isinstance(self.degree, bool) or not isinstance(self.degree, int)
                                         or not 1 <= self.degree <= MAX_RANKS):
             raise ValueError(f"--stadi_degree must be an integer in [1, {MAX_RANKS}], "

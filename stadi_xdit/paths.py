@@ -203,7 +203,7 @@ def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
 # --- model folders: every file the pipeline will load is there, whole --------------------------
 
 _NO_WEIGHTS = ("Tokenizer", "Scheduler", "FeatureExtractor", "Processor", "ImageProcessor")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")  # a model's weights files
 _MAX_SAFETENSORS_HEADER = 100 << 20
 
 
@@ -246,7 +246,7 @@ def _component_problem(part: Path, class_name: str) -> str | None:
                 return f"config.json: {key} must be >= 0, got {value}"
     if any(word in class_name for word in _NO_WEIGHTS):
         return None
-    weights = [p for p in part.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES)]
+    weights = [p for p in part.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)]
     if not weights:
         return "has no weights file (*.safetensors or *.bin)" if config.is_file() else None
     for path in sorted(weights):

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     script = argv[0]
     if not os.path.isfile(script):
-        fail("stadi_xdit.run", f"no such script: {script}")
+        fail("stadi_xdit.run", script_problem(script))
     sys.argv = list(argv)
     # As `python script.py` does: the script's folder first on sys.path.
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
@@ -88,6 +88,15 @@ def _as_a_rank() -> None:
             os._exit(1)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, lambda *_: os._exit(128 + signal.SIGINT))
+
+
+def script_problem(script: str) -> str:
+    """Why `script` cannot be run as a Python script (it is not a regular file), in words."""
+    if os.path.isdir(script):
+        return f"the script {script} is a folder, not a Python file"
+    if os.path.exists(script):
+        return f"the script {script} is not a regular file (a FIFO, device or socket); name a Python file"
+    return f"no such script: {script}"
 
 
 def _run_reporting_faults(run: Callable[[], object]) -> None:
@@ -342,7 +351,7 @@ def check_script(script: str) -> None:
     if os.path.isdir(script):
         fail(LAUNCHER, f"script {script} is a directory, not a Python file")
     if not os.path.isfile(script):
-        fail(LAUNCHER, f"no such script: {script}")
+        fail(LAUNCHER, script_problem(script))
 
 
 def check_module(module: str) -> None:

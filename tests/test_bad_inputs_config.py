@@ -296,3 +296,18 @@ def test_stadi_plan_speaks_inside_a_pytorchjob_pod(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert info.value.code == 2 and len(lines) == 1 and lines[0].startswith("stadi-plan: error: argument --speeds")
     assert not cli_errors.is_speaking_rank()  # the process-wide rule for ranks is unchanged
+
+
+# --- 4. settings a combination leaves without effect, and factors past what a sleep can take -------------
+
+@pytest.mark.parametrize("values,needle", [
+    ({"timing": "work", "speeds": "1,2"}, "--stadi_timing work has no effect with --stadi_speeds"),
+    ({"kv_dtype": "bfloat16", "exact": True}, "--stadi_kv_dtype bfloat16 has no effect with --stadi_exact"),
+    ({"emulate_slowdown": "1,1e300"}, "--stadi_emulate_slowdown factors must be in [1, 1000]"),
+    ({"emulate_slowdown": "1,1001"}, "--stadi_emulate_slowdown factors must be in [1, 1000]"),
+    ({"emulate_shift": "2:1,5000"}, "--stadi_emulate_shift"),
+])
+def test_flags_without_effect_and_overflowing_factors_are_refused(values, needle):
+    _one_line_error(lambda: StadiConfig(use_stadi=True, **values), needle)
+    StadiConfig(use_stadi=True, **{**values, "speeds": None, "timing": "wall", "kv_dtype": "auto", "exact": False,
+                                   "emulate_slowdown": "1,1000", "emulate_shift": "2:1,1000"})

@@ -251,7 +251,8 @@ def test_runner_dict_shows_the_settings_that_run(tmp_path, monkeypatch):
     settings.write_text("use_stadi: true\nmode: full\ndegree: 2\nemulate_slowdown: [1, 2]\n")
     monkeypatch.setenv("WORLD_SIZE", "2")
     config = {"model": "FLUX.1-dev", "height": 128, "width": 128, "num_inference_steps": 3, "warmup_steps": 1,
-              "use_stadi": False, "stadi_mode": "full", "stadi_degree": None, "stadi_config_file": str(settings)}
+              "use_stadi": False, "stadi_mode": "full", "stadi_degree": None, "stadi_config_file": str(settings),
+              "prompt": "a cat"}
     args = xFuserArgs.from_runner_args(config)
     assert args.stadi.use_stadi and args.stadi.degree == 2
     assert config["use_stadi"] is True and config["stadi_degree"] == 2

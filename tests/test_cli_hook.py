@@ -259,7 +259,8 @@ def test_upstream_patch_applies_and_drives_stadi_through_the_plugin(tmp_path):
         runner_parser = xFuserArgs.add_runner_args(FlexibleArgumentParser())
         assert "--use_stadi" in runner_parser._option_string_actions
         runner_args = xFuserArgs.from_runner_args({"model": "FLUX.1-dev", "use_stadi": True, "height": 112,
-                                                   "width": 80, "num_inference_steps": 4, "warmup_steps": 1})
+                                                   "width": 80, "num_inference_steps": 4, "warmup_steps": 1,
+                                                   "prompt": "a cat"})
         assert type(runner_args) is StadiArgs
         from xfuser.model_executor.models.runner_models.base_model import MODEL_REGISTRY
         flux = MODEL_REGISTRY["FLUX.1-dev"]

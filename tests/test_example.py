@@ -66,6 +66,10 @@ BAD_FLAGS = [
     (["--save_latents", "/dev/null/x.pt"], "--save_latents"),  # its folder cannot exist
     (["--model", "{tmp}"], "--model"),  # a folder without model_index.json
     (["--model", "{flux}"], "--model"),  # a Flux folder for --pipeline pixart-alpha
+    # A PixArt folder whose listed transformer is missing, or whose weights are truncated: one line before the
+    # process group, as the runner's launcher says it (issue 36: it was a traceback per rank).
+    (["--model", "{missing}"], "has no transformer/ folder"),
+    (["--model", "{truncated}"], "transformer/diffusion_pytorch_model.safetensors"),
     (["--stadi_config_file", ""], "--stadi_config_file"),  # was silently "no file"
     (["--stadi_emulate_shift", "9999:1,2"], "--stadi_emulate_shift"),  # past the last step: would never apply
     (["--use_ray"], "--use_ray cannot be combined with --use_stadi"),  # was silently run without Ray
@@ -81,8 +85,18 @@ def test_bad_input_is_one_line_naming_the_flag(flags, named, tmp_path, monkeypat
     flux = tmp_path / "flux"
     flux.mkdir()
     (flux / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    folders = {"{flux}": flux}
+    for name in ("missing", "truncated"):
+        folder = folders["{" + name + "}"] = tmp_path / name
+        folder.mkdir()
+        (folder / "model_index.json").write_text(
+            '{"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}')
+    (tmp_path / "truncated" / "transformer").mkdir()
+    (tmp_path / "truncated" / "transformer" / "config.json").write_text("{}")
+    (tmp_path / "truncated" / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x40\x00")
     argv = ["--model", "tiny", "--use_stadi", "--height", "128", "--width", "128", *flags]
-    argv = [a.replace("{tmp}", str(tmp_path)).replace("{flux}", str(flux)) for a in argv]
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    argv = [str(folders.get(a, a)) for a in argv]
     monkeypatch.setattr(sys, "argv", ["stadi_example.py", *argv])
     with pytest.raises(SystemExit) as info:
         example.parse_args()

@@ -291,9 +291,9 @@ def test_a_dead_peer_is_named_by_the_exchange_waits():
 def test_exact_mode_equals_one_process_and_keeps_no_stale_kv(tiny_pixart, world, speeds, size, bands):
     steps = 4
     reference = tiny_pixart.reference(size, steps)
-    # --stadi_kv_dtype is ignored in exact mode: there are no stale K/V to store.
+    # (--stadi_kv_dtype is refused in exact mode: there are no stale K/V to store.)
     runs = [{"stadi_exact": True, "stadi_mode": "spatial", "stadi_speeds": speeds, "warmup_steps": 2,
-             "stadi_kv_dtype": "bfloat16", "group_layers": 1}]
+             "group_layers": 1}]
     results = tiny_pixart.run(world, "alpha", size, steps, runs)
     for rank, (result,) in enumerate(results):
         assert result["plan"].row_bounds() == bands

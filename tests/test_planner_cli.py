@@ -161,3 +161,22 @@ def test_unknown_gpu_error_lists_the_known_names(capsys):
         main(["--gpus", "GTX480", "--height", "1024"])
     error_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "GTX480" in error_line and "A100" in error_line and "RTX3090" in error_line
+
+
+@pytest.mark.parametrize("redirect,says", [("> /dev/full", "cannot write to standard output (No space left on device)"),
+                                           (">&-", "standard output is closed; nothing could be printed")])
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_1(redirect, says):
+    """stdout on a full device used to be an OSError traceback; stdout closed, exit 0 with nothing printed."""
+    import subprocess
+    import sys
+
+    command = f"{sys.executable} -m stadi_xdit.planner.cli --speeds 1,0.5 --height 512 {redirect}"
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [f"stadi-plan: error: {says}"], proc.stderr
+
+
+def test_plan_from_deeply_nested_json_is_a_value_error():
+    from stadi_xdit.planner.plan_types import Plan
+
+    with pytest.raises(ValueError, match="not a STADI plan"):
+        Plan.from_json("[" * 100_000 + "]" * 100_000)

@@ -96,7 +96,7 @@ def _runner_from_config_dict(rank: int, world: int, config: dict) -> dict:
 def test_runner_config_dict_reaches_a_validated_stadi_config(hub, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = {"model": "FLUX.1-dev", "use_stadi": True, "stadi_mode": "spatial", "stadi_speeds": "1,0.5",
+    config = {"model": "FLUX.1-dev", "use_stadi": True, "stadi_mode": "spatial", "stadi_speeds": "1,0.5", "prompt": "a cat",
               "height": 112, "width": 80, "num_inference_steps": 4, "warmup_steps": 1}
     (result,) = run_distributed(_runner_from_config_dict, 1, {**config, "stadi_speeds": "1"}, timeout=300,
                                 fresh_interpreter=True)  # HF_HOME is read when huggingface_hub is imported
@@ -110,6 +110,17 @@ def test_runner_config_dict_reaches_a_validated_stadi_config(hub, monkeypatch):
     ({"use_stadi": True, "stadi_mode": "fast"}, "--stadi_mode"),
     ({"use_stadi": True, "ulysses_degree": 2}, "--ulysses_degree"),
     ({"use_stadi": True, "stadi_degree": 3}, "--stadi_degree 3 does not match"),
+    # The call's own inputs, which xDiT's dict path passes unchecked (issue 36): each failed in every rank.
+    ({"use_stadi": True, "prompt": None}, "--model FLUX.1-dev needs --prompt"),
+    ({"use_stadi": True, "prompt": 5}, "--prompt must be text"),
+    ({"use_stadi": True, "prompt": b"a cat"}, "--prompt must be text"),
+    ({"use_stadi": True, "negative_prompt": 3}, "--negative_prompt must be text"),
+    ({"use_stadi": True, "seed": "42"}, "--seed must be an integer"),
+    ({"use_stadi": True, "guidance_scale": float("nan")}, "--guidance_scale must be a finite number"),
+    ({"use_stadi": True, "num_iterations": 0}, "--num_iterations must be an integer >= 1"),
+    ({"use_stadi": True, "output_directory": None}, "--output_directory must name a folder"),
+    ({"use_stadi": True, "num_inference_steps": 5000}, "--num_inference_steps must be an integer in [1, 1000]"),
+    ({"use_stadi": True, "height": 80000}, "more than the planner's 4096"),
 ])
 def test_runner_config_dict_refuses_bad_stadi_input_in_one_line(config, needle, monkeypatch):
     from xfuser.config import xFuserArgs
@@ -133,6 +144,12 @@ def test_runner_config_dict_refuses_bad_stadi_input_in_one_line(config, needle, 
     (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--use_teacache"], "--use_teacache"),
     (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--stadi_config_file", "missing.yaml"],
      "cannot read STADI config file"),
+    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--num_iterations", "0"], "--num_iterations"),
+    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--num_inference_steps", "1001"],
+     "--num_inference_steps must be an integer in [1, 1000]"),
+    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--height", "65552"], "more than the planner's"),
+    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--stadi_emulate_slowdown", "1,1e300"],
+     "--stadi_emulate_slowdown factors must be in [1, 1000]"),
 ])
 def test_launcher_refuses_bad_runner_input_before_any_process(args, needle, capsys):
     from stadi_xdit.run import build_launch_command

@@ -29,7 +29,7 @@ from typing import NoReturn
 
 from stadi_xdit.bench.catalog import ARM_ORDER, DEFAULT_ARMS, PRESET_SHAPES
 from stadi_xdit.bench.scenarios import parse_scenario
-from stadi_xdit.cli_errors import OneLineArgumentParser, fail
+from stadi_xdit.cli_errors import OneLineArgumentParser, fail, stdout_guard
 from stadi_xdit.geometry import FRAMES_PER_LATENT, TOKEN_ROW_PX
 from stadi_xdit.paths import output_dir_problem
 from stadi_xdit.planner.cli import parse_checked, parse_numbers
@@ -341,7 +341,13 @@ def _simulate(args, preset, height) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``stadi-bench``; ``parse_args`` rejects bad input before any arm or process starts."""
+    """Run ``stadi-bench``; ``parse_args`` rejects bad input before any arm or process starts, and an
+    output that cannot be written ends it with one line (exit 1)."""
+    with stdout_guard("stadi-bench"):
+        return _bench_command(argv)
+
+
+def _bench_command(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         print("stadi-bench: no arguments, running the demo: stadi-bench " + " ".join(DEMO_ARGS))

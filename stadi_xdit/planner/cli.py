@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from ..cli_errors import OneLineArgumentParser  # pure standard library, like this package
+from ..cli_errors import OneLineArgumentParser, stdout_guard  # pure standard library, like this package
 from .gpus import parse_gpu_list, relative_speeds
 from .plan_types import MODES, Plan
 from .planning import plan
@@ -38,7 +38,13 @@ _COST_FLAGS = ("--sync-seconds", "--exchange-seconds", "--step-overhead-seconds"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``stadi-plan``; bad input exits 2 with one ``stadi-plan: error: ...`` line naming the flag."""
+    """Run ``stadi-plan``; bad input exits 2 with one ``stadi-plan: error: ...`` line naming the flag, an
+    output that cannot be written exits 1 with one line."""
+    with stdout_guard("stadi-plan"):
+        return _plan_command(argv)
+
+
+def _plan_command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parse_checked(parser, argv)
     speeds = args.speeds if args.speeds is not None else relative_speeds(args.gpus)

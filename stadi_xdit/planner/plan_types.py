@@ -139,8 +139,9 @@ class Plan:
                 ranks=ranks,
                 predicted=Prediction(**predicted),
             )
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as error:
-            raise ValueError(f"text is not a STADI plan JSON document: {error}") from None
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, RecursionError) as error:
+            raise ValueError(f"text is not a STADI plan JSON document: {type(error).__name__}: "
+                             f"{str(error)[:200]}") from None
 
     def explain(self) -> str:
         """A human-readable table of the plan and its predicted latency."""

@@ -55,7 +55,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from stadi_xdit.paths import read_regular_file
+from stadi_xdit.paths import WEIGHT_SUFFIXES, read_regular_file
 from stadi_xdit.planner.validation import MIN_RELATIVE_SPEED
 from stadi_xdit.runtime import heartbeat
 
@@ -67,7 +67,6 @@ FORMAT_FIELD, FORMAT_VERSION = "stadi_profile_cache", 1
 # starve the rank's heartbeat (a 300 MB file did), and no cache grows that large.
 MAX_CACHE_BYTES = 8 << 20
 _KEY_SHAPE = re.compile(r".+-[0-9a-f]{16}-\d+x\d+-\[.*\]", re.DOTALL)  # what `profile_key` returns
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 _DIGEST_CHARS = 16  # 64 bits of sha256: collisions between model configs are not a concern
 _MEMORY_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
 
@@ -190,7 +189,7 @@ def model_files_holding(path: Path) -> str | None:
                 return f"the model folder {folder}"
         folder = candidate.parent
         try:
-            weights = any(name.endswith(_WEIGHT_SUFFIXES) for name in os.listdir(folder))
+            weights = any(name.endswith(WEIGHT_SUFFIXES) for name in os.listdir(folder))
         except OSError:
             weights = False
         if weights and (folder / "config.json").is_file():

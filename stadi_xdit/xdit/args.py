@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import warnings
@@ -25,7 +26,7 @@ from xfuser.config import EngineConfig, xFuserArgs
 
 from stadi_xdit.config import SETTINGS, StadiConfig, shown_value
 from stadi_xdit.geometry import TOKEN_ROW_PX
-from stadi_xdit.planner.validation import require_int
+from stadi_xdit.planner.validation import MAX_ROWS, MAX_STEPS, require_int
 from stadi_xdit.runtime.profile_cache import check_cache_path
 from stadi_xdit.topology import Topology
 
@@ -147,7 +148,10 @@ def validate_shape(args: xFuserArgs, stadi_degree: int, exact: bool, image_rows:
     if image_rows and rows < stadi_degree:
         raise ValueError(f"--height {args.height} gives {rows} token rows of {TOKEN_ROW_PX} px, fewer than "
                          f"the {stadi_degree} STADI ranks: use --height >= {stadi_degree * TOKEN_ROW_PX}")
-    steps = require_int("--num_inference_steps", args.num_inference_steps, minimum=1)
+    if image_rows and rows > MAX_ROWS:
+        raise ValueError(f"--height {args.height} gives {rows} token rows of {TOKEN_ROW_PX} px, more than the "
+                         f"planner's {MAX_ROWS}: use --height <= {MAX_ROWS * TOKEN_ROW_PX}")
+    steps = require_int("--num_inference_steps", args.num_inference_steps, minimum=1, maximum=MAX_STEPS)
     shift = args.stadi.emulated_shift if getattr(args, "stadi", None) is not None else None
     if shift is not None and shift[0] >= steps:  # it would never apply
         raise ValueError(f"--stadi_emulate_shift step {shift[0]} is past the last step of --num_inference_steps "
@@ -157,6 +161,36 @@ def validate_shape(args: xFuserArgs, stadi_degree: int, exact: bool, image_rows:
         raise ValueError(f"--warmup_steps must be in [1, --num_inference_steps - 1] = [1, {steps - 1}] with "
                          f"--use_stadi (the warmup measures speeds, then at least one step runs STADI), "
                          f"got --warmup_steps {warmup}")
+
+
+def validate_call_inputs(args: Any) -> None:
+    """The call's inputs that xDiT's parser takes as given and a runner config dict passes unchecked, each
+    of which every rank would refuse with a traceback (or silently misuse): named by flag, one line."""
+    prompt = args.prompt
+    if prompt is not None and not (isinstance(prompt, str) or (
+            isinstance(prompt, list) and prompt and all(isinstance(item, str) for item in prompt))):
+        raise ValueError(f"--prompt must be text or a list of texts, got {shown_value(prompt)}")
+    negative = getattr(args, "negative_prompt", None)
+    if negative is not None and not (isinstance(negative, str) or (
+            isinstance(negative, list) and all(isinstance(item, str) for item in negative))):
+        raise ValueError(f"--negative_prompt must be text or a list of texts, got {shown_value(negative)}")
+    require_int("--seed", args.seed, minimum=0, maximum=2**63 - 1)
+    guidance = args.guidance_scale
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance)):
+        raise ValueError(f"--guidance_scale must be a finite number, got {shown_value(guidance)}")
+    require_int("--num_iterations", args.num_iterations, minimum=1)
+    require_int("--warmup_calls", args.warmup_calls, minimum=0)
+    output = args.output_directory
+    if not (isinstance(output, os.PathLike) or (isinstance(output, str) and output.strip())):
+        raise ValueError(f"--output_directory must name a folder, got {shown_value(output)}")
+
+
+def require_prompt(args: Any) -> None:
+    """A runner call needs its text: `--prompt` or `--dataset_path` (the launcher says so before any rank
+    starts; a runner config dict reaches no launcher)."""
+    if args.prompt is None and getattr(args, "dataset_path", None) is None:
+        raise ValueError(f"--model {args.model} needs --prompt (or --dataset_path)")
 
 
 def stadi_config_from(args: Any) -> StadiConfig:
@@ -224,6 +258,7 @@ class _StadiArgsBehaviour(xFuserArgs):
         """Check the flags against a launch of `world_size` processes before any process group exists;
         returns the STADI degree (ranks per CFG branch). The checked layout is kept as `topology`."""
         refuse_unsupported_features(self)
+        validate_call_inputs(self)
         self.topology = Topology.from_args(self, world_size)
         degree = self.topology.stadi_degree
         self.stadi.check_world(degree)

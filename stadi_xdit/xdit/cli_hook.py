@@ -167,7 +167,7 @@ def stadi_runner_args(config: Any, world_size: int | None = None) -> Any | None:
         return None
     import dataclasses
 
-    from stadi_xdit.xdit.args import StadiArgs, launch_world_size
+    from stadi_xdit.xdit.args import StadiArgs, launch_world_size, require_prompt
     from stadi_xdit.xdit.runner import check_runner_keys, with_model_defaults
 
     try:
@@ -183,6 +183,8 @@ def stadi_runner_args(config: Any, world_size: int | None = None) -> Any | None:
         args = StadiArgs(**{k: v for k, v in with_model_defaults(config).items() if k in known})
         # with the family's own launch checks (e.g. Wan's --num_frames)
         args.validate(launch_world_size() if world_size is None else world_size)
+        if world_size is None:  # a dict in the runner's own process: no launcher checked its text
+            require_prompt(args)
     except ValueError as error:
         raise StadiInputError(" ".join(str(error).split())) from None
     show_resolved_settings(config, args.stadi)
