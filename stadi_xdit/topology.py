@@ -125,6 +125,14 @@ class Topology:
         world_size = _degree_product(stadi_degree, cfg_degree) + vae_ranks
         return cls(world_size, stadi_degree=stadi_degree, cfg_degree=cfg_degree, vae_ranks=vae_ranks)
 
+    def check_groups(self, band_size: int, cfg_size: int) -> None:
+        """xDiT's process groups, as built, must be the ones this topology describes (once per pipeline):
+        a STADI group of `stadi_degree` ranks per CFG branch, a CFG pair of `cfg_degree`."""
+        if (band_size, cfg_size) != (self.stadi_degree, self.cfg_degree):
+            raise ValueError(f"xDiT built STADI groups of {band_size} ranks and CFG groups of {cfg_size}, but the "
+                             f"launch was checked for --stadi_degree {self.stadi_degree} and CFG degree "
+                             f"{self.cfg_degree}")
+
     def processes_per_node(self, nnodes: int) -> int:
         """The world spread evenly over `nnodes` machines (torchrun's --nproc_per_node)."""
         if not _is_count(nnodes, 1):

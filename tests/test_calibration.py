@@ -22,5 +22,8 @@ def test_measured_runs_calibrate_a_fixed_cost_on_two_band_sizes(tiny_pixart):
     assert len(costs.warmup_rows) == 3 and costs.warmup_rows[0] == [4, 4]
     # Step 1 found rank 1 slower, so steps 2.. ran on provisional spatial bands: two sizes per rank.
     assert costs.warmup_rows[2][1] < 4 and first["rows"][:3] == [4, 4, costs.warmup_rows[2][0]]
+    # The result's warmup plan (the log's "re-band after warmup: rows ...", the bench report) is the layout
+    # the displaced phase re-bands from, the calibrated one; it used to be the first, [4, 4] (issue 35).
+    assert [end - start for start, end in first["warmup_plan"].row_bounds()] == costs.warmup_rows[-1]
     assert all(o >= 0 for o in costs.step_overhead_seconds)
     assert costs.exchange_seconds >= 0 and costs.warmup_exchange_seconds >= 0

@@ -25,7 +25,8 @@ def test_the_declarations_import_without_torch():
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "'flux', 'pixart', 'qwen_image', 'sd3', 'wan'" in result.stdout
+    runtimes = sorted(p.stem for p in (ROOT / "stadi_xdit" / "models").glob("*.py") if p.stem != "__init__")
+    assert result.stdout.startswith(str(runtimes)), result.stdout  # a family per runtime module, no other
 
 
 def test_every_declaration_names_a_runtime_module_with_its_twins():
@@ -34,7 +35,6 @@ def test_every_declaration_names_a_runtime_module_with_its_twins():
     registered = {twin.__module__ for twin in twins().values()}
     assert registered == {spec.runtime for spec in families()}
     for spec in families():
-        assert spec.runtime == f"stadi_xdit.models.{spec.name}"
         assert (ROOT / "stadi_xdit" / "families" / f"{spec.name}.py").is_file()
         assert "tiny" in spec.presets
     cases = conformance_cases()  # every twin has a conformance case with an odd number of token rows

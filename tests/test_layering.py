@@ -110,6 +110,25 @@ def test_no_import_circle_in_the_package():
     assert _cycles(_graph()) == []
 
 
+def _package_of(module: str) -> str:
+    """`stadi_xdit.bench.presets` -> `stadi_xdit.bench`; a top-level module is its own unit."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def test_no_import_circle_between_subpackages():
+    """Subpackages as units (families, bench, runtime, planner, xdit, ...): an import from one into another
+    in both directions is a circle too, even when no two modules import each other."""
+    packages: dict[str, set[str]] = {}
+    for module, imported in _graph().items():
+        source = _package_of(module)
+        packages.setdefault(source, set()).update(_package_of(m) for m in imported if _package_of(m) != source)
+    for targets in packages.values():
+        for target in targets:
+            packages.setdefault(target, set())
+    assert _cycles(packages) == []
+
+
 def test_no_production_module_imports_the_test_helpers():
     production = [p for p in PACKAGE.rglob("*.py") if "testing" not in p.relative_to(PACKAGE).parts]
     production += list((ROOT / "scripts").glob("*.py"))

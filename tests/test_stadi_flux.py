@@ -97,7 +97,8 @@ def _run_with_profile_cache(rank: int, world: int, cache: str) -> dict:
     result = pipe.last_result
     key = pipe._profile_key(128, 128)
     torch.distributed.barrier()  # the leader has written the cache
-    return {"warmup_plan": result.warmup_plan, "plan": result.plan, "key": key, "evidence": result.costs.evidence,
+    return {"warmup_plan": result.warmup_plan, "warmup_start": result.warmup_start, "plan": result.plan, "key": key,
+            "evidence": result.costs.evidence,
             "cached": ProfileCache(cache).load(key, world), "memory": ProfileCache(cache).load_entry(key, world)}
 
 
@@ -114,10 +115,10 @@ def test_profile_cache_makes_the_next_launch_warm_up_elastic(tmp_path, monkeypat
     assert first_rank_1["key"] == first["key"], "every rank must build the same cache key"
     assert second["key"] == first["key"], "the key must not depend on PYTHONHASHSEED"
     assert first["key"].count(socket.gethostname()) == 2, "the key names every rank's hardware"
-    assert first["warmup_plan"].mode == "uniform"  # nothing cached yet: equal warmup bands
+    assert first["warmup_start"].mode == "uniform"  # nothing cached yet: the warmup begins on equal bands
     assert first["cached"] == list(first["plan"].speeds)
     # The second launch starts from the cached speeds: elastic warmup bands, the slowed rank 1 gets fewer rows.
-    assert second["warmup_plan"].mode == "spatial"
+    assert second["warmup_start"].mode == second["warmup_plan"].mode == "spatial"
     # The entry keeps the cost-model memory of the run's displaced forwards, and the next launch plans on it.
     assert first["memory"]["memory"]["plan_rows"] == [r.num_rows for r in first["plan"].ranks]
     assert first["evidence"] == ["warmup", "warmup"] and second["evidence"] == ["memory", "memory"]

@@ -48,6 +48,26 @@ def test_from_args_reads_the_layout(values, world, expected):
     assert topology.degree_product == topology.dit_ranks == world - topology.vae_ranks
 
 
+def test_the_groups_xdit_built_are_checked_against_the_topology():
+    topology = Topology.for_stadi_degree(3, cfg_degree=2)
+    topology.check_groups(3, 2)
+    with pytest.raises(ValueError, match="xDiT built STADI groups of 2 ranks and CFG groups of 2, but the launch "
+                                         "was checked for --stadi_degree 3 and CFG degree 2"):
+        topology.check_groups(2, 2)
+
+
+def test_validate_keeps_the_checked_topology_for_the_engine_config(monkeypatch):
+    """`create_config` hands this Topology to the runtime (StadiEngineConfig.topology), which reads its degrees
+    from it and checks it against xDiT's groups once (every conformance run goes through that check)."""
+    from stadi_xdit.xdit.args import StadiArgs
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args = StadiArgs(use_stadi=True, use_cfg_parallel=True, height=128, width=128, num_inference_steps=4,
+                     warmup_steps=1, prompt="a cat")
+    assert args.validate(4) == 2
+    assert args.topology == Topology(4, stadi_degree=2, cfg_degree=2)
+
+
 def test_a_topology_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Topology(2, stadi_degree=2).world_size = 3

@@ -110,7 +110,7 @@ def measure_forwards(preset: BenchPreset, heights: list[int], seed: int = 0, rep
     import torch
 
     from stadi_xdit.bench.presets import build_pipeline
-    from stadi_xdit.offline.components import random_prompt_embeds
+    from stadi_xdit.families.components import random_prompt_embeds
 
     if not preset.shape.calibrates:
         raise ValueError("forward calibration is implemented for PixArt presets; pass --row-seconds")

@@ -103,7 +103,7 @@ class BenchShape:
 class BenchModel:
     """How `stadi-bench` runs the family.
 
-    `preset` is "module:Class" of the family's `stadi_xdit.bench.presets.BenchPreset` subclass (imported
+    `preset` is "module:Class" of the family's `stadi_xdit.families.bench_preset.BenchPreset` subclass (imported
     when the bench needs it), built as ``Class(name, shape, model_preset)`` for each of `shapes`.
     """
 
@@ -139,23 +139,32 @@ class ConformanceCase:
 
 @dataclass(frozen=True)
 class FamilySpec:
-    name: str
-    runtime: str  # the module holding the family's twins ("stadi_xdit.models.<name>")
+    name: str  # its declaration's module name, and its runtime's: stadi_xdit.models.<name>
     presets: Mapping[str, Any]  # offline model presets by name: tiny, small, real sizes
     hub_models: tuple[HubModel, ...] = ()
     examples: tuple[ExampleChoice, ...] = ()
     bench: BenchModel | None = None
     conformance: tuple[ConformanceCase, ...] = ()  # one per twin
 
+    @property
+    def runtime(self) -> str:
+        """The module holding the family's twins (its declaration's namesake in `stadi_xdit.models`)."""
+        return f"stadi_xdit.models.{self.name}"
+
+
+# Modules of this package that declare no family: the parts every declaration shares.
+SHARED_MODULES = ("bench_preset", "components")
+
 
 @functools.cache
 def families() -> tuple[FamilySpec, ...]:
     """Every declared family, in module name order (each module of this package with a `SPEC`)."""
     specs = []
-    for module in sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")):
+    for module in sorted(info.name for info in pkgutil.iter_modules(__path__)
+                         if not info.name.startswith("_") and info.name not in SHARED_MODULES):
         spec = getattr(importlib.import_module(f"{__name__}.{module}"), "SPEC", None)
-        if not isinstance(spec, FamilySpec):
-            raise TypeError(f"{__name__}.{module} must declare SPEC = FamilySpec(...)")
+        if not isinstance(spec, FamilySpec) or spec.name != module:
+            raise TypeError(f"{__name__}.{module} must declare SPEC = FamilySpec(name={module!r}, ...)")
         specs.append(spec)
     return tuple(specs)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stadi_xdit.bench.presets import BenchPreset
 from stadi_xdit.families import BenchModel, BenchShape, ConformanceCase, ExampleChoice, FamilySpec, HubModel
+from stadi_xdit.families.bench_preset import BenchPreset
 from stadi_xdit.geometry import TOKEN_ROW_PX
 
 
@@ -60,7 +60,7 @@ def build_flux_pipeline(preset: str | FluxPreset = "tiny", seed: int = 0,
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from stadi_xdit.offline.components import tiny_clip, tiny_t5, tiny_vae
+    from stadi_xdit.families.components import tiny_clip, tiny_t5, tiny_vae
 
     spec = FLUX_PRESETS[preset] if isinstance(preset, str) else preset
     torch.manual_seed(seed)
@@ -83,7 +83,7 @@ def tiny_flux_pipeline(seed: int = 0):
 
 def flux_stand_in_text(pipeline, seed: int) -> dict:
     """Stand-in T5 and pooled CLIP embeddings of the transformer's widths (Flux-dev: no CFG branch)."""
-    from stadi_xdit.offline.components import random_prompt_embeds
+    from stadi_xdit.families.components import random_prompt_embeds
 
     config = pipeline.transformer.config
     pooled = random_prompt_embeds(config.pooled_projection_dim, seq_len=1, seed=seed)[:, 0]
@@ -125,7 +125,7 @@ class FluxBench(BenchPreset):
     def call_kwargs(self, height: int, steps: int, seed: int, device: str = "cpu", dtype=None) -> dict:
         import torch
 
-        from stadi_xdit.offline.components import random_prompt_embeds
+        from stadi_xdit.families.components import random_prompt_embeds
 
         dtype = dtype or torch.float32
         embeds = random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed)
@@ -148,7 +148,6 @@ def flux_conformance_inputs() -> dict:
 
 SPEC = FamilySpec(
     name="flux",
-    runtime="stadi_xdit.models.flux",
     presets=FLUX_PRESETS,
     hub_models=(HubModel("FLUX.1-dev", "black-forest-labs/FLUX.1-dev", tiny_flux_pipeline),),
     examples=(ExampleChoice("flux", "xfuser:xFuserFluxPipeline", "FluxPipeline",

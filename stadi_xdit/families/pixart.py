@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from stadi_xdit.bench.presets import BenchPreset
 from stadi_xdit.families import BenchModel, BenchShape, ConformanceCase, ExampleChoice, FamilySpec
+from stadi_xdit.families.bench_preset import BenchPreset
 from stadi_xdit.geometry import TOKEN_ROW_PX
 
 
@@ -68,7 +68,7 @@ def build_pixart_pipeline(preset: str | PixArtPreset = "tiny", variant: str = "a
     import torch
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
 
-    from stadi_xdit.offline.components import tiny_t5, tiny_vae
+    from stadi_xdit.families.components import tiny_t5, tiny_vae
 
     if variant not in ("alpha", "sigma"):
         raise ValueError(f"variant must be 'alpha' or 'sigma', got {variant!r}")
@@ -91,7 +91,7 @@ def pixart_stand_in_text(pipeline, seed: int) -> dict:
     """Stand-in prompt and empty negative embeddings of PixArt's caption width, with their masks."""
     import torch
 
-    from stadi_xdit.offline.components import random_prompt_embeds
+    from stadi_xdit.families.components import random_prompt_embeds
 
     channels = pipeline.transformer.config.caption_channels
     # negative_prompt=None: diffusers refuses a negative prompt and negative embeddings together.
@@ -142,7 +142,7 @@ class PixArtBench(BenchPreset):
     def call_kwargs(self, height: int, steps: int, seed: int, device: str = "cpu", dtype=None) -> dict:
         import torch
 
-        from stadi_xdit.offline.components import random_prompt_embeds
+        from stadi_xdit.families.components import random_prompt_embeds
 
         dtype = dtype or torch.float32
         embeds, negative = (random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed + i)
@@ -166,7 +166,6 @@ def pixart_conformance_inputs() -> dict:
 
 SPEC = FamilySpec(
     name="pixart",
-    runtime="stadi_xdit.models.pixart",
     presets=PIXART_PRESETS,
     # The example script's trained toy DiT has PixArt-α's architecture (stadi_xdit.toy).
     examples=(_example("alpha", "PixArtAlphaPipeline", extra_presets=("toy-trained",)),

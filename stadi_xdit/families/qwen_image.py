@@ -70,7 +70,7 @@ def qwen_image_stand_in_text(pipeline, seed: int) -> dict:
     """Stand-in prompt embeddings of the joint width, with their mask (no negative: no CFG)."""
     import torch
 
-    from stadi_xdit.offline.components import random_prompt_embeds
+    from stadi_xdit.families.components import random_prompt_embeds
 
     text = random_prompt_embeds(pipeline.transformer.config.joint_attention_dim, seed=seed)
     return {"prompt_embeds": text, "prompt_embeds_mask": torch.ones(text.shape[:2], dtype=torch.long)}
@@ -126,7 +126,7 @@ def qwen_image_conformance_inputs() -> dict:
     padded and masked."""
     import torch
 
-    from stadi_xdit.offline.components import random_prompt_embeds
+    from stadi_xdit.families.components import random_prompt_embeds
 
     width = QWEN_IMAGE_PRESETS["tiny"].joint_attention_dim
     return {"prompt_embeds": random_prompt_embeds(width, seq_len=6, seed=2),
@@ -137,7 +137,6 @@ def qwen_image_conformance_inputs() -> dict:
 
 SPEC = FamilySpec(
     name="qwen_image",
-    runtime="stadi_xdit.models.qwen_image",
     presets=QWEN_IMAGE_PRESETS,
     hub_models=(HubModel("Qwen-Image", "Qwen/Qwen-Image", qwen_image_hub_pipeline),),
     # xfuser 0.7.0 has no Qwen-Image wrapper: the example builds the plugin's (`models.qwen_image`).

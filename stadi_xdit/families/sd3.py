@@ -44,7 +44,7 @@ def build_sd3_pipeline(preset: str | SD3Preset = "tiny", seed: int = 0, with_tex
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from stadi_xdit.offline.components import tiny_clip_with_projection, tiny_t5, tiny_vae
+    from stadi_xdit.families.components import tiny_clip_with_projection, tiny_t5, tiny_vae
 
     spec = SD3_PRESETS[preset] if isinstance(preset, str) else preset
     torch.manual_seed(seed)
@@ -75,7 +75,7 @@ def sd3_stand_in_text(pipeline, seed: int) -> dict:
     """Stand-in joint text and pooled embeddings, and zero negatives for the CFG branch."""
     import torch
 
-    from stadi_xdit.offline.components import random_prompt_embeds
+    from stadi_xdit.families.components import random_prompt_embeds
 
     config = pipeline.transformer.config
     text = random_prompt_embeds(config.joint_attention_dim, seed=seed)
@@ -98,7 +98,6 @@ def sd3_conformance_inputs() -> dict:
 
 SPEC = FamilySpec(
     name="sd3",
-    runtime="stadi_xdit.models.sd3",
     presets=SD3_PRESETS,
     hub_models=(HubModel("SD3.5", "stabilityai/stable-diffusion-3.5-large", sd35_large_hub_pipeline),),
     examples=(ExampleChoice("sd3", "xfuser:xFuserStableDiffusion3Pipeline", "StableDiffusion3Pipeline",

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stadi_xdit.bench.presets import VideoBenchPreset
 from stadi_xdit.families import BenchModel, BenchShape, ConformanceCase, FamilySpec, HubModel
+from stadi_xdit.families.bench_preset import VideoBenchPreset
 from stadi_xdit.geometry import TOKEN_ROW_PX
 
 
@@ -84,7 +84,7 @@ def build_wan_pipeline(preset: str | WanPreset = "tiny", seed: int = 0, with_tex
         WanTransformer3DModel,
     )
 
-    from stadi_xdit.offline.components import tiny_umt5
+    from stadi_xdit.families.components import tiny_umt5
 
     spec = WAN_PRESETS[preset] if isinstance(preset, str) else preset
     torch.manual_seed(seed)
@@ -149,7 +149,7 @@ class WanBench(VideoBenchPreset):
         """WanPipeline's arguments: both prompts as embeddings of one length (Wan pads its prompts alike)."""
         import torch
 
-        from stadi_xdit.offline.components import random_prompt_embeds
+        from stadi_xdit.families.components import random_prompt_embeds
 
         dtype = dtype or torch.float32
         embeds, negative = (random_prompt_embeds(self.text_channels, seq_len=self.text_tokens, seed=seed + i)
@@ -186,7 +186,6 @@ def wan_conformance_inputs() -> dict:
 
 SPEC = FamilySpec(
     name="wan",
-    runtime="stadi_xdit.models.wan",
     presets=WAN_PRESETS,
     hub_models=(HubModel("Wan2.1-T2V", "Wan-AI/Wan2.1-T2V-14B-Diffusers", build_wan_pipeline,
                          # 5 latent frames x 3 token rows: 15 rows of the clip

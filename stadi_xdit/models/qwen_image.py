@@ -234,7 +234,7 @@ class StadiQwenImagePipeline(StadiPipelineMixin, xFuserQwenImagePipeline):
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = pipe._execution_device
         do_true_cfg = true_cfg_scale > 1 and (negative_prompt is not None or negative_prompt_embeds is not None)
-        if self.groups.cfg.world_size == 2 and not do_true_cfg:
+        if self.groups.cfg.world_size > 1 and not do_true_cfg:  # one branch per rank needs both branches
             raise ValueError("--use_cfg_parallel needs true_cfg_scale > 1 and a negative prompt")
 
         state = self.stadi_state

@@ -70,7 +70,7 @@ def _resolve_fn(module_name: str, path: str | None, qualname: str):
 
 
 # Imported once in the forkserver, so every forked rank starts with them (and the compat layer) loaded.
-FORKSERVER_PRELOAD = ["torch", "torch.distributed", "stadi_xdit.xdit", "stadi_xdit.offline.components",
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "stadi_xdit.xdit", "stadi_xdit.families.components",
                       "stadi_xdit.xdit.build"]
 
 

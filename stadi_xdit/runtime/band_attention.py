@@ -5,8 +5,9 @@ projections) and hands this helper its band's projected queries, keys and values
 optional replicated stream (the text of a joint-attention block) in its place in the joint
 sequence. The keys and values of the whole image come from the displaced K/V store: the own band
 fresh, the other bands from the latest exchange (or gathered fresh in synchronous steps). What is
-added to attention under STADI later (a sequence-parallel all-to-all, a compile boundary, a cache
-hook) is added here, once, not in each family.
+added to attention under STADI later (a sequence-parallel all-to-all inside a group, a compile
+boundary) is added here, once, not in each family. Step caching is not: whether a step is computed
+at all is a step-level decision, taken by the loop, not inside attention.
 
 Layouts: every tensor in is (batch, heads, tokens, head_dim), the store's and SDPA's layout; the
 outputs are (batch, tokens, heads * head_dim), split back into the band's and the stream's.

@@ -37,13 +37,6 @@ class StadiGroups:
         """The leader's JSON-serialisable `value`, on every rank."""
         return json.loads(self.gather_text(json.dumps(value), device)[0][0])
 
-    def shared_speeds(self, speeds: list[float], device: torch.device) -> list[float]:
-        """Speeds the band group plans on: with CFG parallelism, the slower rank of each pair.
-
-        Guidance mixes both branches of a band every step, so neither may run ahead.
-        """
-        return self._pair_reduce(speeds, device, torch.minimum)
-
     def pair_max(self, value: float, device: torch.device) -> float:
         """The larger of the CFG pair's values (a cost both branches must plan on alike)."""
         return self._pair_reduce([value], device, torch.maximum)[0]

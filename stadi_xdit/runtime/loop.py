@@ -88,10 +88,19 @@ class Calibration:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class WarmupOutcome:
+    """The warmup phase's layouts: the one it began on, and the one the displaced phase starts from
+    (step-1 calibration may have moved the bands in between)."""
+
+    first: Plan
+    last: Plan
+
+
 @dataclass
 class DenoiseResult:
     latents: torch.Tensor  # full latent, on every rank
-    warmup_plan: Plan
+    warmup_plan: Plan  # the warmup's last layout: what the plan re-bands from (WarmupOutcome.last)
     plan: Plan
     measured_speeds: list[float] | None  # rows/s per rank, None when speeds were given
     num_evals: int  # model evaluations by this rank
@@ -105,6 +114,7 @@ class DenoiseResult:
     # What the next call of this size starts from (measured speeds only; the same on every rank).
     memory: CallMemory | None = None
     settle_reasons: dict[str, str] = field(default_factory=dict)  # phase -> why the plan moved or stayed
+    warmup_start: Plan | None = None  # the layout the warmup began on (WarmupOutcome.first)
 
 
 # Fewer warmup steps leave one timed band size: the fixed cost per forward cannot be separated.
@@ -136,9 +146,9 @@ def denoise(
     call.transition(final)
     ran = call.periods(final)
     full = call.gather()
-    return DenoiseResult(full, warm, final, [e.speed for e in call.estimates] if call.estimates else None,
+    return DenoiseResult(full, warm.last, final, [e.speed for e in call.estimates] if call.estimates else None,
                          len(call.visited), call.timeline, call.calibration, store.stats(), replans=call.replans,
-                         memory=call.remember(ran), settle_reasons=call.reasons)
+                         memory=call.remember(ran), settle_reasons=call.reasons, warmup_start=warm.first)
 
 
 class _Call:
@@ -226,14 +236,15 @@ class _Call:
                            num_steps=self.num_steps, warmup_steps=self.warmup_steps, mode="spatial")
 
     # --- the phases -----------------------------------------------------------------------------
-    def warmup(self, known_speeds: Sequence[float] | None) -> Plan:
-        """Synchronous, exact steps that also time each rank; returns the warmup's first layout."""
+    def warmup(self, known_speeds: Sequence[float] | None) -> WarmupOutcome:
+        """Synchronous, exact steps that also time each rank; returns the layouts it began and ended on."""
         warm, self.reasons["warmup"] = warmup_layout(self.memory, num_ranks=self.world, rows=self.rows,
                                                      align=self.align, num_steps=self.num_steps,
                                                      warmup_steps=self.warmup_steps, known_speeds=known_speeds)
         layout = self.geometry.layout(warm)
         self.band = slice_band(self.latents, self.model.band_sizes(layout), self.rank, self.model.band_dim)
         self._install(layout)
+        last = warm
         calibrate = (self.measured and self.memory is None and self.world > 1 and self.config.mode != "uniform"
                      and self.warmup_steps >= CALIBRATION_WARMUP_STEPS)
         for i in range(self.warmup_steps):
@@ -247,8 +258,9 @@ class _Call:
                                         phase="profile")
                 settled = self._settle_spatial(first.estimates(self.rows), self.warmup_rows[-1])
                 self.reasons["calibration"] = settled.reason
-                self._install(self.geometry.layout(settled.plan))
-        return warm
+                last = settled.plan
+                self._install(self.geometry.layout(last))
+        return WarmupOutcome(warm, last)
 
     def profile(self, known_speeds: Sequence[float] | None) -> Plan:
         """Every rank derives the same estimates, hence the same plan, with no broadcast."""

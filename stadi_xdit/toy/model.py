@@ -9,7 +9,7 @@ self-attention over all image tokens, cross-attention to the caption, 2D sincos 
 * ``out_channels = 4``: epsilon only, no learned-sigma half (the pipeline and `PixArtBandModel`
   both keep the whole output when ``out_channels // 2 != in_channels``).
 * No text encoder: pass the class's caption embedding (`toy_call_kwargs`).
-* The VAE is a tiny **random** `AutoencoderKL` (the same kind `stadi_xdit.offline.components` builds), kept
+* The VAE is a tiny **random** `AutoencoderKL` (the same kind `stadi_xdit.families.components` builds), kept
   only so the pipeline is complete and has the usual 8x VAE scale. The model is trained on the
   latents directly (no autoencoder: see `stadi_xdit.toy.data`), so call it with
   ``output_type="latent"`` and show results with `stadi_xdit.toy.data.decode_to_rgb`; a decoded

@@ -43,6 +43,8 @@ class StadiEngineConfig(EngineConfig):
     # xDiT's model runner loads the pipeline (`stadi_xdit.xdit.runner`): it saves on its last process
     # and shards the VAE decoder itself, so the twin it builds must do neither its own way.
     served_by_runner: bool = False
+    # The launch's ranks as `StadiArgs.validate` checked them; the runtime reads its degrees from here.
+    topology: Topology | None = None
 
 
 def stadi_arg_name(config_field: str) -> str:
@@ -267,9 +269,10 @@ class _StadiArgsBehaviour(xFuserArgs):
         if twin is not None:
             twin.check_launch(self, degree)
         if self.stadi.profile_cache is not None:
-            check_cache_path(self.stadi.profile_cache)
+            # The most specific reason first: the settings file or a model file given as the cache.
             check_cache_is_not_an_input(self.stadi.profile_cache, getattr(self, "stadi_config_file", None),
                                         self.model)
+            check_cache_path(self.stadi.profile_cache)
         return degree
 
     def _runner_twin(self) -> type | None:
@@ -296,7 +299,7 @@ class _StadiArgsBehaviour(xFuserArgs):
         finally:
             self.data_parallel_degree = 1
         values = {f.name: getattr(engine_config, f.name) for f in dataclasses.fields(EngineConfig)}
-        return StadiEngineConfig(**values, stadi_config=self.stadi), input_config
+        return StadiEngineConfig(**values, stadi_config=self.stadi, topology=self.topology), input_config
 
 
 def _stadi_arg_fields() -> list[tuple[str, Any, Any]]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from stadi_xdit.runtime.comm import BandComm
+from stadi_xdit.topology import CFG_BRANCHES
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class CfgPair:
 
     @classmethod
     def create(cls, do_cfg: bool, cfg_comm: BandComm) -> CfgPair:
-        parallel = cfg_comm.world_size == 2
+        parallel = cfg_comm.world_size == CFG_BRANCHES
         if parallel and not do_cfg:
             raise ValueError("--use_cfg_parallel needs guidance_scale > 1")
         return cls(enabled=do_cfg, parallel=parallel, branch=cfg_comm.rank if parallel else 0,

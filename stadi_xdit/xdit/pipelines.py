@@ -15,13 +15,7 @@ from typing import Any
 
 import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from xfuser.core.distributed import (
-    get_cfg_group,
-    get_classifier_free_guidance_rank,
-    get_classifier_free_guidance_world_size,
-    get_dp_group,
-    get_world_group,
-)
+from xfuser.core.distributed import get_cfg_group, get_dp_group, get_world_group
 from xfuser.logger import init_logger
 from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrapper
 
@@ -37,6 +31,7 @@ from stadi_xdit.runtime.layout import BandGeometry, BandLayout
 from stadi_xdit.runtime.loop import DenoiseResult, denoise
 from stadi_xdit.runtime.profile_cache import ProfileCache, profile_key
 from stadi_xdit.runtime.schedule import to_subsequence_capable
+from stadi_xdit.topology import Topology
 from stadi_xdit.xdit.injection import InjectionPlan, apply_injection
 from stadi_xdit.xdit.runtime_state import StadiRuntimeState, install_runtime_state
 
@@ -144,10 +139,15 @@ class StadiPipelineMixin:
         state = StadiRuntimeState(pipeline, engine_config)
         install_runtime_state(state)
         self._stadi_runtime_state = state
-        dp = get_dp_group()
-        self.stadi_config.check_world(dp.world_size)
+        dp, cfg = get_dp_group(), get_cfg_group()
+        # The topology the launch was checked with (StadiArgs.validate), else the one xDiT's groups form
+        # (an engine config built by hand); either way checked once against the groups xDiT built.
+        self.topology = getattr(engine_config, "topology", None) or Topology.for_stadi_degree(
+            dp.world_size, cfg.world_size)
+        self.topology.check_groups(dp.world_size, cfg.world_size)
+        self.stadi_config.check_world(self.topology.stadi_degree)
         timeout = self.stadi_config.timeout_seconds
-        self.groups = StadiGroups(band=_bounded_comm(dp, timeout), cfg=_bounded_comm(get_cfg_group(), timeout))
+        self.groups = StadiGroups(band=_bounded_comm(dp, timeout), cfg=_bounded_comm(cfg, timeout))
         self.kv_store = DisplacedKVStore(self.groups.band)
 
     def _convert_transformer_backbone(self, transformer, **kwargs):
@@ -173,9 +173,8 @@ class StadiPipelineMixin:
         """
         if self.engine_config.runtime_config.use_parallel_vae:
             return get_world_group().rank == 0
-        output_rank = self.groups.band.world_size - 1 if self.served_by_runner else 0
-        return (self.groups.band.rank == output_rank
-                and get_classifier_free_guidance_rank() == get_classifier_free_guidance_world_size() - 1)
+        output_rank = self.topology.stadi_degree - 1 if self.served_by_runner else 0
+        return self.groups.band.rank == output_rank and self.groups.cfg.rank == self.topology.cfg_degree - 1
 
     def remove_stadi(self) -> None:
         """Give the transformer back exactly as it was before wrapping."""
