@@ -179,6 +179,7 @@ LAUNCHER_ARGS = [
     ([*SD3, "--stadi_profile_cache", "{snapshot}/new-cache.json"], None),
     ([*FLUX, "--prompt", "a cat", "--stadi_profile_cache", f"{TMP}/results.json"], None),
     ([f"{TMP}/fifo.py", "--model", "tiny", "--output_directory", f"{TMP}/out"], None),
+    ([*SD3, "--use_cfg_parallel", "--guidance_scale", "1"], None),
 ]
 
 # xDiT's runner config dict (the runner's own process: no launcher checks it first)

@@ -121,6 +121,7 @@ def test_runner_config_dict_reaches_a_validated_stadi_config(hub, monkeypatch):
     ({"use_stadi": True, "output_directory": None}, "--output_directory must name a folder"),
     ({"use_stadi": True, "num_inference_steps": 5000}, "--num_inference_steps must be an integer in [1, 1000]"),
     ({"use_stadi": True, "height": 80000}, "more than the planner's 4096"),
+    ({"use_stadi": True, "use_cfg_parallel": True, "guidance_scale": 1.0}, "--use_cfg_parallel needs --guidance_scale > 1"),
 ])
 def test_runner_config_dict_refuses_bad_stadi_input_in_one_line(config, needle, monkeypatch):
     from xfuser.config import xFuserArgs

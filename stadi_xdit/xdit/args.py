@@ -181,6 +181,10 @@ def validate_call_inputs(args: Any) -> None:
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
                                  or not math.isfinite(guidance)):
         raise ValueError(f"--guidance_scale must be a finite number, got {shown_value(guidance)}")
+    if getattr(args, "use_cfg_parallel", False) and guidance is not None and guidance <= 1:
+        # CfgPair refused it in every rank, after the process groups were up
+        raise ValueError(f"--use_cfg_parallel needs --guidance_scale > 1 (one CFG branch per rank; guidance "
+                         f"{guidance:g} runs no unconditional branch)")
     require_int("--num_iterations", args.num_iterations, minimum=1)
     require_int("--warmup_calls", args.warmup_calls, minimum=0)
     output = args.output_directory
