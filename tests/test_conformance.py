@@ -85,23 +85,23 @@ def _check_proportional(bands: list[tuple[int, int]], rows: int, speeds: tuple[i
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def family(request) -> str:
+def twin_name(request) -> str:
     """The case's twin class name (a family has one case per twin)."""
     return request.param
 
 
 @pytest.fixture(scope="module")
-def reference(family) -> torch.Tensor:
-    return _reference(family, "latent")
+def reference(twin_name) -> torch.Tensor:
+    return _reference(twin_name, "latent")
 
 
 @pytest.fixture(scope="module")
-def two_ranks(family) -> list[list[dict]]:
-    return run_distributed(_run, 2, family, TWO_RANK_RUNS, timeout=300)
+def two_ranks(twin_name) -> list[list[dict]]:
+    return run_distributed(_run, 2, twin_name, TWO_RANK_RUNS, timeout=300)
 
 
-def _check_exact(family: str, per_rank: list[dict], reference: torch.Tensor) -> None:
-    case = CASES[family]
+def _check_exact(twin_name: str, per_rank: list[dict], reference: torch.Tensor) -> None:
+    case = CASES[twin_name]
     assert case.rows % 2 == 1, "the case must have an odd number of token rows"
     bands = per_rank[0]["plan"].row_bounds()
     _check_proportional(bands, case.rows, EXACT_SPEEDS[len(per_rank)])
@@ -112,51 +112,51 @@ def _check_exact(family: str, per_rank: list[dict], reference: torch.Tensor) -> 
         steps = case.inputs()["num_inference_steps"]
         assert result["calls"] == {"forward": steps, "displaced": result["displaced"] * steps}
         error = relative_error(result["images"], reference)
-        print(f"[conformance {family}] exact, {len(per_rank)} ranks, rank {rank}: rel. error vs 1 process = "
+        print(f"[conformance {twin_name}] exact, {len(per_rank)} ranks, rank {rank}: rel. error vs 1 process = "
               f"{error:.2e}")
         assert error <= 1e-4, f"rank {rank}"
 
 
 # Exact mode: every layer gathers fresh K/V every step, so any band split equals one process.
-def test_exact_mode_equals_one_process_on_2_ranks(family, two_ranks, reference):
-    _check_exact(family, [per_run[0] for per_run in two_ranks], reference)
+def test_exact_mode_equals_one_process_on_2_ranks(twin_name, two_ranks, reference):
+    _check_exact(twin_name, [per_run[0] for per_run in two_ranks], reference)
 
 
-def test_exact_mode_equals_one_process_on_3_ranks(family, reference):
-    results = run_distributed(_run, 3, family, [{**EXACT, "stadi_speeds": "2,3,5"}], timeout=300)
-    _check_exact(family, [per_run[0] for per_run in results], reference)
+def test_exact_mode_equals_one_process_on_3_ranks(twin_name, reference):
+    results = run_distributed(_run, 3, twin_name, [{**EXACT, "stadi_speeds": "2,3,5"}], timeout=300)
+    _check_exact(twin_name, [per_run[0] for per_run in results], reference)
 
 
-def test_exact_mode_decodes_like_one_process(family, two_ranks):
-    decoded = _reference(family, "np")
+def test_exact_mode_decodes_like_one_process(twin_name, two_ranks):
+    decoded = _reference(twin_name, "np")
     outputs = [per_run[1]["images"] for per_run in two_ranks]
     assert outputs[1] is None, "only the output rank (STADI rank 0) decodes"
     assert outputs[0].shape == decoded.shape
     error = relative_error(torch.from_numpy(outputs[0]), torch.from_numpy(decoded))
-    print(f"[conformance {family}] exact, decoded: rel. error vs 1 process = {error:.2e}")
+    print(f"[conformance {twin_name}] exact, decoded: rel. error vs 1 process = {error:.2e}")
     assert error <= 1e-4
 
 
-def test_cfg_parallel_exact_equals_one_process(family, reference):
+def test_cfg_parallel_exact_equals_one_process(twin_name, reference):
     """`--use_cfg_parallel` on 2 ranks: one CFG branch per rank (batch 1 per forward), paired every step.
 
     Bands under CFG parallelism are the loop's business, tested on 4 ranks in test_stadi_cfg.py;
     one rank per branch keeps each family's branch split cheap to check.
     """
-    if CASES[family].guidance_branches == 1:
-        pytest.skip(f"{family} runs no CFG branches (guidance distilled)")
-    results = run_distributed(_run, 2, family, [{**EXACT, "stadi_speeds": "1", "use_cfg_parallel": True}],
+    if CASES[twin_name].guidance_branches == 1:
+        pytest.skip(f"{twin_name} runs no CFG branches (guidance distilled)")
+    results = run_distributed(_run, 2, twin_name, [{**EXACT, "stadi_speeds": "1", "use_cfg_parallel": True}],
                               timeout=300)
     for rank, (result,) in enumerate(results):
         assert result["batches"] == [1]
         error = relative_error(result["images"], reference)
-        print(f"[conformance {family}] exact, CFG-parallel on 2 ranks, rank {rank}: rel. error vs 1 process = "
+        print(f"[conformance {twin_name}] exact, CFG-parallel on 2 ranks, rank {rank}: rel. error vs 1 process = "
               f"{error:.2e}")
         assert error <= 1e-4, f"rank {rank}"
 
 
-def test_stale_modes_follow_the_plan_and_repeat(family, two_ranks, reference):
+def test_stale_modes_follow_the_plan_and_repeat(twin_name, two_ranks, reference):
     def every_displaced_module_once_per_forward(result: dict) -> None:
         assert result["calls"]["displaced"] == result["displaced"] * result["calls"]["forward"]
 
-    check_stale_runs(f"conformance {family}", two_ranks, reference, every_displaced_module_once_per_forward)
+    check_stale_runs(f"conformance {twin_name}", two_ranks, reference, every_displaced_module_once_per_forward)
