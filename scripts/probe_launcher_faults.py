@@ -210,6 +210,7 @@ def fault_cases(hub: Path) -> list[Callable[[], tuple[str, str]]]:
         case("launcher-ctrl-z-then-fg", action=_stop_and_resume, steps=30, status=0, needle=None, image=True),
         # issue 36: slow work is not a stall; teardown is bounded; a deleted heartbeat folder; two failing ranks
         case("slow-decode-finishes", fault="decode:1:slow", status=0, needle=None, image=True),
+        case("slow-warmup-step-finishes", fault="warmup step:1:slow", status=0, needle=None, image=True),
         case("teardown-wedged", fault="idle:0:sleep", status=1, needle="rank 0 stalled in idle", image=True),
         case("stall-after-heartbeat-folder-deleted", fault="decode:1:sleep", action=_delete_heartbeat_folder,
              status=1, needle="rank 1 stalled in decode"),

@@ -71,3 +71,42 @@ def test_survivor_names_the_peer_within_the_timeout(tmp_path, fault, cache):
     # rank 1 never finished its run (it died or hung at the fault); rank 0 reported after rank 1 failed
     assert results[1] is None
     assert report["stamp"] == f"rank 1 failed ({fault})"
+
+
+def _wait_for_a_slow_peer(rank: int, world: int, peer_works: bool) -> str:
+    """Rank 1 joins an all-gather 2.5 timeouts late: working (reporting progress, as its model's blocks do)
+    or silent; rank 0 waits for it with --stadi_timeout 1 s."""
+    import time
+    from datetime import timedelta
+
+    import torch
+
+    from stadi_xdit.runtime import heartbeat
+    from stadi_xdit.runtime.comm import BandComm
+    from stadi_xdit.runtime.faults import PeerFailure, PeerWatch
+
+    comm = BandComm(None, rank, world, timedelta(seconds=1), watch=PeerWatch([0, 1], rank, 1.0, rewaits=True))
+    if rank == 1:
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:
+            if peer_works:
+                heartbeat.progress()
+            time.sleep(0.05)
+    try:
+        comm.enter("stadi", 3)
+        gathered = comm.all_gather(torch.full((1,), float(rank)), [1, 1], dim=0)
+    except PeerFailure as error:
+        return str(error)
+    return f"gathered {gathered.tolist()}"
+
+
+@pytest.mark.parametrize("peer_works", [True, False], ids=["working", "silent"])
+def test_a_wait_lasts_while_the_peer_works_and_ends_on_silence(peer_works):
+    """--stadi_timeout bounds silence, not a slow peer's work (issue 36): a gloo wait is waited on again while
+    the peer reports progress; a silent peer is named after the timeout, as before."""
+    results = run_distributed(_wait_for_a_slow_peer, 2, peer_works, init_process_group=True, timeout=120,
+                              faulty_ranks=(1,) if not peer_works else ())
+    if peer_works:
+        assert results == ["gathered [0.0, 1.0]", "gathered [0.0, 1.0]"]
+    else:
+        assert results[0].startswith("stadi: peer rank 1 (global rank 1) stopped responding during stadi step 3")

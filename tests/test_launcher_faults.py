@@ -160,10 +160,12 @@ def _fault_run(hub: Path, tmp_path: Path, tag: str, fault: str, steps: int = 4) 
     return proc
 
 
-def test_a_slow_but_working_decode_longer_than_the_timeout_finishes_and_saves(hub, tmp_path):
-    """Rank 1 (the runner's output rank) decodes for twice --stadi_timeout, its blocks reporting progress:
-    work, not a stall. It used to be ended as 'stalled in decode', losing the finished denoise."""
-    proc = _fault_run(hub, tmp_path, "slow-decode", "decode:1:slow")
+def test_a_slow_but_working_rank_longer_than_the_timeout_finishes_and_saves(hub, tmp_path):
+    """Rank 1 (the runner's output rank) spends twice --stadi_timeout in its first warmup step, then in its
+    decode, reporting progress: work, not a stall. Its peer keeps waiting in the warmup's K/V gather while
+    it hears of the progress. The decode used to be ended as 'stalled in decode', losing the finished
+    denoise, and the warmup step as 'stalled in warmup step 0'."""
+    proc = _fault_run(hub, tmp_path, "slow-rank", "warmup step:1:slow,decode:1:slow")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "fault").read_text().split(" ", 1)[1].startswith("decode")  # the slow decode did run
     assert not _launcher_lines(proc.stderr) and len(list((tmp_path / "out").glob("*.png"))) == 1

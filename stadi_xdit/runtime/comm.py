@@ -26,7 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from stadi_xdit.runtime.faults import PeerWatch
+from stadi_xdit.runtime.faults import PeerWatch, WaitTimedOut
 
 # torch >= 2.6 names it all_gather_single; older torch (as on many GPU images) only has the old name.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -41,7 +41,15 @@ def synchronize(tensor: torch.Tensor) -> None:
 def _bounded_wait(works: Sequence[dist.Work], timeout: timedelta | None) -> None:
     for work in works:
         # A bounded wait: a stalled or dead peer turns into an error here, not a hang.
-        work.wait(timeout) if timeout is not None else work.wait()
+        if timeout is None:
+            work.wait()
+            continue
+        try:
+            work.wait(timeout)
+        except RuntimeError as error:
+            if not work.is_completed():  # still in flight (not failed by the backend): may be waited on again
+                raise WaitTimedOut(str(error)) from error
+            raise
 
 
 @dataclass
@@ -57,8 +65,10 @@ class PendingGather:
     def wait(self) -> torch.Tensor:
         """Host-side wait. On NCCL it only orders the streams, so its seconds stay near zero."""
         start = time.perf_counter()
-        _bounded_wait(self.works, self.timeout)
-        self.waited_seconds = time.perf_counter() - start
+        try:
+            _bounded_wait(self.works, self.timeout)
+        finally:  # waited again after a timeout while a peer works (PeerWatch.guard): every slice counts
+            self.waited_seconds += time.perf_counter() - start
         return torch.cat(self.parts, dim=self.dim)
 
 
@@ -90,6 +100,15 @@ class BandComm:
     collectives: int = 0
     _host_wait: float = field(default=0.0, repr=False)
     _cuda_waits: list = field(default_factory=list, repr=False)
+
+    @property
+    def wait_slice(self) -> timedelta | None:
+        """How long one wait on a work blocks before `PeerWatch.guard` decides whether to wait on: the
+        timeout, or a quarter of it where a timed-out wait is waited on again while a peer works (gloo),
+        so this rank, waiting, still reports progress to the launcher well within the timeout."""
+        if self.timeout is not None and self.watch is not None and self.watch.rewaits:
+            return self.timeout / 4
+        return self.timeout
 
     @property
     def wait_seconds(self) -> float:
@@ -164,7 +183,7 @@ class BandComm:
                 buffer = part.new_empty(shape)
             works += self.broadcast_async(buffer, source)
             parts.append(buffer)
-        return PendingGather(works, parts, dim, self.timeout)
+        return PendingGather(works, parts, dim, self.wait_slice)
 
     def all_gather(self, part: torch.Tensor, sizes: Sequence[int], dim: int) -> torch.Tensor:
         """Blocking gather; its blocked time counts as waiting (see the module docstring)."""

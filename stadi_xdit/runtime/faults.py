@@ -25,7 +25,13 @@ from stadi_xdit.runtime import heartbeat
 T = TypeVar("T")
 
 _KEY_PREFIX = "stadi/progress/"
+_ALIVE_PREFIX = "stadi/alive/"  # the time of a rank's last progress (heartbeat.progress), posted at most every second
 _STORE_READ_SECONDS = 2.0  # diagnosing must not itself hang on a store whose host is gone
+
+
+class WaitTimedOut(RuntimeError):
+    """One wait on a collective still in flight ran out of time (`runtime/comm.py`); it may be waited on
+    again, which `PeerWatch.guard` does while a peer works. A collective the backend failed raises otherwise."""
 
 
 class PeerFailure(RuntimeError):
@@ -55,12 +61,44 @@ class PeerWatch:
     timeout_seconds: float
     phase: str = "setup"
     step: int = 0
+    # gloo waits can be waited on again after a timeout: keep waiting while a peer reports progress (a slow
+    # forward is work, not a stall). NCCL's are stream-ordered and torn down by its watchdog: never re-armed.
+    rewaits: bool = False
     _sequence: int = 0
     _store: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self._store is None and len(self.global_ranks) > 1:
             self._store = _default_store()
+        if self._store is not None and self.rewaits:
+            heartbeat.on_progress(f"{_ALIVE_PREFIX}{self.global_ranks[self.rank]}", self._post_alive,
+                                  interval=min(1.0, self.timeout_seconds / 4))
+
+    def _post_alive(self, now: float) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.set(f"{_ALIVE_PREFIX}{self.global_ranks[self.rank]}", f"{now:.3f}")
+        except (RuntimeError, ValueError):
+            self._store = None
+
+    def a_peer_works(self) -> bool:
+        """Whether a peer reported progress within the last `timeout_seconds` (its clock and ours: one node,
+        or nodes whose clocks agree within a second, as NTP keeps them)."""
+        if self._store is None:
+            return False
+        now = time.time()
+        for rank, global_rank in enumerate(self.global_ranks):
+            if rank == self.rank:
+                continue
+            key = f"{_ALIVE_PREFIX}{global_rank}"
+            try:
+                self._store.set_timeout(_timedelta(_STORE_READ_SECONDS))
+                if self._store.check([key]) and now - float(self._store.get(key).decode()) < self.timeout_seconds:
+                    return True
+            except (RuntimeError, ValueError):
+                return False
+        return False
 
     def enter(self, phase: str, step: int = 0) -> None:
         """This rank starts `phase` (warmup / exchange / transition / gather / ...) at `step`."""
@@ -110,14 +148,24 @@ class PeerWatch:
             f"{where} (--stadi_timeout {self.timeout_seconds:g} s)")
 
     def guard(self, wait: Callable[[], T]) -> T:
-        """Run a blocking wait; a backend error becomes a `PeerFailure` naming the peer."""
+        """Run a blocking wait (re-callable: it waits on works already launched); a backend error becomes a
+        `PeerFailure` naming the peer. A timed-out wait is waited on again while a peer reports progress, so
+        `--stadi_timeout` bounds silence, not a slow peer's work."""
         start = time.perf_counter()
-        try:
-            return wait()
-        except PeerFailure:
-            raise
-        except RuntimeError as error:  # gloo/NCCL errors, DistBackendError included
-            raise self.failure(error, time.perf_counter() - start) from error
+        while True:
+            try:
+                return wait()
+            except PeerFailure:
+                raise
+            except RuntimeError as error:  # gloo/NCCL errors, DistBackendError included
+                waited = time.perf_counter() - start
+                if self.rewaits and isinstance(error, WaitTimedOut):
+                    if self.a_peer_works():
+                        heartbeat.progress()  # this wait is alive too: the launcher must not take it for a stall
+                        continue
+                    if waited < self.timeout_seconds:  # a slice of the wait (BandComm.wait_slice), not all of it
+                        continue
+                raise self.failure(error, waited) from error
 
 
 def _timedelta(seconds: float):

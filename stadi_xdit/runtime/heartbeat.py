@@ -44,7 +44,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ENV_DIR = "STADI_HEARTBEAT_DIR"
@@ -57,6 +57,11 @@ MAX_BEAT_SECONDS = 1.0
 _lock = threading.Lock()
 _state = {"phase": "startup", "since": time.time(), "cause": None}
 _last_progress = [0.0]  # a list: `progress()` only stores into it, no lock on the hot path
+# Who else hears of progress (a STADI group's peers, through the rendezvous store: `faults.PeerWatch`),
+# at most once per `_post_interval` seconds.
+_listeners: dict[str, Callable[[float], None]] = {}
+_post_interval = [MAX_BEAT_SECONDS]
+_posted = [0.0]
 _thread: threading.Thread | None = None
 _folder: str | None = None  # the launcher's heartbeat folder, once `start()` has read it
 _timeout = [600.0]  # the launcher's --stadi_timeout, once `start()` has read it
@@ -165,23 +170,36 @@ def phase(name: str) -> None:
         _state["phase"], _state["since"] = name, time.time()
     if _folder and _thread is not None:
         _write(_folder)
+    progress()
     _maybe_fault(name)
 
 
 def progress() -> None:
-    """This rank is working: the supervisor measures a live stall from the last call (cheap: one store)."""
-    _last_progress[0] = time.time()
+    """This rank is working: the supervisor measures a live stall from the last call, and a peer waiting
+    for this rank keeps waiting while it hears of progress (cheap: one store; a listener call per interval)."""
+    now = time.time()
+    _last_progress[0] = now
+    if _listeners and now - _posted[0] >= _post_interval[0]:
+        _posted[0] = now
+        for listener in tuple(_listeners.values()):
+            listener(now)
+
+
+def on_progress(key: str, listener: Callable[[float], None], interval: float) -> None:
+    """Call `listener(time)` on progress, at most every `interval` seconds (one listener per `key`)."""
+    _listeners[key] = listener
+    _post_interval[0] = min(_post_interval[0], interval)
 
 
 def watching() -> bool:
-    """Whether a launcher's supervisor watches this rank (progress reports are read)."""
-    return _thread is not None
+    """Whether anyone reads this rank's progress: a launcher's supervisor, or peers waiting for it."""
+    return _thread is not None or bool(_listeners)
 
 
 def watch_progress(modules) -> list:
     """Report `progress()` as each block of `modules` (torch modules) starts: every element of their
     `ModuleList`s (transformer blocks, VAE up-blocks and resnets, encoder layers). Returns the hook
-    handles (`.remove()`); none where no supervisor watches."""
+    handles (`.remove()`); none where nobody reads progress (one process, no launcher)."""
     if not watching():
         return []
     from torch import nn

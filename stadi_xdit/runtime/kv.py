@@ -172,7 +172,7 @@ class DisplacedKVStore:
         staging = self._staging_view(key)
         write_band(staging, self.own_range[0], key, value)
         works = self._launch(staging.view(staging.shape[0], -1))
-        self.comm.wait_works(PendingWorks(works, self.comm.timeout), key.is_cuda)
+        self.comm.wait_works(PendingWorks(works, self.comm.wait_slice), key.is_cuda)
         if self.publish:  # these K/V seed the displaced steps that follow
             if registry.closed:
                 self._ensure_buffer(key).layer_view(layer).copy_(staging)
@@ -269,7 +269,7 @@ class DisplacedKVStore:
     def _flush(self) -> None:
         for group in self._ready:
             works = self._launch(self._buffer.blocks[group])
-            self._pending[group] = PendingWorks(works, self.comm.timeout)
+            self._pending[group] = PendingWorks(works, self.comm.wait_slice)
         self._ready.clear()
 
     def _launch(self, block: torch.Tensor) -> list:

@@ -54,7 +54,8 @@ def hardware_identity() -> str:
 
 def _bounded_comm(group, timeout_seconds: float) -> BandComm:
     """STADI's collectives over one xDiT group: bounded waits, and a failed peer named by rank."""
-    watch = PeerWatch(list(group.ranks), group.rank_in_group, timeout_seconds)
+    watch = PeerWatch(list(group.ranks), group.rank_in_group, timeout_seconds,
+                      rewaits=torch.distributed.get_backend(group.device_group) == "gloo")
     return BandComm(group.device_group, group.rank_in_group, group.world_size,
                     timedelta(seconds=timeout_seconds), watch=watch)
 
@@ -120,8 +121,8 @@ class StadiPipelineMixin:
         # (runtime/adaptive.CallMemory); the next call warms up and plans from it.
         self._call_memory: dict[tuple[int, int], CallMemory] = {}
         super().__init__(pipeline, engine_config, cache_args)
-        # Each block of every model reports progress to the launcher's supervisor (when one watches):
-        # a long decode or a slow step is work, not a stall.
+        # Each block of every model reports progress to the launcher's supervisor and to peers waiting for
+        # this rank (when anyone reads it): a long decode or a slow step is work, not a stall.
         self._progress_hooks = heartbeat.watch_progress(
             [component for component in self.module.components.values() if isinstance(component, torch.nn.Module)])
 
