@@ -159,12 +159,13 @@ class PeerWatch:
                 raise
             except RuntimeError as error:  # gloo/NCCL errors, DistBackendError included
                 waited = time.perf_counter() - start
-                if self.rewaits and isinstance(error, WaitTimedOut):
-                    if self.a_peer_works():
-                        heartbeat.progress()  # this wait is alive too: the launcher must not take it for a stall
-                        continue
-                    if waited < self.timeout_seconds:  # a slice of the wait (BandComm.wait_slice), not all of it
-                        continue
+                # A slice of the wait (BandComm.wait_slice) ran out: wait on while the wait is younger than the
+                # timeout, or a peer works. Either way this rank is not stalled, its wait is bounded: it reports
+                # progress, so the launcher names the peer that stopped, never the rank waiting for it.
+                if self.rewaits and isinstance(error, WaitTimedOut) and (
+                        waited < self.timeout_seconds or self.a_peer_works()):
+                    heartbeat.progress()
+                    continue
                 raise self.failure(error, waited) from error
 
 
