@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -182,3 +183,37 @@ def test_a_failing_launch_that_torchrun_does_not_end_is_ended_by_the_supervisor(
     pid = int(proc.stdout.split()[0])
     state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, check=False)
     assert state.stdout.strip()[:1] in ("", "Z"), state.stdout  # the stand-in rank was killed
+
+
+LOADING_RANK = """
+import os, sys, time
+from stadi_xdit.runtime import heartbeat
+heartbeat.start()
+heartbeat.phase("load")
+end = time.monotonic() + 3.0
+if sys.argv[1] == "works":
+    while time.monotonic() < end:  # deserializing weights: the process computes, no model block runs yet
+        sum(range(10000))
+else:
+    time.sleep(3.0)  # a lock, a hung read: no CPU, no bytes read
+heartbeat.phase("setup")
+"""
+
+
+def test_a_load_that_works_past_the_timeout_is_not_a_stall_and_a_silent_one_is(tmp_path, capsys):
+    """While loading, the beat counts the rank's own CPU time and bytes read as progress (issue 36: a file
+    read that makes progress is never killed for being slow); a rank asleep in load is still a stall."""
+    for how in ("works", "sleeps"):
+        supervisor = Supervisor(timeout=1.0)
+        try:
+            env = {**os.environ, **supervisor.env(), "RANK": "0"}
+            rank = subprocess.Popen([sys.executable, "-c", LOADING_RANK, how], env=env)
+            supervisor.start()
+            rank.wait(timeout=60)
+            stalled = supervisor.culprit
+        finally:
+            supervisor.close()
+        if how == "works":
+            assert stalled is None and rank.returncode == 0
+        else:
+            assert stalled is not None and "rank 0 stalled in load" in stalled.line and rank.returncode != 0

@@ -14,7 +14,8 @@ may already have exited or may wait in a gloo call with a 30-minute default. So 
   `decode`, `save`, `profile-cache write`, `cleanup`, `idle`);
 * work reports progress (`progress()`): every block of the pipeline's models (transformer blocks,
   VAE decoder blocks, text-encoder layers) reports as it starts (`watch_progress`), and so does a
-  phase change; the beat carries the time of the last progress;
+  phase change; while loading (`PROCESS_WORK_PHASES`) the beat also counts the process's CPU time and
+  bytes read; the beat carries the time of the last progress;
 * the launcher's supervisor (`stadi_xdit.supervisor`) ends the launch when a rank's beat is older
   than the timeout (a stopped or wedged process) or it has made no progress for longer than the
   timeout (a live stall: a lock, a hung read), naming that rank and phase in one line. A rank that
@@ -123,9 +124,34 @@ def start() -> None:
     _thread.start()
 
 
+# Phases in which no model block runs but the process itself works: loading reads and deserializes weights.
+# There the beat also counts the process's own work as progress: CPU time (beyond what this thread spends)
+# or bytes read since the last beat. A lock or a hung read spends neither, so it is still a stall.
+PROCESS_WORK_PHASES = ("load",)
+_MIN_CPU_SHARE = 0.05  # of the beat interval
+_MIN_READ_BYTES = 1 << 16  # reading /proc/self/io itself reads a few hundred bytes each beat
+
+
+def _process_work() -> tuple[float, int]:
+    """(CPU seconds of this process, bytes it has read), from os.times and /proc/self/io (0 without it)."""
+    times = os.times()
+    try:
+        with open("/proc/self/io") as handle:
+            read = next((int(line.split()[1]) for line in handle if line.startswith("rchar:")), 0)
+    except (OSError, ValueError, IndexError):
+        read = 0
+    return times.user + times.system, read
+
+
 def _beat(folder: str, interval: float) -> None:
+    cpu, read = _process_work()
     while True:
         time.sleep(interval)
+        now_cpu, now_read = _process_work()
+        if _state["phase"] in PROCESS_WORK_PHASES and (now_cpu - cpu > _MIN_CPU_SHARE * interval
+                                                       or now_read - read > _MIN_READ_BYTES):
+            _last_progress[0] = time.time()  # no listeners from this thread: the store is the main thread's
+        cpu, read = _process_work()  # after this thread's own reading, so it never counts itself
         _write(folder)
 
 
