@@ -110,3 +110,36 @@ def test_a_wait_lasts_while_the_peer_works_and_ends_on_silence(peer_works):
         assert results == ["gathered [0.0, 1.0]", "gathered [0.0, 1.0]"]
     else:
         assert results[0].startswith("stadi: peer rank 1 (global rank 1) stopped responding during stadi step 3")
+
+
+def _wait_through_a_stop(rank: int, world: int) -> str:
+    """Rank 0 waits for rank 1 (silent, 3.2 s late, --stadi_timeout 1 s) and is itself stopped for 2.5 s of
+    it, as Ctrl-Z then `fg` do; only the 0.7 s it ran count against its peer."""
+    import os
+    import subprocess
+    import time
+    from datetime import timedelta
+
+    import torch
+
+    from stadi_xdit.runtime.comm import BandComm
+    from stadi_xdit.runtime.faults import PeerFailure, PeerWatch
+
+    comm = BandComm(None, rank, world, timedelta(seconds=1), watch=PeerWatch([0, 1], rank, 1.0, rewaits=True))
+    if rank == 0:
+        subprocess.Popen(["bash", "-c", f"sleep 0.3; kill -STOP {os.getpid()}; sleep 2.5; kill -CONT {os.getpid()}"])
+    else:
+        time.sleep(3.2)
+    try:
+        comm.enter("stadi", 1)
+        gathered = comm.all_gather(torch.full((1,), float(rank)), [1, 1], dim=0)
+    except PeerFailure as error:
+        return str(error)
+    return f"gathered {gathered.tolist()}"
+
+
+def test_time_a_waiting_rank_was_stopped_is_not_its_peers_silence():
+    """Ctrl-Z stops every rank and `fg` resumes them: a wait that spanned the stop used to time out at once,
+    blaming the peer (the documented caveat of round three)."""
+    assert run_distributed(_wait_through_a_stop, 2, init_process_group=True, timeout=120) == \
+        ["gathered [0.0, 1.0]", "gathered [0.0, 1.0]"]

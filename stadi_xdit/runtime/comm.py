@@ -107,7 +107,7 @@ class BandComm:
         timeout, or a quarter of it where a timed-out wait is waited on again while a peer works (gloo),
         so this rank, waiting, still reports progress to the launcher well within the timeout."""
         if self.timeout is not None and self.watch is not None and self.watch.rewaits:
-            return self.timeout / 4
+            return timedelta(seconds=self.watch.slice_seconds)
         return self.timeout
 
     @property

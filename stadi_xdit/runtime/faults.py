@@ -74,6 +74,11 @@ class PeerWatch:
             heartbeat.on_progress(f"{_ALIVE_PREFIX}{self.global_ranks[self.rank]}", self._post_alive,
                                   interval=min(1.0, self.timeout_seconds / 4))
 
+    @property
+    def slice_seconds(self) -> float:
+        """One wait's slice where waits are re-armed (`BandComm.wait_slice`): a quarter of the timeout."""
+        return self.timeout_seconds / 4
+
     def _post_alive(self, now: float) -> None:
         if self._store is None:
             return
@@ -152,13 +157,18 @@ class PeerWatch:
         `PeerFailure` naming the peer. A timed-out wait is waited on again while a peer reports progress, so
         `--stadi_timeout` bounds silence, not a slow peer's work."""
         start = time.perf_counter()
+        waited = 0.0  # seconds this rank ran while waiting (a slice counts at most its own length)
         while True:
+            slice_start = time.perf_counter()
             try:
                 return wait()
             except PeerFailure:
                 raise
             except RuntimeError as error:  # gloo/NCCL errors, DistBackendError included
-                waited = time.perf_counter() - start
+                spent = time.perf_counter() - slice_start
+                # A slice that took longer than itself spans time this process did not run (Ctrl-Z, then
+                # `fg`; a paused VM): that time is nobody's silence, so it does not count against the peers.
+                waited += min(spent, self.slice_seconds) if isinstance(error, WaitTimedOut) else spent
                 # A slice of the wait (BandComm.wait_slice) ran out: wait on while the wait is younger than the
                 # timeout, or a peer works. Either way this rank is not stalled, its wait is bounded: it reports
                 # progress, so the launcher names the peer that stopped, never the rank waiting for it.
@@ -166,7 +176,7 @@ class PeerWatch:
                         waited < self.timeout_seconds or self.a_peer_works()):
                     heartbeat.progress()
                     continue
-                raise self.failure(error, waited) from error
+                raise self.failure(error, time.perf_counter() - start) from error
 
 
 def _timedelta(seconds: float):
