@@ -93,16 +93,24 @@ class PeerWatch:
         if self._store is None:
             return False
         now = time.time()
-        for rank, global_rank in enumerate(self.global_ranks):
-            if rank == self.rank:
-                continue
-            key = f"{_ALIVE_PREFIX}{global_rank}"
-            try:
-                self._store.set_timeout(_timedelta(_STORE_READ_SECONDS))
-                if self._store.check([key]) and now - float(self._store.get(key).decode()) < self.timeout_seconds:
+        # Read with a short timeout (a store whose host is gone must not hang this check), then give the store
+        # back its own: unlike a failure report, this runs while the job goes on.
+        previous = getattr(self._store, "timeout", None)
+        try:
+            self._store.set_timeout(_timedelta(_STORE_READ_SECONDS))
+            for rank, global_rank in enumerate(self.global_ranks):
+                key = f"{_ALIVE_PREFIX}{global_rank}"
+                if rank != self.rank and self._store.check([key]) and \
+                        now - float(self._store.get(key).decode()) < self.timeout_seconds:
                     return True
-            except (RuntimeError, ValueError):
-                return False
+        except (RuntimeError, ValueError):
+            return False
+        finally:
+            if previous is not None:
+                try:
+                    self._store.set_timeout(previous)
+                except RuntimeError:
+                    pass
         return False
 
     def enter(self, phase: str, step: int = 0) -> None:

@@ -125,8 +125,8 @@ def start() -> None:
 
 
 # Phases in which no model block runs but the process itself works: loading reads and deserializes weights.
-# There the beat also counts the process's own work as progress: CPU time (beyond what this thread spends)
-# or bytes read since the last beat. A lock or a hung read spends neither, so it is still a stall.
+# There the beat also counts the process's own work as progress: CPU time (well beyond what this thread
+# spends) or bytes read since the last beat. A lock or a hung read spends neither, so it is still a stall.
 PROCESS_WORK_PHASES = ("load",)
 _MIN_CPU_SHARE = 0.05  # of the beat interval
 _MIN_READ_BYTES = 1 << 16  # reading /proc/self/io itself reads a few hundred bytes each beat
@@ -151,7 +151,7 @@ def _beat(folder: str, interval: float) -> None:
         if _state["phase"] in PROCESS_WORK_PHASES and (now_cpu - cpu > _MIN_CPU_SHARE * interval
                                                        or now_read - read > _MIN_READ_BYTES):
             _last_progress[0] = time.time()  # no listeners from this thread: the store is the main thread's
-        cpu, read = _process_work()  # after this thread's own reading, so it never counts itself
+        cpu, read = now_cpu, now_read
         _write(folder)
 
 
