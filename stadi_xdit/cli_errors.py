@@ -96,12 +96,16 @@ class _GuardedStdout(io.TextIOBase):
     def __init__(self, stream, prog: str):
         super().__init__()
         self._stream, self._prog = stream, prog
+        # After the command (a logging handler may keep this object and flush it at exit, when a test's
+        # captured stream is long closed): the command's status is decided, so a failure is not reported.
+        self.command_running = True
 
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
         except (OSError, ValueError) as error:
             self._lost(error)
+            return 0
 
     def flush(self) -> None:
         try:
@@ -109,7 +113,9 @@ class _GuardedStdout(io.TextIOBase):
         except (OSError, ValueError) as error:
             self._lost(error)
 
-    def _lost(self, error: Exception) -> NoReturn:
+    def _lost(self, error: Exception) -> None:
+        if not self.command_running:
+            return
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (what is still buffered goes nowhere at exit)
         reason = (error.strerror or errno.errorcode.get(error.errno or 0, "")) if isinstance(error, OSError) else ""
         fail(self._prog, f"cannot write to standard output ({reason or error})", status=1, always=True)
@@ -123,10 +129,11 @@ def stdout_guard(prog: str) -> Iterator[None]:
     if sys.stdout is None:  # started with stdout closed (`>&-`): print() would drop everything silently
         fail(prog, "standard output is closed; nothing could be printed", status=1, always=True)
     real = sys.stdout
-    sys.stdout = _GuardedStdout(real, prog)
+    sys.stdout = guarded = _GuardedStdout(real, prog)
     try:
         yield
         sys.stdout.flush()
     finally:
+        guarded.command_running = False
         if isinstance(sys.stdout, _GuardedStdout):
             sys.stdout = real

@@ -10,10 +10,10 @@ Two kinds of collectives:
 
 Wait accounting. `wait_seconds` is the time this rank was blocked in collectives; the profiler
 subtracts it from a forward's time. On CPU a gloo wait blocks the host, so a host timer measures
-it. On CUDA an NCCL wait only makes the current stream wait, so no host timer can see it: each
-wait is bracketed by two CUDA events on the current stream, and their elapsed time is read when
-`wait_seconds` is read. The loop reads it after the device synchronize that ends every timed
-forward (the one timestamp profiling needs), so no collective synchronizes the device itself.
+it (`wait_seconds`). On CUDA an NCCL wait only makes the current stream wait, so no host timer can
+see it: each wait is bracketed by two CUDA events on the current stream, which the loop's forward
+timer takes (`take_device_waits`) and reads when it settles (`runtime/profile.py`), so no collective
+synchronizes the device itself.
 """
 
 from __future__ import annotations
@@ -112,13 +112,13 @@ class BandComm:
 
     @property
     def wait_seconds(self) -> float:
-        """Seconds this rank spent blocked in collectives (CUDA: its stream, read from events)."""
-        if self._cuda_waits:
-            for start, end in self._cuda_waits:
-                end.synchronize()  # a no-op after the loop's end-of-forward synchronize
-                self._host_wait += start.elapsed_time(end) / 1000.0
-            self._cuda_waits.clear()
+        """Seconds the host spent blocked in collectives (on CUDA the stream's waits: `take_device_waits`)."""
         return self._host_wait
+
+    def take_device_waits(self) -> list:
+        """The (start, end) CUDA event pairs bracketing the stream's waits since the last call; unread."""
+        waits, self._cuda_waits = self._cuda_waits, []
+        return waits
 
     def enter(self, phase: str, step: int = 0) -> None:
         """Post this rank's progress, so a survivor of a fault can say where each peer was."""

@@ -39,7 +39,7 @@ from stadi_xdit.runtime.comm import synchronize
 from stadi_xdit.runtime.groups import StadiGroups
 from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
 from stadi_xdit.runtime.layout import BandGeometry, BandLayout, slice_band
-from stadi_xdit.runtime.profile import RankTimeline, StepRecord, emulate_slowdown, work_clock
+from stadi_xdit.runtime.profile import RankTimeline, forward_timer
 from stadi_xdit.runtime.schedule import map_history, rank_schedule_indices
 
 
@@ -166,7 +166,7 @@ class _Call:
         self.num_steps = len(scheduler.timesteps)
         self.device = latents.device
         self.timeline = RankTimeline()
-        self.clock = work_clock(latents.device)
+        self.timer = forward_timer(latents.device, self.timeline, self.comm, record_work=config.timing == "work")
         self.latents = latents
         self.measured = not config.speeds
         # Nothing to settle in exact and uniform plans, and given speeds are trusted; a memory of
@@ -191,22 +191,13 @@ class _Call:
     # --- mechanism shared by the phases ---------------------------------------------------------
     def _forward_and_step(self, schedule_index: int, phase: str, base_step: int) -> None:
         t = self.scheduler.timesteps[schedule_index]
-        comm, timeline = self.comm, self.timeline
-        comm.enter(phase, base_step)
-        waited_before = comm.wait_seconds
-        start, work_start = timeline.now(), self.clock()
+        self.comm.enter(phase, base_step)
+        self.timer.begin()
         output = self.model.predict(self.band, t)
-        synchronize(output)  # on CUDA, time the kernels rather than their launch
-        wait = comm.wait_seconds - waited_before
-        # CUDA's clock is wall time, which includes the waits; the CPU clock never does.
-        work = self.clock() - work_start - (wait if self.band.is_cuda else 0.0)
         # Base steps of the full grid: the emulated load may change at one (--stadi_emulate_shift).
         grid_step = base_step if phase == "warmup" else self.warmup_steps + base_step
-        slowdown = self.config.emulated_factor(self.rank, grid_step)
-        emulated = emulate_slowdown(slowdown, work) if slowdown != 1.0 else 0.0
         start_row, end_row = self.layout.token_rows[self.rank]
-        timeline.steps.append(StepRecord(phase, base_step, start, timeline.now(), wait, emulated, end_row - start_row,
-                                         work=work if self.config.timing == "work" else None))
+        self.timer.end(phase, base_step, end_row - start_row, self.config.emulated_factor(self.rank, grid_step))
         self.band = self.scheduler.step(output, t, self.band, return_dict=False)[0]
 
     def _install(self, layout: BandLayout) -> None:
@@ -254,7 +245,7 @@ class _Call:
             self._forward_and_step(i, "warmup", i)
             if calibrate and i == 1:
                 # A second band size for the fit: the settled spatial bands of step 1's timing.
-                first = gather_evidence(self.groups, rank_evidence(self.timeline.steps[-1:]), self.device,
+                first = gather_evidence(self.groups, rank_evidence(self.timer.settle()[-1:]), self.device,
                                         phase="profile")
                 settled = self._settle_spatial(first.estimates(self.rows), self.warmup_rows[-1])
                 self.reasons["calibration"] = settled.reason
@@ -265,7 +256,7 @@ class _Call:
     def profile(self, known_speeds: Sequence[float] | None) -> Plan:
         """Every rank derives the same estimates, hence the same plan, with no broadcast."""
         config, rows = self.config, self.rows
-        timed = call_records(self.timeline.steps)
+        timed = call_records(self.timer.settle()) if self.measured else []  # given speeds need no timing
         if not (self.measured and timed):  # speeds given, or exact mode without a warmup step to time
             self.measured = False
             return plan(config.speeds or (1.0,) * self.world, rows=rows, align=self.align, num_steps=self.num_steps,
@@ -323,7 +314,7 @@ class _Call:
         while period < current.num_periods:
             steps = current.steps_in_period(rank, period)
             is_last_period = period == current.num_periods - 1
-            first_record = len(self.timeline.steps)
+            first_record = self.timer.count
             for j, k in enumerate(steps):
                 publish = j == len(steps) - 1 and not is_last_period and not config.exact
                 self.store.set_phase(synchronous=config.exact, publish=publish)
@@ -334,7 +325,7 @@ class _Call:
                 continue
             next_step = current.sync_points[period]
             self.comm.enter("replan", offset + next_step)
-            estimates = replanner.period_estimates(self.timeline.steps[first_record:], self.device)
+            estimates = replanner.period_estimates(self.timer.settle()[first_record:], self.device)
             decision = replanner.decide(current, next_step, estimates, self.transition_seconds)
             if not decision.replan:
                 continue
@@ -356,6 +347,7 @@ class _Call:
         self.comm.enter("gather", self.num_steps)
         full = self.comm.all_gather(self.band, self.model.band_sizes(self.layout), self.model.band_dim)
         synchronize(full)
+        self.timer.settle()  # the call's timeline is complete
         self.timeline.phases.append(("gather", t0, self.timeline.now()))
         return full
 
@@ -363,7 +355,7 @@ class _Call:
         """What the next call starts from: this call's displaced forwards, merged into the memory."""
         if not self.measured or self.config.exact or self.config.mode == "uniform":
             return None
-        displaced = gather_evidence(self.groups, rank_evidence([r for r in self.timeline.steps if r.phase == "stadi"]),
+        displaced = gather_evidence(self.groups, rank_evidence([r for r in self.timer.settle() if r.phase == "stadi"]),
                                     self.device, phase="memory")
         memory, how = remember_call(self.memory, displaced, rows=self.rows, warmup_rows=self._last_warmup_rows(),
                                     ran=ran, exchange_seconds=self.exchange_now)
