@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stadi_xdit.bench import runner as bench_runner
-from stadi_xdit.bench.arms import ForwardTimer
+from stadi_xdit.bench.arms import ArmForwardHooks
 from stadi_xdit.bench.cli import main
 from stadi_xdit.bench.report import checks
 from stadi_xdit.bench.runner import LoadShifter
@@ -68,7 +68,7 @@ class _Stepper(torch.nn.Module):
 
 def test_forward_timer_counts_steps_by_timestep_and_slows_from_the_switch():
     module = _Stepper()
-    timer = ForwardTimer(module, schedule=(1.0, 3.0, 2))
+    timer = ArmForwardHooks(module, schedule=(1.0, 3.0, 2))
     x = torch.ones(64, 64)
     for t in (900, 900, 800, 700, 700):  # PipeFusion-like: two forwards of one step share its timestep
         module(x @ x, timestep=torch.tensor([t, t]))

@@ -74,7 +74,7 @@ def _stadi_pipeline_class(preset: BenchPreset):
 # inside a rank
 
 
-class ForwardTimer:
+class ArmForwardHooks:
     """Forward hooks on the transformer: time every forward and, with a factor > 1, slow it down.
 
     Compute time ``c`` of a forward is the calling thread's CPU time on CPU (ranks run single-threaded,
@@ -158,32 +158,32 @@ class _FramesAsImages:
         return getattr(self.pipe, name)
 
 
-def _build(spec: dict, rank: int, world: int):
+def _build(setup: dict, rank: int, world: int):
     """(callable pipeline, transformer module, is_stadi) for this rank of the arm."""
     from stadi_xdit.bench.presets import build_pipeline
 
-    preset = get_preset(spec["preset"], num_frames=spec.get("num_frames"))
-    arm = ARMS[spec["arm"]]
-    dtype = getattr(torch, spec["dtype"])
-    base = build_pipeline(preset, seed=spec["seed"])
+    preset = get_preset(setup["preset"], num_frames=setup.get("num_frames"))
+    arm = ARMS[setup["arm"]]
+    dtype = getattr(torch, setup["dtype"])
+    base = build_pipeline(preset, seed=setup["seed"])
     base.set_progress_bar_config(disable=True)
-    if spec["device"] == "cuda":  # untested here (no GPU): rank i on cuda:i
+    if setup["device"] == "cuda":  # untested here (no GPU): rank i on cuda:i
         torch.cuda.set_device(rank)
         base = base.to(f"cuda:{rank}", dtype)
     if arm.kind == "single":
         return (_FramesAsImages(base) if preset.video else base), base.transformer
-    common = {"model": preset.name, "height": spec["height"], "width": preset.width(spec["height"]),
-                  "num_inference_steps": spec["steps"], "warmup_steps": spec["warmup"]}
+    common = {"model": preset.name, "height": setup["height"], "width": preset.width(setup["height"]),
+                  "num_inference_steps": setup["steps"], "warmup_steps": setup["warmup"]}
     if preset.video:
         common["num_frames"] = preset.clip_frames
     if arm.kind == "stadi":
         from stadi_xdit.xdit.args import StadiArgs
 
-        # Optional spec keys (no bench flag sets them yet): the stale K/V dtype and the exchange group size.
+        # Optional setup keys (no bench flag sets them yet): the stale K/V dtype and the exchange group size.
         args = StadiArgs(use_stadi=True, stadi_mode=arm.mode or arm.name, stadi_replan=arm.replan,
-                         stadi_emulate_slowdown=spec["emulate"], stadi_emulate_shift=spec.get("emulate_shift"),
-                         stadi_max_stride=spec["max_stride"], stadi_profile_cache=spec["profile_cache"],
-                         stadi_kv_dtype=spec.get("kv_dtype") or "auto", **common)
+                         stadi_emulate_slowdown=setup["emulate"], stadi_emulate_shift=setup.get("emulate_shift"),
+                         stadi_max_stride=setup["max_stride"], stadi_profile_cache=setup["profile_cache"],
+                         stadi_kv_dtype=setup.get("kv_dtype") or "auto", **common)
         cls = _stadi_pipeline_class(preset)
         args.stadi_pipeline_class = cls  # checks follow the family (a Wan clip's rows, not the frame's)
     else:
@@ -193,7 +193,7 @@ def _build(spec: dict, rank: int, world: int):
         degrees = {"ulysses": {"ulysses_degree": world},
                    "ring": {"ring_degree": world, "attention_backend": "SDPA_FLASH"},
                    "pipefusion": {"pipefusion_parallel_degree": world,
-                                      "num_pipeline_patch": spec["pipefusion_patches"] or world}}[arm.name]
+                                      "num_pipeline_patch": setup["pipefusion_patches"] or world}}[arm.name]
         args = xFuserArgs(**common, **degrees)
         runner = preset.xdit_runner_transformer
         if runner:
@@ -203,8 +203,8 @@ def _build(spec: dict, rank: int, world: int):
     engine_config, _ = args.create_config()
     engine_config.runtime_config.dtype = dtype
     pipe = cls(base, engine_config)
-    if arm.kind == "stadi" and spec.get("kv_group_layers"):
-        pipe.kv_store.configure(group_layers=int(spec["kv_group_layers"]))
+    if arm.kind == "stadi" and setup.get("kv_group_layers"):
+        pipe.kv_store.configure(group_layers=int(setup["kv_group_layers"]))
     return (_FramesAsImages(pipe) if preset.video else pipe), pipe.module.transformer
 
 
@@ -265,26 +265,26 @@ def _timeline_dict(result, run_start: float) -> dict:
     }
 
 
-def _run_once(spec: dict, pipe, timer: ForwardTimer, world: int, is_stadi: bool, rank: int, conn) -> dict:
+def _run_once(setup: dict, pipe, timer: ArmForwardHooks, world: int, is_stadi: bool, rank: int, conn) -> dict:
     import torch.distributed as dist
 
     from stadi_xdit.bench.presets import call_kwargs
 
-    preset = get_preset(spec["preset"], num_frames=spec.get("num_frames"))
-    device = f"cuda:{rank}" if spec["device"] == "cuda" else "cpu"
-    kwargs = call_kwargs(preset, spec["height"], spec["steps"], spec["seed"], device, getattr(torch, spec["dtype"]))
+    preset = get_preset(setup["preset"], num_frames=setup.get("num_frames"))
+    device = f"cuda:{rank}" if setup["device"] == "cuda" else "cpu"
+    kwargs = call_kwargs(preset, setup["height"], setup["steps"], setup["seed"], device, getattr(torch, setup["dtype"]))
     timer.reset()
     if world > 1:
         dist.barrier()
-    reset_peak_memory(spec["device"])
+    reset_peak_memory(setup["device"])
     start = time.perf_counter()
     if rank == 0:  # the controller times load changes from the barrier release (shift scenarios)
         conn.send(("started", rank, start))
     output = pipe(**kwargs)
-    if spec["device"] == "cuda":
+    if setup["device"] == "cuda":
         torch.cuda.synchronize()
     end = time.perf_counter()
-    peak = peak_memory_bytes(spec["device"])
+    peak = peak_memory_bytes(setup["device"])
     images = None if output is None else output.images
     latent = images.detach().float().cpu() if isinstance(images, torch.Tensor) else None
     if is_stadi and rank != 0:
@@ -303,10 +303,10 @@ def _run_once(spec: dict, pipe, timer: ForwardTimer, world: int, is_stadi: bool,
     return result
 
 
-def arm_worker(rank: int, world: int, spec: dict, address, authkey: bytes) -> None:
+def arm_worker(rank: int, world: int, setup: dict, address, authkey: bytes) -> None:
     """Body of one rank of an arm's job (module-level: ``run_distributed`` spawns it)."""
-    core = spec["cores"][rank]
-    if spec.get("quiet", True):
+    core = setup["cores"][rank]
+    if setup.get("quiet", True):
         import warnings
 
         warnings.filterwarnings("ignore")
@@ -314,18 +314,18 @@ def arm_worker(rank: int, world: int, spec: dict, address, authkey: bytes) -> No
         os.sched_setaffinity(0, {core})
     conn = None
     try:
-        arm = ARMS[spec["arm"]]
-        pipe, transformer = _build(spec, rank, world)
+        arm = ARMS[setup["arm"]]
+        pipe, transformer = _build(setup, rank, world)
         # STADI emulates by itself (its steps are timed net of waits); the other arms through the hook.
-        schedule = tuple(spec["factors"][rank]) if arm.kind != "stadi" else (1.0, 1.0, None)
-        timer = ForwardTimer(transformer, schedule, cuda=spec["device"] == "cuda")
+        schedule = tuple(setup["factors"][rank]) if arm.kind != "stadi" else (1.0, 1.0, None)
+        timer = ArmForwardHooks(transformer, schedule, cuda=setup["device"] == "cuda")
         conn = Client(address, authkey=authkey)
         conn.send(("ready", rank, {"pid": os.getpid(), "core": core}))
         while True:
             command = conn.recv()
             if command == "stop":
                 break
-            conn.send(("result", rank, _run_once(spec, pipe, timer, world, arm.kind == "stadi", rank, conn)))
+            conn.send(("result", rank, _run_once(setup, pipe, timer, world, arm.kind == "stadi", rank, conn)))
     except BaseException:
         if conn is not None:
             try:
@@ -349,8 +349,8 @@ class JobError(RuntimeError):
 class ArmJob:
     """One arm's ranks, alive between runs; ``run()`` performs one timed pipeline call on all of them."""
 
-    def __init__(self, spec: dict, num_procs: int, env: dict | None = None, timeout: float = 6 * 3600):
-        self.spec = spec
+    def __init__(self, setup: dict, num_procs: int, env: dict | None = None, timeout: float = 6 * 3600):
+        self.setup = setup
         self.num_procs = num_procs
         self.authkey = secrets.token_bytes(16)
         self.listener = Listener(("127.0.0.1", 0), authkey=self.authkey)
@@ -366,7 +366,7 @@ class ArmJob:
         from stadi_xdit.offline.spawn import run_distributed
 
         try:
-            run_distributed(arm_worker, self.num_procs, self.spec, self.listener.address, self.authkey,
+            run_distributed(arm_worker, self.num_procs, self.setup, self.listener.address, self.authkey,
                             timeout=self._timeout, env=self._env)
         except BaseException as error:  # noqa: BLE001 - reported to the controller
             self.error = self.error or str(error)

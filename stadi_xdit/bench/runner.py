@@ -78,7 +78,8 @@ class ArmOutcome:
         return statistics.median(self.latencies) if self.runs else None
 
 
-def _spec(settings: BenchSettings, arm_name: str, scenario: Scenario) -> dict:
+def _arm_setup(settings: BenchSettings, arm_name: str, scenario: Scenario) -> dict:
+    """What every rank of one arm builds and runs in one scenario (plain values: it is pickled to the ranks)."""
     arm = ARMS[arm_name]
     world = 1 if arm.kind == "single" else settings.world
     fast = scenario.fast_rank(settings.world)
@@ -237,7 +238,7 @@ def run_scenario(settings: BenchSettings, scenario: Scenario, progress: _Progres
     def start(name: str) -> None:
         arm = ARMS[name]
         procs = 1 if arm.kind == "single" else settings.world
-        job = ArmJob(_spec(settings, name, scenario), procs, env=env).start()
+        job = ArmJob(_arm_setup(settings, name, scenario), procs, env=env).start()
         jobs[name] = job
         try:
             job.wait_ready(settings.start_timeout)
