@@ -143,3 +143,44 @@ def test_time_a_waiting_rank_was_stopped_is_not_its_peers_silence():
     blaming the peer (the documented caveat of round three)."""
     assert run_distributed(_wait_through_a_stop, 2, init_process_group=True, timeout=120) == \
         ["gathered [0.0, 1.0]", "gathered [0.0, 1.0]"]
+
+
+class RecordingStore:
+    """The store surface PeerWatch reads: each read notes the timeout it ran under."""
+
+    def __init__(self, timeout):
+        self.timeout, self.values, self.read_timeouts = timeout, {}, []
+
+    def set_timeout(self, timeout) -> None:
+        self.timeout = timeout
+
+    def set(self, key: str, value: str) -> None:
+        self.values[key] = value.encode()
+
+    def check(self, keys: list[str]) -> bool:
+        self.read_timeouts.append(self.timeout)
+        return all(key in self.values for key in keys)
+
+    def get(self, key: str) -> bytes:
+        self.read_timeouts.append(self.timeout)
+        return self.values[key]
+
+
+def test_peer_checks_read_the_store_briefly_and_give_it_back_its_timeout():
+    """A liveness check runs while the job goes on, and a failure report may be caught by a caller: both read
+    with a short timeout (a store whose host is gone must not hang them) and restore the store's own."""
+    import time
+    from datetime import timedelta
+
+    from stadi_xdit.runtime.faults import PeerWatch
+
+    own = timedelta(seconds=300)
+    store = RecordingStore(own)
+    watch = PeerWatch([0, 1], 0, 5.0, _store=store)
+    store.set("stadi/alive/1", f"{time.time():.3f}")
+    store.set("stadi/progress/1", "4 stadi 2 0")
+    assert watch.a_peer_works()
+    report = str(watch.failure(RuntimeError("timed out"), 5.0))
+    assert "rank 1" in report and "stadi step 2" in report, report
+    assert store.timeout == own
+    assert store.read_timeouts and all(t < own for t in store.read_timeouts)

@@ -11,6 +11,7 @@ one that stalled or died. One store write per step, not per layer, so the hot pa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -87,30 +88,36 @@ class PeerWatch:
         except (RuntimeError, ValueError):
             self._store = None
 
-    def a_peer_works(self) -> bool:
-        """Whether a peer reported progress within the last `timeout_seconds` (its clock and ours: one node,
-        or nodes whose clocks agree within a second, as NTP keeps them)."""
-        if self._store is None:
-            return False
-        now = time.time()
-        # Read with a short timeout (a store whose host is gone must not hang this check), then give the store
-        # back its own: unlike a failure report, this runs while the job goes on.
+    @contextlib.contextmanager
+    def _short_reads(self):
+        """The store, read with a short timeout (a store whose host is gone must not hang a check), then
+        given back its own timeout: a check runs while the job goes on."""
         previous = getattr(self._store, "timeout", None)
+        self._store.set_timeout(_timedelta(_STORE_READ_SECONDS))
         try:
-            self._store.set_timeout(_timedelta(_STORE_READ_SECONDS))
-            for rank, global_rank in enumerate(self.global_ranks):
-                key = f"{_ALIVE_PREFIX}{global_rank}"
-                if rank != self.rank and self._store.check([key]) and \
-                        now - float(self._store.get(key).decode()) < self.timeout_seconds:
-                    return True
-        except (RuntimeError, ValueError):
-            return False
+            yield self._store
         finally:
             if previous is not None:
                 try:
                     self._store.set_timeout(previous)
                 except RuntimeError:
                     pass
+
+    def a_peer_works(self) -> bool:
+        """Whether a peer reported progress within the last `timeout_seconds` (its clock and ours: one node,
+        or nodes whose clocks agree within a second, as NTP keeps them)."""
+        if self._store is None:
+            return False
+        now = time.time()
+        try:
+            with self._short_reads() as store:
+                for rank, global_rank in enumerate(self.global_ranks):
+                    key = f"{_ALIVE_PREFIX}{global_rank}"
+                    if rank != self.rank and store.check([key]) and \
+                            now - float(store.get(key).decode()) < self.timeout_seconds:
+                        return True
+        except (RuntimeError, ValueError):
+            return False
         return False
 
     def enter(self, phase: str, step: int = 0) -> None:
@@ -130,10 +137,10 @@ class PeerWatch:
             return None
         key = f"{_KEY_PREFIX}{global_rank}"
         try:
-            self._store.set_timeout(_timedelta(_STORE_READ_SECONDS))
-            if not self._store.check([key]):
-                return (0, "startup", 0)
-            sequence, phase, step, _ = self._store.get(key).decode().split(" ")
+            with self._short_reads() as store:
+                if not store.check([key]):
+                    return (0, "startup", 0)
+                sequence, phase, step, _ = store.get(key).decode().split(" ")
             return int(sequence), phase, int(step)
         except (RuntimeError, ValueError):
             return None
