@@ -32,7 +32,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import stadi_xdit.xdit  # noqa: F401  (first: the CPU compat layer must be in place before xfuser loads)
 # isort: on
 import json
-import math
 import time
 
 import torch
@@ -48,7 +47,7 @@ from stadi_xdit.runtime import heartbeat
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.toy import data as toy_data
 from stadi_xdit.toy import model as toy_model
-from stadi_xdit.xdit.args import StadiArgs, launch_world_size
+from stadi_xdit.xdit.args import StadiArgs, launch_world_size, validate_call_inputs
 from stadi_xdit.xdit.distributed import init_distributed
 
 TOY_PRESET = "toy-trained"  # the trained toy DiT (PixArt-α architecture, stadi_xdit.toy)
@@ -152,16 +151,17 @@ def _folder_problem(folder: str, diffusers_class: str) -> str | None:
 
 
 def _call_problem(args: StadiArgs) -> str | None:
-    """The call's own inputs (xDiT's parser takes any value): one line naming the flag, or None."""
-    if not 0 <= args.seed <= 2**63 - 1:
-        return f"--seed must be in [0, 2**63 - 1] (torch's generator seed), got {args.seed}"
+    """The call's own inputs (xDiT's parser takes any value): one line naming the flag, or None. Without
+    --use_stadi no STADI check has run: the runner's call checks, and this script's own limits."""
+    try:
+        validate_call_inputs(args)
+    except ValueError as error:
+        return str(error)
     if not 1 <= args.num_inference_steps <= MAX_STEPS:
         return f"--num_inference_steps must be in [1, {MAX_STEPS}], got {args.num_inference_steps}"
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if not 0 < value <= MAX_ROWS * 16:
             return f"{flag} must be in [16, {MAX_ROWS * 16}] px, got {value}"
-    if not math.isfinite(args.guidance_scale):
-        return f"--guidance_scale must be a finite number, got {args.guidance_scale}"
     if args.output_type not in ("pil", "latent", "np", "pt"):
         return f"--output_type must be one of pil, latent, np, pt, got {args.output_type!r}"
     return None
