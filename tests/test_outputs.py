@@ -123,25 +123,25 @@ def test_safetensors_files_are_checked_whole(tmp_path):
 # --- never write into the user's inputs ----------------------------------------------------------------
 
 def test_the_profile_cache_may_not_be_the_settings_file_or_inside_the_model(tmp_path):
-    from stadi_xdit.xdit.args import check_cache_is_not_an_input
+    from stadi_xdit.runtime.profile_cache import check_cache_path
 
     settings = tmp_path / "x.json"
     settings.write_text('{"use_stadi": true}')
     with pytest.raises(ValueError, match="is the --stadi_config_file"):
-        check_cache_is_not_an_input(str(settings), str(settings), "tiny")
+        check_cache_path(str(settings), settings_file=str(settings), model="tiny")
     link = tmp_path / "link.json"
     link.symlink_to(settings)
     with pytest.raises(ValueError, match="is the --stadi_config_file"):
-        check_cache_is_not_an_input(str(link), str(settings), "tiny")
+        check_cache_path(str(link), settings_file=str(settings), model="tiny")
     model = tmp_path / "model"
     model.mkdir()
     with pytest.raises(ValueError, match="inside the model folder"):
-        check_cache_is_not_an_input(str(model / "speeds.json"), None, str(model))
+        check_cache_path(str(model / "speeds.json"), model=str(model))
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"x")
     with pytest.raises(ValueError, match="not a speeds cache"):
-        check_cache_is_not_an_input(str(weights), None, "tiny")
-    check_cache_is_not_an_input(str(tmp_path / "speeds.json"), str(settings), str(model))  # a separate file
+        check_cache_path(str(weights), model="tiny")
+    check_cache_path(str(tmp_path / "speeds.json"), settings_file=str(settings), model=str(model))  # separate
 
 
 def test_the_example_refuses_the_settings_file_as_profile_cache(tmp_path, monkeypatch, capsys):

@@ -55,7 +55,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from stadi_xdit.paths import WEIGHT_SUFFIXES, read_regular_file
+from stadi_xdit.paths import WEIGHT_SUFFIXES, is_inside, is_same_file, read_regular_file
 from stadi_xdit.planner.validation import MIN_RELATIVE_SPEED
 from stadi_xdit.runtime import heartbeat
 
@@ -135,14 +135,27 @@ def profile_key(model_class: str, model_config: Mapping[str, Any], height: int, 
 # Path check
 
 
-def check_cache_path(path: str | os.PathLike) -> None:
+# Files a cache path may name by mistake: settings, weights, code, images (a cache is JSON).
+_NOT_A_CACHE_SUFFIXES = (".yaml", ".yml", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".py", ".png")
+
+
+def check_cache_path(path: str | os.PathLike, settings_file: object = None, model: object = None) -> None:
     """Refuse a cache path that can never be a file, or that is not ours to write (see the module
-    docstring), before any process group starts.
+    docstring), before any process group starts: the cache is written at the end of every measured run,
+    so it must not be the `settings_file` (--stadi_config_file), a file of `model`'s folder or of any
+    model files, or a file that is plainly not a speeds cache. The most specific reason is given.
 
     An unwritable location is not refused: it only costs the cache, and `store` says so.
     """
     target = Path(path)
     shown = _one_line(os.fspath(path))
+    if isinstance(settings_file, (str, os.PathLike)) and settings_file and is_same_file(path, settings_file):
+        raise ValueError(f"{FLAG} {shown} is the --stadi_config_file: the cache would overwrite your settings; "
+                         "name a separate file, e.g. speeds.json")
+    if isinstance(model, str) and os.path.isdir(model) and is_inside(path, model):
+        raise ValueError(f"{FLAG} {shown} lies inside the model folder {model}; name a file outside it")
+    if target.exists() and target.suffix.lower() in _NOT_A_CACHE_SUFFIXES:
+        raise ValueError(f"{FLAG} {shown} is an existing {target.suffix} file, not a speeds cache; name a .json file")
     if target.is_dir():
         raise ValueError(f"{FLAG} {shown} is a directory; name a file, e.g. {shown}/speeds.json")
     if target.exists() and not target.is_file():  # a FIFO would block every rank's read forever

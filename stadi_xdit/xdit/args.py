@@ -94,25 +94,6 @@ def stadi_flags_without_use_stadi(values: Any) -> None:
 
 
 # Files a profile cache must never be: it rewrites its file, and moves aside one it cannot read.
-_NOT_A_CACHE_SUFFIXES = (".yaml", ".yml", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".py", ".png")
-
-
-def check_cache_is_not_an_input(cache: str, config_file: Any, model: Any) -> None:
-    """The profile cache is written at the end of every measured run: it must not be the settings
-    file, a file of the model folder, or a file that is plainly not a speeds cache."""
-    from stadi_xdit.paths import is_inside, is_same_file
-
-    if isinstance(config_file, (str, os.PathLike)) and config_file and is_same_file(cache, config_file):
-        raise ValueError(f"--stadi_profile_cache {cache} is the --stadi_config_file: the cache would overwrite "
-                         "your settings; name a separate file, e.g. speeds.json")
-    if isinstance(model, str) and os.path.isdir(model) and is_inside(cache, model):
-        raise ValueError(f"--stadi_profile_cache {cache} lies inside the model folder {model}; name a file "
-                         "outside it")
-    if os.path.exists(cache) and cache.lower().endswith(_NOT_A_CACHE_SUFFIXES):
-        raise ValueError(f"--stadi_profile_cache {cache} is an existing {os.path.splitext(cache)[1]} file, not a "
-                         "speeds cache; name a .json file")
-
-
 def refuse_unsupported_features(args: xFuserArgs) -> None:
     """xDiT features STADI's loop cannot run, as a one-line error naming the flag (the degrees are
     `Topology.from_args`'s)."""
@@ -273,10 +254,8 @@ class _StadiArgsBehaviour(xFuserArgs):
         if twin is not None:
             twin.check_launch(self, degree)
         if self.stadi.profile_cache is not None:
-            # The most specific reason first: the settings file or a model file given as the cache.
-            check_cache_is_not_an_input(self.stadi.profile_cache, getattr(self, "stadi_config_file", None),
-                                        self.model)
-            check_cache_path(self.stadi.profile_cache)
+            check_cache_path(self.stadi.profile_cache, settings_file=getattr(self, "stadi_config_file", None),
+                             model=self.model)
         return degree
 
     def _runner_twin(self) -> type | None:
