@@ -73,31 +73,45 @@ def test_survivor_names_the_peer_within_the_timeout(tmp_path, fault, cache):
     assert report["stamp"] == f"rank 1 failed ({fault})"
 
 
+def _one_second_comm(rank: int, world: int):
+    """A 2-rank group with --stadi_timeout 1 s whose timed-out gloo waits are re-armed while a peer works."""
+    from datetime import timedelta
+
+    from stadi_xdit.runtime.comm import BandComm
+    from stadi_xdit.runtime.faults import PeerWatch
+
+    return BandComm(None, rank, world, timedelta(seconds=1), watch=PeerWatch([0, 1], rank, 1.0, rewaits=True))
+
+
+def _gather_or_failure(comm, rank: int, step: int) -> str:
+    """Both ranks' values, or the survivor's one-line report."""
+    import torch
+
+    from stadi_xdit.runtime.faults import PeerFailure
+
+    try:
+        comm.enter("stadi", step)
+        gathered = comm.all_gather(torch.full((1,), float(rank)), [1, 1], dim=0)
+    except PeerFailure as error:
+        return str(error)
+    return f"gathered {gathered.tolist()}"
+
+
 def _wait_for_a_slow_peer(rank: int, world: int, peer_works: bool) -> str:
     """Rank 1 joins an all-gather 2.5 timeouts late: working (reporting progress, as its model's blocks do)
     or silent; rank 0 waits for it with --stadi_timeout 1 s."""
     import time
-    from datetime import timedelta
-
-    import torch
 
     from stadi_xdit.runtime import heartbeat
-    from stadi_xdit.runtime.comm import BandComm
-    from stadi_xdit.runtime.faults import PeerFailure, PeerWatch
 
-    comm = BandComm(None, rank, world, timedelta(seconds=1), watch=PeerWatch([0, 1], rank, 1.0, rewaits=True))
+    comm = _one_second_comm(rank, world)
     if rank == 1:
         end = time.monotonic() + 2.5
         while time.monotonic() < end:
             if peer_works:
                 heartbeat.progress()
             time.sleep(0.05)
-    try:
-        comm.enter("stadi", 3)
-        gathered = comm.all_gather(torch.full((1,), float(rank)), [1, 1], dim=0)
-    except PeerFailure as error:
-        return str(error)
-    return f"gathered {gathered.tolist()}"
+    return _gather_or_failure(comm, rank, 3)
 
 
 @pytest.mark.parametrize("peer_works", [True, False], ids=["working", "silent"])
@@ -118,24 +132,13 @@ def _wait_through_a_stop(rank: int, world: int) -> str:
     import os
     import subprocess
     import time
-    from datetime import timedelta
 
-    import torch
-
-    from stadi_xdit.runtime.comm import BandComm
-    from stadi_xdit.runtime.faults import PeerFailure, PeerWatch
-
-    comm = BandComm(None, rank, world, timedelta(seconds=1), watch=PeerWatch([0, 1], rank, 1.0, rewaits=True))
+    comm = _one_second_comm(rank, world)
     if rank == 0:
         subprocess.Popen(["bash", "-c", f"sleep 0.3; kill -STOP {os.getpid()}; sleep 2.5; kill -CONT {os.getpid()}"])
     else:
         time.sleep(3.2)
-    try:
-        comm.enter("stadi", 1)
-        gathered = comm.all_gather(torch.full((1,), float(rank)), [1, 1], dim=0)
-    except PeerFailure as error:
-        return str(error)
-    return f"gathered {gathered.tolist()}"
+    return _gather_or_failure(comm, rank, 1)
 
 
 def test_time_a_waiting_rank_was_stopped_is_not_its_peers_silence():
