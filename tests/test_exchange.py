@@ -21,6 +21,7 @@ from stadi_xdit.offline.spawn import run_distributed
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.exchange import FlatKVBuffer, LayerRegistry, choose_method, method_bytes
 from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
+from stadi_xdit.runtime.layout import BandView
 from stadi_xdit.testing.checks import relative_error
 
 BATCH, HEADS, HEAD_DIM = 2, 2, 4
@@ -89,7 +90,7 @@ def _kv(layer: int, step: int, rank: int, tokens: int, batch: int = BATCH) -> tu
 
 def test_store_reuses_its_buffers_across_periods():
     store = DisplacedKVStore(BandComm(None, 0, 1), group_layers=2)
-    store.set_layout([6], (0, 6))
+    store.set_band(BandView.of_token_counts([6], 0))
     layers = 5
     store.set_phase(synchronous=True, publish=False)  # registration forward
     for layer in range(layers):
@@ -131,7 +132,7 @@ def test_store_reuses_its_buffers_across_periods():
 
 def test_narrow_stale_storage_keeps_the_own_band_exact():
     store = DisplacedKVStore(BandComm(None, 0, 1), kv_dtype=kv_storage_dtype("bfloat16"))
-    store.set_layout([6], (0, 6))
+    store.set_band(BandView.of_token_counts([6], 0))
     key, value = _kv(0, 0, 0, 6)
     store.full_kv(0, key, value)  # a fresh store seeds from synchronous steps
     store.set_phase(synchronous=False)
@@ -146,11 +147,11 @@ def test_narrow_stale_storage_keeps_the_own_band_exact():
 
 def test_band_size_must_match_the_layout():
     store = DisplacedKVStore(BandComm(None, 0, 1))
-    store.set_layout([6], (0, 6))
+    store.set_band(BandView.of_token_counts([6], 0))
     with pytest.raises(ValueError, match="6 tokens"):
         store.full_kv(0, *_kv(0, 0, 0, 5))
-    with pytest.raises(ValueError, match="own_range"):
-        store.set_layout([6], (1, 6))
+    with pytest.raises(ValueError, match="is not this store's rank 0 of 1"):
+        store.set_band(BandView.of_token_counts([3, 3], 1))  # another rank's band, of another group
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,8 +185,7 @@ def _exchange_worker(rank: int, world: int, counts: list[int], group_layers: int
     dist.broadcast, comm_module._all_gather_single = counting_broadcast, counting_all_gather
     comm = BandComm(None, rank, world, timedelta(seconds=120))
     store = DisplacedKVStore(comm, group_layers=group_layers)
-    start = sum(counts[:rank])
-    store.set_layout(counts, (start, start + counts[rank]))
+    store.set_band(BandView.of_token_counts(counts, rank))
     bounds = list(itertools.accumulate([0, *counts]))
 
     def expected(layer: int, step_of_rank: list[int]) -> torch.Tensor:
@@ -259,7 +259,7 @@ def _dead_peer_worker(rank: int, world: int) -> str | None:
 
     comm = BandComm(None, rank, world, timedelta(seconds=5), watch=PeerWatch([0, 1], rank, 5.0))
     store = DisplacedKVStore(comm, group_layers=2)
-    store.set_layout([3, 3], (3 * rank, 3 * rank + 3))
+    store.set_band(BandView.of_token_counts([3, 3], rank))
     try:
         for step in range(4):
             comm.enter("stadi", step)

@@ -135,3 +135,19 @@ def test_no_production_module_imports_the_test_helpers():
     offenders = {str(p.relative_to(ROOT)): sorted(m for m in imports_of(p) if m.startswith("stadi_xdit.testing"))
                  for p in production}
     assert {path: found for path, found in offenders.items() if found} == {}
+
+
+def test_a_bands_position_has_one_holder():
+    """Only `BandView` (runtime/layout.py) holds a band's token range: no module stores one of its own (an
+    attribute assigned a `token_range`/`own_range`, or a tuple unpacked from `layout.token_range(...)` and kept)."""
+    holders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "runtime" / "layout.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            for target in targets:
+                if isinstance(target, ast.Attribute) and target.attr in ("token_range", "own_range"):
+                    holders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not holders, holders

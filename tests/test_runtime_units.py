@@ -16,7 +16,7 @@ import stadi_xdit.xdit  # noqa: F401  (compat layer first)
 from stadi_xdit.planner import plan
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.kv import DisplacedKVStore
-from stadi_xdit.runtime.layout import BandLayout, slice_band
+from stadi_xdit.runtime.layout import BandLayout, BandView, slice_band
 from stadi_xdit.runtime.schedule import (
     check_scheduler_supported,
     rank_schedule_indices,
@@ -96,7 +96,7 @@ def test_sde_dpm_solver_is_refused():
 
 def test_displaced_store_single_rank_keeps_own_rows_fresh():
     store = DisplacedKVStore(BandComm(None, 0, 1))
-    store.set_layout([6], (0, 6))
+    store.set_band(BandView.of_token_counts([6], 0))
     key, value = torch.randn(2, 1, 6, 4), torch.randn(2, 1, 6, 4)
     full_key, full_value = store.full_kv(0, key, value)
     assert torch.equal(full_key, key) and torch.equal(full_value, value)
@@ -109,7 +109,7 @@ def test_displaced_store_single_rank_keeps_own_rows_fresh():
 
 def test_displaced_store_needs_a_synchronous_step_first():
     store = DisplacedKVStore(BandComm(None, 0, 1))
-    store.set_layout([4], (0, 4))
+    store.set_band(BandView.of_token_counts([4], 0))
     store.set_phase(synchronous=False)
     with pytest.raises(RuntimeError, match="synchronous"):
         store.full_kv(0, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))
@@ -131,7 +131,7 @@ def test_displaced_store_hands_attention_contiguous_kv_on_cpu():
     # Token-major buffers keep a band's rows contiguous for the exchange; on CPU attention over
     # such strided K/V is slower than a copy into a reused contiguous buffer, so it gets the copy.
     store = DisplacedKVStore(BandComm(None, 0, 1))
-    store.set_layout([4], (0, 4))
+    store.set_band(BandView.of_token_counts([4], 0))
     store.set_phase(synchronous=True, publish=True)
     full_key, _ = store.full_kv(0, torch.randn(1, 2, 4, 3), torch.randn(1, 2, 4, 3))
     assert full_key.is_contiguous()
@@ -157,3 +157,53 @@ def test_injection_is_removable():
     injection.remove()
     assert transformer.pos_embed is patch_embed
     assert [block.attn1.processor for block in transformer.transformer_blocks] == before
+
+
+def test_a_band_view_holds_the_range_and_slices_global_positions():
+    layout = BandLayout(((0, 3), (3, 4)), patch_rows=2, tokens_per_row=5)
+    first, second = BandView(layout, 0), BandView(layout, 1)
+    assert first.token_range == (0, 15) and second.token_range == (15, 20) and second.num_tokens == 5
+    assert first.token_counts == second.token_counts == (15, 5)
+    ids = torch.arange(20 * 3).reshape(20, 3)
+    assert torch.equal(second.positions(ids), ids[15:20])
+    table = torch.arange(20).reshape(1, 20, 1).float()
+    assert torch.equal(first.positions(table, dim=1), table[:, :15])
+    with pytest.raises(RuntimeError, match="full image's positions"):
+        first.positions(ids[:15])  # a table of the band, not of the image
+    with pytest.raises(ValueError, match="rank 2 has no band"):
+        BandView(layout, 2)
+    assert BandView.of_token_counts([4, 2], 1).token_range == (4, 6)
+
+
+def test_the_store_reads_its_range_from_the_band_it_is_given():
+    store = DisplacedKVStore(BandComm(None, 0, 1))
+    assert store.own_range == (0, 0) and store.token_counts == ()
+    band = BandView(BandLayout(((0, 2),), patch_rows=1, tokens_per_row=3), 0)
+    store.set_band(band)
+    assert store.band is band and store.own_range == band.token_range == (0, 6) and store.token_counts == (6,)
+
+
+def test_a_rope_swap_follows_the_band_and_is_removed_with_the_injection():
+    from torch import nn
+
+    from stadi_xdit.xdit.injection import InjectionPlan, RopeSwap, apply_injection
+
+    class Rope(nn.Module):
+        band = None
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rope = nn.Identity()
+
+    model = Model()
+    original = model.rope
+    plan = InjectionPlan(positions=RopeSwap("rope", lambda transformer, rope: Rope()),
+                         displaced_attention=lambda transformer: [], processor_factory=None)
+    injection = apply_injection(model, plan, DisplacedKVStore(BandComm(None, 0, 1)))
+    assert isinstance(model.rope, Rope)
+    band = BandView.of_token_counts([3], 0)
+    injection.set_band(band)
+    assert model.rope.band is band
+    injection.remove()
+    assert model.rope is original

@@ -44,7 +44,7 @@ from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrap
 from stadi_xdit.models import register_twin
 from stadi_xdit.runtime.band_attention import BandAttentionProcessor, Stream
 from stadi_xdit.runtime.layout import BandLayout
-from stadi_xdit.xdit.injection import InjectionPlan
+from stadi_xdit.xdit.injection import InjectionPlan, SlicedPositions
 from stadi_xdit.xdit.pipelines import StadiPipelineMixin, XditBandModel
 
 
@@ -105,9 +105,8 @@ def flux_attention_modules(transformer: nn.Module) -> list[nn.Module]:
             + [block.attn for block in transformer.single_transformer_blocks])
 
 
-# Flux has no PatchEmbed to wrap: positions enter through `img_ids`, sliced per band by the model.
 FLUX_INJECTION = InjectionPlan(
-    patch_embed_attr=None,
+    positions=SlicedPositions("FluxBandModel.predict: the band's rows of the image's img_ids"),
     displaced_attention=flux_attention_modules,
     processor_factory=StadiFluxAttnProcessor,
 )
@@ -134,9 +133,8 @@ class FluxBandModel(XditBandModel):
         return layout.token_counts()
 
     def predict(self, band_latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        start, end = self.token_range
-        if band_latents.shape[1] != end - start:
-            raise RuntimeError(f"band has {band_latents.shape[1]} tokens, the layout says {end - start}")
+        if band_latents.shape[1] != self.band.num_tokens:
+            raise RuntimeError(f"band has {band_latents.shape[1]} tokens, the layout says {self.band.num_tokens}")
         # As FluxPipeline: the timestep in the latents' dtype, scaled to [0, 1].
         timesteps = timestep.expand(band_latents.shape[0]).to(band_latents.dtype)
         return self.pipe.transformer(
@@ -146,7 +144,7 @@ class FluxBandModel(XditBandModel):
             pooled_projections=self.pooled_prompt_embeds,
             encoder_hidden_states=self.prompt_embeds,
             txt_ids=self.text_ids,
-            img_ids=self.image_ids[start:end],
+            img_ids=self.band.positions(self.image_ids),
             joint_attention_kwargs=self.joint_attention_kwargs,
             return_dict=False,
         )[0]

@@ -25,7 +25,7 @@ from stadi_xdit.models import register_twin
 from stadi_xdit.runtime.band_attention import BandAttentionProcessor
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.xdit.cfg import CfgPair
-from stadi_xdit.xdit.injection import InjectionPlan
+from stadi_xdit.xdit.injection import InjectionPlan, PatchEmbedPositions
 from stadi_xdit.xdit.pipelines import StadiPipelineMixin, XditBandModel
 
 _PIXART_BINS = {256: ASPECT_RATIO_2048_BIN, 128: ASPECT_RATIO_1024_BIN, 64: ASPECT_RATIO_512_BIN,
@@ -68,7 +68,7 @@ class StadiSelfAttnProcessor(BandAttentionProcessor, AttnProcessor2_0):
 
 
 PIXART_INJECTION = InjectionPlan(
-    patch_embed_attr="pos_embed",
+    positions=PatchEmbedPositions("pos_embed"),
     displaced_attention=lambda transformer: [block.attn1 for block in transformer.transformer_blocks],
     processor_factory=StadiSelfAttnProcessor,
 )

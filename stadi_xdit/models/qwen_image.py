@@ -37,7 +37,7 @@ from stadi_xdit.models import register_twin
 from stadi_xdit.runtime.band_attention import BandAttentionProcessor, Stream
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.xdit.cfg import CfgPair
-from stadi_xdit.xdit.injection import InjectionPlan
+from stadi_xdit.xdit.injection import InjectionPlan, SlicedPositions
 from stadi_xdit.xdit.pipelines import DiffusersPipelineWrapper, StadiPipelineMixin, XditBandModel
 
 
@@ -49,7 +49,8 @@ class StadiQwenImageAttnProcessor(BandAttentionProcessor):
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
         if encoder_hidden_states is None:
             raise ValueError("StadiQwenImageAttnProcessor needs encoder_hidden_states (the text stream)")
-        start, end = self.store.own_range
+        band = self.store.band
+        start, end = band.token_range
         if attention_mask is not None:
             encoder_hidden_states_mask = _text_mask_of_joint_mask(attention_mask, encoder_hidden_states.shape[1],
                                                                   end - start, encoder_hidden_states_mask)
@@ -77,7 +78,7 @@ class StadiQwenImageAttnProcessor(BandAttentionProcessor):
             if img_freqs.shape[0] != image_tokens:
                 raise RuntimeError(f"image RoPE covers {img_freqs.shape[0]} tokens, not the full image's "
                                    f"{image_tokens}: pass img_shapes of the full image")
-            img_freqs = img_freqs[start:end]  # the band's global rows
+            img_freqs = band.positions(img_freqs)
             img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
             img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
             txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
@@ -110,7 +111,7 @@ def _text_mask_of_joint_mask(joint: torch.Tensor, text_tokens: int, band_tokens:
 
 
 QWEN_IMAGE_INJECTION = InjectionPlan(
-    patch_embed_attr=None,  # positions enter through RoPE, sliced per band by the processor
+    positions=SlicedPositions("StadiQwenImageAttnProcessor: the band's rows of the image's RoPE table"),
     displaced_attention=lambda transformer: [block.attn for block in transformer.transformer_blocks],
     processor_factory=StadiQwenImageAttnProcessor,
 )

@@ -36,7 +36,7 @@ from stadi_xdit.models import register_twin
 from stadi_xdit.runtime.band_attention import BandAttentionProcessor, Stream
 from stadi_xdit.runtime.layout import BandLayout
 from stadi_xdit.xdit.cfg import CfgPair
-from stadi_xdit.xdit.injection import InjectionPlan
+from stadi_xdit.xdit.injection import InjectionPlan, PatchEmbedPositions
 from stadi_xdit.xdit.pipelines import StadiPipelineMixin, XditBandModel
 
 
@@ -84,7 +84,7 @@ def sd3_attention_modules(transformer: nn.Module) -> list[nn.Module]:
 
 
 SD3_INJECTION = InjectionPlan(
-    patch_embed_attr="pos_embed",  # xDiT's wrapper: cropped sincos table sliced by the band's global tokens
+    positions=PatchEmbedPositions("pos_embed"),  # xDiT's wrapper: the cropped sincos table, by global tokens
     displaced_attention=sd3_attention_modules,
     processor_factory=StadiSD3AttnProcessor,
 )

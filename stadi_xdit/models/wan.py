@@ -79,9 +79,9 @@ from torch import nn
 from stadi_xdit.geometry import TOKEN_ROW_PX, latent_frames
 from stadi_xdit.models import register_twin
 from stadi_xdit.runtime.band_attention import BandAttentionProcessor
-from stadi_xdit.runtime.video_bands import GIB, BandRope, displaced_kv_bytes
+from stadi_xdit.runtime.video_bands import GIB, BandRope, displaced_kv_bytes, patch_3d
 from stadi_xdit.xdit.cfg import CfgPair
-from stadi_xdit.xdit.injection import InjectionPlan
+from stadi_xdit.xdit.injection import InjectionPlan, RopeSwap
 from stadi_xdit.xdit.pipelines import DiffusersPipelineWrapper
 from stadi_xdit.xdit.video import StadiVideoPipelineMixin, VideoBandModel
 
@@ -129,7 +129,7 @@ class StadiWanAttnProcessor(BandAttentionProcessor):
 
 
 WAN_INJECTION = InjectionPlan(
-    patch_embed_attr=None,  # positions enter through RoPE, given per band by `BandRope`
+    positions=RopeSwap("rope", lambda transformer, rope: BandRope(rope, patch_3d(transformer.config))),
     displaced_attention=lambda transformer: [block.attn1 for block in transformer.blocks],
     processor_factory=StadiWanAttnProcessor,
 )
@@ -139,12 +139,11 @@ class WanBandModel(VideoBandModel):
     """Wan on one band of the clip's token rows: CFG batch or pair, the rank's own timestep, global RoPE."""
 
     def __init__(self, transformer: nn.Module, prompt_embeds: torch.Tensor, guidance_scale: float, cfg: CfgPair,
-                 rope: BandRope, attention_kwargs: dict[str, Any] | None = None):
+                 attention_kwargs: dict[str, Any] | None = None):
         self.transformer = transformer
         self.prompt_embeds = prompt_embeds
         self.guidance_scale = guidance_scale
         self.cfg = cfg
-        self.rope = rope
         self.attention_kwargs = attention_kwargs
         self.dtype = transformer.dtype
 
@@ -263,7 +262,7 @@ class StadiWanPipeline(StadiVideoPipelineMixin, xFuserWanPipeline):
                                        width, num_frames, torch.float32, device, generator, latents)
         scheduler.set_begin_index(0)
 
-        model = WanBandModel(transformer, embeds, guidance_scale, cfg, self.band_rope, attention_kwargs)
+        model = WanBandModel(transformer, embeds, guidance_scale, cfg, attention_kwargs)
         result = self._denoise_clip(latents, scheduler, model, height=height, width=width)
         return self._finish(result.latents, output_type, return_dict)
 

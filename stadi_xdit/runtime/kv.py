@@ -29,7 +29,6 @@ precision. Synchronous steps always attend over full-precision K/V.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import torch
 
@@ -44,6 +43,7 @@ from stadi_xdit.runtime.exchange import (
     method_bytes,
     write_band,
 )
+from stadi_xdit.runtime.layout import BandView
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ class DisplacedKVStore:
         self.comm = comm
         self.group_layers = _check_group_layers(group_layers)
         self.kv_dtype = kv_dtype  # None: store K/V in the dtype attention computes in
-        self.token_counts: tuple[int, ...] = ()
-        self.own_range: tuple[int, int] = (0, 0)
+        self.band: BandView | None = None  # this rank's band of the current layout (set_band)
         self.method = "broadcast"
         # A fresh store keeps what synchronous steps gather (the loop says which step seeds).
         self.synchronous = True
@@ -108,19 +107,28 @@ class DisplacedKVStore:
             if self._registry.closed:
                 self._registry.close(self.group_layers)
 
-    def set_layout(self, token_counts: Sequence[int], own_range: tuple[int, int]) -> None:
+    def set_band(self, band: BandView) -> None:
+        """`band` is this rank's band of the new layout; the store reads its range and counts from it."""
         if self._pending or self._ready:
             raise RuntimeError("cannot change the band layout while a K/V exchange is in flight")
-        counts = tuple(int(c) for c in token_counts)
-        start = sum(counts[:self.comm.rank]) if len(counts) == self.comm.world_size else own_range[0]
-        if len(counts) != self.comm.world_size or (start, start + counts[self.comm.rank]) != tuple(own_range):
-            raise ValueError(f"own_range {tuple(own_range)} is not band {self.comm.rank} of token counts {counts}")
-        if sum(counts) != sum(self.token_counts):
+        if band.rank != self.comm.rank or band.world_size != self.comm.world_size:
+            raise ValueError(f"band {band.rank} of {band.world_size} is not this store's rank {self.comm.rank} "
+                             f"of {self.comm.world_size}")
+        if sum(band.token_counts) != sum(self.token_counts):
             self._valid = False  # another image size: the stored K/V mean nothing now
-        self.token_counts = counts
-        self.own_range = (int(own_range[0]), int(own_range[1]))
-        self.method = choose_method(counts, in_place_all_gather=False)  # final at the first exchange
+        self.band = band
+        self.method = choose_method(band.token_counts, in_place_all_gather=False)  # final at the first exchange
         self._method_device = None  # chosen at the first exchange, when the device is known
+
+    @property
+    def token_counts(self) -> tuple[int, ...]:
+        """Tokens of every rank's band (none before the first layout)."""
+        return self.band.token_counts if self.band is not None else ()
+
+    @property
+    def own_range(self) -> tuple[int, int]:
+        """[start, end) of this rank's band among the image's tokens (the band's, read through)."""
+        return self.band.token_range if self.band is not None else (0, 0)
 
     def _choose_method(self, tensor: torch.Tensor) -> str:
         """The layout's exchange method (`exchange.choose_method`), logged once per layout."""

@@ -46,6 +46,58 @@ class BandLayout:
 
 
 @dataclass(frozen=True)
+class BandView:
+    """One rank's band of a layout: the one holder of its global token range.
+
+    The loop makes one per layout (`_Call._install`) and hands it to the K/V store, to the family's
+    positions (`InjectionPlan.positions`) and to the band model; each reads the range from here, and
+    family code slices global positions (RoPE tables, position ids) with `positions`.
+    """
+
+    layout: BandLayout
+    rank: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.layout.world_size:
+            raise ValueError(f"rank {self.rank} has no band in a layout of {self.layout.world_size}")
+
+    @classmethod
+    def of_token_counts(cls, counts: list[int] | tuple[int, ...], rank: int) -> BandView:
+        """Bands of `counts` tokens each, one token per row (a store or an exchange without an image)."""
+        bounds, start = [], 0
+        for count in counts:
+            bounds.append((start, start + int(count)))
+            start += int(count)
+        return cls(BandLayout(tuple(bounds), patch_rows=1, tokens_per_row=1), rank)
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def token_range(self) -> tuple[int, int]:
+        """[start, end) of this band among the image's (or clip's) tokens."""
+        return self.layout.token_range(self.rank)
+
+    @property
+    def token_counts(self) -> tuple[int, ...]:
+        return tuple(self.layout.token_counts())
+
+    @property
+    def num_tokens(self) -> int:
+        start, end = self.token_range
+        return end - start
+
+    def positions(self, table: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """The band's rows of `table`, whose `dim` indexes every token of the image (ids, RoPE tables)."""
+        start, end = self.token_range
+        if table.shape[dim] != sum(self.token_counts):
+            raise RuntimeError(f"positions for {table.shape[dim]} tokens along dim {dim}, but the image has "
+                               f"{sum(self.token_counts)}: give the full image's positions")
+        return table.narrow(dim, start, end - start)
+
+
+@dataclass(frozen=True)
 class BandGeometry:
     """How an image of one size is cut into bands: what the planner plans on, and its tensor units."""
 

@@ -38,9 +38,15 @@ from stadi_xdit.runtime.adaptive import (
 from stadi_xdit.runtime.comm import synchronize
 from stadi_xdit.runtime.groups import StadiGroups
 from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
-from stadi_xdit.runtime.layout import BandGeometry, BandLayout, slice_band
+from stadi_xdit.runtime.layout import BandGeometry, BandLayout, BandView, slice_band
 from stadi_xdit.runtime.profile import RankTimeline, forward_timer
 from stadi_xdit.runtime.schedule import map_history, rank_schedule_indices
+
+
+class BandPositionsUser(Protocol):
+    """The family's positions (`xdit/injection.py`), told each band before the model runs on it."""
+
+    def set_band(self, band: BandView) -> None: ...
 
 
 class BandModel(Protocol):
@@ -51,8 +57,8 @@ class BandModel(Protocol):
     def band_sizes(self, layout: BandLayout) -> list[int]:
         """Extent of each rank's band along `band_dim`."""
 
-    def set_band(self, layout: BandLayout, rank: int) -> None:
-        """`layout` is now current; this rank holds band `rank` (its global token range is explicit)."""
+    def set_band(self, band: BandView) -> None:
+        """`band` (this rank's band of the current layout) is now current."""
 
     def predict(self, band_latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """Model output for this rank's band (guidance applied), ready for `scheduler.step`."""
@@ -133,14 +139,15 @@ def denoise(
     warmup_steps: int,
     known_speeds: Sequence[float] | None = None,
     memory: CallMemory | None = None,
+    positions: BandPositionsUser | None = None,
 ) -> DenoiseResult:
     """Run every denoising step of `scheduler` (already set up for the full run) on this rank's bands.
 
-    `geometry` turns plans into band layouts; each new layout goes to the K/V store and to the
-    model (`model.set_band`). `known_speeds` (user-given or cached) make warmup already elastic;
+    `geometry` turns plans into band layouts; each new layout's `BandView` goes to the K/V store, to the
+    family's `positions` and to the model (`set_band`). `known_speeds` (user-given or cached) make warmup already elastic;
     `memory` (the last calls of this size) makes it elastic on settled estimates, and anchors the plan.
     """
-    call = _Call(latents, scheduler, model, groups, store, config, geometry, warmup_steps, memory)
+    call = _Call(latents, scheduler, model, groups, store, config, geometry, warmup_steps, memory, positions)
     warm = call.warmup(known_speeds)
     final = call.profile(known_speeds)
     call.transition(final)
@@ -157,8 +164,9 @@ class _Call:
 
     def __init__(self, latents: torch.Tensor, scheduler, model: BandModel, groups: StadiGroups,
                  store: DisplacedKVStore, config: StadiConfig, geometry: BandGeometry, warmup_steps: int,
-                 memory: CallMemory | None):
+                 memory: CallMemory | None, positions: BandPositionsUser | None = None):
         self.scheduler, self.model, self.groups, self.store = scheduler, model, groups, store
+        self.positions = positions
         self.config, self.geometry, self.warmup_steps = config, geometry, warmup_steps
         self.comm = groups.band
         self.rank, self.world = self.comm.rank, self.comm.world_size
@@ -201,13 +209,16 @@ class _Call:
         self.band = self.scheduler.step(output, t, self.band, return_dict=False)[0]
 
     def _install(self, layout: BandLayout) -> None:
-        """`layout` is current: the band is re-sliced (gathered on the old bands) where it changed, and the
-        store and the model are told; the model writes xDiT's runtime state from it (`set_band`)."""
+        """`layout` is current: the band is re-sliced (gathered on the old bands) where it changed, and its
+        one `BandView` goes to the store, the family's positions and the model."""
         if self.layout is not None and layout.token_rows != self.layout.token_rows:
             self.band = self._reband(self.layout, layout)
         self.layout = layout
-        self.store.set_layout(layout.token_counts(), layout.token_range(self.rank))
-        self.model.set_band(layout, self.rank)
+        view = BandView(layout, self.rank)
+        self.store.set_band(view)
+        if self.positions is not None:
+            self.positions.set_band(view)
+        self.model.set_band(view)
 
     def _reband(self, old: BandLayout, new: BandLayout) -> torch.Tensor:
         """Gather the full latent and scheduler history on the old bands, re-slice for the new ones."""

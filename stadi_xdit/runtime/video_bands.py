@@ -25,6 +25,7 @@ from torch import nn
 
 from stadi_xdit.geometry import latent_frames
 from stadi_xdit.runtime.kv import DisplacedKVStore
+from stadi_xdit.runtime.layout import BandView
 
 GIB = 1024**3
 
@@ -84,17 +85,7 @@ class BandRope(nn.Module):
         self.original = rope  # a submodule, so it moves with the transformer (its buffers are not persistent)
         self.patch = patch
         self.clip_shape: tuple[int, int] | None = None  # (latent frames, latent rows per frame)
-        self.token_range: tuple[int, int] | None = None
-
-    @classmethod
-    def attach(cls, transformer: nn.Module) -> BandRope:
-        band_rope = cls(transformer.rope, patch_3d(transformer.config))
-        transformer.rope = band_rope
-        return band_rope
-
-    def detach(self, transformer: nn.Module) -> None:
-        if transformer.rope is self:
-            transformer.rope = self.original
+        self.band: BandView | None = None  # the current band (the injection's positions set it)
 
     def set_clip(self, clip_shape: tuple[int, int] | None) -> None:
         self.clip_shape = clip_shape
@@ -102,16 +93,16 @@ class BandRope(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.clip_shape is None:
             return self.original(hidden_states)
-        if self.token_range is None:
+        if self.band is None:
             raise RuntimeError("BandRope: no band set (set_band) before the transformer ran")
         batch, channels, _, _, width = hidden_states.shape
         frames, height = self.clip_shape
         # The family's own rope on the full clip's shape (the module reads the shape only).
         freqs_cos, freqs_sin = self.original(torch.empty((batch, channels, frames, height, width), device="meta"))
-        start, end = self.token_range
+        start, end = self.band.token_range
         p_t, p_h, p_w = self.patch
         band_tokens = hidden_states.shape[2] // p_t * (hidden_states.shape[3] // p_h) * (width // p_w)
         if end - start != band_tokens or end > freqs_cos.shape[1]:
             raise RuntimeError(f"band tokens [{start}, {end}) do not fit a band of {band_tokens} tokens in a "
                                f"clip of {freqs_cos.shape[1]}")
-        return freqs_cos[:, start:end], freqs_sin[:, start:end]
+        return self.band.positions(freqs_cos, dim=1), self.band.positions(freqs_sin, dim=1)

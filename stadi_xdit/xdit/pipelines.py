@@ -27,7 +27,7 @@ from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.faults import PeerWatch
 from stadi_xdit.runtime.groups import StadiGroups
 from stadi_xdit.runtime.kv import DisplacedKVStore
-from stadi_xdit.runtime.layout import BandGeometry, BandLayout
+from stadi_xdit.runtime.layout import BandGeometry, BandView
 from stadi_xdit.runtime.loop import DenoiseResult, denoise
 from stadi_xdit.runtime.profile_cache import ProfileCache, profile_key
 from stadi_xdit.runtime.schedule import to_subsequence_capable
@@ -66,17 +66,13 @@ def stadi_config_of(engine_config: Any) -> StadiConfig:
 
 
 class XditBandModel:
-    """Base of the family band models: this rank's band is explicit (`token_range`), and each new
-    layout is also written into xDiT's runtime state, which xDiT's own layers read (the patch-embed
-    wrapper slices positions by it). Subclasses set `band_dim` and implement `band_sizes`/`predict`."""
+    """Base of the family band models: this rank's current band (`band`, the loop's `BandView`).
+    Subclasses set `band_dim` and implement `band_sizes`/`predict`."""
 
-    token_range: tuple[int, int] = (0, 0)
+    band: BandView | None = None
 
-    def set_band(self, layout: BandLayout, rank: int) -> None:
-        from xfuser.core.distributed import get_runtime_state
-
-        get_runtime_state().apply_layout(layout)
-        self.token_range = layout.token_range(rank)
+    def set_band(self, band: BandView) -> None:
+        self.band = band
 
 
 def log_plan(result: DenoiseResult) -> None:
@@ -152,7 +148,7 @@ class StadiPipelineMixin:
         self.kv_store = DisplacedKVStore(self.groups.band)
 
     def _convert_transformer_backbone(self, transformer, **kwargs):
-        self.injection = apply_injection(transformer, self.injection_plan, self.kv_store)
+        self.injection = apply_injection(transformer, self.injection_plan, self.kv_store, self._stadi_runtime_state)
         return transformer
 
     def _convert_vae(self, vae):
@@ -331,7 +327,8 @@ class StadiPipelineMixin:
         cached = self._cached_entry(key)
         result = denoise(latents, scheduler, model, groups=self.groups, store=self.kv_store, config=self.stadi_config,
                          geometry=geometry, warmup_steps=self._warmup_steps(num_steps),
-                         known_speeds=self._known_speeds(cached), memory=self._memory((height, width), cached))
+                         known_speeds=self._known_speeds(cached), memory=self._memory((height, width), cached),
+                         positions=self.injection)
         self.kv_store.reset()
         self._remember(key, (height, width), result)
         self.last_result = result

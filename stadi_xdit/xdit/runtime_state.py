@@ -7,7 +7,7 @@ always current, so those layers see the band's global offsets.
 
 from __future__ import annotations
 
-from xfuser.core.distributed import get_data_parallel_rank, get_data_parallel_world_size
+from xfuser.core.distributed import get_data_parallel_world_size
 from xfuser.core.distributed import runtime_state as xdit_runtime_state
 from xfuser.core.distributed.runtime_state import DiTRuntimeState
 
@@ -27,15 +27,14 @@ class StadiRuntimeState(DiTRuntimeState):
         self.band_layout: BandLayout | None = None
         super().__init__(pipeline, config)  # creates xDiT's process groups if needed
         # STADI sits on xDiT's data-parallel slot: its group is the dp group.
-        self.stadi_rank = get_data_parallel_rank()
         self.stadi_world_size = get_data_parallel_world_size()
 
-    def apply_layout(self, layout: BandLayout) -> None:
-        """Make `layout` current (a new plan, same image size)."""
+    def apply_layout(self, layout: BandLayout, rank: int) -> None:
+        """Make `layout` current, this process holding band `rank` (the patch xDiT's layers read)."""
         self.band_layout = layout
         self._calc_patches_metadata()
         self.patch_mode = True
-        self.pipeline_patch_idx = self.stadi_rank
+        self.pipeline_patch_idx = rank
 
     def _default_layout(self) -> BandLayout:
         """Equal bands until a plan arrives; same splitter as the `uniform` plan."""

@@ -6,7 +6,7 @@ A video family's twin mixes in `StadiVideoPipelineMixin` and its band model deri
 
 - launch checks from the flags (`--num_frames` 4k+1, one clip token row per rank);
 - the clip's geometry from the loaded VAE and patch (`BandGeometry` of the clip's token rows);
-- the global RoPE (`BandRope`), attached with the injection and removed by `remove_stadi`;
+- the global RoPE (`BandRope`, the family's `RopeSwap` positions), told the clip's shape per call;
 - the displaced K/V memory check before denoising;
 - the call's denoise on the clip as one tall image, and the video output (`_finish`'s rules, frames).
 """
@@ -30,15 +30,9 @@ class VideoBandModel(XditBandModel):
     """A video family's model on one band of the clip's token rows (merged latents, global RoPE)."""
 
     band_dim = 2  # latents are merged to (batch, channels, frames x height, width): the clip as one tall image
-    rope: BandRope
 
     def band_sizes(self, layout: BandLayout) -> list[int]:
         return layout.latent_row_counts()  # latent rows of the merged clip per rank
-
-    def set_band(self, layout: BandLayout, rank: int) -> None:
-        # No image-shaped xDiT runtime state for video: the band's global token range is all we keep.
-        self.token_range = layout.token_range(rank)
-        self.rope.token_range = self.token_range
 
 
 class StadiVideoPipelineMixin(StadiPipelineMixin):
@@ -50,7 +44,6 @@ class StadiVideoPipelineMixin(StadiPipelineMixin):
     def __init__(self, pipeline, engine_config, cache_args=None, stadi_config=None, **options):
         if patch_3d(pipeline.transformer.config)[0] != 1:
             raise ValueError("--use_stadi needs a temporal patch size of 1 (bands are token rows of the clip)")
-        self.band_rope: BandRope | None = None
         self._latent_frames: int | None = None
         super().__init__(pipeline, engine_config, cache_args, stadi_config, **options)
 
@@ -60,16 +53,10 @@ class StadiVideoPipelineMixin(StadiPipelineMixin):
         clip_token_rows(frames, args.height // TOKEN_ROW_PX, stadi_degree,
                         f"--num_frames {args.num_frames} at --height {args.height} gives")
 
-    # --- STADI hooks ---------------------------------------------------------------------------
-    def _convert_transformer_backbone(self, transformer, **kwargs):
-        transformer = super()._convert_transformer_backbone(transformer, **kwargs)
-        self.band_rope = BandRope.attach(transformer)
-        return transformer
-
-    def remove_stadi(self) -> None:
-        if self.band_rope is not None:
-            self.band_rope.detach(self.module.transformer)
-        super().remove_stadi()
+    @property
+    def band_rope(self) -> BandRope:
+        """The clip's global RoPE: the module the family's `RopeSwap` positions put in."""
+        return self.injection.positions.module
 
     def _set_clip_frames(self, num_frames: object) -> None:
         """The call's clip length (a one-line error naming `--num_frames`); the geometry reads it."""
