@@ -23,8 +23,10 @@ example: $(STAMP)
 		scripts/stadi_example.py --pipeline $(PIPELINE) --model tiny --use_stadi --height 256 --width 256 \
 		--num_inference_steps 8 --warmup_steps 2 --stadi_emulate_slowdown 1,2
 
+# Two pytest workers: most tests start launchers and ranks, and a launch spends much of its time on one
+# core (imports, timeouts), so two overlap on a 2-core machine. `pytest tests/FILE.py` alone runs in one.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check stadi_xdit tests scripts

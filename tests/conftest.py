@@ -25,7 +25,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cpu_only(reason): skip where CUDA is available (CPU compat layer runs)")
 
 
+# Files whose tests start whole launches (a launcher and its ranks, tens of seconds each): they run first, so
+# that under `make test`'s two workers the long ones overlap each other instead of ending the run alone.
+LAUNCH_FILES_FIRST = ("test_docs_commands.py", "test_xdit_runner.py", "test_runner_conformance.py",
+                      "test_launcher_faults.py", "test_cli_hook.py", "test_stadi_flux.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(LAUNCH_FILES_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: each file keeps its order
     marked = [(item, item.get_closest_marker("cpu_only")) for item in items]
     marked = [(item, marker) for item, marker in marked if marker is not None]
     if not marked:
