@@ -183,10 +183,9 @@ class StadiFluxPipeline(StadiPipelineMixin, xFuserFluxPipeline):
             batch_size = prompt_embeds.shape[0]
         device = pipe._execution_device
 
-        state = self.stadi_state
-        state.set_input_parameters(height=height, width=width, batch_size=batch_size,
-                                   num_inference_steps=num_inference_steps,
-                                   max_condition_sequence_length=max_sequence_length, split_text_embed_in_sp=False)
+        self._start_call(height=height, width=width, batch_size=batch_size,
+                         num_inference_steps=num_inference_steps,
+                         max_condition_sequence_length=max_sequence_length, split_text_embed_in_sp=False)
         self._geometry(height, width)  # size errors before any text encoding
 
         lora_scale = (joint_attention_kwargs or {}).get("scale")

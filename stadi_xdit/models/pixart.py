@@ -147,9 +147,8 @@ class StadiPixArtMixin(StadiPipelineMixin):
         device = pipe._execution_device
         do_cfg = guidance_scale > 1.0
 
-        state = self.stadi_state
-        state.set_input_parameters(height=height, width=width, batch_size=batch_size,
-                                   num_inference_steps=num_inference_steps)
+        self._start_call(height=height, width=width, batch_size=batch_size,
+                         num_inference_steps=num_inference_steps)
         self._geometry(height, width)  # size errors before any text encoding
 
         embeds, mask, neg_embeds, neg_mask = pipe.encode_prompt(

@@ -238,10 +238,9 @@ class StadiQwenImagePipeline(StadiPipelineMixin, xFuserQwenImagePipeline):
         if self.groups.cfg.world_size > 1 and not do_true_cfg:  # one branch per rank needs both branches
             raise ValueError("--use_cfg_parallel needs true_cfg_scale > 1 and a negative prompt")
 
-        state = self.stadi_state
-        state.set_input_parameters(height=height, width=width, batch_size=batch_size,
-                                   num_inference_steps=num_inference_steps,
-                                   max_condition_sequence_length=max_sequence_length, split_text_embed_in_sp=False)
+        self._start_call(height=height, width=width, batch_size=batch_size,
+                         num_inference_steps=num_inference_steps,
+                         max_condition_sequence_length=max_sequence_length, split_text_embed_in_sp=False)
         self._geometry(height, width)  # size errors before any text encoding
 
         def encode(text, embeds, mask):

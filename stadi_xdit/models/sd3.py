@@ -169,9 +169,8 @@ class StadiStableDiffusion3Pipeline(StadiPipelineMixin, xFuserStableDiffusion3Pi
         device = pipe._execution_device
         do_cfg = guidance_scale > 1
 
-        state = self.stadi_state
-        state.set_input_parameters(height=height, width=width, batch_size=batch_size,
-                                   num_inference_steps=num_inference_steps, split_text_embed_in_sp=False)
+        self._start_call(height=height, width=width, batch_size=batch_size,
+                         num_inference_steps=num_inference_steps, split_text_embed_in_sp=False)
         self._geometry(height, width)  # size errors before any text encoding
 
         embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(

@@ -231,9 +231,8 @@ class StadiWanPipeline(StadiVideoPipelineMixin, xFuserWanPipeline):
         device = pipe._execution_device
         do_cfg = guidance_scale > 1.0
         cfg = CfgPair.create(do_cfg, self.groups.cfg)
-        self.stadi_state.set_video_input_parameters(height=height, width=width, num_frames=num_frames,
-                                                    batch_size=batch_size, num_inference_steps=num_inference_steps,
-                                                    split_text_embed_in_sp=False)
+        self._start_call(video=True, height=height, width=width, num_frames=num_frames, batch_size=batch_size,
+                         num_inference_steps=num_inference_steps, split_text_embed_in_sp=False)
         transformer = pipe.transformer
         forward_batch = batch_size * num_videos_per_prompt * (2 if cfg.batched else 1)
         self._check_clip_memory(geometry, height, width, num_frames, forward_batch, cfg.batched)

@@ -185,13 +185,19 @@ class StadiPipelineMixin:
     # --- helpers --------------------------------------------------------------------------
     @property
     def stadi_state(self) -> StadiRuntimeState:
-        """This pipeline's runtime state, installed as xDiT's global again if something replaced it
-        (xDiT's model runner re-initialises the runtime state after loading the pipeline)."""
-        from xfuser.core.distributed import runtime_state
-
-        if runtime_state._RUNTIME is not self._stadi_runtime_state:
-            install_runtime_state(self._stadi_runtime_state)
+        """This pipeline's xDiT runtime state (read only: `_start_call` installs it and sets the call's inputs)."""
         return self._stadi_runtime_state
+
+    def _start_call(self, *, video: bool = False, **inputs: Any) -> None:
+        """The call's input parameters (size, batch, steps) into this pipeline's xDiT runtime state, installed
+        as xDiT's global first: xDiT's layers read the global, and xDiT's model runner installs a state of its
+        own after loading the pipeline. Once per call, before `_geometry`."""
+        state = self._stadi_runtime_state
+        install_runtime_state(state)
+        if video:
+            state.set_video_input_parameters(**inputs)
+        else:
+            state.set_input_parameters(**inputs)
 
     def _profile_key(self, height: int, width: int) -> str:
         """Model, resolution and every rank's hardware; the same string on every rank of the run.
@@ -245,7 +251,8 @@ class StadiPipelineMixin:
             ProfileCache(self.stadi_config.profile_cache).store(key, list(result.plan.speeds), memory=memory)
 
     def _geometry(self, height: int, width: int) -> BandGeometry:
-        """Token rows of this image size, from xDiT's runtime state (VAE scale, backbone patch)."""
+        """Token rows of this image size: VAE scale and backbone patch as this pipeline's xDiT runtime state
+        counts them (xDiT works them out from the pipeline when it is built)."""
         state = self.stadi_state
         scale, patch = state.vae_scale_factor, state.backbone_patch_size
         if height % (scale * patch) or width % (scale * patch):
