@@ -133,6 +133,20 @@ class Topology:
                              f"launch was checked for --stadi_degree {self.stadi_degree} and CFG degree "
                              f"{self.cfg_degree}")
 
+    def xdit_degrees(self, strategy: str, pipeline_patches: int | None = None) -> dict[str, Any]:
+        """xDiT's flags (attribute names) that run these ranks with one of xDiT's own strategies instead of
+        STADI, each CFG branch's ranks as one Ulysses, Ring or PipeFusion group: the bench's baselines, on
+        the same ranks as the STADI arm. `pipeline_patches`: PipeFusion's patch count (default: its degree)."""
+        degree = self.stadi_degree
+        flags: dict[str, Any] = {"ulysses": {"ulysses_degree": degree}, "ring": {"ring_degree": degree},
+                                 "pipefusion": {"pipefusion_parallel_degree": degree,
+                                                "num_pipeline_patch": pipeline_patches or degree}}.get(strategy)
+        if flags is None:
+            raise ValueError(f"xDiT strategy must be ulysses, ring or pipefusion, got {strategy!r}")
+        if self.cfg_degree > 1:
+            flags["use_cfg_parallel"] = True
+        return flags
+
     def processes_per_node(self, nnodes: int) -> int:
         """The world spread evenly over `nnodes` machines (torchrun's --nproc_per_node)."""
         if not _is_count(nnodes, 1):

@@ -161,3 +161,15 @@ def test_every_refused_degree_above_one_is_rejected_naming_its_flag(name, value,
     with pytest.raises(ValueError) as info:
         Topology.from_args(_args(**{**values, name: value}), world)
     assert str(info.value).startswith(f"--{name} {value} cannot be combined with --use_stadi")
+
+
+def test_xdit_baselines_run_the_same_ranks_per_cfg_branch():
+    topology = Topology.for_stadi_degree(3)
+    assert topology.xdit_degrees("ulysses") == {"ulysses_degree": 3}
+    assert topology.xdit_degrees("ring") == {"ring_degree": 3}
+    assert topology.xdit_degrees("pipefusion") == {"pipefusion_parallel_degree": 3, "num_pipeline_patch": 3}
+    assert topology.xdit_degrees("pipefusion", 6)["num_pipeline_patch"] == 6
+    assert Topology.for_stadi_degree(2, cfg_degree=2).xdit_degrees("ulysses") == \
+        {"ulysses_degree": 2, "use_cfg_parallel": True}
+    with pytest.raises(ValueError, match="ulysses, ring or pipefusion"):
+        topology.xdit_degrees("tensor")

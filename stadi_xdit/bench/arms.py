@@ -25,6 +25,7 @@ from stadi_xdit.bench.catalog import ARMS, Arm
 from stadi_xdit.bench.presets import BenchPreset, get_preset
 from stadi_xdit.geometry import PATCH_SIZE, VAE_SCALE
 from stadi_xdit.runtime.profile import work_clock
+from stadi_xdit.topology import Topology
 
 
 def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: int, warmup: int,
@@ -190,10 +191,9 @@ def _build(setup: dict, rank: int, world: int):
         import xfuser
         from xfuser import xFuserArgs
 
-        degrees = {"ulysses": {"ulysses_degree": world},
-                   "ring": {"ring_degree": world, "attention_backend": "SDPA_FLASH"},
-                   "pipefusion": {"pipefusion_parallel_degree": world,
-                                      "num_pipeline_patch": setup["pipefusion_patches"] or world}}[arm.name]
+        degrees = Topology.for_stadi_degree(world).xdit_degrees(arm.name, setup["pipefusion_patches"])
+        if arm.name == "ring":
+            degrees["attention_backend"] = "SDPA_FLASH"  # Ring merges partial attention by LSE, which it returns
         args = xFuserArgs(**common, **degrees)
         runner = preset.xdit_runner_transformer
         if runner:
