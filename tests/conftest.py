@@ -3,6 +3,7 @@
 - ``cpu_only(reason)``: a marker that skips a test (or, as ``pytestmark``, a file) where CUDA is available:
   the runs through the CPU compat layer and the tiny offline hub cache.
 - ``make_hub_cache``: a fresh offline Hugging Face cache with the named tiny pipelines.
+- ``patched_xfuser``: a copy of the installed xfuser with patches/ diffs applied.
 - ``one_error_line``: a rejected command line's single stderr line (exit status 2, no traceback).
 - ``report``: a line for the test log even when output is captured (PSNR figures belong there).
 - ``tiny_pixart``: the tiny PixArt reference on one plain diffusers process, and STADI runs of it on N ranks.
@@ -53,6 +54,28 @@ def make_hub_cache(tmp_path_factory):
         home = tmp_path_factory.mktemp(name)
         write_hub_cache(home, list(models))
         return home
+
+    return make
+
+
+@pytest.fixture
+def patched_xfuser():
+    """``patched_xfuser(folder, patches)``: a copy of the installed xfuser under ``folder/xfuser`` with the
+    given patch files applied (skips where no `patch` program exists); returns ``folder`` (for PYTHONPATH).
+    The copy keeps xfuser's bytecode with the sources' times: only the patched modules compile again, not
+    all of xfuser in every process that imports it."""
+    import shutil
+    import subprocess
+
+    def make(folder: Path, patches) -> Path:
+        import xfuser
+
+        if shutil.which("patch") is None:
+            pytest.skip("no `patch` program")
+        shutil.copytree(Path(xfuser.__file__).parent, folder / "xfuser")
+        for patch in patches:
+            subprocess.run(["patch", "-p1", "-s", "-i", str(patch)], cwd=folder, check=True, timeout=60)
+        return folder
 
     return make
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -223,14 +222,8 @@ def test_xdit_example_saves_a_stadi_batch_under_its_batch_indices(tmp_path):
 
 # --- the upstream form of the hook --------------------------------------------------------------
 
-def test_upstream_patch_applies_and_drives_stadi_through_the_plugin(tmp_path):
-    import xfuser
-
-    if shutil.which("patch") is None:
-        pytest.skip("no `patch` program")
-    site = tmp_path / "site"
-    shutil.copytree(Path(xfuser.__file__).parent, site / "xfuser", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["patch", "-p1", "-s", "-i", str(PATCH)], cwd=site, check=True, timeout=60)
+def test_upstream_patch_applies_and_drives_stadi_through_the_plugin(tmp_path, patched_xfuser):
+    site = patched_xfuser(tmp_path / "site", [PATCH])
     dist_info = site / "stadi_plugin_probe-0.0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: stadi-plugin-probe\nVersion: 0.0\n")

@@ -155,14 +155,9 @@ def test_runner_patches_in_process(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("patch") is None, reason="needs the patch tool")
-def test_patched_xfuser_runs_the_runner_without_stadi_xdit(hub, flux_one_process, tmp_path):
+def test_patched_xfuser_runs_the_runner_without_stadi_xdit(hub, flux_one_process, tmp_path, patched_xfuser):
     """The two diffs carry the same fixes: plain `python -m xfuser.runner` works on a patched copy."""
-    import xfuser
-
-    site = tmp_path / "site"
-    shutil.copytree(Path(xfuser.__file__).parent, site / "xfuser", ignore=shutil.ignore_patterns("__pycache__"))
-    for patch in PATCHES:
-        subprocess.run(["patch", "-p1", "-s", "-i", str(patch)], cwd=site, check=True, timeout=60)
+    site = patched_xfuser(tmp_path / "site", PATCHES)
     out = tmp_path / "out"
     # the unpatched install dies at `import triton`, so success means the patched copy ran
     _run_runner(hub, out, FLUX_ARGS, launcher=["-m", "xfuser.runner"], PYTHONPATH=str(site))

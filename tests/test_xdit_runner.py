@@ -171,21 +171,12 @@ def test_config_file_form_and_launch_command(tmp_path):
     assert command[command.index("stadi_xdit.run") + 1:][:2] == ["-m", "xfuser.runner"]
 
 
-def test_xdit_command_itself_runs_stadi_with_the_upstream_patches(hub, tmp_path):
+def test_xdit_command_itself_runs_stadi_with_the_upstream_patches(hub, tmp_path, patched_xfuser):
     """xfuser with our three diffs (CPU, runner on CPU, plugin entry points): the `xdit` launcher
     (`python -m xfuser.cli`) and its runner find STADI through the `xfuser.plugins` entry point."""
-    import shutil
-
-    import xfuser
-
-    if shutil.which("patch") is None:
-        pytest.skip("no `patch` program")
     repo = Path(__file__).resolve().parents[1]
-    site = tmp_path / "site"
-    shutil.copytree(Path(xfuser.__file__).parent, site / "xfuser", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("cpu-gloo", "runner-cpu", "stadi-cli-hook"):
-        subprocess.run(["patch", "-p1", "-s", "-i", str(repo / "patches" / f"xfuser-0.7.0-{name}.patch")], cwd=site,
-                       check=True, timeout=60)
+    site = patched_xfuser(tmp_path / "site", [repo / "patches" / f"xfuser-0.7.0-{name}.patch"
+                                              for name in ("cpu-gloo", "runner-cpu", "stadi-cli-hook")])
     dist_info = site / "stadi_plugin_entry-0.0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: stadi-plugin-entry\nVersion: 0.0\n")
@@ -194,14 +185,17 @@ def test_xdit_command_itself_runs_stadi_with_the_upstream_patches(hub, tmp_path)
     env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1",
                PYTHONPATH=f"{site}{os.pathsep}{repo}")
     common = ["--model", "FLUX.1-dev", *SIZE, "--num_inference_steps", "3", "--master_addr", "127.0.0.1"]
+    launches = {}
     for name, extra in (("plain", []), ("stadi", ["--use_stadi", "--stadi_degree", "2", "--stadi_exact",
                                                   "--stadi_speeds", "3,5", "--warmup_steps", "1"])):
         # The output folders do not exist: the plugin's launch check creates them, as stadi-xdit does.
-        proc = subprocess.run([sys.executable, "-m", "xfuser.cli", *common, "--master_port", str(free_port()), *extra,
-                               "--output_directory", str(tmp_path / name)], env=env, capture_output=True, text=True,
-                              timeout=300, check=False)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "STADI plan" in proc.stdout + proc.stderr
+        launches[name] = subprocess.Popen([sys.executable, "-m", "xfuser.cli", *common, "--master_port",
+                                           str(free_port()), *extra, "--output_directory", str(tmp_path / name)],
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = {name: proc.communicate(timeout=300)[0] for name, proc in launches.items()}  # both at once
+    for name, proc in launches.items():
+        assert proc.returncode == 0, logs[name][-6000:]
+    assert "STADI plan" in logs["stadi"] and "STADI plan" not in logs["plain"]
     plain, stadi = _image(tmp_path / "plain"), _image(tmp_path / "stadi")
     assert np.linalg.norm(stadi - plain) / np.linalg.norm(plain) <= 1e-4
     # A bad input ends in the launcher, in one line, before torchrun starts (the plugin's check_launch).
