@@ -6,7 +6,9 @@ optional replicated stream (the text of a joint-attention block) in its place in
 sequence. The keys and values of the whole image come from the displaced K/V store: the own band
 fresh, the other bands from the latest exchange (or gathered fresh in synchronous steps). What is
 added to attention under STADI later (a sequence-parallel all-to-all inside a group, a compile
-boundary) is added here, once, not in each family. Step caching is not: whether a step is computed
+boundary) is added here, once, not in each family. The compile boundary is the store: under
+torch.compile its exchange (collectives, host timers, bookkeeping) runs eagerly between the compiled
+parts of each attention (`_full_kv`), so only attention's own tensor work is traced. Step caching is not: whether a step is computed
 at all is a step-level decision, taken by the loop, not inside attention.
 
 Layouts: every tensor in is (batch, heads, tokens, head_dim), the store's and SDPA's layout; the
@@ -48,12 +50,18 @@ class Stream:
     key_mask: torch.Tensor | None = None  # (batch, stream tokens) bool: False = padding, never attended
 
 
+@torch.compiler.disable
+def _full_kv(store: DisplacedKVStore, layer: int, key: torch.Tensor,
+             value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return store.full_kv(layer, key, value)
+
+
 def band_attention(store: DisplacedKVStore, layer: int, query: torch.Tensor, key: torch.Tensor,
                    value: torch.Tensor, stream: Stream | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of the band's queries (and the stream's) over the whole image's K/V (and the stream's).
 
     Returns the band's output and the stream's (None without a stream)."""
-    image_key, image_value = store.full_kv(layer, key, value)
+    image_key, image_value = _full_kv(store, layer, key, value)
     if stream is None:
         out = F.scaled_dot_product_attention(query, image_key, image_value, dropout_p=0.0, is_causal=False)
         return out.transpose(1, 2).flatten(2, 3).to(query.dtype), None

@@ -228,8 +228,10 @@ def watch_progress(modules) -> list:
     handles (`.remove()`); none where nobody reads progress (one process, no launcher)."""
     if not watching():
         return []
+    import torch
     from torch import nn
 
+    @torch.compiler.disable  # host clocks and files: under torch.compile the hook runs eagerly, not traced
     def on_block(_module, _inputs):
         progress()
 
