@@ -26,7 +26,7 @@ example: $(STAMP)
 # Two pytest workers: most tests start launchers and ranks, and a launch spends much of its time on one
 # core (imports, timeouts), so two overlap on a 2-core machine. `pytest tests/FILE.py` alone runs in one.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal --durations=10
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check stadi_xdit tests scripts

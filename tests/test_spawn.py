@@ -106,3 +106,20 @@ def test_rejects_local_functions():
 
     with pytest.raises(ValueError, match="module-level"):
         run_distributed(local, 2)
+
+
+def test_tagged_processes_match_the_whole_tag():
+    """The launcher tests find their processes by an environment tag; under pytest-xdist another test's
+    processes run beside them, and `exit` must not find `exit-early`'s."""
+    import os
+    import subprocess
+
+    from stadi_xdit.offline.processes import reap_leftovers, tagged_processes
+
+    proc = subprocess.Popen(["sleep", "30"], env={**os.environ, "STADI_TEST_TAG": "exit-early"})
+    try:
+        assert tagged_processes("STADI_TEST_TAG", "exit") == []
+        assert tagged_processes("STADI_TEST_TAG", "exit-early") == [proc.pid]
+    finally:
+        assert reap_leftovers("STADI_TEST_TAG", "exit-early", guard_seconds=0) == [proc.pid]
+        proc.wait()

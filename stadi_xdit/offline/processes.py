@@ -23,11 +23,13 @@ def ranks_denoising(tmp: str | os.PathLike, ranks: int = 2) -> bool:
 
 
 def tagged_processes(variable: str, tag: str) -> list[int]:
-    """Live (not zombie) processes whose environment holds `variable=tag`."""
+    """Live (not zombie) processes whose environment holds `variable=tag` exactly (tests run side by side
+    under pytest-xdist: tag `exit` must not match another test's `exit-early`)."""
+    entry = f"{variable}={tag}".encode()
     found = []
     for name in filter(str.isdigit, os.listdir("/proc")):
         try:
-            tagged = f"{variable}={tag}".encode() in Path(f"/proc/{name}/environ").read_bytes()
+            tagged = entry in Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
             if tagged and Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                 found.append(int(name))
         except OSError:
