@@ -42,6 +42,19 @@ def test_every_declaration_names_a_runtime_module_with_its_twins():
     assert all(case.rows % 2 == 1 and case.twin_class().__name__ == name for name, case in cases.items())
 
 
+def test_every_twin_declares_how_its_positions_reach_a_band():
+    """A twin's injection plan says where its positions come from (xdit/injection.py), so no family codes its
+    own holder of the band's range (tests/test_layering.py::test_a_bands_position_has_one_holder)."""
+    from stadi_xdit.registry import twins
+    from stadi_xdit.xdit.injection import PatchEmbedPositions, RopeSwap, SlicedPositions
+
+    kinds = {twin.__name__: type(twin.injection_plan.positions) for twin in twins().values()}
+    assert all(kind in (PatchEmbedPositions, SlicedPositions, RopeSwap) for kind in kinds.values()), kinds
+    sliced = [twin.injection_plan.positions.sliced_by for twin in twins().values()
+              if isinstance(twin.injection_plan.positions, SlicedPositions)]
+    assert all(sliced), "a SlicedPositions names the code that slices"
+
+
 def test_names_are_unique_across_families():
     runner_models = [hub.runner_model for spec in families() for hub in spec.hub_models]
     choices = [choice.pipeline for spec in families() for choice in spec.examples]
