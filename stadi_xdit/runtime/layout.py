@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -74,12 +75,13 @@ class BandView:
     def world_size(self) -> int:
         return self.layout.world_size
 
-    @property
+    # Read by every displaced attention layer in every forward: worked out once per view.
+    @functools.cached_property
     def token_range(self) -> tuple[int, int]:
         """[start, end) of this band among the image's (or clip's) tokens."""
         return self.layout.token_range(self.rank)
 
-    @property
+    @functools.cached_property
     def token_counts(self) -> tuple[int, ...]:
         return tuple(self.layout.token_counts())
 
