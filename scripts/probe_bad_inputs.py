@@ -38,7 +38,7 @@ TMP = tempfile.mkdtemp(prefix="stadi-probe-")
 EXAMPLE_FLAGS = [
     ["--ulysses_degree", "2"], ["--ring_degree", "2"], ["--pipefusion_parallel_degree", "2"],
     ["--tensor_parallel_degree", "2"], ["--data_parallel_degree", "2"], ["--use_fast_attn"],
-    ["--use_teacache"], ["--use_fbcache"], ["--cache_method", "teacache"], ["--use_torch_compile"],
+    ["--use_teacache"], ["--use_fbcache"], ["--cache_method", "teacache"],
     ["--use_onediff"],
     ["--stadi_speeds", "1,0.5,2"], ["--stadi_speeds", "1,-1"], ["--stadi_speeds", ","],
     ["--stadi_speeds", "1,nan"], ["--stadi_speeds", "a"], ["--stadi_emulate_slowdown", "1,x"],

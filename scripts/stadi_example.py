@@ -210,11 +210,16 @@ def run(engine_args: StadiArgs, example: ExampleChoice, save_latents: str | None
     # The toy model's images are its latents (its VAE is a random stand-in): decoded here instead.
     output_type = "latent" if save_latents or toy else input_config.output_type
 
+    call = {"height": input_config.height, "width": input_config.width, **inputs}
+    if engine_args.use_stadi and engine_args.use_torch_compile:
+        # As xDiT's runner: one untimed call compiles every code path first (and is not measured as speed).
+        with pipe.compile_warmup():
+            pipe(**call, num_inference_steps=pipe.compile_warmup_steps(input_config.num_inference_steps),
+                 output_type="latent", generator=torch.Generator(device="cpu").manual_seed(input_config.seed))
     dist.barrier()
     start = time.perf_counter()
-    output = pipe(height=input_config.height, width=input_config.width,
-                  num_inference_steps=input_config.num_inference_steps, output_type=output_type,
-                  generator=torch.Generator(device="cpu").manual_seed(input_config.seed), **inputs)
+    output = pipe(**call, num_inference_steps=input_config.num_inference_steps, output_type=output_type,
+                  generator=torch.Generator(device="cpu").manual_seed(input_config.seed))
     elapsed = time.perf_counter() - start
 
     if get_world_group().rank == 0:
@@ -249,7 +254,7 @@ def run(engine_args: StadiArgs, example: ExampleChoice, save_latents: str | None
 def _result_path(pipe, engine_args: StadiArgs) -> str:
     """results/<pipeline class>[_<STADI strategy>]_n<ranks>.png: runs of different strategies or rank counts
     never share a name; a run that replaces an earlier one says so."""
-    strategy = f"_{engine_args.stadi.strategy_label}" if engine_args.use_stadi else ""
+    strategy = f"_{engine_args.stadi.output_label(engine_args.use_torch_compile)}" if engine_args.use_stadi else ""
     path = f"results/{type(pipe).__name__}{strategy}_n{get_world_group().world_size}.png"
     if os.path.exists(path):  # the atomic save creates results/ itself
         print("replacing", path)

@@ -219,6 +219,11 @@ class StadiConfig:
         strategies into one folder never write the same file."""
         return f"stadi-{self.mode}" + ("-exact" if self.exact else "")
 
+    def output_label(self, torch_compile: bool) -> str:
+        """The strategy, then `_tc` with --use_torch_compile (as xDiT's names carry `tc_True`): compiled and eager
+        runs into one folder never share a name either."""
+        return self.strategy_label + ("_tc" if torch_compile else "")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -49,7 +49,7 @@ BAD_FLAGS = [
     (["--warmup_steps", "0"], "--warmup_steps"),
     (["--pipeline", "flux", "--use_cfg_parallel"], "--use_cfg_parallel"),
     (["--use_teacache"], "--use_teacache"),
-    (["--use_torch_compile"], "--use_torch_compile"),
+    (["--use_onediff"], "--use_onediff"),
     (["--stadi_profile_cache", "{tmp}"], "--stadi_profile_cache"),  # a directory
     (["--model", "no-such-model"], "--model"),
     (["--pipeline", "dalle"], "--pipeline"),
@@ -153,8 +153,11 @@ def _run_example_in(rank: int, world: int, folder: str, argv: list[str]) -> None
     _run_example(rank, world, argv)
 
 
-def test_saved_image_is_named_by_its_strategy(tmp_path):
+def test_saved_image_is_named_by_its_strategy_and_compile(tmp_path):
+    """With --use_torch_compile the example compiles in an untimed warmup call first, and the name says `_tc`."""
     argv = ["--pipeline", "pixart-alpha", "--model", "tiny", "--height", "112", "--width", "80",
-            "--num_inference_steps", "3", "--warmup_steps", "1", "--use_stadi", "--stadi_exact", "--stadi_speeds", "3,5"]
+            "--num_inference_steps", "3", "--warmup_steps", "1", "--use_stadi", "--stadi_exact", "--stadi_speeds", "3,5",
+            "--use_torch_compile"]
     run_distributed(_run_example_in, 2, str(tmp_path), argv, timeout=300)
-    assert [path.name for path in (tmp_path / "results").iterdir()] == ["StadiPixArtAlphaPipeline_stadi-full-exact_n2.png"]
+    assert [path.name for path in (tmp_path / "results").iterdir()] == [
+        "StadiPixArtAlphaPipeline_stadi-full-exact_tc_n2.png"]

@@ -203,11 +203,17 @@ heartbeat.phase("setup")
 def test_a_load_that_works_past_the_timeout_is_not_a_stall_and_a_silent_one_is(tmp_path, capsys):
     """While loading, the beat counts the rank's own CPU time and bytes read as progress (issue 36: a file
     read that makes progress is never killed for being slow); a rank asleep in load is still a stall."""
+    _check_work_is_progress(LOADING_RANK, "rank 0 stalled in load")
+
+
+def _check_work_is_progress(stand_in: str, stall_line: str) -> None:
+    """The stand-in rank `stand_in` run as `works` finishes unsupervised past a 1 s timeout; as `sleeps` it is
+    ended, named by `stall_line`."""
     for how in ("works", "sleeps"):
         supervisor = Supervisor(timeout=1.0)
         try:
             env = {**os.environ, **supervisor.env(), "RANK": "0"}
-            rank = subprocess.Popen([sys.executable, "-c", LOADING_RANK, how], env=env)
+            rank = subprocess.Popen([sys.executable, "-c", stand_in, how], env=env)
             supervisor.start()
             rank.wait(timeout=60)
             stalled = supervisor.culprit
@@ -216,4 +222,24 @@ def test_a_load_that_works_past_the_timeout_is_not_a_stall_and_a_silent_one_is(t
         if how == "works":
             assert stalled is None and rank.returncode == 0
         else:
-            assert stalled is not None and "rank 0 stalled in load" in stalled.line and rank.returncode != 0
+            assert stalled is not None and stall_line in stalled.line and rank.returncode != 0
+
+
+COMPILING_RANK = """
+import subprocess, sys, time
+from stadi_xdit.runtime import heartbeat
+heartbeat.start()
+heartbeat.phase("warmup step 0")
+heartbeat.count_process_work(True)  # torch.compile's start callback (stadi_xdit/runtime/compile.py)
+work = "end = time.monotonic() + 3.0\\nwhile time.monotonic() < end: sum(range(10000))"
+# Inductor compiles in worker processes while the rank waits for them: the work is a child's.
+subprocess.run([sys.executable, "-c", "import time\\n" + (work if sys.argv[1] == "works" else "time.sleep(3.0)")])
+heartbeat.count_process_work(False)
+heartbeat.phase("warmup step 1")
+"""
+
+
+def test_a_compile_that_works_past_the_timeout_is_not_a_stall_and_a_silent_one_is(capsys):
+    """While torch.compile compiles, the beat counts the CPU time of the rank and its compile workers (child
+    processes) as progress: no block starts for minutes, yet the rank works. A compile worker asleep is a stall."""
+    _check_work_is_progress(COMPILING_RANK, "rank 0 stalled in warmup step 0")

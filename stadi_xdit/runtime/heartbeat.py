@@ -15,7 +15,8 @@ may already have exited or may wait in a gloo call with a 30-minute default. So 
 * work reports progress (`progress()`): every block of the pipeline's models (transformer blocks,
   VAE decoder blocks, text-encoder layers) reports as it starts (`watch_progress`), and so does a
   phase change; while loading (`PROCESS_WORK_PHASES`) the beat also counts the process's CPU time and
-  bytes read; the beat carries the time of the last progress;
+  bytes read, and while torch.compile compiles, the CPU time of the process and of its compile workers
+  (`count_process_work`); the beat carries the time of the last progress;
 * the launcher's supervisor (`stadi_xdit.supervisor`) ends the launch when a rank's beat is older
   than the timeout (a stopped or wedged process) or it has made no progress for longer than the
   timeout (a live stall: a lock, a hung read), naming that rank and phase in one line. A rank that
@@ -130,29 +131,98 @@ def start() -> None:
 PROCESS_WORK_PHASES = ("load",)
 _MIN_CPU_SHARE = 0.05  # of the beat interval
 _MIN_READ_BYTES = 1 << 16  # reading /proc/self/io itself reads a few hundred bytes each beat
+# Set while torch.compile compiles (`runtime/compile.py`): inside a block's first forward no block starts for
+# minutes, while this process and inductor's compile workers (its child processes) work.
+_compiling = [False]
+_work_thread: threading.Thread | None = None
 
 
-def _process_work() -> tuple[float, int]:
-    """(CPU seconds of this process, bytes it has read), from os.times and /proc/self/io (0 without it)."""
+def _process_work(descendants: bool = False) -> tuple[float, int]:
+    """(CPU seconds of this process and its finished children, plus its live descendants' with `descendants`,
+    bytes it has read), from os.times, /proc/<pid>/stat and /proc/self/io (0 where there is no /proc)."""
     times = os.times()
     try:
         with open("/proc/self/io") as handle:
             read = next((int(line.split()[1]) for line in handle if line.startswith("rchar:")), 0)
     except (OSError, ValueError, IndexError):
         read = 0
-    return times.user + times.system, read
+    own = times.user + times.system + times.children_user + times.children_system
+    return own + (_descendants_cpu_seconds() if descendants else 0.0), read
+
+
+def _descendants_cpu_seconds() -> float:
+    """CPU seconds of this process's live descendants (inductor's compile workers), 0 without /proc."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return 0.0
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                fields = handle.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+            pid, parent = int(name), int(fields[1])
+            ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(pid)
+    total, pending = 0, list(children.get(os.getpid(), ()))
+    while pending:
+        pid = pending.pop()
+        total += ticks.get(pid, 0)
+        pending.extend(children.get(pid, ()))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _counts_process_work() -> bool:
+    return _state["phase"] in PROCESS_WORK_PHASES or _compiling[0]
+
+
+class _WorkMeter:
+    """Whether the process worked (CPU time or bytes read) since the last look."""
+
+    def __init__(self) -> None:
+        self.cpu, self.read = _process_work()
+
+    def worked(self, interval: float) -> bool:
+        cpu, read = _process_work(descendants=_compiling[0])
+        worked = cpu - self.cpu > _MIN_CPU_SHARE * interval or read - self.read > _MIN_READ_BYTES
+        self.cpu, self.read = cpu, read
+        return worked
 
 
 def _beat(folder: str, interval: float) -> None:
-    cpu, read = _process_work()
+    meter = _WorkMeter()
     while True:
         time.sleep(interval)
-        now_cpu, now_read = _process_work()
-        if _state["phase"] in PROCESS_WORK_PHASES and (now_cpu - cpu > _MIN_CPU_SHARE * interval
-                                                       or now_read - read > _MIN_READ_BYTES):
-            _last_progress[0] = time.time()  # no listeners from this thread: the store is the main thread's
-        cpu, read = now_cpu, now_read
+        if meter.worked(interval) and _counts_process_work():
+            if _compiling[0]:
+                progress()  # peers wait for a compiling rank at its first exchange: they hear of its work too
+            else:
+                _last_progress[0] = time.time()  # loading: no peer listens yet
         _write(folder)
+
+
+def count_process_work(on: bool) -> None:
+    """torch.compile starts (True) or ends (False) compiling: meanwhile this process's work is progress, for the
+    launcher and for peers waiting for this rank. Without the launcher's beat a small thread watches the work."""
+    global _work_thread
+    _compiling[0] = on
+    if on and _thread is None and _listeners and _work_thread is None:
+        _work_thread = threading.Thread(target=_watch_work, name="stadi-work-watch", daemon=True)
+        _work_thread.start()
+
+
+def _watch_work() -> None:
+    interval = min(MAX_BEAT_SECONDS, _post_interval[0])
+    meter = _WorkMeter()
+    while True:
+        time.sleep(interval)
+        if meter.worked(interval) and _compiling[0]:
+            progress()
 
 
 def _write(folder: str) -> None:
@@ -231,9 +301,11 @@ def watch_progress(modules) -> list:
     import torch
     from torch import nn
 
-    @torch.compiler.disable  # host clocks and files: under torch.compile the hook runs eagerly, not traced
     def on_block(_module, _inputs):
-        progress()
+        # Inside a compiled region (a compiled block's own layers) the hook traces to nothing: no graph break
+        # per layer; the block's own hook, around its compiled forward, has reported progress.
+        if not torch.compiler.is_compiling():
+            progress()
 
     handles = []
     for module in modules:

@@ -31,7 +31,7 @@ from stadi_xdit.runtime.profile_cache import check_cache_path
 from stadi_xdit.topology import Topology
 
 # xDiT features STADI does not run under its own loop yet: refused instead of silently dropped.
-UNSUPPORTED_FEATURES = ("use_fast_attn", "use_torch_compile", "use_onediff", "use_teacache", "use_fbcache",
+UNSUPPORTED_FEATURES = ("use_fast_attn", "use_onediff", "use_teacache", "use_fbcache",
                         "use_cache", "use_fp8_comms", "use_hybrid_attn_schedule", "use_fsdp")
 
 

@@ -8,8 +8,10 @@ injection instead of xDiT's wrappers) and `__call__` (warmup, profile, plan, per
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +26,7 @@ from stadi_xdit.planner.calls import CallMemory
 from stadi_xdit.runtime import heartbeat
 from stadi_xdit.runtime.adaptive import executed_evals
 from stadi_xdit.runtime.comm import BandComm
+from stadi_xdit.runtime.compile import CompiledBlocks, compile_blocks, compiled_graphs
 from stadi_xdit.runtime.faults import PeerWatch
 from stadi_xdit.runtime.groups import StadiGroups
 from stadi_xdit.runtime.kv import DisplacedKVStore
@@ -112,6 +115,8 @@ class StadiPipelineMixin:
         # sharding it here as well would hand the runner an already sharded decoder, which it refuses.
         self.served_by_runner = bool(getattr(engine_config, "served_by_runner", False))
         self.injection = None
+        self.compiled: CompiledBlocks | None = None  # --use_torch_compile: the blocks compiled
+        self._compiling_call = False  # inside `compile_warmup()`
         self.last_result: DenoiseResult | None = None
         # --stadi_replan calls/sync: per (height, width), the evidence of the last calls of that size
         # (runtime/adaptive.CallMemory); the next call warms up and plans from it.
@@ -147,9 +152,36 @@ class StadiPipelineMixin:
         self.groups = StadiGroups(band=_bounded_comm(dp, timeout), cfg=_bounded_comm(cfg, timeout))
         self.kv_store = DisplacedKVStore(self.groups.band)
 
-    def _convert_transformer_backbone(self, transformer, **kwargs):
+    def _convert_transformer_backbone(self, transformer, *, enable_torch_compile: bool = False, **kwargs):
         self.injection = apply_injection(transformer, self.injection_plan, self.kv_store, self._stadi_runtime_state)
+        # Under xDiT's runner its `_compile_model` compiles, later, in the mode that model picks.
+        if enable_torch_compile and not self.served_by_runner:
+            self.compiled = compile_blocks(transformer)
         return transformer
+
+    def compile_transformer(self, mode: str | None = None) -> None:
+        """--use_torch_compile: each transformer block's forward compiled (`runtime/compile.py`), in xDiT's `mode`."""
+        if self.compiled is None:
+            self.compiled = compile_blocks(self.module.transformer, mode)
+
+    def compile_warmup_steps(self, num_steps: int) -> int:
+        """Steps of a compile warmup call: STADI's warmup, then enough displaced steps that every rank computes
+        one (a stride is at most --stadi_max_stride), so every code path is compiled before the timed calls."""
+        warmup = self._warmup_steps(num_steps)
+        return min(num_steps, warmup + (1 if self.stadi_config.exact else self.stadi_config.max_stride))
+
+    @contextlib.contextmanager
+    def compile_warmup(self):
+        """A call that compiles: its forwards do not measure this rank's speed, so the call is neither
+        remembered for the next call nor written to the profile cache. Logs the compile time and graphs."""
+        graphs, start = compiled_graphs(), time.perf_counter()
+        self._compiling_call = True
+        try:
+            yield
+        finally:
+            self._compiling_call = False
+        logger.info("STADI torch.compile warmup: %.1f s, %d graphs compiled (mode %s, dynamic token counts)",
+                    time.perf_counter() - start, compiled_graphs() - graphs, self.compiled and self.compiled.mode)
 
     def _convert_vae(self, vae):
         return vae if self.served_by_runner else super()._convert_vae(vae)
@@ -175,6 +207,9 @@ class StadiPipelineMixin:
 
     def remove_stadi(self) -> None:
         """Give the transformer back exactly as it was before wrapping."""
+        if self.compiled is not None:
+            self.compiled.remove()
+            self.compiled = None
         if self.injection is not None:
             self.injection.remove()
             self.injection = None
@@ -242,7 +277,9 @@ class StadiPipelineMixin:
     def _remember(self, key: str | None, size: tuple[int, int], result: DenoiseResult) -> None:
         """--stadi_replan calls/sync keep the call's memory for the next call of this size; the profile
         cache keeps the plan's speeds and the memory for later launches. A storage error only warns
-        (inside `store`): the finished run's output is not lost."""
+        (inside `store`): the finished run's output is not lost. A compile warmup call measured compiling."""
+        if self._compiling_call:
+            return
         if result.memory is not None and self.stadi_config.replan != "off":
             self._call_memory[size] = result.memory
         if (self.stadi_config.profile_cache and key is not None and result.measured_speeds

@@ -129,10 +129,10 @@ def stadi_runner_model(model_cls: type, model_name: str | None = None) -> type:
 
 
 def stadi_output_name(model: Any, input_args: dict[str, Any]) -> str:
-    """The runner's output name for a STADI run: the strategy, its mode and the process count where xDiT's
-    `get_output_name` has `u<ulysses>r<ring>_tc_<compile>` (always `u1r1_tc_False` under STADI), so a
-    STADI run and a plain run into one --output_directory never write the same file."""
-    strategy = model.config.stadi.strategy_label
+    """The runner's output name for a STADI run: the strategy, its mode, `_tc` with --use_torch_compile and the
+    process count where xDiT's `get_output_name` has `u<ulysses>r<ring>_tc_<compile>`, so a STADI run and a
+    plain run into one --output_directory never write the same file."""
+    strategy = model.config.stadi.output_label(model.config.use_torch_compile)
     ranks = model.config.topology.world_size  # the launch `validate` checked the flags against
     name = f"{model.settings.output_name}_{strategy}_n{ranks}_{input_args['height']}x{input_args['width']}"
     return f"{name}_{model.config.task}" if model.config.task else name
@@ -202,8 +202,22 @@ def _stadi_form(model_cls: type) -> type:
         heartbeat.phase("setup")  # xDiT's runtime state and model-parallel groups, then the run
         return pipe
 
+    def _compile_model(self, input_args):
+        # xDiT compiles the transformer (its blocks under caching) and runs a short warmup call. Under STADI the
+        # twin compiles each block's forward, in the mode this model picks (without CUDA graphs), and the warmup
+        # call runs STADI's warmup and displaced steps, so the timed calls compile nothing; it is not measured
+        # as this rank's speed. No compute/comm overlap passes: no collective runs inside a compiled graph.
+        import copy
+
+        self.pipe.compile_transformer(self._get_compile_mode())
+        compile_args = copy.deepcopy(input_args)
+        compile_args["num_inference_steps"] = self.pipe.compile_warmup_steps(input_args["num_inference_steps"])
+        with self.pipe.compile_warmup():
+            self._run_compile_warmup(compile_args)
+
     return type(f"Stadi{model_cls.__name__}", (model_cls,), {
         "__module__": __name__, "__doc__": f"{model_cls.__name__} under STADI (pipeline wrapped into its twin).",
         "capabilities": capabilities, "initialize": initialize, "_load_model": _load_model,
+        "_compile_model": _compile_model,
         "get_output_name": stadi_output_name, "save_output": save_runner_output, "save_timings": save_runner_timings,
         "__stadi_runner_model__": True})
