@@ -167,3 +167,36 @@ def test_simulate_assumes_a_stated_link_not_a_free_exchange(gpus, link, gbytes, 
     assert main(["--simulate", "--gpus", gpus, "--preset", "flux-dev-1024", "--no-measure", "--link-gbps", "10",
                  "--out", str(tmp_path)]) == 0
     assert "over 10 GB/s (given, --link-gbps)" in capsys.readouterr().out
+
+
+def test_compiled_arms_report_their_compile_and_compare_with_compiled_arms():
+    """`+compile` arms (asked for by name): the compile warmup and the graphs compiled after it, the speedup over
+    the same arm eager, and the issue's targets: nothing compiled in timed calls, full+compile >= 1.7x
+    uniform+compile."""
+    from stadi_xdit.bench.report import _compile_details, checks, suffix
+    from stadi_xdit.bench.runner import ArmOutcome
+
+    assert not any(ARMS[name].compiled for name in DEFAULT_ARMS)
+    assert [ARMS[name].eager for name in ("single+compile", "full+compile", "full")] == ["single", "full", "full"]
+    assert (suffix("uniform+compile"), suffix("uniform")) == ("+compile", "")
+    outcome = ArmOutcome("full+compile", "STADI full, compiled")
+    outcome.runs = [{"latency": latency, "ranks": [{"compile": {"warmup_seconds": warm, "warmup_graphs": 7,
+                                                                "graphs": 9, "recompiles": recompiles}}
+                                                   for warm, recompiles in ((30.0, 0), (31.0, extra))]}
+                    for latency, extra in ((2.0, 0), (2.2, 1))]
+    details = _compile_details(outcome, eager_median=3.15)
+    assert details == {"warmup_seconds": 31.0, "warmup_graphs": 7, "recompiles": 1, "speedup_vs_eager": 1.5}
+
+    def summary(medians: dict, recompiles: int = 0) -> dict:
+        arms = {name: {"median_seconds": m, "label": name, "latencies": [m],
+                       "compile": {"recompiles": recompiles} if ARMS[name].compiled else None}
+                for name, m in medians.items()}
+        return {"kind": "slowdown", "varying": False, "arms": arms, "best_xdit": None, "fast_rank": 0}
+
+    results = {c["target"]: c["status"] for c in checks(summary({"uniform+compile": 9.0, "full+compile": 5.0}), None)}
+    assert results["full+compile >= 1.7x uniform+compile"] == "PASS"
+    assert results["full+compile: nothing compiled in timed calls"] == "PASS"
+    results = {c["target"]: c["status"] for c in checks(summary({"uniform+compile": 8.0, "full+compile": 5.0}, 2),
+                                                          None)}
+    assert results["full+compile >= 1.7x uniform+compile"] == "MISS"
+    assert results["uniform+compile: nothing compiled in timed calls"] == "MISS"

@@ -172,6 +172,10 @@ def _build(setup: dict, rank: int, world: int):
         torch.cuda.set_device(rank)
         base = base.to(f"cuda:{rank}", dtype)
     if arm.kind == "single":
+        if arm.compiled:
+            from stadi_xdit.runtime.compile import compile_blocks
+
+            compile_blocks(base.transformer)
         return (_FramesAsImages(base) if preset.video else base), base.transformer
     common = {"model": preset.name, "height": setup["height"], "width": preset.width(setup["height"]),
                   "num_inference_steps": setup["steps"], "warmup_steps": setup["warmup"]}
@@ -184,7 +188,7 @@ def _build(setup: dict, rank: int, world: int):
         args = StadiArgs(use_stadi=True, stadi_mode=arm.mode or arm.name, stadi_replan=arm.replan,
                          stadi_emulate_slowdown=setup["emulate"], stadi_emulate_shift=setup.get("emulate_shift"),
                          stadi_max_stride=setup["max_stride"], stadi_profile_cache=setup["profile_cache"],
-                         stadi_kv_dtype=setup.get("kv_dtype") or "auto", **common)
+                         stadi_kv_dtype=setup.get("kv_dtype") or "auto", use_torch_compile=arm.compiled, **common)
         cls = _stadi_pipeline_class(preset)
         args.stadi_pipeline_class = cls  # checks follow the family (a Wan clip's rows, not the frame's)
     else:
@@ -265,14 +269,41 @@ def _timeline_dict(result, run_start: float) -> dict:
     }
 
 
-def _run_once(setup: dict, pipe, timer: ArmForwardHooks, world: int, is_stadi: bool, rank: int, conn) -> dict:
-    import torch.distributed as dist
-
+def _call_kwargs(setup: dict, rank: int, steps: int) -> dict:
     from stadi_xdit.bench.presets import call_kwargs
 
     preset = get_preset(setup["preset"], num_frames=setup.get("num_frames"))
     device = f"cuda:{rank}" if setup["device"] == "cuda" else "cpu"
-    kwargs = call_kwargs(preset, setup["height"], setup["steps"], setup["seed"], device, getattr(torch, setup["dtype"]))
+    return call_kwargs(preset, setup["height"], steps, setup["seed"], device, getattr(torch, setup["dtype"]))
+
+
+def compile_warmup(setup: dict, pipe, world: int, is_stadi: bool, rank: int) -> dict:
+    """A compiled arm's untimed first call, as xDiT's runner makes it before timing: it compiles. STADI runs its
+    own (`compile_warmup`: warmup and displaced steps, not remembered as speed); the single rank the whole call.
+    Returns its seconds and the graphs dynamo compiled in it."""
+    import torch.distributed as dist
+
+    from stadi_xdit.runtime.compile import compiled_graphs
+
+    if world > 1:
+        dist.barrier()
+    graphs, start = compiled_graphs(), time.perf_counter()
+    if is_stadi:
+        with pipe.compile_warmup():
+            pipe(**_call_kwargs(setup, rank, pipe.compile_warmup_steps(setup["steps"])))
+    else:
+        pipe(**_call_kwargs(setup, rank, setup["steps"]))
+    if setup["device"] == "cuda":
+        torch.cuda.synchronize()
+    return {"warmup_seconds": time.perf_counter() - start, "warmup_graphs": compiled_graphs() - graphs,
+            "graphs": compiled_graphs()}
+
+
+def _run_once(setup: dict, pipe, timer: ArmForwardHooks, world: int, is_stadi: bool, rank: int, conn,
+              compiled: dict | None = None) -> dict:
+    import torch.distributed as dist
+
+    kwargs = _call_kwargs(setup, rank, setup["steps"])
     timer.reset()
     if world > 1:
         dist.barrier()
@@ -300,6 +331,11 @@ def _run_once(setup: dict, pipe, timer: ArmForwardHooks, world: int, is_stadi: b
     if is_stadi:
         result["stadi"] = _timeline_dict(pipe.last_result, start)
         result["stadi"]["peak_memory_bytes"] = peak
+    if compiled is not None:
+        from stadi_xdit.runtime.compile import compiled_graphs
+
+        # Graphs compiled since the compile warmup: recompiles in the timed calls (none expected).
+        result["compile"] = {**compiled, "recompiles": compiled_graphs() - compiled["graphs"]}
     return result
 
 
@@ -319,13 +355,15 @@ def arm_worker(rank: int, world: int, setup: dict, address, authkey: bytes) -> N
         # STADI emulates by itself (its steps are timed net of waits); the other arms through the hook.
         schedule = tuple(setup["factors"][rank]) if arm.kind != "stadi" else (1.0, 1.0, None)
         timer = ArmForwardHooks(transformer, schedule, cuda=setup["device"] == "cuda")
+        compiled = compile_warmup(setup, pipe, world, arm.kind == "stadi", rank) if arm.compiled else None
         conn = Client(address, authkey=authkey)
         conn.send(("ready", rank, {"pid": os.getpid(), "core": core}))
         while True:
             command = conn.recv()
             if command == "stop":
                 break
-            conn.send(("result", rank, _run_once(setup, pipe, timer, world, arm.kind == "stadi", rank, conn)))
+            conn.send(("result", rank, _run_once(setup, pipe, timer, world, arm.kind == "stadi", rank, conn,
+                                                 compiled)))
     except BaseException:
         if conn is not None:
             try:

@@ -18,9 +18,18 @@ class Arm:
     title: str  # for tables and plots; "{n}" becomes the world size
     mode: str | None = None  # STADI arms: --stadi_mode (default: the arm's name)
     replan: str = "off"  # STADI arms: --stadi_replan
+    compiled: bool = False  # --use_torch_compile: each transformer block compiled, as STADI compiles them
 
     def label(self, world: int) -> str:
         return self.title.format(n=world)
+
+    @property
+    def eager(self) -> str:
+        """The same arm uncompiled (its own name for an eager arm): what a compiled arm's speedup is against."""
+        return self.name.removesuffix(COMPILED)
+
+
+COMPILED = "+compile"
 
 
 ARMS: dict[str, Arm] = {
@@ -36,11 +45,15 @@ ARMS: dict[str, Arm] = {
         # Adaptive STADI (--stadi_replan): measured against `full` (replan off) under changing load.
         Arm("full-calls", "stadi", "STADI full, replan calls", mode="full", replan="calls"),
         Arm("full-sync", "stadi", "STADI full, replan sync", mode="full", replan="sync"),
+        # torch.compile (issue 24): each compared with its eager arm, and with the other compiled arms.
+        Arm("single+compile", "single", "single rank, compiled", compiled=True),
+        Arm("uniform+compile", "stadi", "STADI uniform, compiled", mode="uniform", compiled=True),
+        Arm("full+compile", "stadi", "STADI full, compiled", mode="full", compiled=True),
     )
 }
 ARM_ORDER = tuple(ARMS)
-# What runs without --arms: everything but the adaptive variants (ask for those by name).
-DEFAULT_ARMS = tuple(name for name in ARM_ORDER if ARMS[name].replan == "off")
+# What runs without --arms: everything but the adaptive and compiled variants (ask for those by name).
+DEFAULT_ARMS = tuple(name for name in ARM_ORDER if ARMS[name].replan == "off" and not ARMS[name].compiled)
 XDIT_ARMS = ("ulysses", "ring", "pipefusion")
 
 

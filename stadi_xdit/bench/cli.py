@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default slowdown:1,2)")
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                         help=f"comma-separated subset of {','.join(ARM_ORDER)} (default: all but the "
-                             "adaptive full-calls and full-sync)")
+                             "adaptive full-calls and full-sync and the +compile arms)")
     parser.add_argument("--cores", default=None,
                         help="core of rank i, comma-separated (default: the allowed cores, in order)")
     parser.add_argument("--order", choices=("interleaved", "blocked"), default="interleaved",

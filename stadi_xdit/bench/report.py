@@ -7,7 +7,7 @@ import statistics
 
 import torch
 
-from stadi_xdit.bench.catalog import ARMS, XDIT_ARMS
+from stadi_xdit.bench.catalog import ARMS, COMPILED, XDIT_ARMS
 from stadi_xdit.bench.metrics import psnr, ssim
 from stadi_xdit.bench.runner import ArmOutcome, BenchSettings
 from stadi_xdit.bench.scenarios import Scenario
@@ -187,9 +187,11 @@ def summarize(settings: BenchSettings, scenario: Scenario, outcomes: dict[str, A
             "latencies": outcome.latencies,
             "warmup_call_seconds": outcome.warmup_latency,
             "reference_call_seconds": outcome.reference_latency,
-            "speedup_vs_uniform": _ratio(medians.get("uniform"), median),
+            # A compiled arm against the compiled uniform and single arms; its eager arm gives the compile speedup.
+            "speedup_vs_uniform": _ratio(medians.get(f"uniform{suffix(name)}"), median),
             "speedup_vs_best_xdit": _ratio(medians.get(best_xdit), median) if best_xdit else None,
-            "speedup_vs_single": _ratio(medians.get("single"), median),
+            "speedup_vs_single": _ratio(medians.get(f"single{suffix(name)}"), median),
+            "compile": _compile_details(outcome, medians.get(ARMS[name].eager)) if ARMS[name].compiled else None,
             "busy_fraction": busy,
             "peak_memory_bytes": peak,
             "emulated_seconds": ([_median([run["ranks"][r]["emulated"] for run in outcome.runs])
@@ -210,6 +212,23 @@ def summarize(settings: BenchSettings, scenario: Scenario, outcomes: dict[str, A
                               if run.get("load_switches")],
             "loads": {str(k): v for k, v in scenario.loads.items()}, "fast_rank": fast_rank,
             "single_noise_rate": noise_rate, "best_xdit": best_xdit, "arms": arms}
+
+
+def suffix(arm_name: str) -> str:
+    """`+compile` for a compiled arm, else nothing: the suffix of the arms it is compared with."""
+    return COMPILED if ARMS[arm_name].compiled else ""
+
+
+def _compile_details(outcome: ArmOutcome, eager_median: float | None) -> dict | None:
+    """A compiled arm: its compile warmup (the slowest rank's seconds, the graphs it compiled), graphs compiled
+    in the timed calls after it (recompiles), and its speedup over the same arm eager (None without it)."""
+    reports = [rank["compile"] for run in outcome.runs for rank in run["ranks"] if rank.get("compile")]
+    if not reports:
+        return None
+    return {"warmup_seconds": max(r["warmup_seconds"] for r in reports),
+            "warmup_graphs": max(r["warmup_graphs"] for r in reports),
+            "recompiles": max(r["recompiles"] for r in reports),
+            "speedup_vs_eager": _ratio(eager_median, outcome.median)}
 
 
 def _peak(rank: dict) -> float | None:
@@ -254,6 +273,7 @@ def checks(summary: dict, settings: BenchSettings | None) -> list[dict]:
         out.append({"target": name, "status": status, "value": value, "bound": bound, "detail": detail})
 
     _adaptive_checks(summary, med, add)
+    _compile_checks(summary, med, add)
     if summary["varying"]:
         return out
     if summary["kind"] == "none":
@@ -285,6 +305,23 @@ def checks(summary: dict, settings: BenchSettings | None) -> list[dict]:
         f"{_fmt(exchange)} s (transition+gather) + {_fmt(in_step)} s (K/V exchange inside steps, fast rank) "
         f"vs spatial {_fmt(spatial.get('median_seconds'))} s -> {_fmt(value, 3)} of the bound (>= 0.90)")
     return out
+
+
+def _compile_checks(summary: dict, med, add) -> None:
+    """Issue 24's targets for torch.compile: no graph compiled after the compile warmup, and under a steady
+    imbalance the compiled STADI arm keeps eager STADI's ratio over uniform (>= 1.7x)."""
+    arms = summary["arms"]
+    for name, arm in arms.items():
+        if arm.get("compile"):
+            recompiles = arm["compile"]["recompiles"]
+            add(f"{name}: nothing compiled in timed calls", recompiles, 0, lambda v: v == 0,
+                f"{recompiles} graph(s) compiled after the compile warmup (0)")
+    if summary["varying"] or summary["kind"] == "none" or "full+compile" not in arms or "uniform+compile" not in arms:
+        return
+    value = _ratio(med("uniform+compile"), med("full+compile"))
+    add("full+compile >= 1.7x uniform+compile", value, 1.7, lambda v: v >= 1.7,
+        f"uniform+compile {_fmt(med('uniform+compile'))} s / full+compile {_fmt(med('full+compile'))} s = "
+        f"{_fmt(value, 2)}x (>= 1.7x)")
 
 
 def _adaptive_checks(summary: dict, med, add) -> None:
@@ -338,6 +375,13 @@ def _fmt(value, digits: int = 3) -> str:
 # ------------------------------------------------------------------------------------------ tables
 
 
+def _compile_line(arm: dict) -> str:
+    compiled = arm["compile"]
+    return (f"  {arm['label']}: torch.compile warmup {_fmt(compiled['warmup_seconds'], 1)} s ({compiled['warmup_graphs']} "
+            f"graphs), {compiled['recompiles']} graphs compiled in the timed calls, "
+            f"{_fmt(compiled['speedup_vs_eager'], 2)}x its eager arm; 'vs unif' and 'vs single' against the compiled arms")
+
+
 def format_table(summary: dict, settings: BenchSettings) -> str:
     p = settings.preset
     head = (f"scenario {summary['scenario']}: preset {p.name} {p.shape_label(settings.height)}, {settings.steps} steps "
@@ -386,6 +430,7 @@ def format_table(summary: dict, settings: BenchSettings) -> str:
                          f"{stadi['collectives_per_sync_point']} (bound {stadi['collectives_bound']}), "
                          f"{_mb(first.get('bytes_received_per_sync_point'))} received per sync point; "
                          f"K/V store {'/'.join(_mb(b) for b in stadi['kv_store_bytes'])} per rank")
+    lines.extend(_compile_line(arm) for arm in summary["arms"].values() if arm.get("compile"))
     for arm in summary["arms"].values():
         if arm.get("per_call"):
             lines.append(f"  {arm['label']}, every call (cost model per rank: fixed ms + ms/row, noise, samples):")

@@ -112,7 +112,7 @@ def _collect(arm_name: str, per_rank: list[dict]) -> dict:
                  "hook_compute": sum(c for _, _, c, _ in forwards),
                  "emulated": sum(slept for *_, slept in forwards),
                  "forward_spans": [[s, e, c, slept] for s, e, c, slept in forwards],
-                 "peak_memory_bytes": r.get("peak_memory_bytes")}
+                 "peak_memory_bytes": r.get("peak_memory_bytes"), "compile": r.get("compile")}
         stadi = r.get("stadi")
         if stadi is not None:
             entry["stadi"] = stadi
