@@ -200,7 +200,9 @@ def _beat(folder: str, interval: float) -> None:
         time.sleep(interval)
         if meter.worked(interval) and _counts_process_work():
             if _compiling[0]:
-                progress()  # peers wait for a compiling rank at its first exchange: they hear of its work too
+                # Peers wait for a compiling rank at its first exchange: they hear of its work too (the
+                # rendezvous store's client serializes its operations, so this thread may post).
+                progress()
             else:
                 _last_progress[0] = time.time()  # loading: no peer listens yet
         _write(folder)
