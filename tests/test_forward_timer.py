@@ -190,3 +190,18 @@ def test_the_loop_runs_on_the_event_timer_as_on_the_host_timer(tiny_pixart):
             assert 2 <= adaptive["syncs"] < adaptive["evals"], adaptive
         else:  # each emulated sleep is sized by its own forward, read at once
             assert adaptive["syncs"] >= adaptive["evals"], adaptive
+
+
+def test_only_the_timed_group_brackets_its_cuda_waits_with_events(monkeypatch):
+    """On CUDA the band group's waits are bracketed by events that the forward timer takes; the CFG pair's group
+    (`times_device_waits=False`) records none, so no event piles up unread over a run (it did, one pair per wait)."""
+    from stadi_xdit.runtime.comm import BandComm
+
+    clock = DeviceClock()
+    made = []
+    monkeypatch.setattr(torch.cuda, "Event", lambda **_: made.append(clock.event()) or made[-1])
+    band, cfg = BandComm(None, 0, 2), BandComm(None, 0, 2, times_device_waits=False)
+    for _ in range(3):
+        assert band._timed(True, lambda: "waited") == cfg._timed(True, lambda: "waited") == "waited"
+    assert len(band.take_device_waits()) == 3 and band.take_device_waits() == []
+    assert cfg.take_device_waits() == [] and len(made) == 6  # the band group's 3 pairs, none for the CFG pair

@@ -39,6 +39,8 @@ def _run_cfg_parallel(rank: int, world: int, size: int, steps: int, runs: list[d
             "cfg": (get_cfg_group().rank_in_group, get_cfg_group().world_size, tuple(get_cfg_group().ranks)),
             "cfg_degree": engine_config.parallel_config.cfg_degree,
             "dp_degree": engine_config.parallel_config.dp_degree,
+            # CUDA wait events: the band group's for the forward timer, none for the CFG pair (nobody reads them)
+            "device_waits_timed": (pipe.groups.band.times_device_waits, pipe.groups.cfg.times_device_waits),
         })
     return results
 
@@ -61,6 +63,7 @@ def test_cfg_parallel_exact_and_stale(tiny_pixart):
     assert len(pairs) == 2 and all(len(p) == 2 for p in pairs), pairs  # CFG pairs across groups
     for rank, per_run in enumerate(results):
         assert per_run[0]["cfg_degree"] == 2 and per_run[0]["dp_degree"] == 2
+        assert per_run[0]["device_waits_timed"] == (True, False)
         # one branch per rank: the transformer runs on batch 1, never the batched pair
         assert per_run[0]["batch_sizes"] == [1]
         exact = per_run[0]

@@ -98,6 +98,9 @@ class BandComm:
     watch: PeerWatch | None = None
     # Collectives this rank has launched (each broadcast or all-gather counts one).
     collectives: int = 0
+    # On CUDA, bracket each wait with events for the forward timer (`take_device_waits`). Only the group whose
+    # waits the timer takes out of a forward's cost does; elsewhere the events would pile up unread.
+    times_device_waits: bool = True
     _host_wait: float = field(default=0.0, repr=False)
     _cuda_waits: list = field(default_factory=list, repr=False)
 
@@ -130,7 +133,7 @@ class BandComm:
 
     def _timed(self, cuda: bool, wait: Callable[[], object]) -> object:
         """Run a bounded wait and add the time it blocks this rank to `wait_seconds`."""
-        if cuda:
+        if cuda and self.times_device_waits:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             result = self._guarded(wait)

@@ -55,12 +55,12 @@ def hardware_identity() -> str:
     return f"{socket.gethostname()}/cpu{'+'.join(spans) or '?'}"
 
 
-def _bounded_comm(group, timeout_seconds: float) -> BandComm:
+def _bounded_comm(group, timeout_seconds: float, *, times_device_waits: bool = True) -> BandComm:
     """STADI's collectives over one xDiT group: bounded waits, and a failed peer named by rank."""
     watch = PeerWatch(list(group.ranks), group.rank_in_group, timeout_seconds,
                       rewaits=torch.distributed.get_backend(group.device_group) == "gloo")
     return BandComm(group.device_group, group.rank_in_group, group.world_size,
-                    timedelta(seconds=timeout_seconds), watch=watch)
+                    timedelta(seconds=timeout_seconds), watch=watch, times_device_waits=times_device_waits)
 
 
 def stadi_config_of(engine_config: Any) -> StadiConfig:
@@ -149,7 +149,10 @@ class StadiPipelineMixin:
         self.topology.check_groups(dp.world_size, cfg.world_size)
         self.stadi_config.check_world(self.topology.stadi_degree)
         timeout = self.stadi_config.timeout_seconds
-        self.groups = StadiGroups(band=_bounded_comm(dp, timeout), cfg=_bounded_comm(cfg, timeout))
+        # The forward timer takes the band group's waits out of a forward's cost; the CFG pair's stay in it (the
+        # two branches of a band move in lockstep and plan alike), so its group keeps no CUDA wait events.
+        self.groups = StadiGroups(band=_bounded_comm(dp, timeout),
+                                  cfg=_bounded_comm(cfg, timeout, times_device_waits=False))
         self.kv_store = DisplacedKVStore(self.groups.band)
 
     def _convert_transformer_backbone(self, transformer, *, enable_torch_compile: bool = False, **kwargs):
