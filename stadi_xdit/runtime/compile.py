@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.experimental import _config as fx_config
 
 from stadi_xdit.runtime import heartbeat
 
@@ -94,8 +95,13 @@ class _CompiledForward:
         self.compiled = torch.compile(forward, mode=mode, dynamic=True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
+        # Plain writes, not the config's `patch()`: this runs on every block's forward (5 us against 30 us).
+        duck = fx_config.use_duck_shape
+        fx_config.use_duck_shape = False
+        try:
             return self.compiled(*args, **kwargs)
+        finally:
+            fx_config.use_duck_shape = duck
 
 
 def compiled_graphs() -> int:
