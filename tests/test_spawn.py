@@ -123,3 +123,18 @@ def test_tagged_processes_match_the_whole_tag():
     finally:
         assert reap_leftovers("STADI_TEST_TAG", "exit-early", guard_seconds=0) == [proc.pid]
         proc.wait()
+
+
+def test_free_ports_are_drawn_below_the_kernels_own_range_and_are_free():
+    """A rendezvous port from `free_port` is one the kernel never hands out by itself (port 0 binds, gloo's pair
+    listeners, client connections), so no other test's sockets take it before the launch binds it."""
+    import socket
+
+    from stadi_xdit.offline.spawn import _ephemeral_ports, free_port
+
+    low, _ = _ephemeral_ports()
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= port < low for port in ports) and len(ports) > 1
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # free when drawn: binding it again works

@@ -20,11 +20,13 @@ import importlib.util
 import os
 import pickle
 import queue as queue_mod
+import random
 import socket
 import sys
 import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,9 +42,34 @@ class DistributedTestError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A free TCP port on 127.0.0.1 for a rendezvous, drawn below the kernel's ephemeral range.
+
+    A port the kernel hands out itself (a bind to port 0, a gloo pair's listener, a client's connection) can
+    be taken by another process's socket between this call and the launch that binds it: CI saw a launcher
+    refuse its --master_port as busy while another test's ranks ran beside it. Below that range a port is
+    only ever taken by whoever asks for it by number."""
+    low = _ephemeral_ports()[0]
+    draw = random.SystemRandom()  # not the seeded `random`: two test workers would draw alike
+    for _ in range(100):
+        port = draw.randint(max(1024, low - 12000), low - 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # every draw taken: let the kernel pick
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports it picks itself (Linux's default where /proc does not say)."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return (low, high) if 2048 <= low <= high else (32768, 60999)
 
 
 def _fn_ref(fn) -> tuple[str, str | None, str]:
