@@ -104,7 +104,9 @@ class Supervisor:
             self._nobody_works_since = (None if any(r.get("phase") not in NO_LIMIT_PHASES for r in live.values())
                                         else self._nobody_works_since or now)
             if self.culprit is None and now >= self._paused_until:
-                for rank, record in sorted(live.items()):
+                # Silent ranks first: a stopped or dead process waits on nobody, while a live rank without
+                # progress may be waiting for it (a late poll on a loaded machine finds both past the timeout).
+                for rank, record in sorted(live.items(), key=lambda item: (not self._silent(item[1], now), item[0])):
                     self._check(rank, record, now, records)
                     if self.culprit is not None:
                         break
@@ -112,13 +114,16 @@ class Supervisor:
                 self._kill_idle(records)
             self._bound_the_ending(records, now)
 
+    def _silent(self, record: dict, now: float) -> bool:
+        return now - float(record.get("beat", now)) > self.timeout
+
     def _check(self, rank: int, record: dict, now: float, records: dict[int, dict]) -> None:
         """End the launch if `rank` is silent, makes no progress in a working phase, or idles past the end."""
         since = float(record.get("since", now))
         silent = now - float(record.get("beat", now))
         no_progress = now - max(since, float(record.get("progress", since)))
         phase = str(record.get("phase", "?"))
-        if silent > self.timeout:
+        if self._silent(record, now):
             self._end(rank, phase, f"rank {rank} stopped responding in {phase} (no heartbeat for "
                                     f"{silent:.1f} s, --stadi_timeout {self.timeout:g} s)", records)
         elif phase not in NO_LIMIT_PHASES and no_progress > self.timeout:

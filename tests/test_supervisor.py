@@ -54,6 +54,17 @@ def test_a_silent_rank_is_named_and_killed_a_beating_one_in_save_is_spared(capsy
         assert "rank 1 stopped responding in decode" in lines[0]
 
 
+def test_a_silent_rank_is_named_before_a_live_rank_that_waits_for_it(capsys):
+    """Both past the timeout at one poll (a late poll on a loaded machine; CI on 5ab2aa0 named rank 0): rank 0
+    beats but makes no progress (waiting in xDiT's group set-up for rank 1), rank 1 is stopped. Rank 1 is named."""
+    with _watched(1.0, ranks=2) as (supervisor, (waiting, stopped)):
+        _beat(supervisor, 0, waiting.pid, "process-group", beat_age=0, phase_age=9)
+        _beat(supervisor, 1, stopped.pid, "load", beat_age=5, phase_age=5)
+        supervisor.start()
+        _wait_for(lambda: supervisor.culprit is not None)
+        assert supervisor.culprit.rank == 1 and "rank 1 stopped responding in load" in supervisor.culprit.line
+
+
 def test_a_live_stall_past_the_timeout_is_named(capsys):
     with _watched(1.0) as (supervisor, (stuck,)):
         _beat(supervisor, 0, stuck.pid, "load", beat_age=0, phase_age=5)
