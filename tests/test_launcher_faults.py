@@ -70,6 +70,7 @@ def test_a_stopped_rank_ends_the_launch_naming_it(hub, tmp_path, fault, phase):
     _no_leftovers(tag)
     lines = _launcher_lines(proc.stderr)
     assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (tmp_path / "fault").exists(), f"the launch ended before the fault fired:\n{proc.stderr[-3000:]}"
     assert (tmp_path / "fault").read_text().split(" ", 1)[1].startswith(phase)  # the fault did fire there
     assert len(lines) == 1 and f"rank 1 stopped responding in {phase}" in lines[0], lines
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
