@@ -2,8 +2,8 @@
 
 A family gets these cases by declaring its runner models (`FamilySpec.hub_models`); what each model
 takes is read from xfuser itself: its `ModelCapabilities` (CFG parallel, parallel VAE), whether its
-`_run_pipe` passes a negative prompt, its default guidance and its output type. Per model, one
-concurrent batch of launches on the tiny offline hub cache:
+`_run_pipe` passes a negative prompt, its default guidance and its output type. Per model, on the tiny
+offline hub cache:
 
 - `plain`: xDiT's runner on one process, guidance on (with a negative prompt where the model takes one);
 - `exact`: STADI exact on 2 ranks with uneven bands, the same call: the same image or video;
@@ -11,13 +11,23 @@ concurrent batch of launches on the tiny offline hub cache:
   (where it applies): the same output up to DistVAE's bf16 rounding;
 - `guidance_off`: STADI's stale mode with guidance 1: it runs and saves.
 
+Most of a tiny run is the start-up of its processes (each imports torch, diffusers and xfuser: about
+9 CPU-s), so the runs do not get a launch each. Runs of the same world size share one launch (one
+for 1 rank, one for 2, one for 4), which runs xDiT's runner once per run, as `xdit` would, with a
+fresh rendezvous for each (the runner destroys its process group when it ends). A new runner model
+adds a few CPU-seconds, not another seven processes.
+
 Videos are stored as NumPy frames (the runner's `export_to_video` needs imageio, not a dependency here).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,9 +39,12 @@ from stadi_xdit.offline.spawn import free_port
 
 pytestmark = pytest.mark.cpu_only("CPU runs of the tiny offline cache")
 
-# The runner, with videos saved as NumPy frames under the path it is given.
+# xDiT's runner once per run of the JSON list in argv[1], each with its own output and log files, and videos
+# saved as NumPy frames under the path the runner gives. The runner ends each run by destroying its process
+# group; the next run meets at its own port with its own store (torchrun's agent store would hand it the
+# previous run's keys).
 RUNNER_SCRIPT = """\
-import runpy
+import json, os, runpy, sys
 import numpy as np
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
 from xfuser.model_executor.models.runner_models import base_model
@@ -40,10 +53,29 @@ def _save_frames(video, output_video_path, fps=10, **_):
         np.save(out, np.asarray(video))
     return output_video_path
 base_model.export_to_video = _save_frames
-runpy.run_module("xfuser.runner", run_name="__main__", alter_sys=True)
+for run in json.loads(open(sys.argv[1]).read()):
+    os.environ.update(MASTER_PORT=str(run["port"]), TORCHELASTIC_USE_AGENT_STORE="False")
+    sys.stdout.flush(), sys.stderr.flush()
+    with open(f"{run['log']}.rank{os.environ['RANK']}", "w") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+    sys.argv = ["xfuser.runner", *run["argv"]]
+    runpy.run_module("xfuser.runner", run_name="__main__", alter_sys=True)
+    sys.stdout.flush(), sys.stderr.flush()
 """
 
 STADI_EXACT = ["--use_stadi", "--stadi_exact", "--stadi_speeds", "3,5", "--warmup_steps", "1"]
+
+
+@dataclass(frozen=True)
+class RunnerRun:
+    model: str
+    mode: str
+    world_size: int
+    argv: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.mode}"
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +106,15 @@ def runner_modes(model_name: str) -> dict[str, list[str]]:
                              "--warmup_steps", "1"]}
 
 
+def runner_runs(model_names) -> list[RunnerRun]:
+    runs = []
+    for model in model_names:
+        for mode, argv in runner_modes(model).items():
+            world = 1 if mode == "plain" else 2 * (2 if "--use_cfg_parallel" in argv else 1)
+            runs.append(RunnerRun(model, mode, world, argv))
+    return runs
+
+
 def _output(folder) -> np.ndarray:
     (path,) = [p for p in folder.iterdir() if p.suffix in (".png", ".mp4")]
     if path.suffix == ".png":
@@ -81,32 +122,60 @@ def _output(folder) -> np.ndarray:
     return np.load(path).astype(np.float64)
 
 
-@pytest.mark.parametrize("model_name", sorted(hub_models()))
-def test_served_runner_model_runs_and_saves_in_every_mode(hub, tmp_path, model_name):
+def _log(folder: Path, run: RunnerRun) -> str:
+    """Every rank's log of one run, rank 0 first."""
+    return "".join(path.read_text(errors="replace") for path in sorted(folder.glob(f"{run.name}.log.rank*")))
+
+
+def launch_by_world_size(runs: list[RunnerRun], hub: Path, folder: Path) -> dict[int, tuple[str, int]]:
+    """Every run, one launch per world size, all launches at once: each launch's output and exit status."""
     from stadi_xdit.run import build_launch_command
 
-    script = tmp_path / "runner.py"
+    script = folder / "runner.py"
     script.write_text(RUNNER_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
-    modes = runner_modes(model_name)
+    by_world = defaultdict(list)
+    for run in runs:
+        (folder / run.name).mkdir()
+        by_world[run.world_size].append({"argv": [*run.argv, "--output_directory", str(folder / run.name)],
+                                         "port": free_port(), "log": str(folder / f"{run.name}.log")})
     procs = {}
-    for name, args in modes.items():  # all at once: most of each run is start-up
-        out = tmp_path / name
-        out.mkdir()
-        command = build_launch_command(["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
-                                        *args, "--output_directory", str(out)])
-        procs[name] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       cwd=tmp_path)
-    logs = {name: proc.communicate(timeout=600)[0] for name, proc in procs.items()}
-    for name, proc in procs.items():
-        assert proc.returncode == 0, f"{model_name} {name}: {' '.join(modes[name])}\n{logs[name][-4000:]}"
-    assert "STADI plan" not in logs["plain"] and all("STADI plan" in logs[name] for name in modes if name != "plain")
+    for world, plan in by_world.items():
+        (folder / f"runs{world}.json").write_text(json.dumps(plan))
+        command = build_launch_command(["--nproc_per_node", str(world), "--master_addr", "127.0.0.1",
+                                        "--master_port", str(free_port()), str(script), str(folder / f"runs{world}.json")])
+        procs[world] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        cwd=folder)
+    return {world: (proc.communicate(timeout=900)[0], proc.returncode) for world, proc in procs.items()}
+
+
+def test_every_served_runner_model_runs_and_saves_in_every_mode(hub, tmp_path):
+    """One test, not one per model: the launches are shared, and pytest's workers would each start them."""
+    runs = runner_runs(sorted(hub_models()))
+    launches = launch_by_world_size(runs, hub, tmp_path)
+    failures = []
+    for model_name in sorted(hub_models()):
+        try:
+            check_served_model(model_name, runs, launches, tmp_path)
+        except AssertionError as failure:
+            failures.append(f"{model_name}: {failure}")
+    assert not failures, "\n\n".join(failures)
+
+
+def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[int, tuple[str, int]],
+                       folder: Path) -> None:
+    runs = {run.mode: run for run in runs if run.model == model_name}
+    for run in runs.values():
+        output, status = launches[run.world_size]
+        assert status == 0, f"{model_name} {run.mode}: {' '.join(run.argv)}\n{_log(folder, run)[-4000:]}\n{output[-3000:]}"
+    logs = {mode: _log(folder, run) for mode, run in runs.items()}
+    assert "STADI plan" not in logs["plain"] and all("STADI plan" in logs[mode] for mode in runs if mode != "plain")
     assert "STADI rank 1: 3 model evaluations (plan: 3)" in logs["exact"], logs["exact"][-3000:]
-    assert (tmp_path / "exact" / "timings.json").is_file()  # the runner's own timings, saved too
-    if "--use_parallel_vae" in modes["parallel"]:
+    assert (folder / runs["exact"].name / "timings.json").is_file()  # the runner's own timings, saved too
+    if "--use_parallel_vae" in runs["parallel"].argv:
         assert "Parallel VAE decoder enabled" in logs["parallel"], logs["parallel"][-3000:]
-    outputs = {name: _output(tmp_path / name) for name in modes}  # one output each, named as the runner does
+    outputs = {mode: _output(folder / run.name) for mode, run in runs.items()}  # one output each, named by the runner
     plain = outputs["plain"]
     assert all(output.shape == plain.shape for output in outputs.values())
     assert np.array_equal(outputs["exact"], plain), np.abs(outputs["exact"] - plain).max()
@@ -115,4 +184,5 @@ def test_served_runner_model_runs_and_saves_in_every_mode(hub, tmp_path, model_n
     assert np.abs(outputs["parallel"] - plain).max() <= 16
     assert np.linalg.norm(outputs["parallel"] - plain) / np.linalg.norm(plain) <= 1e-2
     assert not np.array_equal(outputs["guidance_off"], plain)  # guidance 1 is another call, and it saved
-    assert not list(tmp_path.glob(".*partial*")), "a temporary save was left behind"
+    assert not [path for run in runs.values() for path in (folder / run.name).glob(".*partial*")], \
+        "a temporary save was left behind"
