@@ -10,6 +10,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from stadi_xdit.runtime import heartbeat
 from stadi_xdit.supervisor import Supervisor
 
@@ -196,14 +198,14 @@ def test_a_failing_launch_that_torchrun_does_not_end_is_ended_by_the_supervisor(
     assert state.stdout.strip()[:1] in ("", "Z"), state.stdout  # the stand-in rank was killed
 
 
-LOADING_RANK = """
+WORKING_RANK = """
 import os, sys, time
 from stadi_xdit.runtime import heartbeat
 heartbeat.start()
-heartbeat.phase("load")
+heartbeat.phase(sys.argv[2])
 end = time.monotonic() + 3.0
 if sys.argv[1] == "works":
-    while time.monotonic() < end:  # deserializing weights: the process computes, no model block runs yet
+    while time.monotonic() < end:  # deserializing weights, encoding a video: the process computes, no block runs
         sum(range(10000))
 else:
     time.sleep(3.0)  # a lock, a hung read: no CPU, no bytes read
@@ -211,20 +213,23 @@ heartbeat.phase("setup")
 """
 
 
-def test_a_load_that_works_past_the_timeout_is_not_a_stall_and_a_silent_one_is(tmp_path, capsys):
-    """While loading, the beat counts the rank's own CPU time and bytes read as progress (issue 36: a file
-    read that makes progress is never killed for being slow); a rank asleep in load is still a stall."""
-    _check_work_is_progress(LOADING_RANK, "rank 0 stalled in load")
+@pytest.mark.parametrize("phase", ["load", "save", "cleanup"])
+def test_work_past_the_timeout_outside_the_model_is_not_a_stall_and_a_silent_one_is(phase):
+    """While loading, saving (a PNG or a video encoded) and cleaning up (the runner's teardown), the beat
+    counts the rank's own CPU time and bytes read as progress (issue 36: a file read that makes progress
+    is never killed for being slow; a loaded machine's teardown once took past a 5 s timeout and its rank
+    was named as stalled); a rank asleep there is still a stall."""
+    _check_work_is_progress(WORKING_RANK, f"rank 0 stalled in {phase}", phase)
 
 
-def _check_work_is_progress(stand_in: str, stall_line: str) -> None:
+def _check_work_is_progress(stand_in: str, stall_line: str, *args: str) -> None:
     """The stand-in rank `stand_in` run as `works` finishes unsupervised past a 1 s timeout; as `sleeps` it is
     ended, named by `stall_line`."""
     for how in ("works", "sleeps"):
         supervisor = Supervisor(timeout=1.0)
         try:
             env = {**os.environ, **supervisor.env(), "RANK": "0"}
-            rank = subprocess.Popen([sys.executable, "-c", stand_in, how], env=env)
+            rank = subprocess.Popen([sys.executable, "-c", stand_in, how, *args], env=env)
             supervisor.start()
             rank.wait(timeout=60)
             stalled = supervisor.culprit

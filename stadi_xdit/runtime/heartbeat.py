@@ -14,8 +14,8 @@ may already have exited or may wait in a gloo call with a 30-minute default. So 
   `decode`, `save`, `profile-cache write`, `cleanup`, `idle`);
 * work reports progress (`progress()`): every block of the pipeline's models (transformer blocks,
   VAE decoder blocks, text-encoder layers) reports as it starts (`watch_progress`), and so does a
-  phase change; while loading (`PROCESS_WORK_PHASES`) the beat also counts the process's CPU time and
-  bytes read, and while torch.compile compiles, the CPU time of the process and of its compile workers
+  phase change; while loading, saving and cleaning up (`PROCESS_WORK_PHASES`) the beat also counts the
+  process's CPU time and bytes read, and while torch.compile compiles, the CPU time of the process and of its compile workers
   (`count_process_work`); the beat carries the time of the last progress;
 * the launcher's supervisor (`stadi_xdit.supervisor`) ends the launch when a rank's beat is older
   than the timeout (a stopped or wedged process) or it has made no progress for longer than the
@@ -125,10 +125,12 @@ def start() -> None:
     _thread.start()
 
 
-# Phases in which no model block runs but the process itself works: loading reads and deserializes weights.
-# There the beat also counts the process's own work as progress: CPU time (well beyond what this thread
-# spends) or bytes read since the last beat. A lock or a hung read spends neither, so it is still a stall.
-PROCESS_WORK_PHASES = ("load",)
+# Phases in which no model block runs but the process itself works: loading reads and deserializes weights,
+# saving encodes a PNG or a video, cleanup is the runner's teardown (compiler reset, garbage collection, process
+# groups destroyed), which took past a 5 s timeout on a loaded machine. There the beat also counts the process's
+# own work as progress: CPU time (well beyond what this thread spends) or bytes read since the last beat. A lock
+# or a hung read spends neither, so it is still a stall.
+PROCESS_WORK_PHASES = ("load", "save", "cleanup")
 _MIN_CPU_SHARE = 0.05  # of the beat interval
 _MIN_READ_BYTES = 1 << 16  # reading /proc/self/io itself reads a few hundred bytes each beat
 # Set while torch.compile compiles (`runtime/compile.py`): inside a block's first forward no block starts for
