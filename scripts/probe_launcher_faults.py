@@ -20,19 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stadi_xdit.offline.processes import beats_under, ranks_denoising, reap_leftovers
+from stadi_xdit.offline.spawn import free_port  # below the ephemeral range: no other socket takes it first
 from stadi_xdit.supervisor import MARGIN_SECONDS
 
 TIMEOUT = 5.0
 STARTUP_GUARD = 300.0
 BOUND = TIMEOUT + MARGIN_SECONDS
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _rank_pid(folder: Path, rank: int) -> int:
@@ -52,7 +45,7 @@ def launch(hub: Path, tag: str, *, fault: str | None = None, action: Callable[[P
     if fault:
         env["STADI_FAULT"] = fault
     command = [sys.executable, "-c", "from stadi_xdit.run import launch; launch()", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2",
+               "--master_port", str(free_port()), "--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2",
                "--height", "128", "--width", "128", "--max_sequence_length", "16", "--warmup_steps", "1",
                "--prompt", "a cat", "--stadi_timeout", f"{TIMEOUT:g}", "--num_inference_steps", str(steps),
                "--output_directory", str(out), *extra]
