@@ -277,9 +277,10 @@ def _call_kwargs(setup: dict, rank: int, steps: int) -> dict:
     return call_kwargs(preset, setup["height"], steps, setup["seed"], device, getattr(torch, setup["dtype"]))
 
 
-def compile_warmup(setup: dict, pipe, world: int, is_stadi: bool, rank: int) -> dict:
+def warm_compiled_arm(setup: dict, pipe, world: int, is_stadi: bool, rank: int) -> dict:
     """A compiled arm's untimed first call, as xDiT's runner makes it before timing: it compiles. STADI runs its
-    own (`compile_warmup`: warmup and displaced steps, not remembered as speed); the single rank the whole call.
+    own (the pipeline's `compile_warmup()`: warmup and displaced steps, not remembered as speed); the single rank
+    the whole call.
     Returns its seconds and the graphs dynamo compiled in it."""
     import torch.distributed as dist
 
@@ -355,7 +356,7 @@ def arm_worker(rank: int, world: int, setup: dict, address, authkey: bytes) -> N
         # STADI emulates by itself (its steps are timed net of waits); the other arms through the hook.
         schedule = tuple(setup["factors"][rank]) if arm.kind != "stadi" else (1.0, 1.0, None)
         timer = ArmForwardHooks(transformer, schedule, cuda=setup["device"] == "cuda")
-        compiled = compile_warmup(setup, pipe, world, arm.kind == "stadi", rank) if arm.compiled else None
+        compiled = warm_compiled_arm(setup, pipe, world, arm.kind == "stadi", rank) if arm.compiled else None
         conn = Client(address, authkey=authkey)
         conn.send(("ready", rank, {"pid": os.getpid(), "core": core}))
         while True:
