@@ -171,7 +171,7 @@ def test_run_module_form():
 
 # --- an unmodified xDiT-style script under torchrun ---------------------------------------------
 
-def _torchrun_example(model_dir: Path, out_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+def _start_torchrun_example(model_dir: Path, out_dir: Path, *flags: str) -> subprocess.Popen:
     out_dir.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), "-m", "stadi_xdit.run", str(EXAMPLE),
@@ -179,9 +179,17 @@ def _torchrun_example(model_dir: Path, out_dir: Path, *flags: str) -> subprocess
                "--warmup_steps", "2", "--prompt", "a red cat", "--output_type", "latent",
                "--no_use_resolution_binning", "--seed", "1", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDIT_EXAMPLE_OUT": str(out_dir)}
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+
+
+def _example_results(proc: subprocess.Popen, out_dir: Path) -> list[dict]:
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-6000:]
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def _torchrun_example(model_dir: Path, out_dir: Path, *flags: str) -> list[dict]:
+    return _example_results(_start_torchrun_example(model_dir, out_dir, *flags), out_dir)
 
 
 def test_xdit_style_script_picks_stadi_up_only_with_the_flag(tmp_path):
@@ -190,9 +198,16 @@ def test_xdit_style_script_picks_stadi_up_only_with_the_flag(tmp_path):
     model_dir = tmp_path / "tiny-pixart"
     tiny_pixart_pipeline().save_pretrained(model_dir)  # from_pretrained works offline from a folder
 
-    stadi = _torchrun_example(model_dir, tmp_path / "stadi", "--use_stadi", "--stadi_exact", "--stadi_mode",
-                              "spatial", "--stadi_speeds", "3,5")
-    plain = _torchrun_example(model_dir, tmp_path / "plain", "--data_parallel_degree", "2")
+    # Both launches at once: most of each is its processes' start-up, on one core apiece.
+    launches = {"stadi": _start_torchrun_example(model_dir, tmp_path / "stadi", "--use_stadi", "--stadi_exact",
+                                                 "--stadi_mode", "spatial", "--stadi_speeds", "3,5"),
+                "plain": _start_torchrun_example(model_dir, tmp_path / "plain", "--data_parallel_degree", "2")}
+    try:
+        stadi, plain = (_example_results(launches[name], tmp_path / name) for name in ("stadi", "plain"))
+    finally:
+        for proc in launches.values():
+            if proc.poll() is None:
+                proc.kill()
     for rank in range(2):
         assert stadi[rank]["pipeline"] == "StadiPixArtAlphaPipeline"
         assert stadi[rank]["engine_config"] == "StadiEngineConfig" and stadi[rank]["args"] == "StadiArgs"
