@@ -37,10 +37,18 @@ def _stadi_xdit(hub: Path, out: Path, args: list[str], one_core: bool = False) -
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-c", "from stadi_xdit.run import launch; launch()", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), *args, "--output_directory", str(out)]
-    pin = (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if one_core else None
+    pin = (lambda: os.sched_setaffinity(0, {_own_core()})) if one_core else None
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False, preexec_fn=pin)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+def _own_core() -> int:
+    """One of the allowed cores, a different one for each pytest worker (gw0, gw1, ...): two pinned launches
+    running side by side under `make test` do not share one core while the other idles."""
+    cores = sorted(os.sched_getaffinity(0))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    return cores[int(worker) % len(cores) if worker.isdigit() else 0]
 
 
 def _image(out: Path, pattern: str = "*.png") -> np.ndarray:
