@@ -4,7 +4,9 @@
 heartbeats (`stadi_xdit.runtime.heartbeat`) into a private folder; a thread here reads them every
 `POLL_SECONDS` and ends the launch when a rank
 
-* has not beaten for `timeout` seconds (stopped with SIGSTOP, or wedged): it is not running, or
+* has not beaten for `timeout` seconds and its process has not run for a beat's time (stopped with
+  SIGSTOP, or wedged). A process that runs is not stopped: on a loaded machine its beat thread can
+  wait seconds for the interpreter lock behind a long garbage collection or teardown; or
 * has made no progress for longer than `timeout` (a live stall: a lock, a hung read). Progress is
   a phase change or a model block starting (`heartbeat.watch_progress`), so slow work (a long VAE
   decode, a slow step) is never taken for a stall; or
@@ -67,6 +69,7 @@ class Supervisor:
         self._failing_since: float | None = None
         self._nobody_works_since: float | None = None
         self._known: dict[int, dict] = {}  # the last record read of each rank
+        self._cpu: dict[int, tuple[int, float]] = {}  # pid -> (CPU ticks, when they last grew)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stadi-supervisor", daemon=True)
 
@@ -101,6 +104,8 @@ class Supervisor:
                     if isinstance(record.get("pid"), int) and _is_child(record["pid"])}
             for rank in records.keys() - live.keys():
                 self.died_at.setdefault(rank, now)
+            for record in live.values():
+                self._note_cpu(record["pid"], now)
             self._nobody_works_since = (None if any(r.get("phase") not in NO_LIMIT_PHASES for r in live.values())
                                         else self._nobody_works_since or now)
             if self.culprit is None and now >= self._paused_until:
@@ -114,8 +119,16 @@ class Supervisor:
                 self._kill_idle(records)
             self._bound_the_ending(records, now)
 
+    def _note_cpu(self, pid: int, now: float) -> None:
+        ticks = _cpu_ticks(pid)
+        seen = self._cpu.get(pid)
+        if ticks is not None and (seen is None or ticks > seen[0]):
+            self._cpu[pid] = (ticks, now if seen is not None else 0.0)  # the first look shows no growth yet
+
     def _silent(self, record: dict, now: float) -> bool:
-        return now - float(record.get("beat", now)) > self.timeout
+        """No beat within the timeout, and the process has not run within a beat's time."""
+        ran_at = self._cpu.get(record.get("pid"), (0, 0.0))[1]
+        return now - float(record.get("beat", now)) > self.timeout and now - ran_at > heartbeat.MAX_BEAT_SECONDS
 
     def _check(self, rank: int, record: dict, now: float, records: dict[int, dict]) -> None:
         """End the launch if `rank` is silent, makes no progress in a working phase, or idles past the end."""
@@ -204,6 +217,16 @@ def _is_child(pid: int) -> bool:
     """`pid` is a running (not zombie) child of this process: only those are ever signalled."""
     stat = _stat(pid)
     return stat is not None and stat[1] == os.getpid() and stat[0] not in ("Z", "X")
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """CPU time (user + system, in clock ticks) a process has used, from /proc; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _stat(pid: int | str) -> tuple[str, int] | None:

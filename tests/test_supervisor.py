@@ -56,6 +56,41 @@ def test_a_silent_rank_is_named_and_killed_a_beating_one_in_save_is_spared(capsy
         assert "rank 1 stopped responding in decode" in lines[0]
 
 
+BUSY_SILENT_RANK = """
+import os, signal, sys, time
+from stadi_xdit.runtime import heartbeat
+heartbeat.start()
+time.sleep(0.5)  # a beat or two first
+if sys.argv[1] == "works":
+    # The main thread keeps the interpreter lock for 3 s (as a long garbage collection or teardown does on a
+    # loaded machine): the beat thread cannot write, while the process runs.
+    sys.setswitchinterval(60)
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        pass
+else:
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_rank_that_runs_without_beating_is_not_stopped_and_a_stopped_one_is():
+    """Silence alone is not a stop: the supervisor also looks at the process's CPU time (CI under a third test
+    worker once named a rank `stopped responding in idle` after 5.1 s without a beat, while it ran)."""
+    for how in ("works", "stops"):
+        supervisor = Supervisor(timeout=1.0)
+        try:
+            env = {**os.environ, **supervisor.env(), "RANK": "0"}
+            rank = subprocess.Popen([sys.executable, "-c", BUSY_SILENT_RANK, how], env=env)
+            supervisor.start()
+            rank.wait(timeout=60)
+        finally:
+            supervisor.close()
+        if how == "works":
+            assert supervisor.culprit is None and rank.returncode == 0
+        else:
+            assert supervisor.culprit is not None and "rank 0 stopped responding in startup" in supervisor.culprit.line
+
+
 def test_a_silent_rank_is_named_before_a_live_rank_that_waits_for_it(capsys):
     """Both past the timeout at one poll (a late poll on a loaded machine; CI on 5ab2aa0 named rank 0): rank 0
     beats but makes no progress (waiting in xDiT's group set-up for rank 1), rank 1 is stopped. Rank 1 is named."""
