@@ -251,6 +251,69 @@ def test_grouped_exchange_counts_collectives_and_delivers_every_band(counts, gro
         assert stats["buffer_bytes"] == sum(counts) * width
 
 
+def _skipping_worker(rank: int, world: int, counts: list[int], layers_run: dict) -> dict:
+    """Displaced steps that publish, where a step cache cut some ranks' forwards short: `layers_run[(rank,
+    step)]` is how many leading layers that rank ran in that step (all, where not given)."""
+    from datetime import timedelta
+
+    layers, steps = 7, 5
+    comm = BandComm(None, rank, world, timedelta(seconds=120))
+    store = DisplacedKVStore(comm, group_layers=2)
+    store.layers_may_skip = True
+    store.set_band(BandView.of_token_counts(counts, rank))
+    ran = {(r, step): layers_run.get(f"{r},{step}", layers) for r in range(world) for step in range(steps)}
+    errors, per_sync_point = [], []
+    for step in range(steps):
+        store.set_phase(synchronous=step == 0, publish=step < steps - 1)
+        before = store.counts["sync_point_collectives"]
+        for layer in range(ran[(rank, step)]):
+            full_key, _ = store.full_kv(layer, *_kv(layer, step, rank, counts[rank]))
+            # A peer's band: from the last earlier step in which that peer ran this layer (its skipped
+            # layers were published from the step that computed them); the own band: fresh.
+            sources = [step if step == 0 or r == rank else
+                       max(t for t in range(step) if ran[(r, t)] > layer) for r in range(world)]
+            want = torch.cat([_kv(layer, sources[r], r, counts[r])[0] for r in range(world)], dim=2)
+            if not torch.equal(full_key, want):
+                errors.append((step, layer))
+        per_sync_point.append(before)
+    store.drain()
+    return {"errors": errors, "counts": store.counts}
+
+
+@pytest.mark.parametrize("counts", [[3, 5], [2, 3, 4]])
+def test_a_publishing_step_cut_short_by_a_step_cache_publishes_the_last_computed_kv(counts):
+    """Layers that a rank's step cache skipped still go out at the sync point, with the K/V of the step that
+    last computed them, in the same group order on every rank (a rank that caches only waits there)."""
+    world = len(counts)
+    layers_run = {"1,2": 1, "0,3": 3}  # rank 1 ran only the first layer in step 2, rank 0 three in step 3
+    results = run_distributed(_skipping_worker, world, counts, layers_run, init_process_group=True, timeout=180)
+    per_source = 1 if choose_method(counts, False) == "all_gather" else world
+    for rank, result in enumerate(results):
+        assert result["errors"] == [], (rank, result["errors"][:5])
+        stats = result["counts"]
+        assert stats["sync_points"] == 3  # steps 1-3 publish
+        assert stats["max_sync_point_collectives"] == 4 * per_source  # 4 groups of 7 layers, every sync point
+        assert stats["sync_point_collectives"] == 3 * 4 * per_source
+        assert stats["skipped_layer_publishes"] == {0: 4, 1: 6}.get(rank, 0)
+
+
+def test_a_layer_missing_from_a_publishing_step_is_an_error_without_a_step_cache():
+    for may_skip in (False, True):
+        store = DisplacedKVStore(BandComm(None, 0, 1), group_layers=2)
+        store.layers_may_skip = may_skip
+        store.set_band(BandView.of_token_counts([6], 0))
+        for step in range(2):
+            store.set_phase(synchronous=step == 0, publish=True)
+            for layer in range(5 if step == 0 else 2):  # step 1 runs 2 of the 5 layers
+                store.full_kv(layer, *_kv(layer, step, 0, 6))
+        if not may_skip:
+            with pytest.raises(RuntimeError, match="every displaced layer must run once per step"):
+                store.set_phase(synchronous=False)
+            continue
+        store.set_phase(synchronous=False)  # a step cache: the last 3 layers publish what step 0 computed
+        assert store.counts["skipped_layer_publishes"] == 3 and store.counts["sync_points"] == 1
+
+
 def _dead_peer_worker(rank: int, world: int) -> str | None:
     import os
     from datetime import timedelta

@@ -72,6 +72,9 @@ class DisplacedKVStore:
         # A fresh store keeps what synchronous steps gather (the loop says which step seeds).
         self.synchronous = True
         self.publish = True
+        # A step cache (FBCache, TeaCache) may skip a suffix of the layers in a displaced step; without one a
+        # layer that did not run in a publishing step is a bug, and an error.
+        self.layers_may_skip = False
         self._registry = LayerRegistry()
         self._buffer: FlatKVBuffer | None = None
         self._staging: torch.Tensor | None = None  # one layer's full-image K/V, synchronous steps
@@ -81,13 +84,15 @@ class DisplacedKVStore:
         self._pending: dict[int, PendingWorks] = {}  # group -> receive in flight
         self._ready: list[int] = []  # groups complete in this publishing step, not yet sent
         self._ran: list[int] = []  # layers of each group run in this publishing step
+        self._next_ready = 0  # groups go out in group order: every rank issues the same exchanges
         self._step_kind: str | None = None  # "synchronous" / "publish" / "displaced" while a step runs
         self._step_collectives = 0
         self._method_device: torch.device | None = None
         self._logged_layouts: set[tuple[tuple[int, ...], str]] = set()
         self.counts = {"synchronous_steps": 0, "synchronous_collectives": 0, "sync_points": 0,
                        "sync_point_collectives": 0, "max_sync_point_collectives": 0,
-                       "last_sync_point_collectives": 0, "last_synchronous_step_collectives": 0}
+                       "last_sync_point_collectives": 0, "last_synchronous_step_collectives": 0,
+                       "skipped_layer_publishes": 0}
 
     # --- configuration -------------------------------------------------------------------------
     def configure(self, *, group_layers: int | None = None, kv_dtype: object = _UNSET) -> None:
@@ -205,8 +210,10 @@ class DisplacedKVStore:
         write_band(kv, self.own_range[0], key, value)
         if self.publish:
             self._ran[slot.group] += 1
-            if self._ran[slot.group] == buffer.group_sizes[slot.group]:
-                self._ready.append(slot.group)  # sent at the next call, after this layer's attention
+            sizes = buffer.group_sizes
+            while self._next_ready < len(sizes) and self._ran[self._next_ready] == sizes[self._next_ready]:
+                self._ready.append(self._next_ready)  # sent at the next call, after this layer's attention
+                self._next_ready += 1
         return self._for_attention(kv, key, value)
 
     def _for_attention(self, kv: torch.Tensor, key: torch.Tensor,
@@ -244,6 +251,7 @@ class DisplacedKVStore:
         elif self.publish:
             self._step_kind = "publish"
             self._ran = [0] * (self._buffer.num_groups if self._buffer is not None else 0)
+            self._next_ready = 0
         else:
             self._step_kind = "displaced"
         self._step_collectives = 0
@@ -253,8 +261,11 @@ class DisplacedKVStore:
         self._flush()
         kind = self._step_kind
         if kind == "publish" and self._buffer is not None and self._ran != self._buffer.group_sizes:
-            raise RuntimeError(f"a publishing step ran {self._ran} layers per group, the registry has "
-                               f"{self._buffer.group_sizes}: every displaced layer must run once per step")
+            skipped = self.layers_may_skip and all(ran <= size for ran, size in zip(self._ran, self._buffer.group_sizes))
+            if not skipped:
+                raise RuntimeError(f"a publishing step ran {self._ran} layers per group, the registry has "
+                                   f"{self._buffer.group_sizes}: every displaced layer must run once per step")
+            self._publish_skipped_groups()
         if not self._registry.closed and len(self._registry):
             self._close_registration()
         if kind == "synchronous":
@@ -279,6 +290,19 @@ class DisplacedKVStore:
             works = self._launch(self._buffer.blocks[group])
             self._pending[group] = PendingWorks(works, self.comm.wait_slice)
         self._ready.clear()
+
+    def _publish_skipped_groups(self) -> None:
+        """The groups of a publishing step that a step cache cut short go out too, in group order, after their
+        previous exchange has landed: they hold this rank's K/V of the last step that computed them (what its
+        peers should attend over), and every rank then issues the same exchanges in the same order."""
+        buffer = self._buffer
+        for group in range(self._next_ready, buffer.num_groups):
+            pending = self._pending.pop(group, None)
+            if pending is not None:
+                self.comm.wait_works(pending, buffer.flat.is_cuda)
+            self._pending[group] = PendingWorks(self._launch(buffer.blocks[group]), self.comm.wait_slice)
+            self.counts["skipped_layer_publishes"] += buffer.group_sizes[group] - self._ran[group]
+        self._next_ready = buffer.num_groups
 
     def _launch(self, block: torch.Tensor) -> list:
         """One exchange of a token-major (tokens, width) block: this rank's rows out, the rest in."""
