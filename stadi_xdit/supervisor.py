@@ -100,12 +100,12 @@ class Supervisor:
         while not self._stop.wait(POLL_SECONDS):
             now = time.time()
             records = self.records()
-            live = {rank: record for rank, record in records.items()
-                    if isinstance(record.get("pid"), int) and _is_child(record["pid"])}
+            stats = {rank: _stat(record["pid"]) for rank, record in records.items() if isinstance(record.get("pid"), int)}
+            live = {rank: records[rank] for rank, stat in stats.items() if _is_running_child(stat)}
             for rank in records.keys() - live.keys():
                 self.died_at.setdefault(rank, now)
-            for record in live.values():
-                self._note_cpu(record["pid"], now)
+            for rank, record in live.items():
+                self._note_cpu(record["pid"], stats[rank][2], now)
             self._nobody_works_since = (None if any(r.get("phase") not in NO_LIMIT_PHASES for r in live.values())
                                         else self._nobody_works_since or now)
             if self.culprit is None and now >= self._paused_until:
@@ -119,10 +119,9 @@ class Supervisor:
                 self._kill_idle(records)
             self._bound_the_ending(records, now)
 
-    def _note_cpu(self, pid: int, now: float) -> None:
-        ticks = _cpu_ticks(pid)
+    def _note_cpu(self, pid: int, ticks: int, now: float) -> None:
         seen = self._cpu.get(pid)
-        if ticks is not None and (seen is None or ticks > seen[0]):
+        if seen is None or ticks > seen[0]:
             self._cpu[pid] = (ticks, now if seen is not None else 0.0)  # the first look shows no growth yet
 
     def _silent(self, record: dict, now: float) -> bool:
@@ -215,26 +214,19 @@ class Supervisor:
 
 def _is_child(pid: int) -> bool:
     """`pid` is a running (not zombie) child of this process: only those are ever signalled."""
-    stat = _stat(pid)
+    return _is_running_child(_stat(pid))
+
+
+def _is_running_child(stat: tuple[str, int, int] | None) -> bool:
     return stat is not None and stat[1] == os.getpid() and stat[0] not in ("Z", "X")
 
 
-def _cpu_ticks(pid: int) -> int | None:
-    """CPU time (user + system, in clock ticks) a process has used, from /proc; None when it is gone."""
+def _stat(pid: int | str) -> tuple[str, int, int] | None:
+    """(state, parent pid, CPU clock ticks used, user + system) of a process, from /proc; None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
             fields = handle.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _stat(pid: int | str) -> tuple[str, int] | None:
-    """(state, parent pid) of a process, from /proc; None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[1])
+        return fields[0], int(fields[1]), int(fields[11]) + int(fields[12])
     except (OSError, IndexError, ValueError):
         return None
 

@@ -15,8 +15,8 @@ may already have exited or may wait in a gloo call with a 30-minute default. So 
 * work reports progress (`progress()`): every block of the pipeline's models (transformer blocks,
   VAE decoder blocks, text-encoder layers) reports as it starts (`watch_progress`), and so does a
   phase change; while loading, saving and cleaning up (`PROCESS_WORK_PHASES`) the beat also counts the
-  process's CPU time and bytes read, and while torch.compile compiles, the CPU time of the process and of its compile workers
-  (`count_process_work`); the beat carries the time of the last progress;
+  process's CPU time and bytes read, and while torch.compile compiles, the CPU time of the process and
+  of its compile workers (`count_process_work`); the beat carries the time of the last progress;
 * the launcher's supervisor (`stadi_xdit.supervisor`) ends the launch when a rank's beat is older
   than the timeout (a stopped or wedged process) or it has made no progress for longer than the
   timeout (a live stall: a lock, a hung read), naming that rank and phase in one line. A rank that
