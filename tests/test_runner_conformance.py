@@ -107,12 +107,13 @@ def runner_modes(model_name: str) -> dict[str, list[str]]:
 
 
 def runner_runs(model_names) -> list[RunnerRun]:
-    runs = []
-    for model in model_names:
-        for mode, argv in runner_modes(model).items():
-            world = 1 if mode == "plain" else 2 * (2 if "--use_cfg_parallel" in argv else 1)
-            runs.append(RunnerRun(model, mode, world, argv))
-    return runs
+    """Every mode of every model, with the world size `stadi-xdit` would launch it on (its own rule)."""
+    from xfuser.cli import get_nproc_from_args
+
+    from stadi_xdit.xdit.cli_hook import stadi_nproc_from_args
+
+    return [RunnerRun(model, mode, stadi_nproc_from_args(argv, get_nproc_from_args), argv)
+            for model in model_names for mode, argv in runner_modes(model).items()]
 
 
 def _output(folder) -> np.ndarray:
