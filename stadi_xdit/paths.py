@@ -43,7 +43,8 @@ def output_dir_problem(path: str | os.PathLike) -> str | None:
     (e.g. under /proc), and a missing parent may lie under a regular file (/dev/null/x).
     """
     folder = Path(path)
-    if folder.exists() and not folder.is_dir():
+    # os.path's tests, not Path's: on Python 3.11 Path.exists() raises for a name too long (ENAMETOOLONG).
+    if os.path.exists(folder) and not os.path.isdir(folder):
         return f"{str(folder)!r} exists and is not a folder"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ def output_dir_problem(path: str | os.PathLike) -> str | None:
 def output_file_problem(path: str | os.PathLike) -> str | None:
     """None when a file can be written at `path` (its folder is created now); else why not."""
     target = Path(path)
-    if target.is_dir():
+    if os.path.isdir(target):
         return f"{str(target)!r} is a folder, not a file path"
     return output_dir_problem(target.parent)
 
@@ -68,7 +69,7 @@ def output_file_problem(path: str | os.PathLike) -> str | None:
 def free_space_problem(folder: str | os.PathLike, needed_bytes: int) -> str | None:
     """None when `folder` (or its nearest existing ancestor) has room for `needed_bytes`; else why not."""
     probe = Path(folder).absolute()
-    while not probe.exists() and probe != probe.parent:
+    while not os.path.exists(probe) and probe != probe.parent:
         probe = probe.parent
     try:
         stats = os.statvfs(probe)
@@ -165,7 +166,7 @@ def save_with_fallback(path: str | os.PathLike, write: Callable[[Path], object],
 def _free_name(candidate: Path) -> Path:
     number = 0
     base = candidate
-    while candidate.exists() or candidate.is_symlink():
+    while os.path.lexists(candidate):
         number += 1
         candidate = base.with_name(f"{base.stem}-{number}{base.suffix}")
     return candidate

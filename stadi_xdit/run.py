@@ -250,13 +250,13 @@ def check_runner_args(args: Sequence[str], world_size: int) -> None:
     from stadi_xdit.xdit.runner import stadi_runner_model
 
     namespace = runner_namespace(args)
+    model = base_model.MODEL_REGISTRY.get(namespace.model)
+    if model is None:  # first: the other checks read the model's defaults
+        fail(LAUNCHER, f"--model {namespace.model} is not in xDiT's model registry")
     try:
         # STADI's args checked against the launch this command starts, not this process's own size
         config = cli_hook.stadi_runner_args(vars(namespace), world_size) or xFuserArgs.from_runner_args(
             vars(namespace))
-        model = base_model.MODEL_REGISTRY.get(config.model)
-        if model is None:
-            fail(LAUNCHER, f"--model {config.model} is not in xDiT's model registry")
         if getattr(config, "use_stadi", False):
             model = stadi_runner_model(model, config.model)
         check_model_capabilities(model, config)
@@ -278,6 +278,8 @@ def warn_if_output_exists(model: type, config: Any) -> None:
     size = {key: getattr(config, key, None) or getattr(defaults, key, None) for key in ("height", "width")}
     name = probe.get_output_name(size)
     folder = Path(config.output_directory)
+    if not os.path.isdir(folder):  # nothing to replace; check_output_directory says what is wrong with it
+        return
     existing = sorted(path.name for path in folder.glob(f"{name}_*.*") if path.suffix in (".png", ".mp4"))
     existing += ["timings.json"] if (folder / "timings.json").is_file() else []  # every run writes this name
     if existing:

@@ -218,3 +218,32 @@ def test_a_lock_held_by_a_stalled_process_only_costs_the_cache(tmp_path, capsys)
     assert cache.store("k", [1.0, 0.5])  # free again
     with open(cache.lock_path) as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and released after the store
+
+
+# --- a name longer than the file system allows (ENAMETOOLONG) -----------------------------------------
+
+def test_a_name_too_long_is_one_line_from_every_path_check(tmp_path, capsys):
+    """Python 3.11's Path.exists() raises for such a name; every check answers in words instead."""
+    from stadi_xdit.bench.cli import parse_args as bench_parse_args
+    from stadi_xdit.offline.hub_cache import main as hub_cache_main
+    from stadi_xdit.paths import free_space_problem, output_dir_problem, output_file_problem
+    from stadi_xdit.run import build_launch_command, check_output_directory
+    from stadi_xdit.runtime.profile_cache import check_cache_path
+
+    long = tmp_path / ("x" * 300)
+    assert "File name too long" in output_dir_problem(long)
+    assert "File name too long" in output_dir_problem(long / "deeper")
+    assert "File name too long" in output_file_problem(long / "image.png")
+    assert free_space_problem(long / "deeper", 1) is None  # its nearest existing ancestor has room
+    check_cache_path(str(long / "speeds.json"))  # only costs the cache when used: not refused
+    check_cache_path(str(long))
+    # The launcher's look for outputs it would replace leaves the folder to check_output_directory.
+    assert build_launch_command(["--model", "FLUX.1-dev", "--output_directory", str(long)])
+    calls = (lambda: bench_parse_args(["--out", str(long)]), lambda: check_output_directory(str(long)),
+             lambda: hub_cache_main(["--out", str(long), "--models", "FLUX.1-dev"]))
+    for call in calls:
+        with pytest.raises(SystemExit) as exited:
+            call()
+        assert exited.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "File name too long" in lines[0], lines

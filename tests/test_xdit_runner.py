@@ -159,6 +159,7 @@ def test_runner_config_dict_refuses_bad_stadi_input_in_one_line(config, needle, 
     (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--height", "65552"], "more than the planner's"),
     (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--stadi_emulate_slowdown", "1,1e300"],
      "--stadi_emulate_slowdown factors must be in [1, 1000]"),
+    (["--model", "/models/flux", "--use_stadi", "--stadi_degree", "2"], "--model /models/flux is not in xDiT's"),
 ])
 def test_launcher_refuses_bad_runner_input_before_any_process(args, needle, capsys):
     from stadi_xdit.run import build_launch_command

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from stadi_xdit.cli_errors import OneLineArgumentParser
 from stadi_xdit.families import hub_models
+from stadi_xdit.paths import output_dir_problem
 
 __all__ = ["HUB_MODELS", "hub_snapshot_dir", "main", "write_hub_cache"]
 
@@ -81,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or not models:
         parser.error(f"argument --models: unknown model {', '.join(unknown) or '(none given)'}; "
                      f"known: {', '.join(known)}")
+    problem = output_dir_problem(args.out)
+    if problem:
+        parser.error(f"argument --out: {problem}")
     for name, path in write_hub_cache(args.out, models).items():
         print(f"{name}: {path}")
     return 0

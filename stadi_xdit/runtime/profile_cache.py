@@ -154,17 +154,18 @@ def check_cache_path(path: str | os.PathLike, settings_file: object = None, mode
                          "name a separate file, e.g. speeds.json")
     if isinstance(model, str) and os.path.isdir(model) and is_inside(path, model):
         raise ValueError(f"{FLAG} {shown} lies inside the model folder {model}; name a file outside it")
-    if target.exists() and target.suffix.lower() in _NOT_A_CACHE_SUFFIXES:
+    # os.path's tests, not Path's: on Python 3.11 Path.exists() raises for a name too long (ENAMETOOLONG).
+    if os.path.exists(target) and target.suffix.lower() in _NOT_A_CACHE_SUFFIXES:
         raise ValueError(f"{FLAG} {shown} is an existing {target.suffix} file, not a speeds cache; name a .json file")
-    if target.is_dir():
+    if os.path.isdir(target):
         raise ValueError(f"{FLAG} {shown} is a directory; name a file, e.g. {shown}/speeds.json")
-    if target.exists() and not target.is_file():  # a FIFO would block every rank's read forever
+    if os.path.exists(target) and not os.path.isfile(target):  # a FIFO would block every rank's read forever
         raise ValueError(f"{FLAG} {shown} is not a regular file (a FIFO, device or socket); name a JSON file")
     inside = model_files_holding(target)
     if inside is not None:
         raise ValueError(f"{FLAG} {shown} is inside {inside}; keep the cache outside model files, "
                          "e.g. ~/.cache/stadi/speeds.json")
-    if target.is_file():
+    if os.path.isfile(target):
         try:
             ProfileCache(target)._read_entries()
         except _ForeignFile as foreign:
@@ -173,8 +174,8 @@ def check_cache_path(path: str | os.PathLike, settings_file: object = None, mode
             pass  # moved aside (corrupt) or warned about (unreadable) when used: it only costs the cache
     # The nearest existing ancestor must be a directory, or the file can never be created.
     for ancestor in target.absolute().parents:
-        if ancestor.exists():
-            if not ancestor.is_dir():
+        if os.path.exists(ancestor):
+            if not os.path.isdir(ancestor):
                 raise ValueError(f"{FLAG} {shown}: {_one_line(ancestor)} is not a directory")
             return
 
@@ -198,14 +199,14 @@ def model_files_holding(path: Path) -> str | None:
         if any(part.startswith(("models--", "datasets--")) for part in parts) and "snapshots" in parts:
             return "a Hugging Face cache snapshot"
         for folder in candidate.parents:
-            if (folder / "model_index.json").is_file():
+            if os.path.isfile(folder / "model_index.json"):
                 return f"the model folder {folder}"
         folder = candidate.parent
         try:
             weights = any(name.endswith(WEIGHT_SUFFIXES) for name in os.listdir(folder))
         except OSError:
             weights = False
-        if weights and (folder / "config.json").is_file():
+        if weights and os.path.isfile(folder / "config.json"):
             return f"the model folder {folder}"
     return None
 
@@ -415,7 +416,7 @@ class ProfileCache:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         base = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         candidate, number = base, 0
-        while candidate.exists() or candidate.is_symlink():
+        while os.path.lexists(candidate):
             number += 1
             candidate = base.with_name(f"{base.name}-{number}")
         return candidate
