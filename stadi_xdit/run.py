@@ -289,7 +289,8 @@ def warn_if_output_exists(model: type, config: Any) -> None:
 
 def check_model_capabilities(model: type, config: object) -> None:
     """The capability check xDiT's runner model makes in every rank (`xFuserModel._validate_config`),
-    made once here: e.g. `--use_cfg_parallel` on a model without CFG parallelism."""
+    made once here: e.g. `--use_cfg_parallel` on a model without CFG parallelism, or a `--cache_method`
+    it does not list."""
     from xfuser.model_executor.models.runner_models.base_model import ModelCapabilities
 
     for key in ModelCapabilities.__annotations__:
@@ -301,6 +302,12 @@ def check_model_capabilities(model: type, config: object) -> None:
                 raise ValueError(f"--model {config.model} does not support --{key} {value}")
         elif value:
             raise ValueError(f"--model {config.model} does not support --{key}")
+    method = getattr(config, "cache_method", None)
+    if method:
+        methods = list(model.settings.step_cache_config or {}) if model.capabilities.supports_step_caching else []
+        if method not in methods:
+            raise ValueError(f"--model {config.model} does not support --cache_method {method}"
+                             + (f" (it supports {', '.join(methods)})" if methods else " (no step caching)"))
 
 
 # --- what the ranks would find missing (checked by `launch`, not by building the command) ---------

@@ -9,7 +9,9 @@ offline hub cache:
 - `exact`: STADI exact on 2 ranks with uneven bands, the same call: the same image or video;
 - `parallel`: STADI exact with `--use_cfg_parallel` (where the model has CFG) and `--use_parallel_vae`
   (where it applies): the same output up to DistVAE's bf16 rounding;
-- `guidance_off`: STADI's stale mode with guidance 1: it runs and saves.
+- `guidance_off`: STADI's stale mode with guidance 1: it runs and saves;
+- `cached`: where xDiT gives the model an in-tree step cache (`--cache_method teacache|fbcache`), STADI's
+  stale mode with it, at a threshold that reuses every step it may: steps are served, and it saves.
 
 Most of a tiny run is the start-up of its processes (each imports torch, diffusers and xfuser: about
 9 CPU-s), so the runs do not get a launch each. Runs of the same world size share one launch (one
@@ -36,6 +38,7 @@ from PIL import Image
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
 from stadi_xdit.families import hub_models
 from stadi_xdit.offline.spawn import free_port
+from stadi_xdit.xdit.step_cache import STADI_CACHE_METHODS
 
 pytestmark = pytest.mark.cpu_only("CPU runs of the tiny offline cache")
 
@@ -101,9 +104,17 @@ def runner_modes(model_name: str) -> dict[str, list[str]]:
         parallel.append("--use_cfg_parallel")
     if model.capabilities.use_parallel_vae:
         parallel.append("--use_parallel_vae")
-    return {"plain": guided, "exact": [*guided, *STADI_EXACT, "--stadi_degree", "2"], "parallel": parallel,
-            "guidance_off": [*common, "--guidance_scale", "1", "--use_stadi", "--stadi_degree", "2",
-                             "--warmup_steps", "1"]}
+    modes = {"plain": guided, "exact": [*guided, *STADI_EXACT, "--stadi_degree", "2"], "parallel": parallel,
+             "guidance_off": [*common, "--guidance_scale", "1", "--use_stadi", "--stadi_degree", "2",
+                              "--warmup_steps", "1"]}
+    methods = [m for m in model.settings.step_cache_config or {} if m in STADI_CACHE_METHODS]
+    if methods and model.capabilities.supports_step_caching:
+        # 6 steps: after the warmup step the cache computes its first forward and the rank's last; 3 are served.
+        modes["cached"] = [*guided[:guided.index("--num_inference_steps")], "--num_inference_steps", "6",
+                           *guided[guided.index("--num_inference_steps") + 2:], "--use_stadi", "--stadi_degree", "2",
+                           "--stadi_speeds", "1,1", "--warmup_steps", "1", "--cache_method", methods[0],
+                           "--cache_config", json.dumps({"residual_diff_threshold": 1e6})]
+    return modes
 
 
 def runner_runs(model_names) -> list[RunnerRun]:
@@ -185,5 +196,11 @@ def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[in
     assert np.abs(outputs["parallel"] - plain).max() <= 16
     assert np.linalg.norm(outputs["parallel"] - plain) / np.linalg.norm(plain) <= 1e-2
     assert not np.array_equal(outputs["guidance_off"], plain)  # guidance 1 is another call, and it saved
+    if "cached" in runs:
+        assert all(f"STADI rank {rank}: 6 model evaluations (plan: 6), 3 served by the step cache" in logs["cached"]
+                   for rank in (0, 1)), logs["cached"][-3000:]
+        method = runs["cached"].argv[runs["cached"].argv.index("--cache_method") + 1]
+        (image,) = [p for p in (folder / runs["cached"].name).iterdir() if p.suffix in (".png", ".mp4")]
+        assert f"_stadi-full_{method}_n2_" in image.name, image.name
     assert not [path for run in runs.values() for path in (folder / run.name).glob(".*partial*")], \
         "a temporary save was left behind"

@@ -160,6 +160,15 @@ def test_runner_config_dict_refuses_bad_stadi_input_in_one_line(config, needle, 
     (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--stadi_emulate_slowdown", "1,1e300"],
      "--stadi_emulate_slowdown factors must be in [1, 1000]"),
     (["--model", "/models/flux", "--use_stadi", "--stadi_degree", "2"], "--model /models/flux is not in xDiT's"),
+    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--cache_method", "dbcache"],
+     "--cache_method dbcache cannot be combined with --use_stadi"),
+    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--cache_method", "fbcache"],
+     "--model FLUX.1-dev does not support --cache_method fbcache (it supports teacache, dbcache)"),
+    (["--model", "FLUX.1-dev", "--cache_method", "fbcache"], "does not support --cache_method fbcache"),  # plain xDiT
+    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--cache_method", "teacache",
+      "--cache_config", '{"residual_diff_threshold": -0.1}'], "residual_diff_threshold must be a finite number >= 0"),
+    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--cache_method", "teacache",
+      "--cache_config", "[" * 100000], "--cache_config must be a JSON object"),
 ])
 def test_launcher_refuses_bad_runner_input_before_any_process(args, needle, capsys):
     from stadi_xdit.run import build_launch_command

@@ -25,8 +25,9 @@ from stadi_xdit.runtime.schedule import restrict_to_indices
 
 
 def rank_evidence(records: Sequence[StepRecord]) -> RankEvidence:
-    """This rank's samples ``(band rows, compute seconds)`` from `records`."""
-    return RankEvidence.of((r.rows, r.compute) for r in records if r.rows)
+    """This rank's samples ``(band rows, compute seconds)`` from `records`. A forward a step cache served
+    is left out: it ran a few of the blocks, and the cost model is that of a computed forward."""
+    return RankEvidence.of((r.rows, r.compute) for r in records if r.rows and not r.cached)
 
 
 def call_records(records: Sequence[StepRecord]) -> Sequence[StepRecord]:

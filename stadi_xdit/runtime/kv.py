@@ -156,6 +156,10 @@ class DisplacedKVStore:
         self._end_step()
         self.synchronous = synchronous
         self.publish = publish
+        if self.layers_may_skip and not synchronous and publish and self._buffer is not None:
+            # Begun now, not at the first layer: a step cache may skip every layer (TeaCache), and the step
+            # must still publish at its end, as its peers do.
+            self._begin_step()
 
     # --- the attention processors' entry point -------------------------------------------------
     def full_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,6 +401,7 @@ class DisplacedKVStore:
             received = (len(counts) - 1) * max(counts) * per_token
         else:
             received = (sum(counts) - own) * per_token
+        cached = {"skipped_layer_publishes": self.counts["skipped_layer_publishes"]} if self.layers_may_skip else {}
         return {
             "method": self.method,
             "token_counts": list(counts),
@@ -412,6 +417,7 @@ class DisplacedKVStore:
             "bytes_received_per_sync_point": received,
             "store_bytes": self.memory_bytes(),
             "buffer_bytes": buffer.nbytes if buffer is not None else 0,
+            **cached,  # a step cache's layers published with the K/V they last computed
         }
 
 

@@ -49,6 +49,21 @@ class BandPositionsUser(Protocol):
     def set_band(self, band: BandView) -> None: ...
 
 
+class StepCache(Protocol):
+    """A step cache inside the model (xDiT's TeaCache or FBCache blocks, `xdit/step_cache.py`): on a forward
+    whose input barely changed since the rank's last computed one, it reuses that forward's residual for
+    most blocks. Each rank decides for its own band; the loop says where it may."""
+
+    def reset(self) -> None:
+        """Forget the last forward's inputs and residuals (a new call, or a new band: other tokens)."""
+
+    def allow(self, allowed: bool) -> None:
+        """Whether the next forward may reuse the cache."""
+
+    def last_forward_cached(self) -> bool:
+        """Whether the last forward reused it."""
+
+
 class BandModel(Protocol):
     """What the loop needs from a model family."""
 
@@ -121,6 +136,7 @@ class DenoiseResult:
     memory: CallMemory | None = None
     settle_reasons: dict[str, str] = field(default_factory=dict)  # phase -> why the plan moved or stayed
     warmup_start: Plan | None = None  # the layout the warmup began on (WarmupOutcome.first)
+    cached_forwards: int = 0  # forwards of this rank that the step cache served (--cache_method)
 
 
 # Fewer warmup steps leave one timed band size: the fixed cost per forward cannot be separated.
@@ -140,14 +156,18 @@ def denoise(
     known_speeds: Sequence[float] | None = None,
     memory: CallMemory | None = None,
     positions: BandPositionsUser | None = None,
+    step_cache: StepCache | None = None,
 ) -> DenoiseResult:
     """Run every denoising step of `scheduler` (already set up for the full run) on this rank's bands.
 
     `geometry` turns plans into band layouts; each new layout's `BandView` goes to the K/V store, to the
     family's `positions` and to the model (`set_band`). `known_speeds` (user-given or cached) make warmup already elastic;
     `memory` (the last calls of this size) makes it elastic on settled estimates, and anchors the plan.
+    `step_cache` (xDiT's `--cache_method`) may serve displaced forwards; never a synchronous one, where every layer
+    gathers its K/V, nor the rank's last, which finishes its band.
     """
-    call = _Call(latents, scheduler, model, groups, store, config, geometry, warmup_steps, memory, positions)
+    call = _Call(latents, scheduler, model, groups, store, config, geometry, warmup_steps, memory, positions,
+                 step_cache)
     warm = call.warmup(known_speeds)
     final = call.profile(known_speeds)
     call.transition(final)
@@ -155,7 +175,8 @@ def denoise(
     full = call.gather()
     return DenoiseResult(full, warm.last, final, [e.speed for e in call.estimates] if call.estimates else None,
                          len(call.visited), call.timeline, call.calibration, store.stats(), replans=call.replans,
-                         memory=call.remember(ran), settle_reasons=call.reasons, warmup_start=warm.first)
+                         memory=call.remember(ran), settle_reasons=call.reasons, warmup_start=warm.first,
+                         cached_forwards=call.cached_forwards)
 
 
 class _Call:
@@ -164,9 +185,13 @@ class _Call:
 
     def __init__(self, latents: torch.Tensor, scheduler, model: BandModel, groups: StadiGroups,
                  store: DisplacedKVStore, config: StadiConfig, geometry: BandGeometry, warmup_steps: int,
-                 memory: CallMemory | None, positions: BandPositionsUser | None = None):
+                 memory: CallMemory | None, positions: BandPositionsUser | None = None,
+                 step_cache: StepCache | None = None):
         self.scheduler, self.model, self.groups, self.store = scheduler, model, groups, store
-        self.positions = positions
+        self.positions, self.step_cache = positions, step_cache
+        self.cached_forwards = 0
+        # A publishing step the cache cut short still publishes every layer (the K/V it last computed).
+        store.layers_may_skip = step_cache is not None
         self.config, self.geometry, self.warmup_steps = config, geometry, warmup_steps
         self.comm = groups.band
         self.rank, self.world = self.comm.rank, self.comm.world_size
@@ -197,15 +222,20 @@ class _Call:
         store.configure(kv_dtype=None if config.exact else kv_storage_dtype(config.kv_dtype))
 
     # --- mechanism shared by the phases ---------------------------------------------------------
-    def _forward_and_step(self, schedule_index: int, phase: str, base_step: int) -> None:
+    def _forward_and_step(self, schedule_index: int, phase: str, base_step: int, may_cache: bool = False) -> None:
         t = self.scheduler.timesteps[schedule_index]
         self.comm.enter(phase, base_step)
+        if self.step_cache is not None:
+            self.step_cache.allow(may_cache)
         self.timer.begin()
         output = self.model.predict(self.band, t)
+        cached = self.step_cache is not None and self.step_cache.last_forward_cached()
+        self.cached_forwards += cached
         # Base steps of the full grid: the emulated load may change at one (--stadi_emulate_shift).
         grid_step = base_step if phase == "warmup" else self.warmup_steps + base_step
         start_row, end_row = self.layout.token_rows[self.rank]
-        self.timer.end(phase, base_step, end_row - start_row, self.config.emulated_factor(self.rank, grid_step))
+        self.timer.end(phase, base_step, end_row - start_row, self.config.emulated_factor(self.rank, grid_step),
+                       cached=cached)
         self.band = self.scheduler.step(output, t, self.band, return_dict=False)[0]
 
     def _install(self, layout: BandLayout) -> None:
@@ -213,6 +243,8 @@ class _Call:
         one `BandView` goes to the store, the family's positions and the model."""
         if self.layout is not None and layout.token_rows != self.layout.token_rows:
             self.band = self._reband(self.layout, layout)
+        if self.step_cache is not None and (self.layout is None or layout.token_rows != self.layout.token_rows):
+            self.step_cache.reset()
         self.layout = layout
         view = BandView(layout, self.rank)
         self.store.set_band(view)
@@ -327,9 +359,11 @@ class _Call:
             is_last_period = period == current.num_periods - 1
             first_record = self.timer.count
             for j, k in enumerate(steps):
-                publish = j == len(steps) - 1 and not is_last_period and not config.exact
+                last_of_period = j == len(steps) - 1
+                publish = last_of_period and not is_last_period and not config.exact
                 self.store.set_phase(synchronous=config.exact, publish=publish)
-                self._forward_and_step(len(self.visited), "stadi", offset + k)
+                may_cache = not config.exact and not (is_last_period and last_of_period)
+                self._forward_and_step(len(self.visited), "stadi", offset + k, may_cache)
                 self.visited.append(self.warmup_steps + offset + k)
             period += 1
             if replanner is None or is_last_period:

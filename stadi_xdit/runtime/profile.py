@@ -30,6 +30,7 @@ class StepRecord:
     emulated: float  # sleep added by --stadi_emulate_slowdown
     rows: int | None = None  # token rows of the band this forward computed
     work: float | None = None  # --stadi_timing work: the rank's own work clock over the forward
+    cached: bool = False  # a step cache served the transformer's blocks: not a sample of the band's cost
 
     @property
     def compute(self) -> float:
@@ -101,13 +102,13 @@ class HostForwardTimer:
     def begin(self) -> None:
         self._start = (self.timeline.now(), time.thread_time(), self.comm.wait_seconds)
 
-    def end(self, phase: str, base_step: int, rows: int, slowdown: float) -> None:
+    def end(self, phase: str, base_step: int, rows: int, slowdown: float, cached: bool = False) -> None:
         start, work_start, waited_before = self._start
         work = time.thread_time() - work_start  # a blocked collective burns no CPU time: no wait to subtract
         wait = self.comm.wait_seconds - waited_before
         emulated = emulate_slowdown(slowdown, work) if slowdown != 1.0 else 0.0
         self.timeline.steps.append(StepRecord(phase, base_step, start, self.timeline.now(), wait, emulated, rows,
-                                              work=work if self.record_work else None))
+                                              work=work if self.record_work else None, cached=cached))
 
     @property
     def count(self) -> int:
@@ -128,6 +129,7 @@ class _TimedForward:
     end: object
     waits: list  # (start, end) event pairs of the collectives it waited on
     host_wait: float
+    cached: bool
 
 
 class EventForwardTimer:
@@ -157,10 +159,10 @@ class EventForwardTimer:
         self.comm.take_device_waits()  # waits between forwards (a transition's gathers) belong to no forward
         self._start = (self._recorded(), self.comm.wait_seconds)
 
-    def end(self, phase: str, base_step: int, rows: int, slowdown: float) -> None:
+    def end(self, phase: str, base_step: int, rows: int, slowdown: float, cached: bool = False) -> None:
         start, host_before = self._start
         self.pending.append(_TimedForward(phase, base_step, rows, start, self._recorded(),
-                                          self.comm.take_device_waits(), self.comm.wait_seconds - host_before))
+                                          self.comm.take_device_waits(), self.comm.wait_seconds - host_before, cached))
         if slowdown != 1.0:  # the emulated sleep is sized by this forward's cost: read it now
             record = self.settle()[-1]
             record.emulated = emulate_slowdown(slowdown, record.end - record.start - record.wait)
@@ -181,7 +183,8 @@ class EventForwardTimer:
                 start, end = self._seconds(forward.start), self._seconds(forward.end)
                 work = end - start - wait
                 self.timeline.steps.append(StepRecord(forward.phase, forward.base_step, start, end, wait, 0.0,
-                                                      forward.rows, work=work if self.record_work else None))
+                                                      forward.rows, work=work if self.record_work else None,
+                                                      cached=forward.cached))
             self.pending.clear()
         return self.timeline.steps
 

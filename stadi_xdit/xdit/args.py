@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -29,6 +30,7 @@ from stadi_xdit.geometry import TOKEN_ROW_PX
 from stadi_xdit.planner.validation import MAX_ROWS, MAX_STEPS, require_int
 from stadi_xdit.runtime.profile_cache import check_cache_path
 from stadi_xdit.topology import Topology
+from stadi_xdit.xdit.step_cache import STADI_CACHE_METHODS
 
 # xDiT features STADI does not run under its own loop yet: refused instead of silently dropped.
 UNSUPPORTED_FEATURES = ("use_fast_attn", "use_onediff", "use_teacache", "use_fbcache",
@@ -105,8 +107,29 @@ def refuse_unsupported_features(args: xFuserArgs) -> None:
         raise ValueError(f"{flag} cannot be combined with --use_stadi (STADI runs on torchrun's processes, not on "
                          "xDiT's Ray workers: launch with stadi-xdit or torchrun --nproc_per_node N)")
     if args.cache_method is not None:
-        raise ValueError(f"--cache_method {args.cache_method} cannot be combined with --use_stadi "
-                         "(STADI runs its own denoising loop)")
+        check_step_cache(args.cache_method, getattr(args, "cache_config", None))
+
+
+def check_step_cache(method: str, cache_config: str | None) -> None:
+    """`--cache_method` and `--cache_config` as STADI runs them (`xdit/step_cache.py`): xDiT's in-tree
+    caches, each rank deciding for its band, with a threshold that is a number >= 0."""
+    if method not in STADI_CACHE_METHODS:
+        raise ValueError(f"--cache_method {method} cannot be combined with --use_stadi (its decision is "
+                         f"synchronised over all ranks, which reach a step at different times under STADI); "
+                         f"use {' or '.join(STADI_CACHE_METHODS)}")
+    if not cache_config:
+        return
+    try:
+        settings = json.loads(cache_config)
+    except (ValueError, RecursionError):
+        raise ValueError(f"--cache_config must be a JSON object, got {shown_value(cache_config)}") from None
+    if not isinstance(settings, dict) or set(settings) - {"residual_diff_threshold"}:
+        raise ValueError(f"--cache_config takes only {{\"residual_diff_threshold\": NUMBER}} with --cache_method "
+                         f"{method}, got {shown_value(cache_config)}")
+    threshold = settings.get("residual_diff_threshold", 0.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
+        raise ValueError(f"--cache_config residual_diff_threshold must be a finite number >= 0 "
+                         f"(0: never reuse a step), got {shown_value(threshold)}")
 
 
 def launch_world_size() -> int:

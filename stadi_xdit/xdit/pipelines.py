@@ -37,6 +37,7 @@ from stadi_xdit.runtime.schedule import to_subsequence_capable
 from stadi_xdit.topology import Topology
 from stadi_xdit.xdit.injection import InjectionPlan, apply_injection
 from stadi_xdit.xdit.runtime_state import StadiRuntimeState, install_runtime_state
+from stadi_xdit.xdit.step_cache import XditStepCache
 
 logger = init_logger(__name__)
 
@@ -116,6 +117,7 @@ class StadiPipelineMixin:
         self.served_by_runner = bool(getattr(engine_config, "served_by_runner", False))
         self.injection = None
         self.compiled: CompiledBlocks | None = None  # --use_torch_compile: the blocks compiled
+        self.step_cache: XditStepCache | None = None  # --cache_method: xDiT's cache, steered by the loop
         self._compiling_call = False  # inside `compile_warmup()`
         self.last_result: DenoiseResult | None = None
         # --stadi_replan calls/sync: per (height, width), the evidence of the last calls of that size
@@ -155,7 +157,12 @@ class StadiPipelineMixin:
                                   cfg=_bounded_comm(cfg, timeout, times_device_waits=False))
         self.kv_store = DisplacedKVStore(self.groups.band)
 
-    def _convert_transformer_backbone(self, transformer, *, enable_torch_compile: bool = False, **kwargs):
+    def _convert_transformer_backbone(self, transformer, *, enable_torch_compile: bool = False, cache_args=None,
+                                      **kwargs):
+        if any((cache_args or {}).get(key) for key in ("cache_method", "use_teacache", "use_fbcache")):
+            # Not dropped silently: xDiT's runner applies the cache after compiling, and STADI steers it there.
+            raise ValueError("step caching under --use_stadi runs through xDiT's model runner "
+                             "(stadi-xdit --model ... --cache_method teacache), not a pipeline's cache_args")
         self.injection = apply_injection(transformer, self.injection_plan, self.kv_store, self._stadi_runtime_state)
         # Under xDiT's runner its `_compile_model` compiles, later, in the mode that model picks.
         if enable_torch_compile and not self.served_by_runner:
@@ -166,6 +173,18 @@ class StadiPipelineMixin:
         """--use_torch_compile: each transformer block's forward compiled (`runtime/compile.py`), in xDiT's `mode`."""
         if self.compiled is None:
             self.compiled = compile_blocks(self.module.transformer, mode)
+
+    def attach_step_cache(self) -> None:
+        """xDiT has applied `--cache_method` to the transformer (after compiling it, as its runner does): the
+        loop steers that cache (`xdit/step_cache.py`). Each rank decides alone, so a CFG pair, whose two
+        branches must decide alike, is refused."""
+        if self.topology.cfg_degree > 1:
+            raise ValueError("--cache_method cannot be combined with --use_cfg_parallel under --use_stadi "
+                             "(each rank's cache decides alone; the two CFG branches would decide apart)")
+        self.step_cache = XditStepCache.find(self.module.transformer)
+        if self.step_cache is None:
+            raise ValueError(f"--cache_method: xDiT applied no in-tree step cache to "
+                             f"{type(self.module.transformer).__name__}")
 
     def compile_warmup_steps(self, num_steps: int) -> int:
         """Steps of a compile warmup call: STADI's warmup, then enough displaced steps that every rank computes
@@ -375,14 +394,15 @@ class StadiPipelineMixin:
         result = denoise(latents, scheduler, model, groups=self.groups, store=self.kv_store, config=self.stadi_config,
                          geometry=geometry, warmup_steps=self._warmup_steps(num_steps),
                          known_speeds=self._known_speeds(cached), memory=self._memory((height, width), cached),
-                         positions=self.injection)
+                         positions=self.injection, step_cache=self.step_cache)
         self.kv_store.reset()
         self._remember(key, (height, width), result)
         self.last_result = result
         if self.is_dp_last_group():
             log_plan(result)
         planned = executed_evals(result.plan, result.replans, self.groups.band.rank)  # warmup included
-        logger.info("STADI rank %d: %d model evaluations (plan: %d)", self.groups.band.rank, result.num_evals, planned)
+        logger.info("STADI rank %d: %d model evaluations (plan: %d)%s", self.groups.band.rank, result.num_evals, planned,
+                    f", {result.cached_forwards} served by the step cache" if self.step_cache is not None else "")
         return result
 
 

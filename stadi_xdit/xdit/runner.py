@@ -25,7 +25,7 @@ from stadi_xdit.topology import REFUSED_WITH_STADI, STADI_SLOT
 
 # Capabilities of xDiT's runner models that STADI's own loop cannot combine with: the refused degrees
 # (but STADI's own slot, which a STADI run fills) and these features.
-_FEATURES_NOT_WITH_STADI = ("supports_step_caching", "use_fp8_comms", "use_hybrid_attn_schedule",
+_FEATURES_NOT_WITH_STADI = ("use_fp8_comms", "use_hybrid_attn_schedule",
                             "use_hybrid_gemm_schedule", "supports_sparse_attention_backends",
                             "supports_sparge_attention_backends")
 _NOT_WITH_STADI = (*(name for name in REFUSED_WITH_STADI if name != STADI_SLOT), *_FEATURES_NOT_WITH_STADI)
@@ -129,10 +129,12 @@ def stadi_runner_model(model_cls: type, model_name: str | None = None) -> type:
 
 
 def stadi_output_name(model: Any, input_args: dict[str, Any]) -> str:
-    """The runner's output name for a STADI run: the strategy, its mode, `_tc` with --use_torch_compile and the
-    process count where xDiT's `get_output_name` has `u<ulysses>r<ring>_tc_<compile>`, so a STADI run and a
+    """The runner's output name for a STADI run: the strategy, its mode, `_tc` with --use_torch_compile, the
+    --cache_method and the process count where xDiT's `get_output_name` has `u<ulysses>r<ring>_tc_<compile>`, so a STADI run and a
     plain run into one --output_directory never write the same file."""
     strategy = model.config.stadi.output_label(model.config.use_torch_compile)
+    if model.config.cache_method:  # a cached run's image differs: it keeps its own name
+        strategy += f"_{model.config.cache_method}"
     ranks = model.config.topology.world_size  # the launch `validate` checked the flags against
     name = f"{model.settings.output_name}_{strategy}_n{ranks}_{input_args['height']}x{input_args['width']}"
     return f"{name}_{model.config.task}" if model.config.task else name
@@ -215,9 +217,14 @@ def _stadi_form(model_cls: type) -> type:
         with self.pipe.compile_warmup():
             self._run_compile_warmup(compile_args)
 
+    def _apply_step_cache(self):
+        # xDiT applies --cache_method to the (compiled) transformer; STADI's loop then steers it per rank.
+        model_cls._apply_step_cache(self)
+        self.pipe.attach_step_cache()
+
     return type(f"Stadi{model_cls.__name__}", (model_cls,), {
         "__module__": __name__, "__doc__": f"{model_cls.__name__} under STADI (pipeline wrapped into its twin).",
         "capabilities": capabilities, "initialize": initialize, "_load_model": _load_model,
-        "_compile_model": _compile_model,
+        "_compile_model": _compile_model, "_apply_step_cache": _apply_step_cache,
         "get_output_name": stadi_output_name, "save_output": save_runner_output, "save_timings": save_runner_timings,
         "__stadi_runner_model__": True})

@@ -1,0 +1,75 @@
+"""xDiT's step cache (`--cache_method teacache`) under STADI, on tiny Flux.1 across 2 gloo ranks.
+
+Each rank's cache decides for its own band; synchronous steps and the rank's last forward always compute,
+and a publishing step the cache cut short still publishes every layer (`runtime/kv.py`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stadi_xdit.offline.spawn import run_distributed
+from stadi_xdit.xdit.build import build_stadi_pipeline
+
+PROMPT = "a red cat"
+STEPS, SIZE = 12, 128
+# Stale full mode with a 1:2 speed split: rank 1 runs at stride 2, so the ranks publish at different steps.
+STADI = {"stadi_mode": "full", "stadi_speeds": "2,1", "warmup_steps": 2}
+
+
+def _run(rank: int, world: int, runs: list[dict]) -> list[dict]:
+    from xfuser.model_executor.cache.adapters import apply_cache  # the harness loaded the compat layer first
+
+    from stadi_xdit.families.flux import FLUX_PRESETS, build_flux_pipeline
+    from stadi_xdit.models.flux import StadiFluxPipeline
+
+    results = []
+    for run in runs:
+        pipe = build_stadi_pipeline(StadiFluxPipeline, build_flux_pipeline(FLUX_PRESETS["tiny"]), size=SIZE,
+                                    steps=STEPS, model="tiny-flux", ignore_foreign_bands=run.get("fault", False),
+                                    **STADI)
+        if "threshold" in run:  # as xDiT's runner applies --cache_method, then STADI steers it
+            apply_cache("teacache", num_steps=STEPS, pipe=None, transformer=pipe.module.transformer,
+                        cache_config=json.dumps({"residual_diff_threshold": run["threshold"]}))
+            pipe.attach_step_cache()
+        out = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent",
+                   max_sequence_length=16, guidance_scale=3.5, generator=torch.Generator().manual_seed(1))
+        result = pipe.last_result
+        records = result.timeline.steps
+        results.append({"latents": out.images, "cached": result.cached_forwards,
+                        "strides": [r.stride for r in result.plan.ranks],
+                        "cached_phases": sorted({r.phase for r in records if r.cached}),
+                        "last_cached": records[-1].cached, "displaced": sum(r.phase == "stadi" for r in records),
+                        "skipped_publishes": result.kv_exchange.get("skipped_layer_publishes")})
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[list[dict]]:
+    plan = [{}, {"threshold": 0.0}, {"threshold": 1e6}, {"threshold": 1e6, "fault": True}]
+    return run_distributed(_run, 2, plan, timeout=300)
+
+
+def test_a_threshold_of_zero_is_exactly_the_uncached_run(runs):
+    for rank, (uncached, zero, *_) in enumerate(runs):
+        assert uncached["strides"] == [1, 2], uncached["strides"]
+        assert zero["cached"] == 0 and torch.equal(zero["latents"], uncached["latents"]), rank
+
+
+def test_cached_forwards_are_displaced_ones_but_the_last_and_reported(runs):
+    for rank, (uncached, _, cached, _) in enumerate(runs):
+        # Every displaced forward may be served but the last and, after a new band, the first two (TeaCache
+        # computes the first two forwards of a run: there is nothing to reuse, then nothing accumulated).
+        assert 0 < cached["cached"] <= cached["displaced"] - 3, (rank, cached)
+        assert cached["cached_phases"] == ["stadi"] and not cached["last_cached"], cached
+        assert torch.isfinite(cached["latents"]).all() and not torch.equal(cached["latents"], uncached["latents"])
+    # Rank 0 (stride 1) is served at rank 1's sync points too: its skipped layers still go out there.
+    assert runs[0][2]["skipped_publishes"] > 0
+
+
+def test_the_broken_exchange_fault_still_bites_with_the_cache(runs):
+    for rank, (*_, cached, faulty) in enumerate(runs):
+        assert not torch.equal(faulty["latents"], cached["latents"]), f"rank {rank}: the exchange did not matter"
