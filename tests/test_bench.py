@@ -88,6 +88,35 @@ def test_skip_reasons_name_the_shape():
     assert "multiple of patch" in skip_reason(ARMS["ring"], tiny, 128, 3, 4, 1)
     assert skip_reason(ARMS["full"], tiny, 128, 2, 4, 4).startswith("STADI needs")
     assert skip_reason(ARMS["single"], tiny, 128, 1, 4, 1) is None
+    assert skip_reason(ARMS["full+teacache"], tiny, 128, 2, 4, 1) == "xDiT has no in-tree teacache for pixart (only for flux)"
+    assert skip_reason(ARMS["single+teacache"], get_preset("flux-small"), 128, 1, 4, 1) is None
+
+
+def test_cached_arms_run_xdits_cache_and_report_what_it_served(tmp_path, capsys):
+    """Flux (the family with xDiT's in-tree TeaCache) at 8 token rows: a threshold that reuses every step it may."""
+    out = tmp_path / "bench"
+    code = main(["--preset", "flux-small", "--height", "128", "--steps", "6", "--warmup", "2", "--repeats", "1",
+                 "--arms", "single,single+teacache,full+teacache", "--scenario", "none", "--cache-threshold", "1e6",
+                 "--out", str(out), "--no-progress", "--no-plots", "--run-timeout", "120"])
+    assert code == 0
+    assert "forwards served by the step cache per rank" in capsys.readouterr().out
+    (scenario,) = json.loads((out / "results.json").read_text())["scenarios"]
+    arms = scenario["arms"]
+    assert all(arm["status"] == "ok" for arm in arms.values()), {n: a["reason"] for n, a in arms.items()}
+    assert arms["single"]["cache"] is None
+    single, full = arms["single+teacache"]["cache"], arms["full+teacache"]["cache"]
+    # One process: TeaCache computes its first two forwards, then reuses the rest (6 steps).
+    assert single["served_forwards"] == [4] and single["forwards"] == [6]
+    assert single["speedup_vs_uncached"] > 0
+    # STADI: never one of the 2 warmup forwards or a rank's last (and after a new band, TeaCache's first two).
+    assert all(0 < served <= forwards - 3 for served, forwards in zip(full["served_forwards"], full["forwards"]))
+    assert full["speedup_vs_uncached"] is None  # its uncached arm did not run
+    assert arms["full+teacache"]["speedup_vs_single"] is not None  # against single+teacache
+
+
+def test_bench_cache_threshold_is_checked():
+    with pytest.raises(SystemExit):
+        main(["--preset", "flux-small", "--cache-threshold", "-1"])
 
 
 def test_scenarios_parse_and_reject():

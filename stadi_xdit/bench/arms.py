@@ -35,6 +35,8 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
     units, unit = preset.band_units(height), preset.band_unit  # token rows, or latent frames of a clip
     if height % (VAE_SCALE * PATCH_SIZE):
         return f"height {height} is not a multiple of {VAE_SCALE * PATCH_SIZE} px"
+    if arm.cache and arm.cache not in preset.step_caches:
+        return f"xDiT has no in-tree {arm.cache} for {preset.family} (only for {', '.join(_cached_families())})"
     if arm.kind == "single":
         return None
     if world < 2:
@@ -62,6 +64,12 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
         if units < patches:
             return f"{units} {unit}s < {patches} pipeline patches"
     return None
+
+
+def _cached_families() -> list[str]:
+    from stadi_xdit.bench.presets import bench_presets
+
+    return sorted({p.family for p in bench_presets().values() if p.step_caches})
 
 
 def _stadi_pipeline_class(preset: BenchPreset):
@@ -176,11 +184,16 @@ def _build(setup: dict, rank: int, world: int):
             from stadi_xdit.runtime.compile import compile_blocks
 
             compile_blocks(base.transformer)
+        if arm.cache:
+            from xfuser import xFuserArgs
+            from xfuser.core.distributed import initialize_model_parallel
+
+            # xDiT's groups of one process, as its runner makes them on one GPU: its cache reads them.
+            xFuserArgs(**_xdit_call_args(setup, preset)).create_config()
+            initialize_model_parallel()
+            _apply_step_cache(base.transformer, arm.cache, setup)
         return (_FramesAsImages(base) if preset.video else base), base.transformer
-    common = {"model": preset.name, "height": setup["height"], "width": preset.width(setup["height"]),
-                  "num_inference_steps": setup["steps"], "warmup_steps": setup["warmup"]}
-    if preset.video:
-        common["num_frames"] = preset.clip_frames
+    common = _xdit_call_args(setup, preset)
     if arm.kind == "stadi":
         from stadi_xdit.xdit.args import StadiArgs
 
@@ -209,7 +222,43 @@ def _build(setup: dict, rank: int, world: int):
     pipe = cls(base, engine_config)
     if arm.kind == "stadi" and setup.get("kv_group_layers"):
         pipe.kv_store.configure(group_layers=int(setup["kv_group_layers"]))
+    if arm.cache:  # as xDiT's runner: after compiling; STADI then steers the cache
+        _apply_step_cache(pipe.module.transformer, arm.cache, setup)
+        pipe.attach_step_cache()
     return (_FramesAsImages(pipe) if preset.video else pipe), pipe.module.transformer
+
+
+def _xdit_call_args(setup: dict, preset: BenchPreset) -> dict:
+    """The call's size and steps as xDiT's args take them."""
+    common = {"model": preset.name, "height": setup["height"], "width": preset.width(setup["height"]),
+              "num_inference_steps": setup["steps"], "warmup_steps": setup["warmup"]}
+    if preset.video:
+        common["num_frames"] = preset.clip_frames
+    return common
+
+
+def _apply_step_cache(transformer: torch.nn.Module, method: str, setup: dict) -> None:
+    """xDiT's in-tree `method` on `transformer`, as its runner applies `--cache_method` (its default threshold
+    unless the setup names one: `--cache-threshold`)."""
+    import json
+
+    from xfuser.model_executor.cache.adapters import apply_cache
+
+    threshold = setup.get("cache_threshold")
+    apply_cache(method, num_steps=setup["steps"], pipe=None, transformer=transformer,
+                cache_config=None if threshold is None else json.dumps({"residual_diff_threshold": threshold}))
+
+
+def served_forwards_counter(transformer: torch.nn.Module) -> list[int] | None:
+    """A one-item counter of the transformer's forwards that its step cache served (None without a cache)."""
+    from stadi_xdit.xdit.step_cache import XditStepCache
+
+    cache = XditStepCache.find(transformer)
+    if cache is None:
+        return None
+    served = [0]
+    transformer.register_forward_hook(lambda *_: served.__setitem__(0, served[0] + cache.last_forward_cached()))
+    return served
 
 
 def reset_peak_memory(device: str) -> None:
@@ -301,11 +350,13 @@ def warm_compiled_arm(setup: dict, pipe, world: int, is_stadi: bool, rank: int) 
 
 
 def _run_once(setup: dict, pipe, timer: ArmForwardHooks, world: int, is_stadi: bool, rank: int, conn,
-              compiled: dict | None = None) -> dict:
+              compiled: dict | None = None, served: list[int] | None = None) -> dict:
     import torch.distributed as dist
 
     kwargs = _call_kwargs(setup, rank, setup["steps"])
     timer.reset()
+    if served is not None:
+        served[0] = 0
     if world > 1:
         dist.barrier()
     reset_peak_memory(setup["device"])
@@ -332,6 +383,8 @@ def _run_once(setup: dict, pipe, timer: ArmForwardHooks, world: int, is_stadi: b
     if is_stadi:
         result["stadi"] = _timeline_dict(pipe.last_result, start)
         result["stadi"]["peak_memory_bytes"] = peak
+    if served is not None:
+        result["served_forwards"] = served[0]  # forwards the step cache served in this call
     if compiled is not None:
         from stadi_xdit.runtime.compile import compiled_graphs
 
@@ -357,6 +410,7 @@ def arm_worker(rank: int, world: int, setup: dict, address, authkey: bytes) -> N
         schedule = tuple(setup["factors"][rank]) if arm.kind != "stadi" else (1.0, 1.0, None)
         timer = ArmForwardHooks(transformer, schedule, cuda=setup["device"] == "cuda")
         compiled = warm_compiled_arm(setup, pipe, world, arm.kind == "stadi", rank) if arm.compiled else None
+        served = served_forwards_counter(transformer) if arm.cache else None
         conn = Client(address, authkey=authkey)
         conn.send(("ready", rank, {"pid": os.getpid(), "core": core}))
         while True:
@@ -364,7 +418,7 @@ def arm_worker(rank: int, world: int, setup: dict, address, authkey: bytes) -> N
             if command == "stop":
                 break
             conn.send(("result", rank, _run_once(setup, pipe, timer, world, arm.kind == "stadi", rank, conn,
-                                                 compiled)))
+                                                 compiled, served)))
     except BaseException:
         if conn is not None:
             try:

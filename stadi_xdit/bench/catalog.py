@@ -19,6 +19,7 @@ class Arm:
     mode: str | None = None  # STADI arms: --stadi_mode (default: the arm's name)
     replan: str = "off"  # STADI arms: --stadi_replan
     compiled: bool = False  # --use_torch_compile: each transformer block compiled, as STADI compiles them
+    cache: str | None = None  # --cache_method: xDiT's in-tree step cache on the transformer (Flux only)
 
     def label(self, world: int) -> str:
         return self.title.format(n=world)
@@ -28,8 +29,14 @@ class Arm:
         """The same arm uncompiled (its own name for an eager arm): what a compiled arm's speedup is against."""
         return self.name.removesuffix(COMPILED)
 
+    @property
+    def uncached(self) -> str:
+        """The same arm without its step cache: what a cached arm's speedup is against."""
+        return self.name.removesuffix(CACHED)
+
 
 COMPILED = "+compile"
+CACHED = "+teacache"
 
 
 ARMS: dict[str, Arm] = {
@@ -49,11 +56,16 @@ ARMS: dict[str, Arm] = {
         Arm("single+compile", "single", "single rank, compiled", compiled=True),
         Arm("uniform+compile", "stadi", "STADI uniform, compiled", mode="uniform", compiled=True),
         Arm("full+compile", "stadi", "STADI full, compiled", mode="full", compiled=True),
+        # Step caching (issue 24): xDiT's TeaCache, each compared with its uncached arm and the other cached arms.
+        Arm("single+teacache", "single", "single rank, TeaCache", cache="teacache"),
+        Arm("uniform+teacache", "stadi", "STADI uniform, TeaCache", mode="uniform", cache="teacache"),
+        Arm("full+teacache", "stadi", "STADI full, TeaCache", mode="full", cache="teacache"),
     )
 }
 ARM_ORDER = tuple(ARMS)
-# What runs without --arms: everything but the adaptive and compiled variants (ask for those by name).
-DEFAULT_ARMS = tuple(name for name in ARM_ORDER if ARMS[name].replan == "off" and not ARMS[name].compiled)
+# What runs without --arms: everything but the adaptive, compiled and cached variants (ask for those by name).
+DEFAULT_ARMS = tuple(name for name in ARM_ORDER
+                     if ARMS[name].replan == "off" and not ARMS[name].compiled and not ARMS[name].cache)
 XDIT_ARMS = ("ulysses", "ring", "pipefusion")
 
 

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default slowdown:1,2)")
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                         help=f"comma-separated subset of {','.join(ARM_ORDER)} (default: all but the "
-                             "adaptive full-calls and full-sync and the +compile arms)")
+                             "adaptive full-calls and full-sync and the +compile and +teacache arms)")
     parser.add_argument("--cores", default=None,
                         help="core of rank i, comma-separated (default: the allowed cores, in order)")
     parser.add_argument("--order", choices=("interleaved", "blocked"), default="interleaved",
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-stride", type=int, default=2, help="STADI --stadi_max_stride (default 2)")
     parser.add_argument("--pipefusion-patches", type=int, default=None, help="PipeFusion patches (default N)")
+    parser.add_argument("--cache-threshold", type=float, default=None,
+                        help="the +teacache arms' residual_diff_threshold (--cache_config; default xDiT's 0.12)")
     parser.add_argument("--profile-cache", action="store_true",
                         help="spatial/full reuse the speeds measured in the scenario's warm-up call "
                              "(--stadi_profile_cache; warm-up steps then use elastic bands) instead of "
@@ -178,6 +180,7 @@ def _validate_shape(args: argparse.Namespace) -> None:
     _require_range("--max-stride", args.max_stride, 1, MAX_STRIDE_LIMIT, "an integer (the planner's limit)")
     if args.pipefusion_patches is not None and args.pipefusion_patches < 1:
         _reject("--pipefusion-patches", f"must be an integer >= 1, got {args.pipefusion_patches}")
+    _require_range("--cache-threshold", args.cache_threshold, 0.0, 1e6)
 
 
 def _validate_run(args: argparse.Namespace) -> None:
@@ -383,6 +386,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
                              cores=_cores(args.core_list, args.ranks),
                              seed=args.seed, order=args.order, max_stride=args.max_stride,
                              pipefusion_patches=args.pipefusion_patches, profile_cache=args.profile_cache,
+                             cache_threshold=args.cache_threshold,
                              device=args.device, dtype=args.dtype, run_timeout=args.run_timeout,
                              verbose_workers=args.verbose_workers, out_dir=out, per_call=args.per_call)
     print(f"stadi-bench: preset {preset.name} {preset.shape_label(height)}, {args.steps} steps (warmup {args.warmup}), "
@@ -406,7 +410,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str], preset, height: int
                          "warmup": args.warmup, "repeats": args.repeats, "per_call": args.per_call,
                          "ranks": args.ranks, "arms": list(arms),
                          "cores": settings.cores, "order": args.order, "seed": args.seed, "max_stride": args.max_stride,
-                         "profile_cache": settings.profile_cache, "device": args.device, "dtype": args.dtype},
+                         "profile_cache": settings.profile_cache, "device": args.device, "dtype": args.dtype,
+                         "cache_threshold": args.cache_threshold},
             "scenarios": summaries,
             "plots": [str(p) for p in files],
         }

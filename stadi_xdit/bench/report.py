@@ -7,7 +7,7 @@ import statistics
 
 import torch
 
-from stadi_xdit.bench.catalog import ARMS, COMPILED, XDIT_ARMS
+from stadi_xdit.bench.catalog import ARMS, CACHED, COMPILED, XDIT_ARMS
 from stadi_xdit.bench.metrics import psnr, ssim
 from stadi_xdit.bench.runner import ArmOutcome, BenchSettings
 from stadi_xdit.bench.scenarios import Scenario
@@ -192,6 +192,7 @@ def summarize(settings: BenchSettings, scenario: Scenario, outcomes: dict[str, A
             "speedup_vs_best_xdit": _ratio(medians.get(best_xdit), median) if best_xdit else None,
             "speedup_vs_single": _ratio(medians.get(f"single{suffix(name)}"), median),
             "compile": _compile_details(outcome, medians.get(ARMS[name].eager)) if ARMS[name].compiled else None,
+            "cache": _cache_details(outcome, medians.get(ARMS[name].uncached)) if ARMS[name].cache else None,
             "busy_fraction": busy,
             "peak_memory_bytes": peak,
             "emulated_seconds": ([_median([run["ranks"][r]["emulated"] for run in outcome.runs])
@@ -215,8 +216,22 @@ def summarize(settings: BenchSettings, scenario: Scenario, outcomes: dict[str, A
 
 
 def suffix(arm_name: str) -> str:
-    """`+compile` for a compiled arm, else nothing: the suffix of the arms it is compared with."""
-    return COMPILED if ARMS[arm_name].compiled else ""
+    """`+compile` for a compiled arm, `+teacache` for a cached one, else nothing: the suffix of the arms it is
+    compared with."""
+    arm = ARMS[arm_name]
+    return COMPILED if arm.compiled else CACHED if arm.cache else ""
+
+
+def _cache_details(outcome: ArmOutcome, uncached_median: float | None) -> dict | None:
+    """A cached arm: the forwards its step cache served per rank (median over the timed calls), of how many,
+    and its speedup over the same arm uncached (None without it)."""
+    if not outcome.runs:
+        return None
+    world = len(outcome.runs[0]["ranks"])
+    return {"served_forwards": [_median([run["ranks"][r]["served_forwards"] or 0 for run in outcome.runs])
+                                for r in range(world)],
+            "forwards": [_median([run["ranks"][r]["forwards"] for run in outcome.runs]) for r in range(world)],
+            "speedup_vs_uncached": _ratio(uncached_median, outcome.median)}
 
 
 def _compile_details(outcome: ArmOutcome, eager_median: float | None) -> dict | None:
@@ -375,6 +390,13 @@ def _fmt(value, digits: int = 3) -> str:
 # ------------------------------------------------------------------------------------------ tables
 
 
+def _cache_line(arm: dict) -> str:
+    cache = arm["cache"]
+    served = ", ".join(f"{_fmt(s, 0)}/{_fmt(n, 0)}" for s, n in zip(cache["served_forwards"], cache["forwards"]))
+    return (f"  {arm['label']}: forwards served by the step cache per rank {served}, "
+            f"{_fmt(cache['speedup_vs_uncached'], 2)}x its uncached arm; 'vs unif' and 'vs single' against the cached arms")
+
+
 def _compile_line(arm: dict) -> str:
     compiled = arm["compile"]
     return (f"  {arm['label']}: torch.compile warmup {_fmt(compiled['warmup_seconds'], 1)} s ({compiled['warmup_graphs']} "
@@ -431,6 +453,7 @@ def format_table(summary: dict, settings: BenchSettings) -> str:
                          f"{_mb(first.get('bytes_received_per_sync_point'))} received per sync point; "
                          f"K/V store {'/'.join(_mb(b) for b in stadi['kv_store_bytes'])} per rank")
     lines.extend(_compile_line(arm) for arm in summary["arms"].values() if arm.get("compile"))
+    lines.extend(_cache_line(arm) for arm in summary["arms"].values() if arm.get("cache"))
     for arm in summary["arms"].values():
         if arm.get("per_call"):
             lines.append(f"  {arm['label']}, every call (cost model per rank: fixed ms + ms/row, noise, samples):")

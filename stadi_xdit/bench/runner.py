@@ -48,6 +48,7 @@ class BenchSettings:
     max_stride: int = 2
     pipefusion_patches: int | None = None
     profile_cache: bool = False
+    cache_threshold: float | None = None  # +teacache arms: residual_diff_threshold (None: xDiT's default)
     device: str = "cpu"
     dtype: str = "float32"
     run_timeout: float | None = None  # None: auto from the first warm-up
@@ -98,6 +99,7 @@ def _arm_setup(settings: BenchSettings, arm_name: str, scenario: Scenario) -> di
                 "emulate": scenario.emulate_arg(), "emulate_shift": scenario.emulate_shift_arg(settings.steps),
                 "max_stride": settings.max_stride, "profile_cache": cache,
                 "pipefusion_patches": settings.pipefusion_patches, "cores": cores, "factors": factors,
+                "cache_threshold": settings.cache_threshold,
             "quiet": not settings.verbose_workers}
 
 
@@ -112,7 +114,8 @@ def _collect(arm_name: str, per_rank: list[dict]) -> dict:
                  "hook_compute": sum(c for _, _, c, _ in forwards),
                  "emulated": sum(slept for *_, slept in forwards),
                  "forward_spans": [[s, e, c, slept] for s, e, c, slept in forwards],
-                 "peak_memory_bytes": r.get("peak_memory_bytes"), "compile": r.get("compile")}
+                 "peak_memory_bytes": r.get("peak_memory_bytes"), "compile": r.get("compile"),
+                 "served_forwards": r.get("served_forwards")}
         stadi = r.get("stadi")
         if stadi is not None:
             entry["stadi"] = stadi

@@ -8,7 +8,7 @@ and the bench, so that neither package imports the other in both directions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from stadi_xdit.families import BenchShape, family
 from stadi_xdit.geometry import FRAMES_PER_LATENT, TOKEN_ROW_PX, VAE_SCALE, latent_frames
@@ -22,6 +22,8 @@ class BenchPreset:
     shape: BenchShape
     spec: Any  # the family's model preset (e.g. PixArtPreset)
     num_frames: int | None = None  # video: frames of the clip (the shape's default unless --num-frames)
+
+    step_caches: ClassVar[tuple[str, ...]] = ()  # xDiT's in-tree step caches that fit the family's transformer (class-wide)
 
     family = property(lambda self: self.shape.family)
     variant = property(lambda self: self.shape.variant)

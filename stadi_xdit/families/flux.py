@@ -94,6 +94,8 @@ def flux_stand_in_text(pipeline, seed: int) -> dict:
 class FluxBench(BenchPreset):
     """Flux under `stadi-bench`: joint attention over image and text tokens, guidance distilled (one branch)."""
 
+    step_caches = ("teacache",)  # xDiT's in-tree cache for Flux.1 (its runner lists teacache for FLUX.1-dev)
+
     @property
     def layers(self) -> int:
         return self.spec.num_layers + self.spec.num_single_layers
@@ -154,7 +156,8 @@ SPEC = FamilySpec(
                             lambda preset, text: build_flux_pipeline(preset, with_text_encoder=text),
                             flux_stand_in_text, has_cfg=False, tiny_text_tokens=16),),
     bench=BenchModel(preset="stadi_xdit.families.flux:FluxBench",
-                     shapes={"flux-dev-1024": BenchShape("dev", 1024, 512)},
+                     shapes={"flux-small": BenchShape("dev", 512, 16, model="small"),
+                             "flux-dev-1024": BenchShape("dev", 1024, 512)},
                      xdit_wrappers={"dev": "xFuserFluxPipeline"}),
     conformance=(ConformanceCase("stadi_xdit.models.flux:StadiFluxPipeline", tiny_flux_pipeline, flux_conformance_inputs,
                                  rows=7, guidance_branches=1),),
