@@ -31,6 +31,14 @@ def _run(rank: int, world: int, runs: list[dict]) -> list[dict]:
         pipe = build_stadi_pipeline(StadiFluxPipeline, build_flux_pipeline(FLUX_PRESETS["tiny"]), size=SIZE,
                                     steps=STEPS, model="tiny-flux", ignore_foreign_bands=run.get("fault", False),
                                     **STADI)
+        if run.get("cache_args"):  # a script's cache_args, which xDiT's own pipelines read: refused, not dropped
+            from stadi_xdit.cli_errors import StadiInputError
+
+            try:
+                pipe._convert_transformer_backbone(pipe.module.transformer, cache_args=run["cache_args"])
+            except StadiInputError as error:
+                results.append({"refused": str(error)})
+            continue
         if "threshold" in run:  # as xDiT's runner applies --cache_method, then STADI steers it
             apply_cache("teacache", num_steps=STEPS, pipe=None, transformer=pipe.module.transformer,
                         cache_config=json.dumps({"residual_diff_threshold": run["threshold"]}))
@@ -49,7 +57,8 @@ def _run(rank: int, world: int, runs: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs() -> list[list[dict]]:
-    plan = [{}, {"threshold": 0.0}, {"threshold": 1e6}, {"threshold": 1e6, "fault": True}]
+    plan = [{}, {"threshold": 0.0}, {"threshold": 1e6}, {"threshold": 1e6, "fault": True},
+            {"cache_args": {"use_teacache": True}}]
     return run_distributed(_run, 2, plan, timeout=300)
 
 
@@ -60,7 +69,7 @@ def test_a_threshold_of_zero_is_exactly_the_uncached_run(runs):
 
 
 def test_cached_forwards_are_displaced_ones_but_the_last_and_reported(runs):
-    for rank, (uncached, _, cached, _) in enumerate(runs):
+    for rank, (uncached, _, cached, *_) in enumerate(runs):
         # Every displaced forward may be served but the last and, after a new band, the first two (TeaCache
         # computes the first two forwards of a run: there is nothing to reuse, then nothing accumulated).
         assert 0 < cached["cached"] <= cached["displaced"] - 3, (rank, cached)
@@ -71,5 +80,11 @@ def test_cached_forwards_are_displaced_ones_but_the_last_and_reported(runs):
 
 
 def test_the_broken_exchange_fault_still_bites_with_the_cache(runs):
-    for rank, (*_, cached, faulty) in enumerate(runs):
+    for rank, (_, _, cached, faulty, _) in enumerate(runs):
         assert not torch.equal(faulty["latents"], cached["latents"]), f"rank {rank}: the exchange did not matter"
+
+
+def test_cache_args_outside_the_runner_are_refused_in_one_line(runs):
+    for *_, refused in runs:
+        assert refused == {"refused": "step caching under --use_stadi runs through xDiT's model runner "
+                                      "(stadi-xdit --model ... --cache_method teacache), not a pipeline's cache_args"}

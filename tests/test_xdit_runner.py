@@ -130,6 +130,10 @@ def test_runner_config_dict_reaches_a_validated_stadi_config(hub, monkeypatch):
     ({"use_stadi": True, "num_inference_steps": 5000}, "--num_inference_steps must be an integer in [1, 1000]"),
     ({"use_stadi": True, "height": 80000}, "more than the planner's 4096"),
     ({"use_stadi": True, "use_cfg_parallel": True, "guidance_scale": 1.0}, "--use_cfg_parallel needs --guidance_scale > 1"),
+    ({"use_stadi": True, "cache_method": "teacache", "use_cfg_parallel": True},
+     "--cache_method teacache cannot be combined with --use_cfg_parallel"),
+    ({"use_stadi": True, "cache_method": "teacache", "cache_config": '{"rel_l1_thresh": 0.1}'},
+     '--cache_config takes only {"residual_diff_threshold": NUMBER}'),
 ])
 def test_runner_config_dict_refuses_bad_stadi_input_in_one_line(config, needle, monkeypatch):
     from xfuser.config import xFuserArgs

@@ -108,6 +108,9 @@ def refuse_unsupported_features(args: xFuserArgs) -> None:
                          "xDiT's Ray workers: launch with stadi-xdit or torchrun --nproc_per_node N)")
     if args.cache_method is not None:
         check_step_cache(args.cache_method, getattr(args, "cache_config", None))
+        if getattr(args, "use_cfg_parallel", False):
+            raise ValueError(f"--cache_method {args.cache_method} cannot be combined with --use_cfg_parallel under "
+                             "--use_stadi (each rank's cache decides alone; the two CFG branches would decide apart)")
 
 
 def check_step_cache(method: str, cache_config: str | None) -> None:

@@ -21,6 +21,7 @@ from xfuser.core.distributed import get_cfg_group, get_dp_group, get_world_group
 from xfuser.logger import init_logger
 from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrapper
 
+from stadi_xdit.cli_errors import StadiInputError
 from stadi_xdit.config import StadiConfig
 from stadi_xdit.planner.calls import CallMemory
 from stadi_xdit.runtime import heartbeat
@@ -161,7 +162,7 @@ class StadiPipelineMixin:
                                       **kwargs):
         if any((cache_args or {}).get(key) for key in ("cache_method", "use_teacache", "use_fbcache")):
             # Not dropped silently: xDiT's runner applies the cache after compiling, and STADI steers it there.
-            raise ValueError("step caching under --use_stadi runs through xDiT's model runner "
+            raise StadiInputError("step caching under --use_stadi runs through xDiT's model runner "
                              "(stadi-xdit --model ... --cache_method teacache), not a pipeline's cache_args")
         self.injection = apply_injection(transformer, self.injection_plan, self.kv_store, self._stadi_runtime_state)
         # Under xDiT's runner its `_compile_model` compiles, later, in the mode that model picks.
@@ -179,11 +180,11 @@ class StadiPipelineMixin:
         loop steers that cache (`xdit/step_cache.py`). Each rank decides alone, so a CFG pair, whose two
         branches must decide alike, is refused."""
         if self.topology.cfg_degree > 1:
-            raise ValueError("--cache_method cannot be combined with --use_cfg_parallel under --use_stadi "
+            raise StadiInputError("--cache_method cannot be combined with --use_cfg_parallel under --use_stadi "
                              "(each rank's cache decides alone; the two CFG branches would decide apart)")
         self.step_cache = XditStepCache.find(self.module.transformer)
         if self.step_cache is None:
-            raise ValueError(f"--cache_method: xDiT applied no in-tree step cache to "
+            raise StadiInputError(f"--cache_method: xDiT applied no in-tree step cache to "
                              f"{type(self.module.transformer).__name__}")
 
     def compile_warmup_steps(self, num_steps: int) -> int:
