@@ -47,7 +47,12 @@ from stadi_xdit.runtime import heartbeat
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.toy import data as toy_data
 from stadi_xdit.toy import model as toy_model
-from stadi_xdit.xdit.args import StadiArgs, launch_world_size, validate_call_inputs
+from stadi_xdit.xdit.args import (
+    StadiArgs,
+    launch_world_size,
+    refuse_step_cache_outside_runner,
+    validate_call_inputs,
+)
 from stadi_xdit.xdit.distributed import init_distributed
 
 TOY_PRESET = "toy-trained"  # the trained toy DiT (PixArt-α architecture, stadi_xdit.toy)
@@ -104,6 +109,7 @@ def parse_args() -> tuple[StadiArgs, str, str | None]:
         engine_args = StadiArgs.from_cli_args(args)
         if engine_args.use_stadi:
             engine_args.validate(launch_world_size())
+            refuse_step_cache_outside_runner(engine_args)
     except ValueError as error:
         parser.error(str(error))
     if engine_args.use_cfg_parallel and not example.has_cfg:

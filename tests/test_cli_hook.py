@@ -66,6 +66,17 @@ def test_from_cli_args_returns_stadi_args_only_with_the_flag():
     assert type(StadiArgs.from_cli_args(_parse(["--model", "m", "--use_stadi"]))) is StadiArgs
 
 
+def test_a_scripts_cache_method_under_stadi_is_one_line_not_dropped(capsys):
+    """xDiT's scripts build their pipelines themselves: no step cache reaches a STADI twin there."""
+    from xfuser import xFuserArgs
+
+    with pytest.raises(SystemExit) as info:
+        xFuserArgs.from_cli_args(_parse(["--model", "m", "--use_stadi", "--cache_method", "teacache"]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1 and "runs through xDiT's model runner" in lines[0], lines
+    assert xFuserArgs.from_cli_args(_parse(["--model", "m", "--cache_method", "teacache"])).cache_method == "teacache"
+
+
 def test_uninstall_restores_xdit(hook_restored):
     import xfuser.cli
     from xfuser import xFuserArgs

@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 
 from stadi_xdit.planner import plan, predict_latency
 from stadi_xdit.planner.anchor import settle_plan
-from stadi_xdit.planner.calls import CallMemory, Evidence, plan_call, remember_call, warmup_layout
+from stadi_xdit.planner.calls import (
+    CallMemory,
+    Evidence,
+    plan_call,
+    remember_call,
+    warmup_layout,
+    with_step_cache,
+)
 from stadi_xdit.planner.evidence import (
     PRIOR_NOISE,
     CostEstimate,
@@ -92,6 +99,9 @@ def test_a_memory_round_trips_through_json_and_refuses_another_launch():
     evidence = Evidence(((RankEvidence.of([(8, 0.5), (8, 0.6)]), RankEvidence.of([(8, 1.0)])),))
     memory = CallMemory(evidence, (9, 7), (8, 8), (1, 2), (0.01,))
     assert CallMemory.from_json(memory.to_json(), num_ranks=2, num_branches=1) == memory
+    cached = CallMemory(evidence, (9, 7), (8, 8), (1, 2), (0.01,), served=((0.6, 0.002), (0.25, 0.004)))
+    assert CallMemory.from_json(cached.to_json(), num_ranks=2, num_branches=1) == cached
+    assert CallMemory.from_json({**memory.to_json(), "served": []}, num_ranks=2).served == ()  # no step cache
     with pytest.raises(ValueError, match="2 CFG branch"):
         CallMemory.from_json(memory.to_json(), num_ranks=2, num_branches=2)
     broken = memory.to_json()
@@ -124,12 +134,34 @@ def _damaged(path: tuple, value) -> dict:
     (("evidence",), [], "non-empty list"),
     (("pending",), [[[[8, 1, 1, 0, 0]]]], "not for 1 CFG branch(es) of 2 ranks"),
     (("plan_strides",), [1, 2, 3], "not for 1 CFG branch(es) of 2 ranks"),
+    (("served",), [[0.5, 0.01]], "not for 1 CFG branch(es) of 2 ranks"),
+    (("served",), [[1.5, 0.01], [0.5, 0.01]], "memory served must be"),
+    (("served",), [[float("nan"), 0.01], [0.5, 0.01]], "memory served must be"),
+    (("served",), [[0.5, -1.0], [0.5, 0.01]], "memory served must be"),
+    (("served",), "0.5", "memory served must be"),
 ])
 def test_a_damaged_memory_is_one_value_error_never_another_exception(path, value, needle):
     with pytest.raises(ValueError) as info:
         CallMemory.from_json(_damaged(path, value), num_ranks=2, num_branches=1)
     message = str(info.value)
     assert "\n" not in message and any(part in message for part in needle.split("|")), message
+
+
+def test_a_step_cache_record_moves_rows_to_the_rank_it_serves_more():
+    """Equal ranks, one served 60 % of its forwards by the cache, the other 20 %: the first is cheaper per forward,
+    so it takes more rows; without the record the bands stay equal. The served cost counts, capped shares too."""
+    estimates = _estimates([1.0, 1.0], error=0.001)
+    plain = plan_call(estimates, None, **{**TERMS, "mode": "spatial"}).plan
+    cached = plan_call(with_step_cache(estimates, [(0.6, 0.0), (0.2, 0.0)]), None, **{**TERMS, "mode": "spatial"}).plan
+    assert [r.num_rows for r in plain.ranks] == [8, 8]
+    rows = [r.num_rows for r in cached.ranks]
+    assert rows[0] > rows[1] and rows == [11, 5]  # cost per row 0.4 : 0.8
+    assert with_step_cache(estimates, []) == estimates
+    served = estimates[0].with_served(0.5, 0.25)
+    assert (served.fixed_seconds, served.row_seconds) == (0.125, 0.5)
+    assert estimates[0].with_served(1.0, 0.0).row_seconds == pytest.approx(0.1)  # capped at 90 %
+    with pytest.raises(ValueError):
+        estimates[0].with_served(1.5, 0.0)
 
 
 def test_strides_past_this_launchs_max_stride_are_refused():

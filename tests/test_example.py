@@ -49,6 +49,7 @@ BAD_FLAGS = [
     (["--warmup_steps", "0"], "--warmup_steps"),
     (["--pipeline", "flux", "--use_cfg_parallel"], "--use_cfg_parallel"),
     (["--use_teacache"], "--use_teacache"),
+    (["--pipeline", "flux", "--cache_method", "teacache"], "runs through xDiT's model runner"),  # not dropped
     (["--use_onediff"], "--use_onediff"),
     (["--stadi_profile_cache", "{tmp}"], "--stadi_profile_cache"),  # a directory
     (["--model", "no-such-model"], "--model"),

@@ -28,9 +28,10 @@ def _run(rank: int, world: int, runs: list[dict]) -> list[dict]:
 
     results = []
     for run in runs:
+        stadi = {**STADI, "stadi_replan": "calls", "stadi_speeds": None} if run.get("calls") else STADI
         pipe = build_stadi_pipeline(StadiFluxPipeline, build_flux_pipeline(FLUX_PRESETS["tiny"]), size=SIZE,
                                     steps=STEPS, model="tiny-flux", ignore_foreign_bands=run.get("fault", False),
-                                    **STADI)
+                                    **stadi)
         if run.get("cache_args"):  # a script's cache_args, which xDiT's own pipelines read: refused, not dropped
             from stadi_xdit.cli_errors import StadiInputError
 
@@ -43,22 +44,26 @@ def _run(rank: int, world: int, runs: list[dict]) -> list[dict]:
             apply_cache("teacache", num_steps=STEPS, pipe=None, transformer=pipe.module.transformer,
                         cache_config=json.dumps({"residual_diff_threshold": run["threshold"]}))
             pipe.attach_step_cache()
-        out = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent",
-                   max_sequence_length=16, guidance_scale=3.5, generator=torch.Generator().manual_seed(1))
+        memories = []
+        for _ in range(run.get("calls", 1)):
+            out = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent",
+                       max_sequence_length=16, guidance_scale=3.5, generator=torch.Generator().manual_seed(1))
+            memories.append(pipe.last_result.memory)
         result = pipe.last_result
         records = result.timeline.steps
         results.append({"latents": out.images, "cached": result.cached_forwards,
                         "strides": [r.stride for r in result.plan.ranks],
                         "cached_phases": sorted({r.phase for r in records if r.cached}),
                         "last_cached": records[-1].cached, "displaced": sum(r.phase == "stadi" for r in records),
-                        "skipped_publishes": result.kv_exchange.get("skipped_layer_publishes")})
+                        "skipped_publishes": result.kv_exchange.get("skipped_layer_publishes"),
+                        "served_records": [m.served if m is not None else None for m in memories]})
     return results
 
 
 @pytest.fixture(scope="module")
 def runs() -> list[list[dict]]:
     plan = [{}, {"threshold": 0.0}, {"threshold": 1e6}, {"threshold": 1e6, "fault": True},
-            {"cache_args": {"use_teacache": True}}]
+            {"cache_args": {"use_teacache": True}}, {"threshold": 1e6, "calls": 2}]
     return run_distributed(_run, 2, plan, timeout=300)
 
 
@@ -80,11 +85,22 @@ def test_cached_forwards_are_displaced_ones_but_the_last_and_reported(runs):
 
 
 def test_the_broken_exchange_fault_still_bites_with_the_cache(runs):
-    for rank, (_, _, cached, faulty, _) in enumerate(runs):
+    for rank, (_, _, cached, faulty, *_) in enumerate(runs):
         assert not torch.equal(faulty["latents"], cached["latents"]), f"rank {rank}: the exchange did not matter"
 
 
 def test_cache_args_outside_the_runner_are_refused_in_one_line(runs):
-    for *_, refused in runs:
+    for *_, refused, _ in runs:
         assert refused == {"refused": "step caching under --use_stadi runs through xDiT's model runner "
                                       "(stadi-xdit --model ... --cache_method teacache), not a pipeline's cache_args"}
+
+
+def test_calls_mode_remembers_what_each_ranks_cache_served(runs):
+    """--stadi_replan calls: each call's memory keeps every rank's served share and a served forward's time, the
+    same on every rank; the next call plans on forwards that cost that much less (planner.calls.with_step_cache)."""
+    records = [run[-1]["served_records"] for run in runs]
+    assert records[0] == records[1], "every rank must remember the same record"
+    for rank, memory_served in enumerate(records[0]):
+        assert len(memory_served) == 2 and all(0 < share < 1 and seconds > 0 for share, seconds in memory_served)
+    last = runs[0][-1]
+    assert records[0][-1][0][0] == pytest.approx(last["cached"] / last["displaced"])  # rank 0's share, last call

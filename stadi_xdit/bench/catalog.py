@@ -60,6 +60,8 @@ ARMS: dict[str, Arm] = {
         Arm("single+teacache", "single", "single rank, TeaCache", cache="teacache"),
         Arm("uniform+teacache", "stadi", "STADI uniform, TeaCache", mode="uniform", cache="teacache"),
         Arm("full+teacache", "stadi", "STADI full, TeaCache", mode="full", cache="teacache"),
+        Arm("full-calls+teacache", "stadi", "STADI full, replan calls, TeaCache", mode="full", replan="calls",
+            cache="teacache"),
     )
 }
 ARM_ORDER = tuple(ARMS)

@@ -80,13 +80,17 @@ class CallMemory:
     plan_strides: tuple[int, ...]
     exchange_seconds: tuple[float, ...] = field(default=())  # the last calls' exchange of one warmup step
     pending: Evidence | None = None  # evidence that contradicted the memory once (combine_evidence)
+    # With a step cache (--cache_method), per band rank: the share of the last call's displaced forwards it
+    # served and a served forward's seconds (`with_step_cache`); empty without one.
+    served: tuple[tuple[float, float], ...] = field(default=())
 
     def to_json(self) -> dict:
         return {"evidence": [[rank.to_json() for rank in branch] for branch in self.evidence.branches],
                 "warmup_rows": list(self.warmup_rows), "plan_rows": list(self.plan_rows),
                 "plan_strides": list(self.plan_strides), "exchange_seconds": list(self.exchange_seconds),
                 "pending": None if self.pending is None else [[rank.to_json() for rank in branch]
-                                                              for branch in self.pending.branches]}
+                                                              for branch in self.pending.branches],
+                "served": [list(entry) for entry in self.served]}
 
     @classmethod
     def from_json(cls, data: object, num_ranks: int | None = None, num_branches: int | None = None,
@@ -103,7 +107,8 @@ class CallMemory:
                    ) -> CallMemory:
         if not isinstance(data, dict):
             raise ValueError(f"memory must be an object, got {type(data).__name__}")  # noqa: TRY004
-        unknown = set(data) - {"evidence", "warmup_rows", "plan_rows", "plan_strides", "exchange_seconds", "pending"}
+        unknown = set(data) - {"evidence", "warmup_rows", "plan_rows", "plan_strides", "exchange_seconds", "pending",
+                               "served"}
         if unknown:
             raise ValueError(f"memory has unknown fields {sorted(map(str, unknown))[:5]}")
 
@@ -128,15 +133,22 @@ class CallMemory:
                 for v in exchange):
             raise ValueError(f"memory exchange_seconds must be a list of seconds in [0, {MAX_FORWARD_SECONDS:g}]")
         pending = None if data.get("pending") is None else evidence(data["pending"], "pending")
+        served = data.get("served", [])
+        if not isinstance(served, list) or not all(
+                isinstance(entry, list) and len(entry) == 2 and all(not isinstance(v, bool) and isinstance(v, (int, float))
+                                                                   for v in entry)
+                and 0 <= entry[0] <= 1 and 0 <= entry[1] <= MAX_FORWARD_SECONDS for entry in served):
+            raise ValueError("memory served must be a list of [share in [0, 1], seconds] per rank")
         ranks = num_ranks if num_ranks is not None else len(lists[0])
         count = num_branches if num_branches is not None else len(branches.branches)
         if (len(branches.branches) != count or any(len(b) != ranks or not all(r.sizes for r in b)
                                                    for b in branches.branches)
                 or any(len(values) != ranks for values in lists)
-                or (pending is not None and any(len(b) != ranks for b in pending.branches))):
+                or (pending is not None and any(len(b) != ranks for b in pending.branches))
+                or (served and len(served) != ranks)):
             raise ValueError(f"memory is not for {count} CFG branch(es) of {ranks} ranks")
         return cls(branches, *lists, exchange_seconds=tuple(float(v) for v in exchange[-EXCHANGE_MEMORY_CALLS:]),
-                   pending=pending)
+                   pending=pending, served=tuple((float(a), float(b)) for a, b in served))
 
     def with_exchange(self, measured: float) -> tuple[float, ...]:
         return (*self.exchange_seconds, measured)[-EXCHANGE_MEMORY_CALLS:]
@@ -165,11 +177,24 @@ def plan_call(estimates: Sequence[CostEstimate], memory: CallMemory | None, **pl
     return settle_plan(estimates, **plan_terms)
 
 
+def with_step_cache(estimates: Sequence[CostEstimate], served: Sequence[tuple[float, float]]) -> list[CostEstimate]:
+    """Each rank's expected cost of a forward when a step cache serves the share of them it served in the last
+    call (`CostEstimate.with_served`); unchanged without that record. Caches serve ranks unequally (a stride-2
+    rank compares inputs two steps apart, which differ more), so a plan of computed forwards alone leaves the
+    rank the cache helps most waiting at every sync point."""
+    if not served:
+        return list(estimates)
+    return [estimate.with_served(share, seconds) for estimate, (share, seconds) in zip(estimates, served)]
+
+
 def remember_call(memory: CallMemory | None, displaced: Evidence, *, rows: int, warmup_rows: Sequence[int],
-                  ran: Plan, exchange_seconds: float) -> tuple[CallMemory, list[str]]:
-    """The memory after a call whose displaced forwards gave `displaced` and whose last plan was `ran`."""
+                  ran: Plan, exchange_seconds: float, served: Sequence[tuple[float, float]] = ()
+                  ) -> tuple[CallMemory, list[str]]:
+    """The memory after a call whose displaced forwards gave `displaced` and whose last plan was `ran`;
+    `served`: the call's step-cache record per band rank (`CallMemory.served`)."""
     evidence, pending, how = displaced.combined_with(memory.evidence if memory else None, rows,
                                                      memory.pending if memory else None)
     exchange = memory.with_exchange(exchange_seconds) if memory else (exchange_seconds,)
     return CallMemory(evidence, tuple(warmup_rows), tuple(r.num_rows for r in ran.ranks),
-                      tuple(r.stride for r in ran.ranks), exchange, pending), how
+                      tuple(r.stride for r in ran.ranks), exchange, pending,
+                      tuple((float(share), float(seconds)) for share, seconds in served)), how

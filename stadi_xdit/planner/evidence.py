@@ -54,6 +54,9 @@ MIN_FORWARD_SECONDS = 1e-7
 MAX_FORWARD_SECONDS = 1e5
 MAX_EVIDENCE_WEIGHT = 1e6
 MAX_SPREAD = 100.0
+# A step cache never serves every forward (a rank's last computes); planning on a share near 1 would
+# promise a rank nearly free rows.
+MAX_SERVED_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,17 @@ class CostEstimate:
     def given(cls, speed: float) -> CostEstimate:
         """A speed the user gave (or a test injects): trusted exactly, no fixed cost."""
         return cls(0.0, 1.0 / speed, 0.0, math.inf, False)
+
+    def with_served(self, share: float, served_seconds: float) -> CostEstimate:
+        """The expected cost of a forward when a step cache serves `share` of them (at most
+        `MAX_SERVED_SHARE`) in `served_seconds` each and computes the rest: what a plan balances under
+        caching. The served cost is taken as fixed: it runs a block or two's worth, not the band's rows."""
+        if not 0.0 <= share <= 1.0 or not 0.0 <= served_seconds <= MAX_FORWARD_SECONDS:
+            raise ValueError(f"a served share in [0, 1] and seconds in [0, {MAX_FORWARD_SECONDS:g}], "
+                             f"got {share!r}, {served_seconds!r}")
+        share = min(share, MAX_SERVED_SHARE)
+        return CostEstimate((1.0 - share) * self.fixed_seconds + share * served_seconds,
+                            (1.0 - share) * self.row_seconds, self.noise, self.weight, self.fitted)
 
 
 @dataclass(frozen=True)

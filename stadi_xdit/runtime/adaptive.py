@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from stadi_xdit.planner import Plan
-from stadi_xdit.planner.calls import Evidence
+from stadi_xdit.planner.calls import Evidence, with_step_cache
 from stadi_xdit.planner.evidence import CostEstimate, RankEvidence
 from stadi_xdit.planner.replan import ReplanDecision, ReplanPolicy, decide_replan
 from stadi_xdit.runtime.groups import StadiGroups
@@ -72,7 +72,7 @@ class SyncReplanner:
     `decide_replan` promises the gain at enough consecutive sync points."""
 
     def __init__(self, groups: StadiGroups, tolerance: float, evidence: Evidence | None, max_fixed_rows: float,
-                 policy: ReplanPolicy | None = None):
+                 policy: ReplanPolicy | None = None, served: Sequence[tuple[float, float]] = ()):
         self.groups = groups
         self.tolerance = tolerance
         self.policy = policy or ReplanPolicy()
@@ -81,11 +81,12 @@ class SyncReplanner:
         self.max_fixed_rows = max_fixed_rows
         self.confirmations = 0
         self.log: list[ReplanEvent] = []
+        self.served = tuple(served)  # the step cache's record the call planned with (planner.calls.with_step_cache)
 
     def period_estimates(self, records: Sequence[StepRecord], device: torch.device) -> list[CostEstimate]:
         period = gather_evidence(self.groups, rank_evidence(records), device, phase="replan")
         self.evidence, self.pending, _ = period.combined_with(self.evidence, self.max_fixed_rows, self.pending)
-        return self.evidence.estimates(self.max_fixed_rows)
+        return with_step_cache(self.evidence.estimates(self.max_fixed_rows), self.served)
 
     def decide(self, current: Plan, next_base_step: int, estimates: list[CostEstimate],
                transition_seconds: float) -> ReplanDecision:

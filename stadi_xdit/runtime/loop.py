@@ -25,7 +25,7 @@ import torch
 from stadi_xdit.config import StadiConfig
 from stadi_xdit.planner import Plan, plan
 from stadi_xdit.planner.anchor import settle_plan
-from stadi_xdit.planner.calls import CallMemory, plan_call, remember_call, warmup_layout
+from stadi_xdit.planner.calls import CallMemory, plan_call, remember_call, warmup_layout, with_step_cache
 from stadi_xdit.planner.evidence import CostEstimate
 from stadi_xdit.runtime.adaptive import (
     ReplanEvent,
@@ -39,7 +39,7 @@ from stadi_xdit.runtime.comm import synchronize
 from stadi_xdit.runtime.groups import StadiGroups
 from stadi_xdit.runtime.kv import DisplacedKVStore, kv_storage_dtype
 from stadi_xdit.runtime.layout import BandGeometry, BandLayout, BandView, slice_band
-from stadi_xdit.runtime.profile import RankTimeline, forward_timer
+from stadi_xdit.runtime.profile import RankTimeline, StepRecord, forward_timer
 from stadi_xdit.runtime.schedule import map_history, rank_schedule_indices
 
 
@@ -212,6 +212,7 @@ class _Call:
         self.estimates: list[CostEstimate] | None = None
         self.calibration: Calibration | None = None
         self.evidence = None  # what the plan was estimated from (planner.calls.Evidence)
+        self.served: tuple[tuple[float, float], ...] = ()  # the step cache's record the plan used (CallMemory.served)
         self.exchange_now = 0.0  # this call's measured exchange of one warmup step
         self.warmup_rows: list[list[int]] = []  # token rows per rank of each warmup step
         self.visited: list[int] = []  # scheduler indices this rank has stepped through
@@ -311,7 +312,9 @@ class _Call:
         else:
             self.evidence = gather_evidence(self.groups, rank_evidence(timed), self.device, phase="profile")
             how = ["warmup"] * self.world
-        self.estimates = self.evidence.estimates(rows)
+        # Under a step cache, what each rank's cache served in the last call (none remembered: computed forwards).
+        self.served = self.memory.served if self.memory is not None and self.step_cache is not None else ()
+        self.estimates = with_step_cache(self.evidence.estimates(rows), self.served)
         # The rank that arrives last at a synchronous gather waits for the transfer alone; the others
         # also wait for it. So per step the smallest wait over ranks, and of those the smallest; both
         # CFG branches must plan alike (each group measured its own exchange): the larger.
@@ -352,7 +355,8 @@ class _Call:
         config, rank = self.config, self.rank
         replanner = None
         if config.replan == "sync" and not config.exact:
-            replanner = SyncReplanner(self.groups, config.tolerance, self.evidence, max_fixed_rows=self.rows)
+            replanner = SyncReplanner(self.groups, config.tolerance, self.evidence, max_fixed_rows=self.rows,
+                                      served=self.served)
         current, offset, period = final, 0, 0
         while period < current.num_periods:
             steps = current.steps_in_period(rank, period)
@@ -396,13 +400,22 @@ class _Call:
         self.timeline.phases.append(("gather", t0, self.timeline.now()))
         return full
 
+    def _served_record(self, records: Sequence[StepRecord]) -> list[tuple[float, float]]:
+        """Every rank's share of its displaced forwards that the step cache served, and a served forward's
+        seconds (the lower median); nothing without a cache."""
+        if self.step_cache is None:
+            return []
+        served = sorted(r.compute for r in records if r.cached)
+        mine = [len(served) / max(len(records), 1), served[(len(served) - 1) // 2] if served else 0.0]
+        return [(share, max(seconds, 0.0)) for share, seconds in self.comm.all_gather_float_lists(mine, self.device)]
+
     def remember(self, ran: Plan) -> CallMemory | None:
         """What the next call starts from: this call's displaced forwards, merged into the memory."""
         if not self.measured or self.config.exact or self.config.mode == "uniform":
             return None
-        displaced = gather_evidence(self.groups, rank_evidence([r for r in self.timer.settle() if r.phase == "stadi"]),
-                                    self.device, phase="memory")
+        records = [r for r in self.timer.settle() if r.phase == "stadi"]
+        displaced = gather_evidence(self.groups, rank_evidence(records), self.device, phase="memory")
         memory, how = remember_call(self.memory, displaced, rows=self.rows, warmup_rows=self._last_warmup_rows(),
-                                    ran=ran, exchange_seconds=self.exchange_now)
+                                    ran=ran, exchange_seconds=self.exchange_now, served=self._served_record(records))
         self.reasons["memory"] = ",".join(how)
         return memory

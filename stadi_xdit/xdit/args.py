@@ -113,6 +113,15 @@ def refuse_unsupported_features(args: xFuserArgs) -> None:
                              "--use_stadi (each rank's cache decides alone; the two CFG branches would decide apart)")
 
 
+def refuse_step_cache_outside_runner(args: xFuserArgs) -> None:
+    """Scripts (xDiT's, through the CLI hook, and the example) build their pipelines themselves and apply no
+    cache to a STADI twin: `--cache_method` is refused there rather than silently dropped."""
+    if args.use_stadi and args.cache_method is not None:
+        raise ValueError(f"--cache_method {args.cache_method} with --use_stadi runs through xDiT's model runner "
+                         f"(stadi-xdit --model FLUX.1-dev ... --cache_method {args.cache_method}); a script's "
+                         "pipeline gets no step cache under STADI")
+
+
 def check_step_cache(method: str, cache_config: str | None) -> None:
     """`--cache_method` and `--cache_config` as STADI runs them (`xdit/step_cache.py`): xDiT's in-tree
     caches, each rank deciding for its band, with a threshold that is a number >= 0."""

@@ -132,10 +132,11 @@ def patch_xfuser_args(module: ModuleType) -> None:
         # A command line is being read: a bad STADI input is one line naming the flag, printed
         # once (rank 0), before the script creates any process group; never a traceback.
         try:
-            from stadi_xdit.xdit.args import launch_world_size
+            from stadi_xdit.xdit.args import launch_world_size, refuse_step_cache_outside_runner
 
             parsed = original_from(stadi_args_class(cls, klass, args), args)
             parsed.validate(launch_world_size())
+            refuse_step_cache_outside_runner(parsed)
         except ValueError as error:
             fail(os.path.basename(sys.argv[0]) or "xfuser", str(error))
         return parsed
