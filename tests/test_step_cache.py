@@ -28,7 +28,7 @@ def _run(rank: int, world: int, runs: list[dict]) -> list[dict]:
 
     results = []
     for run in runs:
-        stadi = {**STADI, "stadi_replan": "calls", "stadi_speeds": None} if run.get("calls") else STADI
+        stadi = {**STADI, "stadi_replan": run.get("replan", "calls"), "stadi_speeds": None} if run.get("calls") else STADI
         pipe = build_stadi_pipeline(StadiFluxPipeline, build_flux_pipeline(FLUX_PRESETS["tiny"]), size=SIZE,
                                     steps=STEPS, model="tiny-flux", ignore_foreign_bands=run.get("fault", False),
                                     **stadi)
@@ -63,7 +63,8 @@ def _run(rank: int, world: int, runs: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs() -> list[list[dict]]:
     plan = [{}, {"threshold": 0.0}, {"threshold": 1e6}, {"threshold": 1e6, "fault": True},
-            {"cache_args": {"use_teacache": True}}, {"threshold": 1e6, "calls": 2}]
+            {"cache_args": {"use_teacache": True}}, {"threshold": 1e6, "calls": 2},
+            {"threshold": 1e6, "calls": 2, "replan": "sync"}]
     return run_distributed(_run, 2, plan, timeout=300)
 
 
@@ -90,7 +91,7 @@ def test_the_broken_exchange_fault_still_bites_with_the_cache(runs):
 
 
 def test_cache_args_outside_the_runner_are_refused_in_one_line(runs):
-    for *_, refused, _ in runs:
+    for *_, refused, _, _ in runs:
         assert refused == {"refused": "step caching under --use_stadi runs through xDiT's model runner "
                                       "(stadi-xdit --model ... --cache_method teacache), not a pipeline's cache_args"}
 
@@ -98,9 +99,17 @@ def test_cache_args_outside_the_runner_are_refused_in_one_line(runs):
 def test_calls_mode_remembers_what_each_ranks_cache_served(runs):
     """--stadi_replan calls: each call's memory keeps every rank's served share and a served forward's time, the
     same on every rank; the next call plans on forwards that cost that much less (planner.calls.with_step_cache)."""
-    records = [run[-1]["served_records"] for run in runs]
+    records = [run[-2]["served_records"] for run in runs]
     assert records[0] == records[1], "every rank must remember the same record"
     for rank, memory_served in enumerate(records[0]):
         assert len(memory_served) == 2 and all(0 < share < 1 and seconds > 0 for share, seconds in memory_served)
-    last = runs[0][-1]
+    last = runs[0][-2]
     assert records[0][-1][0][0] == pytest.approx(last["cached"] / last["displaced"])  # rank 0's share, last call
+
+
+def test_sync_replanning_runs_with_the_cache_and_its_record(runs):
+    """--stadi_replan sync: the sync points' re-planner weighs the same record; every call completes on both ranks."""
+    for rank, run in enumerate(runs):
+        sync = run[-1]
+        assert sync["cached"] > 0 and torch.isfinite(sync["latents"]).all(), rank
+        assert all(record is not None and len(record) == 2 for record in sync["served_records"])
