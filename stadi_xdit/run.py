@@ -293,6 +293,8 @@ def check_model_capabilities(model: type, config: object) -> None:
     it does not list."""
     from xfuser.model_executor.models.runner_models.base_model import ModelCapabilities
 
+    from stadi_xdit.xdit.args import check_cache_config
+
     for key in ModelCapabilities.__annotations__:
         value = getattr(config, key, None)
         if getattr(model.capabilities, key):
@@ -303,6 +305,7 @@ def check_model_capabilities(model: type, config: object) -> None:
         elif value:
             raise ValueError(f"--model {config.model} does not support --{key}")
     method = getattr(config, "cache_method", None)
+    check_cache_config(method, getattr(config, "cache_config", None))  # read in every rank: checked here once
     if method:
         methods = list(model.settings.step_cache_config or {}) if model.capabilities.supports_step_caching else []
         if method not in methods:

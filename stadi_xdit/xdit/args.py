@@ -106,6 +106,7 @@ def refuse_unsupported_features(args: xFuserArgs) -> None:
         flag = "--use_ray" if getattr(args, "use_ray", False) else f"--ray_world_size {args.ray_world_size}"
         raise ValueError(f"{flag} cannot be combined with --use_stadi (STADI runs on torchrun's processes, not on "
                          "xDiT's Ray workers: launch with stadi-xdit or torchrun --nproc_per_node N)")
+    check_cache_config(args.cache_method, getattr(args, "cache_config", None))
     if args.cache_method is not None:
         check_step_cache(args.cache_method, getattr(args, "cache_config", None))
         if getattr(args, "use_cfg_parallel", False):
@@ -129,13 +130,26 @@ def check_step_cache(method: str, cache_config: str | None) -> None:
         raise ValueError(f"--cache_method {method} cannot be combined with --use_stadi (its decision is "
                          f"synchronised over all ranks, which reach a step at different times under STADI); "
                          f"use {' or '.join(STADI_CACHE_METHODS)}")
-    if not cache_config:
+    check_cache_config(method, cache_config)
+
+
+def check_cache_config(method: str | None, cache_config: str | None) -> None:
+    """`--cache_config` as xDiT's cache engines read it in every rank: a JSON object, and for its in-tree
+    engines (teacache, fbcache) only a `residual_diff_threshold` that is a finite number >= 0. Given
+    without `--cache_method` it would be ignored: refused instead."""
+    if cache_config is None or cache_config == "":
         return
+    if method is None:
+        raise ValueError("--cache_config needs --cache_method (without it no cache reads the settings)")
     try:
         settings = json.loads(cache_config)
     except (ValueError, RecursionError):
         raise ValueError(f"--cache_config must be a JSON object, got {shown_value(cache_config)}") from None
-    if not isinstance(settings, dict) or set(settings) - {"residual_diff_threshold"}:
+    if not isinstance(settings, dict):
+        raise ValueError(f"--cache_config must be a JSON object, got {shown_value(cache_config)}")  # noqa: TRY004
+    if method not in STADI_CACHE_METHODS:
+        return  # cache-dit's own settings: cache-dit checks them
+    if set(settings) - {"residual_diff_threshold"}:
         raise ValueError(f"--cache_config takes only {{\"residual_diff_threshold\": NUMBER}} with --cache_method "
                          f"{method}, got {shown_value(cache_config)}")
     threshold = settings.get("residual_diff_threshold", 0.0)
