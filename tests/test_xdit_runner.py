@@ -134,6 +134,9 @@ def test_runner_config_dict_reaches_a_validated_stadi_config(hub, monkeypatch):
      "--cache_method teacache cannot be combined with --use_cfg_parallel"),
     ({"use_stadi": True, "cache_method": "teacache", "cache_config": '{"rel_l1_thresh": 0.1}'},
      '--cache_config takes only {"residual_diff_threshold": NUMBER}'),
+    ({"use_stadi": True, "cache_method": "teacache", "cache_config": {"residual_diff_threshold": 0.1}},
+     "--cache_config must be the text of a JSON object, got {'residual_diff_threshold': 0.1}"),  # a dict, not its text
+    ({"use_stadi": True, "cache_method": 5}, "--cache_method 5 cannot be combined with --use_stadi"),
 ])
 def test_runner_config_dict_refuses_bad_stadi_input_in_one_line(config, needle, monkeypatch):
     from xfuser.config import xFuserArgs
@@ -172,12 +175,12 @@ def test_runner_config_dict_refuses_bad_stadi_input_in_one_line(config, needle, 
     (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--cache_method", "teacache",
       "--cache_config", '{"residual_diff_threshold": -0.1}'], "residual_diff_threshold must be a finite number >= 0"),
     (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--cache_method", "teacache",
-      "--cache_config", "[" * 100000], "--cache_config must be a JSON object"),
+      "--cache_config", "[" * 100000], "--cache_config must be the text of a JSON object"),
     (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--cache_config",
       '{"residual_diff_threshold": 0.1}'], "--cache_config needs --cache_method"),
     # Plain xDiT reads --cache_config in every rank: a traceback each, before the launcher checked it.
     (["--model", "FLUX.1-dev", "--cache_method", "teacache", "--cache_config", "{bad"],
-     "--cache_config must be a JSON object"),
+     "--cache_config must be the text of a JSON object"),
 ])
 def test_launcher_refuses_bad_runner_input_before_any_process(args, needle, capsys):
     from stadi_xdit.run import build_launch_command

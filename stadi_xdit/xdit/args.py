@@ -142,11 +142,13 @@ def check_cache_config(method: str | None, cache_config: str | None) -> None:
     if method is None:
         raise ValueError("--cache_config needs --cache_method (without it no cache reads the settings)")
     try:
+        if not isinstance(cache_config, str):  # a runner dict's value: xDiT parses the text in every rank
+            raise ValueError
         settings = json.loads(cache_config)
     except (ValueError, RecursionError):
-        raise ValueError(f"--cache_config must be a JSON object, got {shown_value(cache_config)}") from None
+        raise ValueError(f"--cache_config must be the text of a JSON object, got {shown_value(cache_config)}") from None
     if not isinstance(settings, dict):
-        raise ValueError(f"--cache_config must be a JSON object, got {shown_value(cache_config)}")  # noqa: TRY004
+        raise ValueError(f"--cache_config must be the text of a JSON object, got {shown_value(cache_config)}")  # noqa: TRY004
     if method not in STADI_CACHE_METHODS:
         return  # cache-dit's own settings: cache-dit checks them
     if set(settings) - {"residual_diff_threshold"}:
