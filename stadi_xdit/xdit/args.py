@@ -142,9 +142,8 @@ def check_cache_config(method: str | None, cache_config: str | None) -> None:
     if method is None:
         raise ValueError("--cache_config needs --cache_method (without it no cache reads the settings)")
     try:
-        if not isinstance(cache_config, str):  # a runner dict's value: xDiT parses the text in every rank
-            raise ValueError
-        settings = json.loads(cache_config)
+        # A runner dict may hold any value; xDiT parses the text in every rank (a TypeError for a dict).
+        settings = json.loads(cache_config) if isinstance(cache_config, str) else None
     except (ValueError, RecursionError):
         raise ValueError(f"--cache_config must be the text of a JSON object, got {shown_value(cache_config)}") from None
     if not isinstance(settings, dict):
