@@ -163,7 +163,7 @@ class StadiPipelineMixin:
         if any((cache_args or {}).get(key) for key in ("cache_method", "use_teacache", "use_fbcache")):
             # Not dropped silently: xDiT's runner applies the cache after compiling, and STADI steers it there.
             raise StadiInputError("step caching under --use_stadi runs through xDiT's model runner "
-                             "(stadi-xdit --model ... --cache_method teacache), not a pipeline's cache_args")
+                                  "(stadi-xdit --model ... --cache_method teacache), not a pipeline's cache_args")
         self.injection = apply_injection(transformer, self.injection_plan, self.kv_store, self._stadi_runtime_state)
         # Under xDiT's runner its `_compile_model` compiles, later, in the mode that model picks.
         if enable_torch_compile and not self.served_by_runner:
@@ -181,11 +181,11 @@ class StadiPipelineMixin:
         branches must decide alike, is refused."""
         if self.topology.cfg_degree > 1:
             raise StadiInputError("--cache_method cannot be combined with --use_cfg_parallel under --use_stadi "
-                             "(each rank's cache decides alone; the two CFG branches would decide apart)")
+                                  "(each rank's cache decides alone; the two CFG branches would decide apart)")
         self.step_cache = XditStepCache.find(self.module.transformer)
         if self.step_cache is None:
             raise StadiInputError(f"--cache_method: xDiT applied no in-tree step cache to "
-                             f"{type(self.module.transformer).__name__}")
+                                  f"{type(self.module.transformer).__name__}")
 
     def compile_warmup_steps(self, num_steps: int) -> int:
         """Steps of a compile warmup call: STADI's warmup, then enough displaced steps that every rank computes
