@@ -108,7 +108,7 @@ def refuse_unsupported_features(args: xFuserArgs) -> None:
                          "xDiT's Ray workers: launch with stadi-xdit or torchrun --nproc_per_node N)")
     check_cache_config(args.cache_method, getattr(args, "cache_config", None))
     if args.cache_method is not None:
-        check_step_cache(args.cache_method, getattr(args, "cache_config", None))
+        check_step_cache(args.cache_method)
         if getattr(args, "use_cfg_parallel", False):
             raise ValueError(f"--cache_method {args.cache_method} cannot be combined with --use_cfg_parallel under "
                              "--use_stadi (each rank's cache decides alone; the two CFG branches would decide apart)")
@@ -123,14 +123,13 @@ def refuse_step_cache_outside_runner(args: xFuserArgs) -> None:
                          "pipeline gets no step cache under STADI")
 
 
-def check_step_cache(method: str, cache_config: str | None) -> None:
-    """`--cache_method` and `--cache_config` as STADI runs them (`xdit/step_cache.py`): xDiT's in-tree
-    caches, each rank deciding for its band, with a threshold that is a number >= 0."""
+def check_step_cache(method: str) -> None:
+    """`--cache_method` as STADI runs it (`xdit/step_cache.py`): one of xDiT's in-tree caches, each rank
+    deciding for its band (its `--cache_config` is `check_cache_config`'s)."""
     if method not in STADI_CACHE_METHODS:
         raise ValueError(f"--cache_method {method} cannot be combined with --use_stadi (its decision is "
                          f"synchronised over all ranks, which reach a step at different times under STADI); "
                          f"use {' or '.join(STADI_CACHE_METHODS)}")
-    check_cache_config(method, cache_config)
 
 
 def check_cache_config(method: str | None, cache_config: str | None) -> None:
