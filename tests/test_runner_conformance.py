@@ -109,7 +109,7 @@ def runner_modes(model_name: str) -> dict[str, list[str]]:
                               "--warmup_steps", "1"]}
     methods = [m for m in model.settings.step_cache_config or {} if m in STADI_CACHE_METHODS]
     if methods and model.capabilities.supports_step_caching:
-        # 6 steps: after the warmup step the cache computes its first forward and the rank's last; 3 are served.
+        # 6 steps: the warmup step computes (a new call), its band stays, and the rank's last computes: 4 served.
         modes["cached"] = [*guided[:guided.index("--num_inference_steps")], "--num_inference_steps", "6",
                            *guided[guided.index("--num_inference_steps") + 2:], "--use_stadi", "--stadi_degree", "2",
                            "--stadi_speeds", "1,1", "--warmup_steps", "1", "--cache_method", methods[0],
@@ -197,7 +197,7 @@ def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[in
     assert np.linalg.norm(outputs["parallel"] - plain) / np.linalg.norm(plain) <= 1e-2
     assert not np.array_equal(outputs["guidance_off"], plain)  # guidance 1 is another call, and it saved
     if "cached" in runs:
-        assert all(f"STADI rank {rank}: 6 model evaluations (plan: 6), 3 served by the step cache" in logs["cached"]
+        assert all(f"STADI rank {rank}: 6 model evaluations (plan: 6), 4 served by the step cache" in logs["cached"]
                    for rank in (0, 1)), logs["cached"][-3000:]
         method = runs["cached"].argv[runs["cached"].argv.index("--cache_method") + 1]
         (image,) = [p for p in (folder / runs["cached"].name).iterdir() if p.suffix in (".png", ".mp4")]

@@ -11,7 +11,8 @@ FBCache). This file only finds those modules and gives the loop the `StepCache` 
 * **Where it may not.** Synchronous steps (warmup, exact mode) gather every layer's K/V from every
   rank, so all of them must run; the rank's last forward finishes its band. The loop sets the threshold
   to 0 there (nothing is ever under it), and restores it for the displaced forwards.
-* **A new band or a new call forgets.** The remembered input and residual hold the old band's tokens.
+* **A new band or a new call forgets.** The remembered input and residual hold the old band's tokens;
+  the first forward after it computes, the next may be served.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ class XditStepCache:
             context.encoder_hidden_states_residual = None
             block.use_cache = torch.zeros_like(block.use_cache)
             block.accumulated_rel_l1_distance = torch.zeros_like(block.accumulated_rel_l1_distance)
-            block.cnt = torch.zeros_like(block.cnt)  # TeaCache's step count: it computes its first step
+            # TeaCache's step count. Its step-0 rule computes a call's first forward, whose previous input is
+            # the last call's; here there is none, so the next forward computes anyway. Count 0 would
+            # compute the one after it too, for nothing.
+            block.cnt = torch.ones_like(block.cnt)
 
     def allow(self, allowed: bool) -> None:
         for block, threshold in zip(self.blocks, self.thresholds):
