@@ -30,7 +30,7 @@ import os
 import runpy
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook, before the script imports xfuser)
 from stadi_xdit.cli_errors import USAGE_ERROR, StadiInputError, fail, speak_always
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             fail("stadi_xdit.run", f"no module named {argv[1]!r}")
         sys.argv = [argv[1], *argv[2:]]
         _run_reporting_faults(lambda: runpy.run_module(argv[1], run_name="__main__", alter_sys=True))
-        return
+        exit_without_teardown(0)
     script = argv[0]
     if not os.path.isfile(script):
         fail("stadi_xdit.run", script_problem(script))
@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # As `python script.py` does: the script's folder first on sys.path.
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     _run_reporting_faults(lambda: runpy.run_path(script, run_name="__main__"))
+    exit_without_teardown(0)
 
 
 def _as_a_rank() -> None:
@@ -605,8 +606,30 @@ def launch(argv: Sequence[str] | None = None) -> None:
     check_launch_environment(argv)
     check_fault_injection()
     os.environ[LAUNCHER_PID] = str(os.getpid())  # the ranks die with this process
-    raise SystemExit(run_torchrun(command[command.index("torch.distributed.run") + 1:], launch_timeout(argv),
-                                  bind_store=int(split_launch_args(argv)[0]["--nnodes"] or 1) == 1))
+    status = run_torchrun(command[command.index("torch.distributed.run") + 1:], launch_timeout(argv),
+                          bind_store=int(split_launch_args(argv)[0]["--nnodes"] or 1) == 1)
+    exit_without_teardown(status)
+
+
+def exit_without_teardown(status: int) -> NoReturn:
+    """End this process as a normal exit would (its other threads joined, exit handlers run, output
+    flushed), but skip the interpreter's teardown of the torch, xfuser and diffusers modules: about a
+    second per process, when a launch has nothing left to do."""
+    import atexit
+    import logging
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what a normal exit runs first (logging's flush among them)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to deliver
+            pass
+    os._exit(status)
 
 
 def launch_timeout(argv: Sequence[str]) -> float | None:

@@ -180,6 +180,23 @@ def test_run_module_form():
     assert out.stdout.strip() == '{"a":[1,2]}'
 
 
+def test_a_script_ends_as_on_a_normal_exit_without_the_teardown(tmp_path):
+    """`stadi_xdit.run` skips the interpreter's teardown after the script (exit_without_teardown), but
+    nothing a normal exit delivers is lost: a non-daemon thread's late file, an exit handler, buffered
+    output on a pipe."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import atexit, pathlib, sys, threading, time\n"
+        "out = pathlib.Path(sys.argv[1])\n"
+        "threading.Thread(target=lambda: (time.sleep(0.5), (out / 'thread').write_text('late'))).start()\n"
+        "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
+        "sys.stdout.write('no newline, still buffered')\n")
+    out = subprocess.run([sys.executable, "-m", "stadi_xdit.run", str(script), str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert out.returncode == 0 and out.stdout == "no newline, still buffered", out.stderr[-2000:]
+    assert (tmp_path / "thread").read_text() == "late" and (tmp_path / "atexit").read_text() == "ran"
+
+
 # --- an unmodified xDiT-style script under torchrun ---------------------------------------------
 
 def _start_torchrun_example(model_dir: Path, out_dir: Path, *flags: str) -> subprocess.Popen:
