@@ -9,8 +9,9 @@ from stadi_xdit.runtime.kv import DisplacedKVStore
 
 
 def build_stadi_pipeline(pipeline_cls: type, diffusers_pipeline, *, size: int, steps: int, model: str = "tiny",
-                         **stadi_args):
-    """A float32 STADI pipeline configured from `StadiArgs` keywords, as the benchmarks and tests run it.
+                         dtype: torch.dtype = torch.float32, **stadi_args):
+    """A STADI pipeline (float32 unless `dtype`) configured from `StadiArgs` keywords, as the benchmarks,
+    the tests and the GPU check run it.
 
     `ignore_foreign_bands=True` among the keywords also injects the broken-exchange fault.
     """
@@ -19,7 +20,7 @@ def build_stadi_pipeline(pipeline_cls: type, diffusers_pipeline, *, size: int, s
     corrupt = stadi_args.pop("ignore_foreign_bands", False)
     args = StadiArgs(model=model, use_stadi=True, height=size, width=size, num_inference_steps=steps, **stadi_args)
     engine_config, _ = args.create_config()
-    engine_config.runtime_config.dtype = torch.float32
+    engine_config.runtime_config.dtype = dtype
     pipe = pipeline_cls(diffusers_pipeline, engine_config)
     if corrupt:
         ignore_foreign_bands(pipe.kv_store)
