@@ -10,7 +10,7 @@ off still returns what it measured; $OUT/gpu_check.log keeps the end of each che
 1. environment: the device, its memory, torch and the libraries' versions.
 2. exact: STADI exact mode against one process, on an image family (Flux.1) and on Wan, in float32
    and bfloat16, on 2 ranks. On one GPU the two ranks share it, which NCCL refuses: they use gloo on
-   CUDA tensors, and the summary says so.
+   CUDA tensors, and the summary says so. Then one rank alone on its device, on xDiT's NCCL groups.
 3. single: real-size architectures with random weights on one rank, bfloat16, eager:
    FLUX.1-dev at 1024 px, 28 steps (xDiT publishes 6.71 s on one H100) and PixArt-alpha at 1024 px,
    20 steps. Seconds per call and per step, peak memory.
@@ -116,9 +116,9 @@ def _share_the_device(world: int) -> str | None:
 EXACT_DTYPES = ("float32", "bfloat16")
 
 
-def _exact_rank(rank: int, world: int) -> dict:
-    """One rank of STADI exact mode on each conformance case of EXACT_CASES in each of EXACT_DTYPES:
-    the latents (on the CPU) and the bands, in that order."""
+def _exact_rank(rank: int, world: int, runs: list[tuple[str, str]]) -> dict:
+    """One rank of STADI exact mode on each (conformance case, dtype) of `runs`: the latents (on the
+    CPU) and the bands, in that order."""
     import torch
 
     import stadi_xdit.xdit  # noqa: F401  (compat layer before xfuser)
@@ -126,19 +126,21 @@ def _exact_rank(rank: int, world: int) -> dict:
     from stadi_xdit.xdit.build import build_stadi_pipeline
 
     shared = _share_the_device(world)
-    runs = []
-    for case_name in EXACT_CASES:
+    speeds = ",".join(("3", "5", "4")[:world])  # uneven bands
+    results = []
+    for case_name, dtype_name in runs:
         case = conformance_cases()[case_name]
         inputs = case.inputs()
-        for dtype_name in EXACT_DTYPES:
-            dtype = getattr(torch, dtype_name)
-            pipe = build_stadi_pipeline(case.twin_class(), case.build().to(_device(), dtype), size=inputs["height"],
-                                        steps=inputs["num_inference_steps"], model=f"tiny-{case_name}", dtype=dtype,
-                                        stadi_exact=True, stadi_mode="spatial", warmup_steps=2, stadi_speeds="3,5")
-            out = pipe(**inputs, output_type="latent", generator=torch.Generator().manual_seed(case.seed))
-            runs.append({"latents": getattr(out, case.output).float().cpu(),
-                         "bands": pipe.last_result.plan.row_bounds()})
-    return {"shared": shared, "runs": runs}
+        dtype = getattr(torch, dtype_name)
+        pipe = build_stadi_pipeline(case.twin_class(), case.build().to(_device(), dtype), size=inputs["height"],
+                                    steps=inputs["num_inference_steps"], model=f"tiny-{case_name}", dtype=dtype,
+                                    stadi_exact=True, stadi_mode="spatial", warmup_steps=2, stadi_speeds=speeds)
+        out = pipe(**inputs, output_type="latent", generator=torch.Generator().manual_seed(case.seed))
+        results.append({"latents": getattr(out, case.output).float().cpu(),
+                        "bands": pipe.last_result.plan.row_bounds()})
+    import torch.distributed as dist
+
+    return {"shared": shared, "backend": dist.get_backend() if dist.is_initialized() else None, "runs": results}
 
 
 def check_exact(dry_run: bool) -> dict:
@@ -148,20 +150,25 @@ def check_exact(dry_run: bool) -> dict:
     from stadi_xdit.families import conformance_cases
     from stadi_xdit.offline.spawn import run_distributed
 
-    started = time.perf_counter()
-    ranks = run_distributed(_exact_rank, 2, timeout=LIMITS["exact"])  # one world for every run: spawns cost
-    seconds = time.perf_counter() - started
-    rows = []
-    for index, (case_name, dtype_name) in enumerate((c, d) for c in EXACT_CASES for d in EXACT_DTYPES):
-        case = conformance_cases()[case_name]
-        reference = getattr(case.build().to(_device(), getattr(torch, dtype_name))(
-            **case.inputs(), output_type="latent", generator=torch.Generator().manual_seed(case.seed)),
-            case.output).float().cpu()
-        errors = [((rank["runs"][index]["latents"] - reference).norm() / reference.norm()).item() for rank in ranks]
-        rows.append({"case": case_name, "dtype": dtype_name, "bands": ranks[0]["runs"][index]["bands"],
-                     "relative_error": max(errors)})
-    return {"ranks": 2, "note": ranks[0]["shared"] or "each rank on its own device",
-            "two_rank_seconds": round(seconds, 2), "runs": rows}
+    # Two ranks in one world for every run (spawns cost), and one rank alone on its device: where the
+    # two share a GPU over gloo, the single rank still starts xDiT's NCCL groups and runs STADI on them.
+    worlds = {2: [(c, d) for c in EXACT_CASES for d in EXACT_DTYPES], 1: [(EXACT_CASES[0], "float32")]}
+    rows, notes = [], {}
+    for world, runs in worlds.items():
+        started = time.perf_counter()
+        ranks = run_distributed(_exact_rank, world, runs, timeout=LIMITS["exact"])
+        notes[f"{world} rank(s)"] = {"backend": ranks[0]["backend"], "seconds": round(time.perf_counter() - started, 2),
+                                     "shared": ranks[0]["shared"]}
+        for index, (case_name, dtype_name) in enumerate(runs):
+            case = conformance_cases()[case_name]
+            reference = getattr(case.build().to(_device(), getattr(torch, dtype_name))(
+                **case.inputs(), output_type="latent", generator=torch.Generator().manual_seed(case.seed)),
+                case.output).float().cpu()
+            errors = [((rank["runs"][index]["latents"] - reference).norm() / reference.norm()).item()
+                      for rank in ranks]
+            rows.append({"ranks": world, "case": case_name, "dtype": dtype_name,
+                         "bands": ranks[0]["runs"][index]["bands"], "relative_error": max(errors)})
+    return {"worlds": notes, "runs": rows}
 
 
 def _real_pipeline(preset_name: str, dtype):

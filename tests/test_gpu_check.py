@@ -34,8 +34,10 @@ def test_the_dry_run_passes_every_check_and_writes_its_summary(tmp_path):
     assert all(check["status"] == "ok" for check in checks.values()), checks
     assert summary["dry_run"] and checks["environment"]["figures"]["device"] == "cpu"
     exact = checks["exact"]["figures"]["runs"]
-    assert {(run["case"], run["dtype"]) for run in exact} == {
-        (case, dtype) for case in ("StadiFluxPipeline", "StadiWanPipeline") for dtype in ("float32", "bfloat16")}
+    assert [(run["ranks"], run["case"], run["dtype"]) for run in exact] == [
+        *((2, case, dtype) for case in ("StadiFluxPipeline", "StadiWanPipeline") for dtype in ("float32", "bfloat16")),
+        (1, "StadiFluxPipeline", "float32")]
+    assert {world["backend"] for world in checks["exact"]["figures"]["worlds"].values()} == {"gloo"}  # CPU
     for run in exact:  # the conformance suite's bound in float32; bfloat16 rounds at every layer
         assert run["relative_error"] <= (1e-4 if run["dtype"] == "float32" else 2e-2), run
     single = checks["single"]["figures"]["runs"]
