@@ -76,7 +76,12 @@ def check_environment(dry_run: bool) -> dict:
         props = torch.cuda.get_device_properties(0)
         facts.update(device=props.name, memory_gib=round(props.total_memory / 2**30, 1),
                      capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
-                     cuda=torch.version.cuda, nccl=".".join(map(str, torch.cuda.nccl.version())))
+                     cuda=torch.version.cuda)
+        try:  # a tuple in recent torch, an int in older ones; a fact, never a reason to stop
+            nccl = torch.cuda.nccl.version()
+            facts["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
+        except Exception as error:  # noqa: BLE001
+            facts["nccl"] = f"unknown ({type(error).__name__})"
     else:
         facts["device"] = "cpu"
     import stadi_xdit.xdit  # noqa: F401  (the compat layer: on CPU xfuser imports only behind it)
@@ -332,6 +337,28 @@ def write_summary(out: Path, summary: dict) -> None:
         partial.replace(out / file_name)
 
 
+def run_bounded(command: list[str], limit: float) -> tuple[int | None, str]:
+    """Run a check's process in a session of its own, for at most `limit` seconds: (exit status, or None
+    when it ran over, and its output). Over the limit the whole session is killed, the check's rank
+    processes with it: none may keep holding the GPU's memory for the next check."""
+    import signal
+
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                start_new_session=True)
+        try:
+            status = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            status = None
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # what the check left behind, or all of it
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        output.seek(0)
+        return status, output.read()
+
+
 def run_all(out: Path, dry_run: bool, budget: float, only: tuple[str, ...]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     limits = DRY_LIMITS if dry_run else LIMITS
@@ -354,16 +381,12 @@ def run_all(out: Path, dry_run: bool, budget: float, only: tuple[str, ...]) -> i
             command = [sys.executable, str(Path(__file__).resolve()), "--check", name, "--result", str(result_path)]
             if dry_run:
                 command.append("--dry-run")
-            print(f"[gpu-check] {name} (limit {min(limits[name], left):.0f} s)", flush=True)
-            try:
-                proc = subprocess.run(command, capture_output=True, text=True, timeout=min(limits[name], left),
-                                      cwd=REPO, check=False)
-                output = proc.stdout + proc.stderr
-                outcome = (json.loads(result_path.read_text()) if result_path.exists() else
-                           {"status": "failed", "error": f"the check's process ended with status {proc.returncode}"})
-            except subprocess.TimeoutExpired as error:
-                output = (error.stdout or b"").decode(errors="replace") + (error.stderr or b"").decode(errors="replace")
-                outcome = {"status": "timeout", "error": f"over its limit of {min(limits[name], left):.0f} s"}
+            limit = min(limits[name], left)
+            print(f"[gpu-check] {name} (limit {limit:.0f} s)", flush=True)
+            status, output = run_bounded(command, limit)
+            outcome = (json.loads(result_path.read_text()) if result_path.exists() else
+                       {"status": "timeout", "error": f"over its limit of {limit:.0f} s"} if status is None else
+                       {"status": "failed", "error": f"the check's process ended with status {status}"})
             with log.open("a") as handle:
                 handle.write(f"===== {name}: {outcome['status']}\n{output[-6000:]}\n{outcome.get('traceback', '')}\n")
             outcome.pop("traceback", None)

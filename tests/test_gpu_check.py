@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from stadi_xdit.offline.processes import reap_leftovers
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 
@@ -49,6 +51,20 @@ def test_the_dry_run_passes_every_check_and_writes_its_summary(tmp_path):
     assert checks["compile"]["figures"]["runs"][0]["compiled"]
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert all(f"## {name}: ok" in markdown for name in checks)
+
+
+@pytest.mark.cpu_only("the dry run is the CPU form of the check")
+def test_a_check_over_its_limit_ends_with_its_ranks_and_the_rest_still_report(tmp_path):
+    """A budget too short for the 2-rank exact check: it is cut off as a timeout, none of its rank
+    processes is left behind (they would hold the GPU's memory), and the summary still says so."""
+    tag = f"gpu-check-{os.getpid()}-{tmp_path.name}"
+    proc = _run("--dry-run", "--only", "exact,single", "--budget", "11", "--out", str(tmp_path),
+                env={"STADI_TEST_TAG": tag})
+    checks = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert checks["exact"]["status"] == "timeout" and "over its limit of 11 s" in checks["exact"]["error"]
+    assert checks["single"] == {"status": "skipped", "error": "out of time (11 s budget)"}
+    assert not reap_leftovers("STADI_TEST_TAG", tag, guard_seconds=5), "the check's processes outlived it"
 
 
 def test_the_carried_wheels_are_the_versions_tested_here():
