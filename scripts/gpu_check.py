@@ -419,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not only:
         parser.error(f"--only: unknown check {unknown[0] if unknown else '(none named)'}; "
                      f"choose from {','.join(CHECKS)}")
+    from stadi_xdit.paths import output_dir_problem
+
+    problem = output_dir_problem(args.out)
+    if problem:
+        parser.error(f"--out: {problem}")
     budget = args.budget if args.budget is not None else (120.0 if args.dry_run else 450.0)
     if not (math.isfinite(budget) and budget > 0):
         parser.error(f"--budget must be a positive number of seconds, got {args.budget}")

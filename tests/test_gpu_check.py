@@ -55,15 +55,16 @@ def test_the_dry_run_passes_every_check_and_writes_its_summary(tmp_path):
 
 @pytest.mark.cpu_only("the dry run is the CPU form of the check")
 def test_a_check_over_its_limit_ends_with_its_ranks_and_the_rest_still_report(tmp_path):
-    """A budget too short for the 2-rank exact check: it is cut off as a timeout, none of its rank
-    processes is left behind (they would hold the GPU's memory), and the summary still says so."""
+    """A 2-rank check whose rank 1 hangs in its first warmup step (the heartbeat's fault hook): it is cut
+    off at its limit as a timeout, none of its rank processes is left behind (they would hold the GPU's
+    memory), and the summary says so for it and for the check the budget then has no time for."""
     tag = f"gpu-check-{os.getpid()}-{tmp_path.name}"
-    proc = _run("--dry-run", "--only", "exact,single", "--budget", "11", "--out", str(tmp_path),
-                env={"STADI_TEST_TAG": tag})
+    proc = _run("--dry-run", "--only", "exact,single", "--budget", "20", "--out", str(tmp_path),
+                env={"STADI_TEST_TAG": tag, "STADI_FAULT": "warmup step:1:sleep"})
     checks = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]
     assert proc.returncode == 1, proc.stdout[-2000:]
-    assert checks["exact"]["status"] == "timeout" and "over its limit of 11 s" in checks["exact"]["error"]
-    assert checks["single"] == {"status": "skipped", "error": "out of time (11 s budget)"}
+    assert checks["exact"] == {"status": "timeout", "error": "over its limit of 20 s"}, checks
+    assert checks["single"] == {"status": "skipped", "error": "out of time (20 s budget)"}
     assert not reap_leftovers("STADI_TEST_TAG", tag, guard_seconds=5), "the check's processes outlived it"
 
 
@@ -81,9 +82,10 @@ def test_the_carried_wheels_are_the_versions_tested_here():
     (["--dry-run", "--budget", "-5"], {}, "--budget must be a positive number of seconds"),
     (["--dry-run", "--budget", "nan"], {}, "--budget must be a positive number of seconds"),
     ([], {"STADI_GPU_WHEELS": "/nonexistent/wheels"}, "no /nonexistent/wheels folder"),
+    (["--dry-run", "--out", "/dev/null"], {}, "--out: '/dev/null' exists and is not a folder"),
 ])
 def test_bad_arguments_are_one_line(args, env, needle, tmp_path):
-    proc = _run(*args, "--out", str(tmp_path), env=env)
+    proc = _run(*args, *([] if "--out" in args else ["--out", str(tmp_path)]), env=env)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and needle in lines[-1] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "gpu_check.json").exists()  # nothing ran
