@@ -3,7 +3,7 @@
     scripts/gpu_check.sh                 # on the GPU machine: installs .whl/, then runs this script
     scripts/gpu_check.sh --dry-run       # on CPU: the same checks on tiny models (the suite runs it)
 
-The checks run in this order, each in a process of its own with a time limit. The summary
+The checks run in this order, each in a process session of its own with a time limit. The summary
 ($OUT/gpu_check.md and $OUT/gpu_check.json) is rewritten after every check, so a run that is cut
 off still returns what it measured; $OUT/gpu_check.log keeps the end of each check's output.
 
@@ -19,7 +19,7 @@ off still returns what it measured; $OUT/gpu_check.log keeps the end of each che
    K/V store's bytes against the preset's prediction, the exchange, seconds per call.
 5. compile: torch.compile on the single-rank FLUX.1-dev call, if time is left.
 
-The dry run maps each check to CPU, float32 (bfloat16 too in check 2) and tiny shapes.
+The dry run maps each check to CPU and tiny shapes (float32, and bfloat16 in checks 2 and 3).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ CHECKS = ("environment", "exact", "single", "stadi", "compile")
 # Seconds each check may take at most on the GPU machine; the whole run must end within the budget.
 LIMITS = {"environment": 60, "exact": 150, "single": 180, "stadi": 180, "compile": 150}
 DRY_LIMITS = {"environment": 30, "exact": 60, "single": 30, "stadi": 60, "compile": 60}
-# The real-size calls, and the tiny ones of the dry run.
 # (preset, px, steps, dtype) of each call; the dry run's are tiny, and one builds in bfloat16 as the real ones do.
 REAL = {"flux": ("flux-dev-1024", 1024, 28, "bfloat16"), "pixart": ("pixart-alpha-1024", 1024, 20, "bfloat16"),
         "compile": ("flux-dev-1024", 1024, 28, "bfloat16")}
