@@ -399,7 +399,7 @@ def run_all(out: Path, dry_run: bool, budget: float, only: tuple[str, ...]) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stadi_xdit.cli_errors import OneLineArgumentParser
+    from stadi_xdit.cli_errors import OneLineArgumentParser, comma_subset
 
     parser = OneLineArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "gpu-check-out",
@@ -413,11 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check:
         return run_one_check(args.check, args.dry_run, Path(args.result))
-    only = tuple(name.strip() for name in args.only.split(",") if name.strip())
-    unknown = [name for name in only if name not in CHECKS]
-    if unknown or not only:
-        parser.error(f"--only: unknown check {unknown[0] if unknown else '(none named)'}; "
-                     f"choose from {','.join(CHECKS)}")
+    try:
+        only = tuple(comma_subset(args.only, CHECKS))
+    except ValueError as error:
+        parser.error(f"--only: {error}")
     from stadi_xdit.paths import output_dir_problem
 
     problem = output_dir_problem(args.out)

@@ -13,7 +13,7 @@ import errno
 import io
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 USAGE_ERROR = 2  # argparse's exit status for bad input
@@ -70,6 +70,16 @@ def _say(prog: str, kind: str, message: str, always: bool = False) -> None:
     if always or is_speaking_rank():
         sys.stderr.write(f"{prog}: {kind}: {' '.join(str(message).split())}\n")
         sys.stderr.flush()
+
+
+def comma_subset(text: str, known: Sequence[str]) -> list[str]:
+    """The names of the comma-separated `text`, in its order, each one of `known`; else ValueError saying
+    which is unknown (or that none is named) and what is known, for the caller's one line."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise ValueError(f"unknown {', '.join(unknown) or '(none named)'}; known: {', '.join(known)}")
+    return names
 
 
 class OneLineErrors:

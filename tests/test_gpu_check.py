@@ -78,7 +78,7 @@ def test_the_carried_wheels_are_the_versions_tested_here():
 
 
 @pytest.mark.parametrize("args,env,needle", [
-    (["--dry-run", "--only", "environment,nope"], {}, "--only: unknown check nope"),
+    (["--dry-run", "--only", "environment,nope"], {}, "--only: unknown nope; known: environment, exact"),
     (["--dry-run", "--budget", "-5"], {}, "--budget must be a positive number of seconds"),
     (["--dry-run", "--budget", "nan"], {}, "--budget must be a positive number of seconds"),
     ([], {"STADI_GPU_WHEELS": "/nonexistent/wheels"}, "no /nonexistent/wheels folder"),

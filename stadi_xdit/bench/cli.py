@@ -29,7 +29,7 @@ from typing import NoReturn
 
 from stadi_xdit.bench.catalog import ARM_ORDER, DEFAULT_ARMS, PRESET_SHAPES
 from stadi_xdit.bench.scenarios import parse_scenario
-from stadi_xdit.cli_errors import OneLineArgumentParser, fail, stdout_guard
+from stadi_xdit.cli_errors import OneLineArgumentParser, comma_subset, fail, stdout_guard
 from stadi_xdit.geometry import FRAMES_PER_LATENT, TOKEN_ROW_PX
 from stadi_xdit.paths import output_dir_problem
 from stadi_xdit.planner.cli import parse_checked, parse_numbers
@@ -185,9 +185,9 @@ def _validate_shape(args: argparse.Namespace) -> None:
 
 def _validate_run(args: argparse.Namespace) -> None:
     """Arms, scenarios, cores and the other settings of a measured run."""
-    names = [name.strip() for name in args.arms.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ARM_ORDER]
-    if unknown or not names:
+    try:
+        names = comma_subset(args.arms, ARM_ORDER)
+    except ValueError:
         _reject("--arms", f"expected a comma-separated subset of {','.join(ARM_ORDER)}, got {args.arms!r}")
     # Canonical order: single first (the reference).
     args.arm_names = tuple(name for name in ARM_ORDER if name in names)

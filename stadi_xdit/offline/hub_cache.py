@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stadi_xdit.cli_errors import OneLineArgumentParser
+from stadi_xdit.cli_errors import OneLineArgumentParser, comma_subset
 from stadi_xdit.families import hub_models
 from stadi_xdit.paths import output_dir_problem
 
@@ -77,11 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(known),
                         help=f"comma-separated runner model names (default: all of {', '.join(known)})")
     args = parser.parse_args(argv)
-    models = [name.strip() for name in args.models.split(",") if name.strip()]
-    unknown = [name for name in models if name not in known]
-    if unknown or not models:
-        parser.error(f"argument --models: unknown model {', '.join(unknown) or '(none given)'}; "
-                     f"known: {', '.join(known)}")
+    try:
+        models = comma_subset(args.models, known)
+    except ValueError as error:
+        parser.error(f"argument --models: {error}")
     problem = output_dir_problem(args.out)
     if problem:
         parser.error(f"argument --out: {problem}")
