@@ -58,6 +58,9 @@ def _run_runner(hub: Path, out: Path, args: list[str], nproc: int = 1, launcher:
     env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1",
                **extra_env)
     launcher = launcher or [str(hub / "launch_runner.py")]
+    if nproc == 1:  # what xDiT's runner sets for one process, but a free port: not its fixed 12355, which
+        # two such tests on two pytest workers would both take (EADDRINUSE)
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if nproc > 1:
         launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                     "--master_port", str(free_port()), *launcher]
