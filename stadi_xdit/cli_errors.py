@@ -46,6 +46,12 @@ def speak_always() -> None:
     _ALWAYS_SPEAKS = True
 
 
+def speak_as_a_rank() -> None:
+    """Undo `speak_always` in a rank forked from the launcher: only rank 0 reports."""
+    global _ALWAYS_SPEAKS
+    _ALWAYS_SPEAKS = False
+
+
 def _env_int(name: str) -> int | None:
     """The environment variable as an int, or None when unset or not an integer."""
     try:

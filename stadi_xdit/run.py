@@ -30,10 +30,12 @@ import os
 import runpy
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook, before the script imports xfuser)
+from stadi_xdit import rank_process
 from stadi_xdit.cli_errors import USAGE_ERROR, StadiInputError, fail, speak_always
+from stadi_xdit.rank_process import exit_without_teardown
 from stadi_xdit.runtime import heartbeat
 from stadi_xdit.runtime.faults import PeerFailure, report_and_exit
 from stadi_xdit.xdit import cli_hook
@@ -224,11 +226,16 @@ def _quiet_library_notices() -> None:
 
     from transformers.utils import logging as transformers_logging
 
+    verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
+    rank_process.launcher_only(lambda: transformers_logging.set_verbosity(verbosity))
     from xfuser import logger as xfuser_logger  # after: importing xfuser loads transformers' processors
 
-    if xfuser_logger._default_handler is not None:  # one handler (stdout) serves every xfuser logger
-        xfuser_logger._default_handler.setLevel(logging.WARNING)
+    handler = xfuser_logger._default_handler
+    if handler is not None:  # one handler (stdout) serves every xfuser logger
+        level = handler.level
+        handler.setLevel(logging.WARNING)
+        rank_process.launcher_only(lambda: handler.setLevel(level))
 
 
 def runner_namespace(args: Sequence[str]):
@@ -605,31 +612,15 @@ def launch(argv: Sequence[str] | None = None) -> None:
     command = build_launch_command(argv)
     check_launch_environment(argv)
     check_fault_injection()
+    try:
+        start = rank_process.rank_start()
+    except ValueError as error:
+        fail(LAUNCHER, str(error))
     os.environ[LAUNCHER_PID] = str(os.getpid())  # the ranks die with this process
     status = run_torchrun(command[command.index("torch.distributed.run") + 1:], launch_timeout(argv),
-                          bind_store=int(split_launch_args(argv)[0]["--nnodes"] or 1) == 1)
+                          bind_store=int(split_launch_args(argv)[0]["--nnodes"] or 1) == 1,
+                          fork=start == "fork")
     exit_without_teardown(status)
-
-
-def exit_without_teardown(status: int) -> NoReturn:
-    """End this process as a normal exit would (its other threads joined, exit handlers run, output
-    flushed), but skip the interpreter's teardown of the torch, xfuser and diffusers modules: about a
-    second per process, when a launch has nothing left to do."""
-    import atexit
-    import logging
-    import threading
-
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what a normal exit runs first (logging's flush among them)
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing left to deliver
-            pass
-    os._exit(status)
 
 
 def launch_timeout(argv: Sequence[str]) -> float | None:
@@ -663,13 +654,15 @@ def check_fault_injection() -> None:
             fail(LAUNCHER, str(error))
 
 
-def run_torchrun(args: Sequence[str], timeout: float | None = None, bind_store: bool = False) -> int:
+def run_torchrun(args: Sequence[str], timeout: float | None = None, bind_store: bool = False,
+                 fork: bool = False) -> int:
     """torchrun in this process, so that a failed rank ends the launch with that rank's status (2: an
     input error its rank 0 already printed in one line) instead of torchrun's ChildFailedError traceback.
 
     With a STADI `timeout`, a supervisor (`stadi_xdit.supervisor`) watches every rank's heartbeat and
     ends a stalled launch within `timeout` + `MARGIN_SECONDS`; torchrun's 30 s stop grace becomes
     `STOP_GRACE_SECONDS`. With one node the rendezvous store listens on the master address only.
+    With `fork`, the ranks are forks of this process (`stadi_xdit.rank_process`), not new interpreters.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -680,6 +673,7 @@ def run_torchrun(args: Sequence[str], timeout: float | None = None, bind_store: 
     _quiet_torchrun_logs()
     supervisor = Supervisor(timeout, LAUNCHER) if timeout else None
     restore = _patch_torchrun(bind_store)
+    unfork = rank_process.fork_ranks(main) if fork else (lambda: None)
     if supervisor is not None:
         os.environ.update(supervisor.env())
         supervisor.start()
@@ -694,6 +688,7 @@ def run_torchrun(args: Sequence[str], timeout: float | None = None, bind_store: 
         sys.stderr.write(f"{LAUNCHER}: stopped by {signal.Signals(int(error.sigval)).name}; every rank ended\n")
         return 128 + int(error.sigval)
     finally:
+        unfork()
         restore()
         if supervisor is not None:
             supervisor.close()
@@ -819,7 +814,9 @@ def _quiet_torchrun_logs() -> None:
         return
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+            logger = logging.getLogger(name)
+            rank_process.launcher_only(lambda logger=logger, level=logger.level: logger.setLevel(level))
+            logger.setLevel(logging.CRITICAL)
 
 
 if __name__ == "__main__":
