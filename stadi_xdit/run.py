@@ -319,6 +319,9 @@ def check_model_capabilities(model: type, config: object) -> None:
         if method not in methods:
             raise ValueError(f"--model {config.model} does not support --cache_method {method}"
                              + (f" (it supports {', '.join(methods)})" if methods else " (no step caching)"))
+        if method == "dbcache" and _find_spec("cache_dit") is None:  # else every rank's traceback, after the load
+            raise ValueError("--cache_method dbcache runs through cache-dit, which is not installed "
+                             "(pip install cache-dit)")
 
 
 # --- what the ranks would find missing (checked by `launch`, not by building the command) ---------

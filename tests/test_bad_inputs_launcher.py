@@ -79,6 +79,20 @@ def test_runner_refusals_happen_in_the_launcher(argv, needle, capsys):
     _one_line_exit(lambda: build_launch_command(argv), capsys, needle)
 
 
+def test_dbcache_needs_cache_dit_before_the_ranks_load_the_model(monkeypatch, capsys):
+    """Plain xDiT's `--cache_method dbcache` imports cache-dit in every rank after the model load: without it,
+    a traceback per rank. The launcher says it once."""
+    from stadi_xdit import run
+
+    argv = ["--model", "SD3.5", "--ulysses_degree", "2", "--height", "128", "--width", "128",
+            "--cache_method", "dbcache"]
+    monkeypatch.setattr(run, "_find_spec", lambda name: None if name == "cache_dit" else object())
+    _one_line_exit(lambda: build_launch_command(argv), capsys,
+                   "--cache_method dbcache runs through cache-dit, which is not installed (pip install cache-dit)")
+    monkeypatch.setattr(run, "_find_spec", lambda name: object())
+    assert "--nproc_per_node=2" in build_launch_command(argv)
+
+
 # --- what the ranks would find missing on this machine (R20, R23, R33-R35, R46, R47, R49, R50) ------
 
 def _free_port() -> int:
