@@ -166,6 +166,32 @@ class BandComm:
         if pending.works:
             self._timed(cuda, pending.wait)
 
+    # --- Ulysses inside a sequence-parallel group -------------------------------------------
+    def all_to_all(self, tensor: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+        """`tensor` cut into `world_size` equal parts along `scatter_dim`, part j sent to group rank j;
+        returns the parts every rank sent this one, joined along `gather_dim` in rank order (Ulysses'
+        exchange of heads for tokens). Bounded, but not counted as waiting: inside a group it is part
+        of the group's forward, whose time is the group's cost."""
+        if self.world_size == 1:
+            return tensor
+        if tensor.shape[scatter_dim] % self.world_size:
+            raise ValueError(f"all_to_all: {tensor.shape[scatter_dim]} entries along dim {scatter_dim} do not "
+                             f"split into {self.world_size} equal parts")
+        send = torch.stack(tensor.chunk(self.world_size, dim=scatter_dim)).contiguous()
+        received = torch.empty_like(send)
+        self.collectives += 1
+        work = dist.all_to_all_single(received, send, group=self.group, async_op=True)
+        self._guarded(PendingWorks([work], self.wait_slice).wait)
+        return torch.cat(received.unbind(0), dim=gather_dim)
+
+    def gather_parts(self, part: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every group rank's equal `part`, joined along `dim` in rank order (a replicated stream's heads
+        after Ulysses' attention). Like `all_to_all`, part of the group's forward: not counted as waiting."""
+        if self.world_size == 1:
+            return part
+        pending = self.all_gather_async(part, [part.shape[dim]] * self.world_size, dim)
+        return self._guarded(pending.wait)
+
     # --- gathers that return a new tensor ----------------------------------------------------
     def all_gather_async(self, part: torch.Tensor, sizes: Sequence[int], dim: int) -> PendingGather:
         """Start gathering `part` (this rank's `sizes[rank]` slices along `dim`) from every rank.

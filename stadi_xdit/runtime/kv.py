@@ -63,8 +63,12 @@ class DisplacedKVStore:
     """Full-image K/V of every displaced attention layer of one rank, and their exchange."""
 
     def __init__(self, comm: BandComm, *, group_layers: int = DEFAULT_GROUP_LAYERS,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, sequence: BandComm | None = None):
         self.comm = comm
+        # With Ulysses inside a STADI group (`sequence`, the group's ranks): the band is the group's, this
+        # rank holds every band token for heads / U of the heads, and `comm` joins the ranks of the other
+        # groups that hold the same head shard. None, or one rank: the band is this rank's alone.
+        self.sequence = sequence
         self.group_layers = _check_group_layers(group_layers)
         self.kv_dtype = kv_dtype  # None: store K/V in the dtype attention computes in
         self.band: BandView | None = None  # this rank's band of the current layout (set_band)
