@@ -90,6 +90,9 @@ ALLOWED_CORES = sorted(os.sched_getaffinity(0))
         (["--calibrate-height", "7"], "--calibrate-height", "multiple of 16"),
         (["--calibrate-height", "4096"], "--calibrate-height", "[32, 2048]"),
         (["--bogus"], "--bogus", "unrecognized arguments"),
+        (["--simulate", "--gpus", "A100x6", "--ulysses-degree", "4"], "--ulysses-degree", "divide the 6 ranks"),
+        (["--simulate", "--gpus", "A100x2", "--ulysses-degree", "0"], "--ulysses-degree", "integer >= 1"),
+        (["--ulysses-degree", "2"], "--ulysses-degree", "only with --simulate"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_flag(one_error_line, argv, flag, says):

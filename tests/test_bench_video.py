@@ -124,6 +124,30 @@ def test_simulate_mixed_cluster_wan_14b_720p(tmp_path, capsys):
     assert sum(r["row_end"] - r["row_start"] for r in ranks) == 945 and len(ranks) == 8
 
 
+def test_simulate_wan_14b_720p_over_ulysses_groups(tmp_path, capsys):
+    """Issue 23's what-if: A100x4 and RTX4090x4 nodes, Ulysses-4 in each. The head-sharded store is the flat
+    one / 4, which brings Wan 14B 720p within an A100's 80 GiB; the groups plan as two members."""
+    argv = ["--simulate", "--gpus", "A100x4,RTX4090x4", "--preset", "wan2.1-t2v-14b-720p", "--ulysses-degree", "4",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "STADI over groups of Ulysses-4" in out and "xDiT Ulysses-8 (every rank)" in out
+    result = json.loads((tmp_path / "simulate.json").read_text())
+    grouped = result["ulysses_groups"]
+    for label, form in grouped["kv_store"].items():
+        assert form["store_bytes"] * 4 == result["kv_store"][label]["store_bytes"]
+    assert result["memory_fit"]["cards"]["A100"]["fits"] == {"as computed": False, "--use_cfg_parallel": False}
+    assert grouped["memory_fit"]["cards"]["A100"]["fits"] == {"as computed": True, "--use_cfg_parallel": True}
+    assert grouped["memory_fit"]["cards"]["RTX4090"]["fits"]["--use_cfg_parallel"] is False  # 26.6 GiB of weights
+    assert [group["cards"] for group in grouped["groups"]] == [["A100"] * 4, ["RTX4090"] * 4]
+    assert grouped["relative_speeds"][0] == 1.0 and 0.4 < grouped["relative_speeds"][1] < 0.53  # PCIe all-to-all
+    seconds = grouped["seconds"]
+    assert seconds["full"] < seconds["spatial"] < seconds["uniform"]
+    assert seconds["full"] < grouped["xdit_ulysses_seconds"]
+    members = json.loads(grouped["plan"])["ranks"]
+    assert len(members) == 2 and sum(r["row_end"] - r["row_start"] for r in members) == 945
+
+
 def test_simulate_small_wan_with_given_row_cost(tmp_path, capsys):
     assert main(["--simulate", "--speeds", "1,0.5", "--row-seconds", "0.05", "--preset", "wan-tiny",
                  "--out", str(tmp_path)]) == 0

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--calibrate-height", type=int, default=256,
                      help="px of the forward measured on this machine (default 256)")
     sim.add_argument("--no-measure", action="store_true", help="--simulate without the calibration forward")
+    sim.add_argument("--ulysses-degree", type=int, default=1,
+                     help="also predict STADI over groups of this many consecutive ranks, Ulysses inside each "
+                          "(issue 23), next to xDiT's Ulysses over every rank (default 1: off)")
     parser.add_argument("--construct-only", action="store_true",
                         help="build the preset's transformer on the meta device, check arm validity, exit")
     return parser
@@ -263,11 +266,17 @@ def _validate_simulate(args: argparse.Namespace) -> None:
     if args.calibrate_height % TOKEN_ROW_PX or not low <= args.calibrate_height <= high:
         _reject("--calibrate-height", f"must be a multiple of {TOKEN_ROW_PX} px in [{low}, {high}], "
                                       f"got {args.calibrate_height}")
+    if args.ulysses_degree < 1:
+        _reject("--ulysses-degree", f"must be an integer >= 1, got {args.ulysses_degree}")
     if not args.simulate:
+        if args.ulysses_degree != 1:  # a measured run has no Ulysses groups yet: refused, not ignored
+            _reject("--ulysses-degree", "only with --simulate (STADI over Ulysses groups is not a launch yet)")
         return
     ranks = args.gpu_names or args.speed_values
     if not ranks:
         _reject("--simulate", "needs --gpus (e.g. A100x4,RTX3090x4) or --speeds (e.g. 1,0.5)")
+    if len(ranks) % args.ulysses_degree:
+        _reject("--ulysses-degree", f"must divide the {len(ranks)} ranks into equal groups, got {args.ulysses_degree}")
     shape = PRESET_SHAPES[args.preset]
     units = shape.band_units(args.height, args.num_frames)
     if units < len(ranks):
@@ -334,7 +343,7 @@ def _simulate(args, preset, height) -> int:
     result = what_if(args.gpus, args.speed_values, preset, height=height, steps=args.steps, warmup=args.warmup,
                      row_seconds=args.row_seconds, mfu=args.mfu, link_gbps=args.link_gbps,
                      max_stride=args.max_stride, calibrate_height=args.calibrate_height,
-                     measure=not args.no_measure)
+                     measure=not args.no_measure, ulysses=args.ulysses_degree)
     print(format_what_if(result, preset, height))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -157,8 +157,9 @@ def calibrate_cpu(preset: BenchPreset, target_height: int, small_height: int) ->
 
 def what_if(gpus: str | None, speeds: tuple[float, ...] | None, preset: BenchPreset, *, height: int, steps: int,
             warmup: int, row_seconds: float | None, mfu: float, link_gbps: float | None, max_stride: int,
-            calibrate_height: int, measure: bool = True) -> dict:
-    """Everything ``stadi-bench --simulate`` prints, as data."""
+            calibrate_height: int, measure: bool = True, ulysses: int = 1) -> dict:
+    """Everything ``stadi-bench --simulate`` prints, as data (with ``ulysses`` > 1, also STADI over groups of
+    that many consecutive ranks, `grouped_what_if`)."""
     rows = preset.band_units(height)
     if gpus:
         names = parse_gpu_list(gpus)
@@ -198,13 +199,92 @@ def what_if(gpus: str | None, speeds: tuple[float, ...] | None, preset: BenchPre
     exchange = preset.kv_bytes(height, bytes_per_value) * (len(relative) - 1) / len(relative) / (link_gbps * 1e9)
     predicted = predict_modes(relative, rows=rows, steps=steps, warmup=warmup, row_seconds=row_seconds,
                               max_stride=max_stride, exchange_seconds=exchange)
-    return {"ranks": list(names), "relative_speeds": list(relative), "rows": rows, "band_unit": preset.band_unit,
+    grouped = None
+    if ulysses > 1:
+        grouped = grouped_what_if(names, relative, preset, height, ulysses=ulysses, row_seconds=row_seconds,
+                                  steps=steps, warmup=warmup, max_stride=max_stride, bytes_per_value=bytes_per_value,
+                                  network_gbps=link_gbps, memory=memory, hardware=bool(gpus))
+    return {"ulysses_groups": grouped,
+            "ranks": list(names), "relative_speeds": list(relative), "rows": rows, "band_unit": preset.band_unit,
             "shape": preset.shape_label(height), "steps": steps, "warmup": warmup,
             "row_seconds": row_seconds, "row_seconds_source": source, "exchange_seconds": exchange,
             "link_gbytes_per_s": link_gbps, "link": link,
             "calibration": calibration, "seconds": predicted["seconds"], "kv_store": memory, "memory_fit": fit,
             "plans": {m: p.to_json() for m, p in predicted["plans"].items()},
             "explain": {m: p.explain() for m, p in predicted["plans"].items()}}
+
+
+def grouped_what_if(names: tuple[str, ...], relative: tuple[float, ...], preset: BenchPreset, height: int, *,
+                    ulysses: int, row_seconds: float, steps: int, warmup: int, max_stride: int, bytes_per_value: int,
+                    network_gbps: float, memory: dict, hardware: bool) -> dict:
+    """STADI over groups of ``ulysses`` consecutive ranks (issue 23), next to xDiT's Ulysses over every rank.
+
+    A group splits its band evenly over its ranks and runs at its slowest member's pace; each forward adds
+    Ulysses' all-to-alls (Q, K, V and the output: twice the K/V bytes of the band; a rank sends (U - 1) / U
+    of its part) over the group's link: NVLink or PCIe of its card type, the network for mixed cards or
+    bare speeds. Groups are nodes joined by ``network_gbps``; a node's link carries its U ranks' head
+    shards, so the exchange per sync point moves the flat store's bytes per node (the flat form's model
+    gives each rank a link of its own). xDiT's Ulysses over all N ranks: an even split at the slowest
+    card's pace, its all-to-all crossing nodes over the network, U ranks sharing each node's link.
+    """
+    count = len(names)
+    if ulysses < 1 or count % ulysses:
+        raise ValueError(f"--ulysses-degree {ulysses} does not divide the {count} ranks into equal groups")
+    rows = preset.band_units(height)
+    kv_per_row = preset.kv_bytes(height, bytes_per_value) / rows  # K and V of one band unit, every layer
+    groups = [tuple(range(start, start + ulysses)) for start in range(0, count, ulysses)]
+    members, row_costs = [], []
+    for group in groups:
+        cards = tuple(names[rank] for rank in group)
+        link_gbps, link = default_link(cards if hardware else None)
+        compute = row_seconds / min(relative[rank] for rank in group) / ulysses
+        all_to_all = 2 * kv_per_row * (ulysses - 1) / ulysses**2 / (link_gbps * 1e9)
+        row_costs.append(compute + all_to_all)
+        members.append({"ranks": list(group), "cards": list(cards), "link": link,
+                        "row_seconds": compute + all_to_all, "all_to_all_row_seconds": all_to_all})
+    fastest = min(row_costs)
+    group_relative = tuple(fastest / cost for cost in row_costs)
+    exchange = preset.kv_bytes(height, bytes_per_value) * (len(groups) - 1) / len(groups) / (network_gbps * 1e9)
+    predicted = predict_modes(group_relative, rows=rows, steps=steps, warmup=warmup, row_seconds=fastest,
+                              max_stride=max_stride, exchange_seconds=exchange)
+    crossing = ulysses * (count - ulysses) / count**2 if len(groups) > 1 else (count - 1) / count**2
+    all_link = network_gbps if len(groups) > 1 else default_link(names if hardware else None)[0]
+    xdit_ulysses = steps * rows * (row_seconds / min(relative) / count
+                                   + 2 * kv_per_row * crossing / (all_link * 1e9))
+    sharded = {label: {**form, "store_bytes": form["store_bytes"] / ulysses,
+                       "received_per_sync_point_bytes": form["flat_buffer_bytes"] / ulysses
+                       * (len(groups) - 1) / len(groups)}
+               for label, form in memory.items()}
+    fit = gpu_memory_fit(names, preset, bytes_per_value, sharded) if hardware else None
+    return {"ulysses": ulysses, "groups": members, "relative_speeds": list(group_relative),
+            "exchange_seconds": exchange, "seconds": predicted["seconds"], "xdit_ulysses_seconds": xdit_ulysses,
+            "kv_store": sharded, "memory_fit": fit, "plan": predicted["plans"]["full"].to_json(),
+            "explain": predicted["plans"]["full"].explain()}
+
+
+def format_grouped(grouped: dict, flat_seconds: dict) -> list[str]:
+    ulysses = grouped["ulysses"]
+    lines = [f"STADI over groups of Ulysses-{ulysses} (issue 23: simulated; not yet a launch):"]
+    for index, (group, speed) in enumerate(zip(grouped["groups"], grouped["relative_speeds"])):
+        lines.append(f"  group {index}: {', '.join(group['cards'])}; relative speed {speed:.3f}; all-to-all "
+                     f"{group['all_to_all_row_seconds'] * 1e3:.3g} ms per row per step over {group['link']}")
+    lines.append(f"  K/V exchange per sync: {grouped['exchange_seconds'] * 1e3:.3g} ms (a node's link carries its "
+                 f"{ulysses} head shards)")
+    for label, form in grouped["kv_store"].items():
+        lines.append(f"  K/V store per rank ({label}): {form['store_bytes'] / 2**30:.3f} GiB (the flat store / "
+                     f"{ulysses}); receives {form['received_per_sync_point_bytes'] / 2**30:.3f} GiB per sync point")
+    if grouped["memory_fit"]:
+        lines.extend("  " + line for line in format_memory_fit(grouped["memory_fit"]))
+    seconds = grouped["seconds"]
+    count = sum(len(group["ranks"]) for group in grouped["groups"])
+    lines.append(f"  {'arm':<34}{'predicted s':>12}{'vs xDiT Ulysses':>17}")
+    arms = [(f"xDiT Ulysses-{count} (every rank)", grouped["xdit_ulysses_seconds"]),
+            *((f"STADI {mode} over Ulysses-{ulysses} groups", seconds[mode]) for mode in MODES),
+            ("flat STADI full (above)", flat_seconds["full"])]
+    for label, value in arms:
+        lines.append(f"  {label:<34}{value:>12.3f}{grouped['xdit_ulysses_seconds'] / value:>16.2f}x")
+    lines.extend("  " + line for line in grouped["explain"].splitlines())
+    return lines
 
 
 def format_what_if(result: dict, preset: BenchPreset, height: int) -> str:
@@ -239,6 +319,8 @@ def format_what_if(result: dict, preset: BenchPreset, height: int) -> str:
         lines.append(f"{mode:<10}{seconds[mode]:>12.3f}{seconds['uniform'] / seconds[mode]:>11.2f}x"
                      f"{seconds['single'] / seconds[mode]:>17.2f}x")
     lines.append(result["explain"]["full"])
+    if result.get("ulysses_groups"):
+        lines.extend(format_grouped(result["ulysses_groups"], seconds))
     return "\n".join(lines)
 
 
