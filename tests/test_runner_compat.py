@@ -119,6 +119,24 @@ def test_runner_flux_ulysses_two_processes_matches_one(hub, flux_one_process, tm
     assert np.abs(ref - got).max() <= 8
 
 
+def test_runner_dbcache_on_two_processes_agrees_with_one(hub, tmp_path):
+    """xDiT's dbcache (cache-dit) makes every rank take rank 0's skip decision, broadcast from a tensor that
+    xfuser puts on the CUDA device; on CPU the compat layer puts it on the world group's device. Ulysses-2 then
+    serves the same steps as one process (cache-dit logs them on rank 0), and the images agree as Ulysses' do.
+    (The tiny models have 2 blocks, which xDiT's dbcache presets compute all: serving changes nothing in them.)"""
+    args = ["--model", "SD3.5", "--height", "64", "--width", "64", "--num_inference_steps", "12",
+            "--max_sequence_length", "16", "--prompt", "a red cube", "--cache_method", "dbcache",
+            "--cache_config", '{"residual_diff_threshold": 1.0}']
+    served = "get transformer_blocks_Fn_residual_buffer"  # cache-dit's debug line for a step it served
+    one = _run_runner(hub, tmp_path / "one", args, CACHE_DIT_LOG_LEVEL="debug")
+    two = _run_runner(hub, tmp_path / "two", [*args, "--ulysses_degree", "2"], nproc=2, CACHE_DIT_LOG_LEVEL="debug")
+    served_one = (one.stdout + one.stderr).count(served)
+    assert served_one > 0 and (two.stdout + two.stderr).count(served) == served_one
+    ref = _image(tmp_path / "one" / "stable_diffusion_3_5_large_u1r1_tc_False_64x64_0.png")
+    got = _image(tmp_path / "two" / "stable_diffusion_3_5_large_u2r1_tc_False_64x64_0.png")
+    assert np.abs(ref - got).max() <= 16  # bf16 both ways, as for Flux above
+
+
 @pytest.mark.parametrize(("model", "output_name"), [("SD3.5", "stable_diffusion_3_5_large"),
                                                     ("Qwen-Image", "qwen_image")])
 def test_runner_other_models_one_process(hub, tmp_path, model, output_name):

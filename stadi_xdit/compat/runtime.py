@@ -215,6 +215,43 @@ def patch_flux_prepare_run(flux: ModuleType) -> None:
     cls.prepare_run = _mark(prepare_run)
 
 
+# --------------------------------------------------------------------------- step caching (cache-dit)
+
+
+def patch_cache_dit_agreement(adapter: ModuleType) -> None:
+    """dbcache makes cache-dit's skip decision agree on every rank (rank 0's, broadcast over the world
+    group), from a tensor on torch.cuda.current_device(), which raises without CUDA: the same broadcast
+    from the world group's own device."""
+    if _is_patched(adapter._install_sp_can_cache_sync):
+        return
+
+    def install_agreement() -> None:
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() <= 1:
+            return
+        if adapter._SP_SYNC_PATCHED:
+            return
+        from cache_dit.caching.cache_contexts.cache_manager import CachedContextManager
+        from xfuser.core.distributed import get_world_group
+
+        decide = CachedContextManager.can_cache
+
+        @torch.compiler.disable
+        def can_cache(self, *args, **kwargs):
+            own = decide(self, *args, **kwargs)
+            world = get_world_group()
+            agreed = torch.tensor([1 if own else 0], dtype=torch.int32, device=world.device)
+            world.broadcast(agreed, src=0)
+            if agreed.item() and not getattr(self, "_xdit_cache_warmed", False):
+                dist.barrier(group=world.device_group)  # as xDiT: once, before the first cached step
+                self._xdit_cache_warmed = True
+            return bool(agreed.item())
+
+        CachedContextManager.can_cache = can_cache
+        adapter._SP_SYNC_PATCHED = True
+
+    adapter._install_sp_can_cache_sync = _mark(install_agreement)
+
+
 # module name -> patches to run right after it is imported
 RUNTIME_PATCHES: dict[str, tuple] = {
     "xfuser.core.distributed.group_coordinator": (
@@ -229,4 +266,5 @@ RUNTIME_PATCHES: dict[str, tuple] = {
     "xfuser.core.sparge_attention.head_balance": (bind_yunchang_process_group,),
     "xfuser.core.distributed.fp8_comms": (bind_yunchang_process_group,),
     "xfuser.model_executor.pipelines.pipeline_flux": (patch_flux_prepare_run,),
+    "xfuser.model_executor.cache.adapters.cache_dit": (patch_cache_dit_agreement,),
 }
