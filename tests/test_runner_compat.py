@@ -123,10 +123,11 @@ def test_runner_dbcache_on_two_processes_agrees_with_one(hub, tmp_path):
     """xDiT's dbcache (cache-dit) makes every rank take rank 0's skip decision, broadcast from a tensor that
     xfuser puts on the CUDA device; on CPU the compat layer puts it on the world group's device. Ulysses-2 then
     serves the same steps as one process (cache-dit logs them on rank 0), and the images agree as Ulysses' do.
-    (The tiny models have 2 blocks, which xDiT's dbcache presets compute all: serving changes nothing in them.)"""
+    (The tiny models have 2 blocks, which xDiT's dbcache presets compute all; with the first block alone computed,
+    a served step skips the second.)"""
     args = ["--model", "SD3.5", "--height", "64", "--width", "64", "--num_inference_steps", "12",
             "--max_sequence_length", "16", "--prompt", "a red cube", "--cache_method", "dbcache",
-            "--cache_config", '{"residual_diff_threshold": 1.0}']
+            "--cache_config", '{"residual_diff_threshold": 1.0, "Fn_compute_blocks": 1}']
     served = "get transformer_blocks_Fn_residual_buffer"  # cache-dit's debug line for a step it served
     one = _run_runner(hub, tmp_path / "one", args, CACHE_DIT_LOG_LEVEL="debug")
     two = _run_runner(hub, tmp_path / "two", [*args, "--ulysses_degree", "2"], nproc=2, CACHE_DIT_LOG_LEVEL="debug")
