@@ -194,10 +194,11 @@ def exit_without_teardown(status: int) -> NoReturn:
     import logging
     import threading
 
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what a normal exit runs first (logging's flush among them)
+    # A normal exit's order: threading's own exit hooks first (concurrent.futures' tell their idle
+    # workers to stop: inductor's compile pool is one), then every non-daemon thread joined, then the
+    # exit handlers (logging's flush among them). Joining first would wait on idle pool workers forever.
+    threading._shutdown()
+    atexit._run_exitfuncs()
     logging.shutdown()
     _flush_all()
     os._exit(status)

@@ -183,11 +183,13 @@ def test_run_module_form():
 def test_a_script_ends_as_on_a_normal_exit_without_the_teardown(tmp_path):
     """`stadi_xdit.run` skips the interpreter's teardown after the script (exit_without_teardown), but
     nothing a normal exit delivers is lost: a non-daemon thread's late file, an exit handler, buffered
-    output on a pipe."""
+    output on a pipe; and an idle thread pool left open (as inductor leaves its compile pool) ends as
+    at a normal exit instead of being waited on forever."""
     script = tmp_path / "script.py"
     script.write_text(
-        "import atexit, pathlib, sys, threading, time\n"
+        "import atexit, concurrent.futures, pathlib, sys, threading, time\n"
         "out = pathlib.Path(sys.argv[1])\n"
+        "concurrent.futures.ThreadPoolExecutor(2).submit(time.sleep, 0.1).result()  # left open, idle\n"
         "threading.Thread(target=lambda: (time.sleep(0.5), (out / 'thread').write_text('late'))).start()\n"
         "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
         "sys.stdout.write('no newline, still buffered')\n")
