@@ -145,3 +145,25 @@ def test_all_to_all_refuses_uneven_parts():
     alone = BandComm(None, 0, 1)
     tensor = torch.randn(1, 4, 5, 8)
     assert alone.all_to_all(tensor, 1, 2) is tensor
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_without_a_group_the_outputs_are_split_from_the_joint_output_as_one_process_splits_them(first):
+    """Without Ulysses the helper flattens the joint output first and splits it after, as one process does: the
+    layers after attention read the same strides, so bf16 kernels round alike (SD3.5 through xDiT's runner is
+    bit-identical only so; a contiguous copy of the band differed by 12/255)."""
+    from stadi_xdit.runtime.band_attention import band_attention
+    from stadi_xdit.runtime.comm import BandComm
+    from stadi_xdit.runtime.kv import DisplacedKVStore
+    from stadi_xdit.runtime.layout import BandView
+
+    tokens = 6
+    store = DisplacedKVStore(BandComm(None, 0, 1))
+    store.set_band(BandView.of_token_counts([tokens], 0))
+    store.set_phase(synchronous=True, publish=False)
+    query, key, value = (x[:, :, :tokens] for x in _image(0, 0))
+    image_out, stream_out = band_attention(store, 0, query, key, value, _stream(0, 0, first))
+    joint = tokens + STREAM_TOKENS
+    width = HEADS * HEAD_DIM
+    assert image_out.shape == (BATCH, tokens, width) and stream_out.shape == (BATCH, STREAM_TOKENS, width)
+    assert image_out.stride() == stream_out.stride() == (joint * width, width, 1)  # views of one joint tensor

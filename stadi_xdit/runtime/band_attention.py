@@ -97,7 +97,6 @@ def band_attention(store: DisplacedKVStore, layer: int, query: torch.Tensor, key
     image_key, image_value = _full_kv(store, layer, key, value)
     if stream is None:
         out = F.scaled_dot_product_attention(query, image_key, image_value, dropout_p=0.0, is_causal=False)
-        image_out, stream_out = out, None
     else:
         def joint(stream_part: torch.Tensor, image_part: torch.Tensor) -> torch.Tensor:
             return torch.cat([stream_part, image_part] if stream.first else [image_part, stream_part], dim=2)
@@ -109,14 +108,23 @@ def band_attention(store: DisplacedKVStore, layer: int, query: torch.Tensor, key
         out = F.scaled_dot_product_attention(joint(stream.query, query), joint(stream.key, image_key),
                                              joint(stream.value, image_value), attn_mask=mask, dropout_p=0.0,
                                              is_causal=False)
-        stream_tokens, image_tokens = stream.query.shape[2], query.shape[2]
-        if stream.first:
-            stream_out, image_out = out.split_with_sizes([stream_tokens, image_tokens], dim=2)
-        else:
-            image_out, stream_out = out.split_with_sizes([image_tokens, stream_tokens], dim=2)
-    if sequence is not None:
-        image_out = _all_to_all(sequence, image_out, 2, 1)
-        stream_out = None if stream_out is None else _gather_heads(sequence, stream_out.contiguous())
-    flat = [None if part is None else part.transpose(1, 2).flatten(2, 3).to(query.dtype)
-            for part in (image_out, stream_out)]
-    return flat[0], flat[1]
+    if sequence is None:
+        # Flattened first, then split, as one process does: the layers after attention then read the same
+        # strides, and bf16 kernels round alike (a contiguous copy of the band measurably does not).
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        return (out, None) if stream is None else _split_joint(out, stream, dim=1)
+    image_out, stream_out = (out, None) if stream is None else _split_joint(out, stream, dim=2)
+    image_out = _all_to_all(sequence, image_out, 2, 1)
+    if stream_out is not None:
+        stream_out = _gather_heads(sequence, stream_out.contiguous()).transpose(1, 2).flatten(2, 3)
+    return image_out.transpose(1, 2).flatten(2, 3).to(query.dtype), stream_out
+
+
+def _split_joint(out: torch.Tensor, stream: Stream, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image part, stream part) of a joint attention output along its token dimension `dim`."""
+    stream_tokens = stream.query.shape[2]
+    if stream.first:
+        stream_out, image_out = out.split_with_sizes([stream_tokens, out.shape[dim] - stream_tokens], dim=dim)
+    else:
+        image_out, stream_out = out.split_with_sizes([out.shape[dim] - stream_tokens, stream_tokens], dim=dim)
+    return image_out, stream_out
