@@ -116,12 +116,14 @@ def test_tagged_processes_match_the_whole_tag():
 
     from stadi_xdit.offline.processes import reap_leftovers, tagged_processes
 
-    proc = subprocess.Popen(["sleep", "30"], env={**os.environ, "STADI_TEST_TAG": "exit-early"})
+    # Tags of this test alone: the launcher tests' own "exit" may be running on the other worker.
+    tag = f"whole-tag-{os.getpid()}"
+    proc = subprocess.Popen(["sleep", "30"], env={**os.environ, "STADI_TEST_TAG": f"{tag}-early"})
     try:
-        assert tagged_processes("STADI_TEST_TAG", "exit") == []
-        assert tagged_processes("STADI_TEST_TAG", "exit-early") == [proc.pid]
+        assert tagged_processes("STADI_TEST_TAG", tag) == []
+        assert tagged_processes("STADI_TEST_TAG", f"{tag}-early") == [proc.pid]
     finally:
-        assert reap_leftovers("STADI_TEST_TAG", "exit-early", guard_seconds=0) == [proc.pid]
+        assert reap_leftovers("STADI_TEST_TAG", f"{tag}-early", guard_seconds=0) == [proc.pid]
         proc.wait()
 
 
