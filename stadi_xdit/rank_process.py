@@ -97,8 +97,7 @@ class _ForkedRankPopen(subprocess.Popen):
                                           startupinfo, creationflags, shell, p2cread, p2cwrite, c2pread,
                                           c2pwrite, errread, errwrite, *rest)
         new_session = bool(rest[5])  # start_new_session, in every Python from 3.10
-        for stream in (sys.stdout, sys.stderr):  # else the child would write this buffer again
-            _flush(stream)
+        _flush_all()  # else the child would write this process's buffered output again
         pid = os.fork()
         if pid == 0:  # the rank; it never returns
             status = 1
