@@ -313,15 +313,19 @@ def check_model_capabilities(model: type, config: object) -> None:
         elif value:
             raise ValueError(f"--model {config.model} does not support --{key}")
     method = getattr(config, "cache_method", None)
-    check_cache_config(method, getattr(config, "cache_config", None))  # read in every rank: checked here once
-    if method:
-        methods = list(model.settings.step_cache_config or {}) if model.capabilities.supports_step_caching else []
-        if method not in methods:
-            raise ValueError(f"--model {config.model} does not support --cache_method {method}"
-                             + (f" (it supports {', '.join(methods)})" if methods else " (no step caching)"))
-        if method == "dbcache" and _find_spec("cache_dit") is None:  # else every rank's traceback, after the load
-            raise ValueError("--cache_method dbcache runs through cache-dit, which is not installed "
-                             "(pip install cache-dit)")
+    if not method:
+        check_cache_config(method, getattr(config, "cache_config", None))
+        return
+    methods = list(model.settings.step_cache_config or {}) if model.capabilities.supports_step_caching else []
+    if method not in methods:
+        raise ValueError(f"--model {config.model} does not support --cache_method {method}"
+                         + (f" (it supports {', '.join(methods)})" if methods else " (no step caching)"))
+    # fbcache runs on cache-dit's engine where the model's settings say so (DBCacheSettings), as dbcache does.
+    cache_dit = type(model.settings.step_cache_config[method]).__name__ == "DBCacheSettings"
+    if cache_dit and _find_spec("cache_dit") is None:  # else every rank's traceback, after the load
+        raise ValueError(f"--cache_method {method} runs through cache-dit, which is not installed "
+                         "(pip install cache-dit)")
+    check_cache_config(method, getattr(config, "cache_config", None), cache_dit=cache_dit)  # read in every rank
 
 
 # --- what the ranks would find missing (checked by `launch`, not by building the command) ---------

@@ -10,8 +10,8 @@ offline hub cache:
 - `parallel`: STADI exact with `--use_cfg_parallel` (where the model has CFG) and `--use_parallel_vae`
   (where it applies): the same output up to DistVAE's bf16 rounding;
 - `guidance_off`: STADI's stale mode with guidance 1: it runs and saves;
-- `cached`: where xDiT gives the model an in-tree step cache (`--cache_method teacache|fbcache`), STADI's
-  stale mode with it, at a threshold that reuses every step it may: steps are served, and it saves.
+- `cached`: where xDiT gives the model a step cache (`--cache_method teacache|fbcache|dbcache`, its first),
+  STADI's stale mode with it, at a threshold that reuses every step it may: steps are served, and it saves.
 
 Most of a tiny run is the start-up of its processes (each imports torch, diffusers and xfuser: about
 9 CPU-s), so the runs do not get a launch each. Runs of the same world size share one launch (one
@@ -110,10 +110,15 @@ def runner_modes(model_name: str) -> dict[str, list[str]]:
     methods = [m for m in model.settings.step_cache_config or {} if m in STADI_CACHE_METHODS]
     if methods and model.capabilities.supports_step_caching:
         # 6 steps: the warmup step computes (a new call), its band stays, and the rank's last computes: 4 served.
+        # cache-dit's engine: without its own warmup steps and step mask, and a served step skips the 2nd block.
+        method = methods[0]
+        settings = {"residual_diff_threshold": 1e6}
+        if type(model.settings.step_cache_config[method]).__name__ == "DBCacheSettings":
+            settings.update(max_warmup_steps=0, scm_policy=None, Fn_compute_blocks=1)
         modes["cached"] = [*guided[:guided.index("--num_inference_steps")], "--num_inference_steps", "6",
                            *guided[guided.index("--num_inference_steps") + 2:], "--use_stadi", "--stadi_degree", "2",
-                           "--stadi_speeds", "1,1", "--warmup_steps", "1", "--cache_method", methods[0],
-                           "--cache_config", json.dumps({"residual_diff_threshold": 1e6})]
+                           "--stadi_speeds", "1,1", "--warmup_steps", "1", "--cache_method", method,
+                           "--cache_config", json.dumps(settings)]
     return modes
 
 

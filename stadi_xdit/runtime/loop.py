@@ -50,15 +50,17 @@ class BandPositionsUser(Protocol):
 
 
 class StepCache(Protocol):
-    """A step cache inside the model (xDiT's TeaCache or FBCache blocks, `xdit/step_cache.py`): on a forward
-    whose input barely changed since the rank's last computed one, it reuses that forward's residual for
-    most blocks. Each rank decides for its own band; the loop says where it may."""
+    """A step cache inside the model (xDiT's TeaCache or FBCache blocks, cache-dit's DBCache;
+    `xdit/step_cache.py`): on a forward whose input barely changed since the rank's last computed one, it
+    reuses that forward's residual for most blocks. Each rank decides for its own band; the loop says where
+    it may, and at which step of the denoising grid the forward is."""
 
     def reset(self) -> None:
         """Forget the last forward's inputs and residuals (a new call, or a new band: other tokens)."""
 
-    def allow(self, allowed: bool) -> None:
-        """Whether the next forward may reuse the cache."""
+    def begin_forward(self, step: int, may_serve: bool) -> None:
+        """The next forward is at step `step` of the full timestep grid (a stride-2 rank's are every other
+        one), and may reuse the cache only if `may_serve`."""
 
     def last_forward_cached(self) -> bool:
         """Whether the last forward reused it."""
@@ -224,16 +226,17 @@ class _Call:
 
     # --- mechanism shared by the phases ---------------------------------------------------------
     def _forward_and_step(self, schedule_index: int, phase: str, base_step: int, may_cache: bool = False) -> None:
-        t = self.scheduler.timesteps[schedule_index]
+        t = self.scheduler.timesteps[schedule_index]  # this rank's (restricted) schedule
+        # The step's index in the full grid: the emulated load may change at one (--stadi_emulate_shift), and a
+        # step cache's warmup steps and step masks index it.
+        grid_step = base_step if phase == "warmup" else self.warmup_steps + base_step
         self.comm.enter(phase, base_step)
         if self.step_cache is not None:
-            self.step_cache.allow(may_cache)
+            self.step_cache.begin_forward(grid_step, may_cache)
         self.timer.begin()
         output = self.model.predict(self.band, t)
         cached = self.step_cache is not None and self.step_cache.last_forward_cached()
         self.cached_forwards += cached
-        # Base steps of the full grid: the emulated load may change at one (--stadi_emulate_shift).
-        grid_step = base_step if phase == "warmup" else self.warmup_steps + base_step
         start_row, end_row = self.layout.token_rows[self.rank]
         self.timer.end(phase, base_step, end_row - start_row, self.config.emulated_factor(self.rank, grid_step),
                        cached=cached)

@@ -106,9 +106,11 @@ def refuse_unsupported_features(args: xFuserArgs) -> None:
         flag = "--use_ray" if getattr(args, "use_ray", False) else f"--ray_world_size {args.ray_world_size}"
         raise ValueError(f"{flag} cannot be combined with --use_stadi (STADI runs on torchrun's processes, not on "
                          "xDiT's Ray workers: launch with stadi-xdit or torchrun --nproc_per_node N)")
-    check_cache_config(args.cache_method, getattr(args, "cache_config", None))
+    # fbcache's engine is the model's to say (in-tree, or cache-dit's where its settings name it).
+    check_cache_config(args.cache_method, getattr(args, "cache_config", None),
+                       cache_dit={"teacache": False, "dbcache": True}.get(args.cache_method))
     if args.cache_method is not None:
-        check_step_cache(args.cache_method)
+        check_step_cache(args.cache_method, getattr(args, "cache_config", None))
         if getattr(args, "use_cfg_parallel", False):
             raise ValueError(f"--cache_method {args.cache_method} cannot be combined with --use_cfg_parallel under "
                              "--use_stadi (each rank's cache decides alone; the two CFG branches would decide apart)")
@@ -123,19 +125,24 @@ def refuse_step_cache_outside_runner(args: xFuserArgs) -> None:
                          "pipeline gets no step cache under STADI")
 
 
-def check_step_cache(method: str) -> None:
-    """`--cache_method` as STADI runs it (`xdit/step_cache.py`): one of xDiT's in-tree caches, each rank
-    deciding for its band (its `--cache_config` is `check_cache_config`'s)."""
+def check_step_cache(method: str, cache_config: str | None) -> None:
+    """`--cache_method` as STADI runs it (`xdit/step_cache.py`): each rank deciding for its band, with every
+    CFG branch in one forward (its `--cache_config` is otherwise `check_cache_config`'s)."""
     if method not in STADI_CACHE_METHODS:
-        raise ValueError(f"--cache_method {method} cannot be combined with --use_stadi (its decision is "
-                         f"synchronised over all ranks, which reach a step at different times under STADI); "
-                         f"use {' or '.join(STADI_CACHE_METHODS)}")
+        raise ValueError(f"--cache_method {method} cannot be combined with --use_stadi; "
+                         f"use {', '.join(STADI_CACHE_METHODS)}")
+    settings = json.loads(cache_config) if isinstance(cache_config, str) and cache_config else {}
+    if settings.get("enable_separate_cfg"):
+        raise ValueError("--cache_config enable_separate_cfg cannot be true with --use_stadi (STADI runs both CFG "
+                         "branches in one forward, so there is no separate CFG forward to cache)")
 
 
-def check_cache_config(method: str | None, cache_config: str | None) -> None:
-    """`--cache_config` as xDiT's cache engines read it in every rank: a JSON object, and for its in-tree
-    engines (teacache, fbcache) only a `residual_diff_threshold` that is a finite number >= 0. Given
-    without `--cache_method` it would be ignored: refused instead."""
+def check_cache_config(method: str | None, cache_config: str | None, *, cache_dit: bool | None = None) -> None:
+    """`--cache_config` as xDiT's cache engines read it in every rank: a JSON object whose
+    `residual_diff_threshold`, if any, is a finite number >= 0; for xDiT's in-tree engines (teacache,
+    fbcache: `cache_dit` False) only that key, for cache-dit's (`cache_dit` True) the fields of xDiT's
+    `DBCachePreset` and cache-dit's `DBCacheConfig`; None: the engine is not known yet (the model decides),
+    keys unchecked. Given without `--cache_method` it would be ignored: refused instead."""
     if cache_config is None or cache_config == "":
         return
     if method is None:
@@ -147,15 +154,31 @@ def check_cache_config(method: str | None, cache_config: str | None) -> None:
         raise ValueError(f"--cache_config must be the text of a JSON object, got {shown_value(cache_config)}") from None
     if not isinstance(settings, dict):
         raise ValueError(f"--cache_config must be the text of a JSON object, got {shown_value(cache_config)}")  # noqa: TRY004
-    if method not in STADI_CACHE_METHODS:
-        return  # cache-dit's own settings: cache-dit checks them
-    if set(settings) - {"residual_diff_threshold"}:
+    if cache_dit is False and set(settings) - {"residual_diff_threshold"}:
         raise ValueError(f"--cache_config takes only {{\"residual_diff_threshold\": NUMBER}} with --cache_method "
                          f"{method}, got {shown_value(cache_config)}")
+    known = cache_dit_config_keys() if cache_dit else None
+    if known is not None:
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"--cache_config: unknown key(s) {', '.join(map(repr, unknown))} for --cache_method "
+                             f"{method} (cache-dit's DBCache)")
     threshold = settings.get("residual_diff_threshold", 0.0)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
         raise ValueError(f"--cache_config residual_diff_threshold must be a finite number >= 0 "
                          f"(0: never reuse a step), got {shown_value(threshold)}")
+
+
+def cache_dit_config_keys() -> set[str] | None:
+    """What xDiT's dbcache reads from `--cache_config`: its preset's fields, then cache-dit's config's (None
+    without cache-dit: the launcher refuses that on its own)."""
+    try:
+        from cache_dit import DBCacheConfig
+    except ImportError:
+        return None
+    from xfuser.model_executor.cache.presets import DBCachePreset
+
+    return {field.name for field in (*dataclasses.fields(DBCachePreset), *dataclasses.fields(DBCacheConfig))}
 
 
 def launch_world_size() -> int:

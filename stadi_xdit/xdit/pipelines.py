@@ -38,7 +38,7 @@ from stadi_xdit.runtime.schedule import to_subsequence_capable
 from stadi_xdit.topology import Topology
 from stadi_xdit.xdit.injection import InjectionPlan, apply_injection
 from stadi_xdit.xdit.runtime_state import StadiRuntimeState, install_runtime_state
-from stadi_xdit.xdit.step_cache import XditStepCache
+from stadi_xdit.xdit.step_cache import CacheDitStepCache, XditStepCache, find_step_cache
 
 logger = init_logger(__name__)
 
@@ -118,7 +118,7 @@ class StadiPipelineMixin:
         self.served_by_runner = bool(getattr(engine_config, "served_by_runner", False))
         self.injection = None
         self.compiled: CompiledBlocks | None = None  # --use_torch_compile: the blocks compiled
-        self.step_cache: XditStepCache | None = None  # --cache_method: xDiT's cache, steered by the loop
+        self.step_cache: XditStepCache | CacheDitStepCache | None = None  # --cache_method, steered by the loop
         self._compiling_call = False  # inside `compile_warmup()`
         self.last_result: DenoiseResult | None = None
         # --stadi_replan calls/sync: per (height, width), the evidence of the last calls of that size
@@ -176,15 +176,15 @@ class StadiPipelineMixin:
             self.compiled = compile_blocks(self.module.transformer, mode)
 
     def attach_step_cache(self) -> None:
-        """xDiT has applied `--cache_method` to the transformer (after compiling it, as its runner does): the
-        loop steers that cache (`xdit/step_cache.py`). Each rank decides alone, so a CFG pair, whose two
+        """xDiT (or `step_cache.apply_cache_dit`) has applied `--cache_method` to the transformer (after compiling
+        it, as its runner does): the loop steers that cache (`xdit/step_cache.py`). Each rank decides alone, so a CFG pair, whose two
         branches must decide alike, is refused."""
         if self.topology.cfg_degree > 1:
             raise StadiInputError("--cache_method cannot be combined with --use_cfg_parallel under --use_stadi "
                                   "(each rank's cache decides alone; the two CFG branches would decide apart)")
-        self.step_cache = XditStepCache.find(self.module.transformer)
+        self.step_cache = find_step_cache(self.module.transformer)
         if self.step_cache is None:
-            raise StadiInputError(f"--cache_method: xDiT applied no in-tree step cache to "
+            raise StadiInputError(f"--cache_method: xDiT applied no step cache to "
                                   f"{type(self.module.transformer).__name__}")
 
     def compile_warmup_steps(self, num_steps: int) -> int:

@@ -219,7 +219,18 @@ def _stadi_form(model_cls: type) -> type:
 
     def _apply_step_cache(self):
         # xDiT applies --cache_method to the (compiled) transformer; STADI's loop then steers it per rank.
-        model_cls._apply_step_cache(self)
+        # cache-dit's engine (dbcache; fbcache where the model's settings name it) is applied here, from the
+        # same settings, without xDiT's agreement of all ranks on each decision (`xdit/step_cache.py`).
+        from xfuser.model_executor.cache.presets import DBCacheSettings
+
+        from stadi_xdit.xdit.step_cache import apply_cache_dit
+
+        settings = (self.settings.step_cache_config or {}).get(self.config.cache_method)
+        if isinstance(settings, DBCacheSettings):
+            apply_cache_dit(self.pipe, self.pipe.module.transformer, settings, self.config.num_inference_steps,
+                            self.config.cache_config)
+        else:
+            model_cls._apply_step_cache(self)
         self.pipe.attach_step_cache()
 
     return type(f"Stadi{model_cls.__name__}", (model_cls,), {

@@ -1,8 +1,16 @@
-"""xDiT's step caches under STADI: `--cache_method teacache|fbcache`, steered by the loop.
+"""xDiT's step caches under STADI: `--cache_method teacache|fbcache|dbcache`, steered by the loop.
 
-xDiT applies the cache itself (`xFuserModel._apply_step_cache`, after torch.compile): it replaces the
-transformer's block lists with one `CachedTransformerBlocks` module (xfuser's in-tree TeaCache or
-FBCache). This file only finds those modules and gives the loop the `StepCache` controls it needs:
+In-tree (teacache, fbcache): xDiT applies the cache itself (`xFuserModel._apply_step_cache`, after
+torch.compile): it replaces the transformer's block lists with one `CachedTransformerBlocks` module. This
+file only finds those modules (`XditStepCache`).
+
+cache-dit (dbcache, and fbcache where the model's settings name cache-dit's engine): xDiT's
+`apply_cache_dit_cache` also makes every rank agree on each decision over the world group, and refuses a
+data-parallel degree above 1 (STADI's slot) for that reason. So `apply_cache_dit` builds the same adapter
+and config from the model's `DBCacheSettings` with xDiT's own builders and enables cache-dit without the
+agreement; `CacheDitStepCache` then steers cache-dit's contexts.
+
+Both give the loop the `StepCache` controls it needs:
 
 * **Each rank decides for its own band.** Under STADI the sequence-parallel degree is 1, so xfuser's
   `l1_distance` compares this rank's band with its own last computed forward; no collective runs.
@@ -13,16 +21,23 @@ FBCache). This file only finds those modules and gives the loop the `StepCache` 
   to 0 there (nothing is ever under it), and restores it for the displaced forwards.
 * **A new band or a new call forgets.** The remembered input and residual hold the old band's tokens;
   the first forward after it computes, the next may be served.
+* **cache-dit counts steps; the loop tells it which.** Its warmup steps and step masks (xDiT's presets
+  compute the first steps and a `scm_policy`'s steps in full) index the denoising grid, so each forward
+  is told its scheduler index: a stride-2 rank's forwards are at every other step. Its TaylorSeer
+  calibrator extrapolates over the rank's own forwards, which are evenly spaced within a band.
+  Every STADI family runs both CFG branches in one forward, so cache-dit's separate-CFG counting is off.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from xfuser.model_executor.cache.utils import CachedTransformerBlocks
 
-# The engines xDiT runs in-tree per rank. `dbcache` (cache-dit) synchronises its decision over the
-# world group, which STADI's ranks reach at different steps.
-STADI_CACHE_METHODS = ("teacache", "fbcache")
+from stadi_xdit.cli_errors import StadiInputError
+
+STADI_CACHE_METHODS = ("teacache", "fbcache", "dbcache")
 
 
 class XditStepCache:
@@ -53,9 +68,84 @@ class XditStepCache:
             # compute the one after it too, for nothing.
             block.cnt = torch.ones_like(block.cnt)
 
-    def allow(self, allowed: bool) -> None:
+    def begin_forward(self, step: int, may_serve: bool) -> None:
+        # xDiT's caches count forwards, not steps: nothing they decide depends on the grid's index.
         for block, threshold in zip(self.blocks, self.thresholds):
-            block.rel_l1_thresh.fill_(threshold if allowed else 0.0)
+            block.rel_l1_thresh.fill_(threshold if may_serve else 0.0)
 
     def last_forward_cached(self) -> bool:
         return any(bool(block.use_cache) for block in self.blocks)
+
+
+def apply_cache_dit(pipe: Any, transformer: torch.nn.Module, settings: Any, num_steps: int,
+                    cache_config: str | None) -> None:
+    """cache-dit's DBCache on `transformer` as xDiT's `apply_cache_dit_cache` builds it from the model's
+    `DBCacheSettings` (its adapter, its preset, `--cache_config` over both), without xDiT's agreement of
+    every rank on each decision: under STADI each rank decides for its own band."""
+    from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, enable_cache
+    from xfuser.model_executor.cache.adapters import cache_dit as xdit_cache_dit
+
+    if isinstance(settings.adapter, list):
+        raise StadiInputError("--cache_method with --use_stadi: a model of several transformers (cache-dit "
+                              "adapters for each) is not served")
+    adapter = xdit_cache_dit._build_adapter(transformer, pipe, settings.adapter, BlockAdapter, ForwardPattern)
+    config, calibrator = xdit_cache_dit._build_config(num_steps=num_steps, preset_kwargs=settings.preset,
+                                                      cache_config_json=cache_config, enable_separate_cfg=False,
+                                                      DBCacheConfig=DBCacheConfig)
+    transformer._is_parallelized = False  # no sequence parallelism inside a STADI rank
+    enable_cache(adapter, cache_config=config, **({"calibrator_config": calibrator} if calibrator else {}))
+
+
+class CacheDitStepCache:
+    """cache-dit's contexts of one transformer (`enable_cache` put them there), as the loop's `StepCache`.
+
+    Its contexts are made anew at each call (cache-dit wraps the pipeline's `__call__`), so they are
+    looked up by name at each forward. The manager's decision is wrapped on this instance only: it
+    decides only where the loop allows, and compares this rank's band alone (cache-dit would average the
+    difference over the world group whenever the world has more than one rank)."""
+
+    def __init__(self, manager: Any, names: list[str]):
+        if not names:
+            raise ValueError("no cache-dit contexts to steer")
+        self.manager, self.names = manager, list(names)
+        self.may_serve = False
+        decide, compare = manager.can_cache, manager.similarity
+
+        def can_cache(*args, **kwargs) -> bool:
+            return self.may_serve and decide(*args, **kwargs)
+
+        def similarity(*args, **kwargs) -> bool:
+            return compare(*args, **{**kwargs, "parallelized": False})
+
+        manager.can_cache, manager.similarity = can_cache, similarity
+
+    @classmethod
+    def find(cls, transformer: torch.nn.Module) -> CacheDitStepCache | None:
+        """The cache-dit cache enabled on `transformer`, or None where there is none."""
+        manager = getattr(transformer, "_context_manager", None)
+        return None if manager is None else cls(manager, getattr(transformer, "_context_names", []))
+
+    def _contexts(self) -> list[Any]:
+        return [self.manager.get_context(name) for name in self.names]
+
+    def reset(self) -> None:
+        for context in self._contexts():
+            context.clear_buffers()
+            calibrators = (*context.get_calibrators(), *context.get_cfg_calibrators()) if context.has_calibrators() else ()
+            for calibrator in calibrators:
+                if calibrator is not None:
+                    calibrator.reset_cache()
+
+    def begin_forward(self, step: int, may_serve: bool) -> None:
+        self.may_serve = may_serve
+        for context in self._contexts():
+            # cache-dit's `mark_step_begin` counts one forward on: this forward is then at `step`.
+            context.executed_steps = context.transformer_executed_steps = step
+
+    def last_forward_cached(self) -> bool:
+        return any(context.get_cached_steps()[-1:] == [context.get_current_step()] for context in self._contexts())
+
+
+def find_step_cache(transformer: torch.nn.Module) -> XditStepCache | CacheDitStepCache | None:
+    """The step cache on `transformer` (xDiT's in-tree one or cache-dit's), or None."""
+    return XditStepCache.find(transformer) or CacheDitStepCache.find(transformer)
