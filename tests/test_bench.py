@@ -96,7 +96,8 @@ def test_cached_arms_run_xdits_cache_and_report_what_it_served(tmp_path, capsys)
     """Flux (the family with xDiT's in-tree TeaCache) at 8 token rows: a threshold that reuses every step it may."""
     out = tmp_path / "bench"
     code = main(["--preset", "flux-small", "--height", "128", "--steps", "6", "--warmup", "2", "--repeats", "1",
-                 "--arms", "single,single+teacache,full+teacache", "--scenario", "none", "--cache-threshold", "1e6",
+                 "--arms", "single,single+teacache,full+teacache,full+fbcache", "--scenario", "none",
+                 "--cache-threshold", "1e6",
                  "--out", str(out), "--no-progress", "--no-plots", "--run-timeout", "120"])
     assert code == 0
     assert "forwards served by the step cache per rank" in capsys.readouterr().out
@@ -116,6 +117,11 @@ def test_cached_arms_run_xdits_cache_and_report_what_it_served(tmp_path, capsys)
     assert 6 in forwards and all(s in (2, 3) for s, f in zip(served, forwards) if f == 6), (served, forwards)
     assert full["speedup_vs_uncached"] is None  # its uncached arm did not run
     assert arms["full+teacache"]["speedup_vs_single"] is not None  # against single+teacache
+    # xDiT's in-tree FBCache, the same rules under STADI; no single+fbcache ran to compare with.
+    first_block = arms["full+fbcache"]["cache"]
+    served, forwards = first_block["served_forwards"], first_block["forwards"]
+    assert all(s <= f - 3 for s, f in zip(served, forwards)) and max(served) >= 2, (served, forwards)
+    assert arms["full+fbcache"]["speedup_vs_single"] is None and arms["full+fbcache"]["speedup_vs_uniform"] is None
 
 
 def test_bench_cache_threshold_is_checked():
@@ -206,12 +212,13 @@ def test_compiled_arms_report_their_compile_and_compare_with_compiled_arms():
     """`+compile` arms (asked for by name): the compile warmup and the graphs compiled after it, the speedup over
     the same arm eager, and the issue's targets: nothing compiled in timed calls, full+compile >= 1.7x
     uniform+compile."""
-    from stadi_xdit.bench.report import _compile_details, checks, suffix
+    from stadi_xdit.bench.report import _compile_details, checks
     from stadi_xdit.bench.runner import ArmOutcome
 
     assert not any(ARMS[name].compiled for name in DEFAULT_ARMS)
     assert [ARMS[name].eager for name in ("single+compile", "full+compile", "full")] == ["single", "full", "full"]
-    assert (suffix("uniform+compile"), suffix("uniform")) == ("+compile", "")
+    assert [ARMS[name].suffix for name in ("uniform+compile", "uniform", "full+fbcache")] == ["+compile", "", "+fbcache"]
+    assert ARMS["full+fbcache"].uncached == "full"
     outcome = ArmOutcome("full+compile", "STADI full, compiled")
     outcome.runs = [{"latency": latency, "ranks": [{"compile": {"warmup_seconds": warm, "warmup_graphs": 7,
                                                                 "graphs": 9, "recompiles": recompiles}}

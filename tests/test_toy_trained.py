@@ -71,6 +71,27 @@ def test_stale_modes_keep_their_quality_order_on_the_trained_model():
     assert errors["full"] * 1.5 < errors["broken"], errors
 
 
+def test_the_cached_arms_serve_steps_and_cost_quality_in_the_table():
+    """The quality table's step-cache arms (cache-dit's DBCache, as `--cache_method dbcache` applies it) on
+    the trained toy DiT: each arm's cache serves forwards (one process, uniform and full on 2 ranks), the
+    cached outputs differ from the uncached single rank, and the table reports what was served."""
+    from stadi_xdit.toy import quality
+
+    arms = {arm.name: arm for arm in quality.default_arms()}
+    chosen = [arms[name] for name in ("single", "single+dbcache", "uniform+dbcache", "full+dbcache")]
+    results = quality.run_arms(chosen, CLASS_IDS, seed=3, steps=12, warmup=2, repeats=1, timeout=600)
+    single = results["single"]["latents"]
+    for name in ("single+dbcache", "uniform+dbcache", "full+dbcache"):
+        entry = results[name]
+        # Of 12 steps, the "fast" step mask computes 7 in full, and a STADI rank never serves its warmup steps.
+        assert 0 < entry["served"] <= 5 * len(entry["strides"]), (name, entry["served"])
+        assert torch.isfinite(entry["latents"]).all() and not torch.equal(entry["latents"], single), name
+    assert results["full+dbcache"]["strides"] == [1, 2]
+    table = quality.format_table(quality.summarize(chosen, results, CLASS_IDS))
+    served = results["full+dbcache"]["served"]
+    assert f"| full 2:1 + DBCache | [1, 2] | {served}/" in table, table
+
+
 def _run_example(rank: int, world: int, argv: list[str]) -> None:
     example = load_module_from_path("stadi_example", EXAMPLE)
     sys.argv = ["stadi_example.py", *argv]

@@ -32,11 +32,16 @@ class Arm:
     @property
     def uncached(self) -> str:
         """The same arm without its step cache: what a cached arm's speedup is against."""
-        return self.name.removesuffix(CACHED)
+        return self.name.removesuffix(self.suffix)
+
+    @property
+    def suffix(self) -> str:
+        """`+compile` for a compiled arm, `+teacache` (its method) for a cached one, else nothing: the suffix of
+        the arms it is compared with."""
+        return COMPILED if self.compiled else f"+{self.cache}" if self.cache else ""
 
 
 COMPILED = "+compile"
-CACHED = "+teacache"
 
 
 ARMS: dict[str, Arm] = {
@@ -62,6 +67,10 @@ ARMS: dict[str, Arm] = {
         Arm("full+teacache", "stadi", "STADI full, TeaCache", mode="full", cache="teacache"),
         Arm("full-calls+teacache", "stadi", "STADI full, replan calls, TeaCache", mode="full", replan="calls",
             cache="teacache"),
+        # xDiT's in-tree FBCache (first-block cache), the same way.
+        Arm("single+fbcache", "single", "single rank, FBCache", cache="fbcache"),
+        Arm("uniform+fbcache", "stadi", "STADI uniform, FBCache", mode="uniform", cache="fbcache"),
+        Arm("full+fbcache", "stadi", "STADI full, FBCache", mode="full", cache="fbcache"),
     )
 }
 ARM_ORDER = tuple(ARMS)

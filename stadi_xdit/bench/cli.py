@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default slowdown:1,2)")
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                         help=f"comma-separated subset of {','.join(ARM_ORDER)} (default: all but the "
-                             "adaptive full-calls and full-sync and the +compile and +teacache arms)")
+                             "adaptive full-calls and full-sync and the +compile, +teacache and +fbcache arms)")
     parser.add_argument("--cores", default=None,
                         help="core of rank i, comma-separated (default: the allowed cores, in order)")
     parser.add_argument("--order", choices=("interleaved", "blocked"), default="interleaved",
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-stride", type=int, default=2, help="STADI --stadi_max_stride (default 2)")
     parser.add_argument("--pipefusion-patches", type=int, default=None, help="PipeFusion patches (default N)")
     parser.add_argument("--cache-threshold", type=float, default=None,
-                        help="the +teacache arms' residual_diff_threshold (--cache_config; default xDiT's 0.12)")
+                        help="the cached arms' residual_diff_threshold (--cache_config; default xDiT's 0.12)")
     parser.add_argument("--profile-cache", action="store_true",
                         help="spatial/full reuse the speeds measured in the scenario's warm-up call "
                              "(--stadi_profile_cache; warm-up steps then use elastic bands) instead of "

@@ -7,7 +7,7 @@ import statistics
 
 import torch
 
-from stadi_xdit.bench.catalog import ARMS, CACHED, COMPILED, XDIT_ARMS
+from stadi_xdit.bench.catalog import ARMS, XDIT_ARMS
 from stadi_xdit.bench.metrics import psnr, ssim
 from stadi_xdit.bench.runner import ArmOutcome, BenchSettings
 from stadi_xdit.bench.scenarios import Scenario
@@ -188,9 +188,9 @@ def summarize(settings: BenchSettings, scenario: Scenario, outcomes: dict[str, A
             "warmup_call_seconds": outcome.warmup_latency,
             "reference_call_seconds": outcome.reference_latency,
             # A compiled arm against the compiled uniform and single arms; its eager arm gives the compile speedup.
-            "speedup_vs_uniform": _ratio(medians.get(f"uniform{suffix(name)}"), median),
+            "speedup_vs_uniform": _ratio(medians.get(f"uniform{ARMS[name].suffix}"), median),
             "speedup_vs_best_xdit": _ratio(medians.get(best_xdit), median) if best_xdit else None,
-            "speedup_vs_single": _ratio(medians.get(f"single{suffix(name)}"), median),
+            "speedup_vs_single": _ratio(medians.get(f"single{ARMS[name].suffix}"), median),
             "compile": _compile_details(outcome, medians.get(ARMS[name].eager)) if ARMS[name].compiled else None,
             "cache": _cache_details(outcome, medians.get(ARMS[name].uncached)) if ARMS[name].cache else None,
             "busy_fraction": busy,
@@ -215,11 +215,6 @@ def summarize(settings: BenchSettings, scenario: Scenario, outcomes: dict[str, A
             "single_noise_rate": noise_rate, "best_xdit": best_xdit, "arms": arms}
 
 
-def suffix(arm_name: str) -> str:
-    """`+compile` for a compiled arm, `+teacache` for a cached one, else nothing: the suffix of the arms it is
-    compared with."""
-    arm = ARMS[arm_name]
-    return COMPILED if arm.compiled else CACHED if arm.cache else ""
 
 
 def _cache_details(outcome: ArmOutcome, uncached_median: float | None) -> dict | None:

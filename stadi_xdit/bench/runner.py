@@ -48,7 +48,7 @@ class BenchSettings:
     max_stride: int = 2
     pipefusion_patches: int | None = None
     profile_cache: bool = False
-    cache_threshold: float | None = None  # +teacache arms: residual_diff_threshold (None: xDiT's default)
+    cache_threshold: float | None = None  # cached arms: residual_diff_threshold (None: xDiT's default)
     device: str = "cpu"
     dtype: str = "float32"
     run_timeout: float | None = None  # None: auto from the first warm-up

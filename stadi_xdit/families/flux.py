@@ -94,7 +94,9 @@ def flux_stand_in_text(pipeline, seed: int) -> dict:
 class FluxBench(BenchPreset):
     """Flux under `stadi-bench`: joint attention over image and text tokens, guidance distilled (one branch)."""
 
-    step_caches = ("teacache",)  # xDiT's in-tree cache for Flux.1 (its runner lists teacache for FLUX.1-dev)
+    # xDiT's in-tree caches for Flux.1 (its runner lists teacache for FLUX.1-dev; fbcache is the same in-tree
+    # engine's first-block form, which xDiT's scripts apply to Flux).
+    step_caches = ("teacache", "fbcache")
 
     @property
     def layers(self) -> int:

@@ -14,13 +14,17 @@ outputs repeat bit for bit, and the same slowdown *emulated*, so the latencies m
 * ``uniform``, ``spatial``, ``full`` (max stride 2) at 2:1;
 * ``full`` at 3:1 with max stride 2 and with max stride 3 (the stride-3 question);
 * ``full`` at 2:1 with the exchange broken (fault injection: displaced attention sees zeros
-  instead of the other band's K/V), the floor any real exchange must clear.
+  instead of the other band's K/V), the floor any real exchange must clear;
+* ``single``, ``uniform`` and ``full`` at 2:1 with a step cache (cache-dit's DBCache, ``toy_dbcache``):
+  what caching costs on its own, and under STADI, where a served step also keeps the K/V the rank's
+  peers see from its last computed one.
 
 Latency is the median of ``--repeats`` timed calls after one untimed call, on this CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -44,6 +48,17 @@ class QualityArm:
     label: str
     load: str  # emulated slowdown per rank, "1,2"; "" for the single rank
     stadi: dict = field(default_factory=dict)  # StadiArgs keywords
+    cache: bool = False  # cache-dit's DBCache (`toy_dbcache`), as `--cache_method dbcache` applies it
+
+
+def toy_dbcache():
+    """cache-dit's DBCache on the toy's 8 PixArt blocks, as xDiT's runner entries declare it for their image
+    models (`DBCacheSettings`): cache-dit's own PixArt block pattern, and xDiT's usual preset (the first 2
+    blocks computed, threshold 0.12, the "fast" step mask)."""
+    from xfuser.model_executor.cache.presets import CacheDitAdapterConfig, DBCachePreset, DBCacheSettings
+
+    return DBCacheSettings(adapter=CacheDitAdapterConfig(blocks=(("transformer_blocks", "Pattern_3"),)),
+                           preset=DBCachePreset(Fn_compute_blocks=2, residual_diff_threshold=0.12, scm_policy="fast"))
 
 
 def default_arms() -> tuple[QualityArm, ...]:
@@ -60,6 +75,10 @@ def default_arms() -> tuple[QualityArm, ...]:
                    {"stadi_mode": "full", "stadi_max_stride": 3, **third}),
         QualityArm("fault", "full 2:1, exchange broken", "1,2",
                    {"stadi_mode": "full", "stadi_max_stride": 2, "ignore_foreign_bands": True, **half}),
+        QualityArm("single+dbcache", "single rank + DBCache", "", cache=True),
+        QualityArm("uniform+dbcache", "uniform 2:1 + DBCache", "1,2", {"stadi_mode": "uniform", **half}, cache=True),
+        QualityArm("full+dbcache", "full 2:1 + DBCache", "1,2",
+                   {"stadi_mode": "full", "stadi_max_stride": 2, **half}, cache=True),
     )
 
 
@@ -91,32 +110,58 @@ def _stadi_worker(rank: int, world: int, arms: list[QualityArm], class_ids: list
         base.set_progress_bar_config(disable=True)
         pipe = build_stadi_pipeline(StadiPixArtAlphaPipeline, base, size=model.HEIGHT,
                                     steps=steps, model="toy-trained", warmup_steps=warmup, **arm.stadi)
-        latents, seconds = _timed_calls(pipe, class_ids, seed, steps, repeats, dist.barrier)
+        with _cached(pipe, pipe.module.transformer, arm, steps):
+            if arm.cache:
+                pipe.attach_step_cache()
+            latents, seconds = _timed_calls(pipe, class_ids, seed, steps, repeats, dist.barrier)
         plan = pipe.last_result.plan
+        served = torch.tensor([pipe.last_result.cached_forwards])
+        dist.all_reduce(served)  # both ranks' served forwards, as the table reports them
         out.append({"name": arm.name, "seconds": seconds, "latents": latents if rank == 0 else None,
                     "row_bounds": plan.row_bounds(), "strides": [r.stride for r in plan.ranks],
-                    "evals": [r.num_evals for r in plan.ranks]})
+                    "evals": [r.num_evals for r in plan.ranks], "served": int(served)})
     return out
+
+
+@contextlib.contextmanager
+def _cached(pipe, transformer: torch.nn.Module, arm: QualityArm, steps: int):
+    """`arm`'s step cache on `transformer` while the block runs (none without one); cache-dit's hooks, which
+    also wrap the pipeline class's `__call__`, are released after it."""
+    if not arm.cache:
+        yield
+        return
+    import cache_dit
+
+    from stadi_xdit.xdit.step_cache import apply_cache_dit
+
+    apply_cache_dit(pipe, transformer, toy_dbcache(), steps, None)
+    try:
+        yield
+    finally:
+        cache_dit.disable_cache(pipe)
 
 
 def run_arms(arms: Sequence[QualityArm], class_ids: Sequence[int], *, seed: int = 0, steps: int = model.DEFAULT_STEPS,
              warmup: int = 3, repeats: int = 2, timeout: float = 1800.0) -> dict[str, dict]:
     """Latents, latencies and plans of every arm (the single rank here, the others on 2 spawned ranks)."""
     from stadi_xdit.offline.spawn import run_distributed
+    from stadi_xdit.xdit.step_cache import cache_dit_served
 
     results = {}
-    if any(arm.name == "single" for arm in arms):
+    for arm in (arm for arm in arms if not arm.load):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one core, as each rank has
         try:
             pipe = model.load_toy_pipeline()
             pipe.set_progress_bar_config(disable=True)
-            latents, seconds = _timed_calls(pipe, class_ids, seed, steps, repeats, lambda: None)
+            with _cached(pipe, pipe.transformer, arm, steps):
+                latents, seconds = _timed_calls(pipe, class_ids, seed, steps, repeats, lambda: None)
+                served = cache_dit_served(pipe.transformer) if arm.cache else 0
         finally:
             torch.set_num_threads(threads)
-        results["single"] = {"name": "single", "seconds": seconds, "latents": latents, "row_bounds": None,
-                             "strides": [1], "evals": [steps]}
-    parallel = [arm for arm in arms if arm.name != "single"]
+        results[arm.name] = {"name": arm.name, "seconds": seconds, "latents": latents, "row_bounds": None,
+                             "strides": [1], "evals": [steps], "served": served}
+    parallel = [arm for arm in arms if arm.load]
     if parallel:
         per_rank = run_distributed(_stadi_worker, 2, list(parallel), list(class_ids), seed, steps, warmup, repeats,
                                    timeout=timeout)
@@ -147,10 +192,12 @@ def summarize(arms: Sequence[QualityArm], results: dict[str, dict], class_ids: S
     reference = results["single"]["latents"]
     truth = metrics.ground_truth_metrics()
     single_metrics = metrics.coherence_metrics(reference, class_ids)
-    uniform_seconds = statistics.median(results["uniform"]["seconds"]) if "uniform" in results else None
     rows = {}
     for arm in arms:
         entry = results[arm.name]
+        # A cached arm against the uniform split with the same cache.
+        uniform = results.get("uniform+dbcache" if arm.cache else "uniform")
+        uniform_seconds = statistics.median(uniform["seconds"]) if uniform else None
         latents = entry["latents"]
         coherence = metrics.coherence_metrics(latents, class_ids)
         profile = metrics.row_error_profile(latents, reference)
@@ -161,7 +208,7 @@ def summarize(arms: Sequence[QualityArm], results: dict[str, dict], class_ids: S
         rows[arm.name] = {
             "label": arm.label, "load": arm.load, "seconds": entry["seconds"], "median_seconds": median,
             "vs_uniform": uniform_seconds / median if uniform_seconds and arm.load == "1,2" else None,
-            "strides": entry["strides"], "evals": entry["evals"], "row_bounds": bounds,
+            "strides": entry["strides"], "evals": entry["evals"], "served": entry["served"], "row_bounds": bounds,
             "latent_psnr": psnr(reference, latents) if arm.name != "single" else math.inf,
             "latent_ssim": ssim(reference, latents) if arm.name != "single" else 1.0,
             "coherence": coherence,
@@ -176,16 +223,17 @@ def format_table(summary: dict) -> str:
     names = ("symmetry_error", "color_match", "pole_continuity", "horizon_continuity", "background_accuracy",
              "shape_accuracy")
     short = ("sym.err", "colour", "pole", "horizon", "bg acc", "shape acc")
-    head = ("| arm | strides | latency s | vs uniform | PSNR dB | SSIM | seam ratio | "
+    head = ("| arm | strides | served | latency s | vs uniform | PSNR dB | SSIM | seam ratio | "
             + " | ".join(short) + " |")
-    lines = [head, "|" + " --- |" * (7 + len(short))]
+    lines = [head, "|" + " --- |" * (8 + len(short))]
     truth = summary["ground_truth"]
-    lines.append("| ground truth (data set) | | | | | | | " + " | ".join(f"{truth[n]:.3f}" for n in names) + " |")
+    lines.append("| ground truth (data set) | | | | | | | | " + " | ".join(f"{truth[n]:.3f}" for n in names) + " |")
     for arm in summary["arms"].values():
         psnr_text = "ref" if math.isinf(arm["latent_psnr"]) else f"{arm['latent_psnr']:.1f}"
         vs = f"{arm['vs_uniform']:.2f}x" if arm["vs_uniform"] else "-"
         seam = f"{arm['seam_ratio']:.2f}" if arm["seam_ratio"] is not None else "-"
-        lines.append(f"| {arm['label']} | {arm['strides']} | {arm['median_seconds']:.2f} | {vs} | {psnr_text} | "
+        served = f"{arm['served']}/{sum(arm['evals'])}"  # forwards the step cache served, of all ranks' forwards
+        lines.append(f"| {arm['label']} | {arm['strides']} | {served} | {arm['median_seconds']:.2f} | {vs} | {psnr_text} | "
                      f"{arm['latent_ssim']:.4f} | {seam} | "
                      + " | ".join(f"{arm['coherence'][n]:.3f}" for n in names) + " |")
     return "\n".join(lines)
@@ -203,14 +251,14 @@ def plot_tradeoff(summary: dict, path: Path) -> Path | None:
         if name == "single":
             left.axvline(arm["median_seconds"], color="#7f7f7f", linestyle=":", label="single rank (latency)")
             continue
-        marker = "x" if name == "fault" else ("s" if arm["load"] == "1,3" else "o")
+        marker = "x" if name == "fault" else ("s" if arm["load"] == "1,3" else ("^" if arm["served"] else "o"))
         left.scatter(arm["median_seconds"], arm["latent_psnr"], marker=marker, s=50, label=arm["label"])
         line, = right.plot(arm["row_error"], label=arm["label"])
         for b in arm["boundaries"]:
             right.axvline(b - 0.5, color=line.get_color(), linestyle=":", linewidth=0.8)
     left.set_xlabel("latency [s] (median, 2 CPU ranks, emulated slowdown)")
     left.set_ylabel("latent PSNR vs single rank [dB]")
-    left.set_title("quality vs latency (circles 2:1, squares 3:1)", fontsize=10)
+    left.set_title("quality vs latency (circles 2:1, squares 3:1, triangles 2:1 cached)", fontsize=10)
     left.legend(fontsize=7)
     right.set_yscale("log")
     right.set_xlabel("latent row (dotted: band boundaries of each arm)")

@@ -146,6 +146,13 @@ class CacheDitStepCache:
         return any(context.get_cached_steps()[-1:] == [context.get_current_step()] for context in self._contexts())
 
 
+def cache_dit_served(transformer: torch.nn.Module) -> int:
+    """The forwards of the last call that cache-dit's cache on `transformer` served (its contexts keep them
+    until the next call begins)."""
+    manager = transformer._context_manager
+    return sum(len(manager.get_context(name).get_cached_steps()) for name in transformer._context_names)
+
+
 def find_step_cache(transformer: torch.nn.Module) -> XditStepCache | CacheDitStepCache | None:
     """The step cache on `transformer` (xDiT's in-tree one or cache-dit's), or None."""
     return XditStepCache.find(transformer) or CacheDitStepCache.find(transformer)
