@@ -163,10 +163,55 @@ def check_cache_config(method: str | None, cache_config: str | None, *, cache_di
         if unknown:
             raise ValueError(f"--cache_config: unknown key(s) {', '.join(map(repr, unknown))} for --cache_method "
                              f"{method} (cache-dit's DBCache)")
+        check_cache_dit_values(settings)
     threshold = settings.get("residual_diff_threshold", 0.0)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
         raise ValueError(f"--cache_config residual_diff_threshold must be a finite number >= 0 "
                          f"(0: never reuse a step), got {shown_value(threshold)}")
+
+
+# What each of cache-dit's settings takes (xDiT's DBCachePreset fields, then cache-dit's DBCacheConfig's): checked
+# once at launch, since cache-dit reads them in every rank, some only at the first forward.
+_CACHE_DIT_COUNTS = {"Fn_compute_blocks": 0, "Bn_compute_blocks": 0, "max_warmup_steps": 0, "warmup_interval": 1,
+                     "max_cached_steps": -1, "max_continuous_cached_steps": -1}  # key -> smallest value (-1: no cap)
+_CACHE_DIT_FLAGS = ("enable_taylorseer", "enable_separate_cfg", "enable_encoder_calibrator", "cfg_compute_first",
+                    "cfg_diff_compute_separate")
+_CACHE_DIT_CHOICES = {"scm_policy": ("slow", "medium", "fast", "ultra"), "steps_computation_policy": ("dynamic", "static"),
+                      "force_refresh_step_policy": ("once", "repeat")}
+# Set by the run itself: the method (cache_type) and --num_inference_steps.
+_CACHE_DIT_FIXED = {"cache_type": "--cache_method", "num_inference_steps": "--num_inference_steps"}
+
+
+def check_cache_dit_values(settings: dict) -> None:
+    """The values of cache-dit's `--cache_config` keys, each by its field's type and range (one line)."""
+    for key, value in settings.items():
+        if key in _CACHE_DIT_FIXED:
+            raise ValueError(f"--cache_config {key}: set by {_CACHE_DIT_FIXED[key]}, not by --cache_config")
+        wanted = _cache_dit_value_wanted(key, value)
+        if wanted:
+            raise ValueError(f"--cache_config {key} must be {wanted}, got {shown_value(value)}")
+
+
+def _cache_dit_value_wanted(key: str, value: Any) -> str | None:
+    """What `value` of cache-dit's `key` must be, where it is not (None: it is)."""
+    count = isinstance(value, int) and not isinstance(value, bool)
+    if key in _CACHE_DIT_COUNTS and not (count and value >= _CACHE_DIT_COUNTS[key]):
+        return f"an integer >= {_CACHE_DIT_COUNTS[key]}"
+    if key in _CACHE_DIT_FLAGS and value is not None and not isinstance(value, bool):
+        return "true, false or null"
+    if key in _CACHE_DIT_CHOICES:
+        nullable = key == "scm_policy"
+        if value not in (*_CACHE_DIT_CHOICES[key], *((None,) if nullable else ())):
+            return " or ".join(map(repr, _CACHE_DIT_CHOICES[key])) + (" (or null)" if nullable else "")
+    if key == "max_accumulated_residual_diff_threshold" and value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf):
+        return "a finite number >= 0 or null"
+    if key == "force_refresh_step_hint" and value is not None and not (count and value >= 0):
+        return "an integer >= 0 or null"
+    if key == "steps_computation_mask" and value is not None and not (
+            isinstance(value, list) and value and all(v in (0, 1) and not isinstance(v, bool) for v in value)):
+        return "a list of 0s and 1s (1: compute the step in full) or null"
+    return None
 
 
 def cache_dit_config_keys() -> set[str] | None:
