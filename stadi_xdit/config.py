@@ -128,6 +128,11 @@ class StadiConfig:
                             "Storage type of the stale K/V (auto: as computed; bfloat16/float16 halve the "
                             "K/V store and its exchange when computing in float32). Refused with "
                             "--stadi_exact, which keeps no stale K/V.", choices=KV_DTYPES)
+    memory_budget: tuple[float, ...] | None = setting(
+        None, "--stadi_memory_budget", "floats",
+        "Comma-separated GiB per rank that the displaced K/V store may hold; with --stadi_kv_dtype auto a "
+        "store that does not fit is narrowed (bfloat16), else refused in one line. Default: the free device "
+        "memory on CUDA, unchecked on CPU.")
     # Default `calls` (docs/benchmarks.md, adaptive section; docs/method.md, cost models and the noise
     # floor): later calls of a pipeline start from remembered cost models and reach a fixed plan.
     replan: str = setting("calls", "--stadi_replan", "choice",
@@ -147,6 +152,7 @@ class StadiConfig:
         # Accept the CLI's string forms so configs built from flags or files validate the same way.
         object.__setattr__(self, "speeds", parse_floats(self.speeds, "--stadi_speeds"))
         object.__setattr__(self, "emulate_slowdown", parse_floats(self.emulate_slowdown, "--stadi_emulate_slowdown"))
+        object.__setattr__(self, "memory_budget", parse_floats(self.memory_budget, "--stadi_memory_budget"))
         for name, meta in SETTINGS.items():  # --stadi_mode, --stadi_replan, --stadi_kv_dtype, --stadi_timing
             value = getattr(self, name)
             if meta["kind"] == "choice" and value not in meta["choices"]:
@@ -172,9 +178,12 @@ class StadiConfig:
         if self.timing != "wall" and self.speeds is not None:
             raise ValueError(f"--stadi_timing {self.timing} has no effect with --stadi_speeds (nothing is "
                              "timed); drop one of them")
-        if self.kv_dtype != "auto" and self.exact:
-            raise ValueError(f"--stadi_kv_dtype {self.kv_dtype} has no effect with --stadi_exact (exact mode "
-                             "keeps no stale K/V); drop one of them")
+        for flag, value in (("--stadi_kv_dtype", None if self.kv_dtype == "auto" else self.kv_dtype),
+                            ("--stadi_memory_budget", self.memory_budget)):
+            if value is not None and self.exact:
+                shown = value if isinstance(value, str) else ",".join(f"{v:g}" for v in value)
+                raise ValueError(f"{flag} {shown} has no effect with --stadi_exact (exact mode keeps no stale "
+                                 "K/V); drop one of them")
         if self.degree is not None and (isinstance(self.degree, bool) or not isinstance(self.degree, int)
                                         or not 1 <= self.degree <= MAX_RANKS):
             raise ValueError(f"--stadi_degree must be an integer in [1, {MAX_RANKS}], "
@@ -209,7 +218,7 @@ class StadiConfig:
         check_stadi_degree(self.degree, stadi_world_size)
         shift = self.emulated_shift[1] if self.emulate_shift else None
         for flag, values in (("--stadi_speeds", self.speeds), ("--stadi_emulate_slowdown", self.emulate_slowdown),
-                             ("--stadi_emulate_shift", shift)):
+                             ("--stadi_emulate_shift", shift), ("--stadi_memory_budget", self.memory_budget)):
             if values is not None and len(values) != stadi_world_size:
                 raise ValueError(f"{flag} has {len(values)} values but the STADI group has {stadi_world_size} ranks")
 

@@ -60,7 +60,16 @@ BAD_VALUES = [
     ("emulate_slowdown", "x", "--stadi_emulate_slowdown"),
     ("timeout_seconds", 0, "--stadi_timeout"),
     ("timeout_seconds", -5.0, "--stadi_timeout"),
+    ("memory_budget", "0", "--stadi_memory_budget"),
+    ("memory_budget", "24,-1", "--stadi_memory_budget"),
+    ("memory_budget", "inf", "--stadi_memory_budget"),
+    ("memory_budget", "24GB", "--stadi_memory_budget"),
 ]
+
+
+def test_a_memory_budget_with_exact_mode_is_refused():
+    with pytest.raises(ValueError, match=r"^--stadi_memory_budget 24,80 has no effect with --stadi_exact"):
+        StadiConfig(memory_budget="24,80", exact=True)
 
 
 @pytest.mark.parametrize("field,value,flag", BAD_VALUES)
@@ -121,6 +130,7 @@ def _args(**kwargs):
     ({"stadi_emulate_slowdown": "1,2"}, 3, "--stadi_emulate_slowdown"),
     ({"stadi_speeds": "1,2", "use_cfg_parallel": True}, 2, "--stadi_speeds"),  # cfg: 2 ranks = 2 groups of 1
     ({"use_cfg_parallel": True}, 3, "--use_cfg_parallel"),
+    ({"stadi_memory_budget": "24,24,80"}, 2, "--stadi_memory_budget"),
     ({"height": 136}, 2, "--height"),
     ({"width": 100}, 2, "--width"),
 ])

@@ -33,6 +33,7 @@ import logging
 import torch
 
 from stadi_xdit.config import KV_DTYPES
+from stadi_xdit.planner.memory import StoreFit, fit_kv_store
 from stadi_xdit.runtime.comm import BandComm, PendingWorks
 from stadi_xdit.runtime.exchange import (
     DEFAULT_GROUP_LAYERS,
@@ -71,6 +72,15 @@ class DisplacedKVStore:
         self.sequence = sequence
         self.group_layers = _check_group_layers(group_layers)
         self.kv_dtype = kv_dtype  # None: store K/V in the dtype attention computes in
+        # Plans that fit (planner/memory.py): the bytes each band rank may give the store (None: unchecked),
+        # where they came from, the flags besides a narrower dtype that would shrink it, and the layers the
+        # injection routes here (the store's size is known at the first layer of a registration).
+        self.memory_budgets: tuple[float | None, ...] | None = None
+        self.budget_source = "--stadi_memory_budget"
+        self.budget_remedies: tuple[str, ...] = ()
+        self.expected_layers: int | None = None
+        self.fit: StoreFit | None = None  # the last registration's choice
+        self._fitted_dtype: torch.dtype | None = None  # a narrower dtype the fit chose under kv_dtype None
         self.band: BandView | None = None  # this rank's band of the current layout (set_band)
         self.method = "broadcast"
         # A fresh store keeps what synchronous steps gather (the loop says which step seeds).
@@ -175,6 +185,9 @@ class DisplacedKVStore:
                              f"this rank's band of {end - start} tokens")
         if not self._registry.closed and layer in self._registry:
             self._end_step(forward_only=True)  # a layer seen again: the previous forward is over
+        if not self._registry.closed and not len(self._registry):  # the first layer of a registration
+            width = 2 * batch * heads * head_dim  # K and V of one token of this layer
+            self._fit(key.dtype, sum(self.token_counts) * width * (self.expected_layers or 1))
         if self._step_kind is None:
             self._begin_step()
         self._flush()  # groups completed by earlier layers: their attention has run, send them now
@@ -326,8 +339,28 @@ class DisplacedKVStore:
         self._step_collectives += len(works)
         return works
 
+    def _fit(self, computed: torch.dtype, values: int, keep: str | None = None) -> None:
+        """The dtype a store of `values` K/V values (computed in `computed`) fits in on every band rank
+        (`planner.memory`), decided before the store holds anything: at the first layer of a registration,
+        from that layer's width times the layers the injection routes here. `keep`: check that dtype only."""
+        if self.memory_budgets is None:
+            self._fitted_dtype = self.fit = None
+            return
+        named = None if self.kv_dtype is None else str(self.kv_dtype).removeprefix("torch.")
+        fit = fit_kv_store(values, str(computed).removeprefix("torch."), self.memory_budgets,
+                           requested=keep or named, source=self.budget_source, remedies=self.budget_remedies)
+        if keep is None:
+            self.fit = fit
+            self._fitted_dtype = getattr(torch, fit.kv_dtype) if fit.narrowed else None
+            if fit.narrowed:
+                logger.info("STADI K/V store in %s to fit the memory budget (%s): %s", fit.kv_dtype,
+                            self.budget_source, fit.reason)
+
     def _close_registration(self) -> None:
         self._registry.close(self.group_layers)
+        if self.fit is not None:  # the first layer's width times the layers was an estimate: check the sum
+            values = sum(self.token_counts) * sum(self._registry.group_widths)
+            self._fit(getattr(torch, self.fit.kv_dtype), values, keep=self.fit.kv_dtype)
         if self._seed:
             first = next(iter(self._seed.values()))
             self._buffer = None
@@ -337,7 +370,7 @@ class DisplacedKVStore:
             self._buffer = buffer
 
     def _storage_dtype(self, key: torch.Tensor) -> torch.dtype:
-        return self.kv_dtype or key.dtype
+        return self.kv_dtype or self._fitted_dtype or key.dtype
 
     def _ensure_buffer(self, key: torch.Tensor) -> FlatKVBuffer:
         tokens, dtype = sum(self.token_counts), self._storage_dtype(key)
@@ -406,6 +439,8 @@ class DisplacedKVStore:
         else:
             received = (sum(counts) - own) * per_token
         cached = {"skipped_layer_publishes": self.counts["skipped_layer_publishes"]} if self.layers_may_skip else {}
+        if self.fit is not None:  # plans that fit: the dtype the budget allowed, and why
+            cached["memory_fit"] = f"{self.fit.kv_dtype}{' (narrowed)' if self.fit.narrowed else ''}: {self.fit.reason}"
         return {
             "method": self.method,
             "token_counts": list(counts),
@@ -421,7 +456,7 @@ class DisplacedKVStore:
             "bytes_received_per_sync_point": received,
             "store_bytes": self.memory_bytes(),
             "buffer_bytes": buffer.nbytes if buffer is not None else 0,
-            **cached,  # a step cache's layers published with the K/V they last computed
+            **cached,  # a step cache's layers published with the K/V they last computed; the memory fit
         }
 
 

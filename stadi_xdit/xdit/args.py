@@ -343,7 +343,7 @@ class _StadiArgsBehaviour(xFuserArgs):
                 super().__post_init__()
         else:
             super().__post_init__()
-        for name in ("stadi_speeds", "stadi_emulate_slowdown"):
+        for name in ("stadi_speeds", "stadi_emulate_slowdown", "stadi_memory_budget"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):  # a runner dict's list: the flag's text form
                 setattr(self, name, _joined_numbers(f"--{name}", value))

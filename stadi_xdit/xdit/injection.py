@@ -126,9 +126,11 @@ class Injection:
         self.transformer = transformer
         self._saved_processors: list[tuple[nn.Module, object]] = []
         self.positions = plan.positions.attach(transformer, state)
-        for layer, attention in enumerate(plan.displaced_attention(transformer)):
+        attentions = plan.displaced_attention(transformer)
+        for layer, attention in enumerate(attentions):
             self._saved_processors.append((attention, attention.processor))
             attention.set_processor(plan.processor_factory(store, layer))
+        store.expected_layers = len(attentions)  # the store's size before its first forward (plans that fit)
 
     def set_band(self, band: BandView) -> None:
         self.positions.set_band(band)

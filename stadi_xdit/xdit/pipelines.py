@@ -24,6 +24,7 @@ from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrap
 from stadi_xdit.cli_errors import StadiInputError
 from stadi_xdit.config import StadiConfig
 from stadi_xdit.planner.calls import CallMemory
+from stadi_xdit.planner.memory import GIB, StoreDoesNotFit
 from stadi_xdit.runtime import heartbeat
 from stadi_xdit.runtime.adaptive import executed_evals
 from stadi_xdit.runtime.comm import BandComm
@@ -267,6 +268,15 @@ class StadiPipelineMixin:
         hardware = self.groups.gather_text(hardware_identity(), self.module._execution_device)
         return profile_key(type(transformer).__name__, transformer.config, height, width, hardware)
 
+    def _set_store_budgets(self, device: torch.device, model: XditBandModel) -> None:
+        """This call's store budgets (`_store_budget_bytes`); the store fits itself to them when it registers.
+        A model that batches both CFG branches holds their K/V twice: one branch per rank would halve it."""
+        store = self.kv_store
+        store.memory_budgets, store.budget_source = _store_budget_bytes(self.stadi_config, store, self.groups.band,
+                                                                        device)
+        batched = bool(getattr(getattr(model, "cfg", None), "batched", False))
+        store.budget_remedies = ("--use_cfg_parallel",) if batched else ()
+
     def _known_speeds(self, cached: dict | None) -> list[float] | None:
         if self.stadi_config.speeds:
             return list(self.stadi_config.speeds)
@@ -392,10 +402,14 @@ class StadiPipelineMixin:
         geometry = self._geometry(height, width)
         key = self._profile_key(height, width) if self.stadi_config.profile_cache else None
         cached = self._cached_entry(key)
-        result = denoise(latents, scheduler, model, groups=self.groups, store=self.kv_store, config=self.stadi_config,
-                         geometry=geometry, warmup_steps=self._warmup_steps(num_steps),
-                         known_speeds=self._known_speeds(cached), memory=self._memory((height, width), cached),
-                         positions=self.injection, step_cache=self.step_cache)
+        self._set_store_budgets(latents.device, model)
+        try:
+            result = denoise(latents, scheduler, model, groups=self.groups, store=self.kv_store,
+                             config=self.stadi_config, geometry=geometry, warmup_steps=self._warmup_steps(num_steps),
+                             known_speeds=self._known_speeds(cached), memory=self._memory((height, width), cached),
+                             positions=self.injection, step_cache=self.step_cache)
+        except StoreDoesNotFit as error:  # every rank decides alike, before its store holds anything: one line
+            raise StadiInputError(str(error)) from None
         self.kv_store.reset()
         self._remember(key, (height, width), result)
         self.last_result = result
@@ -405,6 +419,22 @@ class StadiPipelineMixin:
         logger.info("STADI rank %d: %d model evaluations (plan: %d)%s", self.groups.band.rank, result.num_evals, planned,
                     f", {result.cached_forwards} served by the step cache" if self.step_cache is not None else "")
         return result
+
+
+def _store_budget_bytes(config: StadiConfig, store: DisplacedKVStore, comm: BandComm,
+                        device: torch.device) -> tuple[tuple[float | None, ...] | None, str]:
+    """What each band rank's displaced K/V store may hold (`planner.memory`), and where that came from:
+    `--stadi_memory_budget`, else on CUDA each rank's free memory (plus what its store already holds),
+    exchanged so that every rank fits the same store; None on CPU without the flag, and in exact mode."""
+    if config.exact:
+        return None, ""
+    if config.memory_budget is not None:
+        return tuple(gib * GIB for gib in config.memory_budget), "--stadi_memory_budget"
+    if device.type != "cuda":
+        return None, ""
+    free, _ = torch.cuda.mem_get_info(device)
+    return tuple(comm.all_gather_floats(float(free + store.memory_bytes()), device)), \
+        f"--use_stadi (free memory on {device})"
 
 
 class DiffusersPipelineWrapper(xFuserPipelineBaseWrapper):

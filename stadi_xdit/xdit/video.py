@@ -88,7 +88,10 @@ class StadiVideoPipelineMixin(StadiPipelineMixin):
             return  # no stale K/V are kept
         pipe = self.module
         config = pipe.transformer.config
-        value_bytes = (kv_storage_dtype(self.stadi_config.kv_dtype) or pipe.transformer.dtype).itemsize
+        named = kv_storage_dtype(self.stadi_config.kv_dtype)
+        # Under --stadi_kv_dtype auto the store narrows itself to fit (planner/memory.py): refused here only
+        # where even its narrowest form (bfloat16) cannot fit.
+        value_bytes = named.itemsize if named else min(pipe.transformer.dtype.itemsize, 2)
         need = displaced_kv_bytes(config, height, width, num_frames, batch=forward_batch, bytes_per_value=value_bytes,
                                   spatial_scale=pipe.vae_scale_factor_spatial,
                                   temporal_scale=pipe.vae_scale_factor_temporal)
