@@ -39,6 +39,7 @@ def _run(rank: int, world: int, runs: list[dict]) -> list[dict]:
             settings = xFuserStableDiffusionModel.settings.step_cache_config["dbcache"]
             apply_cache_dit(pipe, pipe.module.transformer, settings, STEPS, json.dumps(run["cache_config"]))
             pipe.attach_step_cache()
+            pipe.attach_step_cache()  # found again, the same steering (a second wrapper would never serve)
         out = pipe(prompt="a red cat", negative_prompt="blurry", height=SIZE, width=SIZE, num_inference_steps=STEPS,
                    output_type="latent", guidance_scale=4.0, max_sequence_length=8,
                    generator=torch.Generator().manual_seed(1))

@@ -79,15 +79,16 @@ def test_the_cached_arms_serve_steps_and_cost_quality_in_the_table():
 
     arms = {arm.name: arm for arm in quality.default_arms()}
     chosen = [arms[name] for name in ("single", "single+dbcache", "uniform+dbcache", "full+dbcache")]
-    results = quality.run_arms(chosen, CLASS_IDS, seed=3, steps=12, warmup=2, repeats=1, timeout=600)
+    class_ids = CLASS_IDS[:2]
+    results = quality.run_arms(chosen, class_ids, seed=3, steps=10, warmup=2, repeats=1, timeout=600)
     single = results["single"]["latents"]
     for name in ("single+dbcache", "uniform+dbcache", "full+dbcache"):
         entry = results[name]
-        # Of 12 steps, the "fast" step mask computes 7 in full, and a STADI rank never serves its warmup steps.
-        assert 0 < entry["served"] <= 5 * len(entry["strides"]), (name, entry["served"])
+        # Of 10 steps, the "fast" step mask computes all but 3, 5, 6 and 8 in full.
+        assert 0 < entry["served"] <= 4 * len(entry["strides"]), (name, entry["served"])
         assert torch.isfinite(entry["latents"]).all() and not torch.equal(entry["latents"], single), name
     assert results["full+dbcache"]["strides"] == [1, 2]
-    table = quality.format_table(quality.summarize(chosen, results, CLASS_IDS))
+    table = quality.format_table(quality.summarize(chosen, results, class_ids))
     served = results["full+dbcache"]["served"]
     assert f"| full 2:1 + DBCache | [1, 2] | {served}/" in table, table
 

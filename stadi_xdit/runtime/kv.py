@@ -438,9 +438,9 @@ class DisplacedKVStore:
             received = (len(counts) - 1) * max(counts) * per_token
         else:
             received = (sum(counts) - own) * per_token
-        cached = {"skipped_layer_publishes": self.counts["skipped_layer_publishes"]} if self.layers_may_skip else {}
+        extra = {"skipped_layer_publishes": self.counts["skipped_layer_publishes"]} if self.layers_may_skip else {}
         if self.fit is not None:  # plans that fit: the dtype the budget allowed, and why
-            cached["memory_fit"] = f"{self.fit.kv_dtype}{' (narrowed)' if self.fit.narrowed else ''}: {self.fit.reason}"
+            extra["memory_fit"] = f"{self.fit.kv_dtype}{' (narrowed)' if self.fit.narrowed else ''}: {self.fit.reason}"
         return {
             "method": self.method,
             "token_counts": list(counts),
@@ -456,7 +456,7 @@ class DisplacedKVStore:
             "bytes_received_per_sync_point": received,
             "store_bytes": self.memory_bytes(),
             "buffer_bytes": buffer.nbytes if buffer is not None else 0,
-            **cached,  # a step cache's layers published with the K/V they last computed; the memory fit
+            **extra,  # a step cache's layers published with the K/V they last computed; the memory fit
         }
 
 

@@ -15,6 +15,7 @@ outputs repeat bit for bit, and the same slowdown *emulated*, so the latencies m
 * ``full`` at 3:1 with max stride 2 and with max stride 3 (the stride-3 question);
 * ``full`` at 2:1 with the exchange broken (fault injection: displaced attention sees zeros
   instead of the other band's K/V), the floor any real exchange must clear;
+* ``full`` at 2:1 with the stale store in bfloat16 (the first lever of ``--stadi_memory_budget``);
 * ``single``, ``uniform`` and ``full`` at 2:1 with a step cache (cache-dit's DBCache, ``toy_dbcache``):
   what caching costs on its own, and under STADI, where a served step also keeps the K/V the rank's
   peers see from its last computed one.
@@ -75,6 +76,9 @@ def default_arms() -> tuple[QualityArm, ...]:
                    {"stadi_mode": "full", "stadi_max_stride": 3, **third}),
         QualityArm("fault", "full 2:1, exchange broken", "1,2",
                    {"stadi_mode": "full", "stadi_max_stride": 2, "ignore_foreign_bands": True, **half}),
+        # The first lever of plans that fit (planner/memory.py): the stale store in bfloat16.
+        QualityArm("full-bf16", "full 2:1, bfloat16 store", "1,2",
+                   {"stadi_mode": "full", "stadi_max_stride": 2, "stadi_kv_dtype": "bfloat16", **half}),
         QualityArm("single+dbcache", "single rank + DBCache", "", cache=True),
         QualityArm("uniform+dbcache", "uniform 2:1 + DBCache", "1,2", {"stadi_mode": "uniform", **half}, cache=True),
         QualityArm("full+dbcache", "full 2:1 + DBCache", "1,2",

@@ -121,9 +121,14 @@ class CacheDitStepCache:
 
     @classmethod
     def find(cls, transformer: torch.nn.Module) -> CacheDitStepCache | None:
-        """The cache-dit cache enabled on `transformer`, or None where there is none."""
+        """The cache-dit cache enabled on `transformer`, or None where there is none; found twice, the same
+        steering (a second wrapper around the manager's decision would never let it serve)."""
         manager = getattr(transformer, "_context_manager", None)
-        return None if manager is None else cls(manager, getattr(transformer, "_context_names", []))
+        if manager is None:
+            return None
+        if getattr(manager, "_stadi_step_cache", None) is None:
+            manager._stadi_step_cache = cls(manager, getattr(transformer, "_context_names", []))
+        return manager._stadi_step_cache
 
     def _contexts(self) -> list[Any]:
         return [self.manager.get_context(name) for name in self.names]
