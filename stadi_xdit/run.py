@@ -302,6 +302,7 @@ def check_model_capabilities(model: type, config: object) -> None:
     from xfuser.model_executor.models.runner_models.base_model import ModelCapabilities
 
     from stadi_xdit.xdit.args import check_cache_config
+    from stadi_xdit.xdit.step_cache import cache_dit_settings
 
     for key in ModelCapabilities.__annotations__:
         value = getattr(config, key, None)
@@ -320,8 +321,7 @@ def check_model_capabilities(model: type, config: object) -> None:
     if method not in methods:
         raise ValueError(f"--model {config.model} does not support --cache_method {method}"
                          + (f" (it supports {', '.join(methods)})" if methods else " (no step caching)"))
-    # fbcache runs on cache-dit's engine where the model's settings say so (DBCacheSettings), as dbcache does.
-    cache_dit = type(model.settings.step_cache_config[method]).__name__ == "DBCacheSettings"
+    cache_dit = cache_dit_settings(model.settings.step_cache_config, method) is not None
     if cache_dit and _find_spec("cache_dit") is None:  # else every rank's traceback, after the load
         raise ValueError(f"--cache_method {method} runs through cache-dit, which is not installed "
                          "(pip install cache-dit)")

@@ -38,7 +38,7 @@ from PIL import Image
 import stadi_xdit.xdit  # noqa: F401  (compat layer and CLI hook before xfuser)
 from stadi_xdit.families import hub_models
 from stadi_xdit.offline.spawn import free_port
-from stadi_xdit.xdit.step_cache import STADI_CACHE_METHODS
+from stadi_xdit.xdit.step_cache import STADI_CACHE_METHODS, cache_dit_settings
 
 pytestmark = pytest.mark.cpu_only("CPU runs of the tiny offline cache")
 
@@ -113,7 +113,7 @@ def runner_modes(model_name: str) -> dict[str, list[str]]:
         # cache-dit's engine: without its own warmup steps and step mask, and a served step skips the 2nd block.
         method = methods[0]
         settings = {"residual_diff_threshold": 1e6}
-        if type(model.settings.step_cache_config[method]).__name__ == "DBCacheSettings":
+        if cache_dit_settings(model.settings.step_cache_config, method) is not None:
             settings.update(max_warmup_steps=0, scm_policy=None, Fn_compute_blocks=1)
         modes["cached"] = [*guided[:guided.index("--num_inference_steps")], "--num_inference_steps", "6",
                            *guided[guided.index("--num_inference_steps") + 2:], "--use_stadi", "--stadi_degree", "2",

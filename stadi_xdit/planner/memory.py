@@ -32,6 +32,11 @@ def shown_bytes(count: float) -> str:
     return f"{count / 2**10:.2f} KiB"
 
 
+def narrowest_bytes(computed: str) -> int:
+    """Bytes per value of the narrowest store `fit_kv_store` may choose for K/V computed in `computed`."""
+    return min(DTYPE_BYTES[computed], *(size for _, size in NARROWER_STORES))
+
+
 class StoreDoesNotFit(ValueError):
     """No store dtype fits a rank's budget (one line: the rank, the budget, the smallest store, the flags)."""
 

@@ -178,8 +178,8 @@ class StadiPipelineMixin:
 
     def attach_step_cache(self) -> None:
         """xDiT (or `step_cache.apply_cache_dit`) has applied `--cache_method` to the transformer (after compiling
-        it, as its runner does): the loop steers that cache (`xdit/step_cache.py`). Each rank decides alone, so a CFG pair, whose two
-        branches must decide alike, is refused."""
+        it, as its runner does): the loop steers that cache (`xdit/step_cache.py`). Each rank decides alone, so a
+        CFG pair, whose two branches must decide alike, is refused."""
         if self.topology.cfg_degree > 1:
             raise StadiInputError("--cache_method cannot be combined with --use_cfg_parallel under --use_stadi "
                                   "(each rank's cache decides alone; the two CFG branches would decide apart)")

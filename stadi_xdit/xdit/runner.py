@@ -221,12 +221,10 @@ def _stadi_form(model_cls: type) -> type:
         # xDiT applies --cache_method to the (compiled) transformer; STADI's loop then steers it per rank.
         # cache-dit's engine (dbcache; fbcache where the model's settings name it) is applied here, from the
         # same settings, without xDiT's agreement of all ranks on each decision (`xdit/step_cache.py`).
-        from xfuser.model_executor.cache.presets import DBCacheSettings
+        from stadi_xdit.xdit.step_cache import apply_cache_dit, cache_dit_settings
 
-        from stadi_xdit.xdit.step_cache import apply_cache_dit
-
-        settings = (self.settings.step_cache_config or {}).get(self.config.cache_method)
-        if isinstance(settings, DBCacheSettings):
+        settings = cache_dit_settings(self.settings.step_cache_config, self.config.cache_method)
+        if settings is not None:
             apply_cache_dit(self.pipe, self.pipe.module.transformer, settings, self.config.num_inference_steps,
                             self.config.cache_config)
         else:

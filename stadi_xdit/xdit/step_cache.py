@@ -77,6 +77,15 @@ class XditStepCache:
         return any(bool(block.use_cache) for block in self.blocks)
 
 
+def cache_dit_settings(step_cache_config: dict | None, method: str | None) -> Any:
+    """The model's `DBCacheSettings` for `method` where cache-dit's engine runs it (dbcache, and fbcache where
+    the model's runner entry says so); None where xDiT's in-tree engine does, or the model lists no method."""
+    from xfuser.model_executor.cache.presets import DBCacheSettings
+
+    settings = (step_cache_config or {}).get(method)
+    return settings if isinstance(settings, DBCacheSettings) else None
+
+
 def apply_cache_dit(pipe: Any, transformer: torch.nn.Module, settings: Any, num_steps: int,
                     cache_config: str | None) -> None:
     """cache-dit's DBCache on `transformer` as xDiT's `apply_cache_dit_cache` builds it from the model's

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from stadi_xdit.geometry import TOKEN_ROW_PX, check_num_frames, clip_token_rows
+from stadi_xdit.planner.memory import narrowest_bytes
 from stadi_xdit.runtime.kv import kv_storage_dtype
 from stadi_xdit.runtime.layout import BandGeometry, BandLayout
 from stadi_xdit.runtime.loop import DenoiseResult
@@ -91,7 +92,7 @@ class StadiVideoPipelineMixin(StadiPipelineMixin):
         named = kv_storage_dtype(self.stadi_config.kv_dtype)
         # Under --stadi_kv_dtype auto the store narrows itself to fit (planner/memory.py): refused here only
         # where even its narrowest form (bfloat16) cannot fit.
-        value_bytes = named.itemsize if named else min(pipe.transformer.dtype.itemsize, 2)
+        value_bytes = named.itemsize if named else narrowest_bytes(str(pipe.transformer.dtype).removeprefix("torch."))
         need = displaced_kv_bytes(config, height, width, num_frames, batch=forward_batch, bytes_per_value=value_bytes,
                                   spatial_scale=pipe.vae_scale_factor_spatial,
                                   temporal_scale=pipe.vae_scale_factor_temporal)
