@@ -7,8 +7,10 @@ runner's capabilities) asks this module instead of keeping its own list.
 
     world_size = stadi_degree x cfg_degree x ulysses_degree x ring_degree + vae_ranks
 
-Ulysses and Ring are always 1 today (STADI uses every rank of a CFG branch); their fields are
-where a composed STADI x sequence-parallel layout will go.
+Ring is always 1 (refused). Ulysses may be above 1 for a family whose twin runs Ulysses inside STADI
+groups (`ulysses_groups`): each group of `ulysses_degree` consecutive ranks (xDiT's sequence-parallel
+group) is then one STADI member. The launchers (`stadi-xdit`, xDiT's `xdit` hook) and xDiT's runner
+still refuse `--ulysses_degree` with `--use_stadi`: they do not count or check such a launch yet.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class Topology:
             raise ValueError(f"the CFG degree must be 1 or {CFG_BRANCHES} (--use_cfg_parallel), "
                              f"got {self.cfg_degree!r}")
         checked_vae_ranks(self.vae_ranks)
-        refuse_degrees({"ulysses_degree": self.ulysses_degree, "ring_degree": self.ring_degree})
+        refuse_degrees({"ring_degree": self.ring_degree})
         if self.dit_ranks != self.degree_product:
             raise ValueError(f"the degrees do not fill the launch: --stadi_degree {self.stadi_degree} x CFG "
                              f"{self.cfg_degree} x Ulysses {self.ulysses_degree} x Ring {self.ring_degree} = "
@@ -104,34 +106,46 @@ class Topology:
         return self.world_size - self.vae_ranks
 
     @classmethod
-    def from_args(cls, args: Any, world_size: int) -> Topology:
+    def from_args(cls, args: Any, world_size: int, *, ulysses_groups: bool = False) -> Topology:
         """The topology of parsed arguments (xDiT's attribute names: args, a namespace) on a launch of
-        `world_size` processes; a one-line error naming the flag when they cannot share it."""
-        refuse_degrees({name: getattr(args, name, None) for name in REFUSED_WITH_STADI})
+        `world_size` processes; a one-line error naming the flag when they cannot share it.
+        `ulysses_groups`: the family runs Ulysses inside STADI groups (else --ulysses_degree is refused)."""
+        kept = ("ulysses_degree",) if ulysses_groups else ()
+        refuse_degrees({name: getattr(args, name, None) for name in REFUSED_WITH_STADI if name not in kept})
+        ulysses = getattr(args, "ulysses_degree", 1) if ulysses_groups else 1
+        if not _is_count(ulysses, 1):
+            raise ValueError(f"--ulysses_degree must be an integer >= 1, got {ulysses!r}")
         vae = checked_vae_ranks(getattr(args, "vae_parallel_size", None))
         dit = world_size - vae
         if vae and dit < 1:
             raise ValueError(f"--vae_parallel_size {vae} leaves no rank for the DiT: the launch has "
                              f"{world_size} ranks, so --vae_parallel_size must be at most {world_size - 1}")
         cfg = CFG_BRANCHES if getattr(args, "use_cfg_parallel", False) else 1
-        if dit < cfg or dit % cfg:
+        if dit < cfg * ulysses or dit % (cfg * ulysses):
             of = f" (world size {world_size} minus --vae_parallel_size {vae})" if vae else ""
-            raise ValueError(f"{dit} DiT ranks{of} must be a multiple of {cfg} with --use_cfg_parallel")
-        return cls(world_size, stadi_degree=dit // cfg, cfg_degree=cfg, vae_ranks=vae)
+            flags = " and ".join([*(["--use_cfg_parallel"] if cfg > 1 else []),
+                                  *([f"--ulysses_degree {ulysses}"] if ulysses > 1 else [])])
+            raise ValueError(f"{dit} DiT ranks{of} must be a multiple of {cfg * ulysses} with {flags}")
+        return cls(world_size, stadi_degree=dit // (cfg * ulysses), cfg_degree=cfg, vae_ranks=vae,
+                   ulysses_degree=ulysses)
 
     @classmethod
-    def for_stadi_degree(cls, stadi_degree: int, cfg_degree: int = 1, vae_ranks: int = 0) -> Topology:
-        """The launch that `stadi_degree` ranks per CFG branch need (the launcher's process count)."""
-        world_size = _degree_product(stadi_degree, cfg_degree) + vae_ranks
-        return cls(world_size, stadi_degree=stadi_degree, cfg_degree=cfg_degree, vae_ranks=vae_ranks)
+    def for_stadi_degree(cls, stadi_degree: int, cfg_degree: int = 1, vae_ranks: int = 0,
+                         ulysses_degree: int = 1) -> Topology:
+        """The launch that `stadi_degree` members per CFG branch need (the launcher's process count)."""
+        world_size = _degree_product(stadi_degree, cfg_degree, ulysses_degree) + vae_ranks
+        return cls(world_size, stadi_degree=stadi_degree, cfg_degree=cfg_degree, vae_ranks=vae_ranks,
+                   ulysses_degree=ulysses_degree)
 
-    def check_groups(self, band_size: int, cfg_size: int) -> None:
+    def check_groups(self, band_size: int, cfg_size: int, sequence_size: int = 1) -> None:
         """xDiT's process groups, as built, must be the ones this topology describes (once per pipeline):
-        a STADI group of `stadi_degree` ranks per CFG branch, a CFG pair of `cfg_degree`."""
-        if (band_size, cfg_size) != (self.stadi_degree, self.cfg_degree):
-            raise ValueError(f"xDiT built STADI groups of {band_size} ranks and CFG groups of {cfg_size}, but the "
-                             f"launch was checked for --stadi_degree {self.stadi_degree} and CFG degree "
-                             f"{self.cfg_degree}")
+        a STADI group of `stadi_degree` ranks per CFG branch, a CFG pair of `cfg_degree`, sequence-parallel
+        groups of `ulysses_degree`."""
+        if (band_size, cfg_size, sequence_size) != (self.stadi_degree, self.cfg_degree, self.ulysses_degree):
+            raise ValueError(f"xDiT built STADI groups of {band_size} ranks, CFG groups of {cfg_size} and "
+                             f"sequence-parallel groups of {sequence_size}, but the launch was checked for "
+                             f"--stadi_degree {self.stadi_degree}, CFG degree {self.cfg_degree} and "
+                             f"--ulysses_degree {self.ulysses_degree}")
 
     def xdit_degrees(self, strategy: str, pipeline_patches: int | None = None) -> dict[str, Any]:
         """xDiT's flags (attribute names) that run these ranks with one of xDiT's own strategies instead of

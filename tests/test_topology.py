@@ -51,9 +51,37 @@ def test_from_args_reads_the_layout(values, world, expected):
 def test_the_groups_xdit_built_are_checked_against_the_topology():
     topology = Topology.for_stadi_degree(3, cfg_degree=2)
     topology.check_groups(3, 2)
-    with pytest.raises(ValueError, match="xDiT built STADI groups of 2 ranks and CFG groups of 2, but the launch "
-                                         "was checked for --stadi_degree 3 and CFG degree 2"):
+    with pytest.raises(ValueError, match="xDiT built STADI groups of 2 ranks, CFG groups of 2 and sequence-parallel "
+                                         "groups of 1, but the launch was checked for --stadi_degree 3, CFG degree 2 "
+                                         "and --ulysses_degree 1"):
         topology.check_groups(2, 2)
+    grouped = Topology.for_stadi_degree(2, ulysses_degree=2)
+    assert grouped.world_size == 4
+    grouped.check_groups(2, 1, 2)
+    with pytest.raises(ValueError, match="sequence-parallel groups of 1, but"):
+        grouped.check_groups(2, 1, 1)
+
+
+@pytest.mark.parametrize("values,world,expected", [
+    ({"ulysses_degree": 2}, 4, Topology(4, stadi_degree=2, ulysses_degree=2)),
+    ({"ulysses_degree": 2, "use_cfg_parallel": True}, 8, Topology(8, stadi_degree=2, cfg_degree=2, ulysses_degree=2)),
+    ({"ulysses_degree": 3, "vae_parallel_size": 1}, 7, Topology(7, stadi_degree=2, ulysses_degree=3, vae_ranks=1)),
+])
+def test_a_family_with_ulysses_groups_takes_stadi_members_of_ulysses_degree_ranks(values, world, expected):
+    assert Topology.from_args(_args(**values), world, ulysses_groups=True) == expected
+
+
+@pytest.mark.parametrize("values,world,groups,message", [
+    ({"ulysses_degree": 2}, 4, False, "--ulysses_degree 2 cannot be combined with --use_stadi"),
+    ({"ulysses_degree": 2, "use_cfg_parallel": True}, 6, True,
+     "6 DiT ranks must be a multiple of 4 with --use_cfg_parallel and --ulysses_degree 2"),
+    ({"ulysses_degree": 0}, 4, True, "--ulysses_degree must be an integer >= 1, got 0"),
+    ({"ulysses_degree": 2, "ring_degree": 2}, 8, True, "--ring_degree 2 cannot be combined with --use_stadi"),
+])
+def test_ulysses_groups_are_refused_in_one_line(values, world, groups, message):
+    with pytest.raises(ValueError) as info:
+        Topology.from_args(_args(**values), world, ulysses_groups=groups)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
 def test_validate_keeps_the_checked_topology_for_the_engine_config(monkeypatch):
@@ -96,7 +124,7 @@ def test_from_args_refuses_in_one_line(values, world, message):
      r"the world size \(--nproc_per_node x --nnodes\) must be an integer >= 1, got 0"),
     ({"world_size": 2, "stadi_degree": True}, "--stadi_degree must be an integer >= 1, got True"),
     ({"world_size": 3, "stadi_degree": 1, "cfg_degree": 3}, "the CFG degree must be 1 or 2"),
-    ({"world_size": 2, "stadi_degree": 1, "ulysses_degree": 2}, "--ulysses_degree 2 cannot be combined"),
+    ({"world_size": 2, "stadi_degree": 2, "ulysses_degree": 2}, "the degrees do not fill the launch"),
     ({"world_size": 2, "stadi_degree": 1, "ring_degree": 2}, "--ring_degree 2 cannot be combined"),
     ({"world_size": 2, "stadi_degree": 2, "vae_ranks": -1}, "--vae_parallel_size must be an integer >= 0"),
 ])
@@ -173,3 +201,33 @@ def test_xdit_baselines_run_the_same_ranks_per_cfg_branch():
         {"ulysses_degree": 2, "use_cfg_parallel": True}
     with pytest.raises(ValueError, match="ulysses, ring or pipefusion"):
         topology.xdit_degrees("tensor")
+
+
+def test_validate_lets_ulysses_through_only_for_a_family_that_runs_it_inside_stadi_groups(monkeypatch):
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.models.flux import StadiFluxPipeline
+    from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
+    from stadi_xdit.xdit.args import StadiArgs
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args = StadiArgs(use_stadi=True, ulysses_degree=2, height=128, width=128, num_inference_steps=4,
+                     warmup_steps=1, prompt="a cat")
+    args.stadi_pipeline_class = StadiPixArtAlphaPipeline
+    assert args.validate(4) == 2 and args.topology == Topology(4, stadi_degree=2, ulysses_degree=2)
+    args.stadi_pipeline_class = StadiFluxPipeline
+    with pytest.raises(ValueError, match=r"^--ulysses_degree 2 cannot be combined with --use_stadi"):
+        args.validate(4)
+
+
+def test_heads_that_ulysses_cannot_divide_are_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from stadi_xdit.cli_errors import StadiInputError
+    from stadi_xdit.xdit.pipelines import _check_ulysses_heads
+
+    transformer = SimpleNamespace(config=SimpleNamespace(num_attention_heads=6))
+    _check_ulysses_heads(transformer, 2)
+    _check_ulysses_heads(transformer, 1)
+    with pytest.raises(StadiInputError, match=r"^--ulysses_degree 4: SimpleNamespace has 6 attention heads, "
+                                              r"not a multiple of 4$"):
+        _check_ulysses_heads(transformer, 4)

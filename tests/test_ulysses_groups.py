@@ -167,3 +167,95 @@ def test_without_a_group_the_outputs_are_split_from_the_joint_output_as_one_proc
     width = HEADS * HEAD_DIM
     assert image_out.shape == (BATCH, tokens, width) and stream_out.shape == (BATCH, STREAM_TOKENS, width)
     assert image_out.stride() == stream_out.stride() == (joint * width, width, 1)  # views of one joint tensor
+
+
+# --- the pipeline: PixArt on 2 STADI groups x Ulysses-2 --------------------------------------------------------------
+
+GROUPED = {"ulysses_degree": ULYSSES, "warmup_steps": 2}
+GROUPED_RUNS = [
+    {**GROUPED, "stadi_exact": True, "stadi_mode": "spatial", "stadi_speeds": "3,5"},
+    {**GROUPED, "stadi_mode": "full", "stadi_speeds": "1,0.5"},
+    {**GROUPED, "stadi_mode": "full", "stadi_speeds": "1,0.5"},  # determinism
+    {**GROUPED, "stadi_mode": "uniform", "stadi_speeds": "1,0.5"},
+    {**GROUPED, "stadi_mode": "uniform", "stadi_speeds": "1,0.5", "ignore_foreign_bands": True},
+]
+# The same stale runs on 2 flat ranks: a group of Ulysses ranks must compute what one rank with its band does.
+STALE_RUNS = (1, 3, 4)  # full, uniform, uniform without foreign K/V
+FLAT_RUNS = [{key: value for key, value in GROUPED_RUNS[run].items() if key != "ulysses_degree"} for run in STALE_RUNS]
+
+
+def _pixart_inputs() -> dict:
+    """The conformance case at 128x80 px: 8 token rows (each group's band splits into two parts of whole rows)."""
+    from stadi_xdit.families import conformance_cases
+
+    return {**conformance_cases()["StadiPixArtAlphaPipeline"].inputs(), "height": 128}
+
+
+def _pixart_call(case, pipe):
+    inputs = _pixart_inputs()
+    out = pipe(**inputs, output_type="latent", generator=torch.Generator().manual_seed(case.seed))
+    return out.images
+
+
+def _pixart_runs(rank: int, world: int, runs: list[dict]) -> list[dict]:
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
+    from stadi_xdit.families import conformance_cases
+    from stadi_xdit.runtime.adaptive import executed_evals
+    from stadi_xdit.xdit.build import build_stadi_pipeline
+
+    case = conformance_cases()["StadiPixArtAlphaPipeline"]
+    results = []
+    for kwargs in runs:
+        pipe = build_stadi_pipeline(case.twin_class(), case.build(), size=128,
+                                    steps=_pixart_inputs()["num_inference_steps"], model="tiny-pixart", **kwargs)
+        latents = _pixart_call(case, pipe)
+        result = pipe.last_result
+        results.append({"latents": latents, "bands": result.plan.row_bounds(), "evals": result.num_evals,
+                        "planned": executed_evals(result.plan, result.replans, pipe.groups.band.rank),
+                        "store_bytes": result.kv_exchange["buffer_bytes"],
+                        "groups": (pipe.groups.band.rank, pipe.groups.sequence_rank, pipe.groups.sequence_size)})
+    return results
+
+
+def _pixart_one_process() -> torch.Tensor:
+    import stadi_xdit.xdit  # noqa: F401
+    from stadi_xdit.families import conformance_cases
+
+    case = conformance_cases()["StadiPixArtAlphaPipeline"]
+    return _pixart_call(case, case.build())
+
+
+def test_pixart_on_ulysses_groups_equals_one_process_and_its_store_holds_a_head_shard():
+    """4 ranks = 2 STADI groups x Ulysses-2 (xDiT's sequence-parallel groups, consecutive ranks). Exact mode with
+    uneven group bands equals one process; `full` mode on the groups follows its plan on every rank, repeats bit
+    for bit, is hurt by a broken exchange, and each rank's store holds half of what a flat 2-rank run's does."""
+    from stadi_xdit.offline.spawn import run_distributed
+    from stadi_xdit.testing.checks import relative_error
+
+    reference = _pixart_one_process()
+    grouped = run_distributed(_pixart_runs, 2 * ULYSSES, GROUPED_RUNS, timeout=300)
+    flat = run_distributed(_pixart_runs, 2, FLAT_RUNS, timeout=300)
+    assert [rank[0]["groups"] for rank in grouped] == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
+    exact_bands = grouped[0][0]["bands"]
+    assert len(exact_bands) == 2 and exact_bands[0][1] - exact_bands[0][0] != exact_bands[1][1] - exact_bands[1][0]
+    assert all(end % ULYSSES == 0 for _, end in exact_bands)
+    for rank, (exact, full, again, uniform, broken) in enumerate(grouped):
+        error = relative_error(exact["latents"], reference)
+        print(f"[ulysses groups] PixArt exact, 2 groups x Ulysses-2, rank {rank}: rel. error vs 1 process "
+              f"{error:.2e}; bands {exact['bands']}")
+        assert exact["bands"] == exact_bands and error <= 1e-4
+        assert full["bands"] == grouped[0][1]["bands"] == flat[0][0]["bands"]  # the flat run's plan, per group
+        assert full["evals"] == full["planned"]
+        assert torch.equal(full["latents"], grouped[0][1]["latents"])  # every rank holds the same latent
+        assert torch.equal(full["latents"], again["latents"])
+        # Stale modes compute what flat STADI does with the groups' bands (the heads summed in another order),
+        # and the displaced exchange between the groups matters: stale K/V are far closer than no foreign K/V.
+        for grouped_run, flat_run in zip((full, uniform, broken), flat[0]):
+            assert relative_error(grouped_run["latents"], flat_run["latents"]) <= 1e-5
+        stale_error, broken_error = (relative_error(x["latents"], reference) for x in (uniform, broken))
+        assert stale_error * 3 < broken_error, (stale_error, broken_error)
+        assert full["store_bytes"] * ULYSSES == flat[rank // ULYSSES][0]["store_bytes"] > 0
+    errors = [f"{relative_error(grouped[0][run]['latents'], reference):.2e}" for run in STALE_RUNS]
+    print(f"[ulysses groups] rel. error vs 1 process: full {errors[0]}, uniform {errors[1]}, uniform without foreign "
+          f"K/V {errors[2]}; store per rank {grouped[0][1]['store_bytes']} B (flat 2 ranks: "
+          f"{flat[0][0]['store_bytes']} B)")

@@ -113,6 +113,7 @@ class PixArtBandModel(XditBandModel):
 
 class StadiPixArtMixin(StadiPipelineMixin):
     injection_plan = PIXART_INJECTION
+    ulysses_groups = True  # its positions: xDiT's patch-embed wrapper, which reads each part's global tokens
 
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt: str = "", num_inference_steps: int = 20,

@@ -1,8 +1,13 @@
 """`StadiGroups`: the collectives of one STADI rank, built once per pipeline and handed down.
 
-Two groups matter. The band group holds the ranks that split one image (xDiT's data-parallel
+Three groups matter. The band group holds the ranks that split one image (xDiT's data-parallel
 group: one per CFG branch); the CFG pair holds the two ranks, one per branch, that own the same
-band (size 1 without `--use_cfg_parallel`). Both use bounded waits and name a failed peer.
+band (size 1 without `--use_cfg_parallel`); with `--ulysses_degree U`, the sequence group holds the U
+ranks of one STADI member (xDiT's sequence-parallel group), which split its band evenly. All use
+bounded waits and name a failed peer.
+
+The ranks of a CFG pair and of a sequence group must plan alike, so what the planner reads is gathered
+over all three (`gather_text`: one list per planning branch) and taken at its slowest.
 """
 
 from __future__ import annotations
@@ -20,29 +25,43 @@ from stadi_xdit.runtime.comm import BandComm
 class StadiGroups:
     band: BandComm
     cfg: BandComm
+    sequence: BandComm | None = None  # None: one rank per STADI member (no Ulysses inside it)
+
+    @property
+    def sequence_size(self) -> int:
+        return 1 if self.sequence is None else self.sequence.world_size
+
+    @property
+    def sequence_rank(self) -> int:
+        return 0 if self.sequence is None else self.sequence.rank
+
+    @property
+    def planning_branches(self) -> int:
+        """Lists `gather_text` returns: one per CFG branch and sequence rank."""
+        return self.cfg.world_size * self.sequence_size
 
     @property
     def is_leader(self) -> bool:
-        """STADI rank 0 of CFG branch 0: the one rank that reads and writes the profile cache."""
-        return self.band.rank == 0 and self.cfg.rank == 0
+        """STADI rank 0 of CFG branch 0 (sequence rank 0): the one rank that reads and writes the profile cache."""
+        return self.band.rank == 0 and self.cfg.rank == 0 and self.sequence_rank == 0
 
     def gather_text(self, text: str, device: torch.device, phase: str = "profile-cache") -> list[list[str]]:
-        """`text` of every rank: one list per CFG branch, each in band-rank order (`phase` names the
-        step in the progress a failed peer is reported with)."""
+        """`text` of every rank: one list per CFG branch and sequence rank (branch-major), each in band-rank
+        order (`phase` names the step in the progress a failed peer is reported with)."""
         self.band.enter(phase)
-        branch = self.band.all_gather_text(text, device)
-        return [json.loads(b) for b in self.cfg.all_gather_text(json.dumps(branch), device)]
+        lists = [self.band.all_gather_text(text, device)]
+        if self.sequence_size > 1:
+            lists = [json.loads(b) for b in self.sequence.all_gather_text(json.dumps(lists[0]), device)]
+        return [branch for lists_of_branch in self.cfg.all_gather_text(json.dumps(lists), device)
+                for branch in json.loads(lists_of_branch)]
 
     def from_leader(self, value: Any, device: torch.device) -> Any:
         """The leader's JSON-serialisable `value`, on every rank."""
         return json.loads(self.gather_text(json.dumps(value), device)[0][0])
 
-    def pair_max(self, value: float, device: torch.device) -> float:
-        """The larger of the CFG pair's values (a cost both branches must plan on alike)."""
-        return self._pair_reduce([value], device, torch.maximum)[0]
-
-    def _pair_reduce(self, values: list[float], device: torch.device, reduce) -> list[float]:
-        if self.cfg.world_size == 1:
-            return values
-        both = self.cfg.all_gather(torch.tensor([values], dtype=torch.float64, device=device), [1, 1], dim=0)
-        return reduce(both[0], both[1]).tolist()
+    def planning_max(self, value: float, device: torch.device) -> float:
+        """The largest of the values of the ranks that must plan alike: the CFG pair and the sequence group."""
+        for comm in (self.cfg, self.sequence):
+            if comm is not None and comm.world_size > 1:
+                value = max(comm.all_gather_floats(value, device))
+        return value

@@ -45,6 +45,20 @@ class BandLayout:
     def token_counts(self) -> list[int]:
         return [(end - start) * self.tokens_per_row for start, end in self.token_rows]
 
+    def split(self, parts: int) -> BandLayout:
+        """Each band cut into `parts` equal runs of token rows, in order: with Ulysses inside STADI groups, band
+        `g` is group `g`'s and part `g * parts + p` is the one its sequence rank `p` computes."""
+        if parts == 1:
+            return self
+        bounds = []
+        for start, end in self.token_rows:
+            if (end - start) % parts:
+                raise ValueError(f"a band of {end - start} token rows cannot be split into {parts} equal parts "
+                                 f"(the plan's alignment must be a multiple of the Ulysses degree)")
+            step = (end - start) // parts
+            bounds.extend((start + p * step, start + (p + 1) * step) for p in range(parts))
+        return BandLayout(tuple(bounds), self.patch_rows, self.tokens_per_row)
+
 
 @dataclass(frozen=True)
 class BandView:

@@ -197,6 +197,10 @@ class _Call:
         self.config, self.geometry, self.warmup_steps = config, geometry, warmup_steps
         self.comm = groups.band
         self.rank, self.world = self.comm.rank, self.comm.world_size
+        # With Ulysses inside STADI groups, `rank` is this rank's group and the group's band is computed in
+        # `parts` equal parts, this rank's being `part` (the store still holds the group's band, per head shard).
+        self.sequence = groups.sequence if groups.sequence_size > 1 else None
+        self.parts, self.part = groups.sequence_size, groups.sequence_rank
         self.rows, self.align = geometry.rows, geometry.align
         self.num_steps = len(scheduler.timesteps)
         self.device = latents.device
@@ -250,24 +254,30 @@ class _Call:
         if self.step_cache is not None and (self.layout is None or layout.token_rows != self.layout.token_rows):
             self.step_cache.reset()
         self.layout = layout
-        view = BandView(layout, self.rank)
-        self.store.set_band(view)
+        self.store.set_band(BandView(layout, self.rank))  # the group's band
+        view = BandView(layout.split(self.parts), self.rank * self.parts + self.part)  # what this rank computes
         if self.positions is not None:
             self.positions.set_band(view)
         self.model.set_band(view)
 
+    def _slice(self, full: torch.Tensor, layout: BandLayout) -> torch.Tensor:
+        """This rank's part of `full` (the whole latent) under `layout`."""
+        sizes = self.model.band_sizes(layout.split(self.parts))
+        return slice_band(full, sizes, self.rank * self.parts + self.part, self.model.band_dim)
+
+    def _gather(self, part: torch.Tensor, layout: BandLayout) -> torch.Tensor:
+        """The whole latent from every rank's `part` under `layout`: each group's parts first, then the groups."""
+        dim = self.model.band_dim
+        if self.sequence is not None:
+            sizes = self.model.band_sizes(layout.split(self.parts))
+            part = self.sequence.all_gather(part.contiguous(), sizes[self.rank * self.parts:][:self.parts], dim)
+        return self.comm.all_gather(part.contiguous(), self.model.band_sizes(layout), dim)
+
     def _reband(self, old: BandLayout, new: BandLayout) -> torch.Tensor:
         """Gather the full latent and scheduler history on the old bands, re-slice for the new ones."""
-        model, comm, rank = self.model, self.comm, self.rank
-        old_sizes, new_sizes = model.band_sizes(old), model.band_sizes(new)
-        full = comm.all_gather(self.band, old_sizes, model.band_dim)
-
-        def history(tensor: torch.Tensor) -> torch.Tensor:
-            gathered = comm.all_gather(tensor.contiguous(), old_sizes, model.band_dim)
-            return slice_band(gathered, new_sizes, rank, model.band_dim)
-
-        map_history(self.scheduler, history)
-        return slice_band(full, new_sizes, rank, model.band_dim)
+        full = self._gather(self.band, old)
+        map_history(self.scheduler, lambda tensor: self._slice(self._gather(tensor, old), new))
+        return self._slice(full, new)
 
     def _settle_spatial(self, estimates: list[CostEstimate], anchor_rows: Sequence[int]):
         return settle_plan(estimates, anchor_rows=anchor_rows, rows=self.rows, align=self.align,
@@ -280,7 +290,7 @@ class _Call:
                                                      align=self.align, num_steps=self.num_steps,
                                                      warmup_steps=self.warmup_steps, known_speeds=known_speeds)
         layout = self.geometry.layout(warm)
-        self.band = slice_band(self.latents, self.model.band_sizes(layout), self.rank, self.model.band_dim)
+        self.band = self._slice(self.latents, layout)
         self._install(layout)
         last = warm
         calibrate = (self.measured and self.memory is None and self.world > 1 and self.config.mode != "uniform"
@@ -322,7 +332,7 @@ class _Call:
         # also wait for it. So per step the smallest wait over ranks, and of those the smallest; both
         # CFG branches must plan alike (each group measured its own exchange): the larger.
         waits = self.comm.all_gather_float_lists([r.wait for r in timed], self.device)
-        self.exchange_now = self.groups.pair_max(min(min(step) for step in zip(*waits)), self.device)
+        self.exchange_now = self.groups.planning_max(min(min(step) for step in zip(*waits)), self.device)
         warmup_exchange = self.memory.typical_exchange_seconds(self.exchange_now) if self.memory else self.exchange_now
         self.calibration = Calibration.of(self.estimates, warmup_exchange, self.store.stale_bytes_ratio(),
                                           self.warmup_rows, how)
@@ -397,7 +407,7 @@ class _Call:
         """The bands gathered into the full latent, on every rank."""
         t0 = self.timeline.now()
         self.comm.enter("gather", self.num_steps)
-        full = self.comm.all_gather(self.band, self.model.band_sizes(self.layout), self.model.band_dim)
+        full = self._gather(self.band, self.layout)
         synchronize(full)
         self.timer.settle()  # the call's timeline is complete
         self.timeline.phases.append(("gather", t0, self.timeline.now()))

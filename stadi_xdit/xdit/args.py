@@ -363,10 +363,11 @@ class _StadiArgsBehaviour(xFuserArgs):
         returns the STADI degree (ranks per CFG branch). The checked layout is kept as `topology`."""
         refuse_unsupported_features(self)
         validate_call_inputs(self)
-        self.topology = Topology.from_args(self, world_size)
+        twin = self._runner_twin()
+        self.topology = Topology.from_args(self, world_size,
+                                           ulysses_groups=bool(getattr(twin, "ulysses_groups", False)))
         degree = self.topology.stadi_degree
         self.stadi.check_world(degree)
-        twin = self._runner_twin()
         validate_shape(self, degree, self.stadi.exact, image_rows=twin is None or twin.bands_are_image_rows)
         if twin is not None:
             twin.check_launch(self, degree)

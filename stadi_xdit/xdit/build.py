@@ -19,6 +19,7 @@ def build_stadi_pipeline(pipeline_cls: type, diffusers_pipeline, *, size: int, s
 
     corrupt = stadi_args.pop("ignore_foreign_bands", False)
     args = StadiArgs(model=model, use_stadi=True, height=size, width=size, num_inference_steps=steps, **stadi_args)
+    args.stadi_pipeline_class = pipeline_cls  # the launch checks follow its family
     engine_config, _ = args.create_config()
     engine_config.runtime_config.dtype = dtype
     pipe = pipeline_cls(diffusers_pipeline, engine_config)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from xfuser.core.distributed import get_cfg_group, get_dp_group, get_world_group
+from xfuser.core.distributed import get_cfg_group, get_dp_group, get_sp_group, get_world_group
 from xfuser.logger import init_logger
 from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrapper
 
@@ -132,6 +132,10 @@ class StadiPipelineMixin:
             [component for component in self.module.components.values() if isinstance(component, torch.nn.Module)])
 
     bands_are_image_rows = True  # False where bands are rows of something taller (a video clip's frames)
+    # True where the family runs Ulysses inside STADI groups (--ulysses_degree with --use_stadi): its displaced
+    # attention goes through band attention's all-to-alls, and its positions through `BandView` (checked by
+    # tests/test_ulysses_groups.py for each family that sets it).
+    ulysses_groups = False
 
     @classmethod
     def check_launch(cls, args: Any, stadi_degree: int) -> None:
@@ -140,24 +144,27 @@ class StadiPipelineMixin:
 
     # --- xDiT override points -------------------------------------------------------------
     def _init_runtime_state(self, pipeline, engine_config) -> None:
+        _check_ulysses_heads(pipeline.transformer, engine_config.parallel_config.ulysses_degree)
         # Building the runtime state creates xDiT's process groups; STADI's group is the dp group.
         heartbeat.phase("process-group")
         state = StadiRuntimeState(pipeline, engine_config)
         install_runtime_state(state)
         self._stadi_runtime_state = state
-        dp, cfg = get_dp_group(), get_cfg_group()
+        dp, cfg, sp = get_dp_group(), get_cfg_group(), get_sp_group()
         # The topology the launch was checked with (StadiArgs.validate), else the one xDiT's groups form
         # (an engine config built by hand); either way checked once against the groups xDiT built.
         self.topology = getattr(engine_config, "topology", None) or Topology.for_stadi_degree(
-            dp.world_size, cfg.world_size)
-        self.topology.check_groups(dp.world_size, cfg.world_size)
+            dp.world_size, cfg.world_size, ulysses_degree=sp.world_size)
+        self.topology.check_groups(dp.world_size, cfg.world_size, sp.world_size)
         self.stadi_config.check_world(self.topology.stadi_degree)
         timeout = self.stadi_config.timeout_seconds
         # The forward timer takes the band group's waits out of a forward's cost; the CFG pair's stay in it (the
-        # two branches of a band move in lockstep and plan alike), so its group keeps no CUDA wait events.
+        # two branches of a band move in lockstep and plan alike), and so do a group's Ulysses all-to-alls (they
+        # are the group's forward), so those groups keep no CUDA wait events.
+        sequence = _bounded_comm(sp, timeout, times_device_waits=False) if sp.world_size > 1 else None
         self.groups = StadiGroups(band=_bounded_comm(dp, timeout),
-                                  cfg=_bounded_comm(cfg, timeout, times_device_waits=False))
-        self.kv_store = DisplacedKVStore(self.groups.band)
+                                  cfg=_bounded_comm(cfg, timeout, times_device_waits=False), sequence=sequence)
+        self.kv_store = DisplacedKVStore(self.groups.band, sequence=sequence)
 
     def _convert_transformer_backbone(self, transformer, *, enable_torch_compile: bool = False, cache_args=None,
                                       **kwargs):
@@ -180,9 +187,10 @@ class StadiPipelineMixin:
         """xDiT (or `step_cache.apply_cache_dit`) has applied `--cache_method` to the transformer (after compiling
         it, as its runner does): the loop steers that cache (`xdit/step_cache.py`). Each rank decides alone, so a
         CFG pair, whose two branches must decide alike, is refused."""
-        if self.topology.cfg_degree > 1:
-            raise StadiInputError("--cache_method cannot be combined with --use_cfg_parallel under --use_stadi "
-                                  "(each rank's cache decides alone; the two CFG branches would decide apart)")
+        if self.topology.cfg_degree > 1 or self.topology.ulysses_degree > 1:
+            flag = "--use_cfg_parallel" if self.topology.cfg_degree > 1 else "--ulysses_degree"
+            raise StadiInputError(f"--cache_method cannot be combined with {flag} under --use_stadi (each rank's "
+                                  "cache decides alone; ranks that compute one band together would decide apart)")
         self.step_cache = find_step_cache(self.module.transformer)
         if self.step_cache is None:
             raise StadiInputError(f"--cache_method: xDiT applied no step cache to "
@@ -227,7 +235,8 @@ class StadiPipelineMixin:
         if self.engine_config.runtime_config.use_parallel_vae:
             return get_world_group().rank == 0
         output_rank = self.topology.stadi_degree - 1 if self.served_by_runner else 0
-        return self.groups.band.rank == output_rank and self.groups.cfg.rank == self.topology.cfg_degree - 1
+        return (self.groups.band.rank == output_rank and self.groups.cfg.rank == self.topology.cfg_degree - 1
+                and self.groups.sequence_rank == (self.groups.sequence_size - 1 if self.served_by_runner else 0))
 
     def remove_stadi(self) -> None:
         """Give the transformer back exactly as it was before wrapping."""
@@ -301,7 +310,7 @@ class StadiPipelineMixin:
         if cached is None or cached.get("memory") is None:
             return None
         try:
-            return CallMemory.from_json(cached["memory"], self.groups.band.world_size, self.groups.cfg.world_size,
+            return CallMemory.from_json(cached["memory"], self.groups.band.world_size, self.groups.planning_branches,
                                         max_stride=self.stadi_config.max_stride)
         except ValueError as error:
             logger.warning("STADI: ignoring the profile cache's cost models (%s); measuring afresh", error)
@@ -329,11 +338,16 @@ class StadiPipelineMixin:
             raise ValueError(f"--height/--width must be multiples of {scale * patch} px "
                              f"(VAE scale {scale} x patch {patch}), got {height}x{width}")
         rows = height // scale // patch
-        if rows < self.groups.band.world_size:
-            raise ValueError(f"--height {height} gives {rows} token rows, fewer than the "
-                             f"{self.groups.band.world_size} STADI ranks: use --height >= "
-                             f"{self.groups.band.world_size * scale * patch}")
-        return BandGeometry(rows=rows, patch_rows=patch, tokens_per_row=width // scale // patch)
+        # With Ulysses inside the STADI groups, every group's band splits into equal parts of whole rows.
+        groups, align = self.groups.band.world_size, self.groups.sequence_size
+        if rows < groups * align:
+            ranks = f"{groups} STADI ranks" if align == 1 else f"{groups} STADI groups x Ulysses {align}"
+            raise ValueError(f"--height {height} gives {rows} token rows, fewer than the {ranks}: use --height >= "
+                             f"{groups * align * scale * patch}")
+        if rows % align:
+            raise ValueError(f"--height {height} gives {rows} token rows, not a multiple of --ulysses_degree {align} "
+                             f"(each STADI group splits its rows evenly): use a multiple of {align * scale * patch} px")
+        return BandGeometry(rows=rows, patch_rows=patch, tokens_per_row=width // scale // patch, align=align)
 
     def _warmup_steps(self, num_steps: int) -> int:
         warmup = self.engine_config.runtime_config.warmup_steps
@@ -419,6 +433,15 @@ class StadiPipelineMixin:
         logger.info("STADI rank %d: %d model evaluations (plan: %d)%s", self.groups.band.rank, result.num_evals, planned,
                     f", {result.cached_forwards} served by the step cache" if self.step_cache is not None else "")
         return result
+
+
+def _check_ulysses_heads(transformer: torch.nn.Module, degree: int) -> None:
+    """Ulysses inside a STADI group gives each of its ranks heads / U of every attention: one line, before xDiT
+    builds its process groups, where the heads do not divide."""
+    heads = getattr(transformer.config, "num_attention_heads", None) if degree > 1 else None
+    if heads is not None and heads % degree:
+        raise StadiInputError(f"--ulysses_degree {degree}: {type(transformer).__name__} has {heads} attention heads, "
+                              f"not a multiple of {degree}")
 
 
 def _store_budget_bytes(config: StadiConfig, store: DisplacedKVStore, comm: BandComm,
