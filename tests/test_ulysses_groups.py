@@ -169,7 +169,7 @@ def test_without_a_group_the_outputs_are_split_from_the_joint_output_as_one_proc
     assert image_out.stride() == stream_out.stride() == (joint * width, width, 1)  # views of one joint tensor
 
 
-# --- the pipeline: PixArt on 2 STADI groups x Ulysses-2 --------------------------------------------------------------
+# --- the pipelines: each family that declares `ulysses_groups`, on 2 STADI groups x Ulysses-2 ----------------------
 
 GROUPED = {"ulysses_degree": ULYSSES, "warmup_steps": 2}
 GROUPED_RUNS = [
@@ -179,36 +179,57 @@ GROUPED_RUNS = [
     {**GROUPED, "stadi_mode": "uniform", "stadi_speeds": "1,0.5"},
     {**GROUPED, "stadi_mode": "uniform", "stadi_speeds": "1,0.5", "ignore_foreign_bands": True},
 ]
-# The same stale runs on 2 flat ranks: a group of Ulysses ranks must compute what one rank with its band does.
 STALE_RUNS = (1, 3, 4)  # full, uniform, uniform without foreign K/V
+# The same stale runs on 2 flat ranks (one family): a group of Ulysses ranks must compute what one rank with its
+# band does.
 FLAT_RUNS = [{key: value for key, value in GROUPED_RUNS[run].items() if key != "ulysses_degree"} for run in STALE_RUNS]
+FLAT_CHECKED = "StadiPixArtAlphaPipeline"
 
 
-def _pixart_inputs() -> dict:
-    """The conformance case at 128x80 px: 8 token rows (each group's band splits into two parts of whole rows)."""
+def _grouped_twins() -> list[str]:
+    """One twin per family (a family's twins share its code) whose class declares `ulysses_groups`."""
+    import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.families import conformance_cases
 
-    return {**conformance_cases()["StadiPixArtAlphaPipeline"].inputs(), "height": 128}
+    cases = {case.twin.partition(":")[0]: name for name, case in sorted(conformance_cases().items(), reverse=True)
+             if case.twin_class().ulysses_groups}
+    return sorted(cases.values())
 
 
-def _pixart_call(case, pipe):
-    inputs = _pixart_inputs()
-    out = pipe(**inputs, output_type="latent", generator=torch.Generator().manual_seed(case.seed))
-    return out.images
+ROW_PX = 16  # a token row in every family here: VAE scale 8 x patch (or Flux's packing) 2
 
 
-def _pixart_runs(rank: int, world: int, runs: list[dict]) -> list[dict]:
+def _even_rows_inputs(twin_name: str) -> dict:
+    """The conformance case one token row taller per frame: 8 rows for an image (7 in the case), 20 for the clip
+    (5 frames of 4, 15 in the case), so each group's band of a uniform split halves into two parts of whole rows,
+    as flat STADI's does."""
+    from stadi_xdit.families import conformance_cases
+
+    inputs = conformance_cases()[twin_name].inputs()
+    return {**inputs, "height": inputs["height"] + ROW_PX}
+
+
+def _case_call(twin_name: str, pipe) -> torch.Tensor:
+    from stadi_xdit.families import conformance_cases
+
+    case = conformance_cases()[twin_name]
+    out = pipe(**_even_rows_inputs(twin_name), output_type="latent", generator=torch.Generator().manual_seed(case.seed))
+    return None if out is None else getattr(out, case.output)
+
+
+def _grouped_runs(rank: int, world: int, twin_name: str, runs: list[dict]) -> list[dict]:
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
     from stadi_xdit.families import conformance_cases
     from stadi_xdit.runtime.adaptive import executed_evals
     from stadi_xdit.xdit.build import build_stadi_pipeline
 
-    case = conformance_cases()["StadiPixArtAlphaPipeline"]
+    case = conformance_cases()[twin_name]
+    inputs = _even_rows_inputs(twin_name)
     results = []
     for kwargs in runs:
-        pipe = build_stadi_pipeline(case.twin_class(), case.build(), size=128,
-                                    steps=_pixart_inputs()["num_inference_steps"], model="tiny-pixart", **kwargs)
-        latents = _pixart_call(case, pipe)
+        pipe = build_stadi_pipeline(case.twin_class(), case.build(), size=inputs["height"],
+                                    steps=inputs["num_inference_steps"], model=f"tiny-{twin_name}", **kwargs)
+        latents = _case_call(twin_name, pipe)
         result = pipe.last_result
         results.append({"latents": latents, "bands": result.plan.row_bounds(), "evals": result.num_evals,
                         "planned": executed_evals(result.plan, result.replans, pipe.groups.band.rank),
@@ -217,45 +238,65 @@ def _pixart_runs(rank: int, world: int, runs: list[dict]) -> list[dict]:
     return results
 
 
-def _pixart_one_process() -> torch.Tensor:
+def _one_process(twin_name: str) -> torch.Tensor:
     import stadi_xdit.xdit  # noqa: F401
     from stadi_xdit.families import conformance_cases
 
-    case = conformance_cases()["StadiPixArtAlphaPipeline"]
-    return _pixart_call(case, case.build())
+    return _case_call(twin_name, conformance_cases()[twin_name].build())
 
 
-def test_pixart_on_ulysses_groups_equals_one_process_and_its_store_holds_a_head_shard():
+@pytest.mark.parametrize("twin_name", _grouped_twins())
+def test_a_family_on_ulysses_groups_equals_one_process_and_its_store_holds_a_head_shard(twin_name):
     """4 ranks = 2 STADI groups x Ulysses-2 (xDiT's sequence-parallel groups, consecutive ranks). Exact mode with
-    uneven group bands equals one process; `full` mode on the groups follows its plan on every rank, repeats bit
-    for bit, is hurt by a broken exchange, and each rank's store holds half of what a flat 2-rank run's does."""
+    uneven group bands equals one process; the stale modes on the groups follow their plan on every rank, repeat
+    bit for bit and are hurt by a broken exchange; each rank's store holds half of what a flat 2-rank run's does,
+    and (one family) the stale modes compute what flat STADI does with the same bands."""
     from stadi_xdit.offline.spawn import run_distributed
     from stadi_xdit.testing.checks import relative_error
 
-    reference = _pixart_one_process()
-    grouped = run_distributed(_pixart_runs, 2 * ULYSSES, GROUPED_RUNS, timeout=300)
-    flat = run_distributed(_pixart_runs, 2, FLAT_RUNS, timeout=300)
+    reference = _one_process(twin_name)
+    grouped = run_distributed(_grouped_runs, 2 * ULYSSES, twin_name, GROUPED_RUNS, timeout=300)
+    flat = run_distributed(_grouped_runs, 2, twin_name, FLAT_RUNS if twin_name == FLAT_CHECKED else FLAT_RUNS[:1],
+                           timeout=300)
     assert [rank[0]["groups"] for rank in grouped] == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
     exact_bands = grouped[0][0]["bands"]
     assert len(exact_bands) == 2 and exact_bands[0][1] - exact_bands[0][0] != exact_bands[1][1] - exact_bands[1][0]
     assert all(end % ULYSSES == 0 for _, end in exact_bands)
     for rank, (exact, full, again, uniform, broken) in enumerate(grouped):
         error = relative_error(exact["latents"], reference)
-        print(f"[ulysses groups] PixArt exact, 2 groups x Ulysses-2, rank {rank}: rel. error vs 1 process "
+        print(f"[ulysses groups] {twin_name} exact, 2 groups x Ulysses-2, rank {rank}: rel. error vs 1 process "
               f"{error:.2e}; bands {exact['bands']}")
         assert exact["bands"] == exact_bands and error <= 1e-4
         assert full["bands"] == grouped[0][1]["bands"] == flat[0][0]["bands"]  # the flat run's plan, per group
         assert full["evals"] == full["planned"]
         assert torch.equal(full["latents"], grouped[0][1]["latents"])  # every rank holds the same latent
         assert torch.equal(full["latents"], again["latents"])
-        # Stale modes compute what flat STADI does with the groups' bands (the heads summed in another order),
-        # and the displaced exchange between the groups matters: stale K/V are far closer than no foreign K/V.
-        for grouped_run, flat_run in zip((full, uniform, broken), flat[0]):
-            assert relative_error(grouped_run["latents"], flat_run["latents"]) <= 1e-5
+        if twin_name == FLAT_CHECKED:  # the heads summed in another order
+            for grouped_run, flat_run in zip((full, uniform, broken), flat[0]):
+                assert relative_error(grouped_run["latents"], flat_run["latents"]) <= 1e-5
+        # The displaced exchange between the groups matters: stale K/V are far closer than no foreign K/V.
         stale_error, broken_error = (relative_error(x["latents"], reference) for x in (uniform, broken))
         assert stale_error * 3 < broken_error, (stale_error, broken_error)
         assert full["store_bytes"] * ULYSSES == flat[rank // ULYSSES][0]["store_bytes"] > 0
     errors = [f"{relative_error(grouped[0][run]['latents'], reference):.2e}" for run in STALE_RUNS]
-    print(f"[ulysses groups] rel. error vs 1 process: full {errors[0]}, uniform {errors[1]}, uniform without foreign "
-          f"K/V {errors[2]}; store per rank {grouped[0][1]['store_bytes']} B (flat 2 ranks: "
+    print(f"[ulysses groups] {twin_name} rel. error vs 1 process: full {errors[0]}, uniform {errors[1]}, uniform "
+          f"without foreign K/V {errors[2]}; store per rank {grouped[0][1]['store_bytes']} B (flat 2 ranks: "
           f"{flat[0][0]['store_bytes']} B)")
+
+
+def test_cfg_parallel_over_ulysses_groups_equals_one_process():
+    """8 ranks = 2 STADI groups x CFG 2 x Ulysses-2 (xDiT's order: a group's Ulysses ranks, then the CFG branch,
+    then the STADI member), PixArt with one CFG branch per rank: exact mode equals one process on every rank."""
+    from stadi_xdit.offline.spawn import run_distributed
+    from stadi_xdit.testing.checks import relative_error
+
+    twin_name = "StadiPixArtAlphaPipeline"
+    reference = _one_process(twin_name)
+    runs = run_distributed(_grouped_runs, 8, twin_name, [{**GROUPED_RUNS[0], "use_cfg_parallel": True}], timeout=300)
+    assert [rank[0]["groups"] for rank in runs] == [(member, part, 2) for member in (0, 1) for _ in (0, 1)
+                                                    for part in (0, 1)]
+    for rank, (exact,) in enumerate(runs):
+        error = relative_error(exact["latents"], reference)
+        print(f"[ulysses groups] {twin_name} exact, 2 groups x CFG 2 x Ulysses-2, rank {rank}: rel. error vs "
+              f"1 process {error:.2e}")
+        assert exact["bands"] == runs[0][0]["bands"] and error <= 1e-4

@@ -158,6 +158,7 @@ class StadiFluxPipeline(StadiPipelineMixin, xFuserFluxPipeline):
     runner_models = ("xFuserFluxModel",)  # xfuser.runner's registry classes it serves
 
     injection_plan = FLUX_INJECTION
+    ulysses_groups = True  # its positions: the image ids, sliced by the band model with the part's BandView
 
     @torch.no_grad()
     @xFuserPipelineBaseWrapper.check_model_parallel_state(cfg_parallel_available=False)

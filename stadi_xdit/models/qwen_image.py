@@ -49,12 +49,12 @@ class StadiQwenImageAttnProcessor(BandAttentionProcessor):
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
         if encoder_hidden_states is None:
             raise ValueError("StadiQwenImageAttnProcessor needs encoder_hidden_states (the text stream)")
-        band = self.store.band
+        band = self.band
         start, end = band.token_range
         if attention_mask is not None:
             encoder_hidden_states_mask = _text_mask_of_joint_mask(attention_mask, encoder_hidden_states.shape[1],
                                                                   end - start, encoder_hidden_states_mask)
-        image_tokens = sum(self.store.token_counts)
+        image_tokens = sum(band.token_counts)
         if hidden_states.shape[1] != end - start:
             raise RuntimeError(f"band has {hidden_states.shape[1]} image tokens, the layout says {end - start}")
 
@@ -205,6 +205,7 @@ class StadiQwenImagePipeline(StadiPipelineMixin, xFuserQwenImagePipeline):
     runner_models = ("xFuserQwenImageModel",)  # xfuser.runner's registry classes it serves
 
     injection_plan = QWEN_IMAGE_INJECTION
+    ulysses_groups = True  # its positions: the processor slices the RoPE table with the part's BandView
 
     def __init__(self, pipeline, engine_config, cache_args=None, stadi_config=None, **options):
         config = pipeline.transformer.config

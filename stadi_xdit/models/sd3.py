@@ -128,6 +128,7 @@ class StadiStableDiffusion3Pipeline(StadiPipelineMixin, xFuserStableDiffusion3Pi
     runner_models = ("xFuserStableDiffusionModel",)  # xfuser.runner's registry classes it serves
 
     injection_plan = SD3_INJECTION
+    ulysses_groups = True  # its positions: xDiT's patch-embed wrapper, which reads each part's global tokens
 
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, prompt_3=None, height: int | None = None,

@@ -107,7 +107,7 @@ class StadiWanAttnProcessor(BandAttentionProcessor):
                  rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("StadiWanAttnProcessor serves Wan's self-attention (attn1) only, without a mask")
-        start, end = self.store.own_range
+        start, end = self.band.token_range
         if hidden_states.shape[1] != end - start:
             raise RuntimeError(f"band has {hidden_states.shape[1]} tokens, the layout says {end - start}")
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
@@ -200,6 +200,7 @@ class StadiWanPipeline(StadiVideoPipelineMixin, xFuserWanPipeline):
     runner_models = ("xFuserWan21T2VModel",)  # xfuser.runner's "Wan2.1-T2V" / Wan-AI/Wan2.1-T2V-14B-Diffusers
 
     injection_plan = WAN_INJECTION
+    ulysses_groups = True  # its positions: the RoPE stand-in returns the part's rows of the clip's table
     video_output = WanPipelineOutput
 
     def __init__(self, pipeline, engine_config, cache_args=None, stadi_config=None, **options):

@@ -30,16 +30,24 @@ import torch.nn.functional as F
 
 from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.kv import DisplacedKVStore
+from stadi_xdit.runtime.layout import BandView
 
 
 class BandAttentionProcessor:
-    """Base of the families' processors: the store, and this attention's layer id in it (the order
-    in which the injection plan lists the displaced attention modules)."""
+    """Base of the families' processors: the store, this attention's layer id in it (the order in which the
+    injection plan lists the displaced attention modules), and the band this rank computes (`band`, told by
+    the injection with each layout: the rank's part of its group's band under Ulysses, where the store holds
+    the group's)."""
+
+    band: BandView | None = None
 
     def __init__(self, store: DisplacedKVStore, layer: int):
         super().__init__()  # cooperative: PixArt's processor is also diffusers' AttnProcessor2_0
         self.store = store
         self.layer = layer
+
+    def set_band(self, band: BandView) -> None:
+        self.band = band
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                stream: Stream | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

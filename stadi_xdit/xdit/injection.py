@@ -127,18 +127,25 @@ class Injection:
         self._saved_processors: list[tuple[nn.Module, object]] = []
         self.positions = plan.positions.attach(transformer, state)
         attentions = plan.displaced_attention(transformer)
+        self._processors = []
         for layer, attention in enumerate(attentions):
             self._saved_processors.append((attention, attention.processor))
-            attention.set_processor(plan.processor_factory(store, layer))
+            self._processors.append(plan.processor_factory(store, layer))
+            attention.set_processor(self._processors[-1])
         store.expected_layers = len(attentions)  # the store's size before its first forward (plans that fit)
 
     def set_band(self, band: BandView) -> None:
+        """`band` (what this rank computes) is current: for the positions, and for processors that slice their own
+        (`SlicedPositions`)."""
         self.positions.set_band(band)
+        for processor in self._processors:
+            processor.set_band(band)
 
     def remove(self) -> None:
         for attention, processor in self._saved_processors:
             attention.set_processor(processor)
         self._saved_processors.clear()
+        self._processors.clear()
         if self.positions is not None:
             self.positions.remove()
             self.positions = None

@@ -73,8 +73,12 @@ class StadiVideoPipelineMixin(StadiPipelineMixin):
                              f"(VAE scale {scale} x patch {p_h}), got {height}x{width}")
         if self._latent_frames is None:
             raise RuntimeError(f"{type(self).__name__}._geometry needs the clip's frame count (call the pipeline)")
-        rows = clip_token_rows(self._latent_frames, height // scale // p_h, self.groups.band.world_size)
-        return BandGeometry(rows=rows, patch_rows=p_h, tokens_per_row=width // scale // p_w)
+        align = self.groups.sequence_size  # each STADI group splits its band evenly over its Ulysses ranks
+        rows = clip_token_rows(self._latent_frames, height // scale // p_h, self.groups.band.world_size * align)
+        if rows % align:
+            raise ValueError(f"--num_frames/--height give {rows} token rows of the clip, not a multiple of "
+                             f"--ulysses_degree {align} (each STADI group splits its rows evenly)")
+        return BandGeometry(rows=rows, patch_rows=p_h, tokens_per_row=width // scale // p_w, align=align)
 
     def _profile_key(self, height: int, width: int) -> str:
         transformer = self.module.transformer
@@ -93,15 +97,16 @@ class StadiVideoPipelineMixin(StadiPipelineMixin):
         # Under --stadi_kv_dtype auto the store narrows itself to fit (planner/memory.py): refused here only
         # where even its narrowest form (bfloat16) cannot fit.
         value_bytes = named.itemsize if named else narrowest_bytes(str(pipe.transformer.dtype).removeprefix("torch."))
+        # Under Ulysses a rank's store holds its heads / U of every layer.
         need = displaced_kv_bytes(config, height, width, num_frames, batch=forward_batch, bytes_per_value=value_bytes,
                                   spatial_scale=pipe.vae_scale_factor_spatial,
-                                  temporal_scale=pipe.vae_scale_factor_temporal)
+                                  temporal_scale=pipe.vae_scale_factor_temporal) // self.groups.sequence_size
         remedies = (["--use_cfg_parallel"] if cfg_batched else []) + \
             (["--stadi_kv_dtype bfloat16"] if value_bytes > 2 else [])
         check_kv_memory(self.kv_store, need, torch.device(pipe._execution_device),
                         f"{geometry.rows * geometry.tokens_per_row} tokens x {config.num_layers} layers x 2 x "
-                        f"{config.num_attention_heads * config.attention_head_dim} x batch {forward_batch} x "
-                        f"{value_bytes} B", remedies)
+                        f"{config.num_attention_heads * config.attention_head_dim // self.groups.sequence_size} x "
+                        f"batch {forward_batch} x {value_bytes} B", remedies)
 
     def _denoise_clip(self, latents: torch.Tensor, scheduler, model: VideoBandModel, *, height: int,
                       width: int) -> DenoiseResult:
