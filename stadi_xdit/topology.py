@@ -9,8 +9,8 @@ runner's capabilities) asks this module instead of keeping its own list.
 
 Ring is always 1 (refused). Ulysses may be above 1 for a family whose twin runs Ulysses inside STADI
 groups (`ulysses_groups`): each group of `ulysses_degree` consecutive ranks (xDiT's sequence-parallel
-group) is then one STADI member. The launchers (`stadi-xdit`, xDiT's `xdit` hook) and xDiT's runner
-still refuse `--ulysses_degree` with `--use_stadi`: they do not count or check such a launch yet.
+group) is then one STADI member. The launchers count it (`for_stadi_degree`); `StadiArgs.validate`,
+which knows the family, lets it through (`from_args(..., ulysses_groups=True)`).
 """
 
 from __future__ import annotations

@@ -132,6 +132,9 @@ def test_pipeline_construction_picks_the_stadi_twin():
     (["--use-stadi", "--stadi-emulate-slowdown", "1,3"], 2),
     (["--use_stadi", "--stadi_degree", "4"], 4),
     (["--use_stadi", "--stadi_degree=2", "--use_cfg_parallel", "--model", "m"], 4),
+    # STADI groups of Ulysses ranks: members x CFG x Ulysses (the family is checked with the other inputs).
+    (["--use_stadi", "--stadi_degree", "2", "--ulysses_degree", "2"], 4),
+    (["--use_stadi", "--stadi_speeds", "1,0.5,2", "--ulysses_degree=2", "--use_cfg_parallel"], 12),
     (["--ulysses_degree", "2", "--ring_degree", "2"], 4),  # no --use_stadi: xDiT's own rule
     (["--data_parallel_degree", "2", "--use_cfg_parallel"], 4),
 ])
@@ -144,7 +147,8 @@ def test_launcher_counts_stadi_ranks(argv, nproc):
 @pytest.mark.parametrize("argv,message", [
     (["--use_stadi"], "cannot infer the number of ranks"),
     (["--use_stadi", "--stadi_speeds", "1,2", "--stadi_degree", "3"], "disagree"),
-    (["--use_stadi", "--stadi_degree", "2", "--ulysses_degree", "2"], "--ulysses_degree 2 cannot be combined"),
+    (["--use_stadi", "--stadi_degree", "2", "--ring_degree", "2"], "--ring_degree 2 cannot be combined"),
+    (["--use_stadi", "--stadi_degree", "2", "--ulysses_degree", "0"], "--ulysses_degree must be an integer >= 1"),
 ])
 def test_launcher_rule_errors(argv, message):
     import xfuser.cli

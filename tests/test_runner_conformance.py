@@ -11,7 +11,9 @@ offline hub cache:
   (where it applies): the same output up to DistVAE's bf16 rounding;
 - `guidance_off`: STADI's stale mode with guidance 1: it runs and saves;
 - `cached`: where xDiT gives the model a step cache (`--cache_method teacache|fbcache|dbcache`, its first),
-  STADI's stale mode with it, at a threshold that reuses every step it may: steps are served, and it saves.
+  STADI's stale mode with it, at a threshold that reuses every step it may: steps are served, and it saves;
+- `ulysses`: STADI exact on 4 ranks = 2 groups x Ulysses-2 (`--ulysses_degree 2`), one token row taller per
+  frame (each group's band splits evenly), against `taller`: xDiT's runner on one process at that size.
 
 Most of a tiny run is the start-up of its processes (each imports torch, diffusers and xfuser: about
 9 CPU-s), so the runs do not get a launch each. Runs of the same world size share one launch (one
@@ -67,6 +69,8 @@ for run in json.loads(open(sys.argv[1]).read()):
 """
 
 STADI_EXACT = ["--use_stadi", "--stadi_exact", "--stadi_speeds", "3,5", "--warmup_steps", "1"]
+ROW_PX = 16  # a token row in every served family: VAE scale 8 x patch (or packing) 2
+TALLER = ("taller", "ulysses")  # the modes one token row taller per frame
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,9 @@ def runner_modes(model_name: str) -> dict[str, list[str]]:
     modes = {"plain": guided, "exact": [*guided, *STADI_EXACT, "--stadi_degree", "2"], "parallel": parallel,
              "guidance_off": [*common, "--guidance_scale", "1", "--use_stadi", "--stadi_degree", "2",
                               "--warmup_steps", "1"]}
+    at = guided.index("--height") + 1
+    taller = [*guided[:at], str(int(guided[at]) + ROW_PX), *guided[at + 1:]]
+    modes.update(taller=taller, ulysses=[*taller, *STADI_EXACT, "--stadi_degree", "2", "--ulysses_degree", "2"])
     methods = [m for m in model.settings.step_cache_config or {} if m in STADI_CACHE_METHODS]
     if methods and model.capabilities.supports_step_caching:
         # 6 steps: the warmup step computes (a new call), its band stays, and the rank's last computes: 4 served.
@@ -187,15 +194,23 @@ def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[in
         output, status = launches[run.world_size]
         assert status == 0, f"{model_name} {run.mode}: {' '.join(run.argv)}\n{_log(folder, run)[-4000:]}\n{output[-3000:]}"
     logs = {mode: _log(folder, run) for mode, run in runs.items()}
-    assert "STADI plan" not in logs["plain"] and all("STADI plan" in logs[mode] for mode in runs if mode != "plain")
+    assert all(("STADI plan" in logs[mode]) == ("--use_stadi" in run.argv) for mode, run in runs.items())
     assert "STADI rank 1: 3 model evaluations (plan: 3)" in logs["exact"], logs["exact"][-3000:]
+    assert ": 2 ranks, " in logs["ulysses"] and "(align 2)" in logs["ulysses"], \
+        logs["ulysses"][-3000:]
     assert (folder / runs["exact"].name / "timings.json").is_file()  # the runner's own timings, saved too
     if "--use_parallel_vae" in runs["parallel"].argv:
         assert "Parallel VAE decoder enabled" in logs["parallel"], logs["parallel"][-3000:]
     outputs = {mode: _output(folder / run.name) for mode, run in runs.items()}  # one output each, named by the runner
     plain = outputs["plain"]
-    assert all(output.shape == plain.shape for output in outputs.values())
+    assert all(output.shape == plain.shape for mode, output in outputs.items() if mode not in TALLER)
     assert np.array_equal(outputs["exact"], plain), np.abs(outputs["exact"] - plain).max()
+    # Ulysses inside STADI groups: each rank attends with half of the heads over the whole image, as one process
+    # does; the runner computes in bf16, where attention over a head shard may round otherwise (on these tiny
+    # models Flux.1 and Wan2.1 are byte-identical, Qwen-Image 1 level of 255 off, SD3.5 8).
+    ulysses, taller = outputs["ulysses"], outputs["taller"]
+    assert np.abs(ulysses - taller).max() <= 16
+    assert np.linalg.norm(ulysses - taller) / np.linalg.norm(taller) <= 1e-2
     # DistVAE decodes row shards with halos and all-reduced GroupNorm statistics in bf16: not bit-exact
     # (a few levels of 255 on these tiny models), but the same output.
     assert np.abs(outputs["parallel"] - plain).max() <= 16

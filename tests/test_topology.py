@@ -205,16 +205,18 @@ def test_xdit_baselines_run_the_same_ranks_per_cfg_branch():
 
 def test_validate_lets_ulysses_through_only_for_a_family_that_runs_it_inside_stadi_groups(monkeypatch):
     import stadi_xdit.xdit  # noqa: F401  (CPU compat before xfuser)
-    from stadi_xdit.models.flux import StadiFluxPipeline
     from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
     from stadi_xdit.xdit.args import StadiArgs
+
+    class WithoutGroups(StadiPixArtAlphaPipeline):  # a family that has not declared it
+        ulysses_groups = False
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     args = StadiArgs(use_stadi=True, ulysses_degree=2, height=128, width=128, num_inference_steps=4,
                      warmup_steps=1, prompt="a cat")
     args.stadi_pipeline_class = StadiPixArtAlphaPipeline
     assert args.validate(4) == 2 and args.topology == Topology(4, stadi_degree=2, ulysses_degree=2)
-    args.stadi_pipeline_class = StadiFluxPipeline
+    args.stadi_pipeline_class = WithoutGroups
     with pytest.raises(ValueError, match=r"^--ulysses_degree 2 cannot be combined with --use_stadi"):
         args.validate(4)
 

@@ -98,7 +98,7 @@ def _runner_from_config_dict(rank: int, world: int, config: dict) -> dict:
     runner = xFuserModelRunner(config)
     model = runner.model
     return {"model": type(model).__name__, "ulysses": model.capabilities.ulysses_degree,
-            "stadi": runner.config.stadi.to_dict()}
+            "ring": model.capabilities.ring_degree, "stadi": runner.config.stadi.to_dict()}
 
 
 def test_runner_config_dict_reaches_a_validated_stadi_config(hub, monkeypatch):
@@ -108,7 +108,8 @@ def test_runner_config_dict_reaches_a_validated_stadi_config(hub, monkeypatch):
               "height": 112, "width": 80, "num_inference_steps": 4, "warmup_steps": 1}
     (result,) = run_distributed(_runner_from_config_dict, 1, {**config, "stadi_speeds": "1"}, timeout=300,
                                 fresh_interpreter=True)  # HF_HOME is read when huggingface_hub is imported
-    assert result["model"] == "StadixFuserFluxModel" and result["ulysses"] is False
+    # The STADI form keeps Ulysses (groups inside STADI) and switches Ring off.
+    assert result["model"] == "StadixFuserFluxModel" and result["ulysses"] is True and result["ring"] is False
     assert result["stadi"]["mode"] == "spatial" and result["stadi"]["speeds"] == (1.0,)
 
 
@@ -116,7 +117,8 @@ def test_runner_config_dict_reaches_a_validated_stadi_config(hub, monkeypatch):
     ({"use_stadi": True, "stadi_modee": "full"}, "unknown STADI key(s) in the runner config: stadi_modee"),
     ({"use_stadi": True, "stadi_mode\n": "full"}, "unknown STADI key(s) in the runner config: 'stadi_mode\\n'"),
     ({"use_stadi": True, "stadi_mode": "fast"}, "--stadi_mode"),
-    ({"use_stadi": True, "ulysses_degree": 2}, "--ulysses_degree"),
+    ({"use_stadi": True, "ulysses_degree": 3}, "2 DiT ranks must be a multiple of 3 with --ulysses_degree 3"),
+    ({"use_stadi": True, "ring_degree": 2}, "--ring_degree 2 cannot be combined with --use_stadi"),
     ({"use_stadi": True, "stadi_degree": 3}, "--stadi_degree 3 does not match"),
     # The call's own inputs, which xDiT's dict path passes unchecked (issue 36): each failed in every rank.
     ({"use_stadi": True, "prompt": None}, "--model FLUX.1-dev needs --prompt"),
@@ -154,7 +156,8 @@ def test_runner_config_dict_refuses_bad_stadi_input_in_one_line(config, needle, 
     (["--model", "Wan2.1-T2V", "--use_stadi", "--stadi_degree", "2", "--num_frames", "8"], "--num_frames must be 4k+1"),
     (["--model", "Wan2.1-T2V", "--use_stadi", "--stadi_degree", "3", "--num_frames", "1", "--height", "32"],
      "gives 2 token rows of the clip (1 latent frames x 2), fewer than the 3 STADI ranks"),
-    (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--ulysses_degree", "2"], "--ulysses_degree"),
+    (["--nproc_per_node", "2", "--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--ulysses_degree", "2"],
+     "--nproc_per_node 2 disagrees with the STADI flags (4 processes per node)"),
     (["--nproc_per_node", "2", "--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "3"], "disagrees"),
     (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_modee", "full"], "--stadi_modee"),
     (["--model", "FLUX.1-dev", "--use_stadi", "--stadi_degree", "2", "--use_teacache"], "--use_teacache"),

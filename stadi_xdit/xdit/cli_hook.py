@@ -382,7 +382,7 @@ def stadi_nproc_from_args(args: Sequence[str], fallback: Callable[[list[str]], i
     """Processes per node for a launch: xDiT's degree product, or with `--use_stadi` the STADI rule
     (`Topology.for_stadi_degree`)
 
-        world = stadi_degree x (2 if --use_cfg_parallel else 1) [+ --vae_parallel_size]
+        world = stadi_degree x (2 if --use_cfg_parallel else 1) x --ulysses_degree [+ --vae_parallel_size]
 
     where stadi_degree is `--stadi_degree N`, else the number of values of `--stadi_speeds` /
     `--stadi_emulate_slowdown` (flags first, then `--stadi_config_file`). xDiT's own rule would
@@ -393,7 +393,10 @@ def stadi_nproc_from_args(args: Sequence[str], fallback: Callable[[list[str]], i
         if fallback is None:
             raise ValueError("no --use_stadi and no fallback rule")
         return fallback(list(args))
-    refuse_degrees({name: flags.get(f"--{name}") for name in REFUSED_WITH_STADI})
+    # --ulysses_degree is counted here; whether the model's family runs Ulysses inside STADI groups is checked
+    # with the other inputs (`StadiArgs.validate`), which knows the family.
+    refuse_degrees({name: flags.get(f"--{name}") for name in REFUSED_WITH_STADI if name != "ulysses_degree"})
+    ulysses = checked_int("--ulysses_degree", flags["--ulysses_degree"], minimum=1) if flags.get("--ulysses_degree") else 1
     degree = stadi_degree_from_args(args)
     if degree is None:
         raise ValueError("with --use_stadi the launcher cannot infer the number of ranks: pass "
@@ -401,7 +404,8 @@ def stadi_nproc_from_args(args: Sequence[str], fallback: Callable[[list[str]], i
     cfg_on = "--use_cfg_parallel" in flags and flags["--use_cfg_parallel"] not in ("False", "false")
     cfg = CFG_BRANCHES if cfg_on else 1
     vae = checked_int("--vae_parallel_size", flags["--vae_parallel_size"], minimum=0) if flags.get("--vae_parallel_size") else 0
-    return Topology.for_stadi_degree(degree, cfg_degree=cfg, vae_ranks=vae).processes_per_node(nnodes)
+    return Topology.for_stadi_degree(degree, cfg_degree=cfg, vae_ranks=vae,
+                                     ulysses_degree=ulysses).processes_per_node(nnodes)
 
 
 def patch_launcher(cli: ModuleType) -> None:

@@ -16,6 +16,7 @@ processor that runs them, and how its positions reach a band (`positions`), one 
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -124,6 +125,14 @@ class Injection:
     def __init__(self, transformer: nn.Module, plan: InjectionPlan, store: DisplacedKVStore,
                  state: StadiRuntimeState | None):
         self.transformer = transformer
+        self._own_forward = False
+        if store.sequence is not None and store.sequence.world_size > 1:
+            # STADI splits a group's band over its Ulysses ranks itself: xDiT's runner loads Flux, Qwen-Image and
+            # Wan as sequence-parallel subclasses whose forward would split each rank's part again.
+            forward = _diffusers_forward(transformer)
+            if forward is not None:
+                transformer.forward = types.MethodType(forward, transformer)
+                self._own_forward = True
         self._saved_processors: list[tuple[nn.Module, object]] = []
         self.positions = plan.positions.attach(transformer, state)
         attentions = plan.displaced_attention(transformer)
@@ -146,9 +155,21 @@ class Injection:
             attention.set_processor(processor)
         self._saved_processors.clear()
         self._processors.clear()
+        if self._own_forward:
+            del self.transformer.forward  # the class's forward again
+            self._own_forward = False
         if self.positions is not None:
             self.positions.remove()
             self.positions = None
+
+
+def _diffusers_forward(transformer: nn.Module) -> Callable | None:
+    """The forward of the diffusers model class that `transformer`'s class derives from, where that class (an xDiT
+    sequence-parallel subclass) overrides it; None where the transformer already runs diffusers' own forward."""
+    for cls in type(transformer).__mro__:
+        if cls.__module__.startswith("diffusers.") and "forward" in cls.__dict__:
+            return None if cls.forward is type(transformer).forward else cls.forward
+    return None
 
 
 def apply_injection(transformer: nn.Module, plan: InjectionPlan, store: DisplacedKVStore,

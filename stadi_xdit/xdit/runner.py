@@ -133,6 +133,8 @@ def stadi_output_name(model: Any, input_args: dict[str, Any]) -> str:
     --cache_method and the process count where xDiT's `get_output_name` has `u<ulysses>r<ring>_tc_<compile>`, so a STADI run and a
     plain run into one --output_directory never write the same file."""
     strategy = model.config.stadi.output_label(model.config.use_torch_compile)
+    if model.config.topology.ulysses_degree > 1:  # groups of Ulysses ranks: not the flat run of as many processes
+        strategy += f"_u{model.config.topology.ulysses_degree}"
     if model.config.cache_method:  # a cached run's image differs: it keeps its own name
         strategy += f"_{model.config.cache_method}"
     ranks = model.config.topology.world_size  # the launch `validate` checked the flags against
@@ -189,7 +191,12 @@ def save_runner_timings(model: Any, timings: list) -> None:
 
 @functools.cache
 def _stadi_form(model_cls: type) -> type:
-    capabilities = dataclasses.replace(model_cls.capabilities, **dict.fromkeys(_NOT_WITH_STADI, False))
+    from stadi_xdit.registry import twin_for_runner_model
+
+    # A family that runs Ulysses inside STADI groups keeps the model's own Ulysses capability.
+    kept = ("ulysses_degree",) if getattr(twin_for_runner_model(model_cls.__name__), "ulysses_groups", False) else ()
+    capabilities = dataclasses.replace(model_cls.capabilities,
+                                       **dict.fromkeys((name for name in _NOT_WITH_STADI if name not in kept), False))
 
     def initialize(self, input_args):
         heartbeat.phase("process-group")  # xDiT creates its world group first, then loads the model
