@@ -302,6 +302,9 @@ SD3 = ["--model", "SD3.5", "--use_stadi", "--stadi_degree", "2", "--width", "128
     ([*FLUX, "--prompt"], "--prompt needs a value"),
     ([*FLUX, "--prompt", "caf\udcff"], "--prompt is not valid UTF-8 text (byte 0xff"),
     ([*SD3, "--height", "256"], "--height 256 is past --model SD3.5's position table (pos_embed_max_size 12"),
+    # STADI over groups of Ulysses ranks (and plain xDiT Ulysses): each rank takes heads / U.
+    ([*SD3, "--height", "192", "--ulysses_degree", "3"],
+     "--ulysses_degree 3: --model SD3.5 has 2 attention heads, not a multiple of 3"),
 ])
 def test_call_inputs_and_model_limits_are_checked_before_launch(argv, needle, local, use_hub, tmp_path, capsys):
     _one_line_exit(lambda: check_launch_environment([*local, *argv, "--output_directory", str(tmp_path)]),

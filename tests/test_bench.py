@@ -92,6 +92,38 @@ def test_skip_reasons_name_the_shape():
     assert skip_reason(ARMS["single+teacache"], get_preset("flux-small"), 128, 1, 4, 1) is None
 
 
+def test_the_grouped_arm_runs_stadi_over_ulysses_groups_beside_flat_stadi(tmp_path, capsys):
+    """4 ranks, one group of 2 slowed 2x: STADI over 2 groups of Ulysses-2 plans one band per group on the
+    speeds it measured (one per group: the slowed group's factor, once), every rank's store holds half of the
+    flat STADI store's bytes, and its image stays close to the single rank's."""
+    from stadi_xdit.bench.arms import member_factors
+
+    assert member_factors("1,1,2,3", 2) == "1,3" and member_factors("3:1,2,1,1", 2) == "3:2,1"
+    assert member_factors(None, 2) is None and member_factors("1,2", 1) == "1,2"
+    tiny = get_preset("tiny")  # 2 heads, 8 token rows at 128 px
+    assert skip_reason(ARMS["full-ulysses2"], tiny, 128, 2, 4, 2) == "2 ranks do not make two or more groups of 2 " \
+                                                                     "Ulysses ranks"
+    assert "not a multiple of Ulysses 2" in skip_reason(ARMS["full-ulysses2"], tiny, 112, 4, 4, 2)
+    assert "full-ulysses2" not in DEFAULT_ARMS
+    out = tmp_path / "bench"
+    code = main(["--preset", "tiny", "--ranks", "4", "--steps", "4", "--warmup", "2", "--repeats", "1",
+                 "--arms", "single,full,full-ulysses2", "--scenario", "slowdown:1,1,4,4", "--out", str(out),
+                 "--no-progress", "--run-timeout", "90"])
+    assert code == 0, capsys.readouterr().out[-3000:]
+    printed = capsys.readouterr().out
+    assert "STADI full over Ulysses-2 groups" in printed
+    (scenario,) = json.loads((out / "results.json").read_text())["scenarios"]
+    flat, grouped = scenario["arms"]["full"], scenario["arms"]["full-ulysses2"]
+    assert grouped["status"] == "ok", grouped["reason"]
+    assert len(grouped["stadi"]["measured_speeds"]) == 2 and sum(grouped["stadi"]["rows"]) == 8
+    assert all(rows % 2 == 0 for rows in grouped["stadi"]["rows"])
+    (run,) = grouped["runs"]
+    assert [entry["stadi"]["steps"][0]["emulated"] > 0 for entry in run["ranks"]] == [False, False, True, True]
+    flat_store, grouped_store = (arm["stadi"]["kv_store_bytes"] for arm in (flat, grouped))
+    assert len(grouped_store) == 4 and all(2 * b == flat_store[0] for b in grouped_store), (flat_store, grouped_store)
+    assert grouped["quality"]["latent_psnr"] >= 20.0, grouped["quality"]
+
+
 def test_cached_arms_run_xdits_cache_and_report_what_it_served(tmp_path, capsys):
     """Flux (the family with xDiT's in-tree TeaCache) at 8 token rows: a threshold that reuses every step it may."""
     out = tmp_path / "bench"

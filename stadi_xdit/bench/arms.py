@@ -48,6 +48,8 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
             return f"{units} {unit}s < {world} ranks"
         if not 1 <= warmup < steps:
             return f"STADI needs 1 <= warmup ({warmup}) < steps ({steps})"
+        if arm.ulysses > 1:
+            return _grouped_skip_reason(arm.ulysses, preset, world, units)
         return None
     runner = preset.xdit_runner_transformer
     if runner and arm.name not in ("ulysses", "ring"):
@@ -64,6 +66,30 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
         if units < patches:
             return f"{units} {unit}s < {patches} pipeline patches"
     return None
+
+
+def _grouped_skip_reason(ulysses: int, preset: BenchPreset, world: int, rows: int) -> str | None:
+    """Why STADI over groups of `ulysses` ranks cannot run this shape (None when it can)."""
+    if world % ulysses or world == ulysses:
+        return f"{world} ranks do not make two or more groups of {ulysses} Ulysses ranks"
+    if preset.heads % ulysses:
+        return f"{preset.heads} attention heads are not divisible by Ulysses {ulysses}"
+    if preset.video:
+        return "grouped arms run image presets only"
+    if rows % ulysses:
+        return f"{rows} token rows are not a multiple of Ulysses {ulysses} (each group splits its band evenly)"
+    return None
+
+
+def member_factors(per_rank: str | None, ulysses: int) -> str | None:
+    """`--stadi_emulate_slowdown`/`--stadi_emulate_shift` factors per rank as one per STADI member (a group of
+    `ulysses` consecutive ranks): the group runs at its slowest rank's pace, so the largest of its factors."""
+    if per_rank is None or ulysses == 1:
+        return per_rank
+    step, _, text = per_rank.rpartition(":")
+    factors = [float(k) for k in text.split(",")]
+    grouped = [max(factors[i:i + ulysses]) for i in range(0, len(factors), ulysses)]
+    return (f"{step}:" if step else "") + ",".join(f"{k:g}" for k in grouped)
 
 
 def _cached_families() -> list[str]:
@@ -199,9 +225,11 @@ def _build(setup: dict, rank: int, world: int):
 
         # Optional setup keys (no bench flag sets them yet): the stale K/V dtype and the exchange group size.
         args = StadiArgs(use_stadi=True, stadi_mode=arm.mode or arm.name, stadi_replan=arm.replan,
-                         stadi_emulate_slowdown=setup["emulate"], stadi_emulate_shift=setup.get("emulate_shift"),
+                         stadi_emulate_slowdown=member_factors(setup["emulate"], arm.ulysses),
+                         stadi_emulate_shift=member_factors(setup.get("emulate_shift"), arm.ulysses),
                          stadi_max_stride=setup["max_stride"], stadi_profile_cache=setup["profile_cache"],
-                         stadi_kv_dtype=setup.get("kv_dtype") or "auto", use_torch_compile=arm.compiled, **common)
+                         stadi_kv_dtype=setup.get("kv_dtype") or "auto", use_torch_compile=arm.compiled,
+                         ulysses_degree=arm.ulysses, **common)
         cls = _stadi_pipeline_class(preset)
         args.stadi_pipeline_class = cls  # checks follow the family (a Wan clip's rows, not the frame's)
     else:

@@ -20,6 +20,7 @@ class Arm:
     replan: str = "off"  # STADI arms: --stadi_replan
     compiled: bool = False  # --use_torch_compile: each transformer block compiled, as STADI compiles them
     cache: str | None = None  # --cache_method: xDiT's in-tree step cache on the transformer (Flux only)
+    ulysses: int = 1  # STADI arms: --ulysses_degree (each STADI member a group of this many Ulysses ranks)
 
     def label(self, world: int) -> str:
         return self.title.format(n=world)
@@ -71,12 +72,16 @@ ARMS: dict[str, Arm] = {
         Arm("single+fbcache", "single", "single rank, FBCache", cache="fbcache"),
         Arm("uniform+fbcache", "stadi", "STADI uniform, FBCache", mode="uniform", cache="fbcache"),
         Arm("full+fbcache", "stadi", "STADI full, FBCache", mode="full", cache="fbcache"),
+        # STADI over sequence-parallel groups (issue 23): each member 2 Ulysses ranks; against xDiT's Ulysses on
+        # the same ranks and flat STADI.
+        Arm("full-ulysses2", "stadi", "STADI full over Ulysses-2 groups", mode="full", ulysses=2),
     )
 }
 ARM_ORDER = tuple(ARMS)
-# What runs without --arms: everything but the adaptive, compiled and cached variants (ask for those by name).
-DEFAULT_ARMS = tuple(name for name in ARM_ORDER
-                     if ARMS[name].replan == "off" and not ARMS[name].compiled and not ARMS[name].cache)
+# What runs without --arms: everything but the adaptive, compiled, cached and grouped variants (ask for those by
+# name).
+DEFAULT_ARMS = tuple(name for name in ARM_ORDER if ARMS[name].replan == "off" and not ARMS[name].compiled
+                     and not ARMS[name].cache and ARMS[name].ulysses == 1)
 XDIT_ARMS = ("ulysses", "ring", "pipefusion")
 
 

@@ -264,7 +264,7 @@ def grouped_what_if(names: tuple[str, ...], relative: tuple[float, ...], preset:
 
 def format_grouped(grouped: dict, flat_seconds: dict) -> list[str]:
     ulysses = grouped["ulysses"]
-    lines = [f"STADI over groups of Ulysses-{ulysses} (issue 23: simulated; not yet a launch):"]
+    lines = [f"STADI over groups of Ulysses-{ulysses} (simulated; launched with stadi-xdit --ulysses_degree {ulysses}):"]
     for index, (group, speed) in enumerate(zip(grouped["groups"], grouped["relative_speeds"])):
         lines.append(f"  group {index}: {', '.join(group['cards'])}; relative speed {speed:.3f}; all-to-all "
                      f"{group['all_to_all_row_seconds'] * 1e3:.3g} ms per row per step over {group['link']}")

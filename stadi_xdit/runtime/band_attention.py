@@ -7,8 +7,8 @@ sequence. The keys and values of the whole image come from the displaced K/V sto
 fresh, the other bands from the latest exchange (or gathered fresh in synchronous steps). What is
 added to attention under STADI lives here, once, not in each family:
 
-- **Ulysses inside a STADI group** (issue 23; the helper and its store so far, not yet a launch):
-  the group's ranks split its band evenly; an all-to-all trades tokens for heads before attention
+- **Ulysses inside a STADI group** (`--ulysses_degree`, issue 23): the group's ranks split its band
+  evenly (the loop gives each its part); an all-to-all trades tokens for heads before attention
   and back after it, so the store holds and exchanges one head shard of the whole image.
 - **The compile boundary** is the store and the all-to-alls: under torch.compile the collectives,
   host timers and bookkeeping run eagerly between the compiled parts of each attention
