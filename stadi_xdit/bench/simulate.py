@@ -38,13 +38,14 @@ GPU_MEMORY_GIB: dict[str, float] = {"H200": 141, "H100": 80, "L40S": 48, "A100":
 
 def predict_modes(relative: tuple[float, ...], *, rows: int, steps: int, warmup: int, row_seconds: float,
                   max_stride: int = 2, exchange_seconds: float = 0.0,
-                  warmup_speeds_known: bool = False) -> dict:
-    """Seconds per image of each mode and of the fastest rank alone, for speeds relative to the fastest."""
+                  warmup_speeds_known: bool = False, align: int = 1) -> dict:
+    """Seconds per image of each mode and of the fastest rank alone, for speeds relative to the fastest (bands
+    aligned to `align` rows: a group of Ulysses ranks splits its band evenly)."""
     speeds = [v / row_seconds for v in relative]  # token rows per second
     out = {"single": steps * rows / max(speeds)}
     plans = {}
     for mode in MODES:
-        plans[mode] = plan(speeds, rows=rows, align=1, num_steps=steps, warmup_steps=warmup, mode=mode,
+        plans[mode] = plan(speeds, rows=rows, align=align, num_steps=steps, warmup_steps=warmup, mode=mode,
                            max_stride=max_stride, exchange_seconds=exchange_seconds,
                            warmup_speeds_known=warmup_speeds_known and mode != "uniform")
         out[mode] = plans[mode].predicted.total_seconds
@@ -231,6 +232,9 @@ def grouped_what_if(names: tuple[str, ...], relative: tuple[float, ...], preset:
     if ulysses < 1 or count % ulysses:
         raise ValueError(f"--ulysses-degree {ulysses} does not divide the {count} ranks into equal groups")
     rows = preset.band_units(height)
+    # A group splits its band into U equal parts of whole rows; a size whose rows do not divide is planned as if
+    # padded to the next multiple (what padded bands would compute), and said so: the launch refuses it today.
+    planned_rows = -(-rows // ulysses) * ulysses
     kv_per_row = preset.kv_bytes(height, bytes_per_value) / rows  # K and V of one band unit, every layer
     groups = [tuple(range(start, start + ulysses)) for start in range(0, count, ulysses)]
     members, row_costs = [], []
@@ -245,8 +249,8 @@ def grouped_what_if(names: tuple[str, ...], relative: tuple[float, ...], preset:
     fastest = min(row_costs)
     group_relative = tuple(fastest / cost for cost in row_costs)
     exchange = preset.kv_bytes(height, bytes_per_value) * (len(groups) - 1) / len(groups) / (network_gbps * 1e9)
-    predicted = predict_modes(group_relative, rows=rows, steps=steps, warmup=warmup, row_seconds=fastest,
-                              max_stride=max_stride, exchange_seconds=exchange)
+    predicted = predict_modes(group_relative, rows=planned_rows, steps=steps, warmup=warmup, row_seconds=fastest,
+                              max_stride=max_stride, exchange_seconds=exchange, align=ulysses)
     crossing = ulysses * (count - ulysses) / count**2 if len(groups) > 1 else (count - 1) / count**2
     all_link = network_gbps if len(groups) > 1 else default_link(names if hardware else None)[0]
     xdit_ulysses = steps * rows * (row_seconds / min(relative) / count
@@ -256,7 +260,8 @@ def grouped_what_if(names: tuple[str, ...], relative: tuple[float, ...], preset:
                        * (len(groups) - 1) / len(groups)}
                for label, form in memory.items()}
     fit = gpu_memory_fit(names, preset, bytes_per_value, sharded) if hardware else None
-    return {"ulysses": ulysses, "groups": members, "relative_speeds": list(group_relative),
+    return {"ulysses": ulysses, "groups": members, "relative_speeds": list(group_relative), "rows": rows,
+            "planned_rows": planned_rows,
             "exchange_seconds": exchange, "seconds": predicted["seconds"], "xdit_ulysses_seconds": xdit_ulysses,
             "kv_store": sharded, "memory_fit": fit, "plan": predicted["plans"]["full"].to_json(),
             "explain": predicted["plans"]["full"].explain()}
@@ -284,6 +289,10 @@ def format_grouped(grouped: dict, flat_seconds: dict) -> list[str]:
     for label, value in arms:
         lines.append(f"  {label:<34}{value:>12.3f}{grouped['xdit_ulysses_seconds'] / value:>16.2f}x")
     lines.extend("  " + line for line in grouped["explain"].splitlines())
+    if grouped["planned_rows"] != grouped["rows"]:
+        lines.append(f"  ({grouped['rows']} rows are not a multiple of Ulysses {ulysses}: planned as "
+                     f"{grouped['planned_rows']}, each group's band padded to whole parts; `stadi-xdit` refuses this "
+                     "size until padded bands are built)")
     return lines
 
 
