@@ -196,8 +196,8 @@ def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[in
     logs = {mode: _log(folder, run) for mode, run in runs.items()}
     assert all(("STADI plan" in logs[mode]) == ("--use_stadi" in run.argv) for mode, run in runs.items())
     assert "STADI rank 1: 3 model evaluations (plan: 3)" in logs["exact"], logs["exact"][-3000:]
-    assert ": 2 ranks, " in logs["ulysses"] and "(align 2)" in logs["ulysses"], \
-        logs["ulysses"][-3000:]
+    assert ": 2 ranks, " in logs["ulysses"] and "(align 2)" in logs["ulysses"], logs["ulysses"][-3000:]
+    assert "STADI rank 1 (Ulysses rank 1): 3 model evaluations (plan: 3)" in logs["ulysses"], logs["ulysses"][-3000:]
     assert (folder / runs["exact"].name / "timings.json").is_file()  # the runner's own timings, saved too
     if "--use_parallel_vae" in runs["parallel"].argv:
         assert "Parallel VAE decoder enabled" in logs["parallel"], logs["parallel"][-3000:]

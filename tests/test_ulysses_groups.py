@@ -284,19 +284,26 @@ def test_a_family_on_ulysses_groups_equals_one_process_and_its_store_holds_a_hea
           f"{flat[0][0]['store_bytes']} B)")
 
 
-def test_cfg_parallel_over_ulysses_groups_equals_one_process():
-    """8 ranks = 2 STADI groups x CFG 2 x Ulysses-2 (xDiT's order: a group's Ulysses ranks, then the CFG branch,
-    then the STADI member), PixArt with one CFG branch per rank: exact mode equals one process on every rank."""
+@pytest.mark.parametrize("members,cfg", [(3, False), (2, True)])
+def test_more_groups_and_cfg_parallel_over_ulysses_groups_equal_one_process(members, cfg):
+    """6 ranks = 3 STADI groups x Ulysses-2 (uneven bands), and 8 ranks = 2 groups x CFG 2 x Ulysses-2 (xDiT's
+    order: a group's Ulysses ranks, then the CFG branch, then the STADI member; PixArt with one CFG branch per
+    rank): exact mode equals one process on every rank."""
     from stadi_xdit.offline.spawn import run_distributed
     from stadi_xdit.testing.checks import relative_error
 
     twin_name = "StadiPixArtAlphaPipeline"
     reference = _one_process(twin_name)
-    runs = run_distributed(_grouped_runs, 8, twin_name, [{**GROUPED_RUNS[0], "use_cfg_parallel": True}], timeout=300)
-    assert [rank[0]["groups"] for rank in runs] == [(member, part, 2) for member in (0, 1) for _ in (0, 1)
-                                                    for part in (0, 1)]
+    speeds = {2: "3,5", 3: "2,3,5"}[members]
+    run = {**GROUPED_RUNS[0], "stadi_speeds": speeds, **({"use_cfg_parallel": True} if cfg else {})}
+    branches = 2 if cfg else 1
+    runs = run_distributed(_grouped_runs, members * branches * ULYSSES, twin_name, [run], timeout=300)
+    assert [rank[0]["groups"] for rank in runs] == [(member, part, 2) for member in range(members)
+                                                    for _ in range(branches) for part in (0, 1)]
+    bands = runs[0][0]["bands"]
+    assert len(bands) == members and len({end - start for start, end in bands}) > 1  # uneven
     for rank, (exact,) in enumerate(runs):
         error = relative_error(exact["latents"], reference)
-        print(f"[ulysses groups] {twin_name} exact, 2 groups x CFG 2 x Ulysses-2, rank {rank}: rel. error vs "
-              f"1 process {error:.2e}")
-        assert exact["bands"] == runs[0][0]["bands"] and error <= 1e-4
+        print(f"[ulysses groups] {twin_name} exact, {members} groups{' x CFG 2' if cfg else ''} x Ulysses-2, "
+              f"rank {rank}: rel. error vs 1 process {error:.2e}; bands {bands}")
+        assert exact["bands"] == bands and error <= 1e-4

@@ -430,8 +430,9 @@ class StadiPipelineMixin:
         if self.is_dp_last_group():
             log_plan(result)
         planned = executed_evals(result.plan, result.replans, self.groups.band.rank)  # warmup included
-        logger.info("STADI rank %d: %d model evaluations (plan: %d)%s", self.groups.band.rank, result.num_evals, planned,
-                    f", {result.cached_forwards} served by the step cache" if self.step_cache is not None else "")
+        part = f" (Ulysses rank {self.groups.sequence_rank})" if self.groups.sequence_size > 1 else ""
+        logger.info("STADI rank %d%s: %d model evaluations (plan: %d)%s", self.groups.band.rank, part, result.num_evals,
+                    planned, f", {result.cached_forwards} served by the step cache" if self.step_cache is not None else "")
         return result
 
 
