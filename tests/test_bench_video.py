@@ -144,12 +144,12 @@ def test_simulate_wan_14b_720p_over_ulysses_groups(tmp_path, capsys):
     seconds = grouped["seconds"]
     assert seconds["full"] < seconds["spatial"] < seconds["uniform"]
     assert seconds["full"] < grouped["xdit_ulysses_seconds"]
-    # 945 rows do not split into 4 equal parts: planned as padded to 948 (whole parts per group), and said so.
+    # 945 rows: planned in whole 4-row units on 944, the last group also computing the one row past them.
     members = json.loads(grouped["plan"])["ranks"]
-    assert (grouped["rows"], grouped["planned_rows"]) == (945, 948)
-    assert len(members) == 2 and sum(r["row_end"] - r["row_start"] for r in members) == 948
+    assert (grouped["rows"], grouped["planned_rows"]) == (945, 944)
+    assert len(members) == 2 and sum(r["row_end"] - r["row_start"] for r in members) == 944
     assert all((r["row_end"] - r["row_start"]) % 4 == 0 for r in members)
-    assert "945 rows are not a multiple of Ulysses 4: planned as 948" in out and "refuses this size" in out
+    assert "945 rows are not a multiple of Ulysses 4: planned in 4-row units on 944" in out
 
 
 def test_simulate_small_wan_with_given_row_cost(tmp_path, capsys):

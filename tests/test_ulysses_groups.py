@@ -178,6 +178,9 @@ GROUPED_RUNS = [
     {**GROUPED, "stadi_mode": "full", "stadi_speeds": "1,0.5"},  # determinism
     {**GROUPED, "stadi_mode": "uniform", "stadi_speeds": "1,0.5"},
     {**GROUPED, "stadi_mode": "uniform", "stadi_speeds": "1,0.5", "ignore_foreign_bands": True},
+    # The case's own odd number of token rows: the plan in whole 2-row units, the last group's band one row
+    # longer, split 3:2 (or so) over its ranks, with all-to-alls of unequal token counts.
+    {**GROUPED, "stadi_exact": True, "stadi_mode": "spatial", "stadi_speeds": "3,5", "odd_rows": True},
 ]
 STALE_RUNS = (1, 3, 4)  # full, uniform, uniform without foreign K/V
 # The same stale runs on 2 flat ranks (one family): a group of Ulysses ranks must compute what one rank with its
@@ -209,11 +212,17 @@ def _even_rows_inputs(twin_name: str) -> dict:
     return {**inputs, "height": inputs["height"] + ROW_PX}
 
 
-def _case_call(twin_name: str, pipe) -> torch.Tensor:
+def _inputs(twin_name: str, odd_rows: bool) -> dict:
+    from stadi_xdit.families import conformance_cases
+
+    return conformance_cases()[twin_name].inputs() if odd_rows else _even_rows_inputs(twin_name)
+
+
+def _case_call(twin_name: str, pipe, odd_rows: bool = False) -> torch.Tensor:
     from stadi_xdit.families import conformance_cases
 
     case = conformance_cases()[twin_name]
-    out = pipe(**_even_rows_inputs(twin_name), output_type="latent", generator=torch.Generator().manual_seed(case.seed))
+    out = pipe(**_inputs(twin_name, odd_rows), output_type="latent", generator=torch.Generator().manual_seed(case.seed))
     return None if out is None else getattr(out, case.output)
 
 
@@ -224,12 +233,14 @@ def _grouped_runs(rank: int, world: int, twin_name: str, runs: list[dict]) -> li
     from stadi_xdit.xdit.build import build_stadi_pipeline
 
     case = conformance_cases()[twin_name]
-    inputs = _even_rows_inputs(twin_name)
     results = []
     for kwargs in runs:
+        kwargs = dict(kwargs)
+        odd_rows = kwargs.pop("odd_rows", False)
+        inputs = _inputs(twin_name, odd_rows)
         pipe = build_stadi_pipeline(case.twin_class(), case.build(), size=inputs["height"],
                                     steps=inputs["num_inference_steps"], model=f"tiny-{twin_name}", **kwargs)
-        latents = _case_call(twin_name, pipe)
+        latents = _case_call(twin_name, pipe, odd_rows)
         result = pipe.last_result
         results.append({"latents": latents, "bands": result.plan.row_bounds(), "evals": result.num_evals,
                         "planned": executed_evals(result.plan, result.replans, pipe.groups.band.rank),
@@ -238,11 +249,11 @@ def _grouped_runs(rank: int, world: int, twin_name: str, runs: list[dict]) -> li
     return results
 
 
-def _one_process(twin_name: str) -> torch.Tensor:
+def _one_process(twin_name: str, odd_rows: bool = False) -> torch.Tensor:
     import stadi_xdit.xdit  # noqa: F401
     from stadi_xdit.families import conformance_cases
 
-    return _case_call(twin_name, conformance_cases()[twin_name].build())
+    return _case_call(twin_name, conformance_cases()[twin_name].build(), odd_rows)
 
 
 @pytest.mark.parametrize("twin_name", _grouped_twins())
@@ -262,7 +273,12 @@ def test_a_family_on_ulysses_groups_equals_one_process_and_its_store_holds_a_hea
     exact_bands = grouped[0][0]["bands"]
     assert len(exact_bands) == 2 and exact_bands[0][1] - exact_bands[0][0] != exact_bands[1][1] - exact_bands[1][0]
     assert all(end % ULYSSES == 0 for _, end in exact_bands)
-    for rank, (exact, full, again, uniform, broken) in enumerate(grouped):
+    odd_reference = _one_process(twin_name, odd_rows=True)
+    for rank, (exact, full, again, uniform, broken, odd) in enumerate(grouped):
+        odd_error = relative_error(odd["latents"], odd_reference)
+        print(f"[ulysses groups] {twin_name} exact, odd rows, 2 groups x Ulysses-2, rank {rank}: rel. error vs "
+              f"1 process {odd_error:.2e}; bands {odd['bands']}")
+        assert (odd["bands"][-1][1] - odd["bands"][-1][0]) % 2 == 0 and odd_error <= 1e-4  # plan units: 2 rows
         error = relative_error(exact["latents"], reference)
         print(f"[ulysses groups] {twin_name} exact, 2 groups x Ulysses-2, rank {rank}: rel. error vs 1 process "
               f"{error:.2e}; bands {exact['bands']}")
@@ -307,3 +323,20 @@ def test_more_groups_and_cfg_parallel_over_ulysses_groups_equal_one_process(memb
         print(f"[ulysses groups] {twin_name} exact, {members} groups{' x CFG 2' if cfg else ''} x Ulysses-2, "
               f"rank {rank}: rel. error vs 1 process {error:.2e}; bands {bands}")
         assert exact["bands"] == bands and error <= 1e-4
+
+
+def test_bands_split_into_parts_of_whole_rows_and_the_last_band_takes_the_rows_past_the_plan():
+    from stadi_xdit.planner import plan
+    from stadi_xdit.runtime.layout import BandGeometry, BandLayout, BandView
+
+    layout = BandLayout(((0, 2), (2, 7)), patch_rows=2, tokens_per_row=5)
+    assert layout.split(2).token_rows == ((0, 1), (1, 2), (2, 5), (5, 7))  # 5 rows: 3 and 2
+    assert BandView(layout, 1).part_counts(2) == (15, 10)
+    with pytest.raises(ValueError, match="a band of 2 token rows cannot be split into 3 parts"):
+        layout.split(3)
+    geometry = BandGeometry.of_rows(7, patch_rows=2, tokens_per_row=5, align=2)
+    assert (geometry.rows, geometry.extra_rows, geometry.image_rows) == (6, 1, 7)
+    planned = plan([1.0, 1.0], rows=geometry.rows, align=2, num_steps=4, warmup_steps=1, mode="spatial")
+    assert geometry.layout(planned).token_rows == ((0, 4), (4, 7))  # the plan's 4 and 2, the last band one more
+    with pytest.raises(ValueError, match=r"extra rows must be in \[0, align=2\)"):
+        BandGeometry(rows=6, patch_rows=2, tokens_per_row=5, align=2, extra_rows=2)

@@ -232,9 +232,9 @@ def grouped_what_if(names: tuple[str, ...], relative: tuple[float, ...], preset:
     if ulysses < 1 or count % ulysses:
         raise ValueError(f"--ulysses-degree {ulysses} does not divide the {count} ranks into equal groups")
     rows = preset.band_units(height)
-    # A group splits its band into U equal parts of whole rows; a size whose rows do not divide is planned as if
-    # padded to the next multiple (what padded bands would compute), and said so: the launch refuses it today.
-    planned_rows = -(-rows // ulysses) * ulysses
+    # The plan is in whole U-row units, as the launch plans it (`BandGeometry.of_rows`); the last group also
+    # computes the rows past the last whole unit (fewer than U), which the prediction leaves out.
+    planned_rows = rows - rows % ulysses
     kv_per_row = preset.kv_bytes(height, bytes_per_value) / rows  # K and V of one band unit, every layer
     groups = [tuple(range(start, start + ulysses)) for start in range(0, count, ulysses)]
     members, row_costs = [], []
@@ -290,9 +290,10 @@ def format_grouped(grouped: dict, flat_seconds: dict) -> list[str]:
         lines.append(f"  {label:<34}{value:>12.3f}{grouped['xdit_ulysses_seconds'] / value:>16.2f}x")
     lines.extend("  " + line for line in grouped["explain"].splitlines())
     if grouped["planned_rows"] != grouped["rows"]:
-        lines.append(f"  ({grouped['rows']} rows are not a multiple of Ulysses {ulysses}: planned as "
-                     f"{grouped['planned_rows']}, each group's band padded to whole parts; `stadi-xdit` refuses this "
-                     "size until padded bands are built)")
+        extra = grouped["rows"] - grouped["planned_rows"]
+        lines.append(f"  ({grouped['rows']} rows are not a multiple of Ulysses {ulysses}: planned in {ulysses}-row units "
+                     f"on {grouped['planned_rows']}; the last group also computes the {extra} rows past them, as the "
+                     "launch does, which the prediction leaves out)")
     return lines
 
 

@@ -77,8 +77,9 @@ def _full_kv(store: DisplacedKVStore, layer: int, key: torch.Tensor,
 
 
 @torch.compiler.disable
-def _all_to_all(comm: BandComm, tensor: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-    return comm.all_to_all(tensor, scatter_dim, gather_dim)
+def _all_to_all(comm: BandComm, tensor: torch.Tensor, scatter_dim: int, gather_dim: int,
+                scatter_sizes: tuple[int, ...] | None = None, gather_sizes: tuple[int, ...] | None = None) -> torch.Tensor:
+    return comm.all_to_all(tensor, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
 
 
 @torch.compiler.disable
@@ -90,8 +91,8 @@ def band_attention(store: DisplacedKVStore, layer: int, query: torch.Tensor, key
                    value: torch.Tensor, stream: Stream | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of the band's queries (and the stream's) over the whole image's K/V (and the stream's).
 
-    With Ulysses inside the rank's STADI group (`store.sequence`), this rank holds an equal part of the
-    group's band with every head: one all-to-all trades it for the whole band with heads / U of the
+    With Ulysses inside the rank's STADI group (`store.sequence`), this rank holds a part of the group's
+    band (`BandLayout.split`) with every head: one all-to-all trades it for the whole band with heads / U of the
     heads (xDiT's USP order: a rank's heads are the U-th part at its group rank), attention runs over
     the store's K/V of that head shard, and one all-to-all trades back. The replicated stream takes its
     head shard, and its output is gathered over the heads.
@@ -99,7 +100,8 @@ def band_attention(store: DisplacedKVStore, layer: int, query: torch.Tensor, key
     Returns the band's output and the stream's (None without a stream), (batch, tokens, heads * head_dim)."""
     sequence = store.sequence if store.sequence is not None and store.sequence.world_size > 1 else None
     if sequence is not None:
-        query, key, value = (_all_to_all(sequence, x, 1, 2) for x in (query, key, value))
+        parts = store.band.part_counts(sequence.world_size)  # each group rank's tokens (a band of any length)
+        query, key, value = (_all_to_all(sequence, x, 1, 2, gather_sizes=parts) for x in (query, key, value))
         if stream is not None:
             stream = stream.head_shard(sequence.rank, sequence.world_size)
     image_key, image_value = _full_kv(store, layer, key, value)
@@ -122,7 +124,7 @@ def band_attention(store: DisplacedKVStore, layer: int, query: torch.Tensor, key
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         return (out, None) if stream is None else _split_joint(out, stream, dim=1)
     image_out, stream_out = (out, None) if stream is None else _split_joint(out, stream, dim=2)
-    image_out = _all_to_all(sequence, image_out, 2, 1)
+    image_out = _all_to_all(sequence, image_out, 2, 1, scatter_sizes=parts)
     if stream_out is not None:
         stream_out = _gather_heads(sequence, stream_out.contiguous()).transpose(1, 2).flatten(2, 3)
     return image_out.transpose(1, 2).flatten(2, 3).to(query.dtype), stream_out

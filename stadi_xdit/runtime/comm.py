@@ -18,6 +18,7 @@ synchronizes the device itself.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -167,22 +168,36 @@ class BandComm:
             self._timed(cuda, pending.wait)
 
     # --- Ulysses inside a sequence-parallel group -------------------------------------------
-    def all_to_all(self, tensor: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-        """`tensor` cut into `world_size` equal parts along `scatter_dim`, part j sent to group rank j;
-        returns the parts every rank sent this one, joined along `gather_dim` in rank order (Ulysses'
-        exchange of heads for tokens). Bounded, but not counted as waiting: inside a group it is part
-        of the group's forward, whose time is the group's cost."""
+    def all_to_all(self, tensor: torch.Tensor, scatter_dim: int, gather_dim: int,
+                   scatter_sizes: Sequence[int] | None = None, gather_sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """`tensor` cut into `world_size` parts along `scatter_dim` (equal, or of `scatter_sizes`), part j sent to
+        group rank j; returns the parts every rank sent this one, joined along `gather_dim` in rank order, where
+        rank j's part is `gather_sizes[j]` long (default: all as long as this rank's). Ulysses' exchange of heads
+        for tokens, whose token counts may differ by rank. Bounded, but not counted as waiting: inside a group it
+        is part of the group's forward, whose time is the group's cost."""
         if self.world_size == 1:
             return tensor
-        if tensor.shape[scatter_dim] % self.world_size:
-            raise ValueError(f"all_to_all: {tensor.shape[scatter_dim]} entries along dim {scatter_dim} do not "
-                             f"split into {self.world_size} equal parts")
-        send = torch.stack(tensor.chunk(self.world_size, dim=scatter_dim)).contiguous()
-        received = torch.empty_like(send)
+        if scatter_sizes is None:
+            if tensor.shape[scatter_dim] % self.world_size:
+                raise ValueError(f"all_to_all: {tensor.shape[scatter_dim]} entries along dim {scatter_dim} do not "
+                                 f"split into {self.world_size} equal parts")
+            scatter_sizes = [tensor.shape[scatter_dim] // self.world_size] * self.world_size
+        gather_sizes = list(gather_sizes) if gather_sizes is not None else [tensor.shape[gather_dim]] * self.world_size
+        parts = tensor.split(list(scatter_sizes), dim=scatter_dim)
+        send = torch.cat([part.reshape(-1) for part in parts])
+        shapes = []
+        for source in range(self.world_size):
+            shape = list(tensor.shape)
+            shape[scatter_dim], shape[gather_dim] = scatter_sizes[self.rank], gather_sizes[source]
+            shapes.append(shape)
+        counts = [math.prod(shape) for shape in shapes]
+        received = send.new_empty(sum(counts))
         self.collectives += 1
-        work = dist.all_to_all_single(received, send, group=self.group, async_op=True)
+        work = dist.all_to_all_single(received, send, output_split_sizes=counts,
+                                      input_split_sizes=[part.numel() for part in parts], group=self.group,
+                                      async_op=True)
         self._guarded(PendingWorks([work], self.wait_slice).wait)
-        return torch.cat(received.unbind(0), dim=gather_dim)
+        return torch.cat([piece.view(shape) for piece, shape in zip(received.split(counts), shapes)], dim=gather_dim)
 
     def gather_parts(self, part: torch.Tensor, dim: int) -> torch.Tensor:
         """Every group rank's equal `part`, joined along `dim` in rank order (a replicated stream's heads

@@ -46,17 +46,20 @@ class BandLayout:
         return [(end - start) * self.tokens_per_row for start, end in self.token_rows]
 
     def split(self, parts: int) -> BandLayout:
-        """Each band cut into `parts` equal runs of token rows, in order: with Ulysses inside STADI groups, band
-        `g` is group `g`'s and part `g * parts + p` is the one its sequence rank `p` computes."""
+        """Each band cut into `parts` runs of token rows, in order, as equal as whole rows allow (the first
+        `rows % parts` one row longer): with Ulysses inside STADI groups, band `g` is group `g`'s and part
+        `g * parts + p` is the one its sequence rank `p` computes."""
         if parts == 1:
             return self
         bounds = []
         for start, end in self.token_rows:
-            if (end - start) % parts:
-                raise ValueError(f"a band of {end - start} token rows cannot be split into {parts} equal parts "
-                                 f"(the plan's alignment must be a multiple of the Ulysses degree)")
-            step = (end - start) // parts
-            bounds.extend((start + p * step, start + (p + 1) * step) for p in range(parts))
+            if end - start < parts:
+                raise ValueError(f"a band of {end - start} token rows cannot be split into {parts} parts "
+                                 f"(the plan's alignment must be at least the Ulysses degree)")
+            each, extra = divmod(end - start, parts)
+            for p in range(parts):
+                bounds.append((start, start + each + (p < extra)))
+                start = bounds[-1][1]
         return BandLayout(tuple(bounds), self.patch_rows, self.tokens_per_row)
 
 
@@ -104,6 +107,12 @@ class BandView:
         start, end = self.token_range
         return end - start
 
+    def part_counts(self, parts: int) -> tuple[int, ...]:
+        """Tokens of each of the `parts` parts of this band (`BandLayout.split`): what each of a group's Ulysses
+        ranks computes."""
+        counts = self.layout.split(parts).token_counts()
+        return tuple(counts[self.rank * parts:(self.rank + 1) * parts])
+
     def positions(self, table: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """The band's rows of `table`, whose `dim` indexes every token of the image (ids, RoPE tables)."""
         start, end = self.token_range
@@ -117,13 +126,34 @@ class BandView:
 class BandGeometry:
     """How an image of one size is cut into bands: what the planner plans on, and its tensor units."""
 
-    rows: int  # token rows of the image (the planner's unit)
+    rows: int  # token rows the planner plans on: the image's, but `extra_rows`
     patch_rows: int  # latent rows per token row
     tokens_per_row: int
     align: int = 1  # bands are whole multiples of this many token rows
+    # Rows of the image past the last whole `align` unit (fewer than `align`): the last band takes them. The plan
+    # stays in whole units; a group of Ulysses ranks splits a band of any length into parts of whole rows.
+    extra_rows: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.extra_rows < self.align:
+            raise ValueError(f"extra rows must be in [0, align={self.align}), got {self.extra_rows}")
+
+    @classmethod
+    def of_rows(cls, rows: int, patch_rows: int, tokens_per_row: int, align: int = 1) -> BandGeometry:
+        """The geometry of an image of `rows` token rows whose bands are planned in `align`-row units."""
+        return cls(rows=rows - rows % align, patch_rows=patch_rows, tokens_per_row=tokens_per_row, align=align,
+                   extra_rows=rows % align)
+
+    @property
+    def image_rows(self) -> int:
+        return self.rows + self.extra_rows
 
     def layout(self, plan: Plan) -> BandLayout:
-        return BandLayout.from_plan(plan, self.patch_rows, self.tokens_per_row)
+        layout = BandLayout.from_plan(plan, self.patch_rows, self.tokens_per_row)
+        if not self.extra_rows:
+            return layout
+        *bands, (start, end) = layout.token_rows
+        return BandLayout((*bands, (start, end + self.extra_rows)), self.patch_rows, self.tokens_per_row)
 
 
 def slice_band(full: torch.Tensor, sizes: list[int], rank: int, dim: int) -> torch.Tensor:

@@ -298,7 +298,7 @@ class _Call:
         for i in range(self.warmup_steps):
             # The last warmup step's K/V seed the displaced phase (exact mode never needs them).
             self.store.set_phase(synchronous=True, publish=i == self.warmup_steps - 1 and not self.config.exact)
-            self.warmup_rows.append([end - start for start, end in self.layout.token_rows])
+            self.warmup_rows.append(self._planned_rows())
             self._forward_and_step(i, "warmup", i)
             if calibrate and i == 1:
                 # A second band size for the fit: the settled spatial bands of step 1's timing.
@@ -344,8 +344,14 @@ class _Call:
         return settled.plan
 
     def _last_warmup_rows(self) -> tuple[int, ...]:
-        return tuple(self.warmup_rows[-1]) if self.warmup_rows else tuple(
-            end - start for start, end in self.layout.token_rows)
+        return tuple(self.warmup_rows[-1]) if self.warmup_rows else tuple(self._planned_rows())
+
+    def _planned_rows(self) -> list[int]:
+        """The current layout's rows per band in the planner's units (the last band without the geometry's
+        `extra_rows`, which it computes beyond the plan's whole units)."""
+        rows = [end - start for start, end in self.layout.token_rows]
+        rows[-1] -= self.geometry.extra_rows
+        return rows
 
     def transition(self, final: Plan) -> None:
         """Gather the full latent and scheduler history once, re-slice for the plan's bands, and restrict

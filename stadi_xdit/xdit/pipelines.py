@@ -344,10 +344,7 @@ class StadiPipelineMixin:
             ranks = f"{groups} STADI ranks" if align == 1 else f"{groups} STADI groups x Ulysses {align}"
             raise ValueError(f"--height {height} gives {rows} token rows, fewer than the {ranks}: use --height >= "
                              f"{groups * align * scale * patch}")
-        if rows % align:
-            raise ValueError(f"--height {height} gives {rows} token rows, not a multiple of --ulysses_degree {align} "
-                             f"(each STADI group splits its rows evenly): use a multiple of {align * scale * patch} px")
-        return BandGeometry(rows=rows, patch_rows=patch, tokens_per_row=width // scale // patch, align=align)
+        return BandGeometry.of_rows(rows, patch, width // scale // patch, align)
 
     def _warmup_steps(self, num_steps: int) -> int:
         warmup = self.engine_config.runtime_config.warmup_steps

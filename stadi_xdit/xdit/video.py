@@ -75,10 +75,7 @@ class StadiVideoPipelineMixin(StadiPipelineMixin):
             raise RuntimeError(f"{type(self).__name__}._geometry needs the clip's frame count (call the pipeline)")
         align = self.groups.sequence_size  # each STADI group splits its band evenly over its Ulysses ranks
         rows = clip_token_rows(self._latent_frames, height // scale // p_h, self.groups.band.world_size * align)
-        if rows % align:
-            raise ValueError(f"--num_frames/--height give {rows} token rows of the clip, not a multiple of "
-                             f"--ulysses_degree {align} (each STADI group splits its rows evenly)")
-        return BandGeometry(rows=rows, patch_rows=p_h, tokens_per_row=width // scale // p_w, align=align)
+        return BandGeometry.of_rows(rows, p_h, width // scale // p_w, align)
 
     def _profile_key(self, height: int, width: int) -> str:
         transformer = self.module.transformer
@@ -104,7 +101,7 @@ class StadiVideoPipelineMixin(StadiPipelineMixin):
         remedies = (["--use_cfg_parallel"] if cfg_batched else []) + \
             (["--stadi_kv_dtype bfloat16"] if value_bytes > 2 else [])
         check_kv_memory(self.kv_store, need, torch.device(pipe._execution_device),
-                        f"{geometry.rows * geometry.tokens_per_row} tokens x {config.num_layers} layers x 2 x "
+                        f"{geometry.image_rows * geometry.tokens_per_row} tokens x {config.num_layers} layers x 2 x "
                         f"{config.num_attention_heads * config.attention_head_dim // self.groups.sequence_size} x "
                         f"batch {forward_batch} x {value_bytes} B", remedies)
 
