@@ -421,7 +421,7 @@ def check_runner_environment(namespace) -> None:
     if folders and folders[0] is not None and size is not None:
         check_position_limit(namespace.model, folders[0], *size)
     if folders and folders[0] is not None:
-        check_ulysses_heads(namespace.model, folders[0], getattr(namespace, "ulysses_degree", 1))
+        check_model_heads(namespace.model, folders[0], getattr(namespace, "ulysses_degree", 1))
     check_output_directory(namespace.output_directory, _output_bytes(namespace, size))
     if getattr(getattr(model, "settings", None), "model_output_type", None) == "video":
         check_video_writer(namespace.model)
@@ -528,23 +528,25 @@ def check_position_limit(name: str, folder: str, height: int, width: int) -> Non
                            f"patch {patch} x VAE scale {scale}): at most {largest} px")
 
 
-def check_ulysses_heads(name: str, folder: str, degree: object) -> None:
-    """Ulysses gives each of its ranks heads / U of every attention (in xDiT, and in STADI's groups): xDiT refuses
-    heads it cannot divide in every rank after loading; the count is in the transformer's config."""
+def check_model_heads(name: str, folder: str, degree: object) -> None:
+    """Heads that `--ulysses_degree` cannot divide (xDiT refuses them in every rank after loading; STADI's groups
+    too), read from the transformer's config in the model folder."""
     import json
 
     from stadi_xdit.paths import read_regular_file
+    from stadi_xdit.topology import check_ulysses_heads
 
     if not isinstance(degree, int) or degree <= 1:
         return
     try:
-        heads = json.loads(read_regular_file(os.path.join(folder, "transformer", "config.json"),
-                                             limit=1 << 20)).get("num_attention_heads")
+        config = json.loads(read_regular_file(os.path.join(folder, "transformer", "config.json"), limit=1 << 20))
     except (OSError, ValueError):
-        return
-    if isinstance(heads, int) and heads % degree:
-        fail(LAUNCHER, f"--ulysses_degree {degree}: --model {name} has {heads} attention heads, not a multiple of "
-                       f"{degree}")
+        return  # an unreadable config is the model files' check's to name
+    try:
+        check_ulysses_heads(config.get("num_attention_heads") if isinstance(config, dict) else None, degree,
+                            f"--model {name}")
+    except ValueError as error:
+        fail(LAUNCHER, str(error))
 
 
 def check_model_files(name: str, repo: str) -> str | None:

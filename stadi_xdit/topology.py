@@ -39,6 +39,13 @@ def refuse_degrees(values: Mapping[str, Any]) -> None:
                              "(STADI uses every rank of a CFG branch)")
 
 
+def check_ulysses_heads(heads: Any, degree: int, model: str) -> None:
+    """Ulysses gives each of its ranks heads / U of every attention (xDiT's, and STADI's groups): a one-line
+    error where `model`'s `heads` (its transformer's `num_attention_heads`; None: unknown) do not divide."""
+    if degree > 1 and isinstance(heads, int) and heads % degree:
+        raise ValueError(f"--ulysses_degree {degree}: {model} has {heads} attention heads, not a multiple of {degree}")
+
+
 def checked_vae_ranks(value: Any) -> int:
     """`--vae_parallel_size` checked: ranks taken from the DiT for xDiT's VAE (0: none)."""
     if value is None:
@@ -112,7 +119,8 @@ class Topology:
         `ulysses_groups`: the family runs Ulysses inside STADI groups (else --ulysses_degree is refused)."""
         kept = ("ulysses_degree",) if ulysses_groups else ()
         refuse_degrees({name: getattr(args, name, None) for name in REFUSED_WITH_STADI if name not in kept})
-        ulysses = getattr(args, "ulysses_degree", 1) if ulysses_groups else 1
+        given = getattr(args, "ulysses_degree", None)
+        ulysses = 1 if given is None or not ulysses_groups else given
         if not _is_count(ulysses, 1):
             raise ValueError(f"--ulysses_degree must be an integer >= 1, got {ulysses!r}")
         vae = checked_vae_ranks(getattr(args, "vae_parallel_size", None))

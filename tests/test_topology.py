@@ -222,14 +222,11 @@ def test_validate_lets_ulysses_through_only_for_a_family_that_runs_it_inside_sta
 
 
 def test_heads_that_ulysses_cannot_divide_are_refused_in_one_line():
-    from types import SimpleNamespace
+    from stadi_xdit.topology import check_ulysses_heads
 
-    from stadi_xdit.cli_errors import StadiInputError
-    from stadi_xdit.xdit.pipelines import _check_ulysses_heads
-
-    transformer = SimpleNamespace(config=SimpleNamespace(num_attention_heads=6))
-    _check_ulysses_heads(transformer, 2)
-    _check_ulysses_heads(transformer, 1)
-    with pytest.raises(StadiInputError, match=r"^--ulysses_degree 4: SimpleNamespace has 6 attention heads, "
-                                              r"not a multiple of 4$"):
-        _check_ulysses_heads(transformer, 4)
+    check_ulysses_heads(6, 2, "FluxTransformer2DModel")
+    check_ulysses_heads(6, 1, "FluxTransformer2DModel")
+    check_ulysses_heads(None, 4, "FluxTransformer2DModel")  # unknown: left to xDiT's own check
+    with pytest.raises(ValueError, match=r"^--ulysses_degree 4: FluxTransformer2DModel has 6 attention heads, "
+                                         r"not a multiple of 4$"):
+        check_ulysses_heads(6, 4, "FluxTransformer2DModel")

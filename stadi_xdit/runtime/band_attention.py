@@ -100,7 +100,7 @@ def band_attention(store: DisplacedKVStore, layer: int, query: torch.Tensor, key
     Returns the band's output and the stream's (None without a stream), (batch, tokens, heads * head_dim)."""
     sequence = store.sequence if store.sequence is not None and store.sequence.world_size > 1 else None
     if sequence is not None:
-        parts = store.band.part_counts(sequence.world_size)  # each group rank's tokens (a band of any length)
+        parts = store.part_counts  # each group rank's tokens (a band of any length)
         query, key, value = (_all_to_all(sequence, x, 1, 2, gather_sizes=parts) for x in (query, key, value))
         if stream is not None:
             stream = stream.head_shard(sequence.rank, sequence.world_size)

@@ -82,6 +82,8 @@ class DisplacedKVStore:
         self.fit: StoreFit | None = None  # the last registration's choice
         self._fitted_dtype: torch.dtype | None = None  # a narrower dtype the fit chose under kv_dtype None
         self.band: BandView | None = None  # this rank's band of the current layout (set_band)
+        # With Ulysses: the tokens of each group rank's part of the band (`BandView.part_counts`), once per layout.
+        self.part_counts: tuple[int, ...] = ()
         self.method = "broadcast"
         # A fresh store keeps what synchronous steps gather (the loop says which step seeds).
         self.synchronous = True
@@ -136,6 +138,7 @@ class DisplacedKVStore:
         if sum(band.token_counts) != sum(self.token_counts):
             self._valid = False  # another image size: the stored K/V mean nothing now
         self.band = band
+        self.part_counts = band.part_counts(self.sequence.world_size) if self.sequence is not None else ()
         self.method = choose_method(band.token_counts, in_place_all_gather=False)  # final at the first exchange
         self._method_device = None  # chosen at the first exchange, when the device is known
 

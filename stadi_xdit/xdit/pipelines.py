@@ -36,7 +36,7 @@ from stadi_xdit.runtime.layout import BandGeometry, BandView
 from stadi_xdit.runtime.loop import DenoiseResult, denoise
 from stadi_xdit.runtime.profile_cache import ProfileCache, profile_key
 from stadi_xdit.runtime.schedule import to_subsequence_capable
-from stadi_xdit.topology import Topology
+from stadi_xdit.topology import Topology, check_ulysses_heads
 from stadi_xdit.xdit.injection import InjectionPlan, apply_injection
 from stadi_xdit.xdit.runtime_state import StadiRuntimeState, install_runtime_state
 from stadi_xdit.xdit.step_cache import CacheDitStepCache, XditStepCache, find_step_cache
@@ -144,7 +144,12 @@ class StadiPipelineMixin:
 
     # --- xDiT override points -------------------------------------------------------------
     def _init_runtime_state(self, pipeline, engine_config) -> None:
-        _check_ulysses_heads(pipeline.transformer, engine_config.parallel_config.ulysses_degree)
+        # Before xDiT builds its groups, which refuses such heads in every rank with a traceback.
+        try:
+            check_ulysses_heads(getattr(pipeline.transformer.config, "num_attention_heads", None),
+                                engine_config.parallel_config.ulysses_degree, type(pipeline.transformer).__name__)
+        except ValueError as error:
+            raise StadiInputError(str(error)) from None
         # Building the runtime state creates xDiT's process groups; STADI's group is the dp group.
         heartbeat.phase("process-group")
         state = StadiRuntimeState(pipeline, engine_config)
@@ -431,15 +436,6 @@ class StadiPipelineMixin:
         logger.info("STADI rank %d%s: %d model evaluations (plan: %d)%s", self.groups.band.rank, part, result.num_evals,
                     planned, f", {result.cached_forwards} served by the step cache" if self.step_cache is not None else "")
         return result
-
-
-def _check_ulysses_heads(transformer: torch.nn.Module, degree: int) -> None:
-    """Ulysses inside a STADI group gives each of its ranks heads / U of every attention: one line, before xDiT
-    builds its process groups, where the heads do not divide."""
-    heads = getattr(transformer.config, "num_attention_heads", None) if degree > 1 else None
-    if heads is not None and heads % degree:
-        raise StadiInputError(f"--ulysses_degree {degree}: {type(transformer).__name__} has {heads} attention heads, "
-                              f"not a multiple of {degree}")
 
 
 def _store_budget_bytes(config: StadiConfig, store: DisplacedKVStore, comm: BandComm,
