@@ -36,7 +36,7 @@ BASE = ["--model", "tiny", "--use_stadi", "--height", "128", "--width", "128"]
 TMP = tempfile.mkdtemp(prefix="stadi-probe-")
 
 EXAMPLE_FLAGS = [
-    ["--ulysses_degree", "2"], ["--ring_degree", "2"], ["--pipefusion_parallel_degree", "2"],
+    ["--ulysses_degree", "3"], ["--ring_degree", "2"], ["--pipefusion_parallel_degree", "2"],
     ["--tensor_parallel_degree", "2"], ["--data_parallel_degree", "2"], ["--use_fast_attn"],
     ["--use_teacache"], ["--use_fbcache"], ["--cache_method", "teacache"],
     ["--use_onediff"],

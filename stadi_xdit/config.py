@@ -228,10 +228,11 @@ class StadiConfig:
         strategies into one folder never write the same file."""
         return f"stadi-{self.mode}" + ("-exact" if self.exact else "")
 
-    def output_label(self, torch_compile: bool) -> str:
-        """The strategy, then `_tc` with --use_torch_compile (as xDiT's names carry `tc_True`): compiled and eager
-        runs into one folder never share a name either."""
-        return self.strategy_label + ("_tc" if torch_compile else "")
+    def output_label(self, torch_compile: bool, ulysses_degree: int = 1) -> str:
+        """The strategy, then `_tc` with --use_torch_compile (as xDiT's names carry `tc_True`) and `_u<U>` on groups
+        of Ulysses ranks: compiled and eager runs, flat and grouped ones, into one folder never share a name."""
+        return self.strategy_label + ("_tc" if torch_compile else "") + (f"_u{ulysses_degree}" if ulysses_degree > 1
+                                                                          else "")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -123,7 +123,7 @@ def _args(**kwargs):
 
 
 @pytest.mark.parametrize("kwargs,world,flag", [
-    ({"ulysses_degree": 2}, 4, "--ulysses_degree"),
+    ({"ulysses_degree": 3}, 4, "--ulysses_degree"),  # 4 ranks do not make groups of 3
     ({"ring_degree": 2}, 4, "--ring_degree"),
     ({"pipefusion_parallel_degree": 2}, 4, "--pipefusion_parallel_degree"),
     ({"stadi_speeds": "1,2,3"}, 2, "--stadi_speeds"),

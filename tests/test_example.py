@@ -24,7 +24,7 @@ def _example(capsys=None):
 
 
 BAD_FLAGS = [
-    (["--ulysses_degree", "2"], "--ulysses_degree"),
+    (["--ulysses_degree", "3"], "--ulysses_degree"),  # the 2 ranks do not make groups of 3
     (["--pipefusion_parallel_degree", "2"], "--pipefusion_parallel_degree"),
     (["--stadi_speeds", "1,0.5,2"], "--stadi_speeds"),
     (["--stadi_speeds", "1,-1"], "--stadi_speeds"),

@@ -219,6 +219,17 @@ def test_validate_lets_ulysses_through_only_for_a_family_that_runs_it_inside_sta
     args.stadi_pipeline_class = WithoutGroups
     with pytest.raises(ValueError, match=r"^--ulysses_degree 2 cannot be combined with --use_stadi"):
         args.validate(4)
+    # An xDiT script's twin is known only when it builds its pipeline: the launch passes, the pipeline checks.
+    args.stadi_pipeline_class = None
+    assert args.validate(4) == 2
+    from types import SimpleNamespace
+
+    from stadi_xdit.cli_errors import StadiInputError
+
+    engine_config = SimpleNamespace(parallel_config=SimpleNamespace(ulysses_degree=2))
+    with pytest.raises(StadiInputError, match=r"^--ulysses_degree 2 cannot be combined with --use_stadi for "
+                                              r"WithoutGroups: its family does not run Ulysses inside STADI groups$"):
+        object.__new__(WithoutGroups)._init_runtime_state(None, engine_config)
 
 
 def test_heads_that_ulysses_cannot_divide_are_refused_in_one_line():

@@ -364,8 +364,9 @@ class _StadiArgsBehaviour(xFuserArgs):
         refuse_unsupported_features(self)
         validate_call_inputs(self)
         twin = self._runner_twin()
+        # A twin not known yet (an xDiT script picks it when it builds its pipeline) checks it itself, at construction.
         self.topology = Topology.from_args(self, world_size,
-                                           ulysses_groups=bool(getattr(twin, "ulysses_groups", False)))
+                                           ulysses_groups=twin is None or bool(getattr(twin, "ulysses_groups", False)))
         degree = self.topology.stadi_degree
         self.stadi.check_world(degree)
         validate_shape(self, degree, self.stadi.exact, image_rows=twin is None or twin.bands_are_image_rows)

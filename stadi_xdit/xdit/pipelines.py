@@ -144,6 +144,10 @@ class StadiPipelineMixin:
 
     # --- xDiT override points -------------------------------------------------------------
     def _init_runtime_state(self, pipeline, engine_config) -> None:
+        if engine_config.parallel_config.ulysses_degree > 1 and not self.ulysses_groups:
+            raise StadiInputError(f"--ulysses_degree {engine_config.parallel_config.ulysses_degree} cannot be combined "
+                                  f"with --use_stadi for {type(self).__name__}: its family does not run Ulysses "
+                                  "inside STADI groups")
         # Before xDiT builds its groups, which refuses such heads in every rank with a traceback.
         try:
             check_ulysses_heads(getattr(pipeline.transformer.config, "num_attention_heads", None),
