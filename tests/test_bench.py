@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stadi_xdit.bench.arms import skip_reason
-from stadi_xdit.bench.catalog import ARMS, DEFAULT_ARMS
+from stadi_xdit.bench.catalog import ARMS, DEFAULT_ARMS, Arm
 from stadi_xdit.bench.cli import main
 from stadi_xdit.bench.metrics import psnr, ssim
 from stadi_xdit.bench.presets import BENCH_PRESETS, get_preset
@@ -103,7 +103,9 @@ def test_the_grouped_arm_runs_stadi_over_ulysses_groups_beside_flat_stadi(tmp_pa
     tiny = get_preset("tiny")  # 2 heads, 8 token rows at 128 px
     assert skip_reason(ARMS["full-ulysses2"], tiny, 128, 2, 4, 2) == "2 ranks do not make two or more groups of 2 " \
                                                                      "Ulysses ranks"
-    assert "not a multiple of Ulysses 2" in skip_reason(ARMS["full-ulysses2"], tiny, 112, 4, 4, 2)
+    assert skip_reason(ARMS["full-ulysses2"], tiny, 112, 4, 4, 2) is None  # 7 rows: the last group takes the odd one
+    assert "not divisible by Ulysses 4" in skip_reason(Arm(
+        "g4", "stadi", "STADI over Ulysses-4 groups", mode="full", ulysses=4), tiny, 128, 8, 4, 2)
     assert "full-ulysses2" not in DEFAULT_ARMS
     out = tmp_path / "bench"
     code = main(["--preset", "tiny", "--ranks", "4", "--steps", "4", "--warmup", "2", "--repeats", "1",

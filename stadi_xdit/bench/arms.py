@@ -49,7 +49,7 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
         if not 1 <= warmup < steps:
             return f"STADI needs 1 <= warmup ({warmup}) < steps ({steps})"
         if arm.ulysses > 1:
-            return _grouped_skip_reason(arm.ulysses, preset, world, units)
+            return _grouped_skip_reason(arm.ulysses, preset, world)
         return None
     runner = preset.xdit_runner_transformer
     if runner and arm.name not in ("ulysses", "ring"):
@@ -68,16 +68,15 @@ def skip_reason(arm: Arm, preset: BenchPreset, height: int, world: int, steps: i
     return None
 
 
-def _grouped_skip_reason(ulysses: int, preset: BenchPreset, world: int, rows: int) -> str | None:
-    """Why STADI over groups of `ulysses` ranks cannot run this shape (None when it can)."""
+def _grouped_skip_reason(ulysses: int, preset: BenchPreset, world: int) -> str | None:
+    """Why STADI over groups of `ulysses` ranks cannot run this shape (None when it can; any number of rows
+    can: the last group computes the rows past the plan's whole units)."""
     if world % ulysses or world == ulysses:
         return f"{world} ranks do not make two or more groups of {ulysses} Ulysses ranks"
     if preset.heads % ulysses:
         return f"{preset.heads} attention heads are not divisible by Ulysses {ulysses}"
     if preset.video:
         return "grouped arms run image presets only"
-    if rows % ulysses:
-        return f"{rows} token rows are not a multiple of Ulysses {ulysses} (each group splits its band evenly)"
     return None
 
 
