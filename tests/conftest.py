@@ -27,7 +27,7 @@ def pytest_configure(config):
 
 
 # Files whose tests start whole launches (a launcher and its ranks, tens of seconds each): they run first, so
-# that under `make test`'s two workers the long ones overlap each other instead of ending the run alone.
+# that under `make test`'s workers the long ones overlap each other instead of ending the run alone.
 LAUNCH_FILES_FIRST = ("test_docs_commands.py", "test_xdit_runner.py", "test_runner_conformance.py",
                       "test_launcher_faults.py", "test_cli_hook.py", "test_stadi_flux.py", "test_compile.py")
 
