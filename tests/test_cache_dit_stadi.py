@@ -110,3 +110,56 @@ def test_cache_dits_step_mask_indexes_the_denoising_grid(runs):
         expected = [step for step in masked["displaced_steps"][1:-1] if step in free]
         assert masked["served_steps"] == expected and masked["cached"] == len(expected) > 0, (rank, masked)
     assert runs[0][4]["served_steps"] == free  # stride 1: every displaced step from 2 to 11
+
+
+class _Manager:
+    """cache-dit's context manager, as far as the steering touches it: its decision and its comparison."""
+
+    def __init__(self, verdict: bool):
+        self.verdict, self.decisions = verdict, 0
+
+    def can_cache(self, *args, **kwargs) -> bool:
+        self.decisions += 1
+        return self.verdict
+
+    def similarity(self, *args, **kwargs) -> dict:
+        return kwargs
+
+
+class _Group:
+    """A Ulysses group of two ranks whose other rank would (1.0) or would not (0.0) serve."""
+
+    world_size = 2
+
+    def __init__(self, peer: float):
+        self.peer, self.sent = peer, []
+
+    def all_gather_floats(self, value: float, device) -> list[float]:
+        self.sent.append(value)
+        return [value, self.peer]
+
+
+@pytest.mark.parametrize(("mine", "peer", "served"), [(True, 1.0, True), (True, 0.0, False), (False, 1.0, False)])
+def test_a_ulysses_group_serves_a_forward_only_where_all_its_ranks_would(mine, peer, served):
+    """Over Ulysses groups the ranks of a group meet in every attention's all-to-all: a rank that served a forward
+    its peer computes would leave the peer waiting. Each decides on its own part, then the group agrees."""
+    from stadi_xdit.xdit.step_cache import CacheDitStepCache
+
+    manager, group = _Manager(mine), _Group(peer)
+    cache = CacheDitStepCache(manager, ["context"])
+    cache.decide_with(group, torch.device("cpu"))
+    cache.may_serve = True
+    assert manager.can_cache("residual") is served and group.sent == [float(mine)]
+    cache.may_serve = False  # a synchronous step or the rank's last forward: alike on every rank, no collective
+    assert manager.can_cache("residual") is False and manager.decisions == 1 and len(group.sent) == 1
+    assert manager.similarity("t1", "t2", parallelized=True) == {"parallelized": False}  # its part, not the world's
+
+
+def test_a_flat_rank_decides_alone():
+    from stadi_xdit.xdit.step_cache import CacheDitStepCache
+
+    manager = _Manager(True)
+    cache = CacheDitStepCache(manager, ["context"])
+    cache.decide_with(None, torch.device("cpu"))
+    cache.may_serve = True
+    assert manager.can_cache("residual") is True and cache.group is None

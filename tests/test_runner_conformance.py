@@ -13,7 +13,8 @@ offline hub cache:
 - `cached`: where xDiT gives the model a step cache (`--cache_method teacache|fbcache|dbcache`, its first),
   STADI's stale mode with it, at a threshold that reuses every step it may: steps are served, and it saves;
 - `ulysses`: STADI exact on 4 ranks = 2 groups x Ulysses-2 (`--ulysses_degree 2`): the same output (its odd
-  token rows: the last group computes the row past the plan's 2-row units, its ranks' parts a row apart).
+  token rows: the last group computes the row past the plan's 2-row units, its ranks' parts a row apart);
+- `cached_ulysses`: `cached` over those groups: each group serves as one, and the output is the flat one's.
 
 Most of a tiny run is the start-up of its processes (each imports torch, diffusers and xfuser: about
 9 CPU-s), so the runs do not get a launch each. Runs of the same world size share one launch (one
@@ -122,6 +123,7 @@ def runner_modes(model_name: str) -> dict[str, list[str]]:
                            *guided[guided.index("--num_inference_steps") + 2:], "--use_stadi", "--stadi_degree", "2",
                            "--stadi_speeds", "1,1", "--warmup_steps", "1", "--cache_method", method,
                            "--cache_config", json.dumps(settings)]
+        modes["cached_ulysses"] = [*modes["cached"], "--ulysses_degree", "2"]
     return modes
 
 
@@ -218,5 +220,16 @@ def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[in
         method = runs["cached"].argv[runs["cached"].argv.index("--cache_method") + 1]
         (image,) = [p for p in (folder / runs["cached"].name).iterdir() if p.suffix in (".png", ".mp4")]
         assert f"_stadi-full_{method}_n2_" in image.name, image.name
+        # Over Ulysses groups each group serves as one: the same forwards on its two ranks, and the same output
+        # as the flat cached run up to the head shards' bf16 rounding (as for `ulysses` above).
+        assert all(f"STADI rank {rank} (Ulysses rank {part}): 6 model evaluations (plan: 6), 4 served by the step "
+                   "cache" in logs["cached_ulysses"] for rank in (0, 1) for part in (0, 1)), logs["cached_ulysses"][-3000:]
+        (image,) = [p for p in (folder / runs["cached_ulysses"].name).iterdir() if p.suffix in (".png", ".mp4")]
+        assert f"_stadi-full_u2_{method}_n4_" in image.name, image.name
+        grouped = outputs["cached_ulysses"]
+        print(f"[runner conformance] {model_name} cached over Ulysses groups: "
+              f"{np.abs(grouped - outputs['cached']).max():.0f}/255 at most from the flat cached run")
+        assert np.abs(grouped - outputs["cached"]).max() <= 16
+        assert np.linalg.norm(grouped - outputs["cached"]) / np.linalg.norm(outputs["cached"]) <= 1e-2
     assert not [path for run in runs.values() for path in (folder / run.name).glob(".*partial*")], \
         "a temporary save was left behind"

@@ -52,8 +52,8 @@ class BandPositionsUser(Protocol):
 class StepCache(Protocol):
     """A step cache inside the model (xDiT's TeaCache or FBCache blocks, cache-dit's DBCache;
     `xdit/step_cache.py`): on a forward whose input barely changed since the rank's last computed one, it
-    reuses that forward's residual for most blocks. Each rank decides for its own band; the loop says where
-    it may, and at which step of the denoising grid the forward is."""
+    reuses that forward's residual for most blocks. Each STADI member decides for its own band (a Ulysses
+    group as one); the loop says where it may, and at which step of the denoising grid the forward is."""
 
     def reset(self) -> None:
         """Forget the last forward's inputs and residuals (a new call, or a new band: other tokens)."""

@@ -194,16 +194,17 @@ class StadiPipelineMixin:
 
     def attach_step_cache(self) -> None:
         """xDiT (or `step_cache.apply_cache_dit`) has applied `--cache_method` to the transformer (after compiling
-        it, as its runner does): the loop steers that cache (`xdit/step_cache.py`). Each rank decides alone, so a
-        CFG pair, whose two branches must decide alike, is refused."""
-        if self.topology.cfg_degree > 1 or self.topology.ulysses_degree > 1:
-            flag = "--use_cfg_parallel" if self.topology.cfg_degree > 1 else "--ulysses_degree"
-            raise StadiInputError(f"--cache_method cannot be combined with {flag} under --use_stadi (each rank's "
-                                  "cache decides alone; ranks that compute one band together would decide apart)")
+        it, as its runner does): the loop steers that cache (`xdit/step_cache.py`). Each STADI member decides for
+        its band: a rank alone, or a Ulysses group's ranks together. A CFG pair, whose two branches hold different
+        predictions of the same band and would decide apart, is refused."""
+        if self.topology.cfg_degree > 1:
+            raise StadiInputError("--cache_method cannot be combined with --use_cfg_parallel under --use_stadi (each "
+                                  "band's cache decides alone; the two branches of a band would decide apart)")
         self.step_cache = find_step_cache(self.module.transformer)
         if self.step_cache is None:
             raise StadiInputError(f"--cache_method: xDiT applied no step cache to "
                                   f"{type(self.module.transformer).__name__}")
+        self.step_cache.decide_with(self.groups.sequence, self.module._execution_device)
 
     def compile_warmup_steps(self, num_steps: int) -> int:
         """Steps of a compile warmup call: STADI's warmup, then enough displaced steps that every rank computes

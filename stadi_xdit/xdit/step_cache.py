@@ -12,10 +12,15 @@ agreement; `CacheDitStepCache` then steers cache-dit's contexts.
 
 Both give the loop the `StepCache` controls it needs:
 
-* **Each rank decides for its own band.** Under STADI the sequence-parallel degree is 1, so xfuser's
+* **Each STADI member decides for its own band.** Flat, the sequence-parallel degree is 1, so xfuser's
   `l1_distance` compares this rank's band with its own last computed forward; no collective runs.
-  Between sync points the ranks are independent anyway, and a cached forward only changes how fresh
-  this rank's K/V are: the store then publishes the K/V of the last forward that computed them.
+  Between sync points the members are independent anyway, and a cached forward only changes how fresh
+  their K/V are: the store then publishes the K/V of the last forward that computed them.
+* **A Ulysses group decides as one** (`--ulysses_degree`): its ranks hold parts of one band and meet in
+  every attention's all-to-all, so a rank that served a forward while its peers computed it would leave
+  them waiting. xfuser's in-tree caches already average the difference over the sequence-parallel group,
+  as xDiT's own Ulysses does. cache-dit decides on each rank from its own part; the group then serves a
+  forward only where every one of its ranks would (`decide_with`): one all-gather of a flag per decision.
 * **Where it may not.** Synchronous steps (warmup, exact mode) gather every layer's K/V from every
   rank, so all of them must run; the rank's last forward finishes its band. The loop sets the threshold
   to 0 there (nothing is ever under it), and restores it for the displaced forwards.
@@ -36,6 +41,7 @@ import torch
 from xfuser.model_executor.cache.utils import CachedTransformerBlocks
 
 from stadi_xdit.cli_errors import StadiInputError
+from stadi_xdit.runtime.comm import BandComm
 
 STADI_CACHE_METHODS = ("teacache", "fbcache", "dbcache")
 
@@ -75,6 +81,9 @@ class XditStepCache:
 
     def last_forward_cached(self) -> bool:
         return any(bool(block.use_cache) for block in self.blocks)
+
+    def decide_with(self, group: BandComm | None, device: torch.device) -> None:
+        """Nothing to add: xfuser's `l1_distance` averages over the sequence-parallel group, the STADI group."""
 
 
 def cache_dit_settings(step_cache_config: dict | None, method: str | None) -> Any:
@@ -118,15 +127,27 @@ class CacheDitStepCache:
             raise ValueError("no cache-dit contexts to steer")
         self.manager, self.names = manager, list(names)
         self.may_serve = False
+        self.group: BandComm | None = None  # the Ulysses group that decides as one (None: this rank alone)
+        self.device = torch.device("cpu")
         decide, compare = manager.can_cache, manager.similarity
 
         def can_cache(*args, **kwargs) -> bool:
-            return self.may_serve and decide(*args, **kwargs)
+            if not self.may_serve:  # alike on every rank of a group: no decision, no collective
+                return False
+            serve = bool(decide(*args, **kwargs))
+            if self.group is not None:
+                serve = min(self.group.all_gather_floats(float(serve), self.device)) > 0
+            return serve
 
         def similarity(*args, **kwargs) -> bool:
             return compare(*args, **{**kwargs, "parallelized": False})
 
         manager.can_cache, manager.similarity = can_cache, similarity
+
+    def decide_with(self, group: BandComm | None, device: torch.device) -> None:
+        """Let the ranks of `group` (a Ulysses group; None: none) serve a forward only where all of them would."""
+        self.group = group if group is not None and group.world_size > 1 else None
+        self.device = device
 
     @classmethod
     def find(cls, transformer: torch.nn.Module) -> CacheDitStepCache | None:
