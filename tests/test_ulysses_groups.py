@@ -56,30 +56,37 @@ def _reference(rows: slice, query, key, value, stream) -> tuple[torch.Tensor, to
     return image_out.transpose(1, 2).flatten(2, 3), stream_out.transpose(1, 2).flatten(2, 3)
 
 
-def _grouped_rank(rank: int, world: int, layer_streams: list[bool | None]) -> dict:
+def _grouped_rank(rank: int, world: int, layer_streams: list[bool | None], group_sizes: tuple[int, ...]) -> dict:
     from datetime import timedelta
 
     import torch.distributed as dist
 
     from stadi_xdit.runtime.band_attention import band_attention
     from stadi_xdit.runtime.comm import BandComm
+    from stadi_xdit.runtime.head_shards import HeadShards
     from stadi_xdit.runtime.kv import DisplacedKVStore
     from stadi_xdit.runtime.layout import BandView
 
-    groups = world // ULYSSES
-    group, index = divmod(rank, ULYSSES)  # xDiT's order: a group's ranks are consecutive
+    shards = HeadShards(group_sizes, HEADS)
+    groups = shards.members
+    group, index = shards.member_of(rank)  # xDiT's order: a group's ranks are consecutive
+    degree = group_sizes[group]
     timeout = timedelta(seconds=120)
-    sequence_groups = [dist.new_group(list(range(g * ULYSSES, (g + 1) * ULYSSES))) for g in range(groups)]
-    shard_groups = [dist.new_group(list(range(i, world, ULYSSES))) for i in range(ULYSSES)]
-    sequence = BandComm(sequence_groups[group], index, ULYSSES, timeout)
-    store = DisplacedKVStore(BandComm(shard_groups[index], group, groups, timeout), group_layers=1,
-                             sequence=sequence)
+    sequence_groups = [dist.new_group(list(shards.ranks_of(g))) for g in range(groups)]
+    sequence = BandComm(sequence_groups[group], index, degree, timeout)
+    if len(set(group_sizes)) == 1:  # equal groups: the ranks that hold the same heads exchange whole bands
+        shard_groups = [dist.new_group(list(range(i, world, degree))) for i in range(degree)]
+        store = DisplacedKVStore(BandComm(shard_groups[index], group, groups, timeout), group_layers=1,
+                                 sequence=sequence)
+    else:  # unequal groups: every rank sends each rank of another group the heads both hold
+        store = DisplacedKVStore(BandComm(None, rank, world, timeout), group_layers=1, sequence=sequence,
+                                 shards=shards)
     store.set_band(BandView.of_token_counts(GROUP_TOKENS, group))
     flat = DisplacedKVStore(BandComm(None, 0, 1), group_layers=1)  # one process, every head: the memory yardstick
     flat.set_band(BandView.of_token_counts([sum(GROUP_TOKENS)], 0))
 
     start = sum(GROUP_TOKENS[:group])
-    part = GROUP_TOKENS[group] // ULYSSES
+    part = GROUP_TOKENS[group] // degree
     rows = slice(start + index * part, start + (index + 1) * part)
     group_rows = slice(start, start + GROUP_TOKENS[group])
     published = [0] * groups  # the step whose K/V of each group the others hold
@@ -113,27 +120,38 @@ def _grouped_rank(rank: int, world: int, layer_streams: list[bool | None]) -> di
             published = [step] * groups
     store.drain()
     flat.drain()
-    return {"errors": errors, "bytes": store.memory_bytes(), "flat_bytes": flat.memory_bytes(),
+    return {"errors": errors, "bytes": store.memory_bytes(), "flat_bytes": flat.memory_bytes(), "degree": degree,
+            "own_tokens": GROUP_TOKENS[group],
             "sequence_collectives": sequence.collectives, "sequence_waits": sequence.wait_seconds,
             "stats": store.stats()}
 
 
-@pytest.mark.parametrize("layer_streams", [[None, True], [False, None]], ids=["text-first", "text-last"])
-def test_ulysses_inside_groups_attends_as_one_process_and_holds_one_head_shard(layer_streams):
+@pytest.mark.parametrize(("layer_streams", "group_sizes"), [([None, True], (2, 2)), ([False, None], (2, 2)),
+                                                           ([None, True], (2, 1))],
+                         ids=["text-first", "text-last", "unequal-groups"])
+def test_ulysses_inside_groups_attends_as_one_process_and_holds_one_head_shard(layer_streams, group_sizes):
+    """Equal groups, and a group of 2 beside a group of 1 (nodes of different sizes), whose ranks hold different
+    head shards: each receives exactly its heads of the other group's band."""
     from stadi_xdit.offline.spawn import run_distributed
 
-    results = run_distributed(_grouped_rank, 2 * ULYSSES, layer_streams, init_process_group=True, timeout=300)
+    results = run_distributed(_grouped_rank, sum(group_sizes), layer_streams, group_sizes, init_process_group=True,
+                              timeout=300)
     for rank, result in enumerate(results):
-        print(f"[ulysses groups] rank {rank}: max error {max(result['errors']):.1e}, store {result['bytes']} B "
-              f"(one process, every head: {result['flat_bytes']} B)")
+        print(f"[ulysses groups {group_sizes}] rank {rank}: max error {max(result['errors']):.1e}, store "
+              f"{result['bytes']} B (one process, every head: {result['flat_bytes']} B)")
         assert max(result["errors"]) < 1e-5, (rank, result["errors"])
-        assert result["bytes"] * ULYSSES == result["flat_bytes"]  # heads / U of the whole image
+        degree, stats = result["degree"], result["stats"]
+        assert result["bytes"] * degree == result["flat_bytes"]  # heads / U of the whole image
         # Per attention: one all-to-all for each of Q, K, V and one back; a stream's output is gathered over
-        # the heads (one broadcast per group rank).
-        per_step = 4 * len(layer_streams) + ULYSSES * sum(first is not None for first in layer_streams)
-        assert result["sequence_collectives"] == per_step * len(STEPS)
+        # the heads (one broadcast per group rank). A group of one rank has none.
+        per_step = 4 * len(layer_streams) + degree * sum(first is not None for first in layer_streams)
+        assert result["sequence_collectives"] == (per_step if degree > 1 else 0) * len(STEPS)
         assert result["sequence_waits"] == 0.0  # the group's own exchanges are its forward, not waiting
-        assert result["stats"]["sync_points"] == 1
+        assert stats["sync_points"] == 1
+        # Its own band out, the other groups' bands in, for this rank's heads only.
+        per_token = stats["buffer_bytes"] // sum(GROUP_TOKENS)
+        assert stats["bytes_sent_per_sync_point"] == result["own_tokens"] * per_token
+        assert stats["bytes_received_per_sync_point"] == (sum(GROUP_TOKENS) - result["own_tokens"]) * per_token
 
 
 def test_all_to_all_refuses_uneven_parts():
@@ -340,3 +358,37 @@ def test_bands_split_into_parts_of_whole_rows_and_the_last_band_takes_the_rows_p
     assert geometry.layout(planned).token_rows == ((0, 4), (4, 7))  # the plan's 4 and 2, the last band one more
     with pytest.raises(ValueError, match=r"extra rows must be in \[0, align=2\)"):
         BandGeometry(rows=6, patch_rows=2, tokens_per_row=5, align=2, extra_rows=2)
+
+
+def test_head_shards_of_unequal_groups_route_each_pair_the_heads_both_hold():
+    from stadi_xdit.runtime.exchange import LayerSlot
+    from stadi_xdit.runtime.head_shards import HeadShards, ShardRoutes, shard_columns
+
+    shards = HeadShards((4, 2, 1), heads=8)  # three nodes: 4, 2 and 1 GPUs
+    assert shards.world_size == 7 and shards.members == 3
+    assert [shards.member_of(rank) for rank in range(7)] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (2, 0)]
+    assert [shards.head_range(rank) for rank in range(7)] == [(0, 2), (2, 4), (4, 6), (6, 8), (0, 4), (4, 8), (0, 8)]
+    assert shards.shared_heads(4, 1) == (2, 4) and shards.shared_heads(1, 4) == (2, 4)
+    start, end = shards.shared_heads(3, 4)  # [6, 8) and [0, 4): nothing in common, an empty range
+    assert start == end
+    assert shards.shared_heads(0, 1) == (0, 0)  # one group computes one band: nothing to send inside it
+    # Every rank of another group receives, over all senders of a group, exactly the heads it holds, once.
+    for receiver in range(7):
+        for member in range(3):
+            if member == shards.member_of(receiver)[0]:
+                continue
+            got = sorted(shards.shared_heads(sender, receiver) for sender in shards.ranks_of(member))
+            covered = [head for start, end in got for head in range(start, end)]
+            assert covered == list(range(*shards.head_range(receiver))), (receiver, member)
+    # Columns: layer 7 holds heads [0, 4) of K and V for a batch of 2, 3 channels each; heads [2, 4) wanted.
+    slot = LayerSlot(7, 0, 5, (2, 4, 3))
+    columns = shard_columns([slot], (0, 4), (2, 4)).tolist()
+    row = torch.arange(5 + slot.width).view(-1)[5:].view(2, 2, 4, 3)  # (K/V, batch, heads, channels) of one token
+    assert columns == row[:, :, 2:4].reshape(-1).tolist()
+    # The sender and the receiver enumerate shared heads alike, each in its own layout.
+    sender = ShardRoutes(shards, 4, [LayerSlot(0, 0, 0, (1, 4, 2))])  # heads [0, 4)
+    receiver = ShardRoutes(shards, 1, [LayerSlot(0, 0, 0, (1, 2, 2))])  # heads [2, 4)
+    assert len(sender.send[1]) == len(receiver.receive[4]) == 2 * 2 * 2
+    for bad, message in [((2, 0), "integers >= 1"), ((3,), "cannot split 8 attention heads")]:
+        with pytest.raises(ValueError, match=message):
+            HeadShards(bad, heads=8)

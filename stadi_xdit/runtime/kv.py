@@ -39,11 +39,13 @@ from stadi_xdit.runtime.exchange import (
     DEFAULT_GROUP_LAYERS,
     FlatKVBuffer,
     LayerRegistry,
+    LayerSlot,
     choose_method,
     heads_view,
     method_bytes,
     write_band,
 )
+from stadi_xdit.runtime.head_shards import HeadShards, ShardRoutes
 from stadi_xdit.runtime.layout import BandView
 
 logger = logging.getLogger(__name__)
@@ -64,12 +66,17 @@ class DisplacedKVStore:
     """Full-image K/V of every displaced attention layer of one rank, and their exchange."""
 
     def __init__(self, comm: BandComm, *, group_layers: int = DEFAULT_GROUP_LAYERS,
-                 kv_dtype: torch.dtype | None = None, sequence: BandComm | None = None):
+                 kv_dtype: torch.dtype | None = None, sequence: BandComm | None = None,
+                 shards: HeadShards | None = None):
         self.comm = comm
         # With Ulysses inside a STADI group (`sequence`, the group's ranks): the band is the group's, this
         # rank holds every band token for heads / U of the heads, and `comm` joins the ranks of the other
         # groups that hold the same head shard. None, or one rank: the band is this rank's alone.
         self.sequence = sequence
+        # Groups of unequal degrees (`runtime/head_shards.py`): `comm` joins every rank of the CFG branch, and
+        # each exchange moves to each rank the heads it holds of every other group's band.
+        self.shards = shards
+        self._routes: dict[tuple[LayerSlot, ...], ShardRoutes] = {}
         self.group_layers = _check_group_layers(group_layers)
         self.kv_dtype = kv_dtype  # None: store K/V in the dtype attention computes in
         # Plans that fit (planner/memory.py): the bytes each band rank may give the store (None: unchecked),
@@ -132,15 +139,23 @@ class DisplacedKVStore:
         """`band` is this rank's band of the new layout; the store reads its range and counts from it."""
         if self._pending or self._ready:
             raise RuntimeError("cannot change the band layout while a K/V exchange is in flight")
-        if band.rank != self.comm.rank or band.world_size != self.comm.world_size:
-            raise ValueError(f"band {band.rank} of {band.world_size} is not this store's rank {self.comm.rank} "
-                             f"of {self.comm.world_size}")
+        member, members = self.member
+        if band.rank != member or band.world_size != members:
+            raise ValueError(f"band {band.rank} of {band.world_size} is not this store's rank {member} "
+                             f"of {members}")
         if sum(band.token_counts) != sum(self.token_counts):
             self._valid = False  # another image size: the stored K/V mean nothing now
         self.band = band
         self.part_counts = band.part_counts(self.sequence.world_size) if self.sequence is not None else ()
         self.method = choose_method(band.token_counts, in_place_all_gather=False)  # final at the first exchange
         self._method_device = None  # chosen at the first exchange, when the device is known
+
+    @property
+    def member(self) -> tuple[int, int]:
+        """(this rank's band, bands): its STADI member among the members, whose bands the store holds."""
+        if self.shards is not None:
+            return self.shards.member_of(self.comm.rank)[0], self.shards.members
+        return self.comm.rank, self.comm.world_size
 
     @property
     def token_counts(self) -> tuple[int, ...]:
@@ -153,7 +168,11 @@ class DisplacedKVStore:
         return self.band.token_range if self.band is not None else (0, 0)
 
     def _choose_method(self, tensor: torch.Tensor) -> str:
-        """The layout's exchange method (`exchange.choose_method`), logged once per layout."""
+        """The layout's exchange method (`exchange.choose_method`), logged once per layout; between unequal
+        groups, the all-to-all of head shards."""
+        if self.shards is not None:
+            self.method = "head_shards"
+            return self.method
         if self._method_device != tensor.device:
             self._method_device = tensor.device
             self.method = choose_method(self.token_counts, in_place_all_gather=tensor.is_cuda)
@@ -208,8 +227,8 @@ class DisplacedKVStore:
             registry.register(layer, shape)
         staging = self._staging_view(key)
         write_band(staging, self.own_range[0], key, value)
-        works = self._launch(staging.view(staging.shape[0], -1))
-        self.comm.wait_works(PendingWorks(works, self.comm.wait_slice), key.is_cuda)
+        self.comm.wait_works(self._launch(staging.view(staging.shape[0], -1), (LayerSlot(layer, 0, 0, shape),)),
+                             key.is_cuda)
         if self.publish:  # these K/V seed the displaced steps that follow
             if registry.closed:
                 self._ensure_buffer(key).layer_view(layer).copy_(staging)
@@ -311,8 +330,7 @@ class DisplacedKVStore:
 
     def _flush(self) -> None:
         for group in self._ready:
-            works = self._launch(self._buffer.blocks[group])
-            self._pending[group] = PendingWorks(works, self.comm.wait_slice)
+            self._pending[group] = self._launch_group(group)
         self._ready.clear()
 
     def _publish_skipped_groups(self) -> None:
@@ -324,15 +342,28 @@ class DisplacedKVStore:
             pending = self._pending.pop(group, None)
             if pending is not None:
                 self.comm.wait_works(pending, buffer.flat.is_cuda)
-            self._pending[group] = PendingWorks(self._launch(buffer.blocks[group]), self.comm.wait_slice)
+            self._pending[group] = self._launch_group(group)
             self.counts["skipped_layer_publishes"] += buffer.group_sizes[group] - self._ran[group]
         self._next_ready = buffer.num_groups
 
-    def _launch(self, block: torch.Tensor) -> list:
-        """One exchange of a token-major (tokens, width) block: this rank's rows out, the rest in."""
+    def _launch_group(self, group: int) -> PendingWorks:
+        buffer = self._buffer
+        slots = tuple(slot for slot in buffer.slots.values() if slot.group == group)
+        return self._launch(buffer.blocks[group], slots)
+
+    def _launch(self, block: torch.Tensor, slots: tuple[LayerSlot, ...]) -> PendingWorks:
+        """One exchange of a token-major (tokens, width) block of the layers `slots`: this rank's rows out, the
+        rest in."""
         comm = self.comm
         start, end = self.own_range
-        if self._choose_method(block) == "all_gather":
+        method = self._choose_method(block)
+        if method == "head_shards":
+            routes = self._routes.get(slots)
+            if routes is None:
+                routes = self._routes[slots] = ShardRoutes(self.shards, comm.rank, slots)
+            self._step_collectives += 1
+            return routes.launch(comm, block, self.band.layout.token_range, comm.wait_slice)
+        if method == "all_gather":
             works = comm.all_gather_into_async(block, block[start:end])
         else:
             works, offset = [], 0
@@ -340,7 +371,7 @@ class DisplacedKVStore:
                 works += comm.broadcast_async(block[offset:offset + count], source)
                 offset += count
         self._step_collectives += len(works)
-        return works
+        return PendingWorks(works, comm.wait_slice)
 
     def _fit(self, computed: torch.dtype, values: int, keep: str | None = None) -> None:
         """The dtype a store of `values` K/V values (computed in `computed`) fits in on every band rank
@@ -435,9 +466,12 @@ class DisplacedKVStore:
         """What the exchange did and costs on this rank (JSON-ready)."""
         buffer, counts = self._buffer, self.token_counts
         per_token = buffer.bytes_per_token() if buffer is not None else 0
-        rank = self.comm.rank
-        own = counts[rank] if counts else 0
-        if self.method == "all_gather" and counts:
+        band = self.member[0]
+        own = counts[band] if counts else 0
+        sent = own * per_token
+        if self.shards is not None and buffer is not None and counts:
+            sent, received = self._shard_bytes(buffer)
+        elif self.method == "all_gather" and counts:
             received = (len(counts) - 1) * max(counts) * per_token
         else:
             received = (sum(counts) - own) * per_token
@@ -455,12 +489,25 @@ class DisplacedKVStore:
             "sync_points": self.counts["sync_points"],
             "collectives_per_synchronous_step": self.counts["last_synchronous_step_collectives"],
             "synchronous_steps": self.counts["synchronous_steps"],
-            "bytes_sent_per_sync_point": own * per_token,
+            "bytes_sent_per_sync_point": sent,
             "bytes_received_per_sync_point": received,
             "store_bytes": self.memory_bytes(),
             "buffer_bytes": buffer.nbytes if buffer is not None else 0,
             **extra,  # a step cache's layers published with the K/V they last computed; the memory fit
         }
+
+
+    def _shard_bytes(self, buffer: FlatKVBuffer) -> tuple[int, int]:
+        """Bytes this rank sends and receives per sync point between unequal groups: its band to every rank of
+        another group for the heads they share, and every other group's band for its own heads."""
+        shards, rank, size = self.shards, self.comm.rank, buffer.flat.element_size()
+        rows = [self.token_counts[shards.member_of(peer)[0]] for peer in range(shards.world_size)]
+        sent = received = 0
+        for group in range(buffer.num_groups):
+            routes = ShardRoutes(shards, rank, tuple(slot for slot in buffer.slots.values() if slot.group == group))
+            sent += rows[rank] * sum(len(columns) for columns in routes.send) * size
+            received += sum(count * len(columns) for count, columns in zip(rows, routes.receive)) * size
+        return sent, received
 
 
 def _check_group_layers(value: int) -> int:

@@ -51,16 +51,21 @@ class BandLayout:
         `g * parts + p` is the one its sequence rank `p` computes."""
         if parts == 1:
             return self
+        bounds = tuple(part for rank in range(self.world_size) for part in self.band_parts(rank, parts))
+        return BandLayout(bounds, self.patch_rows, self.tokens_per_row)
+
+    def band_parts(self, rank: int, parts: int) -> list[tuple[int, int]]:
+        """Band `rank`'s token rows cut into `parts` runs, as `split` cuts every band."""
+        start, end = self.token_rows[rank]
+        if end - start < parts:
+            raise ValueError(f"a band of {end - start} token rows cannot be split into {parts} parts "
+                             f"(the plan's alignment must be at least the Ulysses degree)")
+        each, extra = divmod(end - start, parts)
         bounds = []
-        for start, end in self.token_rows:
-            if end - start < parts:
-                raise ValueError(f"a band of {end - start} token rows cannot be split into {parts} parts "
-                                 f"(the plan's alignment must be at least the Ulysses degree)")
-            each, extra = divmod(end - start, parts)
-            for p in range(parts):
-                bounds.append((start, start + each + (p < extra)))
-                start = bounds[-1][1]
-        return BandLayout(tuple(bounds), self.patch_rows, self.tokens_per_row)
+        for p in range(parts):
+            bounds.append((start, start + each + (p < extra)))
+            start = bounds[-1][1]
+        return bounds
 
 
 @dataclass(frozen=True)
@@ -110,8 +115,7 @@ class BandView:
     def part_counts(self, parts: int) -> tuple[int, ...]:
         """Tokens of each of the `parts` parts of this band (`BandLayout.split`): what each of a group's Ulysses
         ranks computes."""
-        counts = self.layout.split(parts).token_counts()
-        return tuple(counts[self.rank * parts:(self.rank + 1) * parts])
+        return tuple((end - start) * self.layout.tokens_per_row for start, end in self.layout.band_parts(self.rank, parts))
 
     def positions(self, table: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """The band's rows of `table`, whose `dim` indexes every token of the image (ids, RoPE tables)."""
