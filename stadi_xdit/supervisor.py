@@ -9,7 +9,9 @@ heartbeats (`stadi_xdit.runtime.heartbeat`) into a private folder; a thread here
   wait seconds for the interpreter lock behind a long garbage collection or teardown; or
 * has made no progress for longer than `timeout` (a live stall: a lock, a hung read). Progress is
   a phase change or a model block starting (`heartbeat.watch_progress`), so slow work (a long VAE
-  decode, a slow step) is never taken for a stall; or
+  decode, a slow step) is never taken for a stall. In xDiT's model load and group set-up, which are
+  collectives of xDiT's own, a rank waiting for a peer that still progresses is not stalled either
+  (`PEER_WAIT_PHASES`); or
 * is `idle` (done, waiting for the output rank or tearing down) for longer than `timeout` after
   no rank of the launch works any more: teardown after the output is saved is bounded too.
 
@@ -46,6 +48,10 @@ ENDING_SECONDS = STOP_GRACE_SECONDS + 2.0
 MARGIN_SECONDS = 5.0  # what the launcher may take beyond --stadi_timeout to end a stalled launch
 IDLE_PHASE = "idle"  # done with its part: waits for the output rank, then tears down
 NO_LIMIT_PHASES = ("startup", IDLE_PHASE)  # imports and parsing; idle while another rank still works
+# xDiT's model load and group set-up are collectives of its own (its replicated load reads on one rank and
+# broadcasts; its groups meet at the store), outside STADI's peer-aware waits: a rank there may wait, without
+# progress, for a peer that still loads on a loaded machine. It is stalled once no rank has progressed.
+PEER_WAIT_PHASES = ("load", "process-group")
 SAVE_PHASE = "save"
 
 
@@ -133,8 +139,10 @@ class Supervisor:
         """End the launch if `rank` is silent, makes no progress in a working phase, or idles past the end."""
         since = float(record.get("since", now))
         silent = now - float(record.get("beat", now))
-        no_progress = now - max(since, float(record.get("progress", since)))
+        no_progress = now - _last_progress(record, now)
         phase = str(record.get("phase", "?"))
+        if phase in PEER_WAIT_PHASES:  # waiting for a peer that works is not a stall
+            no_progress = min(no_progress, *(now - _last_progress(other, now) for other in records.values()))
         if self._silent(record, now):
             self._end(rank, phase, f"rank {rank} stopped responding in {phase} (no heartbeat for "
                                     f"{silent:.1f} s, --stadi_timeout {self.timeout:g} s)", records)
@@ -210,6 +218,12 @@ class Supervisor:
         if float(record.get("since", float("inf"))) > min(reported) - 0.8 * self.timeout:
             return None
         return str(record.get("phase", "?"))
+
+
+def _last_progress(record: dict, now: float) -> float:
+    """When a rank last progressed: its phase's start or its last reported progress."""
+    since = float(record.get("since", now))
+    return max(since, float(record.get("progress", since)))
 
 
 def _is_child(pid: int) -> bool:

@@ -138,6 +138,22 @@ def test_idle_is_unbounded_while_a_peer_works_and_bounded_once_none_does(capsys)
         assert "after every rank finished its work" in capsys.readouterr().err
 
 
+def test_a_rank_waiting_in_xdits_load_for_a_peer_that_still_loads_is_not_a_stall(capsys):
+    """xDiT's replicated load reads on rank 0 and broadcasts: on a loaded machine rank 0 waited past a 5 s timeout
+    for rank 1, which was still loading, and a working launch was ended (a suite run with three workers). While a
+    peer progresses the waiting rank is spared; once none does, the launch ends naming a rank in load."""
+    with _watched(1.0, ranks=2) as (supervisor, (waiting, loading)):
+        supervisor.start()
+        for _ in range(15):  # 1.5 s of polls: rank 0 has waited 5 s, rank 1 reads its weights
+            _beat_record(supervisor, 0, waiting.pid, "load", phase_age=5, progress_age=5)
+            _beat_record(supervisor, 1, loading.pid, "load", phase_age=5, progress_age=0)
+            time.sleep(0.1)
+        assert supervisor.culprit is None
+        _beat_record(supervisor, 1, loading.pid, "load", phase_age=5, progress_age=5)
+        _wait_for(lambda: supervisor.culprit is not None)
+        assert "stalled in load" in supervisor.culprit.line
+
+
 def test_a_phase_without_progress_is_a_stall_and_startup_has_no_limit(capsys):
     with _watched(1.0, ranks=2) as (supervisor, (importing, stuck)):
         supervisor.start()
