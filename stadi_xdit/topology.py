@@ -83,6 +83,10 @@ class Topology:
     vae_ranks: int = 0
     ulysses_degree: int = 1
     ring_degree: int = 1
+    # Groups of unequal Ulysses degrees, one per STADI member in rank order (nodes of different sizes); None:
+    # `stadi_degree` groups of `ulysses_degree`. xDiT's own groups cannot hold them: its data-parallel group
+    # is then the whole CFG branch, its sequence-parallel degree 1, and STADI builds the groups itself.
+    group_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         counts = {"--stadi_degree": self.stadi_degree, "--ulysses_degree": self.ulysses_degree,
@@ -96,6 +100,16 @@ class Topology:
                              f"got {self.cfg_degree!r}")
         checked_vae_ranks(self.vae_ranks)
         refuse_degrees({"ring_degree": self.ring_degree})
+        if self.group_sizes is not None:
+            if any(not _is_count(size, 1) for size in self.group_sizes) or len(self.group_sizes) != self.stadi_degree:
+                raise ValueError(f"STADI group sizes must be {self.stadi_degree} integers >= 1, got "
+                                 f"{list(self.group_sizes)}")
+            if len(set(self.group_sizes)) == 1:
+                raise ValueError(f"STADI groups of equal sizes {list(self.group_sizes)} are --ulysses_degree "
+                                 f"{self.group_sizes[0]} (xDiT's own groups)")
+            if self.ulysses_degree != 1:
+                raise ValueError(f"--ulysses_degree {self.ulysses_degree} cannot be combined with STADI groups of "
+                                 "unequal sizes: each group's size is its Ulysses degree")
         if self.dit_ranks != self.degree_product:
             raise ValueError(f"the degrees do not fill the launch: --stadi_degree {self.stadi_degree} x CFG "
                              f"{self.cfg_degree} x Ulysses {self.ulysses_degree} x Ring {self.ring_degree} = "
@@ -105,7 +119,19 @@ class Topology:
     @property
     def degree_product(self) -> int:
         """The DiT ranks the degrees describe (the product rule's left side)."""
+        if self.group_sizes is not None:
+            return sum(self.group_sizes) * self.cfg_degree
         return _degree_product(self.stadi_degree, self.cfg_degree, self.ulysses_degree, self.ring_degree)
+
+    @property
+    def unequal_groups(self) -> bool:
+        """STADI's groups are of different sizes, built by STADI rather than by xDiT."""
+        return self.group_sizes is not None
+
+    @property
+    def branch_ranks(self) -> int:
+        """Ranks per CFG branch: xDiT's data-parallel group with unequal groups, else its STADI slot times U."""
+        return self.degree_product // self.cfg_degree
 
     @property
     def dit_ranks(self) -> int:
@@ -149,7 +175,9 @@ class Topology:
         """xDiT's process groups, as built, must be the ones this topology describes (once per pipeline):
         a STADI group of `stadi_degree` ranks per CFG branch, a CFG pair of `cfg_degree`, sequence-parallel
         groups of `ulysses_degree`."""
-        if (band_size, cfg_size, sequence_size) != (self.stadi_degree, self.cfg_degree, self.ulysses_degree):
+        expected = ((self.branch_ranks, self.cfg_degree, 1) if self.unequal_groups
+                    else (self.stadi_degree, self.cfg_degree, self.ulysses_degree))
+        if (band_size, cfg_size, sequence_size) != expected:
             raise ValueError(f"xDiT built STADI groups of {band_size} ranks, CFG groups of {cfg_size} and "
                              f"sequence-parallel groups of {sequence_size}, but the launch was checked for "
                              f"--stadi_degree {self.stadi_degree}, CFG degree {self.cfg_degree} and "

@@ -241,3 +241,22 @@ def test_heads_that_ulysses_cannot_divide_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"^--ulysses_degree 4: FluxTransformer2DModel has 6 attention heads, "
                                          r"not a multiple of 4$"):
         check_ulysses_heads(6, 4, "FluxTransformer2DModel")
+
+
+def test_unequal_groups_fill_the_branch_and_are_checked_against_xdits_flat_groups():
+    """Nodes of different sizes: STADI members of 2 and 1 ranks. xDiT's groups stay flat (its data-parallel group
+    is the CFG branch, no sequence parallelism): STADI builds the groups itself."""
+    topology = Topology(6, stadi_degree=2, cfg_degree=2, group_sizes=(2, 1))
+    assert topology.unequal_groups and topology.branch_ranks == 3 and topology.degree_product == 6
+    topology.check_groups(3, 2, 1)
+    with pytest.raises(ValueError, match="xDiT built STADI groups of 2 ranks"):
+        topology.check_groups(2, 2, 1)
+    assert not Topology(4, stadi_degree=2, ulysses_degree=2).unequal_groups
+    for fields, message in [({"world_size": 4}, "do not fill the launch"),
+                            ({"group_sizes": (2, 0)}, "2 integers >= 1"),
+                            ({"group_sizes": (2, 1, 1)}, "2 integers >= 1"),
+                            ({"group_sizes": (2, 2), "world_size": 4}, "are --ulysses_degree 2"),
+                            ({"ulysses_degree": 2, "world_size": 6}, "cannot be combined with STADI groups")]:
+        values = {"world_size": 3, "stadi_degree": 2, "group_sizes": (2, 1), **fields}
+        with pytest.raises(ValueError, match=message):
+            Topology(**values)

@@ -261,9 +261,9 @@ def _grouped_runs(rank: int, world: int, twin_name: str, runs: list[dict]) -> li
         latents = _case_call(twin_name, pipe, odd_rows)
         result = pipe.last_result
         results.append({"latents": latents, "bands": result.plan.row_bounds(), "evals": result.num_evals,
-                        "planned": executed_evals(result.plan, result.replans, pipe.groups.band.rank),
+                        "planned": executed_evals(result.plan, result.replans, pipe.groups.member),
                         "store_bytes": result.kv_exchange["buffer_bytes"],
-                        "groups": (pipe.groups.band.rank, pipe.groups.sequence_rank, pipe.groups.sequence_size)})
+                        "groups": (pipe.groups.member, pipe.groups.sequence_rank, pipe.groups.sequence_size)})
     return results
 
 
@@ -343,6 +343,35 @@ def test_more_groups_and_cfg_parallel_over_ulysses_groups_equal_one_process(memb
         assert exact["bands"] == bands and error <= 1e-4
 
 
+UNEQUAL = {"stadi_groups": (2, 1), "warmup_steps": 2}
+
+
+@pytest.mark.parametrize("twin_name", ["StadiPixArtAlphaPipeline", "StadiWanPipeline"])
+def test_unequal_groups_run_a_family_as_one_process_in_exact_mode_and_follow_their_plan_when_stale(twin_name):
+    """3 ranks = a group of 2 (Ulysses-2) and a group of 1: a node of two GPUs beside a node of one (an image and
+    a clip family; by hand, Flux.1, Qwen-Image and SD3.5 too: docs/method.md). Exact mode equals one process on
+    every rank; a stale run follows its plan on every rank, the ranks agree, and the exchange between the
+    different head shards matters (no foreign K/V is far worse)."""
+    from stadi_xdit.offline.spawn import run_distributed
+    from stadi_xdit.testing.checks import relative_error
+
+    reference = _one_process(twin_name)
+    runs = [{**UNEQUAL, "stadi_exact": True, "stadi_mode": "spatial"}, {**UNEQUAL, "stadi_mode": "uniform"},
+            {**UNEQUAL, "stadi_mode": "uniform", "ignore_foreign_bands": True}]
+    results = run_distributed(_grouped_runs, 3, twin_name, runs, timeout=300)
+    assert [rank[0]["groups"] for rank in results] == [(0, 0, 2), (0, 1, 2), (1, 0, 1)]
+    for rank, (exact, uniform, broken) in enumerate(results):
+        error = relative_error(exact["latents"], reference)
+        stale_error, broken_error = (relative_error(x["latents"], reference) for x in (uniform, broken))
+        print(f"[ulysses groups] {twin_name} groups of 2 and 1, rank {rank}: exact {error:.2e} vs 1 process "
+              f"(bands {exact['bands']}); uniform {stale_error:.2e}, without foreign K/V {broken_error:.2e}")
+        assert error <= 1e-4 and exact["bands"] == results[0][0]["bands"]
+        assert uniform["evals"] == uniform["planned"] and torch.equal(uniform["latents"], results[0][1]["latents"])
+        assert stale_error * 3 < broken_error, (stale_error, broken_error)
+    # The group of 1 holds every head of the image; each rank of the group of 2 holds half of them.
+    assert results[0][1]["store_bytes"] == results[1][1]["store_bytes"] == results[2][1]["store_bytes"] // 2 > 0
+
+
 def test_bands_split_into_parts_of_whole_rows_and_the_last_band_takes_the_rows_past_the_plan():
     from stadi_xdit.planner import plan
     from stadi_xdit.runtime.layout import BandGeometry, BandLayout, BandView
@@ -392,3 +421,15 @@ def test_head_shards_of_unequal_groups_route_each_pair_the_heads_both_hold():
     for bad, message in [((2, 0), "integers >= 1"), ((3,), "cannot split 8 attention heads")]:
         with pytest.raises(ValueError, match=message):
             HeadShards(bad, heads=8)
+
+
+def test_unequal_groups_split_each_band_by_its_own_degree():
+    from stadi_xdit.runtime.layout import BandLayout, BandView
+
+    layout = BandLayout(((0, 5), (5, 7), (7, 8)), patch_rows=2, tokens_per_row=3)
+    assert layout.split_groups((4, 2, 1)).token_rows == ((0, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8))
+    even = BandLayout(((0, 4), (4, 7)), patch_rows=2, tokens_per_row=3)
+    assert even.split_groups((2, 2)) == even.split(2) and even.split(2).token_rows == ((0, 2), (2, 4), (4, 6), (6, 7))
+    assert BandView(layout, 2).part_counts(1) == (3,)  # a band cut by its own degree only: the others may be short
+    with pytest.raises(ValueError, match="2 group sizes for a layout of 3 bands"):
+        layout.split_groups((2, 1))

@@ -380,6 +380,11 @@ class DisplacedKVStore:
         if self.memory_budgets is None:
             self._fitted_dtype = self.fit = None
             return
+        if self.shards is not None:
+            # Unequal groups: the largest store of the branch (the smallest group's heads) against every budget,
+            # so that every rank picks the same dtype: the exchange moves rows of one dtype.
+            own = self.shards.group_sizes[self.member[0]]
+            values = values * own // min(self.shards.group_sizes)
         named = None if self.kv_dtype is None else str(self.kv_dtype).removeprefix("torch.")
         fit = fit_kv_store(values, str(computed).removeprefix("torch."), self.memory_budgets,
                            requested=keep or named, source=self.budget_source, remedies=self.budget_remedies)

@@ -54,6 +54,16 @@ class BandLayout:
         bounds = tuple(part for rank in range(self.world_size) for part in self.band_parts(rank, parts))
         return BandLayout(bounds, self.patch_rows, self.tokens_per_row)
 
+    def split_groups(self, group_sizes: tuple[int, ...]) -> BandLayout:
+        """Band `m` cut into `group_sizes[m]` parts, as `split` cuts every band into one count: the parts of
+        STADI members that are Ulysses groups of different degrees, in rank order."""
+        if len(group_sizes) != self.world_size:
+            raise ValueError(f"{len(group_sizes)} group sizes for a layout of {self.world_size} bands")
+        if len(set(group_sizes)) == 1:
+            return self.split(group_sizes[0])
+        bounds = tuple(part for rank, parts in enumerate(group_sizes) for part in self.band_parts(rank, parts))
+        return BandLayout(bounds, self.patch_rows, self.tokens_per_row)
+
     def band_parts(self, rank: int, parts: int) -> list[tuple[int, int]]:
         """Band `rank`'s token rows cut into `parts` runs, as `split` cuts every band."""
         start, end = self.token_rows[rank]

@@ -196,11 +196,12 @@ class _Call:
         store.layers_may_skip = step_cache is not None
         self.config, self.geometry, self.warmup_steps = config, geometry, warmup_steps
         self.comm = groups.band
-        self.rank, self.world = self.comm.rank, self.comm.world_size
+        self.rank, self.world = groups.member, groups.members
         # With Ulysses inside STADI groups, `rank` is this rank's group and the group's band is computed in
-        # `parts` equal parts, this rank's being `part` (the store still holds the group's band, per head shard).
+        # parts, one per group rank, this rank's being `part` of the layout's `split_groups` (the store still
+        # holds the group's band, per head shard).
         self.sequence = groups.sequence if groups.sequence_size > 1 else None
-        self.parts, self.part = groups.sequence_size, groups.sequence_rank
+        self.parts, self.part = groups.sequence_size, groups.part
         self.rows, self.align = geometry.rows, geometry.align
         self.num_steps = len(scheduler.timesteps)
         self.device = latents.device
@@ -255,19 +256,22 @@ class _Call:
             self.step_cache.reset()
         self.layout = layout
         self.store.set_band(BandView(layout, self.rank))  # the group's band
-        view = BandView(layout.split(self.parts), self.rank * self.parts + self.part)  # what this rank computes
+        view = BandView(layout.split_groups(self.groups.group_sizes), self.part)  # what this rank computes
         if self.positions is not None:
             self.positions.set_band(view)
         self.model.set_band(view)
 
     def _slice(self, full: torch.Tensor, layout: BandLayout) -> torch.Tensor:
         """This rank's part of `full` (the whole latent) under `layout`."""
-        sizes = self.model.band_sizes(layout.split(self.parts))
-        return slice_band(full, sizes, self.rank * self.parts + self.part, self.model.band_dim)
+        sizes = self.model.band_sizes(layout.split_groups(self.groups.group_sizes))
+        return slice_band(full, sizes, self.part, self.model.band_dim)
 
     def _gather(self, part: torch.Tensor, layout: BandLayout) -> torch.Tensor:
         """The whole latent from every rank's `part` under `layout`: each group's parts first, then the groups."""
         dim = self.model.band_dim
+        if self.groups.shards is not None:  # unequal groups: one gather of every part over the CFG branch
+            return self.comm.all_gather(part.contiguous(),
+                                        self.model.band_sizes(layout.split_groups(self.groups.group_sizes)), dim)
         if self.sequence is not None:
             sizes = self.model.band_sizes(layout.split(self.parts))
             part = self.sequence.all_gather(part.contiguous(), sizes[self.rank * self.parts:][:self.parts], dim)
@@ -426,7 +430,8 @@ class _Call:
             return []
         served = sorted(r.compute for r in records if r.cached)
         mine = [len(served) / max(len(records), 1), served[(len(served) - 1) // 2] if served else 0.0]
-        return [(share, max(seconds, 0.0)) for share, seconds in self.comm.all_gather_float_lists(mine, self.device)]
+        return [(share, max(seconds, 0.0))
+                for share, seconds in self.groups.per_member(self.comm.all_gather_float_lists(mine, self.device))]
 
     def remember(self, ran: Plan) -> CallMemory | None:
         """What the next call starts from: this call's displaced forwards, merged into the memory."""

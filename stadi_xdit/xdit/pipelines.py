@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from stadi_xdit.runtime.comm import BandComm
 from stadi_xdit.runtime.compile import CompiledBlocks, compile_blocks, compiled_graphs
 from stadi_xdit.runtime.faults import PeerWatch
 from stadi_xdit.runtime.groups import StadiGroups
+from stadi_xdit.runtime.head_shards import HeadShards
 from stadi_xdit.runtime.kv import DisplacedKVStore
 from stadi_xdit.runtime.layout import BandGeometry, BandView
 from stadi_xdit.runtime.loop import DenoiseResult, denoise
@@ -64,6 +66,23 @@ def _bounded_comm(group, timeout_seconds: float, *, times_device_waits: bool = T
                       rewaits=torch.distributed.get_backend(group.device_group) == "gloo")
     return BandComm(group.device_group, group.rank_in_group, group.world_size,
                     timedelta(seconds=timeout_seconds), watch=watch, times_device_waits=times_device_waits)
+
+
+def _unequal_sequence_group(branch, shards: HeadShards) -> SimpleNamespace:
+    """This rank's Ulysses group among STADI groups of unequal sizes, as xDiT describes a group (its ranks, this
+    rank's place, its process group). Every rank creates every group of every CFG branch, in one order, as
+    torch.distributed requires; the branches' ranks come from xDiT's data-parallel groups."""
+    branches: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(branches, list(branch.ranks))
+    mine = None
+    for ranks in sorted({tuple(ranks) for ranks in branches}):
+        for member in range(shards.members):
+            members_ranks = [ranks[i] for i in shards.ranks_of(member)]
+            group = torch.distributed.new_group(members_ranks)
+            if torch.distributed.get_rank() in members_ranks:
+                mine = SimpleNamespace(ranks=members_ranks, world_size=len(members_ranks), device_group=group,
+                                       rank_in_group=members_ranks.index(torch.distributed.get_rank()))
+    return mine
 
 
 def stadi_config_of(engine_config: Any) -> StadiConfig:
@@ -171,9 +190,25 @@ class StadiPipelineMixin:
         # two branches of a band move in lockstep and plan alike), and so do a group's Ulysses all-to-alls (they
         # are the group's forward), so those groups keep no CUDA wait events.
         sequence = _bounded_comm(sp, timeout, times_device_waits=False) if sp.world_size > 1 else None
+        shards = None
+        if self.topology.unequal_groups:  # xDiT's groups are flat: STADI builds the Ulysses groups itself
+            shards = self._head_shards(pipeline)
+            sequence = _bounded_comm(_unequal_sequence_group(dp, shards), timeout, times_device_waits=False)
         self.groups = StadiGroups(band=_bounded_comm(dp, timeout),
-                                  cfg=_bounded_comm(cfg, timeout, times_device_waits=False), sequence=sequence)
-        self.kv_store = DisplacedKVStore(self.groups.band, sequence=sequence)
+                                  cfg=_bounded_comm(cfg, timeout, times_device_waits=False), sequence=sequence,
+                                  shards=shards)
+        self.kv_store = DisplacedKVStore(self.groups.band, sequence=sequence, shards=shards)
+
+    def _head_shards(self, pipeline) -> HeadShards:
+        if not self.ulysses_groups:
+            raise StadiInputError(f"STADI groups of unequal sizes cannot run {type(self).__name__}: its family does "
+                                  "not run Ulysses inside STADI groups")
+        heads = getattr(pipeline.transformer.config, "num_attention_heads", None)
+        try:
+            return HeadShards(self.topology.group_sizes, heads)
+        except (TypeError, ValueError) as error:
+            raise StadiInputError(f"STADI groups {list(self.topology.group_sizes)} on "
+                                  f"{type(pipeline.transformer).__name__}: {error}") from None
 
     def _convert_transformer_backbone(self, transformer, *, enable_torch_compile: bool = False, cache_args=None,
                                       **kwargs):
@@ -197,6 +232,8 @@ class StadiPipelineMixin:
         it, as its runner does): the loop steers that cache (`xdit/step_cache.py`). Each STADI member decides for
         its band: a rank alone, or a Ulysses group's ranks together. A CFG pair, whose two branches hold different
         predictions of the same band and would decide apart, is refused."""
+        if self.topology.unequal_groups:
+            raise StadiInputError("--cache_method cannot be combined with STADI groups of unequal sizes yet")
         if self.topology.cfg_degree > 1:
             raise StadiInputError("--cache_method cannot be combined with --use_cfg_parallel under --use_stadi (each "
                                   "band's cache decides alone; the two branches of a band would decide apart)")
@@ -245,7 +282,7 @@ class StadiPipelineMixin:
         if self.engine_config.runtime_config.use_parallel_vae:
             return get_world_group().rank == 0
         output_rank = self.topology.stadi_degree - 1 if self.served_by_runner else 0
-        return (self.groups.band.rank == output_rank and self.groups.cfg.rank == self.topology.cfg_degree - 1
+        return (self.groups.member == output_rank and self.groups.cfg.rank == self.topology.cfg_degree - 1
                 and self.groups.sequence_rank == (self.groups.sequence_size - 1 if self.served_by_runner else 0))
 
     def remove_stadi(self) -> None:
@@ -310,7 +347,7 @@ class StadiPipelineMixin:
             return None
         entry = None
         if self.groups.is_leader:
-            entry = ProfileCache(self.stadi_config.profile_cache).load_entry(key, self.groups.band.world_size)
+            entry = ProfileCache(self.stadi_config.profile_cache).load_entry(key, self.groups.members)
         return self.groups.from_leader(entry, self.module._execution_device)
 
     def _memory(self, size: tuple[int, int], cached: dict | None) -> CallMemory | None:
@@ -320,7 +357,7 @@ class StadiPipelineMixin:
         if cached is None or cached.get("memory") is None:
             return None
         try:
-            return CallMemory.from_json(cached["memory"], self.groups.band.world_size, self.groups.planning_branches,
+            return CallMemory.from_json(cached["memory"], self.groups.members, self.groups.planning_branches,
                                         max_stride=self.stadi_config.max_stride)
         except ValueError as error:
             logger.warning("STADI: ignoring the profile cache's cost models (%s); measuring afresh", error)
@@ -349,9 +386,11 @@ class StadiPipelineMixin:
                              f"(VAE scale {scale} x patch {patch}), got {height}x{width}")
         rows = height // scale // patch
         # With Ulysses inside the STADI groups, every group's band splits into equal parts of whole rows.
-        groups, align = self.groups.band.world_size, self.groups.sequence_size
+        groups, align = self.groups.members, self.groups.align
         if rows < groups * align:
-            ranks = f"{groups} STADI ranks" if align == 1 else f"{groups} STADI groups x Ulysses {align}"
+            sizes = self.groups.group_sizes
+            ranks = (f"{groups} STADI ranks" if align == 1 else f"{groups} STADI groups x Ulysses {align}"
+                     if len(set(sizes)) == 1 else f"{groups} STADI groups of {', '.join(map(str, sizes))} ranks")
             raise ValueError(f"--height {height} gives {rows} token rows, fewer than the {ranks}: use --height >= "
                              f"{groups * align * scale * patch}")
         return BandGeometry.of_rows(rows, patch, width // scale // patch, align)
@@ -436,9 +475,9 @@ class StadiPipelineMixin:
         self.last_result = result
         if self.is_dp_last_group():
             log_plan(result)
-        planned = executed_evals(result.plan, result.replans, self.groups.band.rank)  # warmup included
+        planned = executed_evals(result.plan, result.replans, self.groups.member)  # warmup included
         part = f" (Ulysses rank {self.groups.sequence_rank})" if self.groups.sequence_size > 1 else ""
-        logger.info("STADI rank %d%s: %d model evaluations (plan: %d)%s", self.groups.band.rank, part, result.num_evals,
+        logger.info("STADI rank %d%s: %d model evaluations (plan: %d)%s", self.groups.member, part, result.num_evals,
                     planned, f", {result.cached_forwards} served by the step cache" if self.step_cache is not None else "")
         return result
 

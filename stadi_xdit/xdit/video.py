@@ -73,8 +73,8 @@ class StadiVideoPipelineMixin(StadiPipelineMixin):
                              f"(VAE scale {scale} x patch {p_h}), got {height}x{width}")
         if self._latent_frames is None:
             raise RuntimeError(f"{type(self).__name__}._geometry needs the clip's frame count (call the pipeline)")
-        align = self.groups.sequence_size  # each STADI group splits its band evenly over its Ulysses ranks
-        rows = clip_token_rows(self._latent_frames, height // scale // p_h, self.groups.band.world_size * align)
+        align = self.groups.align  # each STADI group splits its band evenly over its Ulysses ranks
+        rows = clip_token_rows(self._latent_frames, height // scale // p_h, self.groups.members * align)
         return BandGeometry.of_rows(rows, p_h, width // scale // p_w, align)
 
     def _profile_key(self, height: int, width: int) -> str:
