@@ -147,7 +147,8 @@ class DisplacedKVStore:
             self._valid = False  # another image size: the stored K/V mean nothing now
         self.band = band
         self.part_counts = band.part_counts(self.sequence.world_size) if self.sequence is not None else ()
-        self.method = choose_method(band.token_counts, in_place_all_gather=False)  # final at the first exchange
+        self.method = ("head_shards" if self.shards is not None  # final at the first exchange
+                       else choose_method(band.token_counts, in_place_all_gather=False))
         self._method_device = None  # chosen at the first exchange, when the device is known
 
     @property
@@ -358,11 +359,8 @@ class DisplacedKVStore:
         start, end = self.own_range
         method = self._choose_method(block)
         if method == "head_shards":
-            routes = self._routes.get(slots)
-            if routes is None:
-                routes = self._routes[slots] = ShardRoutes(self.shards, comm.rank, slots)
             self._step_collectives += 1
-            return routes.launch(comm, block, self.band.layout.token_range, comm.wait_slice)
+            return self._routes_of(slots).launch(comm, block, self.band.layout.token_range, comm.wait_slice)
         if method == "all_gather":
             works = comm.all_gather_into_async(block, block[start:end])
         else:
@@ -372,6 +370,12 @@ class DisplacedKVStore:
                 offset += count
         self._step_collectives += len(works)
         return PendingWorks(works, comm.wait_slice)
+
+    def _routes_of(self, slots: tuple[LayerSlot, ...]) -> ShardRoutes:
+        """The head-shard routes of a block of these layers, worked out once (layers keep their shapes)."""
+        if slots not in self._routes:
+            self._routes[slots] = ShardRoutes(self.shards, self.comm.rank, slots)
+        return self._routes[slots]
 
     def _fit(self, computed: torch.dtype, values: int, keep: str | None = None) -> None:
         """The dtype a store of `values` K/V values (computed in `computed`) fits in on every band rank
@@ -509,7 +513,7 @@ class DisplacedKVStore:
         rows = [self.token_counts[shards.member_of(peer)[0]] for peer in range(shards.world_size)]
         sent = received = 0
         for group in range(buffer.num_groups):
-            routes = ShardRoutes(shards, rank, tuple(slot for slot in buffer.slots.values() if slot.group == group))
+            routes = self._routes_of(tuple(slot for slot in buffer.slots.values() if slot.group == group))
             sent += rows[rank] * sum(len(columns) for columns in routes.send) * size
             received += sum(count * len(columns) for count, columns in zip(rows, routes.receive)) * size
         return sent, received
