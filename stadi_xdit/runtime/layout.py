@@ -49,18 +49,15 @@ class BandLayout:
         """Each band cut into `parts` runs of token rows, in order, as equal as whole rows allow (the first
         `rows % parts` one row longer): with Ulysses inside STADI groups, band `g` is group `g`'s and part
         `g * parts + p` is the one its sequence rank `p` computes."""
-        if parts == 1:
-            return self
-        bounds = tuple(part for rank in range(self.world_size) for part in self.band_parts(rank, parts))
-        return BandLayout(bounds, self.patch_rows, self.tokens_per_row)
+        return self.split_groups((parts,) * self.world_size)
 
     def split_groups(self, group_sizes: tuple[int, ...]) -> BandLayout:
         """Band `m` cut into `group_sizes[m]` parts, as `split` cuts every band into one count: the parts of
         STADI members that are Ulysses groups of different degrees, in rank order."""
         if len(group_sizes) != self.world_size:
             raise ValueError(f"{len(group_sizes)} group sizes for a layout of {self.world_size} bands")
-        if len(set(group_sizes)) == 1:
-            return self.split(group_sizes[0])
+        if set(group_sizes) == {1}:
+            return self
         bounds = tuple(part for rank, parts in enumerate(group_sizes) for part in self.band_parts(rank, parts))
         return BandLayout(bounds, self.patch_rows, self.tokens_per_row)
 
