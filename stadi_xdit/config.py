@@ -21,7 +21,7 @@ from stadi_xdit.paths import read_regular_file
 from stadi_xdit.planner.plan_types import MODES
 from stadi_xdit.planner.replan import REPLAN_MODES
 from stadi_xdit.planner.validation import MAX_RANKS, MAX_STRIDE_LIMIT
-from stadi_xdit.topology import check_stadi_degree
+from stadi_xdit.topology import Topology, check_stadi_degree
 
 # --stadi_kv_dtype: storage of the stale K/V (runtime/kv.py maps the names to torch dtypes).
 KV_DTYPES = ("auto", "bfloat16", "float16")
@@ -45,7 +45,8 @@ MAX_EMULATED_SLOWDOWN = 1000.0
 
 
 def setting(default: Any, flag: str, kind: str, help: str, **extra: Any) -> Any:
-    """A StadiConfig field with its CLI flag, value kind (bool/choice/int/float/floats/path) and help."""
+    """A StadiConfig field with its CLI flag, value kind (bool/choice/int/count/
+    counts/float/floats/path/text) and help."""
     return field(default=default, metadata={"flag": flag, "kind": kind, "help": help, **extra})
 
 
@@ -62,6 +63,21 @@ def parse_floats(text: str | Sequence[float] | None, flag: str) -> tuple[float, 
         raise ValueError(f"{flag} must be comma-separated numbers, got {shown_value(text)}") from None
     if any(not math.isfinite(v) or v <= 0 for v in values):
         raise ValueError(f"{flag} values must be finite and > 0, got {shown_value(text)}")
+    return values
+
+
+def parse_counts(text: str | Sequence[int] | None, flag: str) -> tuple[int, ...] | None:
+    """'4,2' -> (4, 2): integers in [1, MAX_RANKS], at most MAX_RANKS of them; the error names the flag."""
+    if text is None or (isinstance(text, str) and text.strip() == ""):
+        return None
+    items = [item.strip() for item in text.split(",")] if isinstance(text, str) else list(text)
+    valid = 0 < len(items) <= MAX_RANKS and all(
+        (isinstance(item, str) and re.fullmatch(r"\d{1,4}", item))
+        or (isinstance(item, int) and not isinstance(item, bool)) for item in items)
+    values = tuple(int(item) for item in items) if valid else ()
+    if not values or any(not 1 <= value <= MAX_RANKS for value in values):
+        raise ValueError(f"{flag} must be comma-separated integers in [1, {MAX_RANKS}] (one group size per STADI "
+                         f"member, in rank order), got {shown_value(text)}")
     return values
 
 
@@ -144,6 +160,11 @@ class StadiConfig:
     degree: int | None = setting(None, "--stadi_degree", "count",
                                  "Ranks per CFG branch; launchers start degree x CFG processes "
                                  "(default: every rank of the launch).")
+    groups: tuple[int, ...] | None = setting(
+        None, "--stadi_groups", "counts",
+        "Comma-separated sizes of the STADI members' Ulysses groups, in rank order (4,2: a member of 4 ranks, then "
+        "one of 2; nodes of different sizes). Each member gets one band and one stride; its band's tokens and heads "
+        "are split over its ranks. Equal sizes are --ulysses_degree. Default: one rank per member.")
 
     def __post_init__(self) -> None:
         # Every construction path (flags, files, xDiT's runner dict) ends here: a dict's "false" or
@@ -153,6 +174,7 @@ class StadiConfig:
         object.__setattr__(self, "speeds", parse_floats(self.speeds, "--stadi_speeds"))
         object.__setattr__(self, "emulate_slowdown", parse_floats(self.emulate_slowdown, "--stadi_emulate_slowdown"))
         object.__setattr__(self, "memory_budget", parse_floats(self.memory_budget, "--stadi_memory_budget"))
+        object.__setattr__(self, "groups", parse_counts(self.groups, "--stadi_groups"))
         for name, meta in SETTINGS.items():  # --stadi_mode, --stadi_replan, --stadi_kv_dtype, --stadi_timing
             value = getattr(self, name)
             if meta["kind"] == "choice" and value not in meta["choices"]:
@@ -188,6 +210,9 @@ class StadiConfig:
                                         or not 1 <= self.degree <= MAX_RANKS):
             raise ValueError(f"--stadi_degree must be an integer in [1, {MAX_RANKS}], "
                              f"got {shown_value(self.degree)}")
+        if self.groups is not None and self.degree is not None and self.degree != len(self.groups):
+            raise ValueError(f"--stadi_degree {self.degree} disagrees with --stadi_groups "
+                             f"{','.join(map(str, self.groups))} ({len(self.groups)} members)")
         if self.profile_cache is not None and not self.profile_cache.strip():
             raise ValueError("--stadi_profile_cache must be a file path, got an empty string")
         if self.profile_cache is not None and "\0" in self.profile_cache:
@@ -228,11 +253,11 @@ class StadiConfig:
         strategies into one folder never write the same file."""
         return f"stadi-{self.mode}" + ("-exact" if self.exact else "")
 
-    def output_label(self, torch_compile: bool, ulysses_degree: int = 1) -> str:
-        """The strategy, then `_tc` with --use_torch_compile (as xDiT's names carry `tc_True`) and `_u<U>` on groups
-        of Ulysses ranks: compiled and eager runs, flat and grouped ones, into one folder never share a name."""
-        return self.strategy_label + ("_tc" if torch_compile else "") + (f"_u{ulysses_degree}" if ulysses_degree > 1
-                                                                          else "")
+    def output_label(self, torch_compile: bool, topology: Topology | None = None) -> str:
+        """The strategy, then `_tc` with --use_torch_compile (as xDiT's names carry `tc_True`) and the topology's
+        group label (`_u2`, `_g2-1`): compiled and eager runs, flat and grouped ones, into one folder never share
+        a name."""
+        return self.strategy_label + ("_tc" if torch_compile else "") + (topology.group_label if topology else "")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -334,6 +359,9 @@ def _type_ok(kind: str, value: Any) -> bool:
         return value is None or isinstance(value, str)
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "counts":  # "4,2" or [4, 2]
+        return value is None or isinstance(value, str) or (
+            isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
     if kind == "count":  # an optional int
         return value is None or (isinstance(value, int) and not isinstance(value, bool))
     if kind == "float":  # NaN/inf pass here and fail the value check, which names the range

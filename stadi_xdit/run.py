@@ -132,9 +132,10 @@ def build_launch_command(argv: Sequence[str]) -> list[str]:
     if runner_mode:
         runner_namespace(script_args)  # unknown or malformed flags first, before counting ranks
     nnodes = torchrun_ints(torchrun)
+    node_rank = int(torchrun["--node_rank"] or 0)
     check_stadi_flags_need_use_stadi(script_args)
     try:
-        inferred = cli_hook.stadi_nproc_from_args(script_args, get_nproc_from_args, nnodes=nnodes)
+        inferred = cli_hook.stadi_nproc_from_args(script_args, get_nproc_from_args, nnodes=nnodes, node_rank=node_rank)
     except ValueError as error:
         if torchrun["--nproc_per_node"] is None:
             fail(LAUNCHER, str(error))
@@ -143,12 +144,25 @@ def build_launch_command(argv: Sequence[str]) -> list[str]:
     if nproc is None:
         nproc = str(inferred)
     elif inferred is not None and "--use_stadi" in script_args and int(nproc) != inferred:
-        fail(LAUNCHER, f"--nproc_per_node {nproc} disagrees with the STADI flags ({inferred} processes per node)")
+        node = f" on --node_rank {node_rank}" if nnodes > 1 else " per node"
+        fail(LAUNCHER, f"--nproc_per_node {nproc} disagrees with the STADI flags ({inferred} "
+                       f"process{'' if inferred == 1 else 'es'}{node})")
     if runner_mode:
-        check_runner_args(script_args, world_size=int(nproc) * nnodes)
+        check_runner_args(script_args, world_size=launch_world(script_args, int(nproc), nnodes))
     flags = [f"{name}={torchrun[name]}" for name in TORCHRUN_ARGS if name != "--nproc_per_node"]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *flags,
             "-m", "stadi_xdit.run", *target, *script_args]
+
+
+def launch_world(script_args: Sequence[str], nproc: int, nnodes: int) -> int:
+    """The whole launch's size: `--stadi_groups` names it (the nodes may differ in size), else every node runs
+    `nproc`."""
+    try:
+        if cli_hook._uses_stadi(cli_hook._flag_values(script_args)) and cli_hook.stadi_groups_from_args(script_args):
+            return cli_hook.stadi_launch_topology(script_args).world_size
+    except ValueError as error:
+        fail(LAUNCHER, str(error))
+    return nproc * nnodes
 
 
 LAUNCHER_FLAGS = ("--stadi_degree",)  # STADI flags the launcher reads too, wherever they stand
@@ -337,7 +351,9 @@ def check_launch_environment(argv: Sequence[str]) -> None:
     if int(torchrun["--nnodes"] or 1) == 1:
         check_local_master(torchrun["--master_addr"] or "", int(torchrun["--master_port"] or 0))
     if target == ["-m", "xfuser.runner"]:
-        check_runner_environment(runner_namespace(script_args))
+        uses_stadi = cli_hook._uses_stadi(cli_hook._flag_values(script_args))
+        check_runner_environment(runner_namespace(script_args),
+                                 cli_hook.stadi_groups_from_args(script_args) if uses_stadi else None)
     elif target[0] == "-m":
         check_module(target[1])
     else:
@@ -405,10 +421,11 @@ def _find_spec(name: str):
         return None
 
 
-def check_runner_environment(namespace) -> None:
+def check_runner_environment(namespace, group_sizes: tuple[int, ...] | None = None) -> None:
     """What xDiT's runner refuses in every rank, or fails on after the run: no prompt, model files
     missing, truncated or not in an offline Hugging Face cache, a size past the model's position
-    table, an output directory that cannot be written or has no room for the images."""
+    table, heads that the Ulysses degree or a `--stadi_groups` size does not divide, an output
+    directory that cannot be written or has no room for the images."""
     from xfuser.model_executor.models.runner_models.base_model import MODEL_REGISTRY
 
     if namespace.prompt is None and getattr(namespace, "dataset_path", None) is None:
@@ -421,7 +438,7 @@ def check_runner_environment(namespace) -> None:
     if folders and folders[0] is not None and size is not None:
         check_position_limit(namespace.model, folders[0], *size)
     if folders and folders[0] is not None:
-        check_model_heads(namespace.model, folders[0], getattr(namespace, "ulysses_degree", 1))
+        check_model_heads(namespace.model, folders[0], getattr(namespace, "ulysses_degree", 1), group_sizes)
     check_output_directory(namespace.output_directory, _output_bytes(namespace, size))
     if getattr(getattr(model, "settings", None), "model_output_type", None) == "video":
         check_video_writer(namespace.model)
@@ -528,25 +545,30 @@ def check_position_limit(name: str, folder: str, height: int, width: int) -> Non
                            f"patch {patch} x VAE scale {scale}): at most {largest} px")
 
 
-def check_model_heads(name: str, folder: str, degree: object) -> None:
-    """Heads that `--ulysses_degree` cannot divide (xDiT refuses them in every rank after loading; STADI's groups
-    too), read from the transformer's config in the model folder."""
+def check_model_heads(name: str, folder: str, degree: object, group_sizes: tuple[int, ...] | None = None) -> None:
+    """Heads that `--ulysses_degree`, or a `--stadi_groups` size, cannot divide (xDiT refuses them in every rank
+    after loading; STADI's groups too), read from the transformer's config in the model folder."""
     import json
 
     from stadi_xdit.paths import read_regular_file
     from stadi_xdit.topology import check_ulysses_heads
 
-    if not isinstance(degree, int) or degree <= 1:
+    sizes = [size for size in group_sizes or () if size > 1]
+    if (not isinstance(degree, int) or degree <= 1) and not sizes:
         return
     try:
         config = json.loads(read_regular_file(os.path.join(folder, "transformer", "config.json"), limit=1 << 20))
     except (OSError, ValueError):
         return  # an unreadable config is the model files' check's to name
+    heads = config.get("num_attention_heads") if isinstance(config, dict) else None
     try:
-        check_ulysses_heads(config.get("num_attention_heads") if isinstance(config, dict) else None, degree,
-                            f"--model {name}")
+        check_ulysses_heads(heads, degree if isinstance(degree, int) else 1, f"--model {name}")
     except ValueError as error:
         fail(LAUNCHER, str(error))
+    for size in sizes:
+        if isinstance(heads, int) and heads % size:
+            fail(LAUNCHER, f"--stadi_groups {','.join(map(str, group_sizes))}: --model {name} has {heads} attention "
+                           f"heads, not a multiple of the group size {size}")
 
 
 def check_model_files(name: str, repo: str) -> str | None:

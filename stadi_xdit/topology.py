@@ -10,7 +10,9 @@ runner's capabilities) asks this module instead of keeping its own list.
 Ring is always 1 (refused). Ulysses may be above 1 for a family whose twin runs Ulysses inside STADI
 groups (`ulysses_groups`): each group of `ulysses_degree` consecutive ranks (xDiT's sequence-parallel
 group) is then one STADI member. The launchers count it (`for_stadi_degree`); `StadiArgs.validate`,
-which knows the family, lets it through (`from_args(..., ulysses_groups=True)`).
+which knows the family, lets it through (`from_args(..., ulysses_groups=True)`). `--stadi_groups 4,2`
+names the members' group sizes instead (nodes of different sizes): equal sizes are `ulysses_degree`,
+unequal ones `group_sizes`, and the world is their sum x CFG (+ VAE).
 """
 
 from __future__ import annotations
@@ -134,15 +136,30 @@ class Topology:
         return self.degree_product // self.cfg_degree
 
     @property
+    def data_parallel_degree(self) -> int:
+        """xDiT's data-parallel slot, which STADI fills: the members of a branch, or with unequal groups (which xDiT's
+        own groups cannot hold) every rank of the branch."""
+        return self.branch_ranks // self.ulysses_degree
+
+    @property
+    def group_label(self) -> str:
+        """What output names carry for the groups: `_u2` (equal groups of Ulysses-2), `_g2-1` (unequal), or nothing."""
+        if self.unequal_groups:
+            return "_g" + "-".join(map(str, self.group_sizes))
+        return f"_u{self.ulysses_degree}" if self.ulysses_degree > 1 else ""
+
+    @property
     def dit_ranks(self) -> int:
         """Ranks that run the DiT: the launch minus the parallel VAE's."""
         return self.world_size - self.vae_ranks
 
     @classmethod
-    def from_args(cls, args: Any, world_size: int, *, ulysses_groups: bool = False) -> Topology:
+    def from_args(cls, args: Any, world_size: int, *, ulysses_groups: bool = False,
+                  group_sizes: tuple[int, ...] | None = None) -> Topology:
         """The topology of parsed arguments (xDiT's attribute names: args, a namespace) on a launch of
         `world_size` processes; a one-line error naming the flag when they cannot share it.
-        `ulysses_groups`: the family runs Ulysses inside STADI groups (else --ulysses_degree is refused)."""
+        `ulysses_groups`: the family runs Ulysses inside STADI groups (else --ulysses_degree is refused).
+        `group_sizes`: `--stadi_groups`, parsed (StadiConfig.groups)."""
         kept = ("ulysses_degree",) if ulysses_groups else ()
         refuse_degrees({name: getattr(args, name, None) for name in REFUSED_WITH_STADI if name not in kept})
         given = getattr(args, "ulysses_degree", None)
@@ -155,6 +172,8 @@ class Topology:
             raise ValueError(f"--vae_parallel_size {vae} leaves no rank for the DiT: the launch has "
                              f"{world_size} ranks, so --vae_parallel_size must be at most {world_size - 1}")
         cfg = CFG_BRANCHES if getattr(args, "use_cfg_parallel", False) else 1
+        if group_sizes is not None:
+            return cls._of_groups(group_sizes, world_size, cfg, vae, ulysses_groups=ulysses_groups, ulysses=ulysses)
         if dit < cfg * ulysses or dit % (cfg * ulysses):
             of = f" (world size {world_size} minus --vae_parallel_size {vae})" if vae else ""
             flags = " and ".join([*(["--use_cfg_parallel"] if cfg > 1 else []),
@@ -162,6 +181,32 @@ class Topology:
             raise ValueError(f"{dit} DiT ranks{of} must be a multiple of {cfg * ulysses} with {flags}")
         return cls(world_size, stadi_degree=dit // (cfg * ulysses), cfg_degree=cfg, vae_ranks=vae,
                    ulysses_degree=ulysses)
+
+    @classmethod
+    def _of_groups(cls, sizes: tuple[int, ...], world_size: int, cfg: int, vae: int, *, ulysses_groups: bool,
+                   ulysses: int) -> Topology:
+        """`--stadi_groups`: equal sizes as xDiT's own Ulysses groups, unequal ones as STADI's."""
+        shown = ",".join(map(str, sizes))
+        if not ulysses_groups:
+            raise ValueError(f"--stadi_groups {shown}: this model's family does not run Ulysses inside STADI groups")
+        if ulysses > 1:
+            raise ValueError(f"--stadi_groups {shown} cannot be combined with --ulysses_degree {ulysses}: each group's "
+                             "size is its Ulysses degree")
+        needed = sum(sizes) * cfg
+        if world_size - vae != needed:
+            how = "".join([" x 2 with --use_cfg_parallel" if cfg > 1 else "",
+                           f" + --vae_parallel_size {vae}" if vae else ""])
+            raise ValueError(f"--stadi_groups {shown} needs {needed + vae} processes"
+                             f"{f' ({sum(sizes)}{how})' if how else ''}, but the launch has {world_size}")
+        if len(set(sizes)) == 1:
+            return cls(world_size, stadi_degree=len(sizes), cfg_degree=cfg, vae_ranks=vae, ulysses_degree=sizes[0])
+        return cls(world_size, stadi_degree=len(sizes), cfg_degree=cfg, vae_ranks=vae, group_sizes=tuple(sizes))
+
+    @classmethod
+    def for_group_sizes(cls, sizes: tuple[int, ...], cfg_degree: int = 1, vae_ranks: int = 0) -> Topology:
+        """The launch that `--stadi_groups` needs (the launcher's process count)."""
+        return cls._of_groups(sizes, sum(sizes) * cfg_degree + vae_ranks, cfg_degree, vae_ranks,
+                              ulysses_groups=True, ulysses=1)
 
     @classmethod
     def for_stadi_degree(cls, stadi_degree: int, cfg_degree: int = 1, vae_ranks: int = 0,
@@ -197,10 +242,18 @@ class Topology:
             flags["use_cfg_parallel"] = True
         return flags
 
-    def processes_per_node(self, nnodes: int) -> int:
-        """The world spread evenly over `nnodes` machines (torchrun's --nproc_per_node)."""
+    def processes_per_node(self, nnodes: int, node_rank: int = 0) -> int:
+        """torchrun's --nproc_per_node on node `node_rank` of `nnodes`. Unequal groups, one per node: that node's
+        group (both CFG branches of it: xDiT orders the CFG pair inside a data-parallel index), and the parallel
+        VAE's ranks (the last ones) on the last node. Otherwise the world spread evenly."""
         if not _is_count(nnodes, 1):
             raise ValueError(f"--nnodes must be an integer >= 1, got {nnodes}")
+        if self.unequal_groups and nnodes == self.stadi_degree:
+            last = self.vae_ranks if node_rank == nnodes - 1 else 0
+            return self.group_sizes[node_rank] * self.cfg_degree + last
         if self.world_size % nnodes:
-            raise ValueError(f"{self.world_size} STADI ranks cannot be spread evenly over --nnodes {nnodes}")
+            where = (f" (--stadi_groups {','.join(map(str, self.group_sizes))} places one group per node on "
+                     f"--nnodes {self.stadi_degree}; otherwise give each node's --nproc_per_node)"
+                     if self.unequal_groups else "")
+            raise ValueError(f"{self.world_size} STADI ranks cannot be spread evenly over --nnodes {nnodes}{where}")
         return self.world_size // nnodes

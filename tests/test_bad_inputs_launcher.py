@@ -68,6 +68,44 @@ def test_rank_count_flags_are_named(argv, needle, capsys):
     _one_line_exit(lambda: build_launch_command(argv), capsys, needle)
 
 
+GROUPS = ["--model", "FLUX.1-dev", "--use_stadi", "--stadi_groups", "2,1", "--height", "128", "--width", "128",
+          "--num_inference_steps", "3", "--warmup_steps", "1"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    ([*SCRIPT, "--stadi_groups", "2,0"], "--stadi_groups must be comma-separated integers in [1, 256]"),
+    ([*SCRIPT, "--stadi_groups", "2;1"], "--stadi_groups must be comma-separated integers in [1, 256]"),
+    ([*SCRIPT, "--stadi_groups", "2,1", "--ulysses_degree", "2"],
+     "--stadi_groups 2,1 cannot be combined with --ulysses_degree 2: each group's size is its Ulysses degree"),
+    ([*SCRIPT, "--stadi_groups", "2,1", "--stadi_degree", "3"], ("STADI rank counts disagree: --stadi_degree -> 3, "
+                                                                 "--stadi_groups -> 2")),
+    ([*SCRIPT, "--stadi_groups", "2,1", "--stadi_speeds", "1,2,3"], "STADI rank counts disagree"),
+    (["--nnodes", "2", *SCRIPT, "--stadi_groups", "4,2,1"],
+     ("7 STADI ranks cannot be spread evenly over --nnodes 2 (--stadi_groups 4,2,1 places one group per node on "
+     "--nnodes 3; otherwise give each node's --nproc_per_node)")),
+    (["--nproc_per_node", "2", *SCRIPT, "--stadi_groups", "2,1"],
+     "--nproc_per_node 2 disagrees with the STADI flags (3 processes per node)"),
+    (["--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "2", *SCRIPT, "--stadi_groups", "2,1"],
+     "--nproc_per_node 2 disagrees with the STADI flags (1 process on --node_rank 1)"),
+    ([*GROUPS, "--stadi_speeds", "1,2,3"], "STADI rank counts disagree"),
+    (["--nproc_per_node", "4", *GROUPS], "--nproc_per_node 4 disagrees with the STADI flags (3 processes per node)"),
+])
+def test_stadi_groups_are_checked_by_the_launcher(argv, needle, capsys):
+    _one_line_exit(lambda: build_launch_command(argv), capsys, needle)
+
+
+def test_unequal_nodes_each_start_their_group():
+    """Nodes of different sizes: each node's launcher starts that node's group (both CFG branches of it), and the
+    runner's inputs are checked against the whole launch, not against nproc x nnodes."""
+    for node, nproc in ((0, 2), (1, 1)):
+        command = build_launch_command(["--nnodes", "2", "--node_rank", str(node), "--master_addr", "10.0.0.1",
+                                        *GROUPS])
+        assert f"--nproc_per_node={nproc}" in command and "--nnodes=2" in command
+    assert "--nproc_per_node=3" in build_launch_command(GROUPS)  # one node holds both groups
+    explicit = build_launch_command(["--nnodes", "3", "--node_rank", "2", "--nproc_per_node", "1", *GROUPS])
+    assert "--nproc_per_node=1" in explicit  # groups spanning nodes: each node says its own count
+
+
 # --- runner checks made once in the launcher (R13, R28) ----------------------------------------
 
 @pytest.mark.parametrize("argv,needle", [
@@ -305,6 +343,8 @@ SD3 = ["--model", "SD3.5", "--use_stadi", "--stadi_degree", "2", "--width", "128
     # STADI over groups of Ulysses ranks (and plain xDiT Ulysses): each rank takes heads / U.
     ([*SD3, "--height", "192", "--ulysses_degree", "3"],
      "--ulysses_degree 3: --model SD3.5 has 2 attention heads, not a multiple of 3"),
+    ([*SD3, "--height", "192", "--stadi_groups", "3,1"],
+     "--stadi_groups 3,1: --model SD3.5 has 2 attention heads, not a multiple of the group size 3"),
 ])
 def test_call_inputs_and_model_limits_are_checked_before_launch(argv, needle, local, use_hub, tmp_path, capsys):
     _one_line_exit(lambda: check_launch_environment([*local, *argv, "--output_directory", str(tmp_path)]),

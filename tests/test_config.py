@@ -64,7 +64,30 @@ BAD_VALUES = [
     ("memory_budget", "24,-1", "--stadi_memory_budget"),
     ("memory_budget", "inf", "--stadi_memory_budget"),
     ("memory_budget", "24GB", "--stadi_memory_budget"),
+    ("groups", "0,1", "--stadi_groups"),
+    ("groups", "2,x", "--stadi_groups"),
+    ("groups", "2,,1", "--stadi_groups"),
+    ("groups", "1.5", "--stadi_groups"),
+    ("groups", "257", "--stadi_groups"),
+    ("groups", [2, -1], "--stadi_groups"),
+    ("groups", [True, 1], "--stadi_groups"),
+    ("groups", 2, "--stadi_groups"),
 ]
+
+
+def test_groups_read_as_sizes_in_rank_order_from_flags_and_files():
+    import yaml
+
+    assert StadiConfig(groups="4, 2").groups == (4, 2)
+    assert StadiConfig.from_yaml(yaml.safe_dump({"groups": [2, 1]})).groups == (2, 1)
+    assert StadiConfig.from_json('{"groups": "2,1"}').groups == (2, 1)
+    assert StadiConfig(groups="").groups is None
+
+
+def test_a_stadi_degree_that_is_not_the_number_of_groups_is_refused():
+    with pytest.raises(ValueError, match=r"^--stadi_degree 3 disagrees with --stadi_groups 2,1 \(2 members\)$"):
+        StadiConfig(groups="2,1", degree=3)
+    assert StadiConfig(groups="2,1", degree=2).degree == 2
 
 
 def test_a_memory_budget_with_exact_mode_is_refused():
@@ -90,6 +113,8 @@ BAD_FILE_VALUES = [
     ("timeout_seconds", None),
     ("speeds", ["1", "2"]),
     ("profile_cache", 5),
+    ("groups", [2.0, 1]),
+    ("groups", {"a": 1}),
 ]
 
 

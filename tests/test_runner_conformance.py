@@ -14,11 +14,13 @@ offline hub cache:
   STADI's stale mode with it, at a threshold that reuses every step it may: steps are served, and it saves;
 - `ulysses`: STADI exact on 4 ranks = 2 groups x Ulysses-2 (`--ulysses_degree 2`): the same output (its odd
   token rows: the last group computes the row past the plan's 2-row units, its ranks' parts a row apart);
-- `cached_ulysses`: `cached` over those groups: each group serves as one, and the output is the flat one's.
+- `cached_ulysses`: `cached` over those groups: each group serves as one, and the output is the flat one's;
+- `groups`: STADI exact on nodes of different sizes, `--stadi_groups 2,1`: two `stadi-xdit` launches with
+  `--nnodes 2` (2 processes, then 1) on this machine, a group of Ulysses-2 and a single rank: the same output.
 
 Most of a tiny run is the start-up of its processes (each imports torch, diffusers and xfuser: about
 9 CPU-s), so the runs do not get a launch each. Runs of the same world size share one launch (one
-for 1 rank, one for 2, one for 4), which runs xDiT's runner once per run, as `xdit` would, with a
+for 1 rank, one for 2, one for 4, one of two nodes for 2 + 1), which runs xDiT's runner once per run, as `xdit` would, with a
 fresh rendezvous for each (the runner destroys its process group when it ends). A new runner model
 adds a few CPU-seconds, not another seven processes.
 
@@ -70,13 +72,14 @@ for run in json.loads(open(sys.argv[1]).read()):
 """
 
 STADI_EXACT = ["--use_stadi", "--stadi_exact", "--stadi_speeds", "3,5", "--warmup_steps", "1"]
+NODES = {"groups": 2}  # modes launched as several nodes (torchrun --nnodes), each with its own process count
 
 
 @dataclass(frozen=True)
 class RunnerRun:
     model: str
     mode: str
-    world_size: int
+    nodes: tuple[int, ...]  # processes per node (torchrun --nproc_per_node of each --node_rank)
     argv: list[str]
 
     @property
@@ -111,6 +114,7 @@ def runner_modes(model_name: str) -> dict[str, list[str]]:
              "guidance_off": [*common, "--guidance_scale", "1", "--use_stadi", "--stadi_degree", "2",
                               "--warmup_steps", "1"]}
     modes["ulysses"] = [*guided, *STADI_EXACT, "--stadi_degree", "2", "--ulysses_degree", "2"]
+    modes["groups"] = [*guided, *STADI_EXACT, "--stadi_groups", "2,1"]
     methods = [m for m in model.settings.step_cache_config or {} if m in STADI_CACHE_METHODS]
     if methods and model.capabilities.supports_step_caching:
         # 6 steps: the warmup step computes (a new call), its band stays, and the rank's last computes: 4 served.
@@ -128,12 +132,17 @@ def runner_modes(model_name: str) -> dict[str, list[str]]:
 
 
 def runner_runs(model_names) -> list[RunnerRun]:
-    """Every mode of every model, with the world size `stadi-xdit` would launch it on (its own rule)."""
+    """Every mode of every model, with the processes per node `stadi-xdit` would launch it on (its own rule)."""
     from xfuser.cli import get_nproc_from_args
 
     from stadi_xdit.xdit.cli_hook import stadi_nproc_from_args
 
-    return [RunnerRun(model, mode, stadi_nproc_from_args(argv, get_nproc_from_args), argv)
+    def nodes(mode: str, argv: list[str]) -> tuple[int, ...]:
+        nnodes = NODES.get(mode, 1)
+        return tuple(stadi_nproc_from_args(argv, get_nproc_from_args, nnodes=nnodes, node_rank=node)
+                     for node in range(nnodes))
+
+    return [RunnerRun(model, mode, nodes(mode, argv), argv)
             for model in model_names for mode, argv in runner_modes(model).items()]
 
 
@@ -149,33 +158,41 @@ def _log(folder: Path, run: RunnerRun) -> str:
     return "".join(path.read_text(errors="replace") for path in sorted(folder.glob(f"{run.name}.log.rank*")))
 
 
-def launch_by_world_size(runs: list[RunnerRun], hub: Path, folder: Path) -> dict[int, tuple[str, int]]:
-    """Every run, one launch per world size, all launches at once: each launch's output and exit status."""
+def launch_by_nodes(runs: list[RunnerRun], hub: Path, folder: Path) -> dict[tuple[int, ...], tuple[str, int]]:
+    """Every run, one launch per layout of nodes (one `stadi-xdit` per node), all launches at once: each launch's
+    output and exit status (its nodes' together: the first failed node's status)."""
     from stadi_xdit.run import build_launch_command
 
     script = folder / "runner.py"
     script.write_text(RUNNER_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
-    by_world = defaultdict(list)
+    by_nodes = defaultdict(list)
     for run in runs:
         (folder / run.name).mkdir()
-        by_world[run.world_size].append({"argv": [*run.argv, "--output_directory", str(folder / run.name)],
-                                         "port": free_port(), "log": str(folder / f"{run.name}.log")})
+        by_nodes[run.nodes].append({"argv": [*run.argv, "--output_directory", str(folder / run.name)],
+                                    "port": free_port(), "log": str(folder / f"{run.name}.log")})
     procs = {}
-    for world, plan in by_world.items():
-        (folder / f"runs{world}.json").write_text(json.dumps(plan))
-        command = build_launch_command(["--nproc_per_node", str(world), "--master_addr", "127.0.0.1",
-                                        "--master_port", str(free_port()), str(script), str(folder / f"runs{world}.json")])
-        procs[world] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        cwd=folder)
-    return {world: (proc.communicate(timeout=900)[0], proc.returncode) for world, proc in procs.items()}
+    for nodes, plan in by_nodes.items():
+        runs_file = folder / f"runs{'-'.join(map(str, nodes))}.json"
+        runs_file.write_text(json.dumps(plan))
+        port = str(free_port())
+        procs[nodes] = [subprocess.Popen(build_launch_command(
+            ["--nproc_per_node", str(nproc), "--nnodes", str(len(nodes)), "--node_rank", str(node),
+             "--master_addr", "127.0.0.1", "--master_port", port, str(script), str(runs_file)]),
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=folder)
+            for node, nproc in enumerate(nodes)]
+    launches = {}
+    for nodes, node_procs in procs.items():
+        outputs = [proc.communicate(timeout=900)[0] for proc in node_procs]
+        launches[nodes] = ("".join(outputs), next((p.returncode for p in node_procs if p.returncode), 0))
+    return launches
 
 
 def test_every_served_runner_model_runs_and_saves_in_every_mode(hub, tmp_path):
     """One test, not one per model: the launches are shared, and pytest's workers would each start them."""
     runs = runner_runs(sorted(hub_models()))
-    launches = launch_by_world_size(runs, hub, tmp_path)
+    launches = launch_by_nodes(runs, hub, tmp_path)
     failures = []
     for model_name in sorted(hub_models()):
         try:
@@ -185,17 +202,20 @@ def test_every_served_runner_model_runs_and_saves_in_every_mode(hub, tmp_path):
     assert not failures, "\n\n".join(failures)
 
 
-def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[int, tuple[str, int]],
+def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[tuple[int, ...], tuple[str, int]],
                        folder: Path) -> None:
     runs = {run.mode: run for run in runs if run.model == model_name}
     for run in runs.values():
-        output, status = launches[run.world_size]
+        output, status = launches[run.nodes]
         assert status == 0, f"{model_name} {run.mode}: {' '.join(run.argv)}\n{_log(folder, run)[-4000:]}\n{output[-3000:]}"
     logs = {mode: _log(folder, run) for mode, run in runs.items()}
     assert all(("STADI plan" in logs[mode]) == ("--use_stadi" in run.argv) for mode, run in runs.items())
     assert "STADI rank 1: 3 model evaluations (plan: 3)" in logs["exact"], logs["exact"][-3000:]
     assert ": 2 ranks, " in logs["ulysses"] and "(align 2)" in logs["ulysses"], logs["ulysses"][-3000:]
     assert "STADI rank 1 (Ulysses rank 1): 3 model evaluations (plan: 3)" in logs["ulysses"], logs["ulysses"][-3000:]
+    assert all(line in logs["groups"] for line in ("STADI rank 0 (Ulysses rank 1): 3 model evaluations (plan: 3)",
+                                                   "STADI rank 1: 3 model evaluations (plan: 3)",
+                                                   "method=head_shards")), logs["groups"][-3000:]
     assert (folder / runs["exact"].name / "timings.json").is_file()  # the runner's own timings, saved too
     if "--use_parallel_vae" in runs["parallel"].argv:
         assert "Parallel VAE decoder enabled" in logs["parallel"], logs["parallel"][-3000:]
@@ -209,6 +229,14 @@ def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[in
     print(f"[runner conformance] {model_name} ulysses: {np.abs(ulysses - plain).max():.0f}/255 at most from plain")
     assert np.abs(ulysses - plain).max() <= 16
     assert np.linalg.norm(ulysses - plain) / np.linalg.norm(plain) <= 1e-2
+    # Nodes of different sizes: the group of 2 attends with half of the heads, the single rank with all of them.
+    groups = outputs["groups"]
+    print(f"[runner conformance] {model_name} groups 2,1 on two nodes: {np.abs(groups - plain).max():.0f}/255 at most "
+          "from plain")
+    assert np.abs(groups - plain).max() <= 16
+    assert np.linalg.norm(groups - plain) / np.linalg.norm(plain) <= 1e-2
+    (image,) = [p for p in (folder / runs["groups"].name).iterdir() if p.suffix in (".png", ".mp4")]
+    assert "_stadi-full-exact_g2-1_n3_" in image.name, image.name
     # DistVAE decodes row shards with halos and all-reduced GroupNorm statistics in bf16: not bit-exact
     # (a few levels of 255 on these tiny models), but the same output.
     assert np.abs(outputs["parallel"] - plain).max() <= 16

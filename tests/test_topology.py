@@ -260,3 +260,93 @@ def test_unequal_groups_fill_the_branch_and_are_checked_against_xdits_flat_group
         values = {"world_size": 3, "stadi_degree": 2, "group_sizes": (2, 1), **fields}
         with pytest.raises(ValueError, match=message):
             Topology(**values)
+
+
+@pytest.mark.parametrize("sizes,values,world,expected", [
+    ((2, 1), {}, 3, Topology(3, stadi_degree=2, group_sizes=(2, 1))),
+    ((2, 1), {"use_cfg_parallel": True, "vae_parallel_size": 1}, 7,
+     Topology(7, stadi_degree=2, cfg_degree=2, vae_ranks=1, group_sizes=(2, 1))),
+    ((2, 2), {}, 4, Topology(4, stadi_degree=2, ulysses_degree=2)),  # equal sizes: xDiT's own Ulysses groups
+    ((3,), {}, 3, Topology(3, stadi_degree=1, ulysses_degree=3)),
+    ((1, 1, 1), {}, 3, Topology(3, stadi_degree=3)),  # groups of one: flat STADI
+])
+def test_stadi_groups_name_the_members_group_sizes(sizes, values, world, expected):
+    topology = Topology.from_args(SimpleNamespace(**values), world, ulysses_groups=True, group_sizes=sizes)
+    assert topology == expected
+    assert topology.data_parallel_degree * topology.ulysses_degree * topology.cfg_degree == topology.dit_ranks
+    assert Topology.for_group_sizes(sizes, expected.cfg_degree, expected.vae_ranks) == expected
+
+
+@pytest.mark.parametrize("values,world,ulysses_groups,message", [
+    ({}, 4, True, "--stadi_groups 2,1 needs 3 processes, but the launch has 4"),
+    ({"use_cfg_parallel": True, "vae_parallel_size": 1}, 6, True,
+     ("--stadi_groups 2,1 needs 7 processes (3 x 2 with --use_cfg_parallel + --vae_parallel_size 1), but the launch "
+     "has 6")),
+    ({"ulysses_degree": 2}, 6, True, ("--stadi_groups 2,1 cannot be combined with --ulysses_degree 2: each group's "
+                                     "size is its Ulysses degree")),
+    ({}, 3, False, "--stadi_groups 2,1: this model's family does not run Ulysses inside STADI groups"),
+])
+def test_stadi_groups_that_do_not_fit_the_launch_are_refused_in_one_line(values, world, ulysses_groups, message):
+    with pytest.raises(ValueError) as info:
+        Topology.from_args(SimpleNamespace(**values), world, ulysses_groups=ulysses_groups, group_sizes=(2, 1))
+    assert str(info.value) == message
+
+
+def test_unequal_groups_are_placed_one_per_node_with_the_vae_on_the_last():
+    """xDiT orders ranks tp-sp-pp-cfg-dp: a data-parallel index (here a group's rank) holds both CFG branches, so
+    node k runs group k of both branches; the parallel VAE's ranks are the world's last."""
+    topology = Topology.for_group_sizes((4, 2), cfg_degree=2, vae_ranks=1)
+    assert [topology.processes_per_node(2, node) for node in (0, 1)] == [8, 5]
+    assert topology.processes_per_node(1) == 13
+    with pytest.raises(ValueError, match=r"^13 STADI ranks cannot be spread evenly over --nnodes 3 \(--stadi_groups "
+                                         r"4,2 places one group per node on --nnodes 2; otherwise give each node's "
+                                         r"--nproc_per_node\)$"):
+        topology.processes_per_node(3)
+    assert Topology.for_group_sizes((4, 2)).processes_per_node(3) == 2  # even spread: a group may span nodes
+
+
+def test_output_names_carry_the_groups():
+    from stadi_xdit.config import StadiConfig
+
+    config = StadiConfig(use_stadi=True)
+    assert config.output_label(False, Topology.for_group_sizes((2, 1))) == "stadi-full_g2-1"
+    assert config.output_label(True, Topology.for_stadi_degree(2, ulysses_degree=2)) == "stadi-full_tc_u2"
+    assert config.output_label(False, Topology.for_stadi_degree(2)) == "stadi-full"
+    assert config.output_label(False) == "stadi-full"
+
+
+def test_validate_reads_stadi_groups_and_counts_per_member_lists(monkeypatch):
+    from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
+    from stadi_xdit.xdit.args import StadiArgs
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    args = StadiArgs(use_stadi=True, stadi_groups="2,1", stadi_speeds="1,0.5", height=128, width=128,
+                     num_inference_steps=4, warmup_steps=1, prompt="a cat")
+    args.stadi_pipeline_class = StadiPixArtAlphaPipeline
+    assert args.validate(3) == 2 and args.topology == Topology(3, stadi_degree=2, group_sizes=(2, 1))
+    assert args.topology.data_parallel_degree == 3  # xDiT's flat branch
+    args = StadiArgs(use_stadi=True, stadi_groups="2,1", stadi_speeds="1,0.5,1", height=128, width=128,
+                     num_inference_steps=4, warmup_steps=1, prompt="a cat")
+    with pytest.raises(ValueError, match=r"^--stadi_speeds has 3 values but the STADI group has 2 ranks$"):
+        args.validate(3)
+
+
+def test_a_twin_refuses_unequal_groups_it_cannot_run_before_any_stadi_group_exists():
+    """The twin's own check (an xDiT script's pipeline, known only once built): before xDiT's runtime state or
+    STADI's groups are made, one line naming --stadi_groups."""
+    from stadi_xdit.cli_errors import StadiInputError
+    from stadi_xdit.models.pixart import StadiPixArtAlphaPipeline
+
+    class WithoutGroups(StadiPixArtAlphaPipeline):
+        ulysses_groups = False
+
+    def pipeline(heads):
+        return SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(num_attention_heads=heads)))
+
+    engine_config = SimpleNamespace(parallel_config=SimpleNamespace(ulysses_degree=1),
+                                    topology=Topology.for_group_sizes((2, 1)))
+    with pytest.raises(StadiInputError, match=r"^--stadi_groups 2,1 cannot run WithoutGroups: its family does not "
+                                              r"run Ulysses inside STADI groups$"):
+        object.__new__(WithoutGroups)._init_runtime_state(pipeline(4), engine_config)
+    with pytest.raises(StadiInputError, match=r"^--stadi_groups 2,1 on SimpleNamespace: .*3"):
+        object.__new__(StadiPixArtAlphaPipeline)._init_runtime_state(pipeline(3), engine_config)

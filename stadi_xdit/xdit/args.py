@@ -365,7 +365,7 @@ class _StadiArgsBehaviour(xFuserArgs):
         validate_call_inputs(self)
         twin = self._runner_twin()
         # A twin not known yet (an xDiT script picks it when it builds its pipeline) checks it itself, at construction.
-        self.topology = Topology.from_args(self, world_size,
+        self.topology = Topology.from_args(self, world_size, group_sizes=self.stadi.groups,
                                            ulysses_groups=twin is None or bool(getattr(twin, "ulysses_groups", False)))
         degree = self.topology.stadi_degree
         self.stadi.check_world(degree)
@@ -394,12 +394,16 @@ class _StadiArgsBehaviour(xFuserArgs):
     def create_config(self):
         if not self.use_stadi:
             return super().create_config()
-        # STADI occupies the data-parallel slot (see module docstring).
-        self.data_parallel_degree = self.validate(launch_world_size())
+        # STADI occupies the data-parallel slot (see module docstring); --stadi_groups of equal sizes are xDiT's
+        # own Ulysses groups, unequal ones leave xDiT a flat branch (the topology says which).
+        self.validate(launch_world_size())
+        given_ulysses = self.ulysses_degree
+        self.data_parallel_degree, self.ulysses_degree = (self.topology.data_parallel_degree,
+                                                          self.topology.ulysses_degree)
         try:
             engine_config, input_config = super().create_config()
         finally:
-            self.data_parallel_degree = 1
+            self.data_parallel_degree, self.ulysses_degree = 1, given_ulysses
         values = {f.name: getattr(engine_config, f.name) for f in dataclasses.fields(EngineConfig)}
         return StadiEngineConfig(**values, stadi_config=self.stadi, topology=self.topology), input_config
 

@@ -3,8 +3,6 @@ what the displaced K/V exchange is worth (the quality benchmarks and the conform
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from stadi_xdit.runtime.kv import DisplacedKVStore
@@ -15,23 +13,14 @@ def build_stadi_pipeline(pipeline_cls: type, diffusers_pipeline, *, size: int, s
     """A STADI pipeline (float32 unless `dtype`) configured from `StadiArgs` keywords, as the benchmarks,
     the tests and the GPU check run it.
 
-    `ignore_foreign_bands=True` among the keywords also injects the broken-exchange fault. `stadi_groups`
-    (sizes in rank order) runs STADI groups of unequal Ulysses degrees, which no launch flag reaches yet: the
-    launch is checked as flat, so per-rank lists (`stadi_speeds`, ...) cannot be given with it.
+    `ignore_foreign_bands=True` among the keywords also injects the broken-exchange fault.
     """
-    from stadi_xdit.topology import Topology
     from stadi_xdit.xdit.args import StadiArgs
 
     corrupt = stadi_args.pop("ignore_foreign_bands", False)
-    group_sizes = stadi_args.pop("stadi_groups", None)
     args = StadiArgs(model=model, use_stadi=True, height=size, width=size, num_inference_steps=steps, **stadi_args)
     args.stadi_pipeline_class = pipeline_cls  # the launch checks follow its family
     engine_config, _ = args.create_config()
-    if group_sizes is not None:
-        flat = engine_config.topology
-        grouped = Topology(flat.world_size, stadi_degree=len(group_sizes), cfg_degree=flat.cfg_degree,
-                           vae_ranks=flat.vae_ranks, group_sizes=tuple(group_sizes))
-        engine_config = dataclasses.replace(engine_config, topology=grouped)
     engine_config.runtime_config.dtype = dtype
     pipe = pipeline_cls(diffusers_pipeline, engine_config)
     if corrupt:

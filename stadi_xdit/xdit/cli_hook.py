@@ -338,8 +338,20 @@ def _file_settings(flags: dict[str, str | None]) -> Any:
     return StadiConfig.from_file(path)
 
 
+def stadi_groups_from_args(args: Sequence[str]) -> tuple[int, ...] | None:
+    """`--stadi_groups` (the flag, then `--stadi_config_file`), parsed; None when neither gives it."""
+    from stadi_xdit.config import parse_counts
+
+    flags = _flag_values(args)
+    if flags.get("--stadi_groups"):
+        return parse_counts(flags["--stadi_groups"], "--stadi_groups")
+    settings = _file_settings(flags)
+    return None if settings is None else settings.groups
+
+
 def stadi_degree_from_args(args: Sequence[str]) -> int | None:
-    """Ranks per CFG branch: `--stadi_degree`, else the length of a per-rank list flag (flags, then file)."""
+    """Members per CFG branch: `--stadi_degree`, else the number of `--stadi_groups`, else the length of a per-rank
+    list flag (flags, then file)."""
     flags = _flag_values(args)
     settings = _file_settings(flags)
     counts = {}
@@ -347,6 +359,9 @@ def stadi_degree_from_args(args: Sequence[str]) -> int | None:
         counts["--stadi_degree"] = checked_int("--stadi_degree", flags["--stadi_degree"], minimum=1)
     elif settings is not None and settings.degree is not None:
         counts["--stadi_degree"] = settings.degree
+    groups = stadi_groups_from_args(args)
+    if groups is not None:
+        counts["--stadi_groups"] = len(groups)
     for flag, field in (("--stadi_speeds", "speeds"), ("--stadi_emulate_slowdown", "emulate_slowdown")):
         if flags.get(flag):
             counts[flag] = _count(flags[flag])
@@ -377,35 +392,49 @@ def _uses_stadi(flags: dict[str, str | None]) -> bool:
     return settings is not None and settings.use_stadi
 
 
-def stadi_nproc_from_args(args: Sequence[str], fallback: Callable[[list[str]], int] | None = None,
-                          nnodes: int = 1) -> int:
-    """Processes per node for a launch: xDiT's degree product, or with `--use_stadi` the STADI rule
-    (`Topology.for_stadi_degree`)
+def stadi_launch_topology(args: Sequence[str]) -> Topology:
+    """The launch that STADI flags describe (`Topology.for_stadi_degree`, or `for_group_sizes` with
+    `--stadi_groups`)
 
-        world = stadi_degree x (2 if --use_cfg_parallel else 1) x --ulysses_degree [+ --vae_parallel_size]
+        world = members x (2 if --use_cfg_parallel else 1) x --ulysses_degree [+ --vae_parallel_size]
+        world = sum(--stadi_groups) x (2 if --use_cfg_parallel else 1) [+ --vae_parallel_size]
 
-    where stadi_degree is `--stadi_degree N`, else the number of values of `--stadi_speeds` /
-    `--stadi_emulate_slowdown` (flags first, then `--stadi_config_file`). xDiT's own rule would
-    count 1 (or 2) here, since STADI's degree is not one of its degree flags.
+    where members is `--stadi_degree N`, else the number of `--stadi_groups`, else the number of values of
+    `--stadi_speeds` / `--stadi_emulate_slowdown` (flags first, then `--stadi_config_file`). xDiT's own rule would
+    count 1 (or 2) here, since STADI's degree is not one of its degree flags. A ValueError (one line) when the
+    flags cannot say.
     """
     flags = _flag_values(args)
-    if not _uses_stadi(flags):
-        if fallback is None:
-            raise ValueError("no --use_stadi and no fallback rule")
-        return fallback(list(args))
     # --ulysses_degree is counted here; whether the model's family runs Ulysses inside STADI groups is checked
     # with the other inputs (`StadiArgs.validate`), which knows the family.
     refuse_degrees({name: flags.get(f"--{name}") for name in REFUSED_WITH_STADI if name != "ulysses_degree"})
     ulysses = checked_int("--ulysses_degree", flags["--ulysses_degree"], minimum=1) if flags.get("--ulysses_degree") else 1
     degree = stadi_degree_from_args(args)
     if degree is None:
-        raise ValueError("with --use_stadi the launcher cannot infer the number of ranks: pass "
-                         "--nproc_per_node, or --stadi_degree N (ranks per CFG branch), or per-rank --stadi_speeds")
+        raise ValueError("with --use_stadi the launcher cannot infer the number of ranks: pass --nproc_per_node, "
+                         "or --stadi_degree N (ranks per CFG branch), --stadi_groups, or per-rank --stadi_speeds")
     cfg_on = "--use_cfg_parallel" in flags and flags["--use_cfg_parallel"] not in ("False", "false")
     cfg = CFG_BRANCHES if cfg_on else 1
     vae = checked_int("--vae_parallel_size", flags["--vae_parallel_size"], minimum=0) if flags.get("--vae_parallel_size") else 0
-    return Topology.for_stadi_degree(degree, cfg_degree=cfg, vae_ranks=vae,
-                                     ulysses_degree=ulysses).processes_per_node(nnodes)
+    groups = stadi_groups_from_args(args)
+    if groups is not None:
+        if ulysses > 1:
+            raise ValueError(f"--stadi_groups {','.join(map(str, groups))} cannot be combined with --ulysses_degree "
+                             f"{ulysses}: each group's size is its Ulysses degree")
+        return Topology.for_group_sizes(groups, cfg_degree=cfg, vae_ranks=vae)
+    return Topology.for_stadi_degree(degree, cfg_degree=cfg, vae_ranks=vae, ulysses_degree=ulysses)
+
+
+def stadi_nproc_from_args(args: Sequence[str], fallback: Callable[[list[str]], int] | None = None,
+                          nnodes: int = 1, node_rank: int = 0) -> int:
+    """Processes on node `node_rank` of `nnodes` for a launch: xDiT's degree product, or with `--use_stadi` the
+    STADI rule (`stadi_launch_topology`), spread over the nodes (`Topology.processes_per_node`)."""
+    flags = _flag_values(args)
+    if not _uses_stadi(flags):
+        if fallback is None:
+            raise ValueError("no --use_stadi and no fallback rule")
+        return fallback(list(args))
+    return stadi_launch_topology(args).processes_per_node(nnodes, node_rank)
 
 
 def patch_launcher(cli: ModuleType) -> None:
@@ -503,6 +532,8 @@ __all__ = [
     "is_installed",
     "stadi_args_class",
     "stadi_degree_from_args",
+    "stadi_groups_from_args",
+    "stadi_launch_topology",
     "stadi_nproc_from_args",
     "stadi_pipeline_class",
     "stadi_twin",

@@ -173,6 +173,8 @@ class StadiPipelineMixin:
                                 engine_config.parallel_config.ulysses_degree, type(pipeline.transformer).__name__)
         except ValueError as error:
             raise StadiInputError(str(error)) from None
+        checked = getattr(engine_config, "topology", None)
+        shards = self._head_shards(pipeline, checked) if checked is not None and checked.unequal_groups else None
         # Building the runtime state creates xDiT's process groups; STADI's group is the dp group.
         heartbeat.phase("process-group")
         state = StadiRuntimeState(pipeline, engine_config)
@@ -190,25 +192,24 @@ class StadiPipelineMixin:
         # two branches of a band move in lockstep and plan alike), and so do a group's Ulysses all-to-alls (they
         # are the group's forward), so those groups keep no CUDA wait events.
         sequence = _bounded_comm(sp, timeout, times_device_waits=False) if sp.world_size > 1 else None
-        shards = None
-        if self.topology.unequal_groups:  # xDiT's groups are flat: STADI builds the Ulysses groups itself
-            shards = self._head_shards(pipeline)
+        if shards is not None:  # xDiT's groups are flat: STADI builds the Ulysses groups itself
             sequence = _bounded_comm(_unequal_sequence_group(dp, shards), timeout, times_device_waits=False)
         self.groups = StadiGroups(band=_bounded_comm(dp, timeout),
                                   cfg=_bounded_comm(cfg, timeout, times_device_waits=False), sequence=sequence,
                                   shards=shards)
         self.kv_store = DisplacedKVStore(self.groups.band, sequence=sequence, shards=shards)
 
-    def _head_shards(self, pipeline) -> HeadShards:
+    def _head_shards(self, pipeline, topology: Topology) -> HeadShards:
+        """The heads of each unequal group (checked before any STADI process group exists)."""
+        shown = ",".join(map(str, topology.group_sizes))
         if not self.ulysses_groups:
-            raise StadiInputError(f"STADI groups of unequal sizes cannot run {type(self).__name__}: its family does "
+            raise StadiInputError(f"--stadi_groups {shown} cannot run {type(self).__name__}: its family does "
                                   "not run Ulysses inside STADI groups")
         heads = getattr(pipeline.transformer.config, "num_attention_heads", None)
         try:
-            return HeadShards(self.topology.group_sizes, heads)
+            return HeadShards(topology.group_sizes, heads)
         except (TypeError, ValueError) as error:
-            raise StadiInputError(f"STADI groups {list(self.topology.group_sizes)} on "
-                                  f"{type(pipeline.transformer).__name__}: {error}") from None
+            raise StadiInputError(f"--stadi_groups {shown} on {type(pipeline.transformer).__name__}: {error}") from None
 
     def _convert_transformer_backbone(self, transformer, *, enable_torch_compile: bool = False, cache_args=None,
                                       **kwargs):
