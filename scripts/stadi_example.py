@@ -260,7 +260,7 @@ def run(engine_args: StadiArgs, example: ExampleChoice, save_latents: str | None
 def _result_path(pipe, engine_args: StadiArgs) -> str:
     """results/<pipeline class>[_<STADI strategy>]_n<ranks>.png: runs of different strategies or rank counts
     never share a name; a run that replaces an earlier one says so."""
-    strategy = (f"_{engine_args.stadi.output_label(engine_args.use_torch_compile, engine_args.topology.ulysses_degree)}"
+    strategy = (f"_{engine_args.stadi.output_label(engine_args.use_torch_compile, engine_args.topology)}"
                 if engine_args.use_stadi else "")
     path = f"results/{type(pipe).__name__}{strategy}_n{get_world_group().world_size}.png"
     if os.path.exists(path):  # the atomic save creates results/ itself

@@ -155,14 +155,18 @@ def build_launch_command(argv: Sequence[str]) -> list[str]:
 
 
 def launch_world(script_args: Sequence[str], nproc: int, nnodes: int) -> int:
-    """The whole launch's size: `--stadi_groups` names it (the nodes may differ in size), else every node runs
-    `nproc`."""
+    """The whole launch's size, which the runner's inputs are checked against. On several nodes the STADI flags
+    name it where they count the ranks (`--stadi_groups`, `--stadi_degree`, per-member lists): the nodes may
+    differ in size, each with its own `--nproc_per_node`, and no node's launcher sees the others'. Otherwise
+    every node runs `nproc`."""
+    if nnodes == 1 or not cli_hook._uses_stadi(cli_hook._flag_values(script_args)):
+        return nproc * nnodes
     try:
-        if cli_hook._uses_stadi(cli_hook._flag_values(script_args)) and cli_hook.stadi_groups_from_args(script_args):
-            return cli_hook.stadi_launch_topology(script_args).world_size
+        if cli_hook.stadi_degree_from_args(script_args) is None:
+            return nproc * nnodes
+        return cli_hook.stadi_launch_topology(script_args).world_size
     except ValueError as error:
         fail(LAUNCHER, str(error))
-    return nproc * nnodes
 
 
 LAUNCHER_FLAGS = ("--stadi_degree",)  # STADI flags the launcher reads too, wherever they stand

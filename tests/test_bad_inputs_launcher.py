@@ -104,6 +104,12 @@ def test_unequal_nodes_each_start_their_group():
     assert "--nproc_per_node=3" in build_launch_command(GROUPS)  # one node holds both groups
     explicit = build_launch_command(["--nnodes", "3", "--node_rank", "2", "--nproc_per_node", "1", *GROUPS])
     assert "--nproc_per_node=1" in explicit  # groups spanning nodes: each node says its own count
+    # Flat STADI on the same nodes: each gives its count, the flags the launch's (3 ranks, not 2 x 2).
+    flat = [*FLUX[:FLUX.index("--stadi_degree")], "--stadi_degree", "3", *FLUX[FLUX.index("--stadi_degree") + 2:]]
+    for node, nproc in ((0, 2), (1, 1)):
+        command = build_launch_command(["--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", str(nproc),
+                                        "--master_addr", "10.0.0.1", *flat])
+        assert f"--nproc_per_node={nproc}" in command
 
 
 # --- runner checks made once in the launcher (R13, R28) ----------------------------------------

@@ -93,6 +93,11 @@ ALLOWED_CORES = sorted(os.sched_getaffinity(0))
         (["--simulate", "--gpus", "A100x6", "--ulysses-degree", "4"], "--ulysses-degree", "divide the 6 ranks"),
         (["--simulate", "--gpus", "A100x2", "--ulysses-degree", "0"], "--ulysses-degree", "integer >= 1"),
         (["--ulysses-degree", "2"], "--ulysses-degree", "only with --simulate"),
+        (["--stadi-groups", "2,1"], "--stadi-groups", "only with --simulate"),
+        (["--simulate", "--gpus", "A100x6", "--stadi-groups", "2,2"], "--stadi-groups", "add up to the 6 ranks"),
+        (["--simulate", "--gpus", "A100x6", "--stadi-groups", "2,x"], "--stadi-groups", "comma-separated integers"),
+        (["--simulate", "--gpus", "A100x6", "--stadi-groups", "4,2", "--ulysses-degree", "2"], "--stadi-groups",
+         "cannot be combined with --ulysses-degree 2"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_flag(one_error_line, argv, flag, says):

@@ -131,10 +131,12 @@ def test_simulate_wan_14b_720p_over_ulysses_groups(tmp_path, capsys):
             "--out", str(tmp_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "STADI over groups of Ulysses-4" in out and "xDiT Ulysses-8 (every rank)" in out
+    assert "STADI over groups of Ulysses-4 (simulated; launched with stadi-xdit --ulysses_degree 4)" in out
+    assert "xDiT Ulysses-8 (every rank)" in out
     result = json.loads((tmp_path / "simulate.json").read_text())
     grouped = result["ulysses_groups"]
-    for label, form in grouped["kv_store"].items():
+    assert list(grouped["kv_store"]) == ["4"]
+    for label, form in grouped["kv_store"]["4"].items():
         assert form["store_bytes"] * 4 == result["kv_store"][label]["store_bytes"]
     assert result["memory_fit"]["cards"]["A100"]["fits"] == {"as computed": False, "--use_cfg_parallel": False}
     assert grouped["memory_fit"]["cards"]["A100"]["fits"] == {"as computed": True, "--use_cfg_parallel": True}
@@ -149,7 +151,31 @@ def test_simulate_wan_14b_720p_over_ulysses_groups(tmp_path, capsys):
     assert (grouped["rows"], grouped["planned_rows"]) == (945, 944)
     assert len(members) == 2 and sum(r["row_end"] - r["row_start"] for r in members) == 944
     assert all((r["row_end"] - r["row_start"]) % 4 == 0 for r in members)
-    assert "945 rows are not a multiple of Ulysses 4: planned in 4-row units on 944" in out
+    assert "945 rows are not a multiple of 4: planned in 4-row units on 944" in out
+
+
+def test_simulate_flux_on_nodes_of_different_sizes(tmp_path, capsys):
+    """Issue 23's second what-if: a node of two H100s and a node of four A100s, one group each (--stadi_groups 2,4).
+    The A100 group's ranks hold a quarter of the flat store, the H100 group's half; bands come in lcm = 4 rows."""
+    argv = ["--simulate", "--gpus", "H100x2,A100x4", "--preset", "flux-dev-1024", "--stadi-groups", "2,4",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "STADI over groups of Ulysses-2,4 (simulated; launched with stadi-xdit --stadi_groups 2,4)" in out
+    result = json.loads((tmp_path / "simulate.json").read_text())
+    grouped = result["ulysses_groups"]
+    assert [group["cards"] for group in grouped["groups"]] == [["H100"] * 2, ["A100"] * 4]
+    assert grouped["group_sizes"] == [2, 4] and grouped["align"] == 4
+    flat = result["kv_store"]["as computed"]["store_bytes"]
+    assert grouped["kv_store"]["2"]["as computed"]["store_bytes"] * 2 == flat
+    assert grouped["kv_store"]["4"]["as computed"]["store_bytes"] * 4 == flat
+    needs = {card: fit["needs_bytes"]["as computed"] for card, fit in grouped["memory_fit"]["cards"].items()}
+    weights = grouped["memory_fit"]["weights_bytes"]
+    assert needs == {"H100": weights + flat / 2, "A100": weights + flat / 4}
+    members = json.loads(grouped["plan"])["ranks"]
+    assert len(members) == 2 and all((r["row_end"] - r["row_start"]) % 4 == 0 for r in members)
+    seconds = grouped["seconds"]
+    assert seconds["full"] < seconds["uniform"] and seconds["full"] < grouped["xdit_ulysses_seconds"]
 
 
 def test_simulate_small_wan_with_given_row_cost(tmp_path, capsys):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from stadi_xdit.offline.spawn import run_distributed
+from stadi_xdit.testing.fakes import TwoRankGroup
 from stadi_xdit.xdit.build import build_stadi_pipeline
 
 STEPS, SIZE = 12, 64
@@ -126,26 +127,13 @@ class _Manager:
         return kwargs
 
 
-class _Group:
-    """A Ulysses group of two ranks whose other rank would (1.0) or would not (0.0) serve."""
-
-    world_size = 2
-
-    def __init__(self, peer: float):
-        self.peer, self.sent = peer, []
-
-    def all_gather_floats(self, value: float, device) -> list[float]:
-        self.sent.append(value)
-        return [value, self.peer]
-
-
 @pytest.mark.parametrize(("mine", "peer", "served"), [(True, 1.0, True), (True, 0.0, False), (False, 1.0, False)])
 def test_a_ulysses_group_serves_a_forward_only_where_all_its_ranks_would(mine, peer, served):
     """Over Ulysses groups the ranks of a group meet in every attention's all-to-all: a rank that served a forward
     its peer computes would leave the peer waiting. Each decides on its own part, then the group agrees."""
     from stadi_xdit.xdit.step_cache import CacheDitStepCache
 
-    manager, group = _Manager(mine), _Group(peer)
+    manager, group = _Manager(mine), TwoRankGroup(peer)
     cache = CacheDitStepCache(manager, ["context"])
     cache.decide_with(group, torch.device("cpu"))
     cache.may_serve = True

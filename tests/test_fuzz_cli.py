@@ -100,6 +100,8 @@ BENCH_FLAGS = {
     "--mfu": ["0.35", "1.5"],
     "--link-gbps": ["100"],
     "--calibrate-height": ["256", "7", "4096"],
+    "--ulysses-degree": ["2", "0", "3"],
+    "--stadi-groups": ["2,2", "1,3", "2,x", "0", ""],
 }
 BENCH_SWITCHES = ["--profile-cache", "--no-plots", "--no-decode", "--no-progress", "--verbose-workers",
                   "--simulate", "--no-measure", "--construct-only"]

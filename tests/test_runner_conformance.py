@@ -15,6 +15,7 @@ offline hub cache:
 - `ulysses`: STADI exact on 4 ranks = 2 groups x Ulysses-2 (`--ulysses_degree 2`): the same output (its odd
   token rows: the last group computes the row past the plan's 2-row units, its ranks' parts a row apart);
 - `cached_ulysses`: `cached` over those groups: each group serves as one, and the output is the flat one's;
+- `cached_groups`: `cached` over the unequal groups of `groups` below, launched as those: the same;
 - `groups`: STADI exact on nodes of different sizes, `--stadi_groups 2,1`: two `stadi-xdit` launches with
   `--nnodes 2` (2 processes, then 1) on this machine, a group of Ulysses-2 and a single rank: the same output.
 
@@ -72,7 +73,7 @@ for run in json.loads(open(sys.argv[1]).read()):
 """
 
 STADI_EXACT = ["--use_stadi", "--stadi_exact", "--stadi_speeds", "3,5", "--warmup_steps", "1"]
-NODES = {"groups": 2}  # modes launched as several nodes (torchrun --nnodes), each with its own process count
+NODES = {"groups": 2, "cached_groups": 2}  # modes launched as several nodes (torchrun --nnodes), each with its own process count
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ def runner_modes(model_name: str) -> dict[str, list[str]]:
                            "--stadi_speeds", "1,1", "--warmup_steps", "1", "--cache_method", method,
                            "--cache_config", json.dumps(settings)]
         modes["cached_ulysses"] = [*modes["cached"], "--ulysses_degree", "2"]
+        modes["cached_groups"] = [*modes["cached"], "--stadi_groups", "2,1"]
     return modes
 
 
@@ -146,11 +148,24 @@ def runner_runs(model_names) -> list[RunnerRun]:
             for model in model_names for mode, argv in runner_modes(model).items()]
 
 
-def _output(folder) -> np.ndarray:
-    (path,) = [p for p in folder.iterdir() if p.suffix in (".png", ".mp4")]
+def _output(path: Path) -> np.ndarray:
+    """A saved image, or a video's frames (stored as NumPy, see RUNNER_SCRIPT), as floats."""
     if path.suffix == ".png":
         return np.asarray(Image.open(path).convert("RGB")).astype(np.float64)
     return np.load(path).astype(np.float64)
+
+
+def _saved(folder: Path, run: RunnerRun) -> Path:
+    """The one image or video the runner saved for `run`."""
+    (path,) = [p for p in (folder / run.name).iterdir() if p.suffix in (".png", ".mp4")]
+    return path
+
+
+def _assert_same_output(model_name: str, what: str, output: np.ndarray, against: str, reference: np.ndarray) -> None:
+    """The same output up to bf16 rounding (head shards, DistVAE): a few levels of 255 on these tiny models."""
+    print(f"[runner conformance] {model_name} {what}: {np.abs(output - reference).max():.0f}/255 at most from {against}")
+    assert np.abs(output - reference).max() <= 16, what
+    assert np.linalg.norm(output - reference) / np.linalg.norm(reference) <= 1e-2, what
 
 
 def _log(folder: Path, run: RunnerRun) -> str:
@@ -167,16 +182,24 @@ def launch_by_nodes(runs: list[RunnerRun], hub: Path, folder: Path) -> dict[tupl
     script.write_text(RUNNER_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
+    ports: set[int] = set()
+
+    def distinct_port() -> int:  # the launches run at once: two of their rendezvous must never share a port
+        while (port := free_port()) in ports:
+            pass
+        ports.add(port)
+        return port
+
     by_nodes = defaultdict(list)
     for run in runs:
         (folder / run.name).mkdir()
         by_nodes[run.nodes].append({"argv": [*run.argv, "--output_directory", str(folder / run.name)],
-                                    "port": free_port(), "log": str(folder / f"{run.name}.log")})
+                                    "port": distinct_port(), "log": str(folder / f"{run.name}.log")})
     procs = {}
     for nodes, plan in by_nodes.items():
         runs_file = folder / f"runs{'-'.join(map(str, nodes))}.json"
         runs_file.write_text(json.dumps(plan))
-        port = str(free_port())
+        port = str(distinct_port())
         procs[nodes] = [subprocess.Popen(build_launch_command(
             ["--nproc_per_node", str(nproc), "--nnodes", str(len(nodes)), "--node_rank", str(node),
              "--master_addr", "127.0.0.1", "--master_port", port, str(script), str(runs_file)]),
@@ -204,10 +227,15 @@ def test_every_served_runner_model_runs_and_saves_in_every_mode(hub, tmp_path):
 
 def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[tuple[int, ...], tuple[str, int]],
                        folder: Path) -> None:
+    launch_runs = runs
     runs = {run.mode: run for run in runs if run.model == model_name}
     for run in runs.values():
         output, status = launches[run.nodes]
-        assert status == 0, f"{model_name} {run.mode}: {' '.join(run.argv)}\n{_log(folder, run)[-4000:]}\n{output[-3000:]}"
+        if status:  # the launch's runs go one after the other: the one that failed names itself in its log
+            failed = [other for other in launch_runs if other.nodes == run.nodes and "Traceback" in _log(folder, other)]
+            shown = failed[0] if failed else run
+            raise AssertionError(f"{model_name} {run.mode}: its launch failed in {shown.name}: {' '.join(shown.argv)}"
+                                 f"\n{_log(folder, shown)[-4000:]}\n{output[-3000:]}")
     logs = {mode: _log(folder, run) for mode, run in runs.items()}
     assert all(("STADI plan" in logs[mode]) == ("--use_stadi" in run.argv) for mode, run in runs.items())
     assert "STADI rank 1: 3 model evaluations (plan: 3)" in logs["exact"], logs["exact"][-3000:]
@@ -219,45 +247,33 @@ def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[tu
     assert (folder / runs["exact"].name / "timings.json").is_file()  # the runner's own timings, saved too
     if "--use_parallel_vae" in runs["parallel"].argv:
         assert "Parallel VAE decoder enabled" in logs["parallel"], logs["parallel"][-3000:]
-    outputs = {mode: _output(folder / run.name) for mode, run in runs.items()}  # one output each, named by the runner
+    outputs = {mode: _output(_saved(folder, run)) for mode, run in runs.items()}  # one each, named by the runner
     plain = outputs["plain"]
     assert all(output.shape == plain.shape for output in outputs.values())
     assert np.array_equal(outputs["exact"], plain), np.abs(outputs["exact"] - plain).max()
     # Ulysses inside STADI groups: each rank attends with half of the heads over the whole image, as one process
-    # does; the runner computes in bf16, where attention over a head shard may round otherwise.
-    ulysses = outputs["ulysses"]
-    print(f"[runner conformance] {model_name} ulysses: {np.abs(ulysses - plain).max():.0f}/255 at most from plain")
-    assert np.abs(ulysses - plain).max() <= 16
-    assert np.linalg.norm(ulysses - plain) / np.linalg.norm(plain) <= 1e-2
-    # Nodes of different sizes: the group of 2 attends with half of the heads, the single rank with all of them.
-    groups = outputs["groups"]
-    print(f"[runner conformance] {model_name} groups 2,1 on two nodes: {np.abs(groups - plain).max():.0f}/255 at most "
-          "from plain")
-    assert np.abs(groups - plain).max() <= 16
-    assert np.linalg.norm(groups - plain) / np.linalg.norm(plain) <= 1e-2
-    (image,) = [p for p in (folder / runs["groups"].name).iterdir() if p.suffix in (".png", ".mp4")]
-    assert "_stadi-full-exact_g2-1_n3_" in image.name, image.name
+    # does; the runner computes in bf16, where attention over a head shard may round otherwise. On nodes of
+    # different sizes the group of 2 attends with half of the heads, the single rank with all of them.
+    _assert_same_output(model_name, "ulysses", outputs["ulysses"], "plain", plain)
+    _assert_same_output(model_name, "groups 2,1 on two nodes", outputs["groups"], "plain", plain)
+    assert "_stadi-full-exact_g2-1_n3_" in _saved(folder, runs["groups"]).name
     # DistVAE decodes row shards with halos and all-reduced GroupNorm statistics in bf16: not bit-exact
     # (a few levels of 255 on these tiny models), but the same output.
-    assert np.abs(outputs["parallel"] - plain).max() <= 16
-    assert np.linalg.norm(outputs["parallel"] - plain) / np.linalg.norm(plain) <= 1e-2
+    _assert_same_output(model_name, "parallel", outputs["parallel"], "plain", plain)
     assert not np.array_equal(outputs["guidance_off"], plain)  # guidance 1 is another call, and it saved
     if "cached" in runs:
-        assert all(f"STADI rank {rank}: 6 model evaluations (plan: 6), 4 served by the step cache" in logs["cached"]
-                   for rank in (0, 1)), logs["cached"][-3000:]
         method = runs["cached"].argv[runs["cached"].argv.index("--cache_method") + 1]
-        (image,) = [p for p in (folder / runs["cached"].name).iterdir() if p.suffix in (".png", ".mp4")]
-        assert f"_stadi-full_{method}_n2_" in image.name, image.name
-        # Over Ulysses groups each group serves as one: the same forwards on its two ranks, and the same output
-        # as the flat cached run up to the head shards' bf16 rounding (as for `ulysses` above).
-        assert all(f"STADI rank {rank} (Ulysses rank {part}): 6 model evaluations (plan: 6), 4 served by the step "
-                   "cache" in logs["cached_ulysses"] for rank in (0, 1) for part in (0, 1)), logs["cached_ulysses"][-3000:]
-        (image,) = [p for p in (folder / runs["cached_ulysses"].name).iterdir() if p.suffix in (".png", ".mp4")]
-        assert f"_stadi-full_u2_{method}_n4_" in image.name, image.name
-        grouped = outputs["cached_ulysses"]
-        print(f"[runner conformance] {model_name} cached over Ulysses groups: "
-              f"{np.abs(grouped - outputs['cached']).max():.0f}/255 at most from the flat cached run")
-        assert np.abs(grouped - outputs["cached"]).max() <= 16
-        assert np.linalg.norm(grouped - outputs["cached"]) / np.linalg.norm(outputs["cached"]) <= 1e-2
+        served = "6 model evaluations (plan: 6), 4 served by the step cache"
+        assert all(f"STADI rank {rank}: {served}" in logs["cached"] for rank in (0, 1)), logs["cached"][-3000:]
+        assert f"_stadi-full_{method}_n2_" in _saved(folder, runs["cached"]).name
+        # Over Ulysses groups each group serves as one: the same forwards on its ranks, and the same output as the
+        # flat cached run up to the head shards' bf16 rounding (as for `ulysses` above). Over unequal groups, which
+        # STADI builds itself, the group of 2 still decides as one.
+        for mode, label, ranks in (("cached_ulysses", "u2", ((0, 0), (0, 1), (1, 0), (1, 1))),
+                                   ("cached_groups", "g2-1", ((0, 0), (0, 1), (1, None)))):
+            assert all(f"STADI rank {member}{'' if part is None else f' (Ulysses rank {part})'}: {served}"
+                       in logs[mode] for member, part in ranks), logs[mode][-3000:]
+            assert f"_stadi-full_{label}_{method}_n{len(ranks)}_" in _saved(folder, runs[mode]).name
+            _assert_same_output(model_name, mode, outputs[mode], "the flat cached run", outputs["cached"])
     assert not [path for run in runs.values() for path in (folder / run.name).glob(".*partial*")], \
         "a temporary save was left behind"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from stadi_xdit.offline.spawn import run_distributed
+from stadi_xdit.testing.fakes import TwoRankGroup
 from stadi_xdit.xdit.build import build_stadi_pipeline
 
 PROMPT = "a red cat"
@@ -113,3 +114,29 @@ def test_sync_replanning_runs_with_the_cache_and_its_record(runs):
         sync = run[-1]
         assert sync["cached"] > 0 and torch.isfinite(sync["latents"]).all(), rank
         assert all(record is not None and len(record) == 2 for record in sync["served_records"])
+
+
+def test_over_stadis_own_groups_the_in_tree_cache_averages_over_the_group(monkeypatch):
+    """Groups of unequal sizes are STADI's own (xDiT's sequence-parallel group is flat, of one rank): xfuser's
+    `l1_distance` would compare this rank's part alone, and a group's ranks could decide apart. `decide_with`
+    makes it average the difference and the norm over the group, as it does over xDiT's own groups."""
+    from types import SimpleNamespace
+
+    from xfuser.core import distributed
+    from xfuser.model_executor.cache.utils import CachedTransformerBlocks
+
+    from stadi_xdit.xdit.step_cache import XditStepCache
+
+    monkeypatch.setattr(distributed, "get_sequence_parallel_world_size", lambda: 1)
+    block = SimpleNamespace(rel_l1_thresh=torch.tensor(0.1), all_reduce=lambda value, op=None: value)
+    cache = XditStepCache([block])
+    cache.decide_with(TwoRankGroup(peer=0.5), torch.device("cpu"))
+    # This part: difference 1, norm 2 -> alone 0.5; the peer reports 0.5 for both -> (1 + 0.5) / (2 + 0.5) = 0.6.
+    distance = CachedTransformerBlocks.l1_distance(block, torch.full((4,), 2.0), torch.full((4,), 1.0))
+    assert distance.item() == pytest.approx(0.6)
+    # Over xDiT's own groups (its sequence-parallel group is the group) and for a group of one: unchanged.
+    for sequence_world, group in ((2, TwoRankGroup(peer=0.5)), (1, None)):
+        monkeypatch.setattr(distributed, "get_sequence_parallel_world_size", lambda size=sequence_world: size)
+        alone = SimpleNamespace(rel_l1_thresh=torch.tensor(0.1), all_reduce=lambda value, op=None: value)
+        XditStepCache([alone]).decide_with(group, torch.device("cpu"))
+        assert CachedTransformerBlocks.l1_distance(alone, torch.full((4,), 2.0), torch.full((4,), 1.0)).item() == 0.5

@@ -30,6 +30,7 @@ from typing import NoReturn
 from stadi_xdit.bench.catalog import ARM_ORDER, DEFAULT_ARMS, PRESET_SHAPES
 from stadi_xdit.bench.scenarios import parse_scenario
 from stadi_xdit.cli_errors import OneLineArgumentParser, comma_subset, fail, stdout_guard
+from stadi_xdit.config import parse_counts
 from stadi_xdit.geometry import FRAMES_PER_LATENT, TOKEN_ROW_PX
 from stadi_xdit.paths import output_dir_problem
 from stadi_xdit.planner.cli import parse_checked, parse_numbers
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--ulysses-degree", type=int, default=1,
                      help="also predict STADI over groups of this many consecutive ranks, Ulysses inside each "
                           "(issue 23), next to xDiT's Ulysses over every rank (default 1: off)")
+    sim.add_argument("--stadi-groups", default=None, metavar="SIZES",
+                     help="also predict STADI over groups of these sizes in rank order, Ulysses inside each (nodes "
+                          "of different sizes: H100x2,A100x4 with 2,4; launched with --stadi_groups)")
     parser.add_argument("--construct-only", action="store_true",
                         help="build the preset's transformer on the meta device, check arm validity, exit")
     return parser
@@ -268,15 +272,30 @@ def _validate_simulate(args: argparse.Namespace) -> None:
                                       f"got {args.calibrate_height}")
     if args.ulysses_degree < 1:
         _reject("--ulysses-degree", f"must be an integer >= 1, got {args.ulysses_degree}")
+    args.group_sizes = None
+    if args.stadi_groups is not None:
+        try:
+            args.group_sizes = parse_counts(args.stadi_groups, "--stadi-groups")
+        except ValueError as error:
+            _reject("--stadi-groups", str(error).removeprefix("--stadi-groups "))
+        if args.ulysses_degree != 1:
+            _reject("--stadi-groups", f"cannot be combined with --ulysses-degree {args.ulysses_degree} (each group's "
+                                      "size is its Ulysses degree)")
     if not args.simulate:
-        if args.ulysses_degree != 1:  # a measured run has no Ulysses groups yet: refused, not ignored
-            _reject("--ulysses-degree", "only with --simulate (STADI over Ulysses groups is not a launch yet)")
+        for flag, given in (("--ulysses-degree", args.ulysses_degree != 1), ("--stadi-groups", args.group_sizes)):
+            if given:  # a measured run's grouped arm is --arms full-ulysses2: refused, not ignored
+                _reject(flag, "only with --simulate (the measured grouped arm is --arms full-ulysses2)")
         return
     ranks = args.gpu_names or args.speed_values
     if not ranks:
         _reject("--simulate", "needs --gpus (e.g. A100x4,RTX3090x4) or --speeds (e.g. 1,0.5)")
     if len(ranks) % args.ulysses_degree:
         _reject("--ulysses-degree", f"must divide the {len(ranks)} ranks into equal groups, got {args.ulysses_degree}")
+    if args.group_sizes is not None and sum(args.group_sizes) != len(ranks):
+        _reject("--stadi-groups", f"must add up to the {len(ranks)} ranks, got {args.stadi_groups} "
+                                  f"({sum(args.group_sizes)})")
+    if args.ulysses_degree > 1:
+        args.group_sizes = (args.ulysses_degree,) * (len(ranks) // args.ulysses_degree)
     shape = PRESET_SHAPES[args.preset]
     units = shape.band_units(args.height, args.num_frames)
     if units < len(ranks):
@@ -343,7 +362,7 @@ def _simulate(args, preset, height) -> int:
     result = what_if(args.gpus, args.speed_values, preset, height=height, steps=args.steps, warmup=args.warmup,
                      row_seconds=args.row_seconds, mfu=args.mfu, link_gbps=args.link_gbps,
                      max_stride=args.max_stride, calibrate_height=args.calibrate_height,
-                     measure=not args.no_measure, ulysses=args.ulysses_degree)
+                     measure=not args.no_measure, group_sizes=args.group_sizes)
     print(format_what_if(result, preset, height))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ per rank against each card's memory; a lower bound (activations come on top).
 
 from __future__ import annotations
 
+import math
 import time
 
 from stadi_xdit.bench.presets import BenchPreset
@@ -72,15 +73,20 @@ def kv_store_bytes(preset: BenchPreset, height: int, compute_bytes: int, ranks: 
             "compute_bytes_per_value": compute_bytes}
 
 
-def gpu_memory_fit(names: tuple[str, ...], preset: BenchPreset, compute_bytes: int, memory: dict) -> dict:
-    """Per card type: weights + K/V store per rank (each form in ``memory``) against the card's memory."""
+def gpu_memory_fit(names: tuple[str, ...], preset: BenchPreset, compute_bytes: int, memory: dict,
+                   divisors: list[int] | None = None) -> dict:
+    """Per card type: weights + K/V store per rank (each form in ``memory``) against the card's memory.
+    ``divisors``: per rank, what its store is divided by (the Ulysses degree of its group: its head shard);
+    a card type's need is that of its rank with the largest store."""
     from stadi_xdit.bench.presets import construct_on_meta
 
     weights = construct_on_meta(preset) * compute_bytes
+    divisors = divisors or [1] * len(names)
     cards = {}
     for name in dict.fromkeys(names):
         capacity = GPU_MEMORY_GIB[name] * 2**30
-        needs = {label: weights + m["store_bytes"] for label, m in memory.items()}
+        divisor = min(d for rank_name, d in zip(names, divisors) if rank_name == name)
+        needs = {label: weights + m["store_bytes"] / divisor for label, m in memory.items()}
         cards[name] = {"memory_bytes": capacity, "needs_bytes": needs,
                        "fits": {label: need <= capacity for label, need in needs.items()}}
     return {"weights_bytes": weights, "bytes_per_value": compute_bytes, "cards": cards,
@@ -158,9 +164,9 @@ def calibrate_cpu(preset: BenchPreset, target_height: int, small_height: int) ->
 
 def what_if(gpus: str | None, speeds: tuple[float, ...] | None, preset: BenchPreset, *, height: int, steps: int,
             warmup: int, row_seconds: float | None, mfu: float, link_gbps: float | None, max_stride: int,
-            calibrate_height: int, measure: bool = True, ulysses: int = 1) -> dict:
-    """Everything ``stadi-bench --simulate`` prints, as data (with ``ulysses`` > 1, also STADI over groups of
-    that many consecutive ranks, `grouped_what_if`)."""
+            calibrate_height: int, measure: bool = True, group_sizes: tuple[int, ...] | None = None) -> dict:
+    """Everything ``stadi-bench --simulate`` prints, as data (with ``group_sizes``, also STADI over groups of
+    that many consecutive ranks each, Ulysses inside, `grouped_what_if`)."""
     rows = preset.band_units(height)
     if gpus:
         names = parse_gpu_list(gpus)
@@ -201,8 +207,8 @@ def what_if(gpus: str | None, speeds: tuple[float, ...] | None, preset: BenchPre
     predicted = predict_modes(relative, rows=rows, steps=steps, warmup=warmup, row_seconds=row_seconds,
                               max_stride=max_stride, exchange_seconds=exchange)
     grouped = None
-    if ulysses > 1:
-        grouped = grouped_what_if(names, relative, preset, height, ulysses=ulysses, row_seconds=row_seconds,
+    if group_sizes is not None and max(group_sizes) > 1:
+        grouped = grouped_what_if(names, relative, preset, height, group_sizes=group_sizes, row_seconds=row_seconds,
                                   steps=steps, warmup=warmup, max_stride=max_stride, bytes_per_value=bytes_per_value,
                                   network_gbps=link_gbps, memory=memory, hardware=bool(gpus))
     return {"ulysses_groups": grouped,
@@ -216,33 +222,37 @@ def what_if(gpus: str | None, speeds: tuple[float, ...] | None, preset: BenchPre
 
 
 def grouped_what_if(names: tuple[str, ...], relative: tuple[float, ...], preset: BenchPreset, height: int, *,
-                    ulysses: int, row_seconds: float, steps: int, warmup: int, max_stride: int, bytes_per_value: int,
-                    network_gbps: float, memory: dict, hardware: bool) -> dict:
-    """STADI over groups of ``ulysses`` consecutive ranks (issue 23), next to xDiT's Ulysses over every rank.
+                    group_sizes: tuple[int, ...], row_seconds: float, steps: int, warmup: int, max_stride: int,
+                    bytes_per_value: int, network_gbps: float, memory: dict, hardware: bool) -> dict:
+    """STADI over groups of consecutive ranks, ``group_sizes`` in rank order (issue 23: ``--ulysses_degree U``,
+    equal, or ``--stadi_groups``, nodes of different sizes), next to xDiT's Ulysses over every rank.
 
-    A group splits its band evenly over its ranks and runs at its slowest member's pace; each forward adds
-    Ulysses' all-to-alls (Q, K, V and the output: twice the K/V bytes of the band; a rank sends (U - 1) / U
-    of its part) over the group's link: NVLink or PCIe of its card type, the network for mixed cards or
-    bare speeds. Groups are nodes joined by ``network_gbps``; a node's link carries its U ranks' head
-    shards, so the exchange per sync point moves the flat store's bytes per node (the flat form's model
-    gives each rank a link of its own). xDiT's Ulysses over all N ranks: an even split at the slowest
-    card's pace, its all-to-all crossing nodes over the network, U ranks sharing each node's link.
+    A group of U splits its band evenly over its ranks and runs at its slowest member's pace; each forward adds
+    Ulysses' all-to-alls (Q, K, V and the output: twice the K/V bytes of the band; a rank sends (U - 1) / U of
+    its part) over the group's link: NVLink or PCIe of its card type, the network for mixed cards or bare
+    speeds. Bands come in whole units of lcm(sizes) rows. Groups are nodes joined by ``network_gbps``; a node's
+    link carries its U ranks' head shards, so the exchange per sync point moves the flat store's bytes per node
+    (the flat form's model gives each rank a link of its own), and a rank's store is the flat one / U. xDiT's
+    Ulysses over all N ranks: an even split at the slowest card's pace, its all-to-all crossing nodes over the
+    network, the node whose ranks send the most across it (U (N - U) / N^2 of the bytes) setting the pace.
     """
     count = len(names)
-    if ulysses < 1 or count % ulysses:
-        raise ValueError(f"--ulysses-degree {ulysses} does not divide the {count} ranks into equal groups")
+    if not group_sizes or min(group_sizes) < 1 or sum(group_sizes) != count:
+        raise ValueError(f"group sizes {list(group_sizes)} do not add up to the {count} ranks")
     rows = preset.band_units(height)
-    # The plan is in whole U-row units, as the launch plans it (`BandGeometry.of_rows`); the last group also
-    # computes the rows past the last whole unit (fewer than U), which the prediction leaves out.
-    planned_rows = rows - rows % ulysses
+    align = math.lcm(*group_sizes)
+    # The plan is in whole units of `align` rows, as the launch plans it (`BandGeometry.of_rows`); the last group
+    # also computes the rows past the last whole unit, which the prediction leaves out.
+    planned_rows = rows - rows % align
     kv_per_row = preset.kv_bytes(height, bytes_per_value) / rows  # K and V of one band unit, every layer
-    groups = [tuple(range(start, start + ulysses)) for start in range(0, count, ulysses)]
+    starts = [sum(group_sizes[:m]) for m in range(len(group_sizes))]
+    groups = [tuple(range(start, start + size)) for start, size in zip(starts, group_sizes)]
     members, row_costs = [], []
     for group in groups:
-        cards = tuple(names[rank] for rank in group)
+        size, cards = len(group), tuple(names[rank] for rank in group)
         link_gbps, link = default_link(cards if hardware else None)
-        compute = row_seconds / min(relative[rank] for rank in group) / ulysses
-        all_to_all = 2 * kv_per_row * (ulysses - 1) / ulysses**2 / (link_gbps * 1e9)
+        compute = row_seconds / min(relative[rank] for rank in group) / size
+        all_to_all = 2 * kv_per_row * (size - 1) / size**2 / (link_gbps * 1e9)
         row_costs.append(compute + all_to_all)
         members.append({"ranks": list(group), "cards": list(cards), "link": link,
                         "row_seconds": compute + all_to_all, "all_to_all_row_seconds": all_to_all})
@@ -250,49 +260,65 @@ def grouped_what_if(names: tuple[str, ...], relative: tuple[float, ...], preset:
     group_relative = tuple(fastest / cost for cost in row_costs)
     exchange = preset.kv_bytes(height, bytes_per_value) * (len(groups) - 1) / len(groups) / (network_gbps * 1e9)
     predicted = predict_modes(group_relative, rows=planned_rows, steps=steps, warmup=warmup, row_seconds=fastest,
-                              max_stride=max_stride, exchange_seconds=exchange, align=ulysses)
-    crossing = ulysses * (count - ulysses) / count**2 if len(groups) > 1 else (count - 1) / count**2
+                              max_stride=max_stride, exchange_seconds=exchange, align=align)
+    crossing = (max(size * (count - size) for size in group_sizes) / count**2 if len(groups) > 1
+                else (count - 1) / count**2)
     all_link = network_gbps if len(groups) > 1 else default_link(names if hardware else None)[0]
     xdit_ulysses = steps * rows * (row_seconds / min(relative) / count
                                    + 2 * kv_per_row * crossing / (all_link * 1e9))
-    sharded = {label: {**form, "store_bytes": form["store_bytes"] / ulysses,
-                       "received_per_sync_point_bytes": form["flat_buffer_bytes"] / ulysses
-                       * (len(groups) - 1) / len(groups)}
-               for label, form in memory.items()}
-    fit = gpu_memory_fit(names, preset, bytes_per_value, sharded) if hardware else None
-    return {"ulysses": ulysses, "groups": members, "relative_speeds": list(group_relative), "rows": rows,
-            "planned_rows": planned_rows,
+    # Per group size, what each of its ranks holds and receives; the memory fit takes each card's largest.
+    sharded = {size: {label: {**form, "store_bytes": form["store_bytes"] / size,
+                              "received_per_sync_point_bytes": form["flat_buffer_bytes"] / size
+                              * (len(groups) - 1) / len(groups)}
+                      for label, form in memory.items()}
+               for size in sorted(set(group_sizes))}
+    rank_sizes = [len(group) for group in groups for _ in group]
+    fit = gpu_memory_fit(names, preset, bytes_per_value, memory, divisors=rank_sizes) if hardware else None
+    return {"group_sizes": list(group_sizes), "align": align, "groups": members,
+            "relative_speeds": list(group_relative), "rows": rows, "planned_rows": planned_rows,
             "exchange_seconds": exchange, "seconds": predicted["seconds"], "xdit_ulysses_seconds": xdit_ulysses,
-            "kv_store": sharded, "memory_fit": fit, "plan": predicted["plans"]["full"].to_json(),
-            "explain": predicted["plans"]["full"].explain()}
+            "kv_store": {str(size): forms for size, forms in sharded.items()}, "memory_fit": fit,
+            "plan": predicted["plans"]["full"].to_json(), "explain": predicted["plans"]["full"].explain()}
+
+
+def groups_label(sizes: list[int]) -> tuple[str, str]:
+    """How the output names groups of these sizes, and the launch flag that runs them."""
+    if len(set(sizes)) == 1:
+        return f"groups of Ulysses-{sizes[0]}", f"--ulysses_degree {sizes[0]}"
+    shown = ",".join(map(str, sizes))
+    return f"groups of Ulysses-{shown}", f"--stadi_groups {shown}"
 
 
 def format_grouped(grouped: dict, flat_seconds: dict) -> list[str]:
-    ulysses = grouped["ulysses"]
-    lines = [f"STADI over groups of Ulysses-{ulysses} (simulated; launched with stadi-xdit --ulysses_degree {ulysses}):"]
+    sizes = grouped["group_sizes"]
+    label, flag = groups_label(sizes)
+    lines = [f"STADI over {label} (simulated; launched with stadi-xdit {flag}):"]
     for index, (group, speed) in enumerate(zip(grouped["groups"], grouped["relative_speeds"])):
         lines.append(f"  group {index}: {', '.join(group['cards'])}; relative speed {speed:.3f}; all-to-all "
                      f"{group['all_to_all_row_seconds'] * 1e3:.3g} ms per row per step over {group['link']}")
     lines.append(f"  K/V exchange per sync: {grouped['exchange_seconds'] * 1e3:.3g} ms (a node's link carries its "
-                 f"{ulysses} head shards)")
-    for label, form in grouped["kv_store"].items():
-        lines.append(f"  K/V store per rank ({label}): {form['store_bytes'] / 2**30:.3f} GiB (the flat store / "
-                     f"{ulysses}); receives {form['received_per_sync_point_bytes'] / 2**30:.3f} GiB per sync point")
+                 "ranks' head shards)")
+    for size, forms in grouped["kv_store"].items():
+        for form_label, form in forms.items():
+            lines.append(f"  K/V store per rank of a group of {size} ({form_label}): {form['store_bytes'] / 2**30:.3f} "
+                         f"GiB (the flat store / {size}); receives {form['received_per_sync_point_bytes'] / 2**30:.3f} "
+                         "GiB per sync point")
     if grouped["memory_fit"]:
         lines.extend("  " + line for line in format_memory_fit(grouped["memory_fit"]))
     seconds = grouped["seconds"]
     count = sum(len(group["ranks"]) for group in grouped["groups"])
-    lines.append(f"  {'arm':<34}{'predicted s':>12}{'vs xDiT Ulysses':>17}")
     arms = [(f"xDiT Ulysses-{count} (every rank)", grouped["xdit_ulysses_seconds"]),
-            *((f"STADI {mode} over Ulysses-{ulysses} groups", seconds[mode]) for mode in MODES),
+            *((f"STADI {mode} over {label}", seconds[mode]) for mode in MODES),
             ("flat STADI full (above)", flat_seconds["full"])]
-    for label, value in arms:
-        lines.append(f"  {label:<34}{value:>12.3f}{grouped['xdit_ulysses_seconds'] / value:>16.2f}x")
+    width = max(len(arm) for arm, _ in arms) + 2
+    lines.append(f"  {'arm':<{width}}{'predicted s':>12}{'vs xDiT Ulysses':>17}")
+    for arm, value in arms:
+        lines.append(f"  {arm:<{width}}{value:>12.3f}{grouped['xdit_ulysses_seconds'] / value:>16.2f}x")
     lines.extend("  " + line for line in grouped["explain"].splitlines())
     if grouped["planned_rows"] != grouped["rows"]:
-        extra = grouped["rows"] - grouped["planned_rows"]
-        lines.append(f"  ({grouped['rows']} rows are not a multiple of Ulysses {ulysses}: planned in {ulysses}-row units "
-                     f"on {grouped['planned_rows']}; the last group also computes the {extra} rows past them, as the "
+        extra, align = grouped["rows"] - grouped["planned_rows"], grouped["align"]
+        lines.append(f"  ({grouped['rows']} rows are not a multiple of {align}: planned in {align}-row units "
+                     f"on {grouped['planned_rows']}; the last group also computes the {extra} row{'s' * (extra > 1)} past them, as the "
                      "launch does, which the prediction leaves out)")
     return lines
 

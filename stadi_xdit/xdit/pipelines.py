@@ -233,8 +233,6 @@ class StadiPipelineMixin:
         it, as its runner does): the loop steers that cache (`xdit/step_cache.py`). Each STADI member decides for
         its band: a rank alone, or a Ulysses group's ranks together. A CFG pair, whose two branches hold different
         predictions of the same band and would decide apart, is refused."""
-        if self.topology.unequal_groups:
-            raise StadiInputError("--cache_method cannot be combined with STADI groups of unequal sizes yet")
         if self.topology.cfg_degree > 1:
             raise StadiInputError("--cache_method cannot be combined with --use_cfg_parallel under --use_stadi (each "
                                   "band's cache decides alone; the two branches of a band would decide apart)")

@@ -16,11 +16,13 @@ Both give the loop the `StepCache` controls it needs:
   `l1_distance` compares this rank's band with its own last computed forward; no collective runs.
   Between sync points the members are independent anyway, and a cached forward only changes how fresh
   their K/V are: the store then publishes the K/V of the last forward that computed them.
-* **A Ulysses group decides as one** (`--ulysses_degree`): its ranks hold parts of one band and meet in
-  every attention's all-to-all, so a rank that served a forward while its peers computed it would leave
-  them waiting. xfuser's in-tree caches already average the difference over the sequence-parallel group,
-  as xDiT's own Ulysses does. cache-dit decides on each rank from its own part; the group then serves a
-  forward only where every one of its ranks would (`decide_with`): one all-gather of a flag per decision.
+* **A Ulysses group decides as one** (`--ulysses_degree`, `--stadi_groups`): its ranks hold parts of one
+  band and meet in every attention's all-to-all, so a rank that served a forward while its peers computed
+  it would leave them waiting. xfuser's in-tree caches already average the difference over xDiT's
+  sequence-parallel group, as xDiT's own Ulysses does; over groups of unequal sizes, which STADI builds
+  itself, they average over STADI's group instead (`decide_with`). cache-dit decides on each rank from its
+  own part; the group then serves a forward only where every one of its ranks would (`decide_with`): one
+  all-gather of a flag per decision.
 * **Where it may not.** Synchronous steps (warmup, exact mode) gather every layer's K/V from every
   rank, so all of them must run; the rank's last forward finishes its band. The loop sets the threshold
   to 0 there (nothing is ever under it), and restores it for the displaced forwards.
@@ -83,7 +85,22 @@ class XditStepCache:
         return any(bool(block.use_cache) for block in self.blocks)
 
     def decide_with(self, group: BandComm | None, device: torch.device) -> None:
-        """Nothing to add: xfuser's `l1_distance` averages over the sequence-parallel group, the STADI group."""
+        """Let the ranks of `group` (a Ulysses group; None: none) decide as one. xfuser's `l1_distance` averages
+        over xDiT's sequence-parallel group, which is that group where xDiT built it (`--ulysses_degree`). Groups
+        of unequal sizes are STADI's own (xDiT's is flat): there the blocks average over `group` instead."""
+        from xfuser.core.distributed import get_sequence_parallel_world_size
+
+        if group is None or group.world_size == 1 or get_sequence_parallel_world_size() == group.world_size:
+            return
+
+        def all_reduce(value: torch.Tensor, op=torch.distributed.ReduceOp.AVG) -> torch.Tensor:
+            if op != torch.distributed.ReduceOp.AVG:  # l1_distance averages; nothing else reduces here
+                raise ValueError(f"a STADI group's step cache averages, got {op}")
+            values = group.all_gather_floats(float(value), device)
+            return torch.full_like(value, sum(values) / len(values))
+
+        for block in self.blocks:
+            block.all_reduce = all_reduce  # on this instance: its l1_distance calls it for the difference and norm
 
 
 def cache_dit_settings(step_cache_config: dict | None, method: str | None) -> Any:
