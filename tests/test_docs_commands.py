@@ -106,6 +106,14 @@ def test_runner_dict_example_is_shown_in_full():
     assert script.split('"""', 2)[2].strip() == shown.strip()
 
 
+def _children_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process's finished children: what the suite's commands cost."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _venv_path() -> str:
     """PATH with the running interpreter's venv `bin` first: `. .venv/bin/activate`, as the README says."""
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -122,13 +130,14 @@ def test_documented_commands_run(tmp_path):
         if command.skip is not None or key in seen:
             continue
         seen.add(key)
-        started = time.monotonic()
+        started, cpu = time.monotonic(), _children_cpu_seconds()
         # The commands name no --master_port: torchrun takes a free one from its PET_ variable (instead of
         # 29500, which a concurrent job may hold); stadi-xdit would refuse a busy 29500 in one line.
         env["PET_MASTER_PORT"] = str(free_port())
         proc = subprocess.run(["bash", "-c", command.text.replace("/tmp/", f"{tmp_path}/")], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=600, check=False)
-        report.append(f"{time.monotonic() - started:6.1f} s  exit {proc.returncode}  {command}")
+        report.append(f"{time.monotonic() - started:6.1f} s  {_children_cpu_seconds() - cpu:6.1f} CPU-s  "
+                      f"exit {proc.returncode}  {command}")
         if proc.returncode != 0:
             failures.append(f"{command}\n  exit {proc.returncode}\n{proc.stdout[-1500:]}{proc.stderr[-2500:]}")
     print("\n".join(["[docs] documented commands:", *report]))
