@@ -460,3 +460,13 @@ def test_malformed_fault_injection_is_refused(monkeypatch, capsys):
 
     monkeypatch.setenv("STADI_FAULT", "decode:x")
     _one_line_exit(check_fault_injection, capsys, "STADI_FAULT entries are PHASE:RANK")
+
+
+def test_stadi_groups_from_a_settings_file_count_the_launch(tmp_path, capsys):
+    settings = tmp_path / "stadi.yaml"
+    settings.write_text("use_stadi: true\ngroups: [2, 1]\n")
+    script = ["ex.py", "--model", "tiny", "--stadi_config_file", str(settings)]
+    assert "--nproc_per_node=3" in build_launch_command(script)
+    assert "--nproc_per_node=1" in build_launch_command(["--nnodes", "2", "--node_rank", "1", *script])
+    settings.write_text("use_stadi: true\ngroups: [2, 0]\n")
+    _one_line_exit(lambda: build_launch_command(script), capsys, "--stadi_groups must be comma-separated integers")

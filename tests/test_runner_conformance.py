@@ -17,7 +17,8 @@ offline hub cache:
 - `cached_ulysses`: `cached` over those groups: each group serves as one, and the output is the flat one's;
 - `cached_groups`: `cached` over the unequal groups of `groups` below, launched as those: the same;
 - `groups`: STADI exact on nodes of different sizes, `--stadi_groups 2,1`: two `stadi-xdit` launches with
-  `--nnodes 2` (2 processes, then 1) on this machine, a group of Ulysses-2 and a single rank: the same output.
+  `--nnodes 2` (2 processes, then 1) on this machine, a group of Ulysses-2 and a single rank: the same output;
+- `node_groups`: the same nodes with no flag naming the members: the pipeline groups them by node itself.
 
 Most of a tiny run is the start-up of its processes (each imports torch, diffusers and xfuser: about
 9 CPU-s), so the runs do not get a launch each. Runs of the same world size share one launch (one
@@ -73,7 +74,9 @@ for run in json.loads(open(sys.argv[1]).read()):
 """
 
 STADI_EXACT = ["--use_stadi", "--stadi_exact", "--stadi_speeds", "3,5", "--warmup_steps", "1"]
-NODES = {"groups": 2, "cached_groups": 2}  # modes launched as several nodes (torchrun --nnodes), each with its own process count
+# Modes launched as several nodes (torchrun --nnodes): their number (each node's count from the STADI flags), or
+# each node's count where no flag names the members.
+NODES = {"groups": 2, "cached_groups": 2, "node_groups": (2, 1)}
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ def runner_modes(model_name: str) -> dict[str, list[str]]:
                               "--warmup_steps", "1"]}
     modes["ulysses"] = [*guided, *STADI_EXACT, "--stadi_degree", "2", "--ulysses_degree", "2"]
     modes["groups"] = [*guided, *STADI_EXACT, "--stadi_groups", "2,1"]
+    modes["node_groups"] = [*guided, "--use_stadi", "--stadi_exact", "--warmup_steps", "1"]
     methods = [m for m in model.settings.step_cache_config or {} if m in STADI_CACHE_METHODS]
     if methods and model.capabilities.supports_step_caching:
         # 6 steps: the warmup step computes (a new call), its band stays, and the rank's last computes: 4 served.
@@ -141,6 +145,8 @@ def runner_runs(model_names) -> list[RunnerRun]:
 
     def nodes(mode: str, argv: list[str]) -> tuple[int, ...]:
         nnodes = NODES.get(mode, 1)
+        if isinstance(nnodes, tuple):
+            return nnodes
         return tuple(stadi_nproc_from_args(argv, get_nproc_from_args, nnodes=nnodes, node_rank=node)
                      for node in range(nnodes))
 
@@ -241,9 +247,9 @@ def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[tu
     assert "STADI rank 1: 3 model evaluations (plan: 3)" in logs["exact"], logs["exact"][-3000:]
     assert ": 2 ranks, " in logs["ulysses"] and "(align 2)" in logs["ulysses"], logs["ulysses"][-3000:]
     assert "STADI rank 1 (Ulysses rank 1): 3 model evaluations (plan: 3)" in logs["ulysses"], logs["ulysses"][-3000:]
-    assert all(line in logs["groups"] for line in ("STADI rank 0 (Ulysses rank 1): 3 model evaluations (plan: 3)",
-                                                   "STADI rank 1: 3 model evaluations (plan: 3)",
-                                                   "method=head_shards")), logs["groups"][-3000:]
+    assert all(line in logs[mode] for mode in ("groups", "node_groups")
+               for line in ("STADI rank 0 (Ulysses rank 1): 3 model evaluations (plan: 3)",
+                            "STADI rank 1: 3 model evaluations (plan: 3)", "method=head_shards")), logs["groups"][-3000:]
     assert (folder / runs["exact"].name / "timings.json").is_file()  # the runner's own timings, saved too
     if "--use_parallel_vae" in runs["parallel"].argv:
         assert "Parallel VAE decoder enabled" in logs["parallel"], logs["parallel"][-3000:]
@@ -257,6 +263,9 @@ def check_served_model(model_name: str, runs: list[RunnerRun], launches: dict[tu
     _assert_same_output(model_name, "ulysses", outputs["ulysses"], "plain", plain)
     _assert_same_output(model_name, "groups 2,1 on two nodes", outputs["groups"], "plain", plain)
     assert "_stadi-full-exact_g2-1_n3_" in _saved(folder, runs["groups"]).name
+    assert "STADI groups from the nodes' sizes: [2, 1]" in logs["node_groups"], logs["node_groups"][-3000:]
+    _assert_same_output(model_name, "node_groups", outputs["node_groups"], "plain", plain)
+    assert "_stadi-full-exact_g2-1_n3_" in _saved(folder, runs["node_groups"]).name
     # DistVAE decodes row shards with halos and all-reduced GroupNorm statistics in bf16: not bit-exact
     # (a few levels of 255 on these tiny models), but the same output.
     _assert_same_output(model_name, "parallel", outputs["parallel"], "plain", plain)

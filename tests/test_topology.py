@@ -350,3 +350,14 @@ def test_a_twin_refuses_unequal_groups_it_cannot_run_before_any_stadi_group_exis
         object.__new__(WithoutGroups)._init_runtime_state(pipeline(4), engine_config)
     with pytest.raises(StadiInputError, match=r"^--stadi_groups 2,1 on SimpleNamespace: .*3"):
         object.__new__(StadiPixArtAlphaPipeline)._init_runtime_state(pipeline(3), engine_config)
+
+
+def test_nodes_of_different_sizes_are_the_runs_of_each_ranks_node():
+    from stadi_xdit.xdit.pipelines import node_group_sizes
+
+    assert node_group_sizes(["0", "0", "1"]) == (2, 1)
+    assert node_group_sizes(["0", "0", "0", "0", "1", "1"]) == (4, 2)
+    assert node_group_sizes(["0", "0", "1", "1"]) is None  # equal nodes: flat STADI, as ever
+    assert node_group_sizes(["0", "0", "0"]) is None  # one node
+    assert node_group_sizes(["0", None, "1"]) is None  # not a torchrun launch: no node known
+    assert node_group_sizes([]) is None

@@ -9,6 +9,8 @@ injection instead of xDiT's wrappers) and `__call__` (warmup, profile, plan, per
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import os
 import socket
 import time
@@ -83,6 +85,15 @@ def _unequal_sequence_group(branch, shards: HeadShards) -> SimpleNamespace:
                 mine = SimpleNamespace(ranks=members_ranks, world_size=len(members_ranks), device_group=group,
                                        rank_in_group=members_ranks.index(torch.distributed.get_rank()))
     return mine
+
+
+def node_group_sizes(nodes: list) -> tuple[int, ...] | None:
+    """The sizes of the runs of consecutive ranks on one node (`nodes`: each rank's node, in rank order), where
+    the nodes differ in size; None where they are equal, or a node is unknown (not a torchrun launch)."""
+    if not nodes or any(node is None for node in nodes):
+        return None
+    sizes = [len(list(run)) for _, run in itertools.groupby(nodes)]
+    return tuple(sizes) if len(set(sizes)) > 1 else None
 
 
 def stadi_config_of(engine_config: Any) -> StadiConfig:
@@ -186,6 +197,8 @@ class StadiPipelineMixin:
         self.topology = getattr(engine_config, "topology", None) or Topology.for_stadi_degree(
             dp.world_size, cfg.world_size, ulysses_degree=sp.world_size)
         self.topology.check_groups(dp.world_size, cfg.world_size, sp.world_size)
+        if shards is None and sp.world_size == 1 and not self.topology.vae_ranks and not self._members_named():
+            shards = self._groups_from_nodes(pipeline, dp)
         self.stadi_config.check_world(self.topology.stadi_degree)
         timeout = self.stadi_config.timeout_seconds
         # The forward timer takes the band group's waits out of a forward's cost; the CFG pair's stay in it (the
@@ -198,6 +211,34 @@ class StadiPipelineMixin:
                                   cfg=_bounded_comm(cfg, timeout, times_device_waits=False), sequence=sequence,
                                   shards=shards)
         self.kv_store = DisplacedKVStore(self.groups.band, sequence=sequence, shards=shards)
+
+    def _members_named(self) -> bool:
+        """The flags say what the STADI members are: their count (--stadi_degree), a list per member, or groups."""
+        config = self.stadi_config
+        return any(value is not None for value in (config.degree, config.groups, config.speeds, config.emulate_slowdown,
+                                                   config.emulate_shift, config.memory_budget))
+
+    def _groups_from_nodes(self, pipeline, branch) -> HeadShards | None:
+        """Nodes of different sizes, named by no flag: each node's ranks of this CFG branch become one STADI member,
+        Ulysses inside it (`--stadi_groups` of the nodes' sizes), where the family and its heads allow; otherwise
+        flat STADI, as on equal nodes. Decided once from the node of every rank of the branch (torchrun's
+        GROUP_RANK), gathered over it; xDiT orders a data-parallel index's CFG pair side by side, so both branches
+        see the same runs and every rank decides alike. Returns the groups' head shards (None: flat)."""
+        nodes: list = [None] * branch.world_size
+        torch.distributed.all_gather_object(nodes, os.environ.get("GROUP_RANK"), group=branch.device_group)
+        sizes = node_group_sizes(nodes)
+        if sizes is None:
+            return None
+        grouped = dataclasses.replace(self.topology, stadi_degree=len(sizes), group_sizes=sizes)
+        try:
+            shards = self._head_shards(pipeline, grouped)
+        except StadiInputError as error:
+            logger.info("STADI runs flat on nodes of different sizes %s: %s", list(sizes), error)
+            return None
+        logger.info("STADI groups from the nodes' sizes: %s (one member per node, Ulysses inside it; "
+                    "--stadi_groups or --stadi_degree choose otherwise)", list(sizes))
+        self.topology = grouped
+        return shards
 
     def _head_shards(self, pipeline, topology: Topology) -> HeadShards:
         """The heads of each unequal group (checked before any STADI process group exists)."""

@@ -132,7 +132,9 @@ def stadi_output_name(model: Any, input_args: dict[str, Any]) -> str:
     """The runner's output name for a STADI run: the strategy, its mode, `_tc` with --use_torch_compile, the
     --cache_method and the process count where xDiT's `get_output_name` has `u<ulysses>r<ring>_tc_<compile>`, so a STADI run and a
     plain run into one --output_directory never write the same file."""
-    strategy = model.config.stadi.output_label(model.config.use_torch_compile, model.config.topology)
+    # The pipeline's topology where it has one: on nodes of different sizes it may have grouped them itself.
+    topology = getattr(getattr(model, "pipe", None), "topology", None) or model.config.topology
+    strategy = model.config.stadi.output_label(model.config.use_torch_compile, topology)
     if model.config.cache_method:  # a cached run's image differs: it keeps its own name
         strategy += f"_{model.config.cache_method}"
     ranks = model.config.topology.world_size  # the launch `validate` checked the flags against
