@@ -134,8 +134,9 @@ def test_documented_commands_run(tmp_path):
         # The commands name no --master_port: torchrun takes a free one from its PET_ variable (instead of
         # 29500, which a concurrent job may hold); stadi-xdit would refuse a busy 29500 in one line.
         env["PET_MASTER_PORT"] = str(free_port())
+        # Past --stadi_timeout's default (600 s): a stalled launch ends with the supervisor's line naming the rank.
         proc = subprocess.run(["bash", "-c", command.text.replace("/tmp/", f"{tmp_path}/")], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600, check=False)
+                              capture_output=True, text=True, timeout=660, check=False)
         report.append(f"{time.monotonic() - started:6.1f} s  {_children_cpu_seconds() - cpu:6.1f} CPU-s  "
                       f"exit {proc.returncode}  {command}")
         if proc.returncode != 0:

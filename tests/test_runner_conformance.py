@@ -188,24 +188,16 @@ def launch_by_nodes(runs: list[RunnerRun], hub: Path, folder: Path) -> dict[tupl
     script.write_text(RUNNER_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(HF_HOME=str(hub), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
-    ports: set[int] = set()
-
-    def distinct_port() -> int:  # the launches run at once: two of their rendezvous must never share a port
-        while (port := free_port()) in ports:
-            pass
-        ports.add(port)
-        return port
-
     by_nodes = defaultdict(list)
     for run in runs:
         (folder / run.name).mkdir()
         by_nodes[run.nodes].append({"argv": [*run.argv, "--output_directory", str(folder / run.name)],
-                                    "port": distinct_port(), "log": str(folder / f"{run.name}.log")})
+                                    "port": free_port(), "log": str(folder / f"{run.name}.log")})
     procs = {}
     for nodes, plan in by_nodes.items():
         runs_file = folder / f"runs{'-'.join(map(str, nodes))}.json"
         runs_file.write_text(json.dumps(plan))
-        port = str(distinct_port())
+        port = str(free_port())
         procs[nodes] = [subprocess.Popen(build_launch_command(
             ["--nproc_per_node", str(nproc), "--nnodes", str(len(nodes)), "--node_rank", str(node),
              "--master_addr", "127.0.0.1", "--master_port", port, str(script), str(runs_file)]),

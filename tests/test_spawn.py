@@ -140,3 +140,19 @@ def test_free_ports_are_drawn_below_the_kernels_own_range_and_are_free():
     for port in ports:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))  # free when drawn: binding it again works
+
+
+def test_a_port_drawn_is_never_drawn_again_here_or_by_another_process():
+    """Two launches drawing the same port would meet in one store (CI: a docs launch hung for 600 s, and a
+    conformance launch failed at once, while the other test worker's launches ran beside them). A drawn port is
+    claimed for this process's life: it draws it no more, and another process cannot claim it."""
+    import subprocess
+    import sys
+
+    from stadi_xdit.offline.spawn import _CLAIMED, free_port
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports) and set(ports) <= set(_CLAIMED)
+    probe = "import sys; from stadi_xdit.offline import spawn; print(spawn._claim(int(sys.argv[1])))"
+    other = subprocess.run([sys.executable, "-c", probe, str(ports[0])], capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == "False"

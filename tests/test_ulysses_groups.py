@@ -350,23 +350,24 @@ UNEQUAL = {"stadi_groups": (2, 1), "warmup_steps": 2}
 def test_unequal_groups_run_a_family_as_one_process_in_exact_mode_and_follow_their_plan_when_stale(twin_name):
     """3 ranks = a group of 2 (Ulysses-2) and a group of 1: a node of two GPUs beside a node of one (an image and
     a clip family; by hand, Flux.1, Qwen-Image and SD3.5 too: docs/method.md). Exact mode equals one process on
-    every rank; a stale run follows its plan on every rank, the ranks agree, and the exchange between the
-    different head shards matters (no foreign K/V is far worse)."""
+    every rank; a stale run follows its plan on every rank, the ranks agree, a repeat run is bit-identical, and
+    the exchange between the different head shards matters (no foreign K/V is far worse)."""
     from stadi_xdit.offline.spawn import run_distributed
     from stadi_xdit.testing.checks import relative_error
 
     reference = _one_process(twin_name)
     runs = [{**UNEQUAL, "stadi_exact": True, "stadi_mode": "spatial"}, {**UNEQUAL, "stadi_mode": "uniform"},
-            {**UNEQUAL, "stadi_mode": "uniform", "ignore_foreign_bands": True}]
+            {**UNEQUAL, "stadi_mode": "uniform", "ignore_foreign_bands": True}, {**UNEQUAL, "stadi_mode": "uniform"}]
     results = run_distributed(_grouped_runs, 3, twin_name, runs, timeout=300)
     assert [rank[0]["groups"] for rank in results] == [(0, 0, 2), (0, 1, 2), (1, 0, 1)]
-    for rank, (exact, uniform, broken) in enumerate(results):
+    for rank, (exact, uniform, broken, again) in enumerate(results):
         error = relative_error(exact["latents"], reference)
         stale_error, broken_error = (relative_error(x["latents"], reference) for x in (uniform, broken))
         print(f"[ulysses groups] {twin_name} groups of 2 and 1, rank {rank}: exact {error:.2e} vs 1 process "
               f"(bands {exact['bands']}); uniform {stale_error:.2e}, without foreign K/V {broken_error:.2e}")
         assert error <= 1e-4 and exact["bands"] == results[0][0]["bands"]
         assert uniform["evals"] == uniform["planned"] and torch.equal(uniform["latents"], results[0][1]["latents"])
+        assert torch.equal(uniform["latents"], again["latents"])  # a repeat run, bit for bit
         assert stale_error * 3 < broken_error, (stale_error, broken_error)
     # The group of 1 holds every head of the image; each rank of the group of 2 holds half of them.
     assert results[0][1]["store_bytes"] == results[1][1]["store_bytes"] == results[2][1]["store_bytes"] // 2 > 0

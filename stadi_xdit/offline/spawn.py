@@ -42,12 +42,15 @@ class DistributedTestError(RuntimeError):
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for a rendezvous, drawn below the kernel's ephemeral range.
+    """A free TCP port on 127.0.0.1 for a rendezvous, drawn below the kernel's ephemeral range, and claimed.
 
     A port the kernel hands out itself (a bind to port 0, a gloo pair's listener, a client's connection) can
     be taken by another process's socket between this call and the launch that binds it: CI saw a launcher
     refuse its --master_port as busy while another test's ranks ran beside it. Below that range a port is
-    only ever taken by whoever asks for it by number."""
+    only ever taken by whoever asks for it by number. Two callers drawing the same number (two test
+    workers, or one drawing the ports of several launches before any of them binds) would meet at one
+    store, each launch's ranks in the other's rendezvous: so each port drawn is claimed for as long as this
+    process lives (`_claim`), and never drawn again by it or by another process on this machine."""
     low = _ephemeral_ports()[0]
     draw = random.SystemRandom()  # not the seeded `random`: two test workers would draw alike
     for _ in range(100):
@@ -57,10 +60,35 @@ def free_port() -> int:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        return port
+        if _claim(port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # every draw taken: let the kernel pick
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# Port -> the open file whose lock claims it; held until this process exits (the kernel then drops the lock).
+_CLAIMED: dict[int, int] = {}
+
+
+def _claim(port: int) -> bool:
+    """Claim `port` for this process: an exclusive lock on a file named by it in a folder every process of this
+    user shares. False where this process or a live other one holds it already."""
+    import fcntl
+    import tempfile
+
+    if port in _CLAIMED:
+        return False
+    folder = Path(tempfile.gettempdir()) / f"stadi-xdit-ports-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(folder / str(port), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _CLAIMED[port] = fd
+    return True
 
 
 def _ephemeral_ports() -> tuple[int, int]:
