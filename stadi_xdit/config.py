@@ -45,8 +45,8 @@ MAX_EMULATED_SLOWDOWN = 1000.0
 
 
 def setting(default: Any, flag: str, kind: str, help: str, **extra: Any) -> Any:
-    """A StadiConfig field with its CLI flag, value kind (bool/choice/int/count/
-    counts/float/floats/path/text) and help."""
+    """A StadiConfig field with its CLI flag, value kind and help. Kinds: bool, choice, int, count (an optional
+    int), counts ("4,2"), float, floats ("1,0.5"), path, text."""
     return field(default=default, metadata={"flag": flag, "kind": kind, "help": help, **extra})
 
 

@@ -241,7 +241,8 @@ class StadiPipelineMixin:
         return shards
 
     def _head_shards(self, pipeline, topology: Topology) -> HeadShards:
-        """The heads of each unequal group (checked before any STADI process group exists)."""
+        """The heads of each unequal group: for `--stadi_groups`, checked before xDiT builds its groups; for the
+        nodes' own groups (`_groups_from_nodes`), once their sizes are known."""
         shown = ",".join(map(str, topology.group_sizes))
         if not self.ulysses_groups:
             raise StadiInputError(f"--stadi_groups {shown} cannot run {type(self).__name__}: its family does "
