@@ -555,10 +555,9 @@ def check_model_heads(name: str, folder: str, degree: object, group_sizes: tuple
     import json
 
     from stadi_xdit.paths import read_regular_file
-    from stadi_xdit.topology import check_ulysses_heads
+    from stadi_xdit.topology import check_group_heads, check_ulysses_heads
 
-    sizes = [size for size in group_sizes or () if size > 1]
-    if (not isinstance(degree, int) or degree <= 1) and not sizes:
+    if (not isinstance(degree, int) or degree <= 1) and not group_sizes:
         return
     try:
         config = json.loads(read_regular_file(os.path.join(folder, "transformer", "config.json"), limit=1 << 20))
@@ -567,12 +566,9 @@ def check_model_heads(name: str, folder: str, degree: object, group_sizes: tuple
     heads = config.get("num_attention_heads") if isinstance(config, dict) else None
     try:
         check_ulysses_heads(heads, degree if isinstance(degree, int) else 1, f"--model {name}")
+        check_group_heads(heads, group_sizes or (), f"--model {name}")
     except ValueError as error:
         fail(LAUNCHER, str(error))
-    for size in sizes:
-        if isinstance(heads, int) and heads % size:
-            fail(LAUNCHER, f"--stadi_groups {','.join(map(str, group_sizes))}: --model {name} has {heads} attention "
-                           f"heads, not a multiple of the group size {size}")
 
 
 def check_model_files(name: str, repo: str) -> str | None:

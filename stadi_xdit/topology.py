@@ -48,6 +48,15 @@ def check_ulysses_heads(heads: Any, degree: int, model: str) -> None:
         raise ValueError(f"--ulysses_degree {degree}: {model} has {heads} attention heads, not a multiple of {degree}")
 
 
+def check_group_heads(heads: Any, sizes: tuple[int, ...], model: str) -> None:
+    """`--stadi_groups`: each group's ranks take heads / its size, as Ulysses does; a one-line error for the first
+    size that `model`'s `heads` (None: unknown) do not divide."""
+    for size in sizes:
+        if isinstance(heads, int) and heads % size:
+            raise ValueError(f"--stadi_groups {','.join(map(str, sizes))}: {model} has {heads} attention heads, not a "
+                             f"multiple of the group size {size}")
+
+
 def checked_vae_ranks(value: Any) -> int:
     """`--vae_parallel_size` checked: ranks taken from the DiT for xDiT's VAE (0: none)."""
     if value is None:
@@ -203,10 +212,12 @@ class Topology:
         return cls(world_size, stadi_degree=len(sizes), cfg_degree=cfg, vae_ranks=vae, group_sizes=tuple(sizes))
 
     @classmethod
-    def for_group_sizes(cls, sizes: tuple[int, ...], cfg_degree: int = 1, vae_ranks: int = 0) -> Topology:
-        """The launch that `--stadi_groups` needs (the launcher's process count)."""
+    def for_group_sizes(cls, sizes: tuple[int, ...], cfg_degree: int = 1, vae_ranks: int = 0,
+                        ulysses_degree: int = 1) -> Topology:
+        """The launch that `--stadi_groups` needs (the launcher's process count); `ulysses_degree`, as given beside
+        it, is refused there as in `from_args`."""
         return cls._of_groups(sizes, sum(sizes) * cfg_degree + vae_ranks, cfg_degree, vae_ranks,
-                              ulysses_groups=True, ulysses=1)
+                              ulysses_groups=True, ulysses=ulysses_degree)
 
     @classmethod
     def for_stadi_degree(cls, stadi_degree: int, cfg_degree: int = 1, vae_ranks: int = 0,

@@ -418,10 +418,7 @@ def stadi_launch_topology(args: Sequence[str]) -> Topology:
     vae = checked_int("--vae_parallel_size", flags["--vae_parallel_size"], minimum=0) if flags.get("--vae_parallel_size") else 0
     groups = stadi_groups_from_args(args)
     if groups is not None:
-        if ulysses > 1:
-            raise ValueError(f"--stadi_groups {','.join(map(str, groups))} cannot be combined with --ulysses_degree "
-                             f"{ulysses}: each group's size is its Ulysses degree")
-        return Topology.for_group_sizes(groups, cfg_degree=cfg, vae_ranks=vae)
+        return Topology.for_group_sizes(groups, cfg_degree=cfg, vae_ranks=vae, ulysses_degree=ulysses)
     return Topology.for_stadi_degree(degree, cfg_degree=cfg, vae_ranks=vae, ulysses_degree=ulysses)
 
 
