@@ -1,6 +1,6 @@
 """xDiT's model runner driven from Python by a config dict, with STADI switched on by its keys.
 
-    HF_HOME=/tmp/hf HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/runner_dict_example.py \
+    HF_HOME=/tmp/hf HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 stadi-xdit --nproc_per_node 2 scripts/runner_dict_example.py \
         --output_directory /tmp/out
 
 (docs/deployment.md, section 0, form 2; `/tmp/hf` is the tiny offline cache of

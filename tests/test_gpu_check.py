@@ -59,12 +59,12 @@ def test_a_check_over_its_limit_ends_with_its_ranks_and_the_rest_still_report(tm
     off at its limit as a timeout, none of its rank processes is left behind (they would hold the GPU's
     memory), and the summary says so for it and for the check the budget then has no time for."""
     tag = f"gpu-check-{os.getpid()}-{tmp_path.name}"
-    proc = _run("--dry-run", "--only", "exact,single", "--budget", "20", "--out", str(tmp_path),
+    proc = _run("--dry-run", "--only", "exact,single", "--budget", "12", "--out", str(tmp_path),
                 env={"STADI_TEST_TAG": tag, "STADI_FAULT": "warmup step:1:sleep"})
     checks = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]
     assert proc.returncode == 1, proc.stdout[-2000:]
-    assert checks["exact"] == {"status": "timeout", "error": "over its limit of 20 s"}, checks
-    assert checks["single"] == {"status": "skipped", "error": "out of time (20 s budget)"}
+    assert checks["exact"] == {"status": "timeout", "error": "over its limit of 12 s"}, checks
+    assert checks["single"] == {"status": "skipped", "error": "out of time (12 s budget)"}
     assert not reap_leftovers("STADI_TEST_TAG", tag, guard_seconds=5), "the check's processes outlived it"
 
 

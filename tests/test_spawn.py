@@ -94,8 +94,8 @@ def test_failing_rank_is_reported_with_traceback(tmp_path):
 
 
 def test_deadlock_hits_the_timeout(tmp_path):
-    with pytest.raises(DistributedTestError, match=r"timeout after 10s: rank\(s\) \[0, 1\]"):
-        run_distributed(_recv_never_sent, 2, str(tmp_path), timeout=10)
+    with pytest.raises(DistributedTestError, match=r"timeout after 5s: rank\(s\) \[0, 1\]"):
+        run_distributed(_recv_never_sent, 2, str(tmp_path), timeout=5)
     # the deadlocked ranks were stopped when the harness gave up on them (each that got as far as its pid)
     assert all(_gone(int(path.read_text())) for path in tmp_path.glob("rank*.pid"))
 
