@@ -17,7 +17,9 @@ unequal ones `group_sizes`, and the world is their sum x CFG (+ VAE).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,6 +255,13 @@ class Topology:
             flags["use_cfg_parallel"] = True
         return flags
 
+    def grouped_by_nodes(self, nodes: Sequence[object]) -> Topology | None:
+        """This topology with one STADI member per node (Ulysses inside it), where the nodes differ in size:
+        `nodes` holds each rank's node, in rank order, over one CFG branch. None where the nodes are equal or
+        a node is unknown (not a torchrun launch): the members stay as they are."""
+        sizes = node_group_sizes(nodes)
+        return None if sizes is None else dataclasses.replace(self, stadi_degree=len(sizes), group_sizes=sizes)
+
     def processes_per_node(self, nnodes: int, node_rank: int = 0) -> int:
         """torchrun's --nproc_per_node on node `node_rank` of `nnodes`. Unequal groups, one per node: that node's
         group (both CFG branches of it: xDiT orders the CFG pair inside a data-parallel index), and the parallel
@@ -268,3 +277,12 @@ class Topology:
                      if self.unequal_groups else "")
             raise ValueError(f"{self.world_size} STADI ranks cannot be spread evenly over --nnodes {nnodes}{where}")
         return self.world_size // nnodes
+
+
+def node_group_sizes(nodes: Sequence[object]) -> tuple[int, ...] | None:
+    """The sizes of the runs of consecutive ranks on one node (`nodes`: each rank's node, in rank order), where
+    the nodes differ in size; None where they are equal, or a node is unknown (not a torchrun launch)."""
+    if not nodes or any(node is None for node in nodes):
+        return None
+    sizes = [len(list(run)) for _, run in itertools.groupby(nodes)]
+    return tuple(sizes) if len(set(sizes)) > 1 else None

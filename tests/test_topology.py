@@ -353,7 +353,7 @@ def test_a_twin_refuses_unequal_groups_it_cannot_run_before_any_stadi_group_exis
 
 
 def test_nodes_of_different_sizes_are_the_runs_of_each_ranks_node():
-    from stadi_xdit.xdit.pipelines import node_group_sizes
+    from stadi_xdit.topology import node_group_sizes
 
     assert node_group_sizes(["0", "0", "1"]) == (2, 1)
     assert node_group_sizes(["0", "0", "0", "0", "1", "1"]) == (4, 2)
@@ -361,3 +361,8 @@ def test_nodes_of_different_sizes_are_the_runs_of_each_ranks_node():
     assert node_group_sizes(["0", "0", "0"]) is None  # one node
     assert node_group_sizes(["0", None, "1"]) is None  # not a torchrun launch: no node known
     assert node_group_sizes([]) is None
+    # The topology those runs give: one member per node, each its own group; equal nodes change nothing.
+    flat = Topology.for_stadi_degree(3)
+    grouped = flat.grouped_by_nodes(["0", "0", "1"])
+    assert (grouped.stadi_degree, grouped.group_sizes, grouped.world_size) == (2, (2, 1), 3)
+    assert Topology.for_stadi_degree(4).grouped_by_nodes(["0", "0", "1", "1"]) is None

@@ -9,8 +9,6 @@ injection instead of xDiT's wrappers) and `__call__` (warmup, profile, plan, per
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import itertools
 import os
 import socket
 import time
@@ -85,15 +83,6 @@ def _unequal_sequence_group(branch, shards: HeadShards) -> SimpleNamespace:
                 mine = SimpleNamespace(ranks=members_ranks, world_size=len(members_ranks), device_group=group,
                                        rank_in_group=members_ranks.index(torch.distributed.get_rank()))
     return mine
-
-
-def node_group_sizes(nodes: list) -> tuple[int, ...] | None:
-    """The sizes of the runs of consecutive ranks on one node (`nodes`: each rank's node, in rank order), where
-    the nodes differ in size; None where they are equal, or a node is unknown (not a torchrun launch)."""
-    if not nodes or any(node is None for node in nodes):
-        return None
-    sizes = [len(list(run)) for _, run in itertools.groupby(nodes)]
-    return tuple(sizes) if len(set(sizes)) > 1 else None
 
 
 def stadi_config_of(engine_config: Any) -> StadiConfig:
@@ -226,10 +215,10 @@ class StadiPipelineMixin:
         see the same runs and every rank decides alike. Returns the groups' head shards (None: flat)."""
         nodes: list = [None] * branch.world_size
         torch.distributed.all_gather_object(nodes, os.environ.get("GROUP_RANK"), group=branch.device_group)
-        sizes = node_group_sizes(nodes)
-        if sizes is None:
+        grouped = self.topology.grouped_by_nodes(nodes)
+        if grouped is None:
             return None
-        grouped = dataclasses.replace(self.topology, stadi_degree=len(sizes), group_sizes=sizes)
+        sizes = grouped.group_sizes
         try:
             shards = self._head_shards(pipeline, grouped)
         except StadiInputError as error:
